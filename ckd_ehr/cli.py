@@ -1,0 +1,195 @@
+"""`ckd-ehr`: one subcommand per pipeline stage.
+
+Every subcommand takes `--config FILE` (YAML, see jobs/configs/) and any number of
+`--set key.path=value` overrides; it builds one `PipelineConfig` and calls the stage's
+library function. No logic lives here: the CLI, `ckd_ehr.pipeline` and `jobs/` call the
+same functions.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import time
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+log = logging.getLogger("ckd_ehr")
+
+
+def _common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config (see jobs/configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set split.seed=7 (repeatable)")
+    if run_dir:
+        p.add_argument("--run-dir", help="run directory (local path or s3:// URI); same as --set run_dir=...")
+
+
+def load_cfg(args):
+    from .config import PipelineConfig, load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "run_dir", None):
+        overrides.append(f"run_dir={args.run_dir}")
+    return load_config(PipelineConfig, args.config, overrides)
+
+
+def _call(module: str, func: str, *a, **kw):
+    return getattr(importlib.import_module(f"ckd_ehr.{module}"), func)(*a, **kw)
+
+
+# --- handlers: each turns arguments into one library call ---------------------------------
+
+def cmd_synth(args):
+    cfg = load_cfg(args)
+    synth = cfg.data.synth
+    if args.patients is not None:
+        synth = synth.model_copy(update={"patients": args.patients})
+    if args.form:
+        synth = synth.model_copy(update={"form": args.form})
+    if args.seed is not None:
+        synth = synth.model_copy(update={"seed": args.seed})
+    from .config import SynthConfig, build
+    synth = build(SynthConfig, synth.model_dump(), source="synth")
+    return _call("synth", "write_cohort", args.out, synth)
+
+
+def cmd_prepare(args):
+    cfg = load_cfg(args)
+    if args.mimic_dir:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "mimic", "mimic_dir": args.mimic_dir})})
+    return _call("prepare", "run_prepare", cfg)
+
+
+def cmd_stage(module: str, func: str):
+    def handler(args):
+        return _call(module, func, load_cfg(args))
+    return handler
+
+
+def cmd_pipeline(args):
+    return _call("pipeline", "run_pipeline", load_cfg(args), resume=args.resume,
+                 from_stage=args.from_stage, to_stage=args.to_stage)
+
+
+def cmd_tune(args):
+    cfg = load_cfg(args)
+    return _call("tune", "run_tune", cfg, space_file=args.space, num_samples=args.num_samples,
+                 experiment_dir=args.experiment_dir, resume=args.resume)
+
+
+def cmd_tune_report(args):
+    return _call("tune", "tune_report", args.experiment_dir, out_dir=args.out)
+
+
+def cmd_serve(args):
+    cfg = load_cfg(args)
+    return _call("serve", "run_serve", cfg, artifact=args.artifact, blocking=True)
+
+
+def cmd_bench(args):
+    cfg = load_cfg(args)
+    return _call("bench", f"bench_{args.what.replace('-', '_')}", cfg, args)
+
+
+STAGES = [
+    # name, module, function, help
+    ("eadf", "eadf", "run_eadf", "EADF: efficacy table on training pairs, fused into every split's text (Ray Data)"),
+    ("teacher", "teacher", "run_teacher", "train the teacher LLM with LoRA + MLAPH (Ray Train, ddp or DeepSpeed)"),
+    ("soft-labels", "soft_labels", "run_soft_labels", "teacher probabilities for every sample (Ray Data batch inference)"),
+    ("student", "student", "run_student", "train the student variants (Ray Train)"),
+    ("evaluate", "evaluate", "run_evaluate", "metrics of every student variant and the teacher on the test split"),
+    ("report", "report", "run_report", "Markdown/HTML report with plots from evaluate/metrics.json"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ckd-ehr",
+        description="CKD-EHR on Ray: next-visit phenotype prediction by clinical knowledge distillation.",
+        epilog="Every stage reads and writes a run directory laid out in ckd_ehr/contracts.py.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic cohort in MIMIC-III table format")
+    _common(p, run_dir=False)
+    p.add_argument("--out", required=True, help="output directory for the tables")
+    p.add_argument("--patients", type=int, help="number of patients (MIMIC-III scale: 46520)")
+    p.add_argument("--form", choices=["demo", "full"], help="demo: .csv lowercase; full: .csv.gz UPPERCASE quoted")
+    p.add_argument("--seed", type=int, help="generator seed")
+    p.set_defaults(handler=cmd_synth)
+
+    p = sub.add_parser("prepare", help="MIMIC-III tables -> visits, visit-pair samples, patient split")
+    _common(p)
+    p.add_argument("--mimic-dir", help="directory with the MIMIC-III tables (.csv or .csv.gz)")
+    p.set_defaults(handler=cmd_prepare)
+
+    for name, module, func, help_text in STAGES:
+        p = sub.add_parser(name, help=help_text)
+        _common(p)
+        p.set_defaults(handler=cmd_stage(module, func))
+
+    p = sub.add_parser("pipeline", help="run every stage in order in one run directory")
+    _common(p)
+    p.add_argument("--resume", action="store_true", help="skip stages whose config and inputs are unchanged")
+    p.add_argument("--from", dest="from_stage", help="first stage to run")
+    p.add_argument("--to", dest="to_stage", help="last stage to run")
+    p.set_defaults(handler=cmd_pipeline)
+
+    p = sub.add_parser("tune", help="Ray Tune search over a space in tune_spaces/")
+    _common(p)
+    p.add_argument("--space", required=True, help="search space YAML (tune_spaces/*.yaml)")
+    p.add_argument("--num-samples", type=int, help="trials (default: tune.num_samples)")
+    p.add_argument("--experiment-dir", help="experiment directory (default RUN/tune/<space name>)")
+    p.add_argument("--resume", action="store_true", help="restore an interrupted experiment")
+    p.set_defaults(handler=cmd_tune)
+
+    p = sub.add_parser("tune-report", help="CSV, best config YAML and plots of a Tune experiment")
+    p.add_argument("experiment_dir", help="experiment directory")
+    p.add_argument("--out", help="output directory (default: EXPERIMENT_DIR/report)")
+    p.set_defaults(handler=cmd_tune_report)
+
+    p = sub.add_parser("serve", help="serve a student artifact over HTTP with Ray Serve")
+    _common(p)
+    p.add_argument("--artifact", help="student artifact (default RUN/student/ckd_ehr/artifact)")
+    p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser("bench", help="benchmarks that print figures")
+    _common(p)
+    p.add_argument("what", choices=["synth", "prepare", "eadf", "teacher", "soft-labels", "speedup", "serve"])
+    p.add_argument("--arch-only", action="store_true", help="speedup: random models from configs (Qwen2.5 vs BERT)")
+    p.add_argument("--patients", type=int, help="cohort size for data benchmarks")
+    p.add_argument("--samples", type=int, help="samples for model benchmarks")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per load level (serve)")
+    p.add_argument("--out", help="write the figures as JSON here")
+    p.set_defaults(handler=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    start = time.time()
+    try:
+        args.handler(args)
+    except KeyboardInterrupt:
+        print("ckd-ehr: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line unless --debug
+        if args.debug:
+            raise
+        print(f"ckd-ehr {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    log.info("%s finished in %.1fs", args.command, time.time() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Config of the EHR data layer: source tables, synthetic cohort, split, text rendering."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .base import Section
+
+
+class SynthConfig(Section):
+    patients: int = Field(2000, gt=0)
+    """Number of synthetic patients. MIMIC-III scale is 46,520."""
+    mean_admissions: float = Field(2.0, ge=1.0, le=10.0)
+    """Mean admissions per patient (MIMIC-III: about 1.27; more gives more visit pairs)."""
+    seed: int = 0
+    """Seed of the generator: same seed, same tables, byte for byte."""
+    form: Literal["demo", "full"] = "demo"
+    """`demo`: plain .csv with lowercase headers; `full`: .csv.gz, UPPERCASE quoted headers."""
+    label_noise: float = Field(0.02, ge=0.0, le=0.5)
+    """Probability that a phenotype's diagnosis code is dropped or spuriously added per visit."""
+    drugs_per_phenotype: int = Field(3, ge=1, le=10)
+    """Planted efficacious drugs per phenotype (the ground truth EADF should recover)."""
+
+
+class DataConfig(Section):
+    source: Literal["synthetic", "mimic"] = "synthetic"
+    """`synthetic`: generate a cohort into RUN/raw first; `mimic`: read tables from mimic_dir."""
+    mimic_dir: str | None = None
+    """Directory with the MIMIC-III tables (demo .csv or full-release .csv.gz)."""
+    synth: SynthConfig = SynthConfig()
+    """The synthetic cohort (used when source is `synthetic`)."""
+    strict: bool = False
+    """Fail the run on any row with an unparseable id or timestamp (otherwise count and report)."""
+
+    @model_validator(mode="after")
+    def _mimic_needs_dir(self):
+        if self.source == "mimic" and not self.mimic_dir:
+            raise ValueError("data.source is 'mimic' but data.mimic_dir is not set")
+        return self
+
+
+class SplitConfig(Section):
+    train: float = Field(0.7, gt=0.0, lt=1.0)
+    """Fraction of patients in the training split."""
+    val: float = Field(0.1, ge=0.0, lt=1.0)
+    """Fraction of patients in the validation split."""
+    test: float = Field(0.2, ge=0.0, lt=1.0)
+    """Fraction of patients in the test split."""
+    seed: int = 13
+    """Seed of the patient split: a patient's split depends only on this and its subject_id."""
+
+    @model_validator(mode="after")
+    def _sums_to_one(self):
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"split fractions must sum to 1, got train={self.train} + val={self.val} "
+                f"+ test={self.test} = {total:g}"
+            )
+        return self
+
+
+class TextConfig(Section):
+    include_instruction: bool = False
+    """Prefix the input with the instruction naming the 25 phenotypes (the teacher adds it itself)."""
+    titles: Literal["short", "long"] = "long"
+    """ICD-9 diagnosis titles: D_ICD_DIAGNOSES.short_title or long_title (the release uses long)."""
+    max_chars_diagnoses: int = Field(1500, gt=0)
+    """Character budget of the diagnoses section; items past it are dropped and counted."""
+    max_chars_drugs: int = Field(1200, gt=0)
+    """Character budget of the medication section."""
+    max_chars_procedures: int = Field(400, gt=0)
+    """Character budget of the procedures section."""
+    max_chars_efficacy: int = Field(2400, gt=0)
+    """Character budget of the efficacy clauses (EADF); applied on its own so it is never cut by the others."""

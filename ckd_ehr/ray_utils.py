@@ -1,0 +1,37 @@
+"""Ray at the edges: start or join a cluster, kept on 127.0.0.1 for local runs."""
+from __future__ import annotations
+
+import os
+
+from .config import RayConfig
+
+# Local Ray binds a non-loopback address unless this is set; local runs stay on 127.0.0.1.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def init_ray(cfg: RayConfig | None = None, **kwargs) -> None:
+    """Start a local Ray on 127.0.0.1, or join `cfg.address` (`auto` inside `ray job submit`)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    cfg = cfg or RayConfig()
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True, **kwargs)
+        return
+    ray.init(
+        address="local",
+        num_cpus=cfg.num_cpus,
+        object_store_memory=cfg.object_store_memory_mb * 2**20 if cfg.object_store_memory_mb else None,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+        **kwargs,
+    )
+    # Quiet Ray Data's progress bars in logs that are not a terminal.
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = os.isatty(2)

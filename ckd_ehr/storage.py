@@ -1,0 +1,146 @@
+"""Reading and writing through pyarrow.fs, so a run directory can be a local path or a URI.
+
+On a multi-node cluster workers do not share a disk: every stage reads and writes through
+these functions. Writes go to a temporary name in the same directory and are then moved
+into place, so a crash never leaves a half-written file under the final name.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI (s3://, gs://, file://)."""
+    path = str(path)
+    if is_uri(path):
+        fs, inner = pafs.FileSystem.from_uri(path)
+        return fs, inner
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    base = str(base)
+    if is_uri(base):
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://" + posixpath.join(rest, *parts)
+    return os.path.join(base, *parts)
+
+
+def exists(path: str | os.PathLike) -> bool:
+    fs, inner = resolve(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def makedirs(path: str | os.PathLike) -> None:
+    fs, inner = resolve(path)
+    fs.create_dir(inner, recursive=True)
+
+
+def _tmp_name(inner: str) -> str:
+    head, tail = posixpath.split(inner) if "/" in inner else ("", inner)
+    return posixpath.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def _move_into_place(fs: pafs.FileSystem, tmp: str, final: str) -> None:
+    if fs.get_file_info(final).type == pafs.FileType.File:
+        fs.delete_file(final)
+    fs.move(tmp, final)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    fs, inner = resolve(path)
+    fs.create_dir(posixpath.dirname(inner), recursive=True)
+    tmp = _tmp_name(inner)
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    _move_into_place(fs, tmp, inner)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    fs, inner = resolve(path)
+    with fs.open_input_stream(inner) as f:
+        return f.read()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def read_text(path: str | os.PathLike) -> str:
+    return read_bytes(path).decode()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(read_text(path))
+
+
+def write_parquet(table: pa.Table, path: str | os.PathLike, **kwargs) -> None:
+    """Write one parquet file atomically (temporary name, then rename)."""
+    fs, inner = resolve(path)
+    fs.create_dir(posixpath.dirname(inner), recursive=True)
+    tmp = _tmp_name(inner)
+    try:
+        pq.write_table(table, tmp, filesystem=fs, **kwargs)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.delete_file(tmp)
+        raise
+    _move_into_place(fs, tmp, inner)
+
+
+def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    fs, inner = resolve(path)
+    if fs.get_file_info(inner).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{path}: no such file (has the stage that writes it run?)")
+    return pq.read_table(inner, filesystem=fs, columns=columns)
+
+
+def upload_dir(local_dir: str | os.PathLike, dest: str) -> None:
+    """Copy a local directory to `dest` (local or URI), replacing what was there.
+
+    The copy goes to a temporary sibling first and is then moved into place, so readers
+    never see a half-copied artifact.
+    """
+    fs, inner = resolve(dest)
+    parent = posixpath.dirname(inner.rstrip("/"))
+    fs.create_dir(parent, recursive=True)
+    tmp = _tmp_name(inner.rstrip("/"))
+    pafs.copy_files(str(local_dir), tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    if fs.get_file_info(inner).type == pafs.FileType.Directory:
+        fs.delete_dir(inner)
+    fs.move(tmp, inner)
+
+
+@contextlib.contextmanager
+def local_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A local directory holding the contents of `path` (itself when local, a copy for URIs)."""
+    if not is_uri(str(path)):
+        yield Path(path)
+        return
+    fs, inner = resolve(path)
+    tmp = tempfile.mkdtemp(prefix="ckd-ehr-")
+    try:
+        pafs.copy_files(inner, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield Path(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

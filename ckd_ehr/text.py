@@ -1,0 +1,86 @@
+"""Rendering a visit as text, in the authors' released template (see NOTES.md).
+
+One function, `render_input`, with options: the instruction on or off, and a character
+budget per section applied section by section, so a long diagnosis list can never push the
+efficacy clauses (added by EADF, rendered last) out of the text. Items that do not fit are
+dropped whole and counted in the result, never cut silently mid-word.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from .config import TextConfig
+from .phenotypes import phenotype_names
+
+INSTRUCTION_PREFIX = "Determine that the patient has one or more of the following diseases at the next visit: "
+OUTPUT_PREFIX = "Disease that the patient may acquire: "
+
+
+def instruction() -> str:
+    """The instruction naming the 25 phenotypes, comma separated."""
+    return INSTRUCTION_PREFIX + ", ".join(phenotype_names()) + "."
+
+
+@dataclass
+class Rendered:
+    text: str
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Items left out per section because of its budget (0 when everything fit)."""
+
+
+def _fit(items: Sequence[str], budget: int, sep: str = ", ") -> tuple[str, int]:
+    """Join as many whole items as fit into `budget` characters; return (text, dropped)."""
+    out: list[str] = []
+    used = 0
+    for item in items:
+        cost = len(item) + (len(sep) if out else 0)
+        if used + cost > budget:
+            break
+        out.append(item)
+        used += cost
+    return sep.join(out), len(items) - len(out)
+
+
+def _clean(items: Sequence[str] | None) -> list[str]:
+    return [str(s).strip() for s in (items or []) if s is not None and str(s).strip()]
+
+
+def efficacy_clause(phenotype: str, drugs: Sequence[str]) -> str:
+    return f"The medications that maybe have therapeutic effect on {phenotype} are {', '.join(drugs)};"
+
+
+def render_input(
+    diagnoses: Sequence[str] | None,
+    drugs: Sequence[str] | None,
+    procedures: Sequence[str] | None,
+    efficacy: Mapping[str, Sequence[str]] | None = None,
+    cfg: TextConfig | None = None,
+) -> Rendered:
+    """Render visit i. `diagnoses`/`procedures` are titles, `drugs` PRESCRIPTIONS.drug names,
+    `efficacy` maps a phenotype present at visit i to its top drugs (EADF), in label order."""
+    cfg = cfg or TextConfig()
+    dx, n_dx = _fit(_clean(diagnoses), cfg.max_chars_diagnoses)
+    rx, n_rx = _fit(_clean(drugs), cfg.max_chars_drugs)
+    px, n_px = _fit(_clean(procedures), cfg.max_chars_procedures)
+    parts = [
+        f"The patient-acquired disease is {dx or 'None'}.",
+        f"The patient had used the following medication: {rx or 'None'}.",
+        f"The surgical operation performed by the patient: {px or 'None'}.",
+    ]
+    dropped = {"diagnoses": n_dx, "drugs": n_rx, "procedures": n_px, "efficacy": 0}
+    if efficacy:
+        clauses = [efficacy_clause(p, d) for p, d in efficacy.items() if d]
+        ef, dropped["efficacy"] = _fit(clauses, cfg.max_chars_efficacy, sep=" ")
+        if ef:
+            parts.append(ef[:-1] + ".")  # the release ends the clause list with '.'
+    text = " ".join(parts)
+    if cfg.include_instruction:
+        text = instruction() + " " + text
+    return Rendered(text=text, dropped=dropped)
+
+
+def render_output(labels: Sequence[int]) -> str:
+    """The release's target text: 'Disease that the patient may acquire: A, B' or '... None'."""
+    names = [n for n, y in zip(phenotype_names(), labels) if y]
+    return OUTPUT_PREFIX + (", ".join(names) if names else "None")

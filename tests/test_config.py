@@ -1,0 +1,68 @@
+"""Config classes: every shipped YAML validates; bad keys, types and values name themselves."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ckd_ehr.config import ConfigError, PipelineConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    assert any(p.name == "demo.yaml" for p in SHIPPED)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_config_loads_and_says_how_to_run(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#") and "ckd-ehr" in first + path.read_text().splitlines()[1], \
+        f"{path.name} must start with a comment saying how to run it"
+    cfg = load_config(PipelineConfig, path)
+    assert isinstance(cfg, PipelineConfig)
+
+
+def test_every_field_has_a_docstring():
+    from pydantic import BaseModel
+
+    seen = set()
+
+    def walk(cls):
+        if cls in seen:
+            return
+        seen.add(cls)
+        for name, f in cls.model_fields.items():
+            assert f.description, f"{cls.__name__}.{name} has no docstring"
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann)
+
+    walk(PipelineConfig)
+
+
+def test_override_sets_nested_value():
+    cfg = load_config(PipelineConfig, None, ["split.seed=7", "teacher.lora.rank=16", "run_dir=/tmp/x"])
+    assert cfg.split.seed == 7 and cfg.teacher.lora.rank == 16 and cfg.run_dir == "/tmp/x"
+
+
+@pytest.mark.parametrize("override, fragment", [
+    (["split.bogus=1"], "unknown key 'split.bogus'"),
+    (["split.train=0.9"], "sum to 1"),
+    (["teacher.batch_size=-2"], "teacher.batch_size"),
+    (["teacher.epochs=many"], "'teacher.epochs' = \"many\""),
+    (["data.source=mimic"], "mimic_dir"),
+    (["nonsense"], "key.path=value"),
+])
+def test_bad_values_are_named(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(PipelineConfig, None, override)
+    assert fragment in str(err.value)
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump({"eadf": {"top_kk": 5}}))
+    with pytest.raises(ConfigError) as err:
+        load_config(PipelineConfig, p)
+    assert "bad.yaml" in str(err.value) and "eadf.top_kk" in str(err.value)
