@@ -1,0 +1,66 @@
+"""Shared helpers for benchmarks: wall time, peak memory, machine description."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import psutil
+
+
+def machine() -> dict:
+    import torch
+
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+@contextmanager
+def measure(label: str, results: dict):
+    """Record wall time and peak RSS (this process and its children, sampled) under `label`."""
+    proc = psutil.Process()
+    peak = [0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            try:
+                rss = proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+            except psutil.Error:
+                rss = 0
+            peak[0] = max(peak[0], rss)
+            stop.wait(0.05)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        wall = time.perf_counter() - start
+        stop.set()
+        t.join()
+        self_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        results[label] = {"wall_s": round(wall, 3), "peak_rss_mib": round(max(peak[0], 0) / 2**20, 1),
+                          "process_max_rss_mib": round(self_peak / 2**20, 1)}
+
+
+def emit(results: dict, out: str | None = None) -> None:
+    results.setdefault("machine", machine())
+    text = json.dumps(results, indent=2, default=str)
+    print(text)
+    if out:
+        from ..storage import write_text
+        write_text(out, text + "\n")
