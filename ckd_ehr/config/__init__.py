@@ -7,12 +7,14 @@ from __future__ import annotations
 from pydantic import Field
 
 from .base import ConfigError, Section, apply_overrides, build, config_hash, dump_yaml, load_config, load_yaml
-from .data import DataConfig, SplitConfig, SynthConfig, TextConfig
+from .data import DataConfig, SplitConfig, TextConfig
+from .synth import SynthConfig
 from .eadf import EADFConfig
 from .ray import RayConfig
 from .serve import ServeConfig
 from .soft_labels import SoftLabelsConfig
-from .student import DistillConfig, EvaluateConfig, StudentConfig
+from .evaluate import EvaluateConfig
+from .student import DistillConfig, StudentConfig
 from .teacher import LoraConfig, TeacherConfig, TrainerConfig
 from .tune import TuneConfig
 

@@ -53,10 +53,3 @@ class StudentConfig(TrainerConfig):
         if "ckd_ehr" not in self.variants:
             raise ValueError("student.variants must include 'ckd_ehr' (the served student)")
         return self
-
-
-class EvaluateConfig(Section):
-    bootstrap: int = Field(1000, ge=0)
-    """Bootstrap resamples over patients for 95% intervals (0 = no intervals)."""
-    seed: int = 0
-    """Seed of the bootstrap."""
