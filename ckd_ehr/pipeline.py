@@ -1,0 +1,198 @@
+"""`ckd-ehr pipeline`: every stage in order in one run directory, with a manifest.
+
+The manifest (RUN/manifest.json) records per stage: status, the hash of the config sections
+the stage reads, its inputs (with fingerprints) and outputs (with row counts), timings and
+package versions. `--resume` skips a stage whose config hash and input fingerprints match
+a finished record; `--from`/`--to` pick a range. A failing stage is recorded as failed,
+the finished ones stay intact, and the error names the stage.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from . import storage
+from .config import PipelineConfig, config_hash, dump_yaml
+from .contracts import SPLITS, RunLayout
+
+log = logging.getLogger(__name__)
+
+
+class PipelineError(RuntimeError):
+    """A stage failed; the message names it."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str
+    function: str
+    sections: tuple[str, ...]
+    """Config sections the stage reads: a change in any of them reruns it under --resume."""
+    inputs: Callable[[PipelineConfig, RunLayout], list[str]]
+    outputs: Callable[[PipelineConfig, RunLayout], list[str]]
+
+    def run(self, cfg: PipelineConfig):
+        return getattr(importlib.import_module(f"ckd_ehr.{self.module}"), self.function)(cfg)
+
+
+def _variants(cfg: PipelineConfig) -> list[str]:
+    return list(cfg.student.variants)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("prepare", "prepare", "run_prepare", ("data", "split", "text", "seed"),
+          lambda c, r: [c.data.mimic_dir] if c.data.source == "mimic" else [],
+          lambda c, r: [r.visits] + [r.samples(s) for s in SPLITS]),
+    Stage("eadf", "eadf", "run_eadf", ("eadf", "text"),
+          lambda c, r: [r.samples(s) for s in SPLITS],
+          lambda c, r: [r.efficacy_table] + [r.augmented(s) for s in SPLITS]),
+    Stage("teacher", "teacher", "run_teacher", ("teacher",),
+          lambda c, r: [r.augmented("train"), r.augmented("val")],
+          lambda c, r: [r.teacher_artifact]),
+    Stage("soft_labels", "soft_labels", "run_soft_labels", ("soft_labels",),
+          lambda c, r: [r.teacher_artifact] + [r.augmented(s) for s in SPLITS],
+          lambda c, r: [r.soft_labels(s) for s in SPLITS]),
+    Stage("student", "student", "run_student", ("student",),
+          lambda c, r: [r.efficacy_table] + [r.augmented(s) for s in SPLITS] + [r.soft_labels(s) for s in SPLITS],
+          lambda c, r: [r.student_artifact(v) for v in _variants(c)] + [r.predictions(v) for v in _variants(c)]),
+    Stage("evaluate", "evaluate", "run_evaluate", ("evaluate",),
+          lambda c, r: [r.predictions(v) for v in _variants(c)] + [r.soft_labels("test")],
+          lambda c, r: [r.metrics]),
+    Stage("report", "report", "run_report", ("evaluate",),
+          lambda c, r: [r.metrics],
+          lambda c, r: [r.path("report", "report.md"), r.path("report", "report.html")]),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def _fingerprint(path: str) -> str | None:
+    """Size and mtime of a file, or of every file under a directory; None if absent."""
+    fs, inner = storage.resolve(path)
+    info = fs.get_file_info(inner)
+    if info.type == pafs.FileType.NotFound:
+        return None
+    if info.type == pafs.FileType.File:
+        return f"{info.size}:{info.mtime_ns}"
+    files = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+    parts = sorted(f"{f.path[len(inner):]}:{f.size}:{f.mtime_ns}" for f in files if f.type == pafs.FileType.File)
+    return config_hash({"files": parts})
+
+
+def _rows(path: str) -> int | None:
+    if not path.endswith(".parquet"):
+        return None
+    fs, inner = storage.resolve(path)
+    try:
+        return pq.ParquetFile(fs.open_input_file(inner)).metadata.num_rows
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("ckd-ehr", "ray", "torch", "transformers", "peft", "deepspeed", "pyarrow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def stage_hash(stage: Stage, cfg: PipelineConfig) -> str:
+    data = cfg.model_dump(mode="json")
+    return config_hash({k: data[k] for k in stage.sections})
+
+
+def read_manifest(layout: RunLayout) -> dict:
+    if storage.exists(layout.manifest):
+        return storage.read_json(layout.manifest)
+    return {"stages": {}}
+
+
+def select_stages(from_stage: str | None, to_stage: str | None) -> list[Stage]:
+    for name in (from_stage, to_stage):
+        if name is not None and name.replace("-", "_") not in STAGE_NAMES:
+            raise PipelineError(f"unknown stage '{name}'; stages are: {', '.join(STAGE_NAMES)}")
+    start = STAGE_NAMES.index(from_stage.replace("-", "_")) if from_stage else 0
+    stop = STAGE_NAMES.index(to_stage.replace("-", "_")) if to_stage else len(STAGES) - 1
+    if start > stop:
+        raise PipelineError(f"--from {from_stage} comes after --to {to_stage}")
+    return list(STAGES[start:stop + 1])
+
+
+def run_pipeline(cfg: PipelineConfig, resume: bool = False, from_stage: str | None = None,
+                 to_stage: str | None = None) -> dict:
+    """Run the selected stages in order; return the manifest."""
+    from .ray_utils import init_ray
+
+    layout = RunLayout(cfg.run_dir)
+    stages = select_stages(from_stage, to_stage)
+    storage.makedirs(cfg.run_dir)
+    manifest = read_manifest(layout)
+    manifest["versions"] = _versions()
+    manifest["config"] = cfg.model_dump(mode="json")
+    storage.write_text(layout.path("config.yaml"), dump_yaml(cfg))
+    init_ray(cfg.ray)
+
+    for i, stage in enumerate(stages, 1):
+        record = manifest["stages"].get(stage.name, {})
+        inputs = {p: _fingerprint(p) for p in stage.inputs(cfg, layout) if p}
+        missing = [p for p, fp in inputs.items() if fp is None]
+        if missing:
+            raise PipelineError(f"stage {stage.name}: input(s) missing: {', '.join(missing)} "
+                                f"(run the earlier stages first, or drop --from)")
+        chash = stage_hash(stage, cfg)
+        if (resume and record.get("status") == "done" and record.get("config_hash") == chash
+                and record.get("inputs") == inputs
+                and all(_fingerprint(p) is not None for p in record.get("outputs", {}))):
+            log.info("[%d/%d] %s: unchanged, skipped (--resume)", i, len(stages), stage.name)
+            record["skipped"] = True
+            continue
+        log.info("[%d/%d] %s: running", i, len(stages), stage.name)
+        started = time.time()
+        record = {"status": "running", "config_hash": chash, "inputs": inputs,
+                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        manifest["stages"][stage.name] = record
+        storage.write_json(layout.manifest, manifest)
+        try:
+            result = stage.run(cfg)
+        except Exception as exc:
+            record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                          seconds=round(time.time() - started, 1))
+            storage.write_json(layout.manifest, manifest)
+            raise PipelineError(f"stage {stage.name} failed: {exc}") from exc
+        record.update(
+            status="done", seconds=round(time.time() - started, 1), skipped=False,
+            finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            outputs={p: {"rows": _rows(p), "fingerprint": _fingerprint(p)} for p in stage.outputs(cfg, layout)},
+            summary=result if isinstance(result, dict) else None,
+        )
+        storage.write_json(layout.manifest, manifest)
+
+    print(summary_table(manifest, [s.name for s in stages]))
+    report = layout.path("report", "report.html")
+    if storage.exists(report):
+        print(f"report: {report}")
+    return manifest
+
+
+def summary_table(manifest: dict, names: list[str]) -> str:
+    lines = [f"{'stage':<12} {'status':<8} {'seconds':>8}  outputs (rows)"]
+    for name in names:
+        rec = manifest["stages"].get(name, {})
+        status = "skipped" if rec.get("skipped") else rec.get("status", "-")
+        outs = ", ".join(f"{p.rsplit('/', 2)[-2]}/{p.rsplit('/', 1)[-1]}" + (f" ({o['rows']})" if o.get("rows") is not None else "")
+                         for p, o in rec.get("outputs", {}).items())
+        lines.append(f"{name:<12} {status:<8} {rec.get('seconds', 0):>8}  {outs}")
+    return "\n".join(lines)
