@@ -118,17 +118,28 @@ def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> p
 def upload_dir(local_dir: str | os.PathLike, dest: str) -> None:
     """Copy a local directory to `dest` (local or URI), replacing what was there.
 
-    The copy goes to a temporary sibling first and is then moved into place, so readers
-    never see a half-copied artifact.
+    On a local disk the copy goes to a temporary sibling that is then renamed, so readers
+    never see a half-copied artifact. Object stores have no directory rename: there the old
+    objects are deleted and each file is written whole (objects are atomic one by one).
     """
     fs, inner = resolve(dest)
-    parent = posixpath.dirname(inner.rstrip("/"))
-    fs.create_dir(parent, recursive=True)
-    tmp = _tmp_name(inner.rstrip("/"))
-    pafs.copy_files(str(local_dir), tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    if fs.get_file_info(inner).type == pafs.FileType.Directory:
+    inner = inner.rstrip("/")
+    fs.create_dir(posixpath.dirname(inner), recursive=True)
+    exists_before = fs.get_file_info(inner).type == pafs.FileType.Directory
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = _tmp_name(inner)
+        pafs.copy_files(str(local_dir), tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        if exists_before:
+            old = _tmp_name(inner)
+            fs.move(inner, old)
+            fs.move(tmp, inner)
+            fs.delete_dir(old)
+        else:
+            fs.move(tmp, inner)
+        return
+    if exists_before:
         fs.delete_dir(inner)
-    fs.move(tmp, inner)
+    pafs.copy_files(str(local_dir), inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
 @contextlib.contextmanager
