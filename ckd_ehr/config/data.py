@@ -18,6 +18,9 @@ class DataConfig(Section):
     """The synthetic cohort (used when source is `synthetic`)."""
     strict: bool = False
     """Fail the run on any row with an unparseable id or timestamp (otherwise count and report)."""
+    csv_block_mb: int = Field(16, ge=1, le=1024)
+    """Size of the CSV blocks tables are streamed in (PRESCRIPTIONS is 4.2M rows in the full
+    release and is never read whole); larger is a little faster and uses more memory."""
 
     @model_validator(mode="after")
     def _mimic_needs_dir(self):

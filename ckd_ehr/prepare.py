@@ -1,0 +1,100 @@
+"""`ckd-ehr prepare`: MIMIC-III tables -> data/visits.parquet, data/samples/{split}.parquet.
+
+With `data.source: synthetic` the cohort is generated into RUN/raw first (kept when
+raw/ground_truth.json already records the same generator parameters), then read like any
+MIMIC-III directory; with `data.source: mimic` the tables are read from `data.mimic_dir`.
+Counts of rows read and dropped, and why, go to data/prepare_report.json; with `data.strict`
+any unparseable id or timestamp fails the run after the report is written.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from . import storage
+from .config import PipelineConfig
+from .contracts import SPLITS, RunLayout
+from .mimic import load_visits, unparseable_rows
+from .samples import build_samples
+
+log = logging.getLogger(__name__)
+
+
+class PrepareError(ValueError):
+    """The prepare stage refuses its input (strict mode); the message names file and column."""
+
+
+def _same_params(ground_truth: dict, params: dict) -> bool:
+    """Whether ground_truth.json records `params`, at its top level or under any key."""
+    candidates = [ground_truth] + [v for v in ground_truth.values() if isinstance(v, dict)]
+    return any(all(c.get(k) == v for k, v in params.items()) for c in candidates)
+
+
+def ensure_synthetic(cfg: PipelineConfig, layout: RunLayout) -> str:
+    """Generate the synthetic cohort into RUN/raw unless the same one is already there."""
+    raw = layout.raw_dir
+    marker = storage.join(raw, "ground_truth.json")
+    params = cfg.data.synth.model_dump(mode="json")
+    if storage.exists(marker) and _same_params(storage.read_json(marker), params):
+        log.info("synthetic cohort with the same parameters already in %s: kept", raw)
+        return raw
+    from .synth import write_cohort  # imported late: only the synthetic source needs it
+
+    log.info("generating a synthetic cohort of %d patients into %s", cfg.data.synth.patients, raw)
+    write_cohort(raw, cfg.data.synth)
+    return raw
+
+
+def _strict_failure(report: dict) -> str:
+    """One line naming the first offending file, column and values."""
+    for table in report["tables"].values():
+        for column, n in table["unparseable"].items():
+            shown = ", ".join(repr(v) for v in table["examples"].get(column, []))
+            return (f"{table['file']}: column '{column}' has {n} unparseable value(s) (e.g. {shown}); "
+                    f"{unparseable_rows(report)} in all, see the prepare report (data.strict is set)")
+    return "unparseable values (data.strict is set)"
+
+
+def run_prepare(cfg: PipelineConfig) -> dict:
+    """Load the tables, build visit-pair samples and the patient split, write them; return counts."""
+    start = time.perf_counter()
+    layout = RunLayout(cfg.run_dir)
+    source_dir = ensure_synthetic(cfg, layout) if cfg.data.source == "synthetic" else cfg.data.mimic_dir
+    log.info("prepare: reading MIMIC-III tables from %s", source_dir)
+    visits, load_report = load_visits(source_dir, block_size=cfg.data.csv_block_mb << 20)
+    bad = unparseable_rows(load_report)
+    report = {"source": cfg.data.source, "source_dir": source_dir, "strict": cfg.data.strict,
+              "unparseable_values": bad, "load": load_report}
+    if bad:
+        log.warning("prepare: %d unparseable value(s); rows dropped or values set to null (see %s)",
+                    bad, layout.prepare_report)
+        if cfg.data.strict:
+            report["status"] = "failed: unparseable values with data.strict"
+            storage.write_json(layout.prepare_report, report)
+            raise PrepareError(_strict_failure(load_report))
+    log.info("prepare: %d admissions of %d patients", visits.num_rows, load_report["patients"])
+
+    splits, stats = build_samples(visits, cfg.split, cfg.text)
+    storage.write_parquet(visits, layout.visits)
+    for name in SPLITS:
+        storage.write_parquet(splits[name], layout.samples(name))
+    log.info("prepare: %d samples (%s)", stats["samples"],
+             ", ".join(f"{n} {s['samples']}" for n, s in stats["per_split"].items()))
+    dropped = stats["text_items_dropped_by_budget"]
+    if dropped["samples_with_drops"]:
+        log.info("prepare: text budgets dropped items from %d sample(s): %s",
+                 dropped["samples_with_drops"], dropped)
+
+    report.update({"status": "ok", "split": cfg.split.model_dump(mode="json"),
+                   "text": cfg.text.model_dump(mode="json"), "samples": stats,
+                   "seconds": round(time.perf_counter() - start, 3)})
+    storage.write_json(layout.prepare_report, report)
+    return {
+        "admissions": visits.num_rows,
+        "patients": load_report["patients"],
+        "samples": stats["samples"],
+        "per_split": {n: s["samples"] for n, s in stats["per_split"].items()},
+        "unparseable_values": bad,
+        "text_items_dropped": {k: v for k, v in dropped.items() if k != "samples_with_drops"},
+        "seconds": report["seconds"],
+    }
