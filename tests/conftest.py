@@ -12,7 +12,24 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+import socket  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# A local S3-compatible server (moto) for shared-storage tests. Its address goes into the
+# environment now, before any Ray starts, so Ray workers see it too. Loopback only.
+S3_PORT = _free_port()
+for _k, _v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    os.environ[_k] = _v
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CKD_EHR_SHARED", REPO.parent / "shared"))
@@ -36,6 +53,19 @@ def mimic_demo_dir() -> Path:
     if not (d / "ADMISSIONS.csv").exists():
         pytest.fail(f"MIMIC-III demo not found at {d} (set CKD_EHR_SHARED to the shared/ folder)")
     return d
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """An S3 bucket on a moto server on 127.0.0.1; yields its s3:// URI."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="ckd-test")
+    yield "s3://ckd-test"
+    server.stop()
 
 
 @pytest.fixture(scope="session")
