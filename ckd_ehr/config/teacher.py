@@ -54,7 +54,11 @@ class TrainerConfig(Section):
     checkpoint_every_steps: int | None = Field(None, ge=1)
     """Also report a checkpoint every N optimiser steps (always once per epoch)."""
     best_metric: Literal["val_macro_f1", "val_macro_auroc", "val_loss"] = "val_macro_f1"
-    """Validation metric that picks the best checkpoint."""
+    """Validation metric that picks the best checkpoint (val_loss: lowest wins)."""
+    num_checkpoints_to_keep: int = Field(2, ge=1)
+    """Checkpoints kept in Ray Train storage: the best by `best_metric` (the latest is kept too)."""
+    eval_batch_size: int | None = Field(None, ge=1)
+    """Per-worker batch size of validation; None = 2 x batch_size."""
     max_failures: int = Field(1, ge=0)
     """Worker failures Ray Train recovers from by restarting from the last checkpoint."""
     fail_at_step: int | None = Field(None, ge=1)

@@ -1,0 +1,26 @@
+"""The teacher: decoder LLM + LoRA + MLAPH head, trained on Ray Train (ddp or DeepSpeed).
+
+Public interface (others code against these):
+    run_teacher(cfg: PipelineConfig) -> dict                      the `ckd-ehr teacher` stage
+    load_teacher(artifact_dir, device="cpu", dtype=None, merge_lora=True)
+        -> (TeacherModel, tokenizer, meta)                        no Ray, no DeepSpeed; eval mode
+    TeacherModel.forward(input_ids, attention_mask) -> logits [B, 25]
+    build_prompts(texts, tokenizer, use_chat_template) -> list[str]
+    predict_logits(model, tokenizer, texts, batch_size=16, max_length=1024, device="cpu")
+        -> np.ndarray [N, 25] in input order
+"""
+from __future__ import annotations
+
+from .artifact import load_teacher, write_artifact
+from .data import build_prompts, predict_logits
+from .model import MLAPH, TeacherModel, build_teacher
+
+
+def run_teacher(cfg):
+    from .train import run_teacher as _run
+
+    return _run(cfg)
+
+
+__all__ = ["run_teacher", "load_teacher", "predict_logits", "build_prompts", "TeacherModel", "MLAPH",
+           "build_teacher", "write_artifact"]

@@ -1,0 +1,116 @@
+"""The teacher artifact: one format whatever the training strategy (ddp, ZeRO-2, ZeRO-3).
+
+    artifact/
+      adapter/            peft save_pretrained of the LoRA weights only (no base weights)
+      head.safetensors    MLAPH parameters
+      tokenizer/          tokenizer save_pretrained (with its chat template)
+      teacher.json        config, label_names, metrics, base model spec, gguf_file, pooling,
+                          artifact_id (short hash of the weights and config)
+
+Loads with plain transformers + peft: no Ray, no DeepSpeed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import storage
+from ..phenotypes import NUM_PHENOTYPES, phenotype_names
+from .model import MLAPH, TeacherModel, load_backbone
+
+ADAPTER = "adapter"
+HEAD = "head.safetensors"
+TOKENIZER = "tokenizer"
+META = "teacher.json"
+
+
+class SaveTeacherWeights:
+    """Checkpoint hook for `training.fit`: writes adapter/ and head.safetensors from the
+    (gathered, full) trainable state dict, so every checkpoint is already in artifact form."""
+
+    def __call__(self, model: TeacherModel, state_dict: dict[str, torch.Tensor], out_dir: str) -> None:
+        write_weights(model, state_dict, out_dir)
+
+
+def write_weights(model: TeacherModel, state_dict: dict[str, torch.Tensor], out_dir: str | os.PathLike) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+    head = {k[len("head."):]: v.detach().float().cpu().contiguous() for k, v in state_dict.items()
+            if k.startswith("head.")}
+    # peft filters the given state dict down to LoRA keys and strips the adapter name.
+    model.backbone.save_pretrained(str(out / ADAPTER), state_dict=adapter)
+    save_file(head, str(out / HEAD))
+
+
+def _digest(local: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(local.rglob("*")):
+        if p.is_file() and p.name != META:
+            h.update(p.relative_to(local).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def write_artifact(weights_dir: str | os.PathLike, tokenizer, cfg, metrics: dict, dest: str) -> dict:
+    """Assemble the artifact from a checkpoint's adapter/ + head.safetensors and upload it to
+    `dest` (local or URI) atomically. Returns teacher.json's contents."""
+    import shutil
+
+    with storage.local_dir(str(weights_dir)) as src, tempfile.TemporaryDirectory(prefix="teacher-art-") as tmp:
+        local = Path(tmp) / "artifact"
+        local.mkdir()
+        shutil.copytree(src / ADAPTER, local / ADAPTER)
+        shutil.copy2(src / HEAD, local / HEAD)
+        tokenizer.save_pretrained(str(local / TOKENIZER))
+        config = cfg.model_dump(mode="json")
+        meta = {
+            "kind": "ckd-ehr-teacher",
+            "artifact_id": hashlib.sha256((_digest(local) + json.dumps(config, sort_keys=True)).encode()).hexdigest()[:12],
+            "base_model": cfg.model,
+            "gguf_file": cfg.gguf_file,
+            "pooling": cfg.pooling,
+            "num_labels": NUM_PHENOTYPES,
+            "label_names": phenotype_names(),
+            "use_chat_template": cfg.use_chat_template,
+            "text_column": cfg.text_column,
+            "max_length": cfg.max_length,
+            "metrics": metrics,
+            "config": config,
+            "created_unix": int(time.time()),
+        }
+        (local / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        storage.upload_dir(local, dest)
+    return meta
+
+
+def load_teacher(artifact_dir: str, device: str = "cpu", dtype=None, merge_lora: bool = True):
+    """(TeacherModel in eval mode, tokenizer, teacher.json) from an artifact (local or URI).
+
+    `dtype` None uses the training dtype; `merge_lora` folds the adapters into the base
+    weights (faster inference, same outputs up to rounding)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    with storage.local_dir(artifact_dir) as d:
+        meta = json.loads((d / META).read_text())
+        cfg = meta["config"]
+        backbone = load_backbone(meta["base_model"], meta.get("gguf_file"), dtype or cfg.get("dtype", "float32"),
+                                 cfg.get("attn_implementation", "sdpa"))
+        backbone = PeftModel.from_pretrained(backbone, str(d / ADAPTER))
+        if merge_lora:
+            backbone = backbone.merge_and_unload()
+        head = MLAPH(backbone.config.hidden_size, meta.get("num_labels", NUM_PHENOTYPES), meta["pooling"])
+        head.load_state_dict(load_file(str(d / HEAD)))
+        tokenizer = AutoTokenizer.from_pretrained(str(d / TOKENIZER))
+    model = TeacherModel(backbone, head).to(device)
+    model.use_chat_template = bool(meta.get("use_chat_template", True))
+    model.eval()
+    return model, tokenizer, meta

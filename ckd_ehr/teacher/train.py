@@ -1,0 +1,138 @@
+"""`ckd-ehr teacher`: train the teacher on Ray Train and write RUN/teacher/artifact.
+
+Reads RUN/eadf/samples/{train,val}.parquet (contracts.AUGMENTED_SAMPLES) through storage.py
+on each worker, so the run dir may be a URI. Distribution, checkpoints and fault tolerance
+live in ckd_ehr.training; this file only says what the teacher is.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from .. import storage
+from ..config import config_hash
+from ..contracts import RunLayout
+from ..training import TrainResult, TrainTask, fit
+from .artifact import SaveTeacherWeights, write_artifact
+from .data import Collate, make_examples, pad_id
+from .model import build_teacher, param_groups
+
+log = logging.getLogger("ckd_ehr.teacher")
+
+
+def load_tokenizer(tc):
+    from transformers import AutoTokenizer
+
+    from ..models import resolve_model_path
+
+    kwargs = {"gguf_file": tc.gguf_file} if tc.gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(tc.model), **kwargs)
+    tok.padding_side = "right"  # our collate pads itself; kept consistent for anyone else
+    return tok
+
+
+def read_split(path: str, text_column: str) -> tuple[list[str], np.ndarray]:
+    table = storage.read_parquet(path, columns=[text_column, "labels"])
+    texts = [t or "" for t in table.column(text_column).to_pylist()]
+    labels = np.asarray(table.column("labels").to_pylist(), dtype=np.int8).reshape(len(texts), -1)
+    return texts, labels
+
+
+def balanced_pos_weight(labels: np.ndarray, cap: float = 100.0) -> np.ndarray:
+    """negatives / positives per phenotype, capped (a phenotype with no positives gets `cap`)."""
+    pos = labels.sum(0).astype(np.float64)
+    neg = labels.shape[0] - pos
+    return np.clip(neg / np.maximum(pos, 1.0), 1.0 / cap, cap).astype(np.float32)
+
+
+class BCELoss:
+    """BCEWithLogits over the 25 phenotypes, optional per-phenotype pos_weight. Picklable."""
+
+    def __init__(self, pos_weight: np.ndarray | None = None):
+        self.pos_weight = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32)
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, progress: float = 0.0) -> torch.Tensor:
+        pw = None if self.pos_weight is None else self.pos_weight.to(logits.device)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=pw)
+
+
+class TeacherData:
+    """Runs on each worker: read both splits through storage.py and tokenise them."""
+
+    def __init__(self, tc, train_path: str, val_path: str):
+        self.tc, self.train_path, self.val_path = tc, train_path, val_path
+
+    def __call__(self):
+        tok = load_tokenizer(self.tc)
+        out = []
+        for path in (self.train_path, self.val_path):
+            texts, labels = read_split(path, self.tc.text_column)
+            out.append(make_examples(texts, labels, tok, self.tc.max_length, self.tc.use_chat_template))
+        return out[0], out[1]
+
+
+class BuildTeacher:
+    def __init__(self, tc):
+        self.tc = tc
+
+    def __call__(self):
+        return build_teacher(self.tc, seed=self.tc.seed)
+
+
+class TeacherParamGroups:
+    def __init__(self, tc):
+        self.tc = tc
+
+    def __call__(self, model):
+        return param_groups(model, self.tc.lr, self.tc.head_lr, self.tc.weight_decay)
+
+
+def teacher_task(tc, train_path: str, val_path: str, tokenizer=None) -> TrainTask:
+    tokenizer = tokenizer or load_tokenizer(tc)
+    pos_weight = None
+    if tc.pos_weight == "balanced":
+        _, labels = read_split(train_path, tc.text_column)
+        pos_weight = balanced_pos_weight(labels)
+    return TrainTask(build_model=BuildTeacher(tc), load_data=TeacherData(tc, train_path, val_path),
+                     collate=Collate(pad_id(tokenizer)), loss_fn=BCELoss(pos_weight),
+                     param_groups=TeacherParamGroups(tc), save_weights=SaveTeacherWeights())
+
+
+def train_teacher(tc, train_path: str, val_path: str, storage_path: str, name: str,
+                  artifact_dest: str) -> tuple[TrainResult, dict]:
+    """Train on Ray Train and write the artifact from the best checkpoint. Returns
+    (TrainResult, teacher.json)."""
+    tokenizer = load_tokenizer(tc)
+    task = teacher_task(tc, train_path, val_path, tokenizer)
+    start = time.time()
+    result = fit(tc, task, storage_path=storage_path, name=name)
+    wall = time.time() - start
+    metrics = {k: v for k, v in result.best_metrics.items() if isinstance(v, (int, float, str))}
+    metrics.update({"train_wall_s": round(wall, 2), "final_step": result.metrics.get("step"),
+                    "train_samples_per_s": result.metrics.get("samples_per_s"),
+                    "best_checkpoint": str(result.best_checkpoint.path), "strategy": tc.strategy,
+                    "num_workers": tc.num_workers})
+    with result.best_checkpoint.as_directory() as d:
+        meta = write_artifact(d, tokenizer, tc, metrics, artifact_dest)
+    log.info("teacher artifact %s written to %s (best %s=%s)", meta["artifact_id"], artifact_dest,
+             tc.best_metric, metrics.get(tc.best_metric))
+    return result, meta
+
+
+def run_teacher(cfg) -> dict:
+    """The `teacher` stage: PipelineConfig -> RUN/teacher/artifact. Returns teacher.json."""
+    from ..ray_utils import init_ray
+
+    layout = RunLayout(cfg.run_dir)
+    train_path, val_path = layout.augmented("train"), layout.augmented("val")
+    for p in (train_path, val_path):
+        if not storage.exists(p):
+            raise FileNotFoundError(f"{p}: no such file (run `ckd-ehr eadf` first)")
+    init_ray(cfg.ray)
+    # Same config -> same run name: rerunning after a crash resumes from the last checkpoint.
+    name = f"teacher-{config_hash(cfg.teacher)}"
+    _, meta = train_teacher(cfg.teacher, train_path, val_path, layout.teacher_train, name, layout.teacher_artifact)
+    return meta

@@ -1,0 +1,505 @@
+"""Generic Ray Train loop shared by the teacher and the student.
+
+Usage (the caller owns the model, the data and the loss; this file owns distribution):
+
+    from ckd_ehr.training import TrainTask, fit
+
+    task = TrainTask(
+        build_model=lambda: MyModel(...),          # on each worker; CPU module, requires_grad set
+        load_data=lambda: (train_examples, val_examples),   # on each worker (read via storage.py)
+        collate=my_collate,                        # list[example] -> (model kwargs dict, targets)
+        loss_fn=my_loss,                           # (logits, targets, progress 0..1) -> scalar
+        param_groups=None,                         # model -> AdamW groups (e.g. separate head lr)
+        eval_fn=multilabel_metrics,                # (logits ndarray, labels ndarray) -> metrics
+        labels_of=None,                            # targets -> labels tensor (default: targets or targets["labels"])
+        save_weights=None,                         # (model, full trainable state dict, dir): extra files per checkpoint
+    )
+    result = fit(cfg.student, task, storage_path=layout.student_train(v), name="run")
+    with result.best_checkpoint.as_directory() as d: ...   # trainable.safetensors + your files
+
+Everything in TrainTask runs on the workers, so it must pickle (cloudpickle: closures are fine).
+Examples are dicts; `example["length"]` (tokens) drives length grouping when present.
+
+What fit does:
+- TorchTrainer with cfg.num_workers workers (gloo on CPU, NCCL on GPU), strategy `ddp`
+  (torch DDP, no_sync during accumulation) or `deepspeed` (cfg.deepspeed, with micro batch,
+  accumulation and train_batch_size filled in; a torch AdamW is passed in so no fused op is
+  compiled; ZeRO-3 parameters are gathered for saving).
+- Length-grouped batches: a seeded shuffle, sorted by length within mega-batches, padded per
+  batch by `collate`; the same global batch list on every rank, each rank takes batches
+  rank::world (so every rank runs the same number of steps, which ZeRO-3 needs).
+- AdamW + linear warm-up (cfg.warmup_ratio) + cosine decay per optimiser step; grad clip 1.0.
+- Validation at every epoch end (and when cfg.max_steps stops training): val_loss, metrics of
+  `eval_fn` on the gathered validation logits, reported with a checkpoint.
+- Checkpoints every epoch and every cfg.checkpoint_every_steps steps; Ray keeps
+  cfg.num_checkpoints_to_keep scored by cfg.best_metric. Each checkpoint holds
+  `trainable.safetensors` (full trainable weights, whatever the strategy), `train_state.json`
+  (epoch, step, batches done), `val_logits.npy` + `val_labels.npy` when validated, the optimiser
+  state (`optim.pt` for ddp, DeepSpeed's own files under `ds/` for deepspeed) and what
+  `save_weights` writes.
+- Resume: ray.train.get_checkpoint() restores weights, optimiser, schedule and the position
+  inside the epoch; Ray restarts failed workers up to cfg.max_failures times.
+- cfg.fail_at_step (debug): one worker raises once at that step; a marker file in the run's
+  storage makes it fail only once.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger("ckd_ehr.training")
+
+TRAINABLE = "trainable.safetensors"
+TRAIN_STATE = "train_state.json"
+DS_DIR = "ds"
+DS_TAG = "state"
+FAIL_MARKER = "fail_injected.marker"
+
+
+# --- plain pieces, testable without Ray ---------------------------------------------------
+
+def multilabel_metrics(logits: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Macro F1 at `threshold` on probabilities, macro / micro AUROC on probabilities, and the
+    paper's element-wise accuracy. Macro F1 and AUROC skip phenotypes with only one class in
+    `labels` (undefined there); `n_auroc_labels` says how many counted."""
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    labels = np.asarray(labels).astype(int)
+    probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    preds = (probs >= threshold).astype(int)
+    both = [j for j in range(labels.shape[1]) if 0 < labels[:, j].sum() < labels.shape[0]]
+    out = {
+        "accuracy": float((preds == labels).mean()) if labels.size else float("nan"),
+        "micro_f1": float(f1_score(labels, preds, average="micro", zero_division=0)) if labels.size else float("nan"),
+        "macro_f1": float(np.mean([f1_score(labels[:, j], preds[:, j], zero_division=0) for j in both]))
+        if both else float("nan"),
+        "macro_auroc": float(np.mean([roc_auc_score(labels[:, j], probs[:, j]) for j in both])) if both else float("nan"),
+        "n_auroc_labels": len(both),
+    }
+    flat = labels.ravel()
+    out["micro_auroc"] = float(roc_auc_score(flat, probs.ravel())) if 0 < flat.sum() < flat.size else float("nan")
+    return out
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier per optimiser step: linear warm-up then cosine decay to 0."""
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return fn
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, world: int = 1,
+                           rank: int = 0, mega: int = 50) -> list[np.ndarray]:
+    """This rank's batches (index arrays) for one epoch: a seeded shuffle, sorted by length
+    inside mega-batches of `mega` global batches so each batch pads little, then the batch
+    order shuffled. Every rank gets the same number of batches."""
+    lengths = np.asarray(lengths)
+    rng = np.random.default_rng([seed, epoch])
+    idx = rng.permutation(len(lengths))
+    span = batch_size * world * mega
+    batches = []
+    for s in range(0, len(idx), span):
+        chunk = idx[s: s + span]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    per_rank = len(batches) // world
+    return batches[rank::world][:per_rank]
+
+
+def eval_batches(lengths: Sequence[int], batch_size: int, world: int, rank: int) -> list[np.ndarray | None]:
+    """Validation batches sorted by length, rank-strided; padded with None so every rank runs
+    the same number of forwards (ZeRO-3 gathers parameters collectively)."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    n = math.ceil(len(batches) / world) if batches else 0
+    mine: list[np.ndarray | None] = list(batches[rank::world])
+    return mine + [None] * (n - len(mine))
+
+
+def default_labels_of(targets: Any) -> torch.Tensor:
+    return targets["labels"] if isinstance(targets, dict) else targets
+
+
+def to_device(x: Any, device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_device(v, device) for v in x)
+    return x
+
+
+def deepspeed_config(cfg, world: int) -> dict:
+    """cfg.deepspeed with batch sizes and accumulation filled in (values given there win)."""
+    ds = copy.deepcopy(cfg.deepspeed)
+    ds.setdefault("train_micro_batch_size_per_gpu", cfg.batch_size)
+    ds.setdefault("gradient_accumulation_steps", cfg.grad_accum)
+    ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
+    ds.setdefault("gradient_clipping", 1.0)
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    # We pass a torch AdamW; with offload DeepSpeed would otherwise insist on its CPU Adam.
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    if not cfg.use_gpu:
+        for key in ("bf16", "fp16"):  # CPU workers train in float32
+            if isinstance(ds.get(key), dict):
+                ds[key] = {**ds[key], "enabled": False}
+    return ds
+
+
+@dataclass
+class TrainTask:
+    """What a caller supplies to `fit`; see the module docstring."""
+
+    build_model: Callable[[], nn.Module]
+    load_data: Callable[[], tuple[Sequence[dict], Sequence[dict]]]
+    collate: Callable[[list[dict]], tuple[dict[str, torch.Tensor], Any]]
+    loss_fn: Callable[[torch.Tensor, Any, float], torch.Tensor]
+    param_groups: Callable[[nn.Module], list[dict]] | None = None
+    eval_fn: Callable[[np.ndarray, np.ndarray], dict] = multilabel_metrics
+    labels_of: Callable[[Any], torch.Tensor] | None = None
+    save_weights: Callable[[nn.Module, dict, str], None] | None = None
+
+
+@dataclass
+class TrainResult:
+    best_checkpoint: Any
+    """ray.train.Checkpoint picked by cfg.best_metric (use .as_directory())."""
+    best_metrics: dict
+    """Metrics reported with the best checkpoint."""
+    latest_checkpoint: Any
+    metrics: dict
+    """The last reported metrics."""
+    path: str
+    """The run's storage directory."""
+    history: list[dict] = field(default_factory=list)
+    """Metrics of every kept checkpoint."""
+
+    @property
+    def best_checkpoint_path(self) -> str:
+        return self.best_checkpoint.path
+
+
+# --- the worker loop ----------------------------------------------------------------------
+
+class _Worker:
+    """State of one training worker; methods are the steps of the loop."""
+
+    def __init__(self, cfg, task: TrainTask, marker: str | None):
+        import ray.train
+        import ray.train.torch
+
+        self.cfg, self.task, self.marker = cfg, task, marker
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        if not cfg.use_gpu:
+            torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.labels_of = task.labels_of or default_labels_of
+        self.ds = cfg.strategy == "deepspeed"
+        self.zero3 = False
+
+        train, val = task.load_data()
+        train, val = list(train), list(val)
+        if cfg.max_train_samples and len(train) > cfg.max_train_samples:
+            keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(train))[: cfg.max_train_samples])
+            train = [train[i] for i in keep]
+        if cfg.max_eval_samples:
+            val = val[: cfg.max_eval_samples]
+        self.train, self.val = train, val
+        self.train_len = [int(e.get("length", 1)) for e in train]
+        self.val_len = [int(e.get("length", 1)) for e in val]
+
+        if self.ds:
+            self.ds_config = deepspeed_config(cfg, self.world)
+            self.micro_bs = self.ds_config["train_micro_batch_size_per_gpu"]
+            self.accum = self.ds_config["gradient_accumulation_steps"]
+            self.zero3 = (self.ds_config.get("zero_optimization") or {}).get("stage", 0) == 3
+        else:
+            self.micro_bs, self.accum = cfg.batch_size, cfg.grad_accum
+        n_batches = len(length_grouped_batches(self.train_len, self.micro_bs, cfg.seed, 0, self.world, self.rank))
+        self.steps_per_epoch = n_batches // self.accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{len(train)} training samples make no full optimiser step with batch {self.micro_bs}"
+                             f" x accumulation {self.accum} x {self.world} workers")
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self._build()
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        model = self.task.build_model()
+        groups = self.task.param_groups(model) if self.task.param_groups else \
+            [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        groups = [{k: v for k, v in g.items() if k != "name"} for g in groups]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = int(cfg.warmup_ratio * self.total_steps)
+        lr_fn = cosine_with_warmup(self.total_steps, warmup)
+        if self.ds:
+            import deepspeed
+
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=self.ds_config,
+                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn))
+            self.module = self.engine.module
+            self.forward = self.engine
+        else:
+            model.to(self.device)
+            self.module = model
+            self.optimizer = optimizer
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_fn)
+            if self.world > 1:
+                ddp_kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+                self.forward = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+            else:
+                self.forward = model
+        self.trainable_names = [n for n, p in self.module.named_parameters() if p.requires_grad]
+        self.step, self.epoch, self.batches_done = 0, 0, 0
+
+    # checkpoints -------------------------------------------------------------------------
+
+    def gather_trainable(self) -> dict[str, torch.Tensor]:
+        """Full trainable weights on every rank (ZeRO-3 shards gathered)."""
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        if self.zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+                return {n: p.detach().cpu().clone() for n, p in named}
+        return {n: p.detach().cpu().clone() for n, p in named}
+
+    def save_and_report(self, metrics: dict, val_out: tuple[np.ndarray, np.ndarray] | None) -> None:
+        import ray.train
+        from safetensors.torch import save_file
+
+        tmp = tempfile.mkdtemp(prefix=f"ckpt-r{self.rank}-")
+        try:
+            if self.ds:  # every rank writes its own ZeRO shards; Ray merges the directories
+                self.engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG, exclude_frozen_parameters=True)
+            state = self.gather_trainable()
+            if self.rank == 0:
+                save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, TRAINABLE))
+                if not self.ds:
+                    torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                               os.path.join(tmp, "optim.pt"))
+                with open(os.path.join(tmp, TRAIN_STATE), "w") as f:
+                    json.dump({"epoch": self.epoch, "step": self.step, "batches_done": self.batches_done,
+                               "total_steps": self.total_steps, "world": self.world}, f)
+                if val_out is not None:
+                    np.save(os.path.join(tmp, "val_logits.npy"), val_out[0])
+                    np.save(os.path.join(tmp, "val_labels.npy"), val_out[1])
+                if self.task.save_weights:
+                    self.task.save_weights(self.module, state, tmp)
+            has_files = self.rank == 0 or self.ds
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def restore(self) -> bool:
+        import ray.train
+        from safetensors.torch import load_file
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return False
+        with ckpt.as_directory() as d:
+            with open(os.path.join(d, TRAIN_STATE)) as f:
+                st = json.load(f)
+            if self.ds:
+                self.engine.load_checkpoint(os.path.join(d, DS_DIR), tag=DS_TAG, load_module_strict=False)
+            else:
+                self.module.load_state_dict(load_file(os.path.join(d, TRAINABLE)), strict=False)
+                opt = torch.load(os.path.join(d, "optim.pt"), map_location="cpu", weights_only=False)
+                self.optimizer.load_state_dict(opt["optimizer"])
+                self.scheduler.load_state_dict(opt["scheduler"])
+        self.epoch, self.step, self.batches_done = st["epoch"], st["step"], st["batches_done"]
+        if self.batches_done >= self.steps_per_epoch * self.accum:  # saved at an epoch end
+            self.epoch, self.batches_done = self.epoch + 1, 0
+        if self.rank == 0:
+            log.info("resumed from checkpoint at epoch %d step %d", self.epoch, self.step)
+        return True
+
+    # steps -------------------------------------------------------------------------------
+
+    def maybe_fail(self) -> None:
+        from . import storage
+
+        if self.cfg.fail_at_step is None or self.step != self.cfg.fail_at_step or not self.marker:
+            return
+        if self.rank != (1 if self.world > 1 else 0) or storage.exists(self.marker):
+            return
+        storage.write_text(self.marker, f"failed once at step {self.step}\n")
+        raise RuntimeError(f"injected failure at step {self.step} (cfg.fail_at_step)")
+
+    @torch.no_grad()
+    def validate(self) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+        import torch.distributed as dist
+
+        was = self.module.training
+        self.module.eval()
+        bs = self.cfg.eval_batch_size or 2 * self.micro_bs
+        mine: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        loss_sum, n = 0.0, 0
+        progress = self.step / max(1, self.total_steps)
+        for idx in eval_batches(self.val_len, bs, self.world, self.rank):
+            # Ranks short of a batch repeat one and discard it: ZeRO-3 forwards are collective.
+            use = idx if idx is not None else np.arange(min(1, len(self.val)))
+            inputs, targets = self.task.collate([self.val[i] for i in use])
+            inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+            logits = self.forward(**inputs)
+            if idx is None:
+                continue
+            loss_sum += float(self.task.loss_fn(logits, targets, progress)) * len(idx)
+            n += len(idx)
+            mine.append((idx, logits.float().cpu().numpy(), self.labels_of(targets).float().cpu().numpy()))
+        parts: list = [(mine, loss_sum, n)]
+        if self.world > 1:
+            parts = [None] * self.world
+            dist.all_gather_object(parts, (mine, loss_sum, n))
+        self.module.train(was)
+        if self.ds:
+            self.engine.train(was)
+        rows = [r for p in parts for r in p[0]]
+        total_n = sum(p[2] for p in parts)
+        order = np.concatenate([r[0] for r in rows])
+        logits = np.concatenate([r[1] for r in rows])[np.argsort(order)]
+        labels = np.concatenate([r[2] for r in rows])[np.argsort(order)]
+        metrics = {f"val_{k}": v for k, v in self.task.eval_fn(logits, labels).items()}
+        metrics["val_loss"] = sum(p[1] for p in parts) / max(1, total_n)
+        return metrics, (logits, labels)
+
+    def train_step(self, batch_idx: list[np.ndarray]) -> float:
+        """One optimiser step over `accum` micro-batches; returns the mean micro-batch loss."""
+        import contextlib
+
+        progress = self.step / max(1, self.total_steps)
+        losses = []
+        for i, idx in enumerate(batch_idx):
+            inputs, targets = self.task.collate([self.train[j] for j in idx])
+            inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+            if self.ds:
+                loss = self.task.loss_fn(self.engine(**inputs), targets, progress)
+                self.engine.backward(loss)  # DeepSpeed scales by 1/accum itself
+                self.engine.step()          # steps optimiser + schedule at the accumulation boundary
+            else:
+                last = i == len(batch_idx) - 1
+                sync = contextlib.nullcontext() if (last or self.world == 1) else self.forward.no_sync()
+                with sync:
+                    loss = self.task.loss_fn(self.forward(**inputs), targets, progress)
+                    (loss / len(batch_idx)).backward()
+            losses.append(float(loss.detach()))
+        if not self.ds:
+            params = [p for p in self.module.parameters() if p.requires_grad]
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return float(np.mean(losses))
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.restore()
+        start, seen, last_loss = time.time(), 0, float("nan")
+        metrics: dict = {}
+        while self.epoch < cfg.epochs and self.step < self.total_steps:
+            batches = length_grouped_batches(self.train_len, self.micro_bs, cfg.seed, self.epoch, self.world,
+                                             self.rank)[: self.steps_per_epoch * self.accum]
+            while self.batches_done < len(batches) and self.step < self.total_steps:
+                group = batches[self.batches_done: self.batches_done + self.accum]
+                last_loss = self.train_step(group)
+                self.batches_done += len(group)
+                seen += sum(len(b) for b in group) * self.world
+                epoch_end = self.batches_done >= len(batches)
+                done = self.step >= self.total_steps
+                metrics = {"step": self.step, "epoch": self.epoch + self.batches_done / len(batches),
+                           "train_loss": last_loss, "lr": self.scheduler.get_last_lr()[0],
+                           "samples_per_s": seen / max(1e-9, time.time() - start)}
+                if self.rank == 0 and (self.step % 10 == 0 or epoch_end or done):
+                    log.info("step %d/%d epoch %.2f loss %.4f", self.step, self.total_steps, metrics["epoch"], last_loss)
+                if epoch_end or done:
+                    val, out = self.validate()
+                    metrics.update(val)
+                    if self.rank == 0:
+                        log.info("validation at step %d: %s", self.step,
+                                 {k: round(v, 4) for k, v in val.items() if isinstance(v, float)})
+                    self.save_and_report(metrics, out)
+                elif cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
+                    # NaN score: Ray ranks it below every validated checkpoint, without an error log.
+                    self.save_and_report({**metrics, cfg.best_metric: float("nan")}, None)
+                self.maybe_fail()
+            if self.batches_done >= len(batches):
+                self.epoch, self.batches_done = self.epoch + 1, 0
+        return metrics
+
+
+def _train_loop_per_worker(config: dict) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return _Worker(config["cfg"], config["task"], config.get("marker")).run()
+
+
+# --- the driver ---------------------------------------------------------------------------
+
+def fit(cfg, task: TrainTask, storage_path: str, name: str = "train") -> TrainResult:
+    """Train with Ray Train (see the module docstring). `cfg` is a TrainerConfig (or subclass);
+    `storage_path` a local directory or URI; reusing (storage_path, name) resumes that run."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from . import storage
+
+    if not storage.is_uri(storage_path):
+        storage_path = os.path.abspath(storage_path)
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    mode = "min" if cfg.best_metric == "val_loss" else "max"
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "task": task, "marker": storage.join(storage_path, name, FAIL_MARKER)},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep,
+                                               checkpoint_score_attribute=cfg.best_metric,
+                                               checkpoint_score_order=mode)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if _finite(m.get(cfg.best_metric))]
+    if scored:
+        pick = max if mode == "max" else min
+        best, best_metrics = pick(scored, key=lambda cm: cm[1][cfg.best_metric])
+    else:
+        best, best_metrics = result.checkpoint, dict(result.metrics or {})
+    history = [dict(m) for _, m in (result.best_checkpoints or [])]
+    return TrainResult(best_checkpoint=best, best_metrics=dict(best_metrics), latest_checkpoint=result.checkpoint,
+                       metrics=dict(result.metrics or {}), path=str(result.path), history=history)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
