@@ -9,6 +9,7 @@ import gzip
 import json
 from collections import defaultdict
 from datetime import datetime
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,6 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from importlib import resources
 
 from ckd_ehr import cli
 from ckd_ehr.config import PipelineConfig, build
@@ -65,7 +65,7 @@ def copy_demo(src: Path, dst: Path, edit=None) -> Path:
 
 def phenotype_groups() -> dict[str, set[str]]:
     text = resources.files("ckd_ehr").joinpath("resources/hcup_ccs_2015_definitions.yaml").read_text()
-    return {n: set(g["codes"]) for n, g in yaml.safe_load(text).items() if g["use_in_benchmark"]}
+    return {n: set(g["codes"]) for n, g in yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)).items() if g["use_in_benchmark"]}
 
 
 @pytest.fixture(scope="module")

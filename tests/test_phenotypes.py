@@ -13,7 +13,7 @@ from ckd_ehr.phenotypes import (NUM_PHENOTYPES, multi_hot, normalize_icd9, pheno
 @pytest.fixture(scope="module")
 def groups() -> dict:
     text = resources.files("ckd_ehr").joinpath("resources/hcup_ccs_2015_definitions.yaml").read_text()
-    return yaml.safe_load(text)
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,79 @@
+"""`ckd-ehr bench synth` and `ckd-ehr bench prepare`: wall time and peak memory of the data layer.
+
+    ckd-ehr bench synth --patients 46520                 # generate a MIMIC-III-scale cohort
+    ckd-ehr bench prepare --patients 46520               # generate (unmeasured), then prepare
+    ckd-ehr bench prepare --set data.source=mimic --set data.mimic_dir=DIR   # prepare real tables
+
+The cohort form (demo .csv / full-release .csv.gz) follows `data.synth.form`. Figures are
+printed as JSON (and written to --out); nothing here is asserted.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from ..config import PipelineConfig
+from .common import emit, measure
+
+
+def _synth_cfg(cfg: PipelineConfig, args):
+    synth = cfg.data.synth
+    if getattr(args, "patients", None):
+        synth = synth.model_copy(update={"patients": args.patients})
+    return synth
+
+
+def _table_sizes(directory: str) -> dict:
+    return {f: round(os.path.getsize(os.path.join(directory, f)) / 2**20, 2)
+            for f in sorted(os.listdir(directory)) if f.endswith((".csv", ".csv.gz"))}
+
+
+def bench_synth(cfg: PipelineConfig, args) -> dict:
+    """Time and memory of writing one synthetic cohort."""
+    from ..synth import write_cohort
+
+    synth = _synth_cfg(cfg, args)
+    results: dict = {"benchmark": "synth", "patients": synth.patients, "form": synth.form}
+    out = tempfile.mkdtemp(prefix="ckd-ehr-bench-synth-")
+    try:
+        with measure("synth", results):
+            summary = write_cohort(out, synth)
+        results["summary"] = summary
+        results["table_mib"] = _table_sizes(out)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    emit(results, getattr(args, "out", None))
+    return results
+
+
+def bench_prepare(cfg: PipelineConfig, args) -> dict:
+    """Time and memory of `run_prepare` on a synthetic cohort (or on `data.mimic_dir`)."""
+    from ..prepare import run_prepare
+
+    work = tempfile.mkdtemp(prefix="ckd-ehr-bench-prepare-")
+    results: dict = {"benchmark": "prepare"}
+    try:
+        if cfg.data.source == "mimic":
+            tables = cfg.data.mimic_dir
+        else:
+            from ..synth import write_cohort
+
+            synth = _synth_cfg(cfg, args)
+            tables = os.path.join(work, "tables")
+            results.update({"patients": synth.patients, "form": synth.form})
+            with measure("synth (not part of prepare)", results):
+                write_cohort(tables, synth)
+        if "://" not in str(tables):
+            results["table_mib"] = _table_sizes(str(tables))
+        run_cfg = cfg.model_copy(update={
+            "run_dir": os.path.join(work, "run"),
+            "data": cfg.data.model_copy(update={"source": "mimic", "mimic_dir": str(tables)})})
+        with measure("prepare", results):
+            results["summary"] = run_prepare(run_cfg)
+        seconds = results["prepare"]["wall_s"]
+        results["admissions_per_s"] = round(results["summary"]["admissions"] / max(seconds, 1e-9), 1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    emit(results, getattr(args, "out", None))
+    return results
