@@ -33,6 +33,10 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.
 class StudentModel(nn.Module):
     def __init__(self, encoder: nn.Module, pooling: str = "mean", num_labels: int = NUM_PHENOTYPES):
         super().__init__()
+        # BERT's pooler (tanh layer over [CLS], trained for next-sentence prediction) is not
+        # used by our pooling: dropped, so DDP sees no parameters without gradients.
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None
         self.encoder = encoder
         self.pooling = pooling
         self.head = nn.Linear(encoder.config.hidden_size, num_labels)

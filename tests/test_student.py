@@ -1,0 +1,219 @@
+"""The student: section-budget fitting, inputs joined with soft labels, and a real 2-worker
+DDP Ray Train run on a tiny BERT over a hand-built run directory."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from ckd_ehr.config import PipelineConfig, TextConfig
+from ckd_ehr.contracts import AUGMENTED_SAMPLES, EFFICACY, SOFT_LABELS, ContractError, RunLayout
+from ckd_ehr.phenotypes import NUM_PHENOTYPES, phenotype_names
+from ckd_ehr.storage import read_json, read_parquet, write_parquet
+from ckd_ehr.text import render_input
+
+NAMES = phenotype_names()
+# three phenotypes with a marker diagnosis each: the marker at visit i predicts the label
+MARKERS = {0: "Sepsis marker finding", 1: "Diabetes marker finding", 5: "Hypertension marker finding"}
+TOP = {0: ["Vancomycin", "Cefepime"], 5: ["Lisinopril"]}
+FILLER = ["Chronic pain", "Anemia unspecified", "Obesity", "Tobacco use disorder", "Cough"]
+
+
+def _efficacy_table() -> pa.Table:
+    rows = []
+    for p, drugs in TOP.items():
+        for r, d in enumerate(drugs + ["Ward saline"], start=1):
+            rows.append({"phenotype_index": p, "phenotype": NAMES[p], "drug": d, "n_given": 20,
+                         "resolved_given": 15, "n_not_given": 20, "resolved_not_given": 5,
+                         "rate_given": 0.75, "rate_not_given": 0.25, "effect": 0.5, "lower": 0.2,
+                         "upper": 0.7, "risk_ratio": 3.0, "score": 0.2,
+                         "rank": r if d != "Ward saline" else None, "ranking": "efficacy"})
+    return pa.Table.from_pylist(rows, schema=EFFICACY)
+
+
+def _efficacy_map() -> dict[str, list[str]]:
+    return {NAMES[p]: d for p, d in TOP.items()}
+
+
+def _samples(split: str, n: int, seed: int, n_filler: int = 2) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        present = [p for p in MARKERS if rng.random() < 0.5]
+        dx = [MARKERS[p] for p in present] + list(rng.choice(FILLER, n_filler))
+        rx = ["Vancomycin"] if 0 in present else ["Acetaminophen"]
+        px = ["Venous cath NEC"]
+        hot = [1 if j in present else 0 for j in range(NUM_PHENOTYPES)]
+        eff = {NAMES[p]: TOP[p] for p in present if p in TOP}
+        sid = 1000 * seed + i
+        rows.append({
+            "sample_id": f"{sid}-{2 * i}-{2 * i + 1}", "subject_id": sid, "hadm_id": 2 * i,
+            "next_hadm_id": 2 * i + 1, "split": split, "admittime": None, "diagnosis_codes": ["0000"] * len(dx),
+            "diagnosis_titles": dx, "diagnosis_short_titles": dx, "procedure_codes": ["3893"],
+            "procedure_titles": px, "drugs": rx, "phenotypes_current": hot, "labels": hot,
+            "text_plain": render_input(dx, rx, px).text,
+            "text_eadf": render_input(dx, rx, px, efficacy=eff).text,
+        })
+    return pa.Table.from_pylist(rows, schema=AUGMENTED_SAMPLES)
+
+
+def _soft(samples: pa.Table) -> pa.Table:
+    y = np.asarray(samples.column("labels").to_pylist(), dtype=np.float32)
+    p = 0.1 + 0.8 * y
+    return pa.Table.from_pydict({
+        "sample_id": samples.column("sample_id"), "logits": np.log(p / (1 - p)).tolist(),
+        "probs": p.tolist(), "teacher_id": ["teacher-test"] * len(y)}, schema=SOFT_LABELS)
+
+
+def build_run_dir(root, sizes=(40, 16, 12)) -> RunLayout:
+    layout = RunLayout(str(root))
+    write_parquet(_efficacy_table(), layout.efficacy_table)
+    for seed, (split, n) in enumerate(zip(("train", "val", "test"), sizes), start=1):
+        s = _samples(split, n, seed)
+        write_parquet(s, layout.augmented(split))
+        write_parquet(_soft(s), layout.soft_labels(split))
+    return layout
+
+
+# --- plain pieces ----------------------------------------------------------------------
+
+def test_section_budget_fit_keeps_efficacy_clause(tiny_bert_dir):
+    from transformers import AutoTokenizer
+
+    from ckd_ehr.student.data import fit_texts
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    samples = _samples("train", 6, seed=3, n_filler=40)  # long diagnosis lists
+    eadf = samples.column("text_eadf").to_pylist()
+    max_length = 96
+    assert all(len(tok(t)["input_ids"]) > max_length for t in eadf)
+    texts, stats = fit_texts(samples, tok, max_length, "text_eadf", _efficacy_map(), TextConfig())
+    assert stats.refit == 6 and stats.truncated == 0
+    present = samples.column("phenotypes_current").to_pylist()
+    for t, orig, hot in zip(texts, eadf, present):
+        assert len(tok(t)["input_ids"]) <= max_length
+        for p, drugs in TOP.items():  # every clause of the original survives, word for word
+            if hot[p]:
+                clause = f"therapeutic effect on {NAMES[p]} are {', '.join(drugs)}"
+                assert clause in orig and clause in t
+        assert t.startswith("The patient-acquired disease is")
+    # tail truncation would have cut the clauses: the naive cut does lose them
+    cut = tok.decode(tok(eadf[0], truncation=True, max_length=max_length)["input_ids"])
+    assert "therapeutic effect" not in cut
+    # plain texts are refitted without efficacy clauses
+    plain, pstats = fit_texts(samples, tok, max_length, "text_plain", _efficacy_map(), TextConfig())
+    assert pstats.refit == 6 and not any("therapeutic" in t for t in plain)
+
+
+def test_missing_soft_labels_names_file_and_count(tmp_path):
+    from ckd_ehr.student.data import read_split
+
+    layout = build_run_dir(tmp_path)
+    soft = read_parquet(layout.soft_labels("train")).slice(0, 33)
+    write_parquet(soft, layout.soft_labels("train"))
+    with pytest.raises(ContractError, match=r"soft_labels/train.parquet: no soft label for 7 of 40"):
+        read_split(layout.augmented("train"), layout.soft_labels("train"))
+    samples, none = read_split(layout.augmented("train"), None, max_rows=10)
+    assert samples.num_rows == 10 and none is None
+
+
+def test_soft_labels_are_joined_by_sample_id(tmp_path):
+    from ckd_ehr.student.data import read_split
+
+    layout = build_run_dir(tmp_path)
+    soft = read_parquet(layout.soft_labels("train"))
+    write_parquet(soft.take(pa.array(np.arange(soft.num_rows)[::-1])), layout.soft_labels("train"))
+    samples, joined = read_split(layout.augmented("train"), layout.soft_labels("train"))
+    assert joined.column("sample_id").to_pylist() == samples.column("sample_id").to_pylist()
+
+
+def test_length_grouped_batches_cover_everything_and_shards_are_even():
+    from ckd_ehr.student.data import length_grouped_batches, shard_batches
+
+    lengths = list(np.random.default_rng(0).integers(5, 200, size=101))
+    batches = length_grouped_batches(lengths, 8, seed=1)
+    assert sorted(i for b in batches for i in b) == list(range(101))
+    # each batch spans a narrower length range than random batches would
+    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches])
+    assert spread < 100
+    shards = [shard_batches(batches, r, 3) for r in range(3)]
+    assert len({len(s) for s in shards}) == 1
+
+
+# --- Ray Train end to end ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_bert_dir, ray_local):
+    from ckd_ehr.student import run_student
+
+    root = tmp_path_factory.mktemp("student_run")
+    build_run_dir(root)
+    cfg = PipelineConfig.model_validate({
+        "run_dir": str(root),
+        "student": {"model": str(tiny_bert_dir), "variants": ["ckd_ehr"], "num_workers": 2,
+                    "epochs": 4, "batch_size": 4, "lr": 3e-3, "warmup_ratio": 0.0, "max_length": 128},
+    })
+    summary = run_student(cfg)
+    return cfg, RunLayout(str(root)), summary
+
+
+def test_ddp_training_lowers_the_loss(trained, tiny_bert_dir):
+    import torch
+
+    from ckd_ehr.student.data import encode, read_split
+    from ckd_ehr.student.loss import LossWeights, distill_loss
+    from ckd_ehr.student.model import build_student, load_student_model
+
+    cfg, layout, _ = trained
+    samples, soft = read_split(layout.augmented("train"), layout.soft_labels("train"))
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    enc = encode(samples, soft, samples.column("text_eadf").to_pylist(), tok, 128)
+
+    def loss_of(model):
+        from ckd_ehr.student.model import predict_ids
+        p = torch.from_numpy(predict_ids(model, enc.input_ids, tok.pad_token_id)).clamp(1e-6, 1 - 1e-6)
+        logits = torch.log(p / (1 - p))
+        return distill_loss(logits, torch.from_numpy(enc.labels), LossWeights(0.9, 0.1),
+                            torch.from_numpy(enc.teacher_probs))[0].item()
+
+    before = loss_of(build_student(str(tiny_bert_dir), seed=0).eval())
+    after = loss_of(load_student_model(layout.student_artifact("ckd_ehr")))
+    assert after < before - 0.1, (before, after)
+
+
+def test_artifact_reloads_with_identical_predictions(trained):
+    from ckd_ehr.student import load_student
+
+    cfg, layout, summary = trained
+    pred = load_student(layout.student_artifact("ckd_ehr"))
+    assert pred.label_names == NAMES and pred.meta["artifact_id"] == summary["ckd_ehr"]["artifact_id"]
+    assert pred.efficacy == _efficacy_map() and pred.text_column == "text_eadf"
+    test = read_parquet(layout.augmented("test"))
+    stored = read_parquet(layout.predictions("ckd_ehr"))
+    assert stored.column("sample_id").to_pylist() == test.column("sample_id").to_pylist()
+    probs = pred.predict_proba(test.column("text_eadf").to_pylist(), batch_size=16)
+    np.testing.assert_array_equal(probs, np.asarray(stored.column("probs").to_pylist(), dtype=np.float32))
+    # Serve renders from structured fields exactly as training did
+    row = test.slice(0, 1).to_pylist()[0]
+    assert pred.render(row["diagnosis_titles"], row["drugs"], row["procedure_titles"],
+                       row["phenotypes_current"]) == row["text_eadf"]
+
+
+def test_tuned_thresholds_are_stored(trained):
+    from ckd_ehr.metrics import tune_thresholds
+    from ckd_ehr.student import load_student
+
+    cfg, layout, _ = trained
+    meta = read_json(layout.path("student", "ckd_ehr", "artifact", "student.json"))
+    th = meta["thresholds"]
+    assert th["served"] == "tuned" and th["fixed"] == [0.5] * NUM_PHENOTYPES
+    pred = load_student(layout.student_artifact("ckd_ehr"))
+    val = read_parquet(layout.augmented("val"))
+    probs = pred.predict_proba(val.column("text_eadf").to_pylist())
+    expect = tune_thresholds(np.asarray(val.column("labels").to_pylist()), probs, "f1")
+    np.testing.assert_allclose(th["tuned"], expect, rtol=1e-5)
+    np.testing.assert_allclose(pred.thresholds, th["tuned"])
+    assert th["tuned"] != th["fixed"]
+    assert meta["metrics"]["val_tuned"]["macro_f1"] >= meta["metrics"]["val_fixed"]["macro_f1"]
+    assert meta["fit"]["train"]["refit"] == 0 and meta["max_length"] == 128
