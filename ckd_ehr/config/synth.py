@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .base import Section
 
@@ -21,3 +21,21 @@ class SynthConfig(Section):
     """Probability that a phenotype's diagnosis code is dropped or spuriously added per visit."""
     drugs_per_phenotype: int = Field(3, ge=1, le=10)
     """Planted efficacious drugs per phenotype (the ground truth EADF should recover)."""
+    planted_rate: float = Field(0.3, gt=0.0, lt=1.0)
+    """Chance that each planted drug of a phenotype is given at a visit where the phenotype is
+    present (both arms need support for an effect estimate)."""
+    planted_effect: float = Field(0.5, gt=0.0, le=1.0)
+    """Factor on the phenotype's persistence to the next visit per planted drug given
+    (0.5: halved; 1.0: planted drugs do nothing, a null control)."""
+    chronic_persistence: float = Field(0.8, ge=0.0, le=1.0)
+    """Chance that a chronic phenotype present at a visit is present at the next (untreated)."""
+    acute_persistence: float = Field(0.3, ge=0.0, le=1.0)
+    """Chance that an acute phenotype present at a visit is present at the next (untreated)."""
+
+    @model_validator(mode="after")
+    def _acute_not_more_persistent(self):
+        # The generator's premise (chronic diseases persist, acute ones come and go).
+        if self.acute_persistence > self.chronic_persistence:
+            raise ValueError(f"acute_persistence ({self.acute_persistence}) must not exceed "
+                             f"chronic_persistence ({self.chronic_persistence})")
+        return self

@@ -1,0 +1,82 @@
+"""`ckd-ehr synth`: a synthetic cohort in MIMIC-III table format, with a known ground truth.
+
+`write_cohort(out_dir, cfg)` simulates a cohort (`synth_model`), writes the seven tables
+ADMISSIONS, PATIENTS, DIAGNOSES_ICD, PROCEDURES_ICD, PRESCRIPTIONS, D_ICD_DIAGNOSES and
+D_ICD_PROCEDURES (`synth_tables`) and, last, `ground_truth.json`:
+
+    planted     {phenotype name: [drug, ...]}  drugs that truly lower next-visit presence
+    ward_drugs  [drug, ...]                     given to most patients, no effect
+    indicated   {phenotype name: [drug, ...]}  given for the phenotype, no effect
+    params      every SynthConfig field and generator constant
+    counts      {table: rows}
+
+Same seed, same bytes. The ground truth is written after the tables, so its presence
+marks a complete cohort.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from .config import SynthConfig
+from .phenotypes import phenotype_names
+from .storage import exists, join, makedirs, resolve, write_json
+from .synth_model import constants_dict, simulate
+from .synth_tables import (TABLES, admissions_table, d_icd_diagnoses_table, d_icd_procedures_table,
+                           diagnoses_table, file_name, patients_table, prescriptions_table,
+                           procedures_table, write_table)
+
+log = logging.getLogger("ckd_ehr.synth")
+
+GROUND_TRUTH = "ground_truth.json"
+
+
+def write_cohort(out_dir: str, cfg: SynthConfig) -> dict[str, int]:
+    """Generate the cohort described by `cfg` into `out_dir`; return rows per table."""
+    start = time.perf_counter()
+    makedirs(out_dir)
+    _remove_other_form(out_dir, cfg.form)
+    log.info("synth: simulating %d patients (mean %.2f admissions, seed %d)",
+             cfg.patients, cfg.mean_admissions, cfg.seed)
+    cohort = simulate(cfg)
+    log.info("synth: simulated %d admissions in %.1fs", len(cohort.hadm_id), time.perf_counter() - start)
+    builders = {
+        "PATIENTS": lambda: patients_table(cohort),
+        "ADMISSIONS": lambda: admissions_table(cohort, cfg.seed),
+        "DIAGNOSES_ICD": lambda: diagnoses_table(cohort),
+        "PROCEDURES_ICD": lambda: procedures_table(cohort),
+        "PRESCRIPTIONS": lambda: prescriptions_table(cohort, cfg.seed),
+        "D_ICD_DIAGNOSES": lambda: d_icd_diagnoses_table(cohort),
+        "D_ICD_PROCEDURES": lambda: d_icd_procedures_table(cohort),
+    }
+    counts = {}
+    for table in TABLES:
+        counts[table] = write_table(builders[table](), out_dir, table, cfg.form)
+    write_json(join(out_dir, GROUND_TRUTH), ground_truth(cohort, cfg, counts))
+    log.info("synth: wrote %s to %s in %.1fs", ", ".join(f"{t} {n}" for t, n in counts.items()),
+             out_dir, time.perf_counter() - start)
+    return counts
+
+
+def ground_truth(cohort, cfg: SynthConfig, counts: dict[str, int]) -> dict:
+    names = phenotype_names()
+    drug = [d.name for d in cohort.drugs]
+    return {
+        "planted": {names[p]: [drug[i] for i in cohort.planted_ids[p]] for p in range(len(names))},
+        "ward_drugs": [drug[i] for i in cohort.ward_ids],
+        "indicated": {names[p]: [drug[i] for i in ids] for p, ids in enumerate(cohort.indicated_ids)},
+        "params": {**cfg.model_dump(mode="json"), **constants_dict()},
+        "files": {t: file_name(t, cfg.form) for t in TABLES},
+        "counts": counts,
+    }
+
+
+def _remove_other_form(out_dir: str, form: str) -> None:
+    """A reader that accepts both forms must not find a stale cohort of the other form."""
+    other = "full" if form == "demo" else "demo"
+    for table in TABLES:
+        path = join(out_dir, file_name(table, other))
+        if exists(path):
+            fs, inner = resolve(path)
+            fs.delete_file(inner)
+            log.info("synth: removed stale %s", file_name(table, other))
