@@ -1,0 +1,284 @@
+"""The HTTP API of the served student, without Ray: schemas, validation, rendering, responses.
+
+Everything here is plain Python so it can be tested (and fuzzed) in-process; `app.py` puts
+it behind Ray Serve. `create_app(backend, ...)` builds the FastAPI app around any backend
+with `info` (ModelInfo) and `async predict(texts) -> [N, 25] probabilities`.
+
+Rendering follows training exactly: a structured record is rendered with
+`ckd_ehr.text.render_input` under the artifact's TextConfig, with the efficacy clauses of
+the artifact's training efficacy table for the phenotypes its diagnosis codes belong to
+(label order, as `ckd_ehr.eadf.fuse_batch` does). Diagnoses arrive as ICD-9-CM codes; no
+ICD-9 titles ship with ckd-ehr (licensing), so a code is rendered as its title only when the
+artifact carries a title map (`diagnosis_titles.json`, code -> title), else as the code.
+Patient data never reaches a log: only counts and status codes are logged.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..config import ServeConfig, TextConfig
+from ..phenotypes import multi_hot, normalize_icd9, phenotype_names, phenotypes_of_code
+from ..text import render_input
+
+log = logging.getLogger("ckd_ehr.serve")
+
+STRUCTURED_FIELDS = ("diagnoses", "medications", "procedures")
+# ICD-9-CM diagnosis code shapes after normalisation: 3-5 digits, V + 2-4 digits, E + 3-4 digits.
+_ICD9_DX = re.compile(r"^(\d{3,5}|V\d{2,4}|E\d{3,4})$")
+_MAX_WARNINGS = 50       # per record: bounded, so a hostile record cannot blow up the response
+_MAX_ECHO = 40           # characters of an unknown code echoed back in a warning
+
+
+# --- request / response schemas ----------------------------------------------------------
+
+class Record(BaseModel):
+    """One visit: structured fields (rendered by the server as in training) or free `text`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    diagnoses: list[str] | None = Field(None, description="ICD-9-CM diagnosis codes ('4019' or '401.9').")
+    medications: list[str] | None = Field(None, description="Drug names as in PRESCRIPTIONS.drug.")
+    procedures: list[str] | None = Field(None, description="Procedure titles (short_title) or ICD-9 procedure codes, rendered as given.")
+    text: str | None = Field(None, description="Already rendered input text (used as is, no efficacy clauses added).")
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        structured = any(getattr(self, f) is not None for f in STRUCTURED_FIELDS)
+        if self.text is not None and structured:
+            raise ValueError("a record has either `text` or structured fields (diagnoses/medications/procedures), not both")
+        if self.text is None and not structured:
+            raise ValueError("a record needs `text` or at least one of diagnoses/medications/procedures")
+        return self
+
+    def n_chars(self) -> int:
+        if self.text is not None:
+            return len(self.text)
+        return sum(len(s) for f in STRUCTURED_FIELDS for s in (getattr(self, f) or []))
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    records: list[Record] = Field(..., min_length=1, description="Visits to score (at most serve.max_records).")
+
+
+class RecordResult(BaseModel):
+    probabilities: dict[str, float] = Field(..., description="Phenotype name -> probability at the next visit.")
+    predicted: list[str] = Field(..., description="Phenotypes whose probability reaches the served threshold.")
+    warnings: list[str] = Field(default_factory=list, description="Unknown codes, items dropped by the text budget.")
+    model_version: str = Field(..., description="artifact_id of the served student.")
+
+
+class PredictResponse(BaseModel):
+    model_version: str
+    results: list[RecordResult]
+
+
+class PhenotypeInfo(BaseModel):
+    index: int
+    name: str
+    threshold: float
+    efficacy_drugs: list[str] = Field(default_factory=list, description="Drugs of the efficacy clause added for this phenotype.")
+
+
+class PhenotypesResponse(BaseModel):
+    model_version: str
+    phenotypes: list[PhenotypeInfo]
+
+
+class Health(BaseModel):
+    status: str
+    model_version: str
+
+
+# --- the model as the API sees it --------------------------------------------------------
+
+@dataclass
+class ModelInfo:
+    """What the API needs to know about the loaded student (all from the artifact)."""
+
+    artifact_id: str
+    label_names: list[str]
+    thresholds: list[float]
+    text_config: TextConfig
+    efficacy: dict[str, list[str]] = field(default_factory=dict)
+    """Phenotype name -> top drugs; empty for students trained without EADF."""
+    diagnosis_titles: dict[str, str] = field(default_factory=dict)
+    """Normalised ICD-9 code -> title, when the artifact carries a title map."""
+    render: Callable[..., str] | None = None
+    """The student's own renderer (StudentPredictor.render: render_input, then the same
+    section-by-section shrinking to max_length tokens as training); None = render_input only."""
+
+    def __post_init__(self):
+        if len(self.label_names) != len(self.thresholds):
+            raise ValueError(f"{len(self.label_names)} label names but {len(self.thresholds)} thresholds")
+        if list(self.label_names) != phenotype_names():
+            raise ValueError("the artifact's label names are not the 25 phenotypes in label order")
+
+
+class Backend(Protocol):
+    info: ModelInfo
+
+    async def predict(self, texts: list[str]) -> np.ndarray: ...
+
+
+# --- plain functions: validation, rendering, responses -----------------------------------
+
+class TooLarge(Exception):
+    """The request is over a size limit (answered 413)."""
+
+
+def _clean(s: str) -> str:
+    # JSON may carry lone surrogates; tokenizers cannot encode them. Replace, never fail.
+    return s.encode("utf-8", "replace").decode("utf-8")
+
+
+def check_limits(req: PredictRequest, cfg: ServeConfig) -> None:
+    """Raise TooLarge when the request has too many records or a record is too long."""
+    if len(req.records) > cfg.max_records:
+        raise TooLarge(f"{len(req.records)} records; at most {cfg.max_records} per request")
+    for i, rec in enumerate(req.records):
+        n = rec.n_chars()
+        if n > cfg.max_text_chars:
+            raise TooLarge(f"record {i}: {n} characters; at most {cfg.max_text_chars}")
+
+
+def render_record(rec: Record, info: ModelInfo) -> tuple[str, list[str]]:
+    """(model input text, warnings) for one record, rendered exactly as training did."""
+    if rec.text is not None:
+        return _clean(rec.text), []
+    warnings: list[str] = []
+    codes = [normalize_icd9(_clean(c)) for c in rec.diagnoses or []]
+    codes = [c for c in codes if c]
+    titles = []
+    for c in codes:
+        title = info.diagnosis_titles.get(c)
+        known = title is not None or bool(phenotypes_of_code(c)) or bool(_ICD9_DX.match(c))
+        if not known and len(warnings) < _MAX_WARNINGS:
+            warnings.append(f"unknown diagnosis code '{c[:_MAX_ECHO]}' (rendered as given)")
+        titles.append(title or c)
+    present = multi_hot(codes)
+    names = info.label_names
+    # same construction as ckd_ehr.eadf.fuse_batch: label order, phenotypes with drugs only
+    efficacy = {names[p]: list(info.efficacy[names[p]]) for p in present.nonzero()[0]
+                if info.efficacy.get(names[p])}
+    drugs = [_clean(s) for s in rec.medications or []]
+    procs = [_clean(s) for s in rec.procedures or []]
+    r = render_input(titles, drugs, procs, efficacy=efficacy or None, cfg=info.text_config)
+    for section, n in r.dropped.items():
+        if n:
+            warnings.append(f"{n} {section} item(s) left out by the text budget")
+    if info.render is not None:  # the student's renderer also fits the text to max_length
+        return info.render(titles, drugs, procs, present), warnings
+    return r.text, warnings
+
+
+def build_result(probs: Sequence[float], info: ModelInfo, warnings: list[str]) -> RecordResult:
+    p = [float(x) for x in probs]
+    return RecordResult(
+        probabilities=dict(zip(info.label_names, p)),
+        predicted=[n for n, x, t in zip(info.label_names, p, info.thresholds) if x >= t],
+        warnings=warnings, model_version=info.artifact_id)
+
+
+def phenotypes_response(info: ModelInfo) -> PhenotypesResponse:
+    return PhenotypesResponse(model_version=info.artifact_id, phenotypes=[
+        PhenotypeInfo(index=i, name=n, threshold=float(t), efficacy_drugs=list(info.efficacy.get(n, [])))
+        for i, (n, t) in enumerate(zip(info.label_names, info.thresholds))])
+
+
+def token_digest(token: str) -> str:
+    """sha256 of a bearer token: replicas keep the digest, never the token itself."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def token_ok(presented: str | None, digest: str | None) -> bool:
+    """True when no token is configured, or the presented one matches (constant time)."""
+    if not digest:
+        return True
+    if presented is None:
+        return False
+    return hmac.compare_digest(token_digest(presented), digest)
+
+
+# --- the FastAPI app ---------------------------------------------------------------------
+
+def _validation_message(err: RequestValidationError) -> list[dict[str, Any]]:
+    # FastAPI echoes the offending input by default; leave it out (it may be patient data).
+    return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in err.errors()[:_MAX_WARNINGS]]
+
+
+def create_app(backend: Backend | Callable[[], Backend], cfg: ServeConfig, token_sha256: str | None = None) -> FastAPI:
+    """The FastAPI app: POST /v1/predict, GET /v1/phenotypes, GET /healthz, docs at /docs.
+
+    `backend` may be a zero-argument callable returning the backend (Serve binds it late).
+    `token_sha256`: digest of the bearer token; None = no authentication.
+    """
+    get_backend: Callable[[], Backend] = backend if callable(backend) and not hasattr(backend, "predict") else (lambda: backend)
+    app = FastAPI(title="ckd-ehr student", version="1",
+                  description="Next-visit phenotype prediction by the CKD-EHR student (arXiv 2506.15118).")
+    max_body = cfg.max_records * (cfg.max_text_chars + 1024) * 4  # worst-case UTF-8 JSON, generous
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        # Reject oversized bodies before they are read and parsed.
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body:
+            return JSONResponse({"detail": f"body of {length} bytes; at most {max_body}"}, status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError):
+        return JSONResponse({"detail": _validation_message(err)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        # FastAPI answers a body it cannot decode (not UTF-8) with 400; to clients every
+        # unreadable body is the same kind of error as malformed JSON: 422.
+        code = 422 if err.status_code == 400 else err.status_code
+        return JSONResponse({"detail": err.detail}, status_code=code, headers=getattr(err, "headers", None))
+
+    def auth(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        presented = header[7:] if header[:7].lower() == "bearer " else None
+        if not token_ok(presented, token_sha256):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz() -> Health:
+        return Health(status="ok", model_version=get_backend().info.artifact_id)
+
+    @app.get("/v1/phenotypes", response_model=PhenotypesResponse, dependencies=[Depends(auth)])
+    async def phenotypes_route() -> PhenotypesResponse:
+        return phenotypes_response(get_backend().info)
+
+    @app.post("/v1/predict", response_model=PredictResponse, dependencies=[Depends(auth)],
+              responses={413: {"description": "too many records or a record too long"},
+                         401: {"description": "missing or wrong bearer token"}})
+    async def predict(req: PredictRequest) -> PredictResponse:
+        b = get_backend()
+        try:
+            check_limits(req, cfg)
+        except TooLarge as exc:
+            log.info("predict: 413 (%d records)", len(req.records))
+            raise HTTPException(413, str(exc)) from None
+        rendered = [render_record(r, b.info) for r in req.records]
+        probs = await b.predict([t for t, _ in rendered])
+        results = [build_result(p, b.info, w) for p, (_, w) in zip(probs, rendered)]
+        log.info("predict: 200 (%d records)", len(results))
+        return PredictResponse(model_version=b.info.artifact_id, results=results)
+
+    return app

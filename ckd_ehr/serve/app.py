@@ -1,0 +1,183 @@
+"""Ray Serve at the edge: one deployment that loads a student artifact and serves `api.create_app`.
+
+Every record of every request goes into one `@serve.batch` queue, so records from many
+concurrent requests share a forward pass; the batch is tokenised and run in a worker thread
+(torch releases the GIL), so the event loop keeps accepting requests meanwhile. The batch
+size counts records, and `max_ongoing_requests` defaults to twice it: a replica that admits
+fewer requests than a batch holds would wait out batch_wait_timeout_s on every call.
+
+Local runs bind 127.0.0.1 (`serve.host`). The bearer token is read from the environment
+variable `serve.auth_token_env`: `run_serve` hands replicas only its sha256; replicas
+started by `serve deploy` or KubeRay read the variable themselves (from a Secret there).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve.config import AutoscalingConfig
+from ray.serve.schema import LoggingConfig
+
+from ..config import PipelineConfig, ServeConfig
+from ..contracts import RunLayout
+from ..phenotypes import normalize_icd9
+from .api import ModelInfo, create_app, token_digest
+
+log = logging.getLogger("ckd_ehr.serve")
+
+TITLES_FILE = "diagnosis_titles.json"  # optional in an artifact: {ICD-9 code: title}
+
+
+def model_info(predictor, artifact_dir: str | os.PathLike) -> ModelInfo:
+    """ModelInfo from a loaded StudentPredictor and its (local) artifact directory."""
+    titles_path = Path(artifact_dir) / TITLES_FILE
+    titles = {}
+    if titles_path.exists():
+        titles = {normalize_icd9(k): str(v) for k, v in json.loads(titles_path.read_text()).items()}
+    return ModelInfo(
+        artifact_id=str(predictor.meta["artifact_id"]),
+        label_names=list(predictor.label_names),
+        thresholds=[float(t) for t in predictor.thresholds],
+        text_config=predictor.text_config,
+        efficacy={k: list(v) for k, v in (predictor.efficacy or {}).items()},
+        diagnosis_titles=titles,
+        render=getattr(predictor, "render", None))
+
+
+def load_predictor(artifact: str, torch_threads: int | None = None):
+    """(StudentPredictor, ModelInfo) for a local path or URI (copied locally while loading)."""
+    import torch
+
+    from ..storage import local_dir
+    from ..student import load_student
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    with local_dir(artifact) as d:
+        predictor = load_student(d, device="cpu")
+        return predictor, model_info(predictor, d)
+
+
+class LocalBackend:
+    """The API backend in-process (tests, benchmark ceiling): one forward per request."""
+
+    def __init__(self, predictor, info: ModelInfo, batch_size: int = 32):
+        self.predictor, self.info, self.batch_size = predictor, info, batch_size
+
+    async def predict(self, texts: list[str]) -> np.ndarray:
+        return await asyncio.to_thread(self.predictor.predict_proba, texts, self.batch_size)
+
+
+@serve.deployment(name="StudentDeployment")
+@serve.ingress()  # the FastAPI app is built per replica by __serve_build_asgi_app__
+class StudentDeployment:
+    def __init__(self, artifact: str, serve_cfg: dict[str, Any], token_sha256: str | None = None):
+        self.cfg = ServeConfig.model_validate(serve_cfg)
+        threads = self.cfg.torch_threads or max(1, round(self.cfg.num_cpus))
+        self.predictor, self.info = load_predictor(artifact, threads)
+        if token_sha256 is None and os.environ.get(self.cfg.auth_token_env):
+            token_sha256 = token_digest(os.environ[self.cfg.auth_token_env])
+        self.token_sha256 = token_sha256
+        self.predict_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.batches = self.records = 0
+        log.info("serving %s (auth %s, batch %d)", self.info.artifact_id,
+                 "on" if token_sha256 else "off", self.cfg.max_batch_size)
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self, self.cfg, self.token_sha256)
+
+    async def predict(self, texts: list[str]) -> np.ndarray:
+        """One request's records: each joins the shared batch queue."""
+        rows = await asyncio.gather(*(self.predict_batch(t) for t in texts))
+        return np.stack(rows) if rows else np.zeros((0, len(self.info.label_names)), np.float32)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # reset from config in __init__
+    async def predict_batch(self, texts: list[str]) -> list[np.ndarray]:
+        # tokenisation + forward of the whole batch, off the event loop
+        probs = await asyncio.to_thread(self.predictor.predict_proba, texts, len(texts))
+        self.batches += 1
+        self.records += len(texts)
+        return list(probs)
+
+    def stats(self) -> dict[str, int]:
+        return {"batches": self.batches, "records": self.records}
+
+    def check_health(self) -> None:
+        # Cheap: the model is loaded and its batch loop has not died.
+        if self.predictor is None or self.info is None:
+            raise RuntimeError("no model loaded")
+
+
+def _deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    return dict(
+        max_ongoing_requests=cfg.ongoing_requests,
+        autoscaling_config=AutoscalingConfig(
+            min_replicas=cfg.min_replicas, max_replicas=cfg.max_replicas,
+            initial_replicas=max(cfg.min_replicas, 1),
+            target_ongoing_requests=cfg.target_ongoing_requests),
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        health_check_period_s=10, health_check_timeout_s=30,
+        logging_config=LoggingConfig(enable_access_log=cfg.access_log),
+    )
+
+
+def build_app(cfg: PipelineConfig, artifact: str | None = None, token_sha256: str | None = None):
+    """The Serve application for `artifact` (default RUN/student/ckd_ehr/artifact)."""
+    artifact = str(artifact or RunLayout(cfg.run_dir).student_artifact("ckd_ehr"))
+    if "://" not in artifact:
+        artifact = os.path.abspath(artifact)
+    if token_sha256 is None and os.environ.get(cfg.serve.auth_token_env):
+        token_sha256 = token_digest(os.environ[cfg.serve.auth_token_env])
+    dep = StudentDeployment.options(**_deployment_options(cfg.serve))
+    return dep.bind(artifact, cfg.serve.model_dump(mode="json"), token_sha256)
+
+
+def app_builder(args: dict[str, Any]):
+    """Entry for `serve deploy` / `serve run` config files (cluster/serve/serve_config.yaml).
+
+    args: `artifact` (path or URI), optional `config` (YAML path) and `overrides` (list of
+    key.path=value). Replicas read the token from serve.auth_token_env themselves.
+    """
+    from ..config import load_config
+
+    cfg = load_config(PipelineConfig, args.get("config"), list(args.get("overrides") or []))
+    dep = StudentDeployment.options(**_deployment_options(cfg.serve))
+    return dep.bind(str(args["artifact"]), cfg.serve.model_dump(mode="json"), None)
+
+
+def start(cfg: PipelineConfig, artifact: str | None = None, token_sha256: str | None = None) -> str:
+    """Start Serve on cfg.serve.host:port, deploy the student, return the base URL."""
+    from ..ray_utils import init_ray
+
+    init_ray(cfg.ray)
+    s = cfg.serve
+    serve.start(http_options={"host": s.host, "port": s.port}, logging_config=LoggingConfig(
+        enable_access_log=s.access_log))
+    serve.run(build_app(cfg, artifact, token_sha256), name=s.app_name, route_prefix=s.route_prefix,
+              blocking=False)
+    prefix = s.route_prefix.rstrip("/")
+    return f"http://{s.host}:{s.port}{prefix}"
+
+
+def run_serve(cfg: PipelineConfig, artifact: str | None = None, blocking: bool = True) -> str:
+    """`ckd-ehr serve`: serve the student on 127.0.0.1 (by default) until Ctrl-C."""
+    url = start(cfg, artifact)
+    print(f"ckd-ehr: serving at {url}/v1/predict (docs: {url}/docs); Ctrl-C stops", flush=True)
+    if not blocking:
+        return url
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+    return url

@@ -1,0 +1,271 @@
+"""The served student: rendering as training did, limits, auth, fuzzing, and real Ray Serve.
+
+The artifact is a real student artifact (student.artifact.write_artifact) around the tiny
+random BERT, loaded by the real `ckd_ehr.student.load_student`. In-process tests drive the
+FastAPI app with starlette's TestClient; the Serve tests talk HTTP to 127.0.0.1.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import jsonschema
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ckd_ehr.config import PipelineConfig, ServeConfig
+from ckd_ehr.phenotypes import multi_hot, phenotype_names, phenotypes
+from ckd_ehr.serve.api import (PredictResponse, Record, PredictRequest, TooLarge, check_limits, create_app,
+                               render_record, token_digest, token_ok)
+
+TOKEN = "test-token-0123456789"
+TITLES = {"4019": "Unspecified essential hypertension", "5849": "Acute kidney failure, unspecified"}
+LIMITS = dict(max_records=16, max_text_chars=5000, max_batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_bert_dir, tmp_path_factory):
+    from ckd_ehr.bench.serve import make_untrained_artifact
+
+    dest = tmp_path_factory.mktemp("serve") / "artifact"
+    make_untrained_artifact(str(tiny_bert_dir), dest, titles=TITLES)
+    return str(dest)
+
+
+@pytest.fixture(scope="module")
+def loaded(artifact):
+    from ckd_ehr.serve.app import load_predictor
+
+    return load_predictor(artifact)
+
+
+@pytest.fixture(scope="module")
+def client(loaded):
+    from starlette.testclient import TestClient
+
+    from ckd_ehr.serve.app import LocalBackend
+
+    app = create_app(LocalBackend(*loaded), ServeConfig(**LIMITS))
+    with TestClient(app) as c:
+        yield c
+
+
+def _records():
+    ph = phenotypes()
+    return [
+        {"diagnoses": ["401.9", "5849", "V4581"], "medications": ["Furosemide", "Heparin"], "procedures": ["Hemodialysis"]},
+        {"diagnoses": [ph[0].codes[0], "ZZZ99"], "medications": [], "procedures": []},
+        {"text": "The patient-acquired disease is Sepsis. The patient had used the following medication: None."},
+        {"medications": ["Insulin"]},
+    ]
+
+
+# --- plain functions ---------------------------------------------------------------------
+
+def test_structured_record_renders_exactly_as_training(loaded):
+    """The server's text equals what EADF fusion (training) renders for the same visit."""
+    from ckd_ehr.contracts import SAMPLES
+    from ckd_ehr.eadf import fuse_batch
+    from ckd_ehr.eadf_stats import top_drugs
+
+    predictor, info = loaded
+    rec = _records()[0]
+    codes = ["4019", "5849", "V4581"]
+    row = dict(sample_id="1-2-3", subject_id=1, hadm_id=2, next_hadm_id=3, split="test", admittime=None,
+               diagnosis_codes=codes, diagnosis_titles=[TITLES["4019"], TITLES["5849"], "V4581"],
+               diagnosis_short_titles=["", "", ""], procedure_codes=["3995"], procedure_titles=rec["procedures"],
+               drugs=rec["medications"], phenotypes_current=multi_hot(codes).tolist(), labels=[0] * 25,
+               text_plain="")
+    trained = fuse_batch(pa.Table.from_pylist([row], schema=SAMPLES), top_drugs(predictor.efficacy_table, 5),
+                         predictor.text_config).column("text_eadf")[0].as_py()
+    text, warnings = render_record(Record(**rec), info)
+    assert text == trained
+    assert "Unspecified essential hypertension" in text and "therapeutic effect on Essential hypertension" in text
+    assert warnings == []
+
+
+def test_unknown_codes_are_warned_and_rendered_as_given(loaded):
+    text, warnings = render_record(Record(**_records()[1]), loaded[1])
+    assert "ZZZ99" in text and any("ZZZ99" in w for w in warnings)
+    # a known-shaped code without a title is rendered as the code, without a warning
+    assert phenotypes()[0].codes[0] in text and len(warnings) == 1
+
+
+def test_limits_and_tokens():
+    cfg = ServeConfig(**LIMITS)
+    check_limits(PredictRequest(records=[{"text": "x" * 5000}]), cfg)
+    with pytest.raises(TooLarge, match="at most 16"):
+        check_limits(PredictRequest(records=[{"text": "x"}] * 17), cfg)
+    with pytest.raises(TooLarge, match="record 1"):
+        check_limits(PredictRequest(records=[{"text": "x"}, {"medications": ["y" * 5001]}]), cfg)
+    assert token_ok(None, None) and token_ok("anything", None)
+    assert token_ok(TOKEN, token_digest(TOKEN))
+    assert not token_ok(None, token_digest(TOKEN)) and not token_ok(TOKEN + "x", token_digest(TOKEN))
+
+
+def test_max_ongoing_requests_is_never_below_the_batch():
+    assert ServeConfig(max_batch_size=32).ongoing_requests == 64
+    with pytest.raises(ValueError, match="max_ongoing_requests"):
+        ServeConfig(max_batch_size=32, max_ongoing_requests=8)
+
+
+# --- the FastAPI app in-process ----------------------------------------------------------
+
+def test_in_process_predict_matches_the_predictor(client, loaded):
+    predictor, info = loaded
+    recs = _records()
+    r = client.post("/v1/predict", json={"records": recs})
+    assert r.status_code == 200, r.text
+    body = PredictResponse.model_validate(r.json())
+    expected = predictor.predict_proba([render_record(Record(**x), info)[0] for x in recs])
+    got = np.array([[res.probabilities[n] for n in phenotype_names()] for res in body.results])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    th = np.asarray(predictor.thresholds)
+    for res, p in zip(body.results, expected):
+        assert res.predicted == [n for n, x, t in zip(phenotype_names(), p, th) if x >= t]
+        assert res.model_version == body.model_version == predictor.meta["artifact_id"]
+    assert any("ZZZ99" in w for w in body.results[1].warnings)
+
+
+def test_bad_input_gets_422_with_a_message_and_no_echo(client):
+    r = client.post("/v1/predict", content=b'{"records": [', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"]
+    r = client.post("/v1/predict", json={"records": [{"diagnoses": "4019", "text": 3}]})
+    assert r.status_code == 422 and all("input" not in d for d in r.json()["detail"])
+    assert client.post("/v1/predict", json={"records": []}).status_code == 422
+    r = client.post("/v1/predict", json={"records": [{"text": "a", "medications": ["b"]}]})
+    assert r.status_code == 422 and "not both" in r.text
+
+
+def test_too_large_gets_413(client):
+    assert client.post("/v1/predict", json={"records": [{"text": "a"}] * 17}).status_code == 413
+    r = client.post("/v1/predict", json={"records": [{"text": "a" * 5001}]})
+    assert r.status_code == 413 and "5000" in r.json()["detail"]
+
+
+def test_openapi_and_phenotypes(client):
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/predict", "/v1/phenotypes", "/healthz"} <= set(spec["paths"])
+    assert client.get("/docs").status_code == 200
+    ph = client.get("/v1/phenotypes").json()["phenotypes"]
+    assert [p["name"] for p in ph] == phenotype_names()
+    assert ph[5]["name"] == "Essential hypertension" and len(ph[5]["efficacy_drugs"]) == 5
+
+
+# hypothesis strategies: arbitrary JSON, and bodies close to valid requests
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=12)
+_codes = st.sampled_from(["4019", "401.9", "5849", "V4581", "E8889", "99999"]) | st.text(max_size=8)
+_strs = st.lists(_codes, max_size=4) | _json
+_record = st.fixed_dictionaries({}, optional={"diagnoses": _strs, "medications": _strs, "procedures": _strs,
+                                              "text": st.text(max_size=60) | _json, "extra": _json})
+_body = st.one_of(_json, st.fixed_dictionaries({"records": st.lists(_record, max_size=4) | _json}),
+                  st.fixed_dictionaries({"records": st.lists(_record, min_size=1, max_size=4)}))
+
+
+def _schema(spec: dict, name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}", "components": spec["components"]}
+
+
+@settings(max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(body=_body)
+def test_fuzz_in_process_never_5xx(client, body):
+    spec = client.app.openapi()
+    r = client.post("/v1/predict", json=body)
+    assert r.status_code in (200, 413, 422), (r.status_code, r.text[:300])
+    if r.status_code == 200:
+        # accepted bodies satisfy the published request schema; answers the response schema
+        jsonschema.validate(body, _schema(spec, "PredictRequest"))
+        jsonschema.validate(r.json(), _schema(spec, "PredictResponse"))
+        assert len(r.json()["results"]) == len(body["records"])
+    else:
+        assert r.json()["detail"]
+
+
+@settings(max_examples=15, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=64))
+def test_fuzz_raw_bytes_never_5xx(client, raw):
+    r = client.post("/v1/predict", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code in (200, 422), r.status_code
+
+
+# --- real Ray Serve over HTTP on 127.0.0.1 -----------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, artifact):
+    from ray import serve
+
+    from ckd_ehr.serve.app import start
+
+    port = _free_port()
+    cfg = PipelineConfig(serve=ServeConfig(port=port, num_cpus=0.5, min_replicas=1, max_replicas=1,
+                                           batch_wait_timeout_s=0.05, **LIMITS))
+    url = start(cfg, artifact, token_sha256=token_digest(TOKEN))
+    assert url == f"http://127.0.0.1:{port}"
+    yield url, cfg
+    serve.shutdown()
+    with pytest.raises(httpx.ConnectError):  # clean shutdown: nothing listens any more
+        httpx.get(url + "/healthz", timeout=5)
+
+
+def test_serve_auth(served):
+    url, _ = served
+    assert httpx.get(url + "/healthz", timeout=30).json()["status"] == "ok"
+    r = httpx.post(url + "/v1/predict", json={"records": [{"text": "x"}]}, timeout=30)
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    r = httpx.post(url + "/v1/predict", json={"records": [{"text": "x"}]}, timeout=30,
+                   headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+    assert httpx.get(url + "/v1/phenotypes", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).status_code == 200
+
+
+def test_serve_batched_predictions_match_in_process(served, loaded):
+    from ray import serve
+
+    url, cfg = served
+    predictor, info = loaded
+    recs = _records() * 3  # 12 records in 3 concurrent requests of 4
+    h = {"Authorization": f"Bearer {TOKEN}"}
+    with ThreadPoolExecutor(3) as pool:
+        rs = list(pool.map(lambda i: httpx.post(url + "/v1/predict", json={"records": recs[i:i + 4]},
+                                                headers=h, timeout=60), range(0, 12, 4)))
+    assert [r.status_code for r in rs] == [200] * 3
+    got = np.array([[res["probabilities"][n] for n in phenotype_names()] for r in rs for res in r.json()["results"]])
+    expected = predictor.predict_proba([render_record(Record(**x), info)[0] for x in recs])
+    np.testing.assert_allclose(got, expected, atol=1e-4)  # padding differs between batches
+    stats = serve.get_deployment_handle("StudentDeployment", cfg.serve.app_name).stats.remote().result()
+    assert stats["records"] >= 12 and stats["batches"] < stats["records"]  # records shared forward passes
+
+
+def test_serve_bad_input(served):
+    url, _ = served
+    h = {"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
+    assert httpx.post(url + "/v1/predict", content=b"{nope", headers=h, timeout=30).status_code == 422
+    assert httpx.post(url + "/v1/predict", content=json.dumps({"records": [{"text": 1}]}), headers=h,
+                      timeout=30).status_code == 422
+    assert httpx.post(url + "/v1/predict", content=json.dumps({"records": [{"text": "a"}] * 17}), headers=h,
+                      timeout=30).status_code == 413
+    assert httpx.post(url + "/v1/predict", content=json.dumps({"records": [{"text": "a" * 5001}]}), headers=h,
+                      timeout=30).status_code == 413
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=_body)
+def test_fuzz_serve_never_5xx(served, body):
+    url, _ = served
+    r = httpx.post(url + "/v1/predict", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    assert r.status_code in (200, 413, 422), (r.status_code, r.text[:300])
