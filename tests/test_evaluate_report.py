@@ -1,0 +1,136 @@
+"""Evaluate and report on a hand-built run directory: real parquet files, real plots."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from ckd_ehr import metrics as M
+from ckd_ehr import storage
+from ckd_ehr.config import PipelineConfig, load_config
+from ckd_ehr.contracts import PREDICTIONS, ContractError, RunLayout
+from ckd_ehr.evaluate import run_evaluate
+from ckd_ehr.report import run_report
+
+N = 240
+
+
+def write_predictions(layout: RunLayout, name: str, y, probs, subjects, rows=None):
+    rows = np.arange(len(y)) if rows is None else rows
+    table = pa.Table.from_pydict({
+        "sample_id": [f"s{i:04d}" for i in rows],
+        "subject_id": subjects[rows].tolist(),
+        "labels": y[rows].tolist(),
+        "probs": probs[rows].astype(np.float32).tolist(),
+    }, schema=PREDICTIONS)
+    storage.write_parquet(table, layout.predictions(name))
+
+
+@pytest.fixture(scope="module")
+def fake_run(tmp_path_factory):
+    """Baseline (a), CKD-EHR (d) with tuned thresholds, and a teacher scored on 200 of the 240
+    samples; hard_eadf and distill_plain have no predictions."""
+    root = tmp_path_factory.mktemp("run")
+    layout = RunLayout(str(root))
+    rng = np.random.default_rng(0)
+    subjects = rng.integers(0, 90, N)
+    y = (rng.random((N, 25)) < 0.25).astype(np.int8)
+    y[:, 7] = 0                                                   # a phenotype absent from test
+    probs = {name: np.clip(y * shift + rng.random((N, 25)) * 0.7, 0, 1)
+             for name, shift in (("hard_plain", 0.15), ("ckd_ehr", 0.3), ("teacher", 0.4))}
+    write_predictions(layout, "hard_plain", y, probs["hard_plain"], subjects)
+    # Written in another row order: evaluate must align by sample_id.
+    write_predictions(layout, "ckd_ehr", y, probs["ckd_ehr"], subjects, rows=np.arange(N)[::-1])
+    write_predictions(layout, "teacher", y, probs["teacher"], subjects, rows=np.arange(200))
+    tuned = np.linspace(0.35, 0.6, 25).round(3).tolist()
+    storage.write_json(storage.join(layout.student_artifact("ckd_ehr"), "student.json"),
+                       {"thresholds": {"fixed": [0.5] * 25, "tuned": tuned, "served": "tuned"}})
+    storage.write_json(storage.join(layout.teacher_artifact, "teacher.json"), {"thresholds": [0.45] * 25})
+    # The soft-labels stage's quality outputs, which the report links.
+    storage.write_bytes(storage.join(layout.soft_label_quality, "reliability.png"), b"\x89PNG\r\n\x1a\nfake")
+    storage.write_json(storage.join(layout.soft_label_quality, "quality.json"), {"ece": 0.0123, "mean_entropy": 0.4})
+    cfg = load_config(PipelineConfig, None, [f"run_dir={root}", "evaluate.bootstrap=40", "evaluate.seed=3"])
+    return {"cfg": cfg, "layout": layout, "y": y, "probs": probs, "subjects": subjects, "tuned": tuned,
+            "metrics": run_evaluate(cfg)}
+
+
+def test_metrics_json_equals_direct_computation(fake_run):
+    layout, y, probs, subjects = fake_run["layout"], fake_run["y"], fake_run["probs"], fake_run["subjects"]
+    written = json.loads(open(layout.metrics).read())
+    assert set(written["models"]) == {"hard_plain", "ckd_ehr", "teacher"}
+    assert set(written["skipped"]) == {"hard_eadf", "distill_plain"}
+    models = written["models"]
+
+    assert models["ckd_ehr"]["modes"]["tuned"]["thresholds"] == pytest.approx(fake_run["tuned"])
+    assert "student.json" in models["ckd_ehr"]["threshold_source"]["tuned"]
+    assert models["hard_plain"]["modes"]["tuned"]["thresholds"] == [0.5] * 25   # no artifact: 0.5
+    assert models["teacher"]["modes"]["tuned"]["thresholds"] == [0.45] * 25
+
+    for name, t_tuned, rows in (("hard_plain", 0.5, slice(None)), ("ckd_ehr", fake_run["tuned"], slice(None)),
+                                ("teacher", 0.45, slice(0, 200))):
+        for mode, t in (("fixed", 0.5), ("tuned", t_tuned)):
+            direct = M.all_scores(y[rows], probs[name][rows], t)
+            got = models[name]["modes"][mode]
+            for m in M.ALL_METRICS:
+                assert got["metrics"][m] == pytest.approx(direct[m]), (name, mode, m)
+                lo, hi = got["intervals"][m]
+                assert lo <= got["metrics"][m] + 1e-12 and got["metrics"][m] <= hi + 1e-12
+        assert models[name]["n_patients"] == len(np.unique(subjects[rows]))
+    assert models["hard_plain"]["auroc_skipped"] == [written["phenotypes"][7]]
+
+
+def test_deltas_are_paired_against_the_baseline(fake_run):
+    y, probs, subjects = fake_run["y"], fake_run["probs"], fake_run["subjects"]
+    deltas = fake_run["metrics"]["deltas"]
+    assert set(deltas) == {"ckd_ehr", "teacher"}
+    # Same samples: the delta reuses both models' distributions from the same resamples,
+    # which must equal a direct paired bootstrap with the same seed.
+    direct = M.paired_bootstrap_delta(y, probs["hard_plain"], 0.5, probs["ckd_ehr"], fake_run["tuned"],
+                                      subjects, 40, seed=3)
+    got = deltas["ckd_ehr"]["tuned"]
+    assert deltas["ckd_ehr"]["paired_on"] == "all samples"
+    for m in ("accuracy", "macro_f1", "macro_auroc"):
+        assert got[m]["delta"] == pytest.approx(direct[m]["delta"])
+        assert got[m]["interval"] == pytest.approx(direct[m]["interval"])
+    assert deltas["teacher"]["paired_on"] == "shared samples only" and deltas["teacher"]["n_samples"] == 200
+    direct = M.all_scores(y[:200], probs["teacher"][:200], 0.5)["macro_f1"] - \
+        M.all_scores(y[:200], probs["hard_plain"][:200], 0.5)["macro_f1"]
+    assert deltas["teacher"]["fixed"]["macro_f1"]["delta"] == pytest.approx(direct)
+
+
+def test_report_writes_markdown_html_and_plots(fake_run):
+    out = run_report(fake_run["cfg"])
+    report_dir = fake_run["layout"].report_dir
+    md = open(out["report_md"]).read()
+    page = open(out["report_html"]).read()
+    for image in out["images"]:
+        data = open(storage.join(report_dir, image), "rb").read()
+        assert data.startswith(b"\x89PNG")
+        assert f"({image})" in md and f'src="{image}"' in page       # relative links
+    assert {"variants_fixed.png", "variants_tuned.png", "per_phenotype_f1.png", "reliability.png",
+            "teacher_soft_label_reliability.png"} <= set(out["images"])
+    delta = fake_run["metrics"]["deltas"]["ckd_ehr"]["fixed"]["macro_f1"]
+    shown = f"{100 * delta['delta']:+.1f} [{100 * delta['interval'][0]:+.1f}, {100 * delta['interval'][1]:+.1f}]"
+    assert shown in md and shown in page
+    assert "+27% F1" in md and "0.0123" in md                       # the paper's claim, quality.json
+    assert "hard_eadf skipped" in md
+
+
+def test_evaluate_without_predictions_names_the_directory(tmp_path):
+    cfg = load_config(PipelineConfig, None, [f"run_dir={tmp_path}", "evaluate.bootstrap=0"])
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "evaluate" / "predictions")):
+        run_evaluate(cfg)
+
+
+def test_evaluate_rejects_conflicting_labels(tmp_path):
+    layout = RunLayout(str(tmp_path))
+    rng = np.random.default_rng(1)
+    y = (rng.random((20, 25)) < 0.3).astype(np.int8)
+    subjects = np.arange(20)
+    write_predictions(layout, "hard_plain", y, rng.random((20, 25)), subjects)
+    write_predictions(layout, "ckd_ehr", 1 - y, rng.random((20, 25)), subjects)
+    cfg = load_config(PipelineConfig, None, [f"run_dir={tmp_path}", "evaluate.bootstrap=0"])
+    with pytest.raises(ContractError, match="different labels"):
+        run_evaluate(cfg)
