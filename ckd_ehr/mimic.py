@@ -62,7 +62,6 @@ AGE_CAP = 90.0
 SECONDS_PER_YEAR = 365.2425 * 86400
 DEFAULT_BLOCK_SIZE = 16 << 20  # bytes of CSV per streamed block
 EXAMPLES_KEPT = 3
-_INT_PATTERN = r"^\s*-?\d+\s*$"
 _TIME_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d")
 
 
@@ -203,8 +202,10 @@ def _as_array(col) -> pa.Array:
 def parse_ints(raw, column: str, report: TableReport, required: bool) -> tuple[pa.Array, np.ndarray]:
     """Parse integer strings; returns (int64 array with nulls, mask of rows to keep)."""
     raw = _as_array(raw)
-    ok = pc.fill_null(pc.match_substring_regex(raw, _INT_PATTERN), False)
-    values = pc.cast(pc.utf8_trim_whitespace(pc.if_else(ok, raw, pa.scalar(None, pa.string()))), pa.int64())
+    trimmed = pc.utf8_trim_whitespace(raw)
+    # ids are non-negative in MIMIC-III; ascii_is_decimal is much faster than a regex
+    ok = pc.fill_null(pc.ascii_is_decimal(trimmed), False)
+    values = pc.cast(pc.if_else(ok, trimmed, pa.scalar(None, pa.string())), pa.int64())
     ok_np = ok.to_numpy(zero_copy_only=False)
     missing = raw.is_null().to_numpy(zero_copy_only=False)
     report.count_bad(column, raw, ~ok_np if required else ~ok_np & ~missing)
@@ -322,11 +323,14 @@ def load_dictionary(path: str, name: str, report: TableReport) -> pd.DataFrame:
 
 def load_drugs(path: str, report: TableReport, hadm_ids: np.ndarray,
                block_size: int = DEFAULT_BLOCK_SIZE) -> pd.DataFrame:
-    """PRESCRIPTIONS, streamed: the first administration of each (admission, drug).
+    """PRESCRIPTIONS, streamed: the first administration of each (admission, drug), as
+    columns hadm_id, drug, start, order sorted by admission, then start, then file order.
 
     "First" is the earliest startdate, then file order; rows without a startdate go last.
     Each block is reduced to its own firsts before the next is read, so memory holds the
-    distinct (admission, drug) pairs, not the 4.2M rows."""
+    distinct (admission, drug) pairs, not the 4.2M rows. Drug names become integer ids
+    (one global vocabulary) so that sorting and deduplication never compare strings."""
+    vocabulary: dict[str, int] = {}
     firsts = []
     offset = 0
     for i, batch in enumerate(stream_table(path, TABLE_COLUMNS["PRESCRIPTIONS"], block_size)):
@@ -338,26 +342,37 @@ def load_drugs(path: str, report: TableReport, hadm_ids: np.ndarray,
         has_drug = pc.fill_null(pc.not_equal(drug, ""), False).to_numpy(zero_copy_only=False)
         report.drop("missing drug", int((keep & ~has_drug).sum()))
         keep &= has_drug
-        block = pd.DataFrame({
-            "hadm_id": hadm.to_numpy(zero_copy_only=False),
-            "drug": drug.to_numpy(zero_copy_only=False),
-            "start": _seconds(start),
-            "order": np.arange(offset, offset + batch.num_rows),
-        })[keep]
-        firsts.append(_first_per_drug(block.astype({"hadm_id": "int64"})))
+        encoded = pc.dictionary_encode(drug)
+        local_to_global = np.array([vocabulary.setdefault(d, len(vocabulary))
+                                    for d in encoded.dictionary.to_pylist()] or [0], dtype=np.int64)
+        local = pc.fill_null(encoded.indices, 0).to_numpy(zero_copy_only=False)
+        block = {
+            "hadm_id": pc.fill_null(hadm, 0).to_numpy(zero_copy_only=False)[keep],
+            "drug": local_to_global[local][keep],
+            "start": _seconds(start)[keep],
+            "order": np.arange(offset, offset + batch.num_rows)[keep],
+        }
+        firsts.append(_first_per_drug(block))
         offset += batch.num_rows
         if i and i % 10 == 0:
             log.info("PRESCRIPTIONS: %d rows read", offset)
     if report.rows_read == 0:
         raise MimicError(f"{path}: empty table (header only, no data rows)")
-    df = _first_per_drug(pd.concat(firsts, ignore_index=True))
+    merged = _first_per_drug({k: np.concatenate([f[k] for f in firsts]) for k in firsts[0]})
+    names = np.array(list(vocabulary), dtype=object)
+    df = pd.DataFrame({**merged, "drug": names[merged["drug"]] if len(names) else merged["drug"]})
     df = _known_admissions(df, hadm_ids, report)
     return df.sort_values(["hadm_id", "start", "order"], na_position="last", kind="stable")
 
 
-def _first_per_drug(df: pd.DataFrame) -> pd.DataFrame:
-    df = df.sort_values(["hadm_id", "drug", "start", "order"], na_position="last", kind="stable")
-    return df.drop_duplicates(["hadm_id", "drug"], keep="first")
+def _first_per_drug(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Keep each (hadm_id, drug)'s row with the smallest (start, order); NaN start last."""
+    start = np.where(np.isnan(cols["start"]), np.inf, cols["start"])
+    by = np.lexsort((cols["order"], start, cols["drug"], cols["hadm_id"]))
+    h, d = cols["hadm_id"][by], cols["drug"][by]
+    first = np.ones(len(by), dtype=bool)
+    first[1:] = (h[1:] != h[:-1]) | (d[1:] != d[:-1])
+    return {k: v[by][first] for k, v in cols.items()}
 
 
 def _known_admissions(df: pd.DataFrame, hadm_ids: np.ndarray, report: TableReport) -> pd.DataFrame:
@@ -418,7 +433,8 @@ def _demographics(adm: pd.DataFrame, patients: pd.DataFrame) -> tuple[np.ndarray
     pos = pd.Index(patients["subject_id"]).get_indexer(adm["subject_id"])
     known = pos >= 0
     dob = np.where(known, patients["dob"].to_numpy()[np.maximum(pos, 0)], np.nan)
-    gender = [patients["gender"].iat[p] if p >= 0 else None for p in pos]
+    genders = patients["gender"].to_numpy(dtype=object)
+    gender = [genders[p] if p >= 0 else None for p in pos]
     age = (adm["admittime"].to_numpy() - dob) / SECONDS_PER_YEAR
     age = np.where(age < 0, np.nan, np.minimum(age, AGE_CAP))
     return age.astype("float32"), gender, int((~known).sum())
