@@ -40,6 +40,9 @@ def ensure_synthetic(cfg: PipelineConfig, layout: RunLayout) -> str:
         return raw
     from .synth import write_cohort  # imported late: only the synthetic source needs it
 
+    # Clear what another generation left: a demo-form .csv would shadow a new .csv.gz.
+    fs, inner = storage.resolve(raw)
+    fs.delete_dir_contents(inner, missing_dir_ok=True)
     log.info("generating a synthetic cohort of %d patients into %s", cfg.data.synth.patients, raw)
     write_cohort(raw, cfg.data.synth)
     return raw
