@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ckd_ehr.config import DistillConfig
-from ckd_ehr.student.loss import LossWeights, alpha_at, class_balanced_weights, distill_loss, weights_at
+from ckd_ehr.student.loss import DistillLoss, LossWeights, alpha_at, class_balanced_weights, distill_loss, weights_at
 
 
 def _sig(x):
@@ -87,35 +87,43 @@ def test_loss_gradient_flows_to_logits():
 
 def test_constant_schedule_and_beta_default():
     cfg = DistillConfig()
-    assert [alpha_at(s, 100, cfg) for s in (0, 50, 99)] == [0.9, 0.9, 0.9]
-    w = weights_at(10, 100, cfg)
+    assert [alpha_at(p, cfg) for p in (0.0, 0.5, 1.0)] == [0.9, 0.9, 0.9]
+    w = weights_at(0.1, cfg)
     assert (w.alpha, w.beta) == pytest.approx((0.9, 0.1))
-    assert weights_at(10, 100, DistillConfig(beta=0.5)).beta == 0.5
-    assert weights_at(10, 100, cfg, hard_only=True) == LossWeights(1.0, 0.0)
+    assert weights_at(0.1, DistillConfig(beta=0.5)).beta == 0.5
+    assert weights_at(0.1, cfg, hard_only=True) == LossWeights(1.0, 0.0)
 
 
 def test_linear_schedule():
     cfg = DistillConfig(schedule="linear", alpha_start=0.5, alpha=0.9)
-    assert alpha_at(0, 11, cfg) == pytest.approx(0.5)
-    assert alpha_at(5, 11, cfg) == pytest.approx(0.7)
-    assert alpha_at(10, 11, cfg) == pytest.approx(0.9)
-    assert alpha_at(50, 11, cfg) == pytest.approx(0.9)  # past the end stays at the target
+    assert alpha_at(0.0, cfg) == pytest.approx(0.5)
+    assert alpha_at(0.5, cfg) == pytest.approx(0.7)
+    assert alpha_at(1.0, cfg) == pytest.approx(0.9)
+    assert alpha_at(3.0, cfg) == pytest.approx(0.9)  # past the end stays at the target
 
 
 def test_cosine_schedule():
     cfg = DistillConfig(schedule="cosine", alpha_start=0.2, alpha=1.0)
-    assert alpha_at(0, 5, cfg) == pytest.approx(0.2)
-    assert alpha_at(1, 5, cfg) == pytest.approx(1.0 - 0.8 * 0.5 * (1 + math.cos(math.pi / 4)))
-    assert alpha_at(2, 5, cfg) == pytest.approx(0.6)
-    assert alpha_at(4, 5, cfg) == pytest.approx(1.0)
+    assert alpha_at(0.0, cfg) == pytest.approx(0.2)
+    assert alpha_at(0.25, cfg) == pytest.approx(1.0 - 0.8 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert alpha_at(0.5, cfg) == pytest.approx(0.6)
+    assert alpha_at(1.0, cfg) == pytest.approx(1.0)
 
 
 def test_curriculum_schedule():
     cfg = DistillConfig(schedule="curriculum", alpha_start=0.3, alpha=0.9, curriculum_fraction=0.25)
-    values = [alpha_at(s, 8, cfg) for s in range(8)]
+    values = [alpha_at(s / 8, cfg) for s in range(8)]
     assert values == pytest.approx([0.3, 0.3, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9])
-    w = weights_at(0, 8, cfg)
-    assert w.beta == pytest.approx(0.7)
+    assert weights_at(0.0, cfg).beta == pytest.approx(0.7)
+
+
+def test_loss_object_uses_schedule_and_falls_back_to_hard_bce_without_teacher():
+    cfg = DistillConfig(schedule="linear", alpha_start=0.5, alpha=0.9)
+    targets = {"labels": _t(HARD), "teacher_probs": _t(TEACHER_P), "teacher_logits": _t(TEACHER_Z)}
+    loss = DistillLoss(cfg, hard_only=False)
+    assert loss(_t(LOGITS), targets, 0.5).item() == pytest.approx(_hand(0.7, 0.3), rel=1e-5)
+    assert DistillLoss(cfg, hard_only=True)(_t(LOGITS), targets, 0.5).item() == pytest.approx(_hand(1.0, 0.0), rel=1e-5)
+    assert loss(_t(LOGITS), {"labels": _t(HARD)}, 0.5).item() == pytest.approx(_hand(1.0, 0.0), rel=1e-5)
 
 
 def test_class_balanced_weights_favour_rare_phenotypes():

@@ -127,19 +127,6 @@ def test_soft_labels_are_joined_by_sample_id(tmp_path):
     assert joined.column("sample_id").to_pylist() == samples.column("sample_id").to_pylist()
 
 
-def test_length_grouped_batches_cover_everything_and_shards_are_even():
-    from ckd_ehr.student.data import length_grouped_batches, shard_batches
-
-    lengths = list(np.random.default_rng(0).integers(5, 200, size=101))
-    batches = length_grouped_batches(lengths, 8, seed=1)
-    assert sorted(i for b in batches for i in b) == list(range(101))
-    # each batch spans a narrower length range than random batches would
-    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches])
-    assert spread < 100
-    shards = [shard_batches(batches, r, 3) for r in range(3)]
-    assert len({len(s) for s in shards}) == 1
-
-
 # --- Ray Train end to end ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")

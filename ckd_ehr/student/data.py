@@ -1,5 +1,5 @@
 """Student inputs: samples joined with soft labels, fitted to max_length by section budget,
-tokenised once on the driver, then batched by length on each worker.
+tokenised once on the driver (batching by length happens in ckd_ehr.training).
 
 Fitting: a sample whose tokens exceed max_length is re-rendered from its structured fields
 with smaller diagnosis / drug / procedure budgets (the efficacy budget untouched) until it
@@ -160,49 +160,3 @@ def encode(samples: pa.Table, soft: pa.Table | None, texts: list[str], tokenizer
         teacher_probs=None if soft is None else _matrix(soft.column("probs")),
         teacher_logits=None if soft is None else _matrix(soft.column("logits")),
     )
-
-
-# --- batching on the workers --------------------------------------------------------------
-
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True,
-                           pool: int = 50) -> list[list[int]]:
-    """Batches of indices with similar lengths (less padding): shuffle, cut pools of
-    `pool` batches, sort each pool by length, cut batches, shuffle the batches."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
-    batches = []
-    step = batch_size * pool
-    for s in range(0, len(order), step):
-        chunk = sorted(order[s:s + step].tolist(), key=lambda i: lengths[i])
-        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
-    if shuffle:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches
-
-
-def shard_batches(batches: list[list[int]], rank: int, world: int, pad: bool = True) -> list[list[int]]:
-    """This rank's batches. With pad, every rank gets the same count (DDP all-reduces each
-    step; an extra step on one rank would hang the others): the list wraps around."""
-    if world == 1:
-        return batches
-    if pad and batches and len(batches) % world:
-        batches = batches + batches[: world - len(batches) % world]
-    return batches[rank::world]
-
-
-def collate(data: Encoded, idx: Sequence[int], pad_id: int) -> dict:
-    """Pad one batch to its own longest sample."""
-    import torch
-
-    width = max(len(data.input_ids[i]) for i in idx)
-    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(idx), width), dtype=torch.long)
-    for r, i in enumerate(idx):
-        row = data.input_ids[i]
-        ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[r, : len(row)] = 1
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.from_numpy(data.labels[list(idx)])}
-    if data.teacher_probs is not None:
-        batch["teacher_probs"] = torch.from_numpy(data.teacher_probs[list(idx)])
-        batch["teacher_logits"] = torch.from_numpy(data.teacher_logits[list(idx)])
-    return batch

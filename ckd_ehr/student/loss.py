@@ -26,31 +26,32 @@ class LossWeights:
     beta: float
 
 
-def alpha_at(step: int, total_steps: int, cfg: DistillConfig) -> float:
-    """alpha at optimiser step `step` (0-based) of `total_steps`.
+def alpha_at(progress: float, cfg: DistillConfig) -> float:
+    """alpha at `progress` = optimiser step / total steps, in [0, 1] (clamped).
 
-    constant: cfg.alpha. linear / cosine: alpha_start at step 0 -> cfg.alpha at the last step.
-    curriculum: alpha_start for the first curriculum_fraction of the steps, then cfg.alpha.
+    constant: cfg.alpha. linear / cosine: alpha_start at progress 0 -> cfg.alpha at 1.
+    curriculum: alpha_start while progress < curriculum_fraction, then cfg.alpha.
+    Progress rather than steps: the training loop knows its total, the loss need not.
     """
     if cfg.schedule == "constant":
         return float(cfg.alpha)
-    # progress in [0, 1]: 0 at the first step, 1 at the last one
-    progress = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
+    progress = min(max(float(progress), 0.0), 1.0)
     a0, a1 = float(cfg.alpha_start), float(cfg.alpha)
     if cfg.schedule == "linear":
         return a0 + (a1 - a0) * progress
     if cfg.schedule == "cosine":
         return a1 + (a0 - a1) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if cfg.schedule == "curriculum":
-        return a0 if step < cfg.curriculum_fraction * total_steps else a1
+        return a0 if progress < cfg.curriculum_fraction else a1
     raise ValueError(f"unknown schedule '{cfg.schedule}'")
 
 
-def weights_at(step: int, total_steps: int, cfg: DistillConfig, hard_only: bool = False) -> LossWeights:
-    """(alpha, beta) at a step; beta None in the config means 1 - alpha. Hard-only variants: (1, 0)."""
+def weights_at(progress: float, cfg: DistillConfig, hard_only: bool = False) -> LossWeights:
+    """(alpha, beta) at a point of training; beta None in the config means 1 - alpha.
+    Hard-only variants: (1, 0)."""
     if hard_only:
         return LossWeights(1.0, 0.0)
-    a = alpha_at(step, total_steps, cfg)
+    a = alpha_at(progress, cfg)
     b = (1.0 - a) if cfg.beta is None else float(cfg.beta)
     return LossWeights(a, b)
 
@@ -102,3 +103,25 @@ def distill_loss(
         loss = loss + weights.beta * soft
         parts["loss_soft"] = float(soft.detach())
     return loss, parts
+
+
+class DistillLoss:
+    """The loss as the training loop calls it: (logits, targets, progress) -> scalar.
+
+    Targets without teacher outputs (validation: soft labels are read for training only)
+    give the plain hard BCE, so val_loss means the same for every variant. Picklable.
+    """
+
+    def __init__(self, cfg: DistillConfig, hard_only: bool, class_weights=None):
+        self.cfg, self.hard_only = cfg, hard_only
+        self.class_weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+
+    def __call__(self, logits: torch.Tensor, targets: dict, progress: float = 0.0) -> torch.Tensor:
+        logits = logits.float()
+        if "teacher_probs" not in targets:
+            return F.binary_cross_entropy_with_logits(logits, targets["labels"].float())
+        cw = None if self.class_weights is None else self.class_weights.to(logits.device)
+        loss, _ = distill_loss(logits, targets["labels"], weights_at(progress, self.cfg, self.hard_only),
+                               targets["teacher_probs"], targets["teacher_logits"], self.cfg.soft_loss,
+                               self.cfg.temperature, cw)
+        return loss

@@ -6,6 +6,7 @@ tokenising) once and hands the token ids to the workers through the object store
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 import time
@@ -17,7 +18,7 @@ import pyarrow as pa
 from ..config import PipelineConfig, config_hash
 from ..contracts import PREDICTIONS, RunLayout
 from ..models import resolve_model_path
-from ..storage import join, write_parquet
+from ..storage import write_parquet
 from .data import Encoded, FitStats, encode, fit_texts, load_efficacy, read_split, variant_spec
 from .loss import class_balanced_weights
 
@@ -50,31 +51,46 @@ def prepare_variant(cfg: PipelineConfig, variant: str, tokenizer, efficacy: dict
     return Prepared(column, distill, splits, texts, fit)
 
 
-def _predict_remote(checkpoint, pooling: str, pad_id: int, refs: dict, batch_size: int, use_gpu: bool):
-    """Probabilities of several splits from a checkpoint, in a Ray task (GPU if training had one)."""
+def data_fingerprint(prep: Prepared) -> str:
+    """Hash of what training sees: token ids, labels and teacher outputs of train and val."""
+    h = hashlib.sha256()
+    for split in ("train", "val"):
+        e = prep.splits[split]
+        h.update(np.concatenate([np.asarray(x, dtype=np.int32) for x in e.input_ids] or [np.zeros(0, np.int32)]).tobytes())
+        h.update(np.asarray([len(x) for x in e.input_ids], dtype=np.int32).tobytes())
+        for arr in (e.labels, e.teacher_probs):
+            if arr is not None:
+                h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _predict_remote(checkpoint, model_path: str, pooling: str, pad_id: int, data: dict,
+                    batch_size: int, use_gpu: bool) -> dict[str, np.ndarray]:
+    """Probabilities of several splits from a checkpoint, in a Ray task (on a GPU when training
+    had them: the driver of a cluster job may have none)."""
     import ray
 
     @ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)
-    def predict(ckpt, data: dict):
-        from .model import load_student_model, predict_ids
+    def predict(ckpt, splits: dict):
+        from .model import predict_ids
+        from .train import student_from_checkpoint
 
         device = "cuda" if use_gpu else "cpu"
         with ckpt.as_directory() as d:
-            model = load_student_model(d, pooling=pooling, device=device)
-        return {k: predict_ids(model, v.input_ids, pad_id, batch_size, device) for k, v in data.items()}
+            model = student_from_checkpoint(d, model_path, pooling, device)
+        return {k: predict_ids(model, v.input_ids, pad_id, batch_size, device) for k, v in splits.items()}
 
-    return ray.get(predict.remote(checkpoint, refs))
+    return ray.get(predict.remote(checkpoint, data))
 
 
 def train_variant(cfg: PipelineConfig, variant: str) -> dict:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from transformers import AutoTokenizer
 
     from ..metrics import all_scores, tune_thresholds
     from .artifact import write_artifact
-    from .train import score_order, train_loop_per_worker
+    from .model import save_student
+    from .train import student_from_checkpoint, student_task, train_student
 
     s = cfg.student
     layout = RunLayout(cfg.run_dir)
@@ -89,33 +105,22 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
     train = prep.splits["train"]
     class_w = class_balanced_weights(train.labels).tolist() if s.distill.class_balanced else None
 
-    # the run name carries the config: the same config resumes, a changed one starts afresh
-    name = f"{variant}-{config_hash({'student': s.model_dump(mode='json'), 'text': cfg.text.model_dump(mode='json'), 'top_k': cfg.eadf.top_k})}"
+    # the run name carries the config and the data: the same ones resume (Ray Train V2 resumes
+    # a reused name), a changed config or re-generated input starts a fresh run
+    name = f"{variant}-" + config_hash({
+        "student": s.model_dump(mode="json"), "text": cfg.text.model_dump(mode="json"),
+        "top_k": cfg.eadf.top_k, "data": data_fingerprint(prep)})
     storage = layout.student_train(variant)
-    loop_cfg = {
-        "student": s.model_dump(mode="json"), "distill": prep.distill, "model_path": model_path,
-        "train_ref": ray.put(train), "val_ref": ray.put(prep.splits["val"]),
-        "class_weights": class_w, "pad_id": tokenizer.pad_token_id or 0,
-        "failure_marker": join(storage, f"{name}.failure_injected"),
-    }
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker={"CPU": s.cpus_per_worker}),
-        run_config=RunConfig(
-            name=name, storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=s.best_metric,
-                                               checkpoint_score_order=score_order(s.best_metric)),
-            failure_config=FailureConfig(max_failures=s.max_failures)))
-    result = trainer.fit()
-    best = result.get_best_checkpoint(s.best_metric, score_order(s.best_metric))
+    pad_id = tokenizer.pad_token_id or 0
+    task = student_task(s, model_path, ray.put(train), ray.put(prep.splits["val"]), pad_id,
+                        prep.distill, class_w)
+    result = train_student(s, task, storage, name)
+    best, best_metrics = result.best_checkpoint, result.best_metrics
     if best is None:
         raise RuntimeError(f"student {variant}: training reported no checkpoint ({storage}/{name})")
-    best_metrics = next((m for c, m in result.best_checkpoints or [] if c.path == best.path), {})
     train_s = time.perf_counter() - t0
 
-    pad_id = tokenizer.pad_token_id or 0
-    probs = _predict_remote(best, s.pooling, pad_id, {k: prep.splits[k] for k in ("val", "test")},
+    probs = _predict_remote(best, model_path, s.pooling, pad_id, {k: prep.splits[k] for k in ("val", "test")},
                             s.batch_size * 4, s.use_gpu)
     val = prep.splits["val"]
     fixed = [0.5] * val.labels.shape[1]
@@ -125,16 +130,19 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
         "val_tuned": all_scores(val.labels, probs["val"], tuned),  # optimistic: tuned on these
         "best_checkpoint": {k: v for k, v in best_metrics.items() if isinstance(v, (int, float))},
         "train_samples": len(train), "wall_s": round(train_s, 1),
+        "train_samples_per_s": result.metrics.get("samples_per_s"),
     }
     meta = {
         "variant": variant, "config": s.model_dump(mode="json"), "pooling": s.pooling,
         "max_length": s.max_length,
         "text": {"column": prep.column, "config": cfg.text.model_dump(mode="json"), "top_k": cfg.eadf.top_k},
         "thresholds": {"fixed": fixed, "tuned": [float(x) for x in tuned], "served": s.thresholds},
-        "metrics": metrics, "fit": prep.fit, "train_run": join(storage, name),
+        "metrics": metrics, "fit": prep.fit, "train_run": result.path,
     }
-    with tempfile.TemporaryDirectory(prefix="ckd-student-") as tmp, best.as_directory() as ckpt_dir:
-        meta = write_artifact(layout.student_artifact(variant), ckpt_dir, tokenizer, meta, eff_table,
+    with tempfile.TemporaryDirectory(prefix="ckd-student-") as tmp:
+        with best.as_directory() as ckpt_dir:
+            save_student(student_from_checkpoint(ckpt_dir, model_path, s.pooling), f"{tmp}/weights")
+        meta = write_artifact(layout.student_artifact(variant), f"{tmp}/weights", tokenizer, meta, eff_table,
                               staging=f"{tmp}/artifact")
 
     test = prep.splits["test"]
