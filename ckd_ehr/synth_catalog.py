@@ -450,7 +450,7 @@ def diagnosis_vocabulary(code_zipf: float) -> DiagnosisVocabulary:
             if code in KNOWN_DX_TITLES:
                 short, long = KNOWN_DX_TITLES[code]
             else:
-                short, long = _generated_title(PHENOTYPE_DISPLAY[p.index], k)
+                short, long = _generated_title(PHENOTYPE_DISPLAY[p.index], k, p.kind)
             ids.append(len(codes))
             codes.append(code)
             shorts.append(short)
@@ -470,14 +470,17 @@ def diagnosis_vocabulary(code_zipf: float) -> DiagnosisVocabulary:
                                np.asarray(other_ids, dtype=np.int32), _zipf(len(other_ids), code_zipf))
 
 
-def _generated_title(display: str, k: int) -> tuple[str, str]:
-    """Title of the k-th code of a phenotype: display name plus one or two qualifiers."""
-    n = len(_QUALIFIERS)
-    first_long, first_short = _QUALIFIERS[k % n]
+def _generated_title(display: str, k: int, kind: str) -> tuple[str, str]:
+    """Title of the k-th code of a phenotype: display name plus one or two qualifiers
+    (never 'acute' on a chronic disease or 'chronic' on an acute one)."""
+    wrong = "acute" if kind == "chronic" else "chronic"
+    qualifiers = [q for q in _QUALIFIERS if q[0] != wrong]
+    n = len(qualifiers)
+    first_long, first_short = qualifiers[k % n]
     long = f"{display}, {first_long}"
     short = f"{_abbreviate(display)} {first_short}"
     if k >= n:
-        second_long, second_short = _QUALIFIERS[(k // n - 1) % n]
+        second_long, second_short = qualifiers[(k // n - 1) % n]
         long += f", {second_long}"
         short += f" {second_short}"
     return short[:24], long
