@@ -8,6 +8,7 @@ any unparseable id or timestamp fails the run after the report is written.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -24,21 +25,24 @@ class PrepareError(ValueError):
     """The prepare stage refuses its input (strict mode); the message names file and column."""
 
 
-def _same_params(ground_truth: dict, params: dict) -> bool:
-    """Whether ground_truth.json records `params`, at its top level or under any key."""
-    candidates = [ground_truth] + [v for v in ground_truth.values() if isinstance(v, dict)]
-    return any(all(c.get(k) == v for k, v in params.items()) for c in candidates)
+def _generator_params(cfg: PipelineConfig) -> dict:
+    """What synth records under ground_truth.json "params": every SynthConfig field and the
+    generator's constants (so a changed generator also regenerates), as JSON gives it back."""
+    from .synth_model import constants_dict  # imported late: only the synthetic source needs it
+
+    params = {**cfg.data.synth.model_dump(mode="json"), **constants_dict()}
+    return json.loads(json.dumps(params, default=str))
 
 
 def ensure_synthetic(cfg: PipelineConfig, layout: RunLayout) -> str:
-    """Generate the synthetic cohort into RUN/raw unless the same one is already there."""
+    """Generate the synthetic cohort into RUN/raw unless the same one is already there
+    (synth writes ground_truth.json last, so its presence marks a complete cohort)."""
     raw = layout.raw_dir
     marker = storage.join(raw, "ground_truth.json")
-    params = cfg.data.synth.model_dump(mode="json")
-    if storage.exists(marker) and _same_params(storage.read_json(marker), params):
+    if storage.exists(marker) and storage.read_json(marker).get("params") == _generator_params(cfg):
         log.info("synthetic cohort with the same parameters already in %s: kept", raw)
         return raw
-    from .synth import write_cohort  # imported late: only the synthetic source needs it
+    from .synth import write_cohort
 
     # Clear what another generation left: a demo-form .csv would shadow a new .csv.gz.
     fs, inner = storage.resolve(raw)

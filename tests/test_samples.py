@@ -150,14 +150,21 @@ def test_an_empty_split_is_written_with_the_schema(mimic_demo_dir, tmp_path):
     assert dropped["drugs"] > 0 and dropped["drugs"] == summary["text_items_dropped"]["drugs"]
 
 
-def test_existing_raw_cohort_with_the_same_parameters_is_reused(mimic_demo_dir, tmp_path):
-    """source: synthetic reads RUN/raw; generation is skipped when ground_truth.json records
-    the same generator parameters (here the demo tables stand in for a generated cohort)."""
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    for f in mimic_demo_dir.glob("*.csv"):
-        (raw / f.name).symlink_to(f)
-    cfg = build(PipelineConfig, {"run_dir": str(tmp_path), "data": {"source": "synthetic"}})
-    (raw / "ground_truth.json").write_text(json.dumps({"params": cfg.data.synth.model_dump(mode="json")}))
-    summary = run_prepare(cfg)
-    assert summary["admissions"] == 129 and summary["samples"] == 29
+def test_synthetic_cohort_is_generated_once_per_parameters(tmp_path):
+    """source: synthetic generates RUN/raw, reuses it while the generator parameters are
+    unchanged and regenerates it when they change."""
+    def prepare(seed: int) -> dict:
+        return run_prepare(build(PipelineConfig, {
+            "run_dir": str(tmp_path),
+            "data": {"source": "synthetic", "synth": {"patients": 40, "seed": seed}}}))
+
+    marker = tmp_path / "raw" / "ground_truth.json"
+    first = prepare(seed=1)
+    assert first["patients"] == 40 and first["samples"] > 0
+    written = marker.stat().st_mtime_ns
+    again = prepare(seed=1)
+    assert {**again, "seconds": 0} == {**first, "seconds": 0}
+    assert marker.stat().st_mtime_ns == written  # kept, not regenerated
+    prepare(seed=2)
+    assert marker.stat().st_mtime_ns != written
+    assert json.loads(marker.read_text())["params"]["seed"] == 2
