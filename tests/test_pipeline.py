@@ -1,0 +1,68 @@
+"""The pipeline runner: manifest, --resume, --from/--to, and failures that name the stage."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from ckd_ehr import storage
+from ckd_ehr.cli import main
+from ckd_ehr.config import PipelineConfig, build
+from ckd_ehr.contracts import SPLITS, RunLayout
+from ckd_ehr.pipeline import PipelineError, run_pipeline
+
+from pipeline_configs import small_pipeline_config
+
+
+@pytest.fixture()
+def cfg_dict(tmp_path, tiny_qwen_dir, tiny_bert_dir):
+    return small_pipeline_config(str(tmp_path / "run"), tiny_qwen_dir, tiny_bert_dir)
+
+
+def test_data_stages_resume_and_rerun_on_change(cfg_dict, ray_local):
+    cfg = build(PipelineConfig, cfg_dict)
+    layout = RunLayout(cfg.run_dir)
+    manifest = run_pipeline(cfg, to_stage="eadf")
+    stages = manifest["stages"]
+    assert [stages[s]["status"] for s in ("prepare", "eadf")] == ["done", "done"]
+    assert "teacher" not in stages
+    rows = stages["prepare"]["outputs"][layout.samples("train")]["rows"]
+    assert rows == storage.read_parquet(layout.samples("train")).num_rows > 0
+    assert manifest["versions"]["ray"].startswith("2.60")
+
+    again = run_pipeline(cfg, resume=True, to_stage="eadf")
+    assert again["stages"]["prepare"]["skipped"] and again["stages"]["eadf"]["skipped"]
+
+    # A changed EADF setting reruns EADF only.
+    cfg2 = build(PipelineConfig, {**cfg_dict, "eadf": {**cfg_dict["eadf"], "top_k": 3}})
+    third = run_pipeline(cfg2, resume=True, to_stage="eadf")
+    assert third["stages"]["prepare"]["skipped"] and not third["stages"]["eadf"]["skipped"]
+    assert third["stages"]["eadf"]["config_hash"] != again["stages"]["eadf"]["config_hash"]
+
+
+def test_failing_stage_is_named_and_earlier_outputs_survive(cfg_dict, ray_local, tmp_path):
+    cfg = build(PipelineConfig, cfg_dict)
+    layout = RunLayout(cfg.run_dir)
+    run_pipeline(cfg, to_stage="eadf")
+    before = {s: storage.read_parquet(layout.augmented(s)).num_rows for s in SPLITS}
+    broken = build(PipelineConfig, {**cfg_dict, "teacher": {**cfg_dict["teacher"], "model": str(tmp_path / "no-model")}})
+    with pytest.raises(PipelineError, match="stage teacher failed"):
+        run_pipeline(broken, resume=True, to_stage="teacher")
+    manifest = storage.read_json(layout.manifest)
+    assert manifest["stages"]["teacher"]["status"] == "failed"
+    assert "no-model" in manifest["stages"]["teacher"]["error"]
+    assert manifest["stages"]["eadf"]["status"] == "done"
+    assert {s: storage.read_parquet(layout.augmented(s)).num_rows for s in SPLITS} == before
+
+
+def test_missing_inputs_and_bad_ranges_are_errors(cfg_dict, tmp_path, capsys):
+    cfg = build(PipelineConfig, cfg_dict)
+    with pytest.raises(PipelineError, match="input.*missing"):
+        run_pipeline(cfg, from_stage="student")
+    with pytest.raises(PipelineError, match="unknown stage 'nope'"):
+        run_pipeline(cfg, from_stage="nope")
+    # Through the CLI: one line, non-zero exit.
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg_dict))
+    assert main(["pipeline", "--config", str(cfg_file), "--from", "report", "--to", "prepare"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "comes after" in err[0]
