@@ -63,7 +63,8 @@ def read_thresholds(layout: RunLayout, name: str) -> tuple[dict[str, list[float]
     "thresholds": {"fixed": [...], "tuned": [...]} (or a bare list, taken as tuned); anything
     missing or malformed falls back to 0.5, and the source says so."""
     fixed = [0.5] * NUM_PHENOTYPES
-    thresholds, source = {"fixed": fixed, "tuned": fixed}, {"fixed": "0.5", "tuned": "0.5 (no tuned thresholds found)"}
+    thresholds = {"fixed": fixed, "tuned": fixed}
+    source = {"fixed": "0.5 for every phenotype", "tuned": "0.5 (no tuned thresholds found)"}
     path = _artifact_json(layout, name)
     if not storage.exists(path):
         source["tuned"] = f"0.5 ({path} not found)"
@@ -111,11 +112,13 @@ def model_delta(base: pd.DataFrame, other: pd.DataFrame, base_entry: dict, other
                                       base_dists and base_dists[mode], other_dists and other_dists[mode])
         return out
     # Different sample sets (e.g. a teacher scored on a subset): compare on the shared samples.
-    common = base.merge(other[["sample_id", "probs"]], on="sample_id", suffixes=("", "_other"))
+    common = base.merge(other[["sample_id", "labels", "probs"]], on="sample_id", suffixes=("", "_other"))
     out = {"paired_on": "shared samples only", "n_samples": len(common)}
     if not len(common):
         return {**out, "note": "no shared samples"}
     y = to_matrix(common["labels"], np.int8)
+    if not np.array_equal(y, to_matrix(common["labels_other"], np.int8)):
+        raise ContractError("the same test samples carry different labels in two prediction files")
     for mode in MODES:
         out[mode] = paired_bootstrap_delta(y, to_matrix(common["probs"]), base_t[mode],
                                            to_matrix(common["probs_other"]), other_t[mode],

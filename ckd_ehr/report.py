@@ -39,6 +39,8 @@ def fmt_ci(value, ci, digits: int = 3) -> str:
 
 def fmt_points(delta: dict) -> str:
     """A delta in percentage points with its paired interval, e.g. '+1.2 [-0.3, +2.6]'."""
+    if delta.get("delta") is None:
+        return "n/a"
     text = f"{100 * delta['delta']:+.1f}"
     ci = delta.get("interval")
     return text + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "")
@@ -221,7 +223,7 @@ def build_blocks(metrics: dict, run_dir: str, images: dict[str, str], quality: d
             notes.append(f"{name}: {len(entry['auroc_skipped'])} phenotype(s) with a single class in the "
                          f"test labels, left out of macro AUROC/AUPRC: {', '.join(entry['auroc_skipped'])}")
         for mode, src in entry["threshold_source"].items():
-            notes.append(f"{name}: {mode} thresholds from {src}")
+            notes.append(f"{name}: {mode} thresholds: {src}")
     if notes:
         blocks.append(("h2", "Notes"))
         blocks.extend(("p", n) for n in notes)

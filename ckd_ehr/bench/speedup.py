@@ -250,7 +250,7 @@ def bench_artifacts(run_dir: str, samples: int = 64, batch_sizes=(1, 8, 32), max
     loaded = load_teacher(layout.teacher_artifact, device=device, dtype=dtype if device == "cuda" else None)
     teacher, tokenizer = loaded[0], loaded[1]
     meta = loaded[2] if len(loaded) > 2 else {}
-    max_length = int((meta.get("config") or {}).get("max_length", 1024))
+    max_length = int(meta.get("max_length") or (meta.get("config") or {}).get("max_length", 1024))
     student = load_student(layout.student_artifact(variant), device=device)
 
     import torch
