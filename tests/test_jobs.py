@@ -1,0 +1,85 @@
+"""`ray job submit`: a local Ray head on 127.0.0.1, the pipeline submitted as a job with the
+shipped entrypoint and runtime_env, waited on until SUCCEEDED, outputs checked, head stopped.
+
+This is also the end-to-end test of the whole pipeline (tiny models, tiny cohort)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from pipeline_configs import small_pipeline_config
+
+from ckd_ehr import storage
+from ckd_ehr.contracts import STUDENT_VARIANTS, RunLayout
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def ray_head(tmp_path):
+    """A separate Ray head (its own temp dir and ports), stopped afterwards."""
+    gcs, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # Short temp dir: Ray's unix socket paths must stay under 108 characters.
+    temp_dir = Path("/tmp") / f"ckdjob{gcs}"
+    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                    "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                   check=True, env=env, capture_output=True, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", env
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"},
+                       capture_output=True, timeout=120)
+
+
+def test_pipeline_submitted_as_a_ray_job(ray_head, tmp_path, tiny_qwen_dir, tiny_bert_dir):
+    dashboard, _, env = ray_head
+    run_dir = tmp_path / "run"
+    cfg = small_pipeline_config(str(run_dir), tiny_qwen_dir, tiny_bert_dir)
+    cfg["ray"] = {}   # inside the job: join the job's cluster (RAY_ADDRESS), not a new one
+    cfg_file = tmp_path / "job.yaml"   # same machine: the job reads it by absolute path
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    out = subprocess.run(
+        [RAY, "job", "submit", "--address", dashboard, "--working-dir", ".",
+         "--runtime-env", "jobs/runtime_env.yaml", "--no-wait", "--",
+         sys.executable, "jobs/pipeline.py", "--config", str(cfg_file)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    job_id = [w for w in (out.stdout + out.stderr).split() if w.startswith("raysubmit_")][0].strip("'\".")
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(dashboard)
+    deadline = time.time() + 900
+    status = client.get_job_status(job_id)
+    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.time() < deadline:
+        time.sleep(3)
+        status = client.get_job_status(job_id)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-5000:]
+
+    layout = RunLayout(str(run_dir))
+    manifest = storage.read_json(layout.manifest)
+    assert all(rec["status"] == "done" for rec in manifest["stages"].values()), manifest["stages"]
+    assert set(manifest["stages"]) == {"prepare", "eadf", "teacher", "soft_labels", "student", "evaluate", "report"}
+    metrics = storage.read_json(layout.metrics)
+    assert metrics  # evaluated
+    for v in STUDENT_VARIANTS:
+        assert storage.exists(layout.student_artifact(v))
+    assert (run_dir / "report" / "report.html").exists()
+    assert "stage" in logs and "report" in logs   # the summary table was printed
