@@ -1,0 +1,163 @@
+"""`ckd-ehr bench soft-labels`: teacher inference, naive loop vs length-sorted batches vs Ray Data.
+
+Same teacher, same samples, three ways:
+  naive     one sample at a time, padded to max_length (the authors' released loop)
+  sorted    in-process, rows sorted by length, padded per sub-batch (`score_texts` core)
+  ray_data  the stage's path: Ray Data read + actor pool (includes actor start and model load)
+Achieved FLOP/s = 2 * non-embedding params * tokens computed / wall, against the measured
+fp32 matmul peak of this machine. Figures are printed (and written with --out), never asserted.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from .. import storage
+from ..contracts import RunLayout
+from .common import emit, measure
+
+
+def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
+    """Best fp32 FLOP/s of an n x n torch.matmul on this machine (all intra-op threads)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)  # warm-up
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def non_embedding_params(model) -> int:
+    """Parameters that take part in per-token matmuls (embedding lookups are not FLOPs)."""
+    import torch
+
+    emb = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in emb)
+
+
+def _samples(layout: RunLayout, n: int, text_column: str) -> pa.Table:
+    for split in ("test", "val", "train"):
+        path = layout.augmented(split)
+        if storage.exists(path):
+            t = storage.read_parquet(path, columns=["sample_id", text_column])
+            if t.num_rows:
+                return t.slice(0, n)
+    raise FileNotFoundError(f"{layout.root}: no samples under eadf/samples/ (run the pipeline up to eadf first)")
+
+
+def untrained_artifact(teacher_cfg, dest: str) -> str:
+    """A teacher artifact written by the teacher package from the configured backbone with
+    fresh LoRA and head (no training): same shapes and cost as a trained one."""
+    from transformers import AutoTokenizer
+
+    from ..models import resolve_model_path
+    from ..teacher import build_teacher, write_artifact
+    from ..teacher.artifact import write_weights
+
+    model = build_teacher(teacher_cfg, seed=0)
+    state = {k: v.detach() for k, v in model.state_dict().items() if "lora_" in k or k.startswith("head.")}
+    kw = {"gguf_file": teacher_cfg.gguf_file} if teacher_cfg.gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(teacher_cfg.model), **kw)
+    weights = dest + ".weights"
+    write_weights(model, state, weights)
+    write_artifact(weights, tok, teacher_cfg, {}, dest)
+    return dest
+
+
+def naive_loop(model, ids: list[list[int]], pad_token_id: int, max_length: int) -> tuple[np.ndarray, int]:
+    """The released style: batch of one, padded to max_length. Returns (logits, tokens computed)."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for x in ids:
+            input_ids = torch.full((1, max_length), pad_token_id, dtype=torch.long)
+            mask = torch.zeros((1, max_length), dtype=torch.long)
+            input_ids[0, :len(x)] = torch.as_tensor(x)
+            mask[0, :len(x)] = 1
+            out.append(model.forward(input_ids, mask).float().numpy())
+    return np.concatenate(out), len(ids) * max_length
+
+
+def bench_soft_labels(cfg, args) -> dict:
+    import torch
+
+    from ..ray_utils import init_ray
+    from ..soft_labels import infer_soft_labels, score_ids, teacher_text_column, teacher_text_options, tokenize
+    from ..teacher import load_teacher
+    from ..teacher.data import pad_id
+
+    layout = RunLayout(cfg.run_dir)
+    artifact = layout.teacher_artifact
+    trained = storage.exists(storage.join(artifact, "teacher.json"))
+    if not trained:
+        artifact = untrained_artifact(cfg.teacher, storage.join(tempfile.mkdtemp(prefix="bench-teacher-"), "artifact"))
+    n = args.samples or 64
+    text_column = teacher_text_column(artifact)
+    table = _samples(layout, n, text_column)
+    texts = table.column(text_column).to_pylist()
+    sl = cfg.soft_labels
+    cores = os.cpu_count() or 1
+    res: dict = {"samples": len(texts), "artifact": artifact, "trained_teacher": trained, "cores": cores}
+
+    torch.set_num_threads(cores)
+    peak = matmul_peak_flops()
+    res["matmul_peak_gflops"] = round(peak / 1e9, 1)
+
+    model, tok, meta = load_teacher(artifact, device="cpu", merge_lora=True)
+    chat, max_length = teacher_text_options(meta, sl.max_length)
+    params = non_embedding_params(model)
+    ids = tokenize(tok, texts, chat, max_length)
+    real_tokens = sum(len(x) for x in ids)
+    res.update(teacher_id=meta["artifact_id"], non_embedding_params=params, max_length=max_length,
+               real_tokens=real_tokens, mean_tokens=round(real_tokens / len(texts), 1))
+
+    timings: dict = {}
+    with measure("naive", timings):
+        naive_ids = tokenize(tok, texts, chat, max_length)
+        naive_logits, naive_tokens = naive_loop(model, naive_ids, pad_id(tok), max_length)
+    with measure("sorted", timings):
+        ids = tokenize(tok, texts, chat, max_length)
+        sorted_logits, sorted_padded = score_ids(model, tok, ids, sl.sub_batch_size)
+    # Sorted batches must not change the answer; only the time.
+    res["max_abs_diff_naive_vs_sorted"] = float(np.abs(naive_logits - sorted_logits).max())
+    del model
+
+    init_ray(cfg.ray)
+    # One actor using every core unless the config says otherwise: a like-for-like comparison
+    # with the in-process runs, which also use every core.
+    ray_cfg = sl.model_copy(update={"torch_threads": sl.torch_threads or max(1, cores // sl.num_actors)})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "bench.parquet")
+        storage.write_parquet(table, path)
+        with measure("ray_data", timings):
+            out = infer_soft_labels({"bench": path}, artifact, ray_cfg)["bench"]
+    if out.num_rows != len(texts):
+        raise RuntimeError(f"ray_data path returned {out.num_rows} rows for {len(texts)} samples")
+
+    computed = {"naive": naive_tokens, "sorted": int(sorted_padded.sum()),
+                "ray_data": int(np.sum(out.column("n_computed").to_numpy()))}
+    for name, t in timings.items():
+        wall = t["wall_s"]
+        t["samples_per_s"] = round(len(texts) / wall, 2)
+        t["real_tokens_per_s"] = round(real_tokens / wall, 1)
+        t["tokens_computed"] = computed[name]
+        t["achieved_gflops"] = round(2 * params * computed[name] / wall / 1e9, 2)
+        t["fraction_of_peak"] = round(2 * params * computed[name] / wall / peak, 4)
+        t["useful_fraction_of_peak"] = round(2 * params * real_tokens / wall / peak, 4)
+    res["timings"] = timings
+    res["speedup_sorted_vs_naive"] = round(timings["naive"]["wall_s"] / timings["sorted"]["wall_s"], 2)
+    res["speedup_ray_data_vs_naive"] = round(timings["naive"]["wall_s"] / timings["ray_data"]["wall_s"], 2)
+    res["ray_data_config"] = ray_cfg.model_dump()
+    emit(res, getattr(args, "out", None))
+    return res
+
