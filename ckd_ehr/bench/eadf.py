@@ -1,0 +1,125 @@
+"""`ckd-ehr bench eadf`: the efficacy table on Ray Data vs the plain pandas reference.
+
+At MIMIC-III scale (46,520 patients). With ckd_ehr.synth and ckd_ehr.prepare available the
+samples come from a synthetic cohort run through prepare; otherwise `random_samples` writes
+SAMPLES rows directly (same shape: ~25 phenotypes, a few hundred drugs, ward drugs). Prints
+wall time, rows/s and peak memory of both paths and their ratio; the two tables must match.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from ..contracts import SAMPLES
+from ..phenotypes import NUM_PHENOTYPES, phenotype_names
+from .common import emit, measure
+
+WARD_DRUGS = ["Sodium Chloride 0.9% Flush", "Potassium Chloride", "Heparin", "Insulin", "Acetaminophen"]
+
+
+def planted_drug(p: int, j: int) -> str:
+    return f"Planted-{p:02d}-{j}"
+
+
+def random_samples(n: int, seed: int = 0, split: str = "train", n_noise_drugs: int = 400,
+                   planted_per_phenotype: int = 2) -> pa.Table:
+    """`n` SAMPLES rows with a known structure (for tests and this benchmark only).
+
+    Planted drugs of phenotype p are given to half the pairs with p and raise its chance of
+    resolving by 0.3; ward drugs are given to most pairs, more often to sicker ones (so a
+    frequency ranking puts them first) and do nothing; noise drugs are random and do nothing.
+    """
+    rng = np.random.default_rng(seed)
+    prev = rng.uniform(0.05, 0.3, NUM_PHENOTYPES)
+    cur = rng.random((n, NUM_PHENOTYPES)) < prev
+    n_cur = cur.sum(axis=1)
+    planted = rng.random((n, NUM_PHENOTYPES, planted_per_phenotype)) < 0.5
+    planted &= cur[:, :, None]
+    treated = planted.any(axis=2)
+    p_resolve = 0.3 + 0.3 * treated
+    resolved = cur & (rng.random((n, NUM_PHENOTYPES)) < p_resolve)
+    new = ~cur & (rng.random((n, NUM_PHENOTYPES)) < 0.05)
+    labels = (cur & ~resolved) | new
+    ward_p = np.clip(0.6 + 0.08 * n_cur, 0, 0.97)
+    ward = rng.random((n, len(WARD_DRUGS))) < ward_p[:, None]
+    n_noise = rng.poisson(4, n)
+    noise = [rng.choice(n_noise_drugs, size=k, replace=False) for k in n_noise]
+    names = phenotype_names()
+    drugs, dx = [], []
+    for i in range(n):
+        row = [WARD_DRUGS[w] for w in np.flatnonzero(ward[i])]
+        for p, j in zip(*np.nonzero(planted[i])):
+            row.append(planted_drug(p, j))
+        row += [f"Drug-{k:04d}" for k in noise[i]]
+        drugs.append(row)
+        dx.append([names[p] for p in np.flatnonzero(cur[i])])
+    subject = np.arange(n, dtype=np.int64) + 1
+    hadm = subject * 10
+    return pa.table({
+        "sample_id": [f"{s}-{h}-{h + 1}" for s, h in zip(subject, hadm)],
+        "subject_id": subject, "hadm_id": hadm, "next_hadm_id": hadm + 1,
+        "split": [split] * n,
+        "admittime": pa.array(np.full(n, 1_500_000_000, dtype="datetime64[s]")),
+        "diagnosis_codes": [[f"{k:03d}" for k in range(len(d))] for d in dx],
+        "diagnosis_titles": dx, "diagnosis_short_titles": [[t[:24] for t in d] for d in dx],
+        "procedure_codes": [[] for _ in range(n)], "procedure_titles": [[] for _ in range(n)],
+        "drugs": drugs,
+        "phenotypes_current": pa.array(list(cur.astype(np.int8)), type=SAMPLES.field("phenotypes_current").type),
+        "labels": pa.array(list(labels.astype(np.int8)), type=SAMPLES.field("labels").type),
+        "text_plain": [""] * n,
+    }, schema=SAMPLES)
+
+
+def _samples_path(cfg, args, work: str) -> tuple[str, str]:
+    """Train samples at the requested scale: via synth + prepare when they exist."""
+    from .. import storage
+
+    patients = args.patients or 46520
+    have = all(importlib.util.find_spec(m) for m in ("ckd_ehr.synth", "ckd_ehr.prepare"))
+    if have:
+        from ..prepare import run_prepare
+
+        synth = cfg.data.synth.model_copy(update={"patients": patients})
+        run_cfg = cfg.model_copy(update={"run_dir": work, "data": cfg.data.model_copy(
+            update={"source": "synthetic", "synth": synth})})
+        run_prepare(run_cfg)
+        from ..contracts import RunLayout
+        return RunLayout(work).samples("train"), f"synth+prepare ({patients} patients)"
+    n = int(patients * 0.7 * 1.0)  # train share of patients, about one pair per patient
+    path = os.path.join(work, "train.parquet")
+    storage.write_parquet(random_samples(n, seed=0), path)
+    return path, f"random_samples ({n} train pairs, ckd_ehr.synth not available)"
+
+
+def bench_eadf(cfg, args) -> dict:
+    from .. import storage
+    from ..eadf import efficacy_table_ray
+    from ..eadf_stats import efficacy_table_reference
+    from ..ray_utils import init_ray
+
+    results: dict = {"benchmark": "eadf"}
+    with tempfile.TemporaryDirectory(prefix="ckd-ehr-bench-eadf-") as work:
+        t = time.perf_counter()
+        path, source = _samples_path(cfg, args, work)
+        results["data"] = {"source": source, "prepare_s": round(time.perf_counter() - t, 1)}
+        n = storage.read_parquet(path, columns=["sample_id"]).num_rows
+        results["data"]["train_pairs"] = n
+        init_ray(cfg.ray)
+        efficacy_table_ray(path, cfg)  # warm-up: worker start-up is not the stage's cost
+        with measure("ray_data", results):
+            ray_table = efficacy_table_ray(path, cfg)
+        with measure("reference", results):
+            ref_table = efficacy_table_reference(
+                storage.read_parquet(path, columns=["drugs", "phenotypes_current", "labels"]), cfg)
+    for k in ("ray_data", "reference"):
+        results[k]["rows_per_s"] = round(n / results[k]["wall_s"], 1)
+    results["ray_over_reference_wall"] = round(results["ray_data"]["wall_s"] / results["reference"]["wall_s"], 2)
+    results["tables_equal"] = ray_table.equals(ref_table)
+    results["efficacy_rows"] = ray_table.num_rows
+    emit(results, getattr(args, "out", None))
+    return results
