@@ -275,6 +275,8 @@ class _Worker:
                 self.forward = model
         self.trainable_names = [n for n, p in self.module.named_parameters() if p.requires_grad]
         self.step, self.epoch, self.batches_done = 0, 0, 0
+        self.resumed_from = -1          # step of the checkpoint this attempt started from
+        self.first_loss = float("nan")  # train loss of step 1, reported so callers can see it fall
 
     # checkpoints -------------------------------------------------------------------------
 
@@ -304,7 +306,8 @@ class _Worker:
                                os.path.join(tmp, "optim.pt"))
                 with open(os.path.join(tmp, TRAIN_STATE), "w") as f:
                     json.dump({"epoch": self.epoch, "step": self.step, "batches_done": self.batches_done,
-                               "total_steps": self.total_steps, "world": self.world}, f)
+                               "total_steps": self.total_steps, "world": self.world,
+                               "first_loss": self.first_loss}, f)
                 if val_out is not None:
                     np.save(os.path.join(tmp, "val_logits.npy"), val_out[0])
                     np.save(os.path.join(tmp, "val_labels.npy"), val_out[1])
@@ -333,6 +336,8 @@ class _Worker:
                 self.optimizer.load_state_dict(opt["optimizer"])
                 self.scheduler.load_state_dict(opt["scheduler"])
         self.epoch, self.step, self.batches_done = st["epoch"], st["step"], st["batches_done"]
+        self.first_loss = st.get("first_loss", float("nan"))
+        self.resumed_from = self.step
         if self.batches_done >= self.steps_per_epoch * self.accum:  # saved at an epoch end
             self.epoch, self.batches_done = self.epoch + 1, 0
         if self.rank == 0:
@@ -428,12 +433,15 @@ class _Worker:
             while self.batches_done < len(batches) and self.step < self.total_steps:
                 group = batches[self.batches_done: self.batches_done + self.accum]
                 last_loss = self.train_step(group)
+                if self.step == 1:
+                    self.first_loss = last_loss
                 self.batches_done += len(group)
                 seen += sum(len(b) for b in group) * self.world
                 epoch_end = self.batches_done >= len(batches)
                 done = self.step >= self.total_steps
                 metrics = {"step": self.step, "epoch": self.epoch + self.batches_done / len(batches),
-                           "train_loss": last_loss, "lr": self.scheduler.get_last_lr()[0],
+                           "train_loss": last_loss, "train_loss_first": self.first_loss,
+                           "resumed_from_step": self.resumed_from, "lr": self.scheduler.get_last_lr()[0],
                            "samples_per_s": seen / max(1e-9, time.time() - start)}
                 if self.rank == 0 and (self.step % 10 == 0 or epoch_end or done):
                     log.info("step %d/%d epoch %.2f loss %.4f", self.step, self.total_steps, metrics["epoch"], last_loss)

@@ -8,11 +8,12 @@ Public interface (others code against these):
     build_prompts(texts, tokenizer, use_chat_template) -> list[str]
     predict_logits(model, tokenizer, texts, batch_size=16, max_length=1024, device="cpu")
         -> np.ndarray [N, 25] in input order
+    encode_texts(texts, tokenizer, max_length, use_chat_template=True) -> token ids as trained
 """
 from __future__ import annotations
 
 from .artifact import load_teacher, write_artifact
-from .data import build_prompts, predict_logits
+from .data import build_prompts, encode_texts, predict_logits
 from .model import MLAPH, TeacherModel, build_teacher
 
 
@@ -22,5 +23,5 @@ def run_teacher(cfg):
     return _run(cfg)
 
 
-__all__ = ["run_teacher", "load_teacher", "predict_logits", "build_prompts", "TeacherModel", "MLAPH",
+__all__ = ["run_teacher", "load_teacher", "predict_logits", "build_prompts", "encode_texts", "TeacherModel", "MLAPH",
            "build_teacher", "write_artifact"]

@@ -5,6 +5,8 @@ tokenizer's chat template where it has one, with the generation prompt added so 
 token is the start of the assistant turn (what `last` pooling reads).
 
 Batches are padded to their own longest sample (right padding), never to max_length.
+`encode_texts` is the one way to turn sample texts into teacher token ids (training,
+validation, predict_logits, soft labels): over-long prompts lose instruction before input.
 """
 from __future__ import annotations
 
@@ -14,11 +16,6 @@ import numpy as np
 import torch
 
 from ..text import instruction
-
-# Tokens kept from the END of an over-long prompt: the chat template's closing tokens and the
-# assistant turn start must survive truncation, or `last` pooling reads a mid-text token.
-KEEP_TAIL_TOKENS = 16
-
 
 def build_prompts(texts: list[str], tokenizer, use_chat_template: bool) -> list[str]:
     """Instruction + input per text; through the chat template when asked and available."""
@@ -34,12 +31,45 @@ def build_prompts(texts: list[str], tokenizer, use_chat_template: bool) -> list[
     return out
 
 
-def encode(prompts: list[str], tokenizer, max_length: int) -> list[list[int]]:
-    """Token ids per prompt, unpadded. Over-long prompts keep their head and their last
-    KEEP_TAIL_TOKENS tokens (the chat template adds its own special tokens as text)."""
-    ids = tokenizer(prompts, add_special_tokens=False, truncation=False)["input_ids"]
-    tail = min(KEEP_TAIL_TOKENS, max_length // 4)
-    return [x if len(x) <= max_length else x[: max_length - tail] + x[-tail:] for x in ids]
+_MARK = "\u2063CKDEHR\u2063"  # placeholder located by string search only, never tokenised
+
+
+def _template_parts(tokenizer, use_chat_template: bool) -> tuple[str, str, str]:
+    """(template prefix, instruction + separator, template suffix) around a sample's text."""
+    full = build_prompts([_MARK], tokenizer, use_chat_template)[0]
+    head, suffix = full.split(_MARK)
+    instr = f"{instruction()}\n"
+    assert head.endswith(instr)
+    return head[: -len(instr)], instr, suffix
+
+
+def encode_texts(texts: list[str], tokenizer, max_length: int, use_chat_template: bool = True) -> list[list[int]]:
+    """Sample texts -> token ids (unpadded), exactly as the teacher trains and predicts.
+
+    A prompt that fits is the tokenisation of build_prompts' string. An over-long one is
+    rebuilt from its parts so that what carries information survives: the template's start
+    and end (the end holds the assistant turn start that `last` pooling reads) stay whole,
+    then the sample's text (its head, when even it alone does not fit), and the constant
+    instruction gets whatever room is left (cut from its end)."""
+    texts = list(texts)
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids = enc(build_prompts(texts, tokenizer, use_chat_template)) if texts else []
+    parts = None
+    out = []
+    for x, text in zip(ids, texts):
+        if len(x) <= max_length:
+            out.append(x)
+            continue
+        if parts is None:
+            parts = [enc(p) for p in _template_parts(tokenizer, use_chat_template)]
+        pre, instr, suf = parts
+        room = max_length - len(pre) - len(suf)
+        if room <= 0:  # max_length shorter than the template itself: keep its end
+            out.append((pre + suf)[-max_length:])
+            continue
+        body = enc(text)[:room]
+        out.append(pre + instr[: room - len(body)] + body + suf)
+    return out
 
 
 def pad_id(tokenizer) -> int:
@@ -74,7 +104,7 @@ class Collate:
 
 def make_examples(texts: Sequence[str], labels, tokenizer, max_length: int, use_chat_template: bool) -> list[dict]:
     """Training/validation examples: token ids, length (for grouping) and the 25 labels."""
-    ids = encode(build_prompts(list(texts), tokenizer, use_chat_template), tokenizer, max_length)
+    ids = encode_texts(list(texts), tokenizer, max_length, use_chat_template)
     labels = np.asarray(labels, dtype=np.int8)
     return [{"input_ids": x, "length": len(x), "labels": labels[i]} for i, x in enumerate(ids)]
 
@@ -90,7 +120,7 @@ def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 16,
         use_chat_template = getattr(model, "use_chat_template", True)
     if not texts:
         return np.zeros((0, getattr(getattr(model, "head", None), "num_labels", 25)), dtype=np.float32)
-    ids = encode(build_prompts(texts, tokenizer, use_chat_template), tokenizer, max_length)
+    ids = encode_texts(texts, tokenizer, max_length, use_chat_template)
     order = np.argsort([-len(x) for x in ids], kind="stable")
     pid = pad_id(tokenizer)
     out: list[np.ndarray | None] = [None] * len(ids)
