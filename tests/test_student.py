@@ -88,7 +88,7 @@ def test_section_budget_fit_keeps_efficacy_clause(tiny_bert_dir):
     max_length = 96
     assert all(len(tok(t)["input_ids"]) > max_length for t in eadf)
     texts, stats = fit_texts(samples, tok, max_length, "text_eadf", _efficacy_map(), TextConfig())
-    assert stats.refit == 6 and stats.truncated == 0
+    assert stats.refit == 6 and stats.truncated == 0 and stats.efficacy_reduced == 0
     present = samples.column("phenotypes_current").to_pylist()
     for t, orig, hot in zip(texts, eadf, present):
         assert len(tok(t)["input_ids"]) <= max_length
@@ -103,6 +103,21 @@ def test_section_budget_fit_keeps_efficacy_clause(tiny_bert_dir):
     # plain texts are refitted without efficacy clauses
     plain, pstats = fit_texts(samples, tok, max_length, "text_plain", _efficacy_map(), TextConfig())
     assert pstats.refit == 6 and not any("therapeutic" in t for t in plain)
+
+
+def test_efficacy_clauses_too_long_alone_lose_whole_clauses(tiny_bert_dir):
+    from transformers import AutoTokenizer
+
+    from ckd_ehr.student.data import fit_text
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    eff = {NAMES[p]: [f"Drug{p} number {k}" for k in range(5)] for p in range(8)}
+    text = render_input(["Cough"], ["Aspirin"], ["Venous cath NEC"], efficacy=eff).text
+    fitted, rounds, status = fit_text(tok, 120, text, ["Cough"], ["Aspirin"], ["Venous cath NEC"], eff, TextConfig())
+    assert status == "efficacy_reduced" and rounds > 0
+    assert len(tok(fitted)["input_ids"]) <= 120
+    first = f"therapeutic effect on {NAMES[0]} are {', '.join(eff[NAMES[0]])}"
+    assert first in fitted and NAMES[7] not in fitted  # the first clauses kept whole, the last dropped
 
 
 def test_missing_soft_labels_names_file_and_count(tmp_path):

@@ -4,7 +4,7 @@ tokenised once on the driver (batching by length happens in ckd_ehr.training).
 Fitting: a sample whose tokens exceed max_length is re-rendered from its structured fields
 with smaller diagnosis / drug / procedure budgets (the efficacy budget untouched) until it
 fits, so the efficacy clauses, rendered last, are never the part that is cut. Only a sample
-whose efficacy clauses alone exceed max_length is cut at the tail (counted apart).
+whose efficacy clauses alone exceed max_length loses whole clauses (counted apart).
 """
 from __future__ import annotations
 
@@ -77,13 +77,16 @@ def read_split(samples_path: str, soft_path: str | None, max_rows: int | None = 
 class FitStats:
     refit: int = 0
     """Samples re-rendered with smaller budgets so that they fit."""
+    efficacy_reduced: int = 0
+    """... of which the efficacy clauses alone were too long: whole clauses were dropped
+    (last phenotypes in label order first), after the other sections were emptied."""
     truncated: int = 0
-    """Samples still too long at the smallest budgets (cut at the tail)."""
+    """Samples that still did not fit (cut at the tail by the tokenizer); should stay 0."""
     rounds: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"refit": self.refit, "truncated": self.truncated,
-                "max_rounds": max(self.rounds, default=0)}
+        return {"refit": self.refit, "efficacy_reduced": self.efficacy_reduced,
+                "truncated": self.truncated, "max_rounds": max(self.rounds, default=0)}
 
 
 def _n_tokens(tokenizer, texts: list[str]) -> list[int]:
@@ -92,24 +95,30 @@ def _n_tokens(tokenizer, texts: list[str]) -> list[int]:
 
 def fit_text(tokenizer, max_length: int, text: str, diagnoses, drugs, procedures,
              efficacy: Mapping[str, Sequence[str]] | None, text_cfg: TextConfig,
-             shrink: float = 0.7, max_rounds: int = 30) -> tuple[str, int]:
-    """(text that fits in max_length tokens, rounds of shrinking; 0 = unchanged, -1 = gave up)."""
+             shrink: float = 0.7, max_rounds: int = 60) -> tuple[str, int, str]:
+    """(text within max_length tokens, rounds of shrinking, status).
+
+    status: `ok` (fits, maybe after shrinking the diagnosis / drug / procedure budgets),
+    `efficacy_reduced` (those sections emptied and still too long: the efficacy budget
+    shrinks too, dropping whole clauses), `truncated` (nothing left to shrink).
+    """
     if _n_tokens(tokenizer, [text])[0] <= max_length:
-        return text, 0
-    scale = 1.0
+        return text, 0, "ok"
+    cfg, new = text_cfg, text
     for r in range(1, max_rounds + 1):
-        scale *= shrink
-        cfg = text_cfg.model_copy(update={
-            "max_chars_diagnoses": max(1, int(text_cfg.max_chars_diagnoses * scale)),
-            "max_chars_drugs": max(1, int(text_cfg.max_chars_drugs * scale)),
-            "max_chars_procedures": max(1, int(text_cfg.max_chars_procedures * scale)),
-        })
+        sections = min(cfg.max_chars_diagnoses, cfg.max_chars_drugs, cfg.max_chars_procedures)
+        if sections > 1:  # first the three list sections, all by the same factor
+            cfg = cfg.model_copy(update={
+                k: max(1, int(getattr(cfg, k) * shrink))
+                for k in ("max_chars_diagnoses", "max_chars_drugs", "max_chars_procedures")})
+        elif efficacy and cfg.max_chars_efficacy > 1:  # then, only if needed, the clauses
+            cfg = cfg.model_copy(update={"max_chars_efficacy": max(1, int(cfg.max_chars_efficacy * shrink))})
+        else:
+            break
         new = render_input(diagnoses, drugs, procedures, efficacy=efficacy or None, cfg=cfg).text
         if _n_tokens(tokenizer, [new])[0] <= max_length:
-            return new, r
-        if min(cfg.max_chars_diagnoses, cfg.max_chars_drugs, cfg.max_chars_procedures) <= 1:
-            return new, -1  # sections already empty: the efficacy clauses alone are too long
-    return new, -1
+            return new, r, ("ok" if cfg.max_chars_efficacy == text_cfg.max_chars_efficacy else "efficacy_reduced")
+    return new, max_rounds, "truncated"
 
 
 def fit_texts(samples: pa.Table, tokenizer, max_length: int, column: str,
@@ -127,11 +136,12 @@ def fit_texts(samples: pa.Table, tokenizer, max_length: int, column: str,
     present = samples.column("phenotypes_current").to_pylist()
     for i in long:
         eff = efficacy_for(present[i], efficacy) if column == EADF else None
-        texts[i], rounds = fit_text(tokenizer, max_length, texts[i], dx[i], rx[i], px[i], eff,
-                                    text_cfg, shrink)
+        texts[i], rounds, status = fit_text(tokenizer, max_length, texts[i], dx[i], rx[i], px[i], eff,
+                                            text_cfg, shrink)
         stats.refit += 1
-        stats.truncated += rounds < 0
-        stats.rounds.append(max(rounds, 0))
+        stats.efficacy_reduced += status == "efficacy_reduced"
+        stats.truncated += status == "truncated"
+        stats.rounds.append(rounds)
     return texts, stats
 
 

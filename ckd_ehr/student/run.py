@@ -66,11 +66,10 @@ def data_fingerprint(prep: Prepared) -> str:
 
 def _predict_remote(checkpoint, model_path: str, pooling: str, pad_id: int, data: dict,
                     batch_size: int, use_gpu: bool) -> dict[str, np.ndarray]:
-    """Probabilities of several splits from a checkpoint, in a Ray task (on a GPU when training
-    had them: the driver of a cluster job may have none)."""
+    """Probabilities of several splits from a checkpoint; in a Ray task on a GPU when training
+    had them (the driver of a cluster job may have none), else in this process."""
     import ray
 
-    @ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)
     def predict(ckpt, splits: dict):
         from .model import predict_ids
         from .train import student_from_checkpoint
@@ -80,7 +79,9 @@ def _predict_remote(checkpoint, model_path: str, pooling: str, pad_id: int, data
             model = student_from_checkpoint(d, model_path, pooling, device)
         return {k: predict_ids(model, v.input_ids, pad_id, batch_size, device) for k, v in splits.items()}
 
-    return ray.get(predict.remote(checkpoint, data))
+    if not use_gpu:  # CPU: here, sparing a worker process start
+        return predict(checkpoint, data)
+    return ray.get(ray.remote(num_cpus=1, num_gpus=1)(predict).remote(checkpoint, data))
 
 
 def train_variant(cfg: PipelineConfig, variant: str) -> dict:
