@@ -220,6 +220,8 @@ def parse_times(raw, column: str, report: TableReport, required: bool) -> tuple[
     for fmt in _TIME_FORMATS:
         parsed = pc.strptime(trimmed, format=fmt, unit="s", error_is_null=True)
         values = parsed if values is None else pc.coalesce(values, parsed)
+        if values.null_count == raw.null_count:
+            break  # everything present parsed: the other formats need not be tried
     ok = values.is_valid().to_numpy(zero_copy_only=False)
     missing = raw.is_null().to_numpy(zero_copy_only=False)
     report.count_bad(column, raw, ~ok if required else ~ok & ~missing)
@@ -366,13 +368,24 @@ def load_drugs(path: str, report: TableReport, hadm_ids: np.ndarray,
 
 
 def _first_per_drug(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Keep each (hadm_id, drug)'s row with the smallest (start, order); NaN start last."""
+    """Keep each (hadm_id, drug)'s row with the smallest (start, file order), NaN start last.
+
+    `cols` must be in file order (as read, or as returned here: the kept rows stay in file
+    order, so block results can be concatenated and reduced again)."""
     start = np.where(np.isnan(cols["start"]), np.inf, cols["start"])
-    by = np.lexsort((cols["order"], start, cols["drug"], cols["hadm_id"]))
-    h, d = cols["hadm_id"][by], cols["drug"][by]
+    hadm, drug = cols["hadm_id"], cols["drug"]
+    if len(hadm) and (hadm.max() >= 2**39 or drug.max() >= 2**24):
+        key = np.unique(np.stack([hadm, drug], axis=1), axis=0, return_inverse=True)[1].ravel()
+    else:
+        key = (hadm << 24) | drug  # one integer per (admission, drug): far faster to sort
+    # Two stable one-key sorts instead of a lexsort: by start (ties keep file order), then by key.
+    by_start = np.argsort(start, kind="stable")
+    by = by_start[np.argsort(key[by_start], kind="stable")]
+    sorted_key = key[by]
     first = np.ones(len(by), dtype=bool)
-    first[1:] = (h[1:] != h[:-1]) | (d[1:] != d[:-1])
-    return {k: v[by][first] for k, v in cols.items()}
+    first[1:] = sorted_key[1:] != sorted_key[:-1]
+    keep = np.sort(by[first])
+    return {name: values[keep] for name, values in cols.items()}
 
 
 def _known_admissions(df: pd.DataFrame, hadm_ids: np.ndarray, report: TableReport) -> pd.DataFrame:

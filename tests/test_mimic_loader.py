@@ -21,7 +21,7 @@ import yaml
 from ckd_ehr import cli
 from ckd_ehr.config import PipelineConfig, build
 from ckd_ehr.contracts import SAMPLES, SPLITS, VISITS, RunLayout, check_schema
-from ckd_ehr.mimic import TABLES, MimicError, load_visits, unparseable_rows
+from ckd_ehr.mimic import TABLES, MimicError, TableReport, load_drugs, load_visits, unparseable_rows
 from ckd_ehr.prepare import PrepareError, run_prepare
 from ckd_ehr.samples import visit_pairs
 
@@ -261,3 +261,28 @@ def test_cli_prepares_the_demo_and_reports_bad_input_in_one_line(mimic_demo_dir,
     assert cli.main(["prepare", "--mimic-dir", str(bad), "--run-dir", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "PRESCRIPTIONS.csv: missing column(s) drug" in err[0]
+
+
+def test_drugs_keep_first_given_order_across_blocks(tmp_path):
+    """Earliest startdate first, file order on ties, no startdate last; one entry per drug
+    even when its rows fall in different streamed blocks."""
+    path = tmp_path / "PRESCRIPTIONS.csv"
+    path.write_text("hadm_id,startdate,drug\n"
+                    "1,2100-01-03 00:00:00,A\n"
+                    "1,2100-01-01 00:00:00,B\n"
+                    "1,2100-01-01 00:00:00,A\n"
+                    "1,,C\n"
+                    "1,2100-01-02 00:00:00,D\n"
+                    "1,2100-01-05 00:00:00, B \n"
+                    "2,2100-01-01 00:00:00,A\n"
+                    "99,2100-01-01 00:00:00,A\n"
+                    "x1,2100-01-01 00:00:00,A\n"
+                    "2,2100-01-01 00:00:00,\n")
+    report = TableReport(file=str(path))
+    drugs = load_drugs(str(path), report, np.array([1, 2]), block_size=64)
+    assert list(drugs.loc[drugs["hadm_id"] == 1, "drug"]) == ["B", "A", "D", "C"]
+    assert list(drugs.loc[drugs["hadm_id"] == 2, "drug"]) == ["A"]
+    assert report.rows_read == 10
+    assert report.dropped == {"unparseable hadm_id": 1, "missing drug": 1,
+                              "unknown hadm_id (not in ADMISSIONS)": 1}
+    assert report.examples == {"hadm_id": ["x1"]}
