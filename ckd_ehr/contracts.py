@@ -54,10 +54,10 @@ VISITS = pa.schema([
     ("gender", pa.string()),            # 'M' / 'F' / null
     ("age", pa.float32()),              # years at admission; null where unknown; >89 capped at 90
     ("diagnosis_codes", STRINGS),       # ICD-9-CM, normalised, in seq_num order
-    ("diagnosis_titles", STRINGS),      # long_title per code ('' if unknown)
-    ("diagnosis_short_titles", STRINGS),
+    ("diagnosis_titles", STRINGS),      # long_title per code (else short_title, else the code)
+    ("diagnosis_short_titles", STRINGS),  # short_title (else long_title, else the code)
     ("procedure_codes", STRINGS),
-    ("procedure_titles", STRINGS),      # short_title (the release uses short titles)
+    ("procedure_titles", STRINGS),      # short_title (the release uses short titles), else the code
     ("drugs", STRINGS),                 # PRESCRIPTIONS.drug, deduplicated, first-given order
     ("phenotypes", MULTI_HOT),          # the 25 phenotypes present in this admission
 ])

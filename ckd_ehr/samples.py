@@ -71,24 +71,18 @@ def assign_splits(subject_ids: Iterable[int], cfg: SplitConfig) -> list[str]:
     return out
 
 
-def _named(codes: list[str], titles: list[str], fallbacks: list[str]) -> list[str]:
-    """A name per code: its title, else the other title, else 'ICD-9 <code>'. MIMIC's
-    dictionaries miss a few codes; dropping them would silently drop a diagnosis."""
-    return [t or f or f"ICD-9 {c}" for c, t, f in zip(codes, titles, fallbacks)]
-
-
 def render_texts(pairs: pa.Table, cfg: TextConfig) -> tuple[list[str], dict[str, int]]:
     """text_plain of every sample (no efficacy clauses: EADF adds them) and the number of
-    items the section budgets dropped, per section, plus how many samples lost any."""
-    long_titles = pairs["diagnosis_titles"].to_pylist()
-    short_titles = pairs["diagnosis_short_titles"].to_pylist()
-    primary, fallback = (long_titles, short_titles) if cfg.titles == "long" else (short_titles, long_titles)
+    items the section budgets dropped, per section, plus how many samples lost any.
+
+    Reads the title columns as EADF and the student do, so the texts differ only by the
+    efficacy clauses (the loader already put the code where a dictionary has no title)."""
+    dx_column = "diagnosis_titles" if cfg.titles == "long" else "diagnosis_short_titles"
     dropped = {"diagnoses": 0, "drugs": 0, "procedures": 0, "samples_with_drops": 0}
     texts = []
-    for dx, dt, df, px, pt, rx in zip(pairs["diagnosis_codes"].to_pylist(), primary, fallback,
-                                      pairs["procedure_codes"].to_pylist(),
-                                      pairs["procedure_titles"].to_pylist(), pairs["drugs"].to_pylist()):
-        rendered = render_input(_named(dx, dt, df), rx, _named(px, pt, pt), cfg=cfg)
+    for dx, px, rx in zip(pairs[dx_column].to_pylist(), pairs["procedure_titles"].to_pylist(),
+                          pairs["drugs"].to_pylist()):
+        rendered = render_input(dx, rx, px, cfg=cfg)
         texts.append(rendered.text)
         lost = 0
         for section in ("diagnoses", "drugs", "procedures"):

@@ -70,19 +70,22 @@ def test_pairs_follow_admission_time_not_id_or_row_order():
 def test_sample_text_uses_titles_drugs_and_procedures_without_efficacy():
     visits = visits_table([
         {"subject": 1, "hadm": 1, "day": 1, "pheno": hot(5), "codes": ["4019", "7895"],
-         "long": ["Unspecified essential hypertension", ""], "short": ["Hypertension NOS", ""],
-         "drugs": ["Heparin", "Insulin"], "proc_codes": ["3893", "9999"], "proc_titles": ["Venous cath NEC", ""]},
+         "long": ["Unspecified essential hypertension", "7895"], "short": ["Hypertension NOS", "7895"],
+         "drugs": ["Heparin", "Insulin"], "proc_codes": ["3893"], "proc_titles": ["Venous cath NEC"]},
         {"subject": 1, "hadm": 2, "day": 2, "pheno": hot()},
     ])
     pairs = visit_pairs(visits)
     long_text, dropped = render_texts(pairs, TextConfig(titles="long"))
-    assert long_text == ["The patient-acquired disease is Unspecified essential hypertension, ICD-9 7895. "
+    assert long_text == ["The patient-acquired disease is Unspecified essential hypertension, 7895. "
                          "The patient had used the following medication: Heparin, Insulin. "
-                         "The surgical operation performed by the patient: Venous cath NEC, ICD-9 9999."]
+                         "The surgical operation performed by the patient: Venous cath NEC."]
     assert dropped == {"diagnoses": 0, "drugs": 0, "procedures": 0, "samples_with_drops": 0}
     short_text, _ = render_texts(pairs, TextConfig(titles="short"))
-    assert "disease is Hypertension NOS, ICD-9 7895." in short_text[0]
+    assert "disease is Hypertension NOS, 7895." in short_text[0]
     assert "therapeutic effect" not in long_text[0] + short_text[0]
+    with_instruction, _ = render_texts(pairs, TextConfig(include_instruction=True))
+    assert with_instruction[0].startswith("Determine that the patient has one or more") \
+        and with_instruction[0].endswith(long_text[0])
 
 
 def test_budget_drops_whole_items_and_counts_them():
