@@ -100,6 +100,9 @@ def test_counts_and_ranking_on_a_hand_built_cohort():
     assert set(freq["ranking"].to_pylist()) == {"frequency"}
     # Deterministic order: phenotype, rank (unranked last), drug.
     assert [(r["phenotype_index"], r["drug"]) for r in table.to_pylist()] == [(0, "A"), (0, "B"), (0, "Flush")]
+    # Pairs without any drugs: totals only, an empty table of the right schema.
+    no_drugs = efficacy_table_reference(samples_table([([], hot(0), hot())] * 3), cfg)
+    assert no_drugs.num_rows == 0 and no_drugs.schema == EFFICACY
     # A stricter threshold leaves nothing ranked.
     assert top_drugs(efficacy_table_reference(small_cohort(), EADFConfig(min_effect=0.5)), 5) == {}
 
@@ -208,7 +211,7 @@ def test_empty_train_split_gives_an_empty_table_and_still_fuses(ray_local, tmp_p
     layout = write_run(tmp_path, {"train": cohort.slice(0, 0), "val": cohort, "test": cohort.slice(0, 0)})
     summary = run_eadf(PipelineConfig(run_dir=str(tmp_path)))
     assert summary["efficacy_rows"] == 0 and summary["rows"] == {"train": 0, "val": cohort.num_rows, "test": 0}
-    assert storage.read_parquet(layout.efficacy_table).schema == EFFICACY
+    assert storage.read_parquet(layout.efficacy_table).equals(efficacy_table_reference(cohort.slice(0, 0), EADFConfig()))
     val = storage.read_parquet(layout.augmented("val"))
     assert val["sample_id"].to_pylist() == cohort["sample_id"].to_pylist()
     assert "therapeutic effect" not in "".join(val["text_eadf"].to_pylist())

@@ -1,6 +1,7 @@
 """`ckd-ehr bench eadf`: the efficacy table on Ray Data vs the plain pandas reference.
 
-At MIMIC-III scale (46,520 patients). With ckd_ehr.synth and ckd_ehr.prepare available the
+At MIMIC-III scale (46,520 patients). With `--run-dir RUN` holding prepared samples (and no
+`--patients`) those are used. With ckd_ehr.synth and ckd_ehr.prepare available the
 samples come from a synthetic cohort run through prepare; otherwise `random_samples` writes
 SAMPLES rows directly (same shape: ~25 phenotypes, a few hundred drugs, ward drugs). Prints
 wall time, rows/s and peak memory of both paths and their ratio; the two tables must match.
@@ -76,9 +77,14 @@ def random_samples(n: int, seed: int = 0, split: str = "train", n_noise_drugs: i
 
 
 def _samples_path(cfg, args, work: str) -> tuple[str, str]:
-    """Train samples at the requested scale: via synth + prepare when they exist."""
+    """Train samples: RUN's when already prepared (`--run-dir`), else at the requested scale
+    via synth + prepare when they exist, else random_samples."""
     from .. import storage
+    from ..contracts import RunLayout
 
+    existing = RunLayout(cfg.run_dir).samples("train")
+    if not args.patients and storage.exists(existing):
+        return existing, f"existing run ({cfg.run_dir})"
     patients = args.patients or 46520
     have = all(importlib.util.find_spec(m) for m in ("ckd_ehr.synth", "ckd_ehr.prepare"))
     if have:
@@ -88,7 +94,6 @@ def _samples_path(cfg, args, work: str) -> tuple[str, str]:
         run_cfg = cfg.model_copy(update={"run_dir": work, "data": cfg.data.model_copy(
             update={"source": "synthetic", "synth": synth})})
         run_prepare(run_cfg)
-        from ..contracts import RunLayout
         return RunLayout(work).samples("train"), f"synth+prepare ({patients} patients)"
     n = int(patients * 0.7 * 1.0)  # train share of patients, about one pair per patient
     path = os.path.join(work, "train.parquet")
@@ -98,8 +103,9 @@ def _samples_path(cfg, args, work: str) -> tuple[str, str]:
 
 def bench_eadf(cfg, args) -> dict:
     from .. import storage
-    from ..eadf import efficacy_table_ray
-    from ..eadf_stats import efficacy_table_reference
+    from ..contracts import SAMPLES
+    from ..eadf import efficacy_table_ray, fuse_batch, fuse_splits
+    from ..eadf_stats import efficacy_table_reference, top_drugs
     from ..ray_utils import init_ray
 
     results: dict = {"benchmark": "eadf"}
@@ -116,9 +122,18 @@ def bench_eadf(cfg, args) -> dict:
         with measure("reference", results):
             ref_table = efficacy_table_reference(
                 storage.read_parquet(path, columns=["drugs", "phenotypes_current", "labels"]), cfg)
-    for k in ("ray_data", "reference"):
+        # Fusion of the same split: Ray Data streaming to a file vs one in-memory pass.
+        top = top_drugs(ref_table, cfg.eadf.top_k)
+        with measure("fusion_ray_data", results):
+            fuse_splits({path: os.path.join(work, "fused.parquet")}, top, cfg.text, cfg.eadf.batch_size)
+        with measure("fusion_reference", results):
+            storage.write_parquet(fuse_batch(storage.read_parquet(path, columns=SAMPLES.names), top, cfg.text),
+                                  os.path.join(work, "fused_ref.parquet"))
+    for k in ("ray_data", "reference", "fusion_ray_data", "fusion_reference"):
         results[k]["rows_per_s"] = round(n / results[k]["wall_s"], 1)
     results["ray_over_reference_wall"] = round(results["ray_data"]["wall_s"] / results["reference"]["wall_s"], 2)
+    results["fusion_ray_over_reference_wall"] = round(
+        results["fusion_ray_data"]["wall_s"] / results["fusion_reference"]["wall_s"], 2)
     results["tables_equal"] = ray_table.equals(ref_table)
     results["efficacy_rows"] = ray_table.num_rows
     emit(results, getattr(args, "out", None))
