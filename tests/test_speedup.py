@@ -57,3 +57,44 @@ def test_slow_batch_sizes_are_skipped_not_run():
     results = S.time_batches(lambda bs: calls.append(bs), (1, 10**9), min_samples=1, max_measure_s=0.5,
                              device="cpu")
     assert "skipped" in results[10**9] and 10**9 not in calls
+
+
+def test_artifact_mode_times_the_trained_teacher_and_student(tmp_path, tiny_qwen_dir, tiny_bert_dir):
+    """Artifacts written by the teacher and student stages' own writers (random tiny weights),
+    timed on the test split's EADF texts through their predict functions."""
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    from ckd_ehr import storage
+    from ckd_ehr.config import TeacherConfig, TextConfig
+    from ckd_ehr.contracts import EFFICACY, RunLayout
+    from ckd_ehr.student.artifact import write_artifact as write_student
+    from ckd_ehr.student.model import build_student, save_student
+    from ckd_ehr.teacher.artifact import write_artifact as write_teacher
+    from ckd_ehr.teacher.artifact import write_weights
+    from ckd_ehr.teacher.model import build_teacher
+
+    layout = RunLayout(str(tmp_path / "run"))
+    teacher_cfg = TeacherConfig(model=str(tiny_qwen_dir), gguf_file=None, max_length=96)
+    teacher = build_teacher(teacher_cfg)
+    write_weights(teacher, teacher.state_dict(), tmp_path / "tw")
+    write_teacher(tmp_path / "tw", AutoTokenizer.from_pretrained(tiny_qwen_dir), teacher_cfg, {},
+                  layout.teacher_artifact)
+    save_student(build_student(str(tiny_bert_dir), pooling="mean"), tmp_path / "sw")
+    meta = {"max_length": 64, "pooling": "mean",
+            "text": {"column": "text_eadf", "config": TextConfig().model_dump(mode="json"), "top_k": 5},
+            "thresholds": {"fixed": [0.5] * 25, "tuned": [0.5] * 25, "served": "tuned"}}
+    write_student(layout.student_artifact("ckd_ehr"), tmp_path / "sw", AutoTokenizer.from_pretrained(tiny_bert_dir),
+                  meta, EFFICACY.empty_table(), tmp_path / "stage")
+    texts = [f"The patient-acquired disease is sepsis{', pneumonia' * i}." for i in range(6)]
+    storage.write_parquet(pa.table({"text_eadf": texts}), layout.augmented("test"))
+
+    cfg = load_config(PipelineConfig, None, [f"run_dir={layout.root}"])
+    args = argparse.Namespace(arch_only=False, samples=4, out=None)
+    results = S.bench_speedup(cfg, args, batch_sizes=(1, 4))
+    assert results["samples"] == 4 and results["teacher_max_length"] == 96 and results["student_max_length"] == 64
+    for who in ("student", "teacher"):
+        assert set(results[who]["throughput"]) == {1, 4}
+        assert all(r["samples"] == 4 for r in results[who]["throughput"].values())
+    assert results["speedup"] == pytest.approx(
+        results["student"]["best_samples_per_s"] / results["teacher"]["best_samples_per_s"], rel=0.01)

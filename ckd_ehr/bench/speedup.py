@@ -289,13 +289,14 @@ def bench_artifacts(run_dir: str, samples: int = 64, batch_sizes=(1, 8, 32), max
 
 
 def bench_speedup(cfg, args, sizes: dict[str, dict] | None = None, student_size: dict | None = None,
-                  **arch_options) -> dict:
-    """CLI entry. `sizes` / `student_size` (and seq_len, batch_sizes, max_measure_s) replace the
-    published dims and defaults of the arch-only mode; tests use tiny ones."""
+                  **options) -> dict:
+    """CLI entry. `sizes` / `student_size` replace the published dims of the arch-only mode;
+    `options` (seq_len, batch_sizes, max_measure_s) its defaults or the artifact mode's. Tests
+    use tiny ones."""
+    samples = getattr(args, "samples", None)
     if getattr(args, "arch_only", False):
-        results = bench_arch_only(sizes, student_size, min_samples=getattr(args, "samples", None) or 8,
-                                  seed=cfg.seed, **arch_options)
+        results = bench_arch_only(sizes, student_size, min_samples=samples or 8, seed=cfg.seed, **options)
     else:
-        results = bench_artifacts(cfg.run_dir, samples=getattr(args, "samples", None) or 64)
+        results = bench_artifacts(cfg.run_dir, samples=samples or 64, **options)
     emit(results, getattr(args, "out", None))
     return results
