@@ -468,9 +468,10 @@ def _train_loop_per_worker(config: dict) -> dict:
 
 # --- the driver ---------------------------------------------------------------------------
 
-def fit(cfg, task: TrainTask, storage_path: str, name: str = "train") -> TrainResult:
+def fit(cfg, task: TrainTask, storage_path: str, name: str = "train", callbacks: list | None = None) -> TrainResult:
     """Train with Ray Train (see the module docstring). `cfg` is a TrainerConfig (or subclass);
-    `storage_path` a local directory or URI; reusing (storage_path, name) resumes that run."""
+    `storage_path` a local directory or URI; reusing (storage_path, name) resumes that run.
+    `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback when a Tune trial runs this."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -489,7 +490,7 @@ def fit(cfg, task: TrainTask, storage_path: str, name: str = "train") -> TrainRe
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=name, storage_path=storage_path,
+            name=name, storage_path=storage_path, callbacks=callbacks,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep,
                                                checkpoint_score_attribute=cfg.best_metric,
