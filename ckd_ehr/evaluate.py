@@ -1,10 +1,12 @@
 """Evaluate stage: metrics of every student variant and the teacher on the test split.
 
-Reads RUN/evaluate/predictions/{name}.parquet (contracts.PREDICTIONS) for each model present,
-scores it at two threshold modes (`fixed` 0.5, the paper's protocol, and `tuned`, chosen per
-phenotype on validation by the stage that trained the model), adds 95% intervals from a
-bootstrap over patients, and the deltas of every model against the paper's baseline (a) with
-PAIRED intervals (the same resampled patients for both models). Writes RUN/evaluate/metrics.json.
+Reads RUN/evaluate/predictions/{name}.parquet (contracts.PREDICTIONS) for each model present
+(for the teacher, RUN/soft_labels/test.parquet joined with the test samples when it has no
+predictions file), scores it at two threshold modes (`fixed` 0.5, the paper's protocol, and
+`tuned`, chosen per phenotype on validation by the stage that trained the model), adds 95%
+intervals from a bootstrap over patients, and the deltas of every model against the paper's
+baseline (a) with PAIRED intervals (the same resampled patients for both models). Writes
+RUN/evaluate/metrics.json.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import logging
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from . import storage
 from .contracts import PREDICTIONS, STUDENT_VARIANTS, ContractError, RunLayout, check_schema
@@ -50,6 +53,24 @@ def read_predictions(path: str) -> pd.DataFrame:
     if df["sample_id"].duplicated().any():
         raise ContractError(f"{path}: duplicated sample_id values")
     return df.sort_values("sample_id", kind="stable").reset_index(drop=True)
+
+
+def teacher_predictions_from_soft_labels(layout: RunLayout) -> pd.DataFrame | None:
+    """The teacher's test predictions as PREDICTIONS rows, from the soft-labels stage's output
+    on the test split (its probabilities) joined by sample_id with the test samples (patient
+    and labels). None when either file is missing."""
+    soft_path = layout.soft_labels("test")
+    samples_path = next((p for p in (layout.augmented("test"), layout.samples("test")) if storage.exists(p)), None)
+    if not storage.exists(soft_path) or samples_path is None:
+        return None
+    soft = storage.read_parquet(soft_path, columns=["sample_id", "probs"]).to_pandas()
+    samples = storage.read_parquet(samples_path, columns=["sample_id", "subject_id", "labels"]).to_pandas()
+    joined = samples.merge(soft, on="sample_id", how="inner")
+    if not len(joined):
+        raise ContractError(f"{soft_path}: no sample_id in common with {samples_path}")
+    table = check_schema(pa.Table.from_pandas(joined[["sample_id", "subject_id", "labels", "probs"]],
+                                              preserve_index=False), PREDICTIONS, soft_path)
+    return table.to_pandas().sort_values("sample_id", kind="stable").reset_index(drop=True)
 
 
 def _artifact_json(layout: RunLayout, name: str) -> str:
@@ -131,13 +152,18 @@ def run_evaluate(cfg) -> dict:
     resamples, seed = cfg.evaluate.bootstrap, cfg.evaluate.seed
     baseline = cfg.evaluate.baseline
     pred_dir = storage.join(layout.root, "evaluate", "predictions")
-    frames, skipped = {}, {}
+    frames, sources, skipped = {}, {}, {}
     for name in MODELS:
         path = layout.predictions(name)
         if storage.exists(path):
-            frames[name] = read_predictions(path)
+            frames[name], sources[name] = read_predictions(path), path
+        elif name == "teacher" and (soft := teacher_predictions_from_soft_labels(layout)) is not None:
+            # Nobody has to write teacher.parquet: the soft labels of the test split are the
+            # teacher's test predictions.
+            frames[name], sources[name] = soft, layout.soft_labels("test")
         else:
-            skipped[name] = f"no predictions at {path}"
+            skipped[name] = f"no predictions at {path}" + (
+                f" and no {layout.soft_labels('test')}" if name == "teacher" else "")
     if not frames:
         raise FileNotFoundError(f"{pred_dir}: no prediction files for any of {', '.join(MODELS)} "
                                 "(have the student and teacher stages written their test predictions?)")
@@ -146,7 +172,7 @@ def run_evaluate(cfg) -> dict:
     for name, df in frames.items():
         thresholds[name], source = read_thresholds(layout, name)
         entry, dists[name] = score_model(df, thresholds[name], resamples, seed)
-        models[name] = {"role": ROLES[name], "predictions": layout.predictions(name),
+        models[name] = {"role": ROLES[name], "predictions": sources[name],
                         "threshold_source": source, **entry}
         m = entry["modes"]["fixed"]["metrics"]
         log.info("%s: accuracy %.4f, macro-F1 %.4f, macro AUROC %.4f (n=%d, %d patients)", name,

@@ -134,3 +134,32 @@ def test_evaluate_rejects_conflicting_labels(tmp_path):
     cfg = load_config(PipelineConfig, None, [f"run_dir={tmp_path}", "evaluate.bootstrap=0"])
     with pytest.raises(ContractError, match="different labels"):
         run_evaluate(cfg)
+
+
+def test_teacher_predictions_come_from_test_soft_labels(tmp_path):
+    """With no predictions/teacher.parquet, the teacher is scored on soft_labels/test.parquet
+    joined with the test samples (labels and patients) by sample_id."""
+    from ckd_ehr.contracts import SOFT_LABELS
+
+    layout = RunLayout(str(tmp_path))
+    rng = np.random.default_rng(2)
+    n = 60
+    y = (rng.random((n, 25)) < 0.3).astype(np.int8)
+    subjects = np.arange(n) // 3
+    write_predictions(layout, "hard_plain", y, rng.random((n, 25)), subjects)
+    ids = [f"s{i:04d}" for i in range(n)]
+    storage.write_parquet(pa.Table.from_pydict(
+        {"sample_id": ids, "subject_id": subjects.tolist(), "labels": y.tolist()}), layout.augmented("test"))
+    teacher = rng.random((n, 25))
+    keep = np.arange(5, n)[::-1]                     # soft labels for 55 samples, another order
+    storage.write_parquet(pa.Table.from_pydict({
+        "sample_id": [ids[i] for i in keep], "logits": teacher[keep].tolist(), "probs": teacher[keep].tolist(),
+        "teacher_id": ["t"] * len(keep)}, schema=SOFT_LABELS), layout.soft_labels("test"))
+    cfg = load_config(PipelineConfig, None, [f"run_dir={tmp_path}", "evaluate.bootstrap=0"])
+    result = run_evaluate(cfg)
+    entry = result["models"]["teacher"]
+    assert entry["predictions"] == layout.soft_labels("test") and entry["n_samples"] == 55
+    direct = M.all_scores(y[5:], teacher[5:].astype(np.float32), 0.5)
+    for m in M.ALL_METRICS:
+        assert entry["modes"]["fixed"]["metrics"][m] == pytest.approx(direct[m])
+    assert result["deltas"]["teacher"]["n_samples"] == 55
