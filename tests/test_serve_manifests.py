@@ -4,6 +4,7 @@ against Ray Serve's own schema, pointing at a builder that exists."""
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def _strict(schema):
     return schema
 
 
+@functools.lru_cache(maxsize=None)
 def _crd_schema(version: str) -> dict:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     crd = yaml.load((REPO / "cluster/kuberay/crds/ray.io_rayservices.yaml").read_text(), Loader=loader)
