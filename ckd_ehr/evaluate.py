@@ -19,7 +19,7 @@ import pyarrow as pa
 from . import storage
 from .contracts import PREDICTIONS, STUDENT_VARIANTS, ContractError, RunLayout, check_schema
 from .metrics import (ALL_METRICS, bootstrap_scores, delta_summary, evaluate_predictions, interval,
-                      paired_bootstrap_delta, to_matrix)
+                      paired_bootstrap_delta, to_matrix, tune_thresholds)
 from .phenotypes import NUM_PHENOTYPES, phenotype_names
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,12 @@ def read_predictions(path: str) -> pd.DataFrame:
     return df.sort_values("sample_id", kind="stable").reset_index(drop=True)
 
 
-def teacher_predictions_from_soft_labels(layout: RunLayout) -> pd.DataFrame | None:
-    """The teacher's test predictions as PREDICTIONS rows, from the soft-labels stage's output
-    on the test split (its probabilities) joined by sample_id with the test samples (patient
-    and labels). None when either file is missing."""
-    soft_path = layout.soft_labels("test")
-    samples_path = next((p for p in (layout.augmented("test"), layout.samples("test")) if storage.exists(p)), None)
+def teacher_predictions_from_soft_labels(layout: RunLayout, split: str = "test") -> pd.DataFrame | None:
+    """The teacher's predictions on a split as PREDICTIONS rows, from the soft-labels stage's
+    output (its probabilities) joined by sample_id with the split's samples (patient and
+    labels). None when either file is missing."""
+    soft_path = layout.soft_labels(split)
+    samples_path = next((p for p in (layout.augmented(split), layout.samples(split)) if storage.exists(p)), None)
     if not storage.exists(soft_path) or samples_path is None:
         return None
     soft = storage.read_parquet(soft_path, columns=["sample_id", "probs"]).to_pandas()
@@ -82,15 +82,15 @@ def _artifact_json(layout: RunLayout, name: str) -> str:
 def read_thresholds(layout: RunLayout, name: str) -> tuple[dict[str, list[float]], dict[str, str]]:
     """({mode: 25 thresholds}, {mode: where they came from}). The artifact JSON may hold
     "thresholds": {"fixed": [...], "tuned": [...]} (or a bare list, taken as tuned); anything
-    missing or malformed falls back to 0.5, and the source says so."""
+    missing or malformed falls back to 0.5, and the source says so. The teacher's tuned
+    thresholds, when its artifact has none, are tuned here on its validation soft labels."""
     fixed = [0.5] * NUM_PHENOTYPES
     thresholds = {"fixed": fixed, "tuned": fixed}
     source = {"fixed": "0.5 for every phenotype", "tuned": "0.5 (no tuned thresholds found)"}
     path = _artifact_json(layout, name)
     if not storage.exists(path):
         source["tuned"] = f"0.5 ({path} not found)"
-        return thresholds, source
-    stored = storage.read_json(path).get("thresholds")
+    stored = storage.read_json(path).get("thresholds") if storage.exists(path) else None
     if isinstance(stored, list):
         stored = {"tuned": stored}
     for mode in ("fixed", "tuned"):
@@ -101,6 +101,11 @@ def read_thresholds(layout: RunLayout, name: str) -> tuple[dict[str, list[float]
             source[mode] = f"0.5 ({path}: thresholds.{mode} is not {NUM_PHENOTYPES} numbers)"
             continue
         thresholds[mode], source[mode] = [float(v) for v in values], f"{path}: thresholds.{mode}"
+    if name == "teacher" and not source["tuned"].startswith(path):
+        val = teacher_predictions_from_soft_labels(layout, "val")
+        if val is not None:
+            thresholds["tuned"] = tune_thresholds(to_matrix(val["labels"], np.int8), to_matrix(val["probs"]), "f1")
+            source["tuned"] = f"maximising F1 per phenotype on {layout.soft_labels('val')}"
     return thresholds, source
 
 

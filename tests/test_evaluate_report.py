@@ -155,9 +155,19 @@ def test_teacher_predictions_come_from_test_soft_labels(tmp_path):
     storage.write_parquet(pa.Table.from_pydict({
         "sample_id": [ids[i] for i in keep], "logits": teacher[keep].tolist(), "probs": teacher[keep].tolist(),
         "teacher_id": ["t"] * len(keep)}, schema=SOFT_LABELS), layout.soft_labels("test"))
+    # Validation soft labels: the teacher's tuned thresholds are fitted on these, never on test.
+    y_val, p_val = (rng.random((40, 25)) < 0.3).astype(np.int8), rng.random((40, 25)).astype(np.float32)
+    val_ids = [f"v{i:03d}" for i in range(40)]
+    storage.write_parquet(pa.Table.from_pydict(
+        {"sample_id": val_ids, "subject_id": list(range(40)), "labels": y_val.tolist()}), layout.augmented("val"))
+    storage.write_parquet(pa.Table.from_pydict({
+        "sample_id": val_ids, "logits": p_val.tolist(), "probs": p_val.tolist(), "teacher_id": ["t"] * 40},
+        schema=SOFT_LABELS), layout.soft_labels("val"))
     cfg = load_config(PipelineConfig, None, [f"run_dir={tmp_path}", "evaluate.bootstrap=0"])
     result = run_evaluate(cfg)
     entry = result["models"]["teacher"]
+    assert entry["modes"]["tuned"]["thresholds"] == pytest.approx(M.tune_thresholds(y_val, p_val, "f1"))
+    assert "soft_labels/val.parquet" in entry["threshold_source"]["tuned"]
     assert entry["predictions"] == layout.soft_labels("test") and entry["n_samples"] == 55
     direct = M.all_scores(y[5:], teacher[5:].astype(np.float32), 0.5)
     for m in M.ALL_METRICS:
