@@ -324,9 +324,10 @@ def load_dictionary(path: str, name: str, report: TableReport) -> pd.DataFrame:
 
 
 def load_drugs(path: str, report: TableReport, hadm_ids: np.ndarray,
-               block_size: int = DEFAULT_BLOCK_SIZE) -> pd.DataFrame:
+               block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[pd.DataFrame, pa.Array]:
     """PRESCRIPTIONS, streamed: the first administration of each (admission, drug), as
-    columns hadm_id, drug, start, order sorted by admission, then start, then file order.
+    (columns hadm_id, drug, start, order sorted by admission, then start, then file order;
+    the drug names, indexed by the `drug` column).
 
     "First" is the earliest startdate, then file order; rows without a startdate go last.
     Each block is reduced to its own firsts before the next is read, so memory holds the
@@ -361,10 +362,12 @@ def load_drugs(path: str, report: TableReport, hadm_ids: np.ndarray,
     if report.rows_read == 0:
         raise MimicError(f"{path}: empty table (header only, no data rows)")
     merged = _first_per_drug({k: np.concatenate([f[k] for f in firsts]) for k in firsts[0]})
-    names = np.array(list(vocabulary), dtype=object)
-    df = pd.DataFrame({**merged, "drug": names[merged["drug"]] if len(names) else merged["drug"]})
-    df = _known_admissions(df, hadm_ids, report)
-    return df.sort_values(["hadm_id", "start", "order"], na_position="last", kind="stable")
+    df = _known_admissions(pd.DataFrame(merged), hadm_ids, report)
+    start = df["start"].to_numpy()
+    df = df.iloc[np.lexsort((df["order"].to_numpy(), np.where(np.isnan(start), np.inf, start),
+                             df["hadm_id"].to_numpy()))]
+    # Names stay integer ids until the list column is built (no millions of Python strings).
+    return df.reset_index(drop=True), pa.array(list(vocabulary), pa.string())
 
 
 def _first_per_drug(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -422,16 +425,23 @@ def _lists_per_admission(hadm_ids: np.ndarray, events: pd.DataFrame) -> tuple[np
 
 
 def _list_array(offsets: np.ndarray, values) -> pa.ListArray:
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.string()))
+    if not isinstance(values, pa.Array):
+        values = pa.array(values, pa.string())
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
 
 
 def _multi_hot(offsets: np.ndarray, codes: np.ndarray) -> pa.FixedSizeListArray:
     table = code_to_phenotype_table()
     rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    # Look each distinct code up once (thousands), not each of the ~1M code rows.
+    code_index, distinct = pd.factorize(pd.Series(codes, dtype=object))
+    hot_of_code = np.zeros((len(distinct) + 1, NUM_PHENOTYPES), dtype=bool)  # last row: no code
+    for k, code in enumerate(distinct):
+        hot_of_code[k, list(table.get(code, ()))] = True
+    hot = hot_of_code[code_index]  # factorize gives -1 for null: the all-false last row
     mat = np.zeros((len(offsets) - 1, NUM_PHENOTYPES), dtype=np.int8)
-    for row, code in zip(rows, codes):
-        for i in table.get(code, ()):
-            mat[row, i] = 1
+    for j in range(NUM_PHENOTYPES):
+        mat[rows[hot[:, j]], j] = 1
     return pa.FixedSizeListArray.from_arrays(pa.array(mat.ravel(), pa.int8()), NUM_PHENOTYPES)
 
 
@@ -479,7 +489,7 @@ def load_visits(mimic_dir: str, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[p
     px = load_coded_events(paths["PROCEDURES_ICD"], "PROCEDURES_ICD", reports["PROCEDURES_ICD"], sorted_ids)
     dx_dict = load_dictionary(paths["D_ICD_DIAGNOSES"], "D_ICD_DIAGNOSES", reports["D_ICD_DIAGNOSES"])
     px_dict = load_dictionary(paths["D_ICD_PROCEDURES"], "D_ICD_PROCEDURES", reports["D_ICD_PROCEDURES"])
-    drugs = load_drugs(paths["PRESCRIPTIONS"], reports["PRESCRIPTIONS"], sorted_ids, block_size)
+    drugs, drug_names = load_drugs(paths["PRESCRIPTIONS"], reports["PRESCRIPTIONS"], sorted_ids, block_size)
     log.info("events: %d diagnoses, %d procedures, %d distinct (admission, drug)", len(dx), len(px), len(drugs))
 
     dx_off, dx_idx = _lists_per_admission(hadm_ids, dx)
@@ -500,7 +510,7 @@ def load_visits(mimic_dir: str, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[p
         "diagnosis_short_titles": _list_array(dx_off, _titles(dx_codes, dx_dict, ("short_title", "long_title"))),
         "procedure_codes": _list_array(px_off, px_codes),
         "procedure_titles": _list_array(px_off, _titles(px_codes, px_dict, ("short_title",))),
-        "drugs": _list_array(rx_off, drugs["drug"].to_numpy(dtype=object)[rx_idx]),
+        "drugs": _list_array(rx_off, drug_names.take(drugs["drug"].to_numpy()[rx_idx])),
         "phenotypes": _multi_hot(dx_off, dx_codes),
     })
     report = {

@@ -286,9 +286,10 @@ def test_drugs_keep_first_given_order_across_blocks(tmp_path):
                     "x1,2100-01-01 00:00:00,A\n"
                     "2,2100-01-01 00:00:00,\n")
     report = TableReport(file=str(path))
-    drugs = load_drugs(str(path), report, np.array([1, 2]), block_size=64)
-    assert list(drugs.loc[drugs["hadm_id"] == 1, "drug"]) == ["B", "A", "D", "C"]
-    assert list(drugs.loc[drugs["hadm_id"] == 2, "drug"]) == ["A"]
+    drugs, names = load_drugs(str(path), report, np.array([1, 2]), block_size=64)
+    named = names.to_pylist()
+    assert [named[d] for d in drugs.loc[drugs["hadm_id"] == 1, "drug"]] == ["B", "A", "D", "C"]
+    assert [named[d] for d in drugs.loc[drugs["hadm_id"] == 2, "drug"]] == ["A"]
     assert report.rows_read == 10
     assert report.dropped == {"unparseable hadm_id": 1, "missing drug": 1,
                               "unknown hadm_id (not in ADMISSIONS)": 1}
