@@ -104,6 +104,8 @@ def test_limits_and_tokens():
         check_limits(PredictRequest(records=[{"text": "x"}] * 17), cfg)
     with pytest.raises(TooLarge, match="record 1"):
         check_limits(PredictRequest(records=[{"text": "x"}, {"medications": ["y" * 5001]}]), cfg)
+    with pytest.raises(TooLarge):  # a flood of empty items is not free either
+        check_limits(PredictRequest(records=[{"medications": [""] * 5001}]), cfg)
     assert token_ok(None, None) and token_ok("anything", None)
     assert token_ok(TOKEN, token_digest(TOKEN))
     assert not token_ok(None, token_digest(TOKEN)) and not token_ok(TOKEN + "x", token_digest(TOKEN))

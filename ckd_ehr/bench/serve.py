@@ -155,6 +155,9 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
     from ..serve.api import render_record, Record
     from ..serve.app import load_predictor, start
 
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     cores = os.cpu_count() or 1
     n = int(getattr(args, "samples", None) or 512)
     duration = float(getattr(args, "duration", None) or 20.0)

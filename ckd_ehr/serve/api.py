@@ -65,7 +65,8 @@ class Record(BaseModel):
     def n_chars(self) -> int:
         if self.text is not None:
             return len(self.text)
-        return sum(len(s) for f in STRUCTURED_FIELDS for s in (getattr(self, f) or []))
+        # +1 per item (its separator), so a flood of empty items counts too
+        return sum(len(s) + 1 for f in STRUCTURED_FIELDS for s in (getattr(self, f) or []))
 
 
 class PredictRequest(BaseModel):

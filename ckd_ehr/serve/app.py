@@ -13,9 +13,11 @@ started by `serve deploy` or KubeRay read the variable themselves (from a Secret
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,20 @@ def model_info(predictor, artifact_dir: str | os.PathLike) -> ModelInfo:
         text_config=predictor.text_config,
         efficacy={k: list(v) for k, v in (predictor.efficacy or {}).items()},
         diagnosis_titles=titles,
-        render=getattr(predictor, "render", None))
+        render=_own_tokenizer_render(predictor))
+
+
+def _own_tokenizer_render(predictor):
+    """predictor.render on a shallow copy with its own tokenizer.
+
+    Rendering runs on the event loop while a batch is tokenised in a worker thread; a Hugging
+    Face fast tokenizer used from two threads at once can fail ('Already borrowed': setting
+    truncation needs exclusive access), so the two paths never share one."""
+    if not hasattr(predictor, "render"):
+        return None
+    clone = copy.copy(predictor)
+    clone.tokenizer = copy.deepcopy(predictor.tokenizer)
+    return clone.render
 
 
 def load_predictor(artifact: str, torch_threads: int | None = None):
@@ -70,9 +85,14 @@ class LocalBackend:
 
     def __init__(self, predictor, info: ModelInfo, batch_size: int = 32):
         self.predictor, self.info, self.batch_size = predictor, info, batch_size
+        self._lock = threading.Lock()  # one forward (and one tokenizer user) at a time
+
+    def _forward(self, texts: list[str]) -> np.ndarray:
+        with self._lock:
+            return self.predictor.predict_proba(texts, self.batch_size)
 
     async def predict(self, texts: list[str]) -> np.ndarray:
-        return await asyncio.to_thread(self.predictor.predict_proba, texts, self.batch_size)
+        return await asyncio.to_thread(self._forward, texts)
 
 
 @serve.deployment(name="StudentDeployment")
