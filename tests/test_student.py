@@ -120,6 +120,22 @@ def test_efficacy_clauses_too_long_alone_lose_whole_clauses(tiny_bert_dir):
     assert first in fitted and NAMES[7] not in fitted  # the first clauses kept whole, the last dropped
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_pooling_ignores_padding(tiny_bert_dir, pooling):
+    """A sample's probabilities do not depend on how much its batch pads it."""
+    from transformers import AutoTokenizer
+
+    from ckd_ehr.student.model import build_student, predict_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    model = build_student(str(tiny_bert_dir), pooling, seed=0).eval()
+    short, long = tok(["Cough.", "Sepsis marker finding, " * 20])["input_ids"]
+    alone = predict_ids(model, [short], tok.pad_token_id)
+    padded = predict_ids(model, [short, long], tok.pad_token_id, batch_size=2)
+    np.testing.assert_allclose(alone[0], padded[0], atol=1e-5)
+    assert not np.allclose(padded[0], padded[1], atol=1e-4)
+
+
 def test_missing_soft_labels_names_file_and_count(tmp_path):
     from ckd_ehr.student.data import read_split
 
