@@ -19,6 +19,8 @@ Usage (the caller owns the model, the data and the loss; this file owns distribu
 
 Everything in TrainTask runs on the workers, so it must pickle (cloudpickle: closures are fine).
 Examples are dicts; `example["length"]` (tokens) drives length grouping when present.
+Reported metrics: step, epoch, train_loss, train_loss_first, resumed_from_step, lr,
+samples_per_s, and at validations val_loss + `val_` + each key of eval_fn's result.
 
 What fit does:
 - TorchTrainer with cfg.num_workers workers (gloo on CPU, NCCL on GPU), strategy `ddp`
@@ -34,7 +36,8 @@ What fit does:
 - Checkpoints every epoch and every cfg.checkpoint_every_steps steps; Ray keeps
   cfg.num_checkpoints_to_keep scored by cfg.best_metric. Each checkpoint holds
   `trainable.safetensors` (full trainable weights, whatever the strategy), `train_state.json`
-  (epoch, step, batches done), `val_logits.npy` + `val_labels.npy` when validated, the optimiser
+  (epoch, step, batches done), `val_logits.npy` + `val_labels.npy` when validated (rows in the
+  order of load_data's validation examples: use them to tune thresholds), the optimiser
   state (`optim.pt` for ddp, DeepSpeed's own files under `ds/` for deepspeed) and what
   `save_weights` writes.
 - Resume: ray.train.get_checkpoint() restores weights, optimiser, schedule and the position
