@@ -135,6 +135,14 @@ def eval_batches(lengths: Sequence[int], batch_size: int, world: int, rank: int)
     return mine + [None] * (n - len(mine))
 
 
+def subset_indices(n_total: int, max_n: int | None, seed: int) -> np.ndarray:
+    """The training rows kept under cfg.max_train_samples (a seeded sample, in file order).
+    load_data may apply it itself to skip work on rows that would be dropped anyway."""
+    if not max_n or n_total <= max_n:
+        return np.arange(n_total)
+    return np.sort(np.random.default_rng(seed).permutation(n_total)[:max_n])
+
+
 def default_labels_of(targets: Any) -> torch.Tensor:
     return targets["labels"] if isinstance(targets, dict) else targets
 
@@ -224,8 +232,7 @@ class _Worker:
         train, val = task.load_data()
         train, val = list(train), list(val)
         if cfg.max_train_samples and len(train) > cfg.max_train_samples:
-            keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(train))[: cfg.max_train_samples])
-            train = [train[i] for i in keep]
+            train = [train[i] for i in subset_indices(len(train), cfg.max_train_samples, cfg.seed)]
         if cfg.max_eval_samples:
             val = val[: cfg.max_eval_samples]
         self.train, self.val = train, val

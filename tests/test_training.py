@@ -79,3 +79,14 @@ def test_deepspeed_config_filled_from_trainer_config():
     ds = deepspeed_config(given, world=1)
     assert ds["gradient_accumulation_steps"] == 8 and ds["train_batch_size"] == 8 * given.batch_size
     assert ds["bf16"]["enabled"] is True
+
+
+def test_subset_indices_is_a_seeded_sample_in_file_order():
+    from ckd_ehr.training import subset_indices
+
+    keep = subset_indices(100, 10, seed=3)
+    assert len(keep) == 10 and (np.diff(keep) > 0).all()
+    assert (keep == subset_indices(100, 10, seed=3)).all()
+    assert not (keep == subset_indices(100, 10, seed=4)).all()
+    assert (subset_indices(5, 10, seed=0) == np.arange(5)).all()
+    assert (subset_indices(5, None, seed=0) == np.arange(5)).all()

@@ -15,7 +15,7 @@ import torch
 from .. import storage
 from ..config import config_hash
 from ..contracts import RunLayout
-from ..training import TrainResult, TrainTask, fit
+from ..training import TrainResult, TrainTask, fit, subset_indices
 from .artifact import SaveTeacherWeights, write_artifact
 from .data import Collate, make_examples, pad_id
 from .model import build_teacher, param_groups
@@ -66,11 +66,16 @@ class TeacherData:
         self.tc, self.train_path, self.val_path = tc, train_path, val_path
 
     def __call__(self):
-        tok = load_tokenizer(self.tc)
+        tc = self.tc
+        tok = load_tokenizer(tc)
         out = []
-        for path in (self.train_path, self.val_path):
-            texts, labels = read_split(path, self.tc.text_column)
-            out.append(make_examples(texts, labels, tok, self.tc.max_length, self.tc.use_chat_template))
+        for path, is_train in ((self.train_path, True), (self.val_path, False)):
+            texts, labels = read_split(path, tc.text_column)
+            # Tokenise only the rows training.fit keeps (same selection, so its own is a no-op).
+            keep = subset_indices(len(texts), tc.max_train_samples, tc.seed) if is_train else \
+                np.arange(min(len(texts), tc.max_eval_samples or len(texts)))
+            texts, labels = [texts[i] for i in keep], labels[keep]
+            out.append(make_examples(texts, labels, tok, tc.max_length, tc.use_chat_template))
         return out[0], out[1]
 
 
