@@ -80,7 +80,7 @@ def counts_ray(path: str, batch_size: int = 4096) -> tuple[pd.DataFrame, pd.Data
     _check_columns(path, COUNT_COLUMNS)
     if n == 0:
         return split_counts(PARTIAL_SCHEMA.empty_table().to_pandas())
-    # Fractional CPUs: counting a batch is light, and whole-CPU tasks serialise on 2 cores.
+    # Fractional CPUs: counting a batch is light; reading, counting and summing can overlap on 2 cores.
     summed = (_read_ds(path, COUNT_COLUMNS)
               .map_batches(partial_counts, batch_format="pyarrow", batch_size=batch_size,
                            fn_kwargs={"where": path}, num_cpus=0.5)
@@ -106,6 +106,8 @@ def fuse_batch(batch: pa.Table, top: Mapping[int, Sequence[str]], text: TextConf
     for the phenotypes present at visit i (label order) that have ranked drugs. A `path`
     column (Ray Data's include_paths) is carried through."""
     paths = batch.column(PATH_COL) if PATH_COL in batch.column_names else None
+    if paths is not None and len(paths):
+        where = paths[0].as_py()  # errors name the file the batch came from
     batch = check_schema(batch, SAMPLES, where)
     names = phenotype_names()
     present = multi_hot_matrix(batch.column("phenotypes_current"), where, "phenotypes_current")

@@ -204,12 +204,15 @@ def test_run_eadf_fuses_every_split_with_the_training_table(ray_local, tmp_path)
     assert eff["mean_recall_at_k"] > freq["mean_recall_at_k"]
 
 
-def test_empty_train_split_gives_an_empty_table_and_still_fuses(ray_local, tmp_path):
+def test_empty_train_split_gives_an_empty_table_and_still_fuses(ray_local, s3_bucket):
+    """Zero training pairs: an empty table, and every split is still written. The run
+    directory is on S3 (moto), as on a multi-node cluster."""
     from ckd_ehr.eadf import run_eadf
 
     cohort = small_cohort()
-    layout = write_run(tmp_path, {"train": cohort.slice(0, 0), "val": cohort, "test": cohort.slice(0, 0)})
-    summary = run_eadf(PipelineConfig(run_dir=str(tmp_path)))
+    root = f"{s3_bucket}/eadf-empty-train"
+    layout = write_run(root, {"train": cohort.slice(0, 0), "val": cohort, "test": cohort.slice(0, 0)})
+    summary = run_eadf(PipelineConfig(run_dir=root))
     assert summary["efficacy_rows"] == 0 and summary["rows"] == {"train": 0, "val": cohort.num_rows, "test": 0}
     assert storage.read_parquet(layout.efficacy_table).equals(efficacy_table_reference(cohort.slice(0, 0), EADFConfig()))
     val = storage.read_parquet(layout.augmented("val"))
