@@ -296,7 +296,8 @@ def top_drugs(table: pa.Table, top_k: int) -> dict[int, list[str]]:
 def precision_at_k(top: Mapping[int, Sequence[str]], planted: Mapping[str, Sequence[str]], k: int,
                    ward_drugs: Sequence[str] = ()) -> dict:
     """precision@k (hits / k) and recall@k (hits / planted) of the top-k lists, per phenotype
-    with planted drugs and their mean; and how many ward drugs appear in the top-k lists."""
+    with planted drugs and their mean; how many ward drugs appear in the top-k lists, and in
+    how many lists a ward drug is ranked first."""
     index = {name: i for i, name in enumerate(phenotype_names())}
     unknown = sorted(set(planted) - set(index))
     ward = set(ward_drugs)
@@ -308,8 +309,10 @@ def precision_at_k(top: Mapping[int, Sequence[str]], planted: Mapping[str, Seque
         hits = len(set(got) & set(drugs))
         per[name] = {"top": got, "planted": list(drugs), "hits": hits, "precision_at_k": hits / k,
                      "recall_at_k": hits / len(drugs) if drugs else None}
+    ward_first = 0
     for drugs in top.values():
         ward_hits += len(set(list(drugs)[:k]) & ward)
+        ward_first += bool(drugs) and drugs[0] in ward
     precisions = [v["precision_at_k"] for v in per.values()]
     recalls = [v["recall_at_k"] for v in per.values() if v["recall_at_k"] is not None]
     return {
@@ -318,6 +321,7 @@ def precision_at_k(top: Mapping[int, Sequence[str]], planted: Mapping[str, Seque
         "mean_recall_at_k": float(np.mean(recalls)) if recalls else None,
         "phenotypes_scored": len(per),
         "ward_drugs_in_top_k": ward_hits,
+        "ward_drugs_ranked_first": ward_first,
         "unknown_phenotypes": unknown,
         "per_phenotype": per,
     }
