@@ -367,9 +367,11 @@ class _Worker:
         raise RuntimeError(f"injected failure at step {self.step} (cfg.fail_at_step)")
 
     @torch.no_grad()
-    def validate(self) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+    def validate(self) -> tuple[dict, tuple[np.ndarray, np.ndarray] | None]:
         import torch.distributed as dist
 
+        if not self.val:
+            return {"val_loss": float("nan")}, None
         was = self.module.training
         self.module.eval()
         bs = self.cfg.eval_batch_size or 2 * self.micro_bs

@@ -41,10 +41,7 @@ def test_pooling_ignores_padding(pooling):
     got_l = head(left, torch.tensor([[0, 0, 0, 1, 1, 1, 1]]))
     assert alone.shape == (1, 25)
     torch.testing.assert_close(got_r, alone, atol=1e-5, rtol=1e-5)
-    if pooling != "last":  # order-free poolings; `last` with left padding is checked above by index
-        torch.testing.assert_close(got_l, alone, atol=1e-5, rtol=1e-5)
-    else:
-        torch.testing.assert_close(got_l, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_l, alone, atol=1e-5, rtol=1e-5)
 
 
 def test_prompt_ends_with_assistant_turn(tiny_qwen_dir):
