@@ -229,7 +229,11 @@ def infer_soft_labels(input_paths: dict[str, str], artifact_dir: str, cfg) -> di
     full = pa.concat_tables(tables)
     # include_paths gives the path inside the filesystem; match on the normalised form.
     by_norm = {posixpath.normpath(p): s for p, s in paths.items()}
-    split_of = np.array([by_norm.get(posixpath.normpath(p), "") for p in full.column("path").to_pylist()])
+    path_list = full.column("path").to_pylist()
+    split_of = np.array([by_norm.get(posixpath.normpath(p), "") for p in path_list])
+    if (split_of == "").any():
+        strays = sorted({p for p, s in zip(path_list, split_of) if not s})
+        raise ContractError(f"soft labels: rows from unexpected file(s) {strays[:3]}")
     return {split: full.filter(pa.array(split_of == split)) for split in input_paths}
 
 
@@ -252,11 +256,14 @@ def run_soft_labels(cfg) -> dict:
                  for split, p in inputs.items()}
     init_ray(cfg.ray)
     raw = infer_soft_labels(inputs, artifact, cfg.soft_labels)
-    summary = {}
+    # Every split is checked before any is written: the stage fails whole, not half-replaced.
+    tables = {}
     for split in SPLITS:
         table = raw[split].select(SOFT_LABELS.names)
         check_complete(input_ids[split], table, layout.soft_labels(split))
-        table = in_input_order(table, input_ids[split])
+        tables[split] = in_input_order(table, input_ids[split])
+    summary = {}
+    for split, table in tables.items():
         storage.write_parquet(table, layout.soft_labels(split))
         summary[split] = {"rows": table.num_rows, "tokens": int(pc.sum(raw[split].column("n_tokens")).as_py() or 0)}
         log.info("soft labels %s: %d rows -> %s", split, table.num_rows, layout.soft_labels(split))
