@@ -97,35 +97,37 @@ def bench_records(n: int, seed: int = 0) -> tuple[list[dict], dict[str, str]]:
     return records, titles
 
 
-async def _load(url: str, records: list[dict], concurrency: int, duration: float, headers: dict) -> dict:
+async def _load(url: str, records: list[dict], concurrency: int, duration: float, headers: dict,
+                timeout_s: float = 120.0) -> dict:
     """`concurrency` clients posting one record each, back to back, for `duration` seconds."""
     import httpx
 
     lat: list[float] = []
-    errors = 0
+    errors: dict[str, int] = {}  # 'status_503', 'timeout', 'ReadError', ...: server vs client side
     stop = time.perf_counter() + duration
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60.0, headers=headers) as client:
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout_s, headers=headers) as client:
         async def worker(k: int):
-            nonlocal errors
             i = k
             while time.perf_counter() < stop:
                 t = time.perf_counter()
                 try:
                     r = await client.post("/v1/predict", json={"records": [records[i % len(records)]]})
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                if ok:
+                    kind = None if r.status_code == 200 else f"status_{r.status_code}"
+                except httpx.TimeoutException:
+                    kind = "timeout"
+                except httpx.HTTPError as exc:
+                    kind = type(exc).__name__
+                if kind is None:
                     lat.append(time.perf_counter() - t)
                 else:
-                    errors += 1
+                    errors[kind] = errors.get(kind, 0) + 1
                 i += concurrency
         start = time.perf_counter()
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
         wall = time.perf_counter() - start
     q = np.percentile(lat, [50, 95, 99]) * 1000 if lat else [float("nan")] * 3
-    return {"concurrency": concurrency, "requests": len(lat), "errors": errors,
+    return {"concurrency": concurrency, "requests": len(lat), "errors": sum(errors.values()), "error_kinds": errors,
             "throughput_rps": round(len(lat) / wall, 2), "p50_ms": round(float(q[0]), 1),
             "p95_ms": round(float(q[1]), 1), "p99_ms": round(float(q[2]), 1),
             "load_avg_1m": round(os.getloadavg()[0], 1)}

@@ -17,6 +17,7 @@ import copy
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -193,11 +194,17 @@ def run_serve(cfg: PipelineConfig, artifact: str | None = None, blocking: bool =
     print(f"ckd-ehr: serving at {url}/v1/predict (docs: {url}/docs); Ctrl-C stops", flush=True)
     if not blocking:
         return url
+
+    def stop(signum, frame):  # `kill` (SIGTERM) shuts down as cleanly as Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
-        pass
+        print("ckd-ehr: shutting down Serve", flush=True)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         serve.shutdown()
     return url
