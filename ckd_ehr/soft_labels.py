@@ -3,7 +3,7 @@
     RUN/eadf/samples/{split}.parquet  --(Ray Data, actor pool, one teacher per actor)-->
     RUN/soft_labels/{split}.parquet   (contracts.SOFT_LABELS)  + RUN/soft_labels/quality/
 
-The scoring itself (`score_texts`) is plain torch and runs without Ray; `TeacherScorer` is
+The scoring itself (`tokenize` + `score_ids`) is plain torch and runs without Ray; `TeacherScorer` is
 the callable class Ray Data instantiates once per actor, so the teacher is loaded once per
 actor and not once per batch. Inside a batch, rows are sorted by token length and cut into
 sub-batches, so each forward pass pads only to its own longest row (the authors padded
