@@ -161,8 +161,12 @@ def run_student(cfg: PipelineConfig) -> dict:
     """Train every variant in cfg.student.variants; returns per-variant summaries."""
     from ..ray_utils import init_ray
 
+    s, layout = cfg.student, RunLayout(cfg.run_dir)
+    if any(variant_spec(v)[1] for v in s.variants):
+        # fail before hours of hard-label training, not after: distillation needs soft labels
+        read_split(layout.augmented("train"), layout.soft_labels("train"), s.max_train_samples, s.seed)
     init_ray(cfg.ray)
-    return {v: train_variant(cfg, v) for v in cfg.student.variants}
+    return {v: train_variant(cfg, v) for v in s.variants}
 
 
 __all__ = ["run_student", "train_variant", "prepare_variant", "FitStats"]
