@@ -11,6 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train gives a worker group 60 s to start; on a loaded 2-core machine importing torch in
+# a fresh worker can take longer. Not a correctness limit: give it room.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 import socket  # noqa: E402
 
@@ -70,15 +73,19 @@ def s3_bucket():
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray on 127.0.0.1 for the whole session (2 CPUs, like CI)."""
+    """One Ray head on 127.0.0.1 for the whole session (2 CPUs, like CI); see ray_head.py."""
     import ray
+    from ray_head import start_head
 
-    from ckd_ehr.config import RayConfig
-    from ckd_ehr.ray_utils import init_ray
-
-    init_ray(RayConfig(num_cpus=2, object_store_memory_mb=1024))
+    head = start_head(num_cpus=2, object_store_mb=1024)
+    # Subprocesses of the tests (CLI calls) and the workers join this cluster.
+    os.environ["RAY_ADDRESS"] = head.address
+    os.environ["RAY_AUTH_MODE"] = "token"
+    ray.init(address=head.address, log_to_driver=True)
     yield ray
     ray.shutdown()
+    head.stop()
+    os.environ.pop("RAY_ADDRESS", None)
 
 
 @pytest.fixture(scope="session")
@@ -128,3 +135,17 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run_to_soft_labels(tmp_path_factory, ray_local, tiny_qwen_dir, tiny_bert_dir):
+    """A run directory taken through prepare, eadf, teacher and soft labels with tiny models
+    (for the tests of what comes after: tune, ...). Returns its config dict."""
+    from pipeline_configs import small_pipeline_config
+
+    from ckd_ehr.config import PipelineConfig, build
+    from ckd_ehr.pipeline import run_pipeline
+
+    cfg = small_pipeline_config(str(tmp_path_factory.mktemp("tiny_run") / "run"), tiny_qwen_dir, tiny_bert_dir)
+    run_pipeline(build(PipelineConfig, cfg), to_stage="soft_labels")
+    return cfg

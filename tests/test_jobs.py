@@ -13,42 +13,27 @@ from pathlib import Path
 import pytest
 import yaml
 from pipeline_configs import small_pipeline_config
+from ray_head import RAY, start_head
 
 from ckd_ehr import storage
 from ckd_ehr.contracts import STUDENT_VARIANTS, RunLayout
 
 REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()
-def ray_head(tmp_path):
-    """A separate Ray head (its own temp dir and ports), stopped afterwards."""
-    gcs, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    # Short temp dir: Ray's unix socket paths must stay under 108 characters.
-    temp_dir = Path("/tmp") / f"ckdjob{gcs}"
-    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                    "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=180)
+def ray_head():
+    """A separate Ray head with the job API (its own temp dir and ports), stopped afterwards."""
+    head = start_head(num_cpus=2, dashboard=True)
     try:
-        yield f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", env
+        yield head.dashboard, head.address, head.env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"},
-                       capture_output=True, timeout=120)
+        head.stop()
 
 
-def test_pipeline_submitted_as_a_ray_job(ray_head, tmp_path, tiny_qwen_dir, tiny_bert_dir):
+def test_pipeline_submitted_as_a_ray_job(ray_head, tmp_path, tiny_qwen_dir, tiny_bert_dir, monkeypatch):
     dashboard, _, env = ray_head
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")   # the job API of a local head wants the token
     run_dir = tmp_path / "run"
     cfg = small_pipeline_config(str(run_dir), tiny_qwen_dir, tiny_bert_dir)
     cfg["ray"] = {}   # inside the job: join the job's cluster (RAY_ADDRESS), not a new one

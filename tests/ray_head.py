@@ -1,0 +1,88 @@
+"""Start and stop a Ray head on 127.0.0.1 for tests, without touching other Ray instances.
+
+Why not `ray.init()`: a head started with `ray start` gets RAY_ADDRESS (and the token auth
+mode that Ray >= 2.59 uses for local clusters) in its environment, which every worker
+inherits. Ray Train's placement-group cleaner and the state API inside workers then find
+*this* cluster even when other Ray instances run on the same machine; with several
+instances and no address they fail, and placement groups of stopped Tune trials leak.
+`stop` kills only this head's processes (by its temp dir), never `ray stop` (which would
+kill every Ray on the machine).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayHead:
+    address: str
+    dashboard: str | None
+    temp_dir: str
+    env: dict
+
+    def stop(self) -> None:
+        import psutil
+
+        procs = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if self.temp_dir in " ".join(p.info["cmdline"] or []):
+                    procs.append(p)
+            except psutil.Error:
+                pass
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=15)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+
+def start_head(num_cpus: int = 2, object_store_mb: int = 1024, dashboard: bool = False) -> RayHead:
+    port = free_port()
+    # Short path: Ray's unix socket paths must stay under 108 characters.
+    temp_dir = f"/tmp/ckdray{port}"
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": f"127.0.0.1:{port}",
+           "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, timeout=60)
+    cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={num_cpus}",
+           f"--object-store-memory={object_store_mb * 2**20}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    dash = None
+    if dashboard:
+        dash_port = free_port()
+        cmd += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}"]
+        dash = f"http://127.0.0.1:{dash_port}"
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError(f"ray start failed: {out.stderr[-2000:]}")
+    head = RayHead(address=f"127.0.0.1:{port}", dashboard=dash, temp_dir=temp_dir, env=env)
+    if dash:  # the job API answers a little after `ray start` returns
+        import urllib.request
+
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{dash}/api/version", timeout=5)
+                break
+            except OSError:
+                time.sleep(1)
+    return head
