@@ -31,7 +31,9 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class MLAPH(nn.Module):
-    """Pooling + projection to `num_labels` logits. Computes in float32 whatever the backbone dtype."""
+    """Pooling + projection to `num_labels` logits, in the head's own dtype (float32 unless an
+    engine such as DeepSpeed bf16 cast the head too), whatever the backbone dtype; the logits
+    are returned as float32."""
 
     def __init__(self, hidden_size: int, num_labels: int = NUM_PHENOTYPES, pooling: str = "last"):
         super().__init__()
@@ -49,14 +51,19 @@ class MLAPH(nn.Module):
             self.proj = nn.Linear(hidden_size, num_labels)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.float()
+        return self._logits(hidden, attention_mask).float()
+
+    def _logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # The head's dtype, not a fixed float32: DeepSpeed's bf16 mode casts every parameter,
+        # the head included, and a float32 input to a bf16 Linear fails.
+        hidden = hidden.to((self.proj.weight if self.pooling != "label_attention" else self.weight).dtype)
         mask = attention_mask.to(hidden.device).bool()
         if self.pooling == "last":
             idx = last_token_index(mask)
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
             return self.proj(pooled)
         if self.pooling == "mean":
-            m = mask.unsqueeze(-1).float()
+            m = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
             return self.proj(pooled)
         # label_attention: scores [B, L, K], softmax over the attended tokens of each sequence.
