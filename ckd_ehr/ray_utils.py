@@ -25,7 +25,10 @@ def init_ray(cfg: RayConfig | None = None, **kwargs) -> None:
         address="local",
         num_cpus=cfg.num_cpus,
         object_store_memory=cfg.object_store_memory_mb * 2**20 if cfg.object_store_memory_mb else None,
-        include_dashboard=False,
+        # The dashboard process serves the state API, which Ray Train's placement-group
+        # cleaner needs (without it, resources of stopped Tune trials leak). Loopback only.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
         log_to_driver=True,
         **kwargs,

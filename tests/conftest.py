@@ -11,11 +11,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray >= 2.59 runs `ray start` heads with token authentication; every client of the test
+# heads (this process, CLI subprocesses, job clients) must then be in token mode. Ray reads
+# this when it is first imported, so it is set here, before anything imports ray.
+os.environ["RAY_AUTH_MODE"] = "token"
 # Ray Train gives a worker group 60 s to start; on a loaded 2-core machine importing torch in
 # a fresh worker can take longer. Not a correctness limit: give it room.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 import socket  # noqa: E402
+
+
+def _ensure_ray_token() -> None:
+    """A fresh machine has no ~/.ray/auth_token yet; token-mode Ray needs one."""
+    from ray._private.authentication.authentication_token_setup import generate_and_save_token
+    from ray._raylet import AuthenticationTokenLoader
+
+    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        generate_and_save_token()
+
+
+_ensure_ray_token()
 
 import pytest  # noqa: E402
 
@@ -80,7 +96,6 @@ def ray_local():
     head = start_head(num_cpus=2, object_store_mb=1024)
     # Subprocesses of the tests (CLI calls) and the workers join this cluster.
     os.environ["RAY_ADDRESS"] = head.address
-    os.environ["RAY_AUTH_MODE"] = "token"
     ray.init(address=head.address, log_to_driver=True)
     yield ray
     ray.shutdown()

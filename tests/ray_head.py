@@ -30,7 +30,7 @@ def free_port() -> int:
 @dataclass
 class RayHead:
     address: str
-    dashboard: str | None
+    dashboard: str
     temp_dir: str
     env: dict
 
@@ -57,7 +57,7 @@ class RayHead:
                 pass
 
 
-def start_head(num_cpus: int = 2, object_store_mb: int = 1024, dashboard: bool = False) -> RayHead:
+def start_head(num_cpus: int = 2, object_store_mb: int = 1024) -> RayHead:
     port = free_port()
     # Short path: Ray's unix socket paths must stay under 108 characters.
     temp_dir = f"/tmp/ckdray{port}"
@@ -66,23 +66,24 @@ def start_head(num_cpus: int = 2, object_store_mb: int = 1024, dashboard: bool =
     subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, timeout=60)
     cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={num_cpus}",
            f"--object-store-memory={object_store_mb * 2**20}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-    dash = None
-    if dashboard:
-        dash_port = free_port()
-        cmd += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}"]
-        dash = f"http://127.0.0.1:{dash_port}"
+    # The dashboard process is also the state API that Ray Train's placement-group cleaner
+    # asks whether a controller is alive: without it, the placement groups of Tune trials
+    # that ASHA stops are never freed. Loopback only.
+    dash_port = free_port()
+    cmd += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}"]
+    dash = f"http://127.0.0.1:{dash_port}"
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
         raise RuntimeError(f"ray start failed: {out.stderr[-2000:]}")
     head = RayHead(address=f"127.0.0.1:{port}", dashboard=dash, temp_dir=temp_dir, env=env)
-    if dash:  # the job API answers a little after `ray start` returns
-        import urllib.request
+    # The dashboard (and the job API) answers a little after `ray start` returns.
+    import urllib.request
 
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"{dash}/api/version", timeout=5)
-                break
-            except OSError:
-                time.sleep(1)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{dash}/api/version", timeout=5)
+            break
+        except OSError:
+            time.sleep(1)
     return head

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture()
 def ray_head():
     """A separate Ray head with the job API (its own temp dir and ports), stopped afterwards."""
-    head = start_head(num_cpus=2, dashboard=True)
+    head = start_head(num_cpus=2)
     try:
         yield head.dashboard, head.address, head.env
     finally:
