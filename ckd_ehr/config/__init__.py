@@ -4,7 +4,9 @@ Load with `load_config(PipelineConfig, "jobs/configs/demo.yaml", ["split.seed=7"
 """
 from __future__ import annotations
 
-from pydantic import Field
+import os
+
+from pydantic import Field, field_validator
 
 from .base import ConfigError, Section, apply_overrides, build, config_hash, dump_yaml, load_config, load_yaml
 from .data import DataConfig, SplitConfig, TextConfig
@@ -48,6 +50,15 @@ class PipelineConfig(Section):
     """Ray Tune searches."""
     serve: ServeConfig = ServeConfig()
     """The Ray Serve endpoint."""
+
+    @field_validator("run_dir")
+    @classmethod
+    def _absolute_run_dir(cls, v: str) -> str:
+        # Ray workers run in other working directories: a relative local path would point
+        # somewhere else there. URIs are left as they are.
+        if not v:
+            raise ValueError("run_dir must not be empty")
+        return v if "://" in v else os.path.abspath(v)
 
 
 __all__ = [
