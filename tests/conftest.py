@@ -96,7 +96,11 @@ def ray_local():
     head = start_head(num_cpus=2, object_store_mb=1024)
     # Subprocesses of the tests (CLI calls) and the workers join this cluster.
     os.environ["RAY_ADDRESS"] = head.address
-    ray.init(address=head.address, log_to_driver=True)
+    try:
+        ray.init(address=head.address, log_to_driver=True)
+    except BaseException:
+        head.stop()
+        raise
     yield ray
     ray.shutdown()
     head.stop()
