@@ -71,6 +71,11 @@ def start_head(num_cpus: int = 2, object_store_mb: int = 1024) -> RayHead:
     # that ASHA stops are never freed. Loopback only.
     dash_port = free_port()
     cmd += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}"]
+    # Fixed default ports (agent 52365, ...) collide when two heads run at once (the session's
+    # and the job test's): give every listening service of this head a free port.
+    cmd += [f"--{flag}={free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     dash = f"http://127.0.0.1:{dash_port}"
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
