@@ -5,8 +5,6 @@ KubeRay). Kubernetes would silently prune unknown fields, so here every object w
 declared properties forbids others: a misspelt field fails the test instead of vanishing
 on `kubectl apply`. The launcher YAML: the schema that the ray package ships.
 """
-import copy
-import functools
 import json
 import os
 from pathlib import Path
@@ -14,45 +12,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from crd_schemas import crd_schema, validator
 
 REPO = Path(__file__).resolve().parents[1]
-CRDS = REPO / "cluster" / "kuberay" / "crds"
-KIND_TO_CRD = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
-               "RayService": "ray.io_rayservices.yaml"}
-
-
-def strict(schema):
-    schema = copy.deepcopy(schema)
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields") \
-                    and "additionalProperties" not in node:
-                node["additionalProperties"] = False
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(schema)
-    return schema
-
-
-@functools.lru_cache(maxsize=None)
-def crd_schema(kind: str, version: str = "v1"):
-    # The CRDs are large (pod templates): parse each once, with libyaml where available.
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    crd = yaml.load((CRDS / KIND_TO_CRD[kind]).read_text(), Loader=loader)
-    for v in crd["spec"]["versions"]:
-        if v["name"] == version:
-            return strict(v["schema"]["openAPIV3Schema"])
-    raise AssertionError(f"{kind}: no version {version}")
-
-
-def validator(schema):
-    # Draft 7 without re-checking the 1 MB schema against the meta-schema on every call.
-    return jsonschema.Draft7Validator(schema)
 
 
 MANIFESTS = sorted((REPO / "cluster" / "kuberay").glob("*.yaml"))

@@ -4,44 +4,17 @@ against Ray Serve's own schema, pointing at a builder that exists."""
 from __future__ import annotations
 
 import copy
-import functools
 import importlib
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
+from crd_schemas import crd_schema, validator
 
 REPO = Path(__file__).resolve().parents[1]
 RAYSERVICE = REPO / "cluster" / "kuberay" / "rayservice.yaml"
 SERVE_CONFIG = REPO / "cluster" / "serve" / "serve_config.yaml"
-
-
-def _strict(schema):
-    schema = copy.deepcopy(schema)
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields") \
-                    and "additionalProperties" not in node:
-                node["additionalProperties"] = False
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(schema)
-    return schema
-
-
-@functools.lru_cache(maxsize=None)
-def _crd_schema(version: str) -> dict:
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    crd = yaml.load((REPO / "cluster/kuberay/crds/ray.io_rayservices.yaml").read_text(), Loader=loader)
-    assert crd["spec"]["names"]["kind"] == "RayService"
-    [v] = [v for v in crd["spec"]["versions"] if v["name"] == version]
-    return _strict(v["schema"]["openAPIV3Schema"])
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +27,11 @@ def test_rayservice_validates_against_the_crd(rayservice):
     assert rayservice["kind"] == "RayService"
     group, version = rayservice["apiVersion"].split("/")
     assert group == "ray.io"
-    jsonschema.validate(rayservice, _crd_schema(version))
+    validator(crd_schema("RayService", version)).validate(rayservice)
     bad = copy.deepcopy(rayservice)
     bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplica"] = 3  # misspelt
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(bad, _crd_schema(version))
+        validator(crd_schema("RayService", version)).validate(bad)
 
 
 def _check_serve_config(doc: dict) -> dict:
