@@ -39,7 +39,8 @@ def artifact_id(directory: str | os.PathLike) -> str:
 
 
 def write_artifact(dest: str, weights_dir: str | os.PathLike, tokenizer, meta: dict[str, Any],
-                   efficacy_table, staging: str | os.PathLike) -> dict:
+                   efficacy_table, staging: str | os.PathLike,
+                   diagnosis_titles: dict[str, str] | None = None) -> dict:
     """Assemble the artifact in local `staging` from a checkpoint's `weights_dir` (model/ +
     head.safetensors) and upload it to `dest` (local or URI) in one move. Returns the meta."""
     staging = Path(staging)
@@ -49,6 +50,8 @@ def write_artifact(dest: str, weights_dir: str | os.PathLike, tokenizer, meta: d
     shutil.copy2(Path(weights_dir) / HEAD_FILE, staging / HEAD_FILE)
     tokenizer.save_pretrained(staging / "tokenizer")
     write_parquet(efficacy_table, staging / EFFICACY_FILE)
+    if diagnosis_titles:  # Serve renders ICD-9 codes with the titles training saw
+        write_json(staging / "diagnosis_titles.json", diagnosis_titles)
     meta = {"artifact_id": artifact_id(staging), "label_names": phenotype_names(), **meta}
     write_json(staging / META_FILE, meta)
     upload_dir(staging, dest)

@@ -84,6 +84,21 @@ def _predict_remote(checkpoint, model_path: str, pooling: str, pad_id: int, data
     return ray.get(ray.remote(num_cpus=1, num_gpus=1)(predict).remote(checkpoint, data))
 
 
+def diagnosis_title_map(cfg: PipelineConfig) -> dict[str, str]:
+    """ICD-9 code -> the title the sample text used (cfg.text.titles), from the run's visits:
+    the dictionary Serve needs to render a record's codes exactly as training did."""
+    from ..storage import exists, read_parquet
+
+    layout = RunLayout(cfg.run_dir)
+    if not exists(layout.visits):
+        return {}
+    col = "diagnosis_titles" if cfg.text.titles == "long" else "diagnosis_short_titles"
+    t = read_parquet(layout.visits, columns=["diagnosis_codes", col])
+    codes = t.column("diagnosis_codes").combine_chunks().flatten().to_pylist()
+    titles = t.column(col).combine_chunks().flatten().to_pylist()
+    return dict(sorted(zip(codes, titles)))
+
+
 def train_variant(cfg: PipelineConfig, variant: str) -> dict:
     import ray
     from transformers import AutoTokenizer
@@ -144,7 +159,7 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
         with best.as_directory() as ckpt_dir:
             save_student(student_from_checkpoint(ckpt_dir, model_path, s.pooling), f"{tmp}/weights")
         meta = write_artifact(layout.student_artifact(variant), f"{tmp}/weights", tokenizer, meta, eff_table,
-                              staging=f"{tmp}/artifact")
+                              staging=f"{tmp}/artifact", diagnosis_titles=diagnosis_title_map(cfg))
 
     test = prep.splits["test"]
     table = pa.Table.from_arrays([
