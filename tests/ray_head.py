@@ -81,13 +81,17 @@ def start_head(num_cpus: int = 2, object_store_mb: int = 1024) -> RayHead:
     if out.returncode != 0:
         raise RuntimeError(f"ray start failed: {out.stderr[-2000:]}")
     head = RayHead(address=f"127.0.0.1:{port}", dashboard=dash, temp_dir=temp_dir, env=env)
-    # The dashboard (and the job API) answers a little after `ray start` returns.
+    # The dashboard (and the job API) answers a little after `ray start` returns; any HTTP
+    # answer (401 without the token) means it is up.
+    import urllib.error
     import urllib.request
 
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
             urllib.request.urlopen(f"{dash}/api/version", timeout=5)
+            break
+        except urllib.error.HTTPError:
             break
         except OSError:
             time.sleep(1)
