@@ -5,6 +5,7 @@ This is also the end-to-end test of the whole pipeline (tiny models, tiny cohort
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -39,13 +40,17 @@ def test_pipeline_submitted_as_a_ray_job(ray_head, tmp_path, tiny_qwen_dir, tiny
     cfg["ray"] = {}   # inside the job: join the job's cluster (RAY_ADDRESS), not a new one
     cfg_file = tmp_path / "job.yaml"   # same machine: the job reads it by absolute path
     cfg_file.write_text(yaml.safe_dump(cfg))
-    out = subprocess.run(
-        [RAY, "job", "submit", "--address", dashboard, "--working-dir", ".",
-         "--runtime-env", "jobs/runtime_env.yaml", "--no-wait", "--",
-         sys.executable, "jobs/pipeline.py", "--config", str(cfg_file)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [RAY, "job", "submit", "--address", dashboard, "--working-dir", ".",
+           "--runtime-env", "jobs/runtime_env.yaml", "--no-wait", "--",
+           sys.executable, "jobs/pipeline.py", "--config", str(cfg_file)]
+    # The head's job agent registers a little after the dashboard answers: retry while it says so.
+    for _ in range(30):
+        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        if out.returncode == 0 or "No available agent" not in out.stderr:
+            break
+        time.sleep(3)
     assert out.returncode == 0, out.stderr[-3000:]
-    job_id = [w for w in (out.stdout + out.stderr).split() if w.startswith("raysubmit_")][0].strip("'\".")
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout + out.stderr).group(0)  # output has ANSI colours
 
     from ray.job_submission import JobStatus, JobSubmissionClient
 
