@@ -62,8 +62,15 @@ def test_pipeline_submitted_as_a_ray_job(ray_head, tmp_path, tiny_qwen_dir, tiny
     deadline = time.time() + 900
     status = ""
     while time.time() < deadline:
-        found = re.findall(r"\b(PENDING|RUNNING|SUCCEEDED|FAILED|STOPPED)\b", job_cli("status", job_id))
-        status = found[-1] if found else ""
+        # `ray job status` ends with "Job '<id>' succeeded" / "... failed" / "... was stopped"
+        # once the job is over, and names the status in capitals while it runs.
+        text = job_cli("status", job_id)
+        done = re.search(r"Job '[^']+' (succeeded|failed|was stopped)", text)
+        found = re.findall(r"\b(PENDING|RUNNING|SUCCEEDED|FAILED|STOPPED)\b", text)
+        if done:
+            status = {"succeeded": "SUCCEEDED", "failed": "FAILED", "was stopped": "STOPPED"}[done.group(1)]
+        else:
+            status = found[-1] if found else ""
         if status in {"SUCCEEDED", "FAILED", "STOPPED"}:
             break
         time.sleep(5)
