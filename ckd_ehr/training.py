@@ -74,25 +74,18 @@ FAIL_MARKER = "fail_injected.marker"
 # --- plain pieces, testable without Ray ---------------------------------------------------
 
 def multilabel_metrics(logits: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """Macro F1 at `threshold` on probabilities, macro / micro AUROC on probabilities, and the
-    paper's element-wise accuracy. Macro F1 and AUROC skip phenotypes with only one class in
-    `labels` (undefined there); `n_auroc_labels` says how many counted."""
-    from sklearn.metrics import f1_score, roc_auc_score
+    """Validation metrics of logits: ckd_ehr.metrics.all_scores on the probabilities (the same
+    definitions the evaluate stage reports, checked there against scikit-learn), plus
+    `n_auroc_labels`, the phenotypes with both classes present (macro AUROC averages those)."""
+    from .metrics import all_scores, single_class_labels
 
     labels = np.asarray(labels).astype(int)
     probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
-    preds = (probs >= threshold).astype(int)
-    both = [j for j in range(labels.shape[1]) if 0 < labels[:, j].sum() < labels.shape[0]]
-    out = {
-        "accuracy": float((preds == labels).mean()) if labels.size else float("nan"),
-        "micro_f1": float(f1_score(labels, preds, average="micro", zero_division=0)) if labels.size else float("nan"),
-        "macro_f1": float(np.mean([f1_score(labels[:, j], preds[:, j], zero_division=0) for j in both]))
-        if both else float("nan"),
-        "macro_auroc": float(np.mean([roc_auc_score(labels[:, j], probs[:, j]) for j in both])) if both else float("nan"),
-        "n_auroc_labels": len(both),
-    }
-    flat = labels.ravel()
-    out["micro_auroc"] = float(roc_auc_score(flat, probs.ravel())) if 0 < flat.sum() < flat.size else float("nan")
+    if not labels.size:
+        return {"accuracy": float("nan"), "macro_f1": float("nan"), "micro_f1": float("nan"),
+                "macro_auroc": float("nan"), "micro_auroc": float("nan"), "n_auroc_labels": 0}
+    out = all_scores(labels, probs, threshold)
+    out["n_auroc_labels"] = int((~single_class_labels(labels)).sum())
     return out
 
 
@@ -222,7 +215,8 @@ class _Worker:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         if not cfg.use_gpu:
-            torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+            # round, not floor: a Tune trial's worker holds e.g. 0.99 of a CPU (see ckd_ehr.tune)
+            torch.set_num_threads(max(1, round(cfg.cpus_per_worker)))
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.labels_of = task.labels_of or default_labels_of
@@ -493,7 +487,7 @@ def fit(cfg, task: TrainTask, storage_path: str, name: str = "train", callbacks:
         storage_path = os.path.abspath(storage_path)
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = cfg.gpus_per_worker
     mode = "min" if cfg.best_metric == "val_loss" else "max"
     trainer = TorchTrainer(
         _train_loop_per_worker,
