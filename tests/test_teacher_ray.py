@@ -10,7 +10,7 @@ from ckd_ehr import storage
 from ckd_ehr.config import PipelineConfig, config_hash
 from ckd_ehr.teacher import load_teacher, predict_logits, run_teacher
 from ckd_ehr.teacher.toy import write_toy_samples
-from ckd_ehr.teacher.train import read_split
+from ckd_ehr.teacher.train import read_texts_and_labels
 from ckd_ehr.training import FAIL_MARKER
 
 
@@ -28,7 +28,7 @@ def _check_artifact(cfg: PipelineConfig, meta: dict) -> None:
     layout = RunLayout(cfg.run_dir)
     model, tok, loaded = load_teacher(layout.teacher_artifact)
     assert loaded["artifact_id"] == meta["artifact_id"]
-    texts, labels = read_split(layout.augmented("val"), "text_eadf")
+    texts, labels = read_texts_and_labels(layout.augmented("val"), "text_eadf")
     got = predict_logits(model, tok, texts, max_length=cfg.teacher.max_length)
     ckpt = meta["metrics"]["best_checkpoint"]
     ref_logits = np.load(storage.join(ckpt, "val_logits.npy"))

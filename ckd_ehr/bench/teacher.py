@@ -38,11 +38,11 @@ def _texts(cfg, n: int) -> tuple[list[str], np.ndarray, str]:
     from .. import storage
     from ..contracts import RunLayout
     from ..teacher.toy import toy_samples
-    from ..teacher.train import read_split
+    from ..teacher.train import read_texts_and_labels
 
     path = RunLayout(cfg.run_dir).augmented("train")
     if storage.exists(path):
-        texts, labels = read_split(path, cfg.teacher.text_column)
+        texts, labels = read_texts_and_labels(path, cfg.teacher.text_column)
         if len(texts) >= n:
             return texts[:n], labels[:n], path
     texts, labels = toy_samples(n, seed=0)

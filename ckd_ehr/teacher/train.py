@@ -14,7 +14,7 @@ import torch
 
 from .. import storage
 from ..config import config_hash
-from ..contracts import RunLayout
+from ..contracts import AUGMENTED_SAMPLES, RunLayout, check_schema
 from ..training import TrainResult, TrainTask, fit, subset_indices
 from .artifact import SaveTeacherWeights, write_artifact
 from .data import Collate, make_examples, pad_id
@@ -34,8 +34,11 @@ def load_tokenizer(tc):
     return tok
 
 
-def read_split(path: str, text_column: str) -> tuple[list[str], np.ndarray]:
-    table = storage.read_parquet(path, columns=[text_column, "labels"])
+def read_texts_and_labels(path: str, text_column: str) -> tuple[list[str], np.ndarray]:
+    """Texts and hard labels of an AUGMENTED_SAMPLES file (checked against the contract, so a
+    wrong file is an error naming it and the column). The student's reader,
+    ckd_ehr.student.data.read_split, also joins soft labels."""
+    table = check_schema(storage.read_parquet(path), AUGMENTED_SAMPLES, path)
     texts = [t or "" for t in table.column(text_column).to_pylist()]
     labels = np.asarray(table.column("labels").to_pylist(), dtype=np.int8).reshape(len(texts), -1)
     return texts, labels
@@ -70,7 +73,7 @@ class TeacherData:
         tok = load_tokenizer(tc)
         out = []
         for path, is_train in ((self.train_path, True), (self.val_path, False)):
-            texts, labels = read_split(path, tc.text_column)
+            texts, labels = read_texts_and_labels(path, tc.text_column)
             # Tokenise only the rows training.fit keeps (same selection, so its own is a no-op).
             keep = subset_indices(len(texts), tc.max_train_samples, tc.seed) if is_train else \
                 np.arange(min(len(texts), tc.max_eval_samples or len(texts)))
@@ -99,7 +102,7 @@ def teacher_task(tc, train_path: str, val_path: str, tokenizer=None) -> TrainTas
     tokenizer = tokenizer or load_tokenizer(tc)
     pos_weight = None
     if tc.pos_weight == "balanced":
-        _, labels = read_split(train_path, tc.text_column)
+        _, labels = read_texts_and_labels(train_path, tc.text_column)
         pos_weight = balanced_pos_weight(labels)
     return TrainTask(build_model=BuildTeacher(tc), load_data=TeacherData(tc, train_path, val_path),
                      collate=Collate(pad_id(tokenizer)), loss_fn=BCELoss(pos_weight),
