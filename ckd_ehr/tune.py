@@ -32,17 +32,32 @@ log = logging.getLogger(__name__)
 SEARCH_FILE = "search.json"
 
 
-def _trial_config(base: dict, params: dict, target: str) -> PipelineConfig:
+# The trial process itself (a function trainable that only waits on its TorchTrainer) must
+# request some resource; it takes this share of a CPU out of tune.cpus_per_trial, and the
+# Train worker gets the rest. Without the subtraction two 1-CPU trials need 2.02 CPUs, and on a
+# 2-CPU machine the second trial's worker group waits, times out and retries until the first ends.
+TRIAL_PROCESS_CPU = 0.01
+
+
+def _worker_cpus(cpus_per_trial: float) -> float:
+    return round(cpus_per_trial - TRIAL_PROCESS_CPU, 4) if cpus_per_trial > 2 * TRIAL_PROCESS_CPU else cpus_per_trial
+
+
+def _trial_config(base: dict, params: dict, target: str, metric: str) -> PipelineConfig:
     """The trial's PipelineConfig: the sampled params, and one Train worker with the
-    trial's resources (a trial is one small training run)."""
+    trial's resources (a trial is one small training run). Reports come once per epoch
+    (no step checkpoints), so Tune's training_iteration is the epoch ASHA counts in, and
+    Train keeps the checkpoint that is best on the searched metric."""
     cfg = apply_trial(base, params)
     t = cfg.tune
     section = getattr(cfg, target).model_copy(update={
-        "num_workers": 1, "cpus_per_worker": t.cpus_per_trial, "use_gpu": t.gpus_per_trial > 0})
+        "num_workers": 1, "cpus_per_worker": _worker_cpus(t.cpus_per_trial), "use_gpu": t.gpus_per_trial > 0,
+        "gpus_per_worker": min(1.0, t.gpus_per_trial) if t.gpus_per_trial > 0 else 1.0,
+        "checkpoint_every_steps": None, "best_metric": metric})
     return cfg.model_copy(update={target: section})
 
 
-def _train_trial(params: dict, base: dict, target: str, train_root: str) -> None:
+def _train_trial(params: dict, base: dict, target: str, metric: str, train_root: str) -> None:
     """One Tune trial: train the target with the sampled params; Train reports reach Tune."""
     import ray
     from ray import tune
@@ -52,7 +67,7 @@ def _train_trial(params: dict, base: dict, target: str, train_root: str) -> None
     from .models import resolve_model_path
     from .training import fit
 
-    cfg = _trial_config(base, params, target)
+    cfg = _trial_config(base, params, target, metric)
     layout = RunLayout(cfg.run_dir)
     trial_id = tune.get_context().get_trial_id()
     storage_path = storage.join(train_root, trial_id)
@@ -115,19 +130,21 @@ def run_tune(cfg: PipelineConfig, space_file: str, num_samples: int | None = Non
     space = load_space(space_file)
     layout = RunLayout(cfg.run_dir)
     _check_inputs(space, layout)
-    metric = space.metric or cfg.tune.metric
     exp_dir = experiment_dir or layout.path("tune", Path(space_file).stem)
     if not storage.is_uri(exp_dir):
         exp_dir = os.path.abspath(exp_dir)
+    metric = cfg.tune.metric or space.metric or "val_macro_f1"
+    if resume and storage.exists(storage.join(exp_dir, SEARCH_FILE)):
+        metric = storage.read_json(storage.join(exp_dir, SEARCH_FILE))["metric"]  # as searched
     parent, name = exp_dir.rstrip("/").rsplit("/", 1)
     init_ray(cfg.ray)
 
     base = cfg.model_dump(mode="json")
-    trainable = tune.with_parameters(_train_trial, base=base, target=space.target,
+    trainable = tune.with_parameters(_train_trial, base=base, target=space.target, metric=metric,
                                      train_root=storage.join(exp_dir, "train"))
-    # The trial process only waits on its TorchTrainer; the Train workers hold the resources
-    # (Tune needs a non-empty request, hence a token share of a CPU).
-    trainable = tune.with_resources(trainable, {"cpu": 0.01})
+    # The trial process only waits on its TorchTrainer; the Train worker holds the rest of the
+    # trial's CPUs (Tune needs a non-empty request, hence a token share; see TRIAL_PROCESS_CPU).
+    trainable = tune.with_resources(trainable, {"cpu": TRIAL_PROCESS_CPU})
 
     if resume:
         if not tune.Tuner.can_restore(exp_dir):

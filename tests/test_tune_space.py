@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ckd_ehr.config import ConfigError, PipelineConfig
+from ckd_ehr.config import ConfigError, PipelineConfig, build
 from ckd_ehr.tune_space import apply_trial, load_space, to_tune, trial_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,3 +67,19 @@ def test_alpha_over_rank_is_translated():
     over = trial_overrides({"teacher.lora.rank": 16, "teacher.lora.alpha_over_rank": 2})
     cfg = apply_trial({}, {"teacher.lora.rank": 16, "teacher.lora.alpha_over_rank": 2})
     assert "teacher.lora.alpha=32.0" in over and cfg.teacher.lora.alpha == 32.0
+
+
+def test_trial_config_fits_the_trial_resources_and_reports_per_epoch():
+    """A trial is one Train worker that, with the trial process's token CPU, fits exactly in
+    tune.cpus_per_trial (else two 1-CPU trials do not fit on 2 CPUs); it reports once per
+    epoch and keeps the checkpoint best on the searched metric."""
+    from ckd_ehr.tune import TRIAL_PROCESS_CPU, _trial_config
+
+    base = build(PipelineConfig, {"student": {"num_workers": 4, "checkpoint_every_steps": 5},
+                                  "tune": {"cpus_per_trial": 1.0, "gpus_per_trial": 0.5}}).model_dump(mode="json")
+    cfg = _trial_config(base, {"student.distill.alpha": 0.7}, "student", "val_macro_auroc")
+    s = cfg.student
+    assert s.num_workers == 1 and s.distill.alpha == 0.7
+    assert s.cpus_per_worker + TRIAL_PROCESS_CPU == 1.0
+    assert s.use_gpu and s.gpus_per_worker == 0.5
+    assert s.checkpoint_every_steps is None and s.best_metric == "val_macro_auroc"

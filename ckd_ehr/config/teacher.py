@@ -25,7 +25,9 @@ class TrainerConfig(Section):
     num_workers: int = Field(2, ge=1)
     """Ray Train workers (data-parallel ranks)."""
     use_gpu: bool = False
-    """One GPU per worker (NCCL); CPU workers use gloo."""
+    """GPU workers (NCCL); CPU workers use gloo."""
+    gpus_per_worker: float = Field(1.0, gt=0, le=1)
+    """GPU share per worker when use_gpu; below 1 packs workers (e.g. Tune trials) on a GPU."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """CPUs reserved per worker."""
     strategy: Literal["ddp", "deepspeed"] = "ddp"

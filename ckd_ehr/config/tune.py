@@ -15,15 +15,17 @@ class TuneConfig(Section):
     """Trials to sample from the space."""
     scheduler: Literal["asha", "fifo"] = "asha"
     """ASHA stops weak trials early; FIFO runs every trial to the end."""
-    metric: Literal["val_macro_f1", "val_macro_auroc"] = "val_macro_f1"
-    """Metric maximised."""
+    metric: Literal["val_macro_f1", "val_macro_auroc"] | None = None
+    """Metric maximised; None takes the space file's `metric` (val_macro_f1 if it names none).
+    Short runs such as the demo predict every phenotype absent at 0.5, so macro-F1 is 0 for
+    every trial there: set val_macro_auroc."""
     grace_period: int = Field(1, ge=1)
     """Epochs a trial runs before ASHA may stop it."""
     max_concurrent_trials: int | None = Field(None, ge=1)
     """Concurrent trials; None sizes it to the cluster."""
     cpus_per_trial: float = Field(1.0, gt=0)
-    """CPUs per trial."""
-    gpus_per_trial: float = Field(0.0, ge=0)
-    """GPUs per trial."""
+    """CPUs per trial, all told (a trial is one Train worker plus a waiting trial process)."""
+    gpus_per_trial: float = Field(0.0, ge=0, le=1)
+    """GPUs per trial: 0 trains on CPU; a share below 1 packs several trials on one GPU."""
     max_failures: int = Field(1, ge=0)
     """Retries of a failed trial."""
