@@ -197,7 +197,8 @@ def _trial_rows(exp_dir: str) -> tuple[list[dict], dict]:
                "stopped_early": trial.status == "TERMINATED" and iterations < search["max_t"],
                f"best_{metric}": max(history) if history else math.nan,
                f"last_{metric}": history[-1] if history else math.nan,
-               "error": bool(trial.error_file) if hasattr(trial, "error_file") else False}
+               # (trial.error_file needs a running Ray; the report must work without one)
+               "error": trial.status == "ERROR", "failures": int(getattr(trial, "num_failures", 0) or 0)}
         row.update({k: v for k, v in trial.config.items()})
         rows.append(row)
     return rows, search
@@ -211,6 +212,8 @@ def tune_report(experiment_dir: str, out_dir: str | None = None) -> dict:
     import matplotlib.pyplot as plt
     import pandas as pd
 
+    if not storage.is_uri(experiment_dir):
+        experiment_dir = os.path.abspath(experiment_dir)  # Tune's analysis takes only absolute paths or URIs
     if not storage.exists(storage.join(experiment_dir, SEARCH_FILE)):
         raise FileNotFoundError(f"{experiment_dir}: not a ckd-ehr Tune experiment (no {SEARCH_FILE})")
     rows, search = _trial_rows(experiment_dir)
@@ -245,7 +248,8 @@ def tune_report(experiment_dir: str, out_dir: str | None = None) -> dict:
     for key in categorical:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         groups = scored.groupby(scored[key].astype(str))[f"best_{metric}"]
-        ax.bar(list(groups.groups), groups.mean(), yerr=groups.std().fillna(0), capsize=3)
+        means, counts = groups.mean(), groups.size()
+        ax.bar([f"{g}\n(n={counts[g]})" for g in means.index], means, yerr=groups.std().fillna(0), capsize=3)
         ax.set_xlabel(key)
         ax.set_ylabel(f"mean {metric}")
         ax.set_title(f"{key.rsplit('.', 1)[-1]} compared")

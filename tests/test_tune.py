@@ -1,6 +1,10 @@
-"""Ray Tune: a 4-trial student search on tiny models, its report, the best config, restore."""
+"""Ray Tune: a 4-trial student search on tiny models, its report, the best config (loaded
+and run), restore; a teacher LoRA search whose trials train the sampled rank."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -8,7 +12,9 @@ import yaml
 
 from ckd_ehr import storage
 from ckd_ehr.config import PipelineConfig, build, load_config
-from ckd_ehr.tune import run_tune, tune_report
+from ckd_ehr.contracts import RunLayout
+from ckd_ehr.pipeline import run_pipeline
+from ckd_ehr.tune import run_tune
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +35,11 @@ def test_student_search_report_best_config_and_restore(tiny_run_to_soft_labels, 
     summary = run_tune(cfg, str(space), num_samples=4, experiment_dir=exp)
     assert summary["trials"] == 4 and summary["errors"] == 0
 
-    report = tune_report(exp)
+    # As a user runs it: a fresh process with no Ray running, a relative path.
+    done = subprocess.run([sys.executable, "-m", "ckd_ehr", "tune-report", "exp"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((Path(exp) / "report" / "summary.json").read_text())
     trials = pd.read_csv(Path(exp) / "report" / "trials.csv")
     assert len(trials) == 4
     assert trials["best_val_macro_auroc"].notna().all()
@@ -50,6 +60,11 @@ def test_student_search_report_best_config_and_restore(tiny_run_to_soft_labels, 
     assert abs(best.student.distill.alpha - top["student.distill.alpha"]) < 1e-9
     assert best.run_dir == cfg.run_dir
 
+    # ... and runs: the student stage trains with it and writes its artifacts.
+    manifest = run_pipeline(best, from_stage="student", to_stage="student")
+    assert manifest["stages"]["student"]["status"] == "done"
+    assert storage.exists(RunLayout(best.run_dir).student_artifact("ckd_ehr"))
+
     # Restore the experiment from its directory: nothing left to run, same trials.
     again = run_tune(cfg, str(space), experiment_dir=exp, resume=True)
     assert again["trials"] == 4
@@ -64,3 +79,39 @@ def test_search_without_soft_labels_says_what_to_run(tmp_path):
         assert "--to soft_labels" in str(exc)
     else:
         raise AssertionError("expected FileNotFoundError")
+
+
+def test_teacher_lora_search_trains_the_sampled_rank(tiny_run_to_soft_labels, tmp_path):
+    """Two teacher trials through the pipeline's teacher code: each trains LoRA at its sampled
+    rank with alpha = rank * alpha_over_rank, and the best config carries both."""
+    from safetensors.torch import load_file
+
+    cfg_dict = {**tiny_run_to_soft_labels,
+                "teacher": {**tiny_run_to_soft_labels["teacher"], "epochs": 2, "max_steps": None,
+                            "max_train_samples": 16, "max_eval_samples": 16},
+                "tune": {"scheduler": "fifo", "cpus_per_trial": 0.5, "metric": "val_macro_auroc"}}
+    cfg = build(PipelineConfig, cfg_dict)
+    space = tmp_path / "teacher.yaml"
+    space.write_text(yaml.safe_dump({"target": "teacher", "params": {
+        "teacher.lora.rank": {"grid_search": [2, 4]},
+        "teacher.lora.alpha_over_rank": {"choice": [3]},
+        "teacher.lr": {"loguniform": [1.0e-4, 1.0e-2]}}}))
+    exp = tmp_path / "exp"
+    summary = run_tune(cfg, str(space), num_samples=1, experiment_dir=str(exp))
+    assert summary["trials"] == 2 and summary["errors"] == 0
+
+    trials = pd.read_csv(exp / "report" / "trials.csv")
+    assert sorted(trials["teacher.lora.rank"]) == [2, 4]
+    assert (trials["iterations"] == 2).all()   # FIFO: every trial runs its 2 epochs
+    assert trials["best_val_macro_auroc"].notna().all()
+    # Each trial's checkpoint holds LoRA matrices of the rank it sampled.
+    for rank, trial_id in zip(trials["teacher.lora.rank"], trials["trial_id"]):
+        weights = sorted((exp / "train" / trial_id).rglob("trainable.safetensors"))
+        assert weights, f"no checkpoint for trial {trial_id}"
+        lora_a = [t for k, t in load_file(str(weights[-1])).items() if "lora_A" in k]
+        assert lora_a and all(t.shape[0] == rank for t in lora_a)
+    assert (exp / "report" / "teacher_lora_rank.png").exists()
+
+    best = load_config(PipelineConfig, exp / "report" / "best_config.yaml")
+    assert best.teacher.lora.rank in (2, 4)
+    assert best.teacher.lora.alpha == 3 * best.teacher.lora.rank
