@@ -10,6 +10,7 @@ import logging
 import time
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from .. import storage
@@ -35,10 +36,11 @@ def load_tokenizer(tc):
 
 
 def read_texts_and_labels(path: str, text_column: str) -> tuple[list[str], np.ndarray]:
-    """Texts and hard labels of an AUGMENTED_SAMPLES file (checked against the contract, so a
-    wrong file is an error naming it and the column). The student's reader,
-    ckd_ehr.student.data.read_split, also joins soft labels."""
-    table = check_schema(storage.read_parquet(path), AUGMENTED_SAMPLES, path)
+    """Texts and hard labels of an AUGMENTED_SAMPLES file; only those two columns are
+    checked against the contract (a wrong file is an error naming it and the column). The
+    student's reader, ckd_ehr.student.data.read_split, also joins soft labels."""
+    wanted = pa.schema([AUGMENTED_SAMPLES.field(text_column), AUGMENTED_SAMPLES.field("labels")])
+    table = check_schema(storage.read_parquet(path), wanted, path)
     texts = [t or "" for t in table.column(text_column).to_pylist()]
     labels = np.asarray(table.column("labels").to_pylist(), dtype=np.int8).reshape(len(texts), -1)
     return texts, labels
