@@ -83,13 +83,16 @@ def test_search_without_soft_labels_says_what_to_run(tmp_path):
 
 def test_teacher_lora_search_trains_the_sampled_rank(tiny_run_to_soft_labels, tmp_path):
     """Two teacher trials through the pipeline's teacher code: each trains LoRA at its sampled
-    rank with alpha = rank * alpha_over_rank, and the best config carries both."""
+    rank with alpha = rank * alpha_over_rank, and the best config carries both. Each trial
+    fails once (an injected error at step 1, with no Train-level retries) and Tune retries it."""
     from safetensors.torch import load_file
 
     cfg_dict = {**tiny_run_to_soft_labels,
                 "teacher": {**tiny_run_to_soft_labels["teacher"], "epochs": 2, "max_steps": None,
-                            "max_train_samples": 16, "max_eval_samples": 16},
-                "tune": {"scheduler": "fifo", "cpus_per_trial": 0.5, "metric": "val_macro_auroc"}}
+                            "max_train_samples": 16, "max_eval_samples": 16,
+                            "fail_at_step": 1, "max_failures": 0},
+                "tune": {"scheduler": "fifo", "cpus_per_trial": 0.5, "metric": "val_macro_auroc",
+                         "max_failures": 1}}
     cfg = build(PipelineConfig, cfg_dict)
     space = tmp_path / "teacher.yaml"
     space.write_text(yaml.safe_dump({"target": "teacher", "params": {
@@ -103,6 +106,7 @@ def test_teacher_lora_search_trains_the_sampled_rank(tiny_run_to_soft_labels, tm
     trials = pd.read_csv(exp / "report" / "trials.csv")
     assert sorted(trials["teacher.lora.rank"]) == [2, 4]
     assert (trials["iterations"] == 2).all()   # FIFO: every trial runs its 2 epochs
+    assert (trials["failures"] == 1).all() and (trials["status"] == "TERMINATED").all()
     assert trials["best_val_macro_auroc"].notna().all()
     # Each trial's checkpoint holds LoRA matrices of the rank it sampled.
     for rank, trial_id in zip(trials["teacher.lora.rank"], trials["trial_id"]):
