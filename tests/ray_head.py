@@ -21,10 +21,17 @@ from pathlib import Path
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: all n sockets stay bound until every port is chosen (asking one
+    at a time can hand out the same port twice, and `ray start` refuses a port used twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @dataclass
@@ -58,7 +65,9 @@ class RayHead:
 
 
 def start_head(num_cpus: int = 2, object_store_mb: int = 1024) -> RayHead:
-    port = free_port()
+    services = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
+    port, dash_port, *service_ports = free_ports(2 + len(services))
     # Short path: Ray's unix socket paths must stay under 108 characters.
     temp_dir = f"/tmp/ckdray{port}"
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": f"127.0.0.1:{port}",
@@ -69,13 +78,10 @@ def start_head(num_cpus: int = 2, object_store_mb: int = 1024) -> RayHead:
     # The dashboard process is also the state API that Ray Train's placement-group cleaner
     # asks whether a controller is alive: without it, the placement groups of Tune trials
     # that ASHA stops are never freed. Loopback only.
-    dash_port = free_port()
     cmd += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}"]
     # Fixed default ports (agent 52365, ...) collide when two heads run at once (the session's
     # and the job test's): give every listening service of this head a free port.
-    cmd += [f"--{flag}={free_port()}" for flag in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
+    cmd += [f"--{flag}={p}" for flag, p in zip(services, service_ports)]
     dash = f"http://127.0.0.1:{dash_port}"
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
