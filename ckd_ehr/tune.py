@@ -52,7 +52,7 @@ def _trial_config(base: dict, params: dict, target: str, metric: str) -> Pipelin
     t = cfg.tune
     section = getattr(cfg, target).model_copy(update={
         "num_workers": 1, "cpus_per_worker": _worker_cpus(t.cpus_per_trial), "use_gpu": t.gpus_per_trial > 0,
-        "gpus_per_worker": min(1.0, t.gpus_per_trial) if t.gpus_per_trial > 0 else 1.0,
+        "gpus_per_worker": t.gpus_per_trial or 1.0,
         "checkpoint_every_steps": None, "best_metric": metric})
     return cfg.model_copy(update={target: section})
 

@@ -8,6 +8,7 @@ import os
 
 from pydantic import Field, field_validator
 
+from ..storage import is_uri
 from .base import ConfigError, Section, apply_overrides, build, config_hash, dump_yaml, load_config, load_yaml
 from .data import DataConfig, SplitConfig, TextConfig
 from .synth import SynthConfig
@@ -58,7 +59,7 @@ class PipelineConfig(Section):
         # somewhere else there. URIs are left as they are.
         if not v:
             raise ValueError("run_dir must not be empty")
-        return v if "://" in v else os.path.abspath(v)
+        return v if is_uri(v) else os.path.abspath(v)
 
 
 __all__ = [

@@ -11,11 +11,12 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from .. import storage
 from ..config import config_hash
-from ..contracts import AUGMENTED_SAMPLES, RunLayout, check_schema
+from ..contracts import AUGMENTED_SAMPLES, ContractError, RunLayout, check_schema
 from ..training import TrainResult, TrainTask, fit, subset_indices
 from .artifact import SaveTeacherWeights, write_artifact
 from .data import Collate, make_examples, pad_id
@@ -36,11 +37,18 @@ def load_tokenizer(tc):
 
 
 def read_texts_and_labels(path: str, text_column: str) -> tuple[list[str], np.ndarray]:
-    """Texts and hard labels of an AUGMENTED_SAMPLES file; only those two columns are
-    checked against the contract (a wrong file is an error naming it and the column). The
+    """Texts and hard labels of an AUGMENTED_SAMPLES file; only those two columns are read
+    and checked against the contract (a wrong file is an error naming it and the column). The
     student's reader, ckd_ehr.student.data.read_split, also joins soft labels."""
     wanted = pa.schema([AUGMENTED_SAMPLES.field(text_column), AUGMENTED_SAMPLES.field("labels")])
-    table = check_schema(storage.read_parquet(path), wanted, path)
+    try:
+        table = storage.read_parquet(path, columns=wanted.names)
+    except (pa.ArrowInvalid, KeyError):
+        fs, inner = storage.resolve(path)
+        present = set(pq.read_schema(inner, filesystem=fs).names)
+        missing = [name for name in wanted.names if name not in present]
+        raise ContractError(f"{path}: missing column(s) {', '.join(missing)}") from None
+    table = check_schema(table, wanted, path)
     texts = [t or "" for t in table.column(text_column).to_pylist()]
     labels = np.asarray(table.column("labels").to_pylist(), dtype=np.int8).reshape(len(texts), -1)
     return texts, labels
