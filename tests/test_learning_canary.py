@@ -72,9 +72,11 @@ def test_student_learns_an_obvious_signal(ray_local, tiny_bert_dir, marker_split
 @pytest.mark.xfail(strict=True, reason=(
     "found by this canary: the MLAPH projects raw pooled hidden states, which are far from centred "
     "(per-feature mean ~0.19, spread ~0.05 on the tiny Qwen2), and AdamW then learns the head slowly: "
-    "0.68 val macro AUROC after 60 steps. A logistic regression on the same frozen features reaches "
-    "0.99, and standardising the pooled features (batch norm) brings the loop to 0.95. Strict: once "
-    "the head is fixed this xfail fails, and must be removed."))
+    "0.68 val macro AUROC after 60 steps, while a logistic regression on the same frozen features "
+    "reaches 0.99. Standardising the pooled features with batch norm brings the loop to 0.95, but its "
+    "running statistics go stale when LoRA moves the features fast (tests/test_teacher.py at lr 1e-2), "
+    "so the fix belongs with the demo issue's training recipes (e.g. statistics from one pass over "
+    "the training data before training). Strict: once the head learns, this fails and must go."))
 def test_teacher_learns_an_obvious_signal(ray_local, tiny_qwen_dir, marker_splits, tmp_path):
     from ckd_ehr.config import TeacherConfig
     from ckd_ehr.teacher.data import Collate, make_examples, pad_id
