@@ -75,7 +75,12 @@ def detect_release(mimic_dir: str) -> str:
     """'mimic4' if `mimic_dir` has a hosp/ directory or its diagnoses table has icd_version
     (a hosp/ directory given directly), else 'mimic3'."""
     if hosp_dir(mimic_dir):
-        return "mimic4"
+        try:
+            find_table(mimic_dir, "admissions")
+        except MimicError:
+            return "mimic4"
+        raise MimicError(f"{mimic_dir}: has both MIMIC-III tables and a MIMIC-IV hosp/ directory; "
+                         f"set data.release to mimic3 or mimic4")
     try:
         path, _ = find_table(mimic_dir, "diagnoses_icd")
     except MimicError:
