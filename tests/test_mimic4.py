@@ -209,3 +209,64 @@ def test_bad_icd_version_is_counted_and_dropped(mimic4_demo_dir, tmp_path):
     assert table["unparseable"]["icd_version"] == 2  # '11' and 'x'; '' is a missing value
     assert table["dropped"]["icd_version missing or not 9/10"] == 3
     assert report["unparseable_values"] == 2
+
+
+# --- the synthetic cohort in MIMIC-IV form ----------------------------------------------------
+
+def test_every_synthetic_procedure_has_a_real_icd10_pcs_code():
+    from ckd_ehr.icd10 import icd10pcs_titles
+    from ckd_ehr.synth_catalog import PROCEDURES
+    from ckd_ehr.synth_mimic4 import PCS_OF_ICD9
+
+    pcs = icd10pcs_titles()
+    assert {p[0] for p in PROCEDURES} <= set(PCS_OF_ICD9)
+    assert all(code in pcs for code in PCS_OF_ICD9.values()), [c for c in PCS_OF_ICD9.values() if c not in pcs]
+
+
+def test_synth_mimic4_form_round_trips_through_prepare(tmp_path):
+    """Same seed in MIMIC-III form and MIMIC-IV form: the same admissions, drugs and (where
+    the recoding keeps them) phenotypes; ICD-9 admissions identical; version counts match the
+    raw files."""
+    from ckd_ehr.config import DataConfig, SynthConfig
+    from ckd_ehr.prepare import load_release
+    from ckd_ehr.synth import write_cohort
+
+    synth = {"patients": 150, "seed": 5}
+    write_cohort(str(tmp_path / "m3"), SynthConfig(**synth))
+    v3, _ = load_release(str(tmp_path / "m3"), DataConfig())
+    run = tmp_path / "run"
+    cfg = build(PipelineConfig, {"run_dir": str(run), "data": {"synth": {**synth, "form": "mimic4"}}})
+    run_prepare(cfg)
+    report = json.loads((run / "data" / "prepare_report.json").read_text())
+    assert report["release"] == "mimic4" and report["load"]["icd"]["icd10_diagnosis_codes"]["unmapped"] == 0
+    truth = json.loads((run / "raw" / "ground_truth.json").read_text())
+    assert truth["params"]["form"] == "mimic4"
+    v4 = pq.read_table(RunLayout(str(run)).visits).to_pandas().set_index("hadm_id")
+    v3 = v3.to_pandas().set_index("hadm_id")
+    assert sorted(v3.index) == sorted(v4.index)
+    v4 = v4.loc[v3.index]
+    assert (v3["subject_id"] == v4["subject_id"]).all() and (v3["admittime"] == v4["admittime"]).all()
+    assert all(list(a) == list(b) for a, b in zip(v3["drugs"], v4["drugs"]))
+
+    hosp = run / "raw" / "hosp"
+    by_dx = pd.read_csv(hosp / "diagnoses_icd.csv.gz", dtype=str).groupby("hadm_id")["icd_version"].first()
+    by_px = pd.read_csv(hosp / "procedures_icd.csv.gz", dtype=str).groupby("hadm_id")["icd_version"].first()
+    version = by_dx.combine_first(by_px)  # an admission's diagnoses decide, else its procedures
+    version.index = version.index.astype(int)
+    counts = report["load"]["icd"]["admissions_by_version"]
+    assert counts["9"] == (version == "9").sum() and counts["10"] == (version == "10").sum()
+    assert counts["9"] > 20 and counts["10"] > 20
+    recoded = truth["mimic4"]["recoded"]  # the generator's own count includes uncoded admissions
+    assert recoded["admissions_icd9"] + recoded["admissions_icd10"] == len(v3)
+    assert abs(recoded["admissions_icd10"] - counts["10"]) <= counts["none"]
+
+    nine, ten = version.index[version == "9"], version.index[version == "10"]
+    assert all(list(v3.at[h, "diagnosis_codes"]) == list(v4.at[h, "diagnosis_codes"]) for h in nine)
+    assert all((v3.at[h, "phenotypes"] == v4.at[h, "phenotypes"]).all() for h in nine)
+    changed = ({c["icd9"] for c in truth["mimic4"]["recoded"]["phenotypes_changed"]}
+               | {c["icd9"] for c in truth["mimic4"]["recoded"]["without_icd10_equivalent"]})
+    clean = [h for h in ten if not changed & set(v3.at[h, "diagnosis_codes"])]
+    assert len(clean) > len(ten) / 2
+    assert all((v3.at[h, "phenotypes"] == v4.at[h, "phenotypes"]).all() for h in clean)
+    assert all(len(c) == 7 for h in ten for c in v4.at[h, "procedure_codes"])  # ICD-10-PCS
+    assert all("." in c or len(c) == 3 for h in ten for c in v4.at[h, "diagnosis_codes"])
