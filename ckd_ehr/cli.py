@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch-only", action="store_true", help="speedup: random models from configs (Qwen2.5 vs BERT)")
     p.add_argument("--train-run", action="store_true", help="teacher: also a short end-to-end Ray Train run")
     p.add_argument("--patients", type=int, help="cohort size for data benchmarks")
+    p.add_argument("--form", choices=["demo", "full", "mimic4"], help="synth/prepare: the cohort's table form")
     p.add_argument("--samples", type=int, help="samples for model benchmarks")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per load level (serve)")
     p.add_argument("--out", help="write the figures as JSON here")
