@@ -270,3 +270,20 @@ def test_synth_mimic4_form_round_trips_through_prepare(tmp_path):
     assert all((v3.at[h, "phenotypes"] == v4.at[h, "phenotypes"]).all() for h in clean)
     assert all(len(c) == 7 for h in ten for c in v4.at[h, "procedure_codes"])  # ICD-10-PCS
     assert all("." in c or len(c) == 3 for h in ten for c in v4.at[h, "diagnosis_codes"])
+
+
+def test_synth_mimic4_columns_match_the_demo_and_bytes_repeat(mimic4_demo_dir, tmp_path):
+    from ckd_ehr.config import SynthConfig
+    from ckd_ehr.synth import write_cohort
+    from ckd_ehr.synth_mimic4 import COLUMNS
+
+    for out in ("a", "b"):
+        write_cohort(str(tmp_path / out), SynthConfig(patients=30, seed=2, form="mimic4"))
+    for name in COLUMNS:
+        with gzip.open(mimic4_demo_dir / "hosp" / f"{name}.csv.gz", "rt") as f:
+            demo_header = f.readline().strip().split(",")
+        with gzip.open(tmp_path / "a" / "hosp" / f"{name}.csv.gz", "rt") as f:
+            assert f.readline().strip().split(",") == demo_header, name
+        assert ((tmp_path / "a" / "hosp" / f"{name}.csv.gz").read_bytes()
+                == (tmp_path / "b" / "hosp" / f"{name}.csv.gz").read_bytes()), name
+    assert not list((tmp_path / "a").glob("*.csv*"))  # no MIMIC-III-form table beside hosp/
