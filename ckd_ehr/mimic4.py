@@ -59,6 +59,7 @@ TABLE_COLUMNS = {
 TABLES = tuple(TABLE_COLUMNS)
 VERSIONS = (9, 10)
 MIXED, NONE = 19, 0  # admission_versions() codes besides 9 and 10
+VERSION_LABELS = {9: "9", 10: "10", MIXED: "mixed", NONE: "none"}
 
 
 # --- where the tables are -------------------------------------------------------------------
@@ -230,8 +231,7 @@ def load_visits(mimic_dir: str, block_size: int = DEFAULT_BLOCK_SIZE, icd_versio
     versions = admission_versions(adm["hadm_id"].to_numpy(), dx, px)
     allowed = set(icd_versions)
     keep = np.isin(versions, list(allowed) + [NONE]) | ((versions == MIXED) & allowed.issuperset(VERSIONS))
-    dropped_by_version = {str(v) if v not in (MIXED, NONE) else "mixed": int(((versions == v) & ~keep).sum())
-                          for v in np.unique(versions[~keep])}
+    dropped_by_version = {VERSION_LABELS[v]: int(((versions == v) & ~keep).sum()) for v in np.unique(versions[~keep])}
     if not keep.all():
         adm, versions = adm[keep].reset_index(drop=True), versions[keep]
         kept_ids = adm["hadm_id"].to_numpy()

@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .icd10 import ROUTES, Crosswalk
+from .mimic4 import VERSION_LABELS
 from .phenotypes import NUM_PHENOTYPES, code_to_phenotype_table, phenotype_names
 
 UNMAPPED_LISTED = 2000  # codes listed by name in the report; the count is always complete
@@ -42,8 +43,7 @@ def icd_report(visits: pa.Table, versions: np.ndarray, group: np.ndarray, dx: pd
     names = phenotype_names()
     mat = np.asarray(visits["phenotypes"].combine_chunks().flatten().to_numpy(zero_copy_only=False),
                      dtype=np.int8).reshape(-1, NUM_PHENOTYPES)
-    labels = {9: "9", 10: "10", 19: "mixed", 0: "none"}
-    by_version = {labels[v]: int((versions == v).sum()) for v in labels}
+    by_version = {label: int((versions == v).sum()) for v, label in VERSION_LABELS.items()}
 
     ten = dx["version"].to_numpy() == 10
     rows10 = dx.loc[ten, "raw"]
