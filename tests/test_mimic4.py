@@ -61,10 +61,14 @@ def admission_version(demo: Path) -> pd.Series:
     return per.astype(str)
 
 
-def test_release_is_detected_from_the_layout(mimic4_demo_dir, mimic_demo_dir):
+def test_release_is_detected_from_the_layout(mimic4_demo_dir, mimic_demo_dir, tmp_path):
     assert detect_release(str(mimic4_demo_dir)) == "mimic4"
     assert detect_release(str(mimic4_demo_dir / "hosp")) == "mimic4"
     assert detect_release(str(mimic_demo_dir)) == "mimic3"
+    (tmp_path / "hosp").mkdir()
+    shutil.copy(mimic_demo_dir / "ADMISSIONS.csv", tmp_path)
+    with pytest.raises(MimicError, match="both MIMIC-III tables and a MIMIC-IV hosp/"):
+        detect_release(str(tmp_path))
 
 
 def test_admission_and_pair_counts_match_the_raw_tables(demo_run, mimic4_demo_dir):
