@@ -120,13 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, run_dir=False)
     p.add_argument("--out", required=True, help="output directory for the tables")
     p.add_argument("--patients", type=int, help="number of patients (MIMIC-III scale: 46520)")
-    p.add_argument("--form", choices=["demo", "full"], help="demo: .csv lowercase; full: .csv.gz UPPERCASE quoted")
+    p.add_argument("--form", choices=["demo", "full", "mimic4"],
+                   help="demo: .csv lowercase; full: .csv.gz UPPERCASE quoted; mimic4: MIMIC-IV hosp/*.csv.gz")
     p.add_argument("--seed", type=int, help="generator seed")
     p.set_defaults(handler=cmd_synth)
 
-    p = sub.add_parser("prepare", help="MIMIC-III tables -> visits, visit-pair samples, patient split")
+    p = sub.add_parser("prepare", help="MIMIC-III or MIMIC-IV tables -> visits, visit-pair samples, patient split")
     _common(p)
-    p.add_argument("--mimic-dir", help="directory with the MIMIC-III tables (.csv or .csv.gz)")
+    p.add_argument("--mimic-dir", help="directory with the MIMIC-III tables (.csv or .csv.gz) or MIMIC-IV's hosp/")
     p.set_defaults(handler=cmd_prepare)
 
     for name, module, func, help_text in STAGES:
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch-only", action="store_true", help="speedup: random models from configs (Qwen2.5 vs BERT)")
     p.add_argument("--train-run", action="store_true", help="teacher: also a short end-to-end Ray Train run")
     p.add_argument("--patients", type=int, help="cohort size for data benchmarks")
+    p.add_argument("--form", choices=["demo", "full", "mimic4"], help="synth/prepare: the cohort's table form")
     p.add_argument("--samples", type=int, help="samples for model benchmarks")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per load level (serve)")
     p.add_argument("--out", help="write the figures as JSON here")

@@ -53,10 +53,10 @@ VISITS = pa.schema([
     ("dischtime", pa.timestamp("s")),
     ("gender", pa.string()),            # 'M' / 'F' / null
     ("age", pa.float32()),              # years at admission; null where unknown; >89 capped at 90
-    ("diagnosis_codes", STRINGS),       # ICD-9-CM, normalised, in seq_num order
+    ("diagnosis_codes", STRINGS),       # in seq_num order; ICD-9-CM normalised (no dots), ICD-10-CM (MIMIC-IV) dotted: I50.23
     ("diagnosis_titles", STRINGS),      # long_title per code (else short_title, else the code)
     ("diagnosis_short_titles", STRINGS),  # short_title (else long_title, else the code)
-    ("procedure_codes", STRINGS),
+    ("procedure_codes", STRINGS),       # ICD-9-CM procedures (no dots) or ICD-10-PCS (7 characters)
     ("procedure_titles", STRINGS),      # short_title (the release uses short titles), else the code
     ("drugs", STRINGS),                 # PRESCRIPTIONS.drug, deduplicated, first-given order
     ("phenotypes", MULTI_HOT),          # the 25 phenotypes present in this admission
@@ -72,7 +72,7 @@ SAMPLES = pa.schema([
     ("diagnosis_codes", STRINGS),
     ("diagnosis_titles", STRINGS),
     ("diagnosis_short_titles", STRINGS),
-    ("procedure_codes", STRINGS),
+    ("procedure_codes", STRINGS),       # ICD-9-CM procedures (no dots) or ICD-10-PCS (7 characters)
     ("procedure_titles", STRINGS),
     ("drugs", STRINGS),
     ("phenotypes_current", MULTI_HOT),  # phenotypes of visit i (EADF reads these)

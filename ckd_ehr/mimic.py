@@ -116,7 +116,7 @@ def find_table(mimic_dir: str, name: str) -> tuple[str, str]:
     fs, inner = resolve(mimic_dir)
     info = fs.get_file_info(inner)
     if info.type != pafs.FileType.Directory:
-        raise MimicError(f"{mimic_dir}: not a directory (data.mimic_dir must hold the MIMIC-III tables)")
+        raise MimicError(f"{mimic_dir}: not a directory (data.mimic_dir must hold the MIMIC tables)")
     files = {posixpath.basename(f.path).lower(): f.path
              for f in fs.get_file_info(pafs.FileSelector(inner)) if f.type == pafs.FileType.File}
     for form in ("csv", "csv.gz"):
@@ -181,9 +181,10 @@ def stream_table(path: str, columns: tuple[str, ...], block_size: int = DEFAULT_
             raise MimicError(f"{path}: not a readable CSV table ({exc})") from exc
 
 
-def read_small_table(path: str, name: str, report: TableReport) -> pa.Table:
-    """A whole (small) table; error if it has no data rows."""
-    columns = TABLE_COLUMNS[name]
+def read_small_table(path: str, name: str, report: TableReport,
+                     columns: tuple[str, ...] | None = None) -> pa.Table:
+    """A whole (small) table (`columns`, default TABLE_COLUMNS[name]); error if it has no data rows."""
+    columns = columns or TABLE_COLUMNS[name]
     batches = list(stream_table(path, columns))
     schema = pa.schema([(c, pa.string()) for c in columns])
     table = pa.Table.from_batches(batches, schema=schema)
@@ -282,25 +283,34 @@ def load_patients(path: str, report: TableReport) -> pd.DataFrame:
 
 
 def load_coded_events(path: str, name: str, report: TableReport, hadm_ids: np.ndarray,
+                      code_column: str = "icd9_code", version_column: str | None = None,
                       ) -> pd.DataFrame:
-    """DIAGNOSES_ICD / PROCEDURES_ICD -> (hadm_id, code) in seq_num order, then file order."""
+    """DIAGNOSES_ICD / PROCEDURES_ICD -> (hadm_id, code) in seq_num order, then file order.
+
+    With `version_column` (MIMIC-IV's icd_version) a `version` column is added (float, NaN
+    where unparseable: the caller decides what to do with those rows)."""
     parts = []
     offset = 0
-    for batch in stream_table(path, TABLE_COLUMNS[name]):
+    columns = ("hadm_id", "seq_num", code_column) + ((version_column,) if version_column else ())
+    for batch in stream_table(path, columns):
         report.rows_read += batch.num_rows
         hadm, keep = parse_ints(batch.column("hadm_id"), "hadm_id", report, required=True)
         report.drop("unparseable hadm_id", int((~keep).sum()))
         seq, _ = parse_ints(batch.column("seq_num"), "seq_num", report, required=False)
-        code = normalize_codes(batch.column("icd9_code"))
+        code = normalize_codes(batch.column(code_column))
         has_code = pc.fill_null(pc.not_equal(code, ""), False).to_numpy(zero_copy_only=False)
-        report.drop("missing icd9_code", int((keep & ~has_code).sum()))
+        report.drop(f"missing {code_column}", int((keep & ~has_code).sum()))
         keep &= has_code
-        parts.append(pd.DataFrame({
+        part = {
             "hadm_id": hadm.to_numpy(zero_copy_only=False),
             "seq_num": seq.to_numpy(zero_copy_only=False),
             "order": np.arange(offset, offset + batch.num_rows),
             "code": code.to_numpy(zero_copy_only=False),
-        })[keep])
+        }
+        if version_column:
+            version, _ = parse_ints(batch.column(version_column), version_column, report, required=False)
+            part["version"] = version.to_numpy(zero_copy_only=False).astype("float64")
+        parts.append(pd.DataFrame(part)[keep])
         offset += batch.num_rows
     if report.rows_read == 0:
         raise MimicError(f"{path}: empty table (header only, no data rows)")
@@ -324,7 +334,8 @@ def load_dictionary(path: str, name: str, report: TableReport) -> pd.DataFrame:
 
 
 def load_drugs(path: str, report: TableReport, hadm_ids: np.ndarray,
-               block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[pd.DataFrame, pa.Array]:
+               block_size: int = DEFAULT_BLOCK_SIZE, start_column: str = "startdate",
+               ) -> tuple[pd.DataFrame, pa.Array]:
     """PRESCRIPTIONS, streamed: the first administration of each (admission, drug), as
     (columns hadm_id, drug, start, order sorted by admission, then start, then file order;
     the drug names, indexed by the `drug` column).
@@ -332,15 +343,16 @@ def load_drugs(path: str, report: TableReport, hadm_ids: np.ndarray,
     "First" is the earliest startdate, then file order; rows without a startdate go last.
     Each block is reduced to its own firsts before the next is read, so memory holds the
     distinct (admission, drug) pairs, not the 4.2M rows. Drug names become integer ids
-    (one global vocabulary) so that sorting and deduplication never compare strings."""
+    (one global vocabulary) so that sorting and deduplication never compare strings.
+    `start_column`: MIMIC-III's startdate, MIMIC-IV's starttime."""
     vocabulary: dict[str, int] = {}
     firsts = []
     offset = 0
-    for i, batch in enumerate(stream_table(path, TABLE_COLUMNS["PRESCRIPTIONS"], block_size)):
+    for i, batch in enumerate(stream_table(path, ("hadm_id", start_column, "drug"), block_size)):
         report.rows_read += batch.num_rows
         hadm, keep = parse_ints(batch.column("hadm_id"), "hadm_id", report, required=True)
         report.drop("unparseable hadm_id", int((~keep).sum()))
-        start, _ = parse_times(batch.column("startdate"), "startdate", report, required=False)
+        start, _ = parse_times(batch.column(start_column), start_column, report, required=False)
         drug = pc.utf8_trim_whitespace(batch.column("drug"))
         has_drug = pc.fill_null(pc.not_equal(drug, ""), False).to_numpy(zero_copy_only=False)
         report.drop("missing drug", int((keep & ~has_drug).sum()))
@@ -430,8 +442,10 @@ def _list_array(offsets: np.ndarray, values) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
 
 
-def _multi_hot(offsets: np.ndarray, codes: np.ndarray) -> pa.FixedSizeListArray:
-    table = code_to_phenotype_table()
+def _multi_hot(offsets: np.ndarray, codes: np.ndarray,
+               table: dict[str, tuple[int, ...]] | None = None) -> pa.FixedSizeListArray:
+    """Per admission, the 25 phenotypes of its codes under `table` (default: ICD-9 CCS)."""
+    table = code_to_phenotype_table() if table is None else table
     rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     # Look each distinct code up once (thousands), not each of the ~1M code rows.
     code_index, distinct = pd.factorize(pd.Series(codes, dtype=object))
@@ -473,6 +487,41 @@ def _demographics(adm: pd.DataFrame, patients: pd.DataFrame) -> tuple[np.ndarray
     return age.astype("float32"), gender, int((~known).sum())
 
 
+def assemble_visits(adm: pd.DataFrame, age: np.ndarray, gender: list, dx: pd.DataFrame, px: pd.DataFrame,
+                    dx_dict: pd.DataFrame, px_dict: pd.DataFrame, drugs: pd.DataFrame,
+                    drug_names: pa.Array, phenotype_keys: np.ndarray | None = None,
+                    phenotype_table: dict | None = None) -> pa.Table:
+    """The VISITS rows (not yet schema-checked) of `adm` (sorted by subject, admittime) from
+    its loaded event tables; `age`/`gender` per admission.
+
+    `dx`/`px` hold (hadm_id, code) sorted by admission and coded order; `dx_dict`/`px_dict`
+    are titles indexed by code with long_title and short_title columns. Phenotypes are
+    looked up per diagnosis row by `phenotype_keys` in `phenotype_table` (default: the codes
+    themselves in the ICD-9 CCS map)."""
+    hadm_ids = adm["hadm_id"].to_numpy()
+    dx_off, dx_idx = _lists_per_admission(hadm_ids, dx)
+    dx_codes = dx["code"].to_numpy(dtype=object)[dx_idx]
+    px_off, px_idx = _lists_per_admission(hadm_ids, px)
+    px_codes = px["code"].to_numpy(dtype=object)[px_idx]
+    rx_off, rx_idx = _lists_per_admission(hadm_ids, drugs)
+    keys = dx_codes if phenotype_keys is None else np.asarray(phenotype_keys, dtype=object)[dx_idx]
+    return pa.table({
+        "subject_id": pa.array(adm["subject_id"].to_numpy(), pa.int64()),
+        "hadm_id": pa.array(hadm_ids, pa.int64()),
+        "admittime": _timestamps(adm["admittime"].to_numpy()),
+        "dischtime": _timestamps(adm["dischtime"].to_numpy()),
+        "gender": pa.array(gender, pa.string()),
+        "age": pa.array(age, pa.float32(), from_pandas=True),
+        "diagnosis_codes": _list_array(dx_off, dx_codes),
+        "diagnosis_titles": _list_array(dx_off, _titles(dx_codes, dx_dict, ("long_title", "short_title"))),
+        "diagnosis_short_titles": _list_array(dx_off, _titles(dx_codes, dx_dict, ("short_title", "long_title"))),
+        "procedure_codes": _list_array(px_off, px_codes),
+        "procedure_titles": _list_array(px_off, _titles(px_codes, px_dict, ("short_title",))),
+        "drugs": _list_array(rx_off, drug_names.take(drugs["drug"].to_numpy()[rx_idx])),
+        "phenotypes": _multi_hot(dx_off, keys, phenotype_table),
+    })
+
+
 def load_visits(mimic_dir: str, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[pa.Table, dict]:
     """Read the seven tables in `mimic_dir`; return (VISITS table, load report dict)."""
     paths, forms = {}, {}
@@ -492,27 +541,9 @@ def load_visits(mimic_dir: str, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[p
     drugs, drug_names = load_drugs(paths["PRESCRIPTIONS"], reports["PRESCRIPTIONS"], sorted_ids, block_size)
     log.info("events: %d diagnoses, %d procedures, %d distinct (admission, drug)", len(dx), len(px), len(drugs))
 
-    dx_off, dx_idx = _lists_per_admission(hadm_ids, dx)
-    dx_codes = dx["code"].to_numpy(dtype=object)[dx_idx]
-    px_off, px_idx = _lists_per_admission(hadm_ids, px)
-    px_codes = px["code"].to_numpy(dtype=object)[px_idx]
-    rx_off, rx_idx = _lists_per_admission(hadm_ids, drugs)
     age, gender, without_patient = _demographics(adm, patients)
-    table = pa.table({
-        "subject_id": pa.array(adm["subject_id"].to_numpy(), pa.int64()),
-        "hadm_id": pa.array(hadm_ids, pa.int64()),
-        "admittime": _timestamps(adm["admittime"].to_numpy()),
-        "dischtime": _timestamps(adm["dischtime"].to_numpy()),
-        "gender": pa.array(gender, pa.string()),
-        "age": pa.array(age, pa.float32(), from_pandas=True),
-        "diagnosis_codes": _list_array(dx_off, dx_codes),
-        "diagnosis_titles": _list_array(dx_off, _titles(dx_codes, dx_dict, ("long_title", "short_title"))),
-        "diagnosis_short_titles": _list_array(dx_off, _titles(dx_codes, dx_dict, ("short_title", "long_title"))),
-        "procedure_codes": _list_array(px_off, px_codes),
-        "procedure_titles": _list_array(px_off, _titles(px_codes, px_dict, ("short_title",))),
-        "drugs": _list_array(rx_off, drug_names.take(drugs["drug"].to_numpy()[rx_idx])),
-        "phenotypes": _multi_hot(dx_off, dx_codes),
-    })
+    table = assemble_visits(adm, age, gender, dx=dx, px=px, dx_dict=dx_dict, px_dict=px_dict,
+                            drugs=drugs, drug_names=drug_names)
     report = {
         "mimic_dir": mimic_dir,
         "forms": forms,
@@ -520,8 +551,16 @@ def load_visits(mimic_dir: str, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[p
         "admissions": table.num_rows,
         "patients": int(adm["subject_id"].nunique()),
         "admissions_without_patient_row": without_patient,
-        "admissions_without_diagnoses": int((np.diff(dx_off) == 0).sum()),
-        "diagnosis_codes_without_title": int((dx_dict.index.get_indexer(dx_codes) < 0).sum()),
-        "procedure_codes_without_title": int((px_dict.index.get_indexer(px_codes) < 0).sum()),
+        **coding_counts(adm, dx, px, dx_dict, px_dict),
     }
     return check_schema(table, VISITS, f"{mimic_dir} -> visits"), report
+
+
+def coding_counts(adm: pd.DataFrame, dx: pd.DataFrame, px: pd.DataFrame,
+                  dx_dict: pd.DataFrame, px_dict: pd.DataFrame) -> dict:
+    """Report counts: admissions without any diagnosis, code rows without a title."""
+    return {
+        "admissions_without_diagnoses": int((~np.isin(adm["hadm_id"].to_numpy(), dx["hadm_id"].to_numpy())).sum()),
+        "diagnosis_codes_without_title": int((dx_dict.index.get_indexer(dx["code"]) < 0).sum()),
+        "procedure_codes_without_title": int((px_dict.index.get_indexer(px["code"]) < 0).sum()),
+    }

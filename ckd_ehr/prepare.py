@@ -1,8 +1,11 @@
-"""`ckd-ehr prepare`: MIMIC-III tables -> data/visits.parquet, data/samples/{split}.parquet.
+"""`ckd-ehr prepare`: MIMIC tables -> data/visits.parquet, data/samples/{split}.parquet.
 
 With `data.source: synthetic` the cohort is generated into RUN/raw first (kept when
 raw/ground_truth.json already records the same generator parameters), then read like any
-MIMIC-III directory; with `data.source: mimic` the tables are read from `data.mimic_dir`.
+MIMIC directory; with `data.source: mimic` the tables are read from `data.mimic_dir`.
+The release (MIMIC-III, `ckd_ehr.mimic`, or MIMIC-IV, `ckd_ehr.mimic4`) is `data.release`
+or detected from the directory's layout; both give the same VISITS table, and the report
+(and the stage summary in the manifest) records which release and ICD-10 crosswalk a run used.
 Counts of rows read and dropped, and why, go to data/prepare_report.json; with `data.strict`
 any unparseable id or timestamp fails the run after the report is written.
 """
@@ -13,9 +16,9 @@ import logging
 import time
 
 from . import storage
-from .config import PipelineConfig
+from .config import DataConfig, PipelineConfig
 from .contracts import SPLITS, RunLayout
-from .mimic import load_visits, unparseable_rows
+from .mimic import MimicError, load_visits, unparseable_rows
 from .samples import build_samples
 
 log = logging.getLogger(__name__)
@@ -62,15 +65,32 @@ def _strict_failure(report: dict) -> str:
     return "unparseable values (data.strict is set)"
 
 
+def load_release(source_dir: str, data: DataConfig) -> tuple:
+    """(VISITS table, load report) of the MIMIC-III or MIMIC-IV tables in `source_dir`."""
+    from . import mimic4
+
+    release = mimic4.detect_release(source_dir) if data.release == "auto" else data.release
+    block_size = data.csv_block_mb << 20
+    log.info("prepare: reading %s tables from %s", "MIMIC-IV" if release == "mimic4" else "MIMIC-III", source_dir)
+    if release == "mimic4":
+        return mimic4.load_visits(source_dir, block_size=block_size, icd_versions=tuple(data.icd_versions),
+                                  crosswalk=data.icd10_crosswalk)
+    if 9 not in data.icd_versions:
+        raise MimicError(f"{source_dir}: MIMIC-III is coded in ICD-9 only, but data.icd_versions is "
+                         f"{data.icd_versions}")
+    visits, report = load_visits(source_dir, block_size=block_size)
+    return visits, {"release": "mimic3", **report}
+
+
 def run_prepare(cfg: PipelineConfig) -> dict:
     """Load the tables, build visit-pair samples and the patient split, write them; return counts."""
     start = time.perf_counter()
     layout = RunLayout(cfg.run_dir)
     source_dir = ensure_synthetic(cfg, layout) if cfg.data.source == "synthetic" else cfg.data.mimic_dir
-    log.info("prepare: reading MIMIC-III tables from %s", source_dir)
-    visits, load_report = load_visits(source_dir, block_size=cfg.data.csv_block_mb << 20)
+    visits, load_report = load_release(source_dir, cfg.data)
     bad = unparseable_rows(load_report)
-    report = {"source": cfg.data.source, "source_dir": source_dir, "strict": cfg.data.strict,
+    report = {"source": cfg.data.source, "source_dir": source_dir, "release": load_report["release"],
+              "icd10_crosswalk": load_report.get("icd10_crosswalk"), "strict": cfg.data.strict,
               "unparseable_values": bad, "load": load_report}
     if bad:
         log.warning("prepare: %d unparseable value(s); rows dropped or values set to null (see %s)",
@@ -97,6 +117,11 @@ def run_prepare(cfg: PipelineConfig) -> dict:
                    "seconds": round(time.perf_counter() - start, 3)})
     storage.write_json(layout.prepare_report, report)
     return {
+        "release": load_report["release"],
+        **({"icd10_crosswalk": load_report["icd10_crosswalk"]["package"],
+            "icd_admissions": load_report["icd"]["admissions_by_version"],
+            "icd10_codes_unmapped": load_report["icd"]["icd10_diagnosis_codes"]["unmapped"]}
+           if load_report["release"] == "mimic4" else {}),
         "admissions": visits.num_rows,
         "patients": load_report["patients"],
         "samples": stats["samples"],

@@ -63,6 +63,25 @@ def _move_into_place(fs: pafs.FileSystem, tmp: str, final: str) -> None:
     fs.move(tmp, final)
 
 
+@contextlib.contextmanager
+def atomic_output_stream(path: str | os.PathLike):
+    """A writable stream to `path` under a temporary name, moved into place on success and
+    removed on failure (for files written in chunks: the one-shot writers are below)."""
+    fs, inner = resolve(path)
+    fs.create_dir(posixpath.dirname(inner), recursive=True)
+    tmp = _tmp_name(inner)
+    try:
+        with fs.open_output_stream(tmp) as f:
+            yield f
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except Exception:
+            pass
+        raise
+    _move_into_place(fs, tmp, inner)
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     fs, inner = resolve(path)
     fs.create_dir(posixpath.dirname(inner), recursive=True)

@@ -33,6 +33,9 @@ GROUND_TRUTH = "ground_truth.json"
 
 def write_cohort(out_dir: str, cfg: SynthConfig) -> dict[str, int]:
     """Generate the cohort described by `cfg` into `out_dir`; return rows per table."""
+    if cfg.form == "mimic4":  # a layer over this generator: see synth_mimic4
+        from .synth_mimic4 import write_mimic4
+        return write_mimic4(out_dir, cfg)
     start = time.perf_counter()
     makedirs(out_dir)
     _remove_other_form(out_dir, cfg.form)

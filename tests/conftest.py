@@ -75,6 +75,14 @@ def mimic_demo_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def mimic4_demo_dir() -> Path:
+    d = SHARED / "mimic4_demo"
+    if not (d / "hosp" / "admissions.csv.gz").exists():
+        pytest.fail(f"MIMIC-IV demo not found at {d} (set CKD_EHR_SHARED to the shared/ folder)")
+    return d
+
+
+@pytest.fixture(scope="session")
 def s3_bucket():
     """An S3 bucket on a moto server on 127.0.0.1; yields its s3:// URI."""
     import boto3

@@ -2,9 +2,10 @@
 
     ckd-ehr bench synth --patients 46520                 # generate a MIMIC-III-scale cohort
     ckd-ehr bench prepare --patients 46520               # generate (unmeasured), then prepare
+    ckd-ehr bench prepare --patients 100000 --form mimic4   # a MIMIC-IV-form cohort (hosp/*.csv.gz)
     ckd-ehr bench prepare --set data.source=mimic --set data.mimic_dir=DIR   # prepare real tables
 
-The cohort form (demo .csv / full-release .csv.gz) follows `data.synth.form`. Figures are
+The cohort form (demo .csv / full-release .csv.gz / mimic4) is `--form`, else `data.synth.form`. Figures are
 printed as JSON (and written to --out); nothing here is asserted.
 """
 from __future__ import annotations
@@ -21,12 +22,20 @@ def _synth_cfg(cfg: PipelineConfig, args):
     synth = cfg.data.synth
     if getattr(args, "patients", None):
         synth = synth.model_copy(update={"patients": args.patients})
+    if getattr(args, "form", None):
+        synth = synth.model_copy(update={"form": args.form})
     return synth
 
 
 def _table_sizes(directory: str) -> dict:
-    return {f: round(os.path.getsize(os.path.join(directory, f)) / 2**20, 2)
-            for f in sorted(os.listdir(directory)) if f.endswith((".csv", ".csv.gz"))}
+    """MiB per table file, MIMIC-IV's hosp/ included."""
+    out = {}
+    for root, _, files in sorted(os.walk(directory)):
+        for f in sorted(files):
+            if f.endswith((".csv", ".csv.gz")):
+                path = os.path.join(root, f)
+                out[os.path.relpath(path, directory)] = round(os.path.getsize(path) / 2**20, 2)
+    return out
 
 
 def bench_synth(cfg: PipelineConfig, args) -> dict:

@@ -13,7 +13,18 @@ class DataConfig(Section):
     source: Literal["synthetic", "mimic"] = "synthetic"
     """`synthetic`: generate a cohort into RUN/raw first; `mimic`: read tables from mimic_dir."""
     mimic_dir: str | None = None
-    """Directory with the MIMIC-III tables (demo .csv or full-release .csv.gz)."""
+    """Directory with the MIMIC-III tables (demo .csv or full-release .csv.gz) or the MIMIC-IV
+    release (the directory holding hosp/, or hosp/ itself)."""
+    release: Literal["auto", "mimic3", "mimic4"] = "auto"
+    """Which MIMIC release the tables are. `auto`: MIMIC-IV if the directory has hosp/ (or its
+    diagnoses_icd has icd_version), else MIMIC-III; so the synthetic cohort's form decides too."""
+    icd_versions: list[Literal[9, 10]] = [9, 10]
+    """MIMIC-IV: keep only admissions coded in these ICD versions (9: before October 2015,
+    10: after). Both by default: MIMIC-IV's later half is ICD-10 only. MIMIC-III is all 9."""
+    icd10_crosswalk: Literal["hcup_ccs", "cms_gem"] = "hcup_ccs"
+    """ICD-10-CM -> the 25 phenotypes (see ckd_ehr/icd10.py). `hcup_ccs`: HCUP's CCS for
+    ICD-10-CM (the benchmark's own classification, one category per code); `cms_gem`: the CMS
+    GEMs to ICD-9-CM, then the ICD-9 definitions (majority rule for one-to-many)."""
     synth: SynthConfig = SynthConfig()
     """The synthetic cohort (used when source is `synthetic`)."""
     strict: bool = False
@@ -26,6 +37,8 @@ class DataConfig(Section):
     def _mimic_needs_dir(self):
         if self.source == "mimic" and not self.mimic_dir:
             raise ValueError("data.source is 'mimic' but data.mimic_dir is not set")
+        if not self.icd_versions or len(set(self.icd_versions)) != len(self.icd_versions):
+            raise ValueError(f"data.icd_versions must list 9 and/or 10 once each, got {self.icd_versions}")
         return self
 
 

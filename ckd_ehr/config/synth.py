@@ -15,8 +15,9 @@ class SynthConfig(Section):
     """Mean admissions per patient (MIMIC-III: about 1.27; more gives more visit pairs)."""
     seed: int = 0
     """Seed of the generator: same seed, same tables, byte for byte."""
-    form: Literal["demo", "full"] = "demo"
-    """`demo`: plain .csv with lowercase headers; `full`: .csv.gz, UPPERCASE quoted headers."""
+    form: Literal["demo", "full", "mimic4"] = "demo"
+    """`demo`: plain .csv with lowercase headers; `full`: .csv.gz, UPPERCASE quoted headers
+    (both MIMIC-III); `mimic4`: MIMIC-IV layout, hosp/*.csv.gz, ICD-10 after October 2015."""
     label_noise: float = Field(0.02, ge=0.0, le=0.5)
     """Probability that a phenotype's diagnosis code is dropped or spuriously added per visit."""
     drugs_per_phenotype: int = Field(3, ge=1, le=10)
