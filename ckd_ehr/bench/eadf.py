@@ -59,8 +59,9 @@ def random_samples(n: int, seed: int = 0, split: str = "train", n_noise_drugs: i
         row += [f"Drug-{k:04d}" for k in noise[i]]
         drugs.append(row)
         dx.append([names[p] for p in np.flatnonzero(cur[i])])
-    subject = np.arange(n, dtype=np.int64) + 1
-    hadm = subject * 10
+    # Patients with one to several consecutive pairs (about two on average), ordered by patient.
+    subject = np.cumsum(np.r_[True, rng.random(n - 1) < 0.5]).astype(np.int64) if n else np.zeros(0, np.int64)
+    hadm = (np.arange(n, dtype=np.int64) + 1) * 10
     return pa.table({
         "sample_id": [f"{s}-{h}-{h + 1}" for s, h in zip(subject, hadm)],
         "subject_id": subject, "hadm_id": hadm, "next_hadm_id": hadm + 1,
