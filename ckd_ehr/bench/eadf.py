@@ -28,11 +28,11 @@ def planted_drug(p: int, j: int) -> str:
 
 
 def random_samples(n: int, seed: int = 0, split: str = "train", n_noise_drugs: int = 400,
-                   planted_per_phenotype: int = 2) -> pa.Table:
+                   planted_per_phenotype: int = 2, effect: float = 0.3) -> pa.Table:
     """`n` SAMPLES rows with a known structure (for tests and this benchmark only).
 
     Planted drugs of phenotype p are given to half the pairs with p and raise its chance of
-    resolving by 0.3; ward drugs are given to most pairs, more often to sicker ones (so a
+    resolving by `effect` (0.3; 0.0 is a null cohort); ward drugs are given to most pairs, more often to sicker ones (so a
     frequency ranking puts them first) and do nothing; noise drugs are random and do nothing.
     """
     rng = np.random.default_rng(seed)
@@ -42,7 +42,7 @@ def random_samples(n: int, seed: int = 0, split: str = "train", n_noise_drugs: i
     planted = rng.random((n, NUM_PHENOTYPES, planted_per_phenotype)) < 0.5
     planted &= cur[:, :, None]
     treated = planted.any(axis=2)
-    p_resolve = 0.3 + 0.3 * treated
+    p_resolve = 0.3 + effect * treated
     resolved = cur & (rng.random((n, NUM_PHENOTYPES)) < p_resolve)
     new = ~cur & (rng.random((n, NUM_PHENOTYPES)) < 0.05)
     labels = (cur & ~resolved) | new
