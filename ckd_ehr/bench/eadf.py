@@ -103,6 +103,10 @@ def _samples_path(cfg, args, work: str) -> tuple[str, str]:
 
 
 def bench_eadf(cfg, args) -> dict:
+    if getattr(args, "validity", False):
+        from .eadf_validity import bench_eadf_validity
+
+        return bench_eadf_validity(cfg, args)
     from .. import storage
     from ..contracts import SAMPLES
     from ..eadf import efficacy_table_ray, fuse_batch, fuse_splits
