@@ -110,7 +110,7 @@ def bench_eadf(cfg, args) -> dict:
     from .. import storage
     from ..contracts import SAMPLES
     from ..eadf import efficacy_table_ray, fuse_batch, fuse_splits
-    from ..eadf_stats import efficacy_table_reference, top_drugs
+    from ..eadf_stats import COUNT_COLUMNS, efficacy_table_reference, top_drugs
     from ..ray_utils import init_ray
 
     results: dict = {"benchmark": "eadf"}
@@ -126,7 +126,7 @@ def bench_eadf(cfg, args) -> dict:
             ray_table = efficacy_table_ray(path, cfg)
         with measure("reference", results):
             ref_table = efficacy_table_reference(
-                storage.read_parquet(path, columns=["drugs", "phenotypes_current", "labels"]), cfg)
+                storage.read_parquet(path, columns=COUNT_COLUMNS), cfg)
         # Fusion of the same split: Ray Data streaming to a file vs one in-memory pass.
         top = top_drugs(ref_table, cfg.eadf.top_k)
         with measure("fusion_ray_data", results):

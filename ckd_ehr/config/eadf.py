@@ -11,7 +11,8 @@ from .base import Section
 class EADFConfig(Section):
     ranking: Literal["efficacy", "frequency", "risk_ratio"] = "efficacy"
     """`efficacy`: lower confidence bound of the difference in resolution rate (ours; ranked when
-    both arms have min_support pairs and the bound exceeds min_effect);
+    both arms have min_support pairs, the pair passes the FDR threshold `fdr` and the bound
+    exceeds min_effect);
     `frequency`: how often the drug is given with the phenotype (what the authors' lists amount
     to; ranked when n_given >= min_support);
     `risk_ratio`: ratio of resolution rates (ranked when both arms have min_support pairs and it exceeds 1)."""
@@ -50,7 +51,8 @@ class EADFConfig(Section):
     [3, 5, 7] gives 1-2, 3-4, 5-6, 7+ (on synthetic cohorts about 25/30/25/20% of pairs with a
     phenotype; fewer strata keep both arms populated per stratum)."""
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
-    """Level of the Newcombe interval for the difference of two proportions."""
+    """Level of the interval of the effect (Newcombe's for adjust `none`, MH +- z * Sato's
+    standard error for `severity`); the ranking sorts by its lower bound."""
     min_effect: float = 0.0
     """A drug is kept only if its interval's lower bound exceeds this (efficacy ranking)."""
     batch_size: int = Field(4096, gt=0)
