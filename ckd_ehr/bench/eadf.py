@@ -139,6 +139,9 @@ def bench_eadf(cfg, args) -> dict:
     results["ray_over_reference_wall"] = round(results["ray_data"]["wall_s"] / results["reference"]["wall_s"], 2)
     results["fusion_ray_over_reference_wall"] = round(
         results["fusion_ray_data"]["wall_s"] / results["fusion_reference"]["wall_s"], 2)
+    results["ray_over_reference_cpu"] = round(results["ray_data"]["cpu_s"] / max(results["reference"]["cpu_s"], 1e-9), 2)
+    results["fusion_ray_over_reference_cpu"] = round(
+        results["fusion_ray_data"]["cpu_s"] / max(results["fusion_reference"]["cpu_s"], 1e-9), 2)
     results["tables_equal"] = ray_table.equals(ref_table)
     results["efficacy_rows"] = ray_table.num_rows
     emit(results, getattr(args, "out", None))
