@@ -92,6 +92,9 @@ def cmd_serve(args):
 
 
 def cmd_bench(args):
+    # bench eadf --validity: `--set synth.KEY=VALUE` sets a knob of its synthetic cohorts.
+    args.synth_overrides = [o for o in args.overrides if o.startswith("synth.")]
+    args.overrides = [o for o in args.overrides if not o.startswith("synth.")]
     cfg = load_cfg(args)
     return _call("bench", f"bench_{args.what.replace('-', '_')}", cfg, args)
 
@@ -169,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--form", choices=["demo", "full", "mimic4"], help="synth/prepare: the cohort's table form")
     p.add_argument("--samples", type=int, help="samples for model benchmarks")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per load level (serve)")
+    p.add_argument("--validity", action="store_true",
+                   help="eadf: precision / recall of the listed drugs on synthetic cohorts, null control, PNG")
     p.add_argument("--out", help="write the figures as JSON here")
     p.set_defaults(handler=cmd_bench)
     return parser

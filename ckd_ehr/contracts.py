@@ -10,7 +10,7 @@ own, as laid out here. Change a schema here and nowhere else.
       data/visits.parquet              VISITS: one row per admission
       data/prepare_report.json         counts of rows read, dropped and why
       data/samples/{split}.parquet     SAMPLES: one row per consecutive admission pair
-      eadf/efficacy_table.parquet      EFFICACY: per phenotype x drug, counts, effect, rank
+      eadf/efficacy_table.parquet      EFFICACY: per phenotype x drug, counts, effect, p, q, rank
       eadf/samples/{split}.parquet     SAMPLES + text_eadf
       eadf/validity.json               precision@k against the synthetic ground truth
       teacher/artifact/                TEACHER ARTIFACT (below)
@@ -99,6 +99,14 @@ EFFICACY = pa.schema([
     ("score", pa.float64()),            # what the chosen ranking sorts by
     ("rank", pa.int32()),               # 1 = best within the phenotype; null = not eligible
     ("ranking", pa.string()),           # efficacy / frequency / risk_ratio
+    # Inference (eadf_inference): effect/lower/upper above are the crude difference with
+    # Newcombe's interval (adjust: none) or the Mantel-Haenszel difference with Sato's interval
+    # (adjust: severity), both on effective counts (counts / design effect) when clustered.
+    ("p_value", pa.float64()),          # one-sided CMH score test; null if below min_support
+    ("q_value", pa.float64()),          # Benjamini-Hochberg over all tested pairs of the table
+    ("design_effect_given", pa.float64()),      # per-patient clustering of each arm (1 = none)
+    ("design_effect_not_given", pa.float64()),
+    ("adjust", pa.string()),            # none / severity
 ])
 
 SOFT_LABELS = pa.schema([

@@ -9,8 +9,9 @@
   3. fusion: every split is re-rendered from its structured fields with the efficacy clauses
      of the phenotypes present at visit i, always from the table fitted on training patients
      -> RUN/eadf/samples/{split}.parquet (same rows, same order, text_plain kept).
-  4. validity: precision@k of the efficacy and frequency rankings against the planted drugs
-     when RUN/raw/ground_truth.json exists -> RUN/eadf/validity.json
+  4. validity: precision and recall of the listed drugs (FDR-controlled) and precision@k of
+     the efficacy and frequency rankings against the planted drugs when
+     RUN/raw/ground_truth.json exists -> RUN/eadf/validity.json
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ import ray.data
 from . import storage
 from .config import PipelineConfig, TextConfig
 from .contracts import AUGMENTED_SAMPLES, SAMPLES, SPLITS, ContractError, RunLayout, check_schema
-from .eadf_stats import (COUNT_COLUMNS, PARTIAL_SCHEMA, efficacy_from_counts, efficacy_table_reference,
+from .eadf_stats import (COUNT_COLUMNS, PARTIAL_SCHEMA, Counts, efficacy_from_counts, efficacy_table_reference,
                          multi_hot_matrix, partial_counts, precision_at_k, split_counts, sum_partials,
                          top_drugs)
+from .eadf_validity import listing_validity
 from .phenotypes import phenotype_names
 from .text import render_input
 
@@ -68,34 +70,45 @@ def _read_ds(path: str, columns: list[str] | None = None):
 
 # --- counting on Ray Data -----------------------------------------------------------------
 
-def counts_ray(path: str, batch_size: int = 4096) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Summed counts of a SAMPLES file: (per phenotype x drug, per phenotype totals).
+def counts_ray(path: str, batch_size: int = 4096, severity_bins=(3, 5, 7)) -> Counts:
+    """Summed counts of a SAMPLES file (eadf_stats.Counts).
 
+    Batches are cut in file order (preserve_order), so each batch is a contiguous run of
+    rows and, the file being ordered by patient, only its first and last patient can be
+    split with a neighbour (eadf_stats carries those; sum_partials checks the ordering).
     The partial counts are summed by a second reduce in one Ray task after repartition(1):
-    partials are at most drugs x 25 rows per batch, and on a small cluster this is several
-    times faster than groupby().sum(), whose hash-shuffle aggregator actors take seconds to
-    start (measured: ~11 s vs ~2-4 s for 5,000 pairs on 2 cores).
+    partials are at most drugs x 25 x strata rows per batch, and on a small cluster this is
+    several times faster than groupby().sum(), whose hash-shuffle aggregator actors take
+    seconds to start (measured: ~11 s vs ~2-4 s for 5,000 pairs on 2 cores).
     """
+    from ray.data import DataContext
+
     n = _num_rows(path)
     _check_columns(path, COUNT_COLUMNS)
     if n == 0:
-        return split_counts(PARTIAL_SCHEMA.empty_table().to_pandas())
-    # Fractional CPUs: counting a batch is light; reading, counting and summing can overlap on 2 cores.
-    summed = (_read_ds(path, COUNT_COLUMNS)
-              .map_batches(partial_counts, batch_format="pyarrow", batch_size=batch_size,
-                           fn_kwargs={"where": path}, num_cpus=0.5)
-              .repartition(1)
-              .map_batches(sum_partials, batch_format="pandas", batch_size=None, num_cpus=0.5)
-              .to_pandas())
-    # Sort (sum_partials does) and fix dtypes so the table does not depend on partitioning.
-    summed = sum_partials(summed).astype({"phenotype_index": "int32", "n_given": "int64", "resolved_given": "int64"})
-    return split_counts(summed)
+        return split_counts(sum_partials(PARTIAL_SCHEMA.empty_table().to_pandas(), path))
+    ctx = DataContext.get_current()
+    old = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        # Fractional CPUs: counting a batch is light; reading, counting and summing can overlap on 2 cores.
+        summed = (_read_ds(path, COUNT_COLUMNS)
+                  .map_batches(partial_counts, batch_format="pyarrow", batch_size=batch_size,
+                               fn_kwargs={"where": path, "severity_bins": list(severity_bins)}, num_cpus=0.5)
+                  .repartition(1)
+                  .map_batches(sum_partials, batch_format="pandas", batch_size=None, fn_kwargs={"where": path},
+                               num_cpus=0.5)
+                  .to_pandas())
+    finally:
+        ctx.execution_options.preserve_order = old
+    # Sorted again (sum_partials sorts) so the table does not depend on partitioning.
+    return split_counts(sum_partials(summed, path))
 
 
 def efficacy_table_ray(path: str, cfg: PipelineConfig, ranking: str | None = None) -> pa.Table:
     """The EFFICACY table of a SAMPLES file, counted on Ray Data."""
-    counts, totals = counts_ray(path, cfg.eadf.batch_size)
-    return efficacy_from_counts(counts, totals, cfg.eadf, ranking)
+    counts = counts_ray(path, cfg.eadf.batch_size, cfg.eadf.severity_bins)
+    return efficacy_from_counts(counts, cfg.eadf, ranking)
 
 
 # --- fusion -------------------------------------------------------------------------------
@@ -196,18 +209,21 @@ def _runs_by_path(batch: pa.Table) -> Iterator[tuple[str, pa.Table]]:
 
 # --- validity -----------------------------------------------------------------------------
 
-def validity(counts: pd.DataFrame, totals: pd.DataFrame, cfg: PipelineConfig, truth: dict) -> dict:
-    """precision@k of the efficacy and frequency rankings against the planted drugs."""
+def validity(counts: Counts, cfg: PipelineConfig, truth: dict) -> dict:
+    """The listed drugs against the planted ones (precision, recall, powered recall, decoys;
+    eadf_validity.listing_validity), and precision@k of the efficacy and frequency rankings."""
     planted = truth.get("planted") or {}
     ward = truth.get("ward_drugs") or []
     if not isinstance(planted, dict):
         raise ContractError(f"ground_truth.json: field 'planted' must map phenotype -> drugs, got {type(planted).__name__}")
     out = {"k": cfg.eadf.top_k, "min_support": cfg.eadf.min_support, "confidence": cfg.eadf.confidence,
-           "rankings": {}}
+           "fdr": cfg.eadf.fdr, "adjust": cfg.eadf.adjust, "clustering": cfg.eadf.clustering, "rankings": {}}
     for ranking in ("efficacy", "frequency", "risk_ratio"):
-        table = efficacy_from_counts(counts, totals, cfg.eadf, ranking)
+        table = efficacy_from_counts(counts, cfg.eadf, ranking)
         out["rankings"][ranking] = precision_at_k(top_drugs(table, cfg.eadf.top_k), planted,
                                                   cfg.eadf.top_k, ward)
+        if ranking == "efficacy":
+            out["listing"] = listing_validity(table, truth, cfg.eadf)
     return out
 
 
@@ -225,8 +241,8 @@ def run_eadf(cfg: PipelineConfig) -> dict:
     t0 = time.perf_counter()
     train = layout.samples("train")
     log.info("eadf: counting visit pairs in %s", train)
-    counts, totals = counts_ray(train, cfg.eadf.batch_size)
-    table = efficacy_from_counts(counts, totals, cfg.eadf)
+    counts = counts_ray(train, cfg.eadf.batch_size, cfg.eadf.severity_bins)
+    table = efficacy_from_counts(counts, cfg.eadf)
     storage.write_parquet(table, layout.efficacy_table)
     top = top_drugs(table, cfg.eadf.top_k)
     t_count = time.perf_counter() - t0
@@ -243,6 +259,7 @@ def run_eadf(cfg: PipelineConfig) -> dict:
         "train_pairs": _num_rows(train),
         "efficacy_rows": table.num_rows,
         "ranked_rows": int(table["rank"].is_valid().to_numpy(zero_copy_only=False).sum()),
+        "tested_rows": int(table["p_value"].is_valid().to_numpy(zero_copy_only=False).sum()),
         "phenotypes_with_drugs": len(top),
         "ranking": cfg.eadf.ranking,
         "rows": rows,
@@ -251,9 +268,11 @@ def run_eadf(cfg: PipelineConfig) -> dict:
     }
     truth_path = storage.join(layout.raw_dir, "ground_truth.json")
     if storage.exists(truth_path):
-        v = validity(counts, totals, cfg, storage.read_json(truth_path))
+        v = validity(counts, cfg, storage.read_json(truth_path))
         storage.write_json(layout.eadf_validity, v)
         summary["validity"] = {r: v["rankings"][r]["mean_precision_at_k"] for r in v["rankings"]}
+        summary["validity"]["listed_precision"] = v["listing"]["precision"]
+        summary["validity"]["listed_recall"] = v["listing"]["recall"]
         log.info("eadf: mean precision@%d efficacy %.3f, frequency %.3f -> %s", cfg.eadf.top_k,
                  v["rankings"]["efficacy"]["mean_precision_at_k"] or 0.0,
                  v["rankings"]["frequency"]["mean_precision_at_k"] or 0.0, layout.eadf_validity)

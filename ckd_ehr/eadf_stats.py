@@ -1,45 +1,82 @@
-"""EADF statistics, free of Ray: counting visit pairs, the Newcombe interval, ranking.
+"""EADF statistics, free of Ray: counting visit pairs, per-patient clusters, strata, the table.
 
 A visit pair (visit i, visit i+1) "resolves" phenotype p when p is present at visit i
 (`phenotypes_current`) and absent at visit i+1 (`labels`). For each phenotype p and drug m,
 among the pairs with p present we compare the resolution rate of pairs given m at visit i
-with that of pairs not given m. The effect is the difference of the two rates; its Newcombe
-(hybrid Wilson score) interval gives a lower bound that ranks drugs by efficacy, so a drug
-that every patient gets (saline flush) and therefore has no comparison arm, or one with few
-pairs, cannot rank high by being frequent.
+with that of pairs not given m. The effect is the difference of the two rates (crude, or
+Mantel-Haenszel over severity strata); its interval's lower bound ranks drugs, and a one-sided
+score test with Benjamini-Hochberg decides which are listed (eadf_inference), so a drug that
+every patient gets (saline flush), one with few pairs, or one of thousands of chance
+comparisons does not make the list.
 
-Counting is additive, so the Ray path counts per batch (`partial_counts`) and sums; the
-reference (`efficacy_table_reference`) counts the whole table with pandas in a different
-way, and both feed the same `efficacy_from_counts`.
+What is counted, per phenotype p and drug m (and per phenotype over all its pairs, under the
+drug name TOTAL_KEY, a pseudo-drug "given" to every pair):
+- per severity stratum k: pairs n and resolved y (COUNT rows);
+- per-patient sums over patients c, for the design effect of each arm: sum n_c^2, n_c y_c,
+  y_c^2, and the cross sums with the patient's totals of p (T_c): T_n n_c, T_y y_c, T_n y_c,
+  T_y n_c (CLUSTER rows), from which eadf_inference.design_effect gets both arms.
+
+Counting is additive, so the Ray path counts per batch (`partial_counts`) and sums
+(`sum_partials`). Per-patient squares are additive only over whole patients: a batch sums
+the squares of the patients wholly inside it and hands its first and last patient on as
+CARRY rows (their plain sums), completed when all partials are summed; a RANGE row per batch
+(first and last subject_id, sorted or not) lets the sum check that no other patient was split,
+i.e. that the file is ordered by subject_id and batches are contiguous. The reference
+(`reference_counts`) counts the whole table with pandas in a different way; both feed the
+same `efficacy_from_counts`.
 """
 from __future__ import annotations
 
-from statistics import NormalDist
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import scipy.sparse as sp
 
 from .config import EADFConfig
 from .contracts import EFFICACY, ContractError
+from .eadf_inference import (benjamini_hochberg, cmh_score_p, design_effect, mantel_haenszel_rd, newcombe,
+                             wilson, z_value)
 from .phenotypes import NUM_PHENOTYPES, phenotype_names
 
+__all__ = ["COUNT_COLUMNS", "PARTIAL_SCHEMA", "Counts", "partial_counts", "sum_partials", "split_counts",
+           "reference_counts", "efficacy_from_counts", "efficacy_table_reference", "top_drugs",
+           "precision_at_k", "multi_hot_matrix", "newcombe", "wilson", "z_value", "severity_strata"]
+
 # Columns of SAMPLES the counting reads.
-COUNT_COLUMNS = ["drugs", "phenotypes_current", "labels"]
-# Rows of `partial_counts` with this drug name carry the per-phenotype totals (pairs with the
-# phenotype present, and how many of them resolved). Real drug names are never empty:
-# null and blank names are not counted as drugs.
+COUNT_COLUMNS = ["subject_id", "drugs", "phenotypes_current", "labels"]
+# The pseudo-drug given to every pair: its rows carry the per-phenotype totals. Real drug
+# names are never empty: null and blank names are not counted as drugs.
 TOTAL_KEY = ""
+KIND_COUNT, KIND_CLUSTER, KIND_CARRY, KIND_RANGE = 0, 1, 2, 3
+SUMS = ["n", "y", "nn", "ny", "yy", "tnn", "tyy", "tny", "tyn"]
+KEYS = ["kind", "phenotype_index", "drug", "stratum", "subject_id"]
 PARTIAL_SCHEMA = pa.schema([
-    ("phenotype_index", pa.int32()),
+    ("kind", pa.int8()),              # KIND_COUNT / KIND_CLUSTER / KIND_CARRY / KIND_RANGE
+    ("phenotype_index", pa.int32()),  # -1 on RANGE rows
     ("drug", pa.string()),
-    ("n_given", pa.int64()),         # on TOTAL_KEY rows: pairs with the phenotype present
-    ("resolved_given", pa.int64()),  # on TOTAL_KEY rows: ... of which resolved
+    ("stratum", pa.int32()),          # COUNT rows: severity stratum; -1 otherwise
+    ("subject_id", pa.int64()),       # CARRY: the patient; RANGE: first patient of the batch; else -1
+    ("n", pa.int64()),                # COUNT, CARRY: pairs; RANGE: last patient of the batch
+    ("y", pa.int64()),                # COUNT, CARRY: resolved; RANGE: 1 if the batch is sorted by patient
+    ("nn", pa.int64()), ("ny", pa.int64()), ("yy", pa.int64()),      # CLUSTER: sum n_c^2, n_c y_c, y_c^2
+    ("tnn", pa.int64()), ("tyy", pa.int64()), ("tny", pa.int64()), ("tyn", pa.int64()),  # ... T_n n_c, T_y y_c, T_n y_c, T_y n_c
 ])
 RANKINGS = ("efficacy", "frequency", "risk_ratio")
+
+
+@dataclass
+class Counts:
+    """Summed counts of a SAMPLES table.
+
+    strata:   phenotype_index, drug, stratum, n, y (drug TOTAL_KEY: all pairs with the phenotype)
+    clusters: phenotype_index, drug, nn, ny, yy, tnn, tyy, tny, tyn (per-patient sums)
+    """
+
+    strata: pd.DataFrame
+    clusters: pd.DataFrame
 
 
 # --- input checks -------------------------------------------------------------------------
@@ -81,121 +118,211 @@ def _drug_items(drugs: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array
 
 # --- counting -----------------------------------------------------------------------------
 
-def partial_counts(batch: pa.Table, where: str = "samples") -> pa.Table:
-    """Counts of one batch of SAMPLES rows, in PARTIAL_SCHEMA (summable across batches).
+def severity_strata(present: np.ndarray, bins: Sequence[int]) -> np.ndarray:
+    """Severity stratum of each pair: the number of phenotypes present at visit i, cut at
+    `bins` (lower edges of the strata above the first): [3, 5, 7] -> 0: 1-2, 1: 3-4, 2: 5-6, 3: 7+."""
+    return np.searchsorted(np.asarray(bins, dtype=np.int64), present.sum(axis=1), side="right").astype(np.int64)
 
-    Per (phenotype, drug) with the phenotype present and the drug given: n_given and
-    resolved_given; per phenotype (drug = TOTAL_KEY): pairs present and resolved.
-    """
+
+def _subject_ids(batch: pa.Table, where: str) -> np.ndarray:
+    col = batch.column("subject_id")
+    if col.null_count:
+        row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise ContractError(f"{where}: field 'subject_id' is null in row {row}")
+    return col.to_numpy().astype(np.int64) if len(col) else np.zeros(0, dtype=np.int64)
+
+
+def _unique_sorted(key: np.ndarray) -> np.ndarray:
+    """np.unique of an int64 array by sorting (numpy's hash-based unique is several times
+    slower on the ~10^5-10^6 keys of a batch)."""
+    s = np.sort(key)
+    return s[np.r_[True, s[1:] != s[:-1]]] if len(s) else s
+
+
+def _given_items(batch: pa.Table) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    """(row, drug code) of every distinct drug of every row, code 0 = TOTAL_KEY given to every
+    row; and the drug names by code."""
+    n = batch.num_rows
+    rows, names = _drug_items(batch.column("drugs"))
+    if len(names):
+        enc = pc.dictionary_encode(names)
+        codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64) + 1
+        vocab = pa.concat_arrays([pa.array([TOTAL_KEY], type=pa.string()), enc.dictionary.cast(pa.string())])
+    else:
+        codes, vocab = np.zeros(0, dtype=np.int64), pa.array([TOTAL_KEY], type=pa.string())
+    key = _unique_sorted(np.r_[np.arange(n, dtype=np.int64), codes * n + rows])  # a drug twice in a visit counts once
+    return key % n, key // n, vocab
+
+
+def _table(kind: int, phenotype: np.ndarray, drug: pa.Array, n_rows: int, **cols) -> pa.Table:
+    data = {"kind": pa.array(np.full(n_rows, kind, dtype=np.int8)),
+            "phenotype_index": pa.array(np.asarray(phenotype, dtype=np.int32)), "drug": drug}
+    for name in ("stratum", "subject_id"):
+        data[name] = pa.array(np.asarray(cols.get(name, np.full(n_rows, -1)), dtype=PARTIAL_SCHEMA.field(name).type.to_pandas_dtype()))
+    for name in SUMS:
+        data[name] = pa.array(np.asarray(cols.get(name, np.zeros(n_rows)), dtype=np.int64))
+    return pa.table(data, schema=PARTIAL_SCHEMA)
+
+
+def partial_counts(batch: pa.Table, where: str = "samples", severity_bins: Sequence[int] = (3, 5, 7)) -> pa.Table:
+    """Counts of one batch of SAMPLES rows, in PARTIAL_SCHEMA (summable across batches with
+    `sum_partials`; see the module docstring for the row kinds)."""
+    n = batch.num_rows
+    if n == 0:
+        return PARTIAL_SCHEMA.empty_table()
     present = multi_hot_matrix(batch.column("phenotypes_current"), where, "phenotypes_current")
     nxt = multi_hot_matrix(batch.column("labels"), where, "labels")
     resolved = present & ~nxt
-    rows, names = _drug_items(batch.column("drugs"))
-    n = present.shape[0]
+    subject = _subject_ids(batch, where)
+    item_row, item_drug, vocab = _given_items(batch)
+    # One triple per (pair, drug given, phenotype present).
+    n_present = present.sum(axis=1)
+    _, pres_p = np.nonzero(present)
+    first = np.cumsum(n_present) - n_present
+    rep = n_present[item_row]
+    t_item = np.repeat(np.arange(len(item_row)), rep)
+    offset = np.arange(len(t_item)) - np.repeat(np.cumsum(rep) - rep, rep)
+    t_row = item_row[t_item]
+    t_p = pres_p[first[t_row] + offset].astype(np.int64)
+    t_dp = item_drug[t_item] * NUM_PHENOTYPES + t_p  # (drug, phenotype) code
+    t_y = resolved[t_row, t_p].astype(np.float64)
+    n_dp = len(vocab) * NUM_PHENOTYPES
 
-    totals = pa.table({
-        "phenotype_index": pa.array(np.arange(NUM_PHENOTYPES, dtype=np.int32)),
-        "drug": pa.array([TOTAL_KEY] * NUM_PHENOTYPES, type=pa.string()),
-        "n_given": pa.array(present.sum(axis=0).astype(np.int64)),
-        "resolved_given": pa.array(resolved.sum(axis=0).astype(np.int64)),
-    }, schema=PARTIAL_SCHEMA)
-    if len(names) == 0:
-        return totals
+    # COUNT rows: pairs and resolved per (drug, phenotype, stratum).
+    n_strata = len(severity_bins) + 1
+    key = t_dp * n_strata + severity_strata(present, severity_bins)[t_row]
+    cnt_n = np.bincount(key, minlength=n_dp * n_strata)
+    cnt_y = np.bincount(key, weights=t_y, minlength=n_dp * n_strata)
+    nz = np.flatnonzero(cnt_n)
+    dp = nz // n_strata
+    parts = [_table(KIND_COUNT, dp % NUM_PHENOTYPES, vocab.take(pa.array(dp // NUM_PHENOTYPES)), len(nz),
+                    stratum=nz % n_strata, n=cnt_n[nz], y=cnt_y[nz])]
 
-    enc = pc.dictionary_encode(names)
-    codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    vocab = enc.dictionary
-    # drug x row incidence; a drug listed twice in one visit counts once.
-    inc = sp.csr_matrix((np.ones(len(codes), dtype=np.int64), (codes, rows)), shape=(len(vocab), n))
-    inc.sum_duplicates()
-    inc.data[:] = 1
-    given = np.asarray(inc @ present.astype(np.int64))          # (drugs, 25)
-    given_resolved = np.asarray(inc @ resolved.astype(np.int64))
-    d, p = np.nonzero(given)
-    pairs = pa.table({
-        "phenotype_index": pa.array(p.astype(np.int32)),
-        "drug": vocab.take(pa.array(d)),
-        "n_given": pa.array(given[d, p].astype(np.int64)),
-        "resolved_given": pa.array(given_resolved[d, p].astype(np.int64)),
-    }, schema=PARTIAL_SCHEMA)
-    return pa.concat_tables([totals, pairs])
+    # Per patient and (drug, phenotype): n_c, y_c; and the patient's totals T of the phenotype.
+    patients, pat = np.unique(subject, return_inverse=True)
+    pkey = pat[t_row] * n_dp + t_dp
+    uniq_key = _unique_sorted(pkey)
+    pkey, inv = uniq_key, np.searchsorted(uniq_key, pkey)
+    n_c = np.bincount(inv).astype(np.float64)
+    y_c = np.bincount(inv, weights=t_y)
+    c, dp = pkey // n_dp, pkey % n_dp
+    is_total = dp < NUM_PHENOTYPES  # drug code 0
+    t_n = np.zeros((len(patients), NUM_PHENOTYPES))
+    t_yy = np.zeros((len(patients), NUM_PHENOTYPES))
+    t_n[c[is_total], dp[is_total]] = n_c[is_total]
+    t_yy[c[is_total], dp[is_total]] = y_c[is_total]
+    tn, ty = t_n[c, dp % NUM_PHENOTYPES], t_yy[c, dp % NUM_PHENOTYPES]
+    # The first and last patient of the batch may continue in the next / previous batch.
+    edge = (c == pat[0]) | (c == pat[-1])
+    inner = ~edge
+    sums = {name: np.bincount(dp[inner], weights=w[inner], minlength=n_dp).round().astype(np.int64)
+            for name, w in (("n", n_c), ("nn", n_c * n_c), ("ny", n_c * y_c), ("yy", y_c * y_c), ("tnn", tn * n_c),
+                            ("tyy", ty * y_c), ("tny", tn * y_c), ("tyn", ty * n_c))}
+    nz = np.flatnonzero(sums.pop("n"))
+    parts.append(_table(KIND_CLUSTER, nz % NUM_PHENOTYPES, vocab.take(pa.array(nz // NUM_PHENOTYPES)), len(nz),
+                        **{k: v[nz] for k, v in sums.items()}))
+    e = np.flatnonzero(edge)
+    parts.append(_table(KIND_CARRY, dp[e] % NUM_PHENOTYPES, vocab.take(pa.array(dp[e] // NUM_PHENOTYPES)), len(e),
+                        subject_id=patients[c[e]], n=n_c[e], y=y_c[e]))
+    parts.append(_table(KIND_RANGE, [-1], pa.array([TOTAL_KEY]), 1, subject_id=[subject[0]], n=[subject[-1]],
+                        y=[int((np.diff(subject) >= 0).all())]))
+    return pa.concat_tables(parts)
 
 
-def split_counts(summed: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Summed partial counts -> (per phenotype x drug counts, per phenotype totals)."""
-    is_total = summed["drug"] == TOTAL_KEY
-    totals = (summed[is_total].rename(columns={"n_given": "n_present", "resolved_given": "resolved_present"})
-              [["phenotype_index", "n_present", "resolved_present"]])
-    return summed[~is_total].reset_index(drop=True), totals.reset_index(drop=True)
+def _check_ranges(ranges: pd.DataFrame, where: str) -> pd.DataFrame:
+    """Batches must each be sorted by patient and, ordered, touch only at their ends: then
+    no patient other than a batch's first or last one was split between batches."""
+    if ranges.empty:
+        return ranges
+    first, last, ok = (ranges[c].to_numpy() for c in ("subject_id", "n", "y"))
+    order = np.lexsort((last, first))
+    first, last = first[order], last[order]
+    if not ok.all() or (last[:-1] > first[1:]).any():
+        raise ContractError(f"{where}: visit pairs are not grouped by patient (rows must be ordered by "
+                            "subject_id, as prepare writes them): per-patient sums would be wrong")
+    return pd.DataFrame({"kind": [KIND_RANGE], "phenotype_index": [-1], "drug": [TOTAL_KEY], "stratum": [-1],
+                         "subject_id": [first.min()], "n": [last.max()], "y": [1],
+                         **{k: [0] for k in SUMS[2:]}})
 
 
-def sum_partials(partials: pd.DataFrame) -> pd.DataFrame:
-    """Sum partial counts (PARTIAL_SCHEMA rows from many batches) by (phenotype, drug)."""
-    return (partials.groupby(["phenotype_index", "drug"], as_index=False, sort=True)[["n_given", "resolved_given"]]
-            .sum())
+def sum_partials(partials: pd.DataFrame, where: str = "samples") -> pd.DataFrame:
+    """Sum partial counts (PARTIAL_SCHEMA rows of all batches of one file): COUNT and CLUSTER
+    rows by key; CARRY rows (a batch's edge patients) are summed per patient first, then
+    squared into CLUSTER rows. Applying it again to its output gives the same output."""
+    kind = partials["kind"].to_numpy()
+    ranges = _check_ranges(partials[kind == KIND_RANGE], where)
+    carry = partials[kind == KIND_CARRY]
+    parts = [partials[(kind == KIND_COUNT) | (kind == KIND_CLUSTER)]]
+    if len(carry):
+        per = carry.groupby(["subject_id", "phenotype_index", "drug"], as_index=False, sort=False)[["n", "y"]].sum()
+        tot = (per[per["drug"] == TOTAL_KEY][["subject_id", "phenotype_index", "n", "y"]]
+               .rename(columns={"n": "tn", "y": "ty"}))
+        per = per.merge(tot, on=["subject_id", "phenotype_index"], how="left").fillna({"tn": 0, "ty": 0})
+        n_c, y_c, tn, ty = (per[c].to_numpy(dtype=np.int64) for c in ("n", "y", "tn", "ty"))
+        parts.append(pd.DataFrame({
+            "kind": KIND_CLUSTER, "phenotype_index": per["phenotype_index"].to_numpy(), "drug": per["drug"].to_numpy(),
+            "stratum": -1, "subject_id": -1, "n": 0, "y": 0, "nn": n_c * n_c, "ny": n_c * y_c, "yy": y_c * y_c,
+            "tnn": tn * n_c, "tyy": ty * y_c, "tny": tn * y_c, "tyn": ty * n_c}))
+    out = pd.concat(parts, ignore_index=True).groupby(KEYS, as_index=False, sort=True)[SUMS].sum()
+    return pd.concat([out, ranges], ignore_index=True) if len(ranges) else out
 
 
-def reference_counts(samples: pa.Table, where: str = "samples") -> tuple[pd.DataFrame, pd.DataFrame]:
+def split_counts(summed: pd.DataFrame) -> Counts:
+    """Summed partial counts -> Counts."""
+    kind = summed["kind"].to_numpy()
+    strata = summed[kind == KIND_COUNT][["phenotype_index", "drug", "stratum", "n", "y"]]
+    clusters = summed[kind == KIND_CLUSTER][["phenotype_index", "drug", *SUMS[2:]]]
+    return Counts(strata.reset_index(drop=True), clusters.reset_index(drop=True))
+
+
+def reference_counts(samples: pa.Table, where: str = "samples", severity_bins: Sequence[int] = (3, 5, 7)) -> Counts:
     """Counts of a whole SAMPLES table with plain pandas, one phenotype at a time.
 
-    Deliberately independent of `partial_counts` (explode + groupby instead of a sparse
-    product) so that comparing the two checks the counting, not only the summing.
+    Deliberately independent of `partial_counts` (explode + groupby per patient instead of
+    code arithmetic and batch carries, no ordering needed) so that comparing the two checks
+    the counting, not only the summing.
     """
     present = multi_hot_matrix(samples.column("phenotypes_current"), where, "phenotypes_current")
     nxt = multi_hot_matrix(samples.column("labels"), where, "labels")
+    subject = _subject_ids(samples, where)
+    stratum = severity_strata(present, severity_bins)
     rows, names = _drug_items(samples.column("drugs"))
-    given = pd.DataFrame({"row": rows, "drug": names.to_pandas()}).drop_duplicates()
-    counts, totals = [], []
+    n = samples.num_rows
+    # Drugs as integer codes (0 = TOTAL_KEY, given to every pair); names back at the end.
+    code, vocab = pd.factorize(pd.concat([pd.Series([TOTAL_KEY] * n, dtype=object), names.to_pandas()],
+                                         ignore_index=True))
+    given = pd.DataFrame({"row": np.r_[np.arange(n), rows], "drug": code}).drop_duplicates()
+    strata, clusters = [], []
     for p in range(NUM_PHENOTYPES):
         resolved = present[:, p] & ~nxt[:, p]
-        totals.append((p, int(present[:, p].sum()), int(resolved.sum())))
         sub = given[present[given["row"].to_numpy(), p]]
         if sub.empty:
             continue
-        sub = sub.assign(resolved=resolved[sub["row"].to_numpy()].astype(np.int64))
-        g = sub.groupby("drug", sort=True)["resolved"].agg(["size", "sum"]).reset_index()
-        counts.append(pd.DataFrame({"phenotype_index": p, "drug": g["drug"], "n_given": g["size"],
-                                    "resolved_given": g["sum"]}))
-    counts_df = (pd.concat(counts, ignore_index=True) if counts else
-                 pd.DataFrame({"phenotype_index": [], "drug": [], "n_given": [], "resolved_given": []}))
-    return counts_df, pd.DataFrame(totals, columns=["phenotype_index", "n_present", "resolved_present"])
+        r = sub["row"].to_numpy()
+        sub = sub.assign(y=resolved[r].astype(np.int64), stratum=stratum[r], subject=subject[r])
+        g = sub.groupby(["drug", "stratum"], sort=True)["y"].agg(["size", "sum"]).reset_index()
+        strata.append(pd.DataFrame({"phenotype_index": p, "drug": g["drug"], "stratum": g["stratum"],
+                                    "n": g["size"], "y": g["sum"]}))
+        per = sub.groupby(["drug", "subject"], sort=False)["y"].agg(["size", "sum"]).reset_index()
+        tot = per[per["drug"] == 0][["subject", "size", "sum"]].rename(columns={"size": "tn", "sum": "ty"})
+        per = per.merge(tot, on="subject")
+        per = per.assign(nn=per["size"] ** 2, ny=per["size"] * per["sum"], yy=per["sum"] ** 2,
+                         tnn=per["tn"] * per["size"], tyy=per["ty"] * per["sum"], tny=per["tn"] * per["sum"],
+                         tyn=per["ty"] * per["size"])
+        c = per.groupby("drug", sort=True)[SUMS[2:]].sum().reset_index()
+        clusters.append(c.assign(phenotype_index=p))
+    for frame in strata + clusters:
+        frame["drug"] = np.asarray(vocab, dtype=object)[frame["drug"].to_numpy()]
+    strata_df = (pd.concat(strata, ignore_index=True) if strata else
+                 pd.DataFrame({c: pd.Series(dtype="int64" if c != "drug" else object)
+                               for c in ("phenotype_index", "drug", "stratum", "n", "y")}))
+    cluster_df = (pd.concat(clusters, ignore_index=True)[["phenotype_index", "drug", *SUMS[2:]]] if clusters else
+                  pd.DataFrame({c: pd.Series(dtype="int64" if c != "drug" else object)
+                                for c in ("phenotype_index", "drug", *SUMS[2:])}))
+    return Counts(strata_df, cluster_df)
 
 
-# --- the interval ---------------------------------------------------------------------------
-
-def z_value(confidence: float) -> float:
-    return NormalDist().inv_cdf(1.0 - (1.0 - confidence) / 2.0)
-
-
-def wilson(k: np.ndarray, n: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval of k/n (vectorised); NaN where n == 0."""
-    k = np.asarray(k, dtype=np.float64)
-    n = np.asarray(n, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = k / n
-        denom = 1.0 + z * z / n
-        centre = (p + z * z / (2 * n)) / denom
-        half = z / denom * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    lo = np.where(k == 0, 0.0, np.clip(centre - half, 0.0, 1.0))  # exact at the ends, no float fuzz
-    hi = np.where(k == n, 1.0, np.clip(centre + half, 0.0, 1.0))
-    nan = np.isnan(p)
-    return np.where(nan, np.nan, lo), np.where(nan, np.nan, hi)
-
-
-def newcombe(k1, n1, k2, n2, z: float) -> tuple[np.ndarray, np.ndarray]:
-    """Newcombe's hybrid score interval (his method 10) of p1 - p2; NaN where an arm is empty."""
-    k1, n1, k2, n2 = (np.asarray(a, dtype=np.float64) for a in (k1, n1, k2, n2))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p1, p2 = k1 / n1, k2 / n2
-    l1, u1 = wilson(k1, n1, z)
-    l2, u2 = wilson(k2, n2, z)
-    d = p1 - p2
-    lower = d - np.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
-    upper = d + np.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
-    return lower, upper
-
-
-# --- ranking ------------------------------------------------------------------------------
+# --- the table ------------------------------------------------------------------------------
 
 def _float_col(values: np.ndarray) -> pa.Array:
     """float64 column with null where the statistic is undefined (NaN or infinite)."""
@@ -203,69 +330,121 @@ def _float_col(values: np.ndarray) -> pa.Array:
     return pa.array(values, type=pa.float64(), mask=~np.isfinite(values))
 
 
-def efficacy_from_counts(counts: pd.DataFrame, totals: pd.DataFrame, cfg: EADFConfig,
-                         ranking: str | None = None) -> pa.Table:
+def _arm_arrays(counts: Counts):
+    """Per (phenotype, drug) row: phenotype index, drug, per-stratum given counts (rows, S),
+    per-stratum phenotype totals (rows, S), cluster sums of the drug and of the totals."""
+    st = counts.strata
+    n_strata = int(st["stratum"].max()) + 1 if len(st) else 1
+    is_total = (st["drug"] == TOTAL_KEY).to_numpy()
+    tot_n = np.zeros((NUM_PHENOTYPES, n_strata))
+    tot_y = np.zeros((NUM_PHENOTYPES, n_strata))
+    tp, ts = st["phenotype_index"].to_numpy()[is_total].astype(np.int64), st["stratum"].to_numpy()[is_total].astype(np.int64)
+    np.add.at(tot_n, (tp, ts), st["n"].to_numpy()[is_total])
+    np.add.at(tot_y, (tp, ts), st["y"].to_numpy()[is_total])
+    drugs = st[~is_total]
+    keys = pd.MultiIndex.from_arrays([drugs["phenotype_index"].astype(np.int64), drugs["drug"].astype(str)])
+    codes, uniq = pd.factorize(keys, sort=True)
+    n1k = np.zeros((len(uniq), n_strata))
+    y1k = np.zeros((len(uniq), n_strata))
+    sk = drugs["stratum"].to_numpy().astype(np.int64)
+    np.add.at(n1k, (codes, sk), drugs["n"].to_numpy())
+    np.add.at(y1k, (codes, sk), drugs["y"].to_numpy())
+    pi = np.asarray(uniq.get_level_values(0), dtype=np.int64)
+    drug = np.asarray(uniq.get_level_values(1), dtype=object).astype(str)
+    cl = counts.clusters.set_index(["phenotype_index", "drug"])
+    cl.index = pd.MultiIndex.from_arrays([cl.index.get_level_values(0).astype(np.int64),
+                                          cl.index.get_level_values(1).astype(str)])
+    given = cl.reindex(uniq, fill_value=0)[SUMS[2:]].to_numpy(dtype=np.float64)
+    total_idx = pd.MultiIndex.from_arrays([pi, np.full(len(pi), TOTAL_KEY)])
+    totals = cl.reindex(total_idx, fill_value=0)[SUMS[2:]].to_numpy(dtype=np.float64)
+    return pi, drug, n1k, y1k, tot_n[pi], tot_y[pi], given, totals
+
+
+def efficacy_from_counts(counts: Counts, cfg: EADFConfig, ranking: str | None = None) -> pa.Table:
     """The EFFICACY table from summed counts, ranked per phenotype by `ranking`.
 
-    Rows: every (phenotype, drug) given at least once with the phenotype present. A row is
-    ranked (rank 1 = best) when eligible:
-      efficacy:   both arms have >= min_support pairs and the lower bound > min_effect;
+    Rows: every (phenotype, drug) given at least once with the phenotype present. Tested
+    (p-value, q-value) when both arms have >= min_support pairs. A row is ranked (rank 1 =
+    best) when eligible:
+      efficacy:   tested, q_value <= fdr (Benjamini-Hochberg over all tested pairs) and the
+                  lower bound > min_effect; ordered by the lower bound;
       frequency:  n_given >= min_support (the not-given arm is not used);
       risk_ratio: both arms have >= min_support pairs and rate_given / rate_not_given > 1.
     Ties break on n_given (more first), then drug name. Statistics that are undefined (an
-    empty arm, a zero denominator) are null.
+    empty arm, a zero denominator) are null. rate_*, risk_ratio are crude; effect, lower,
+    upper follow cfg.adjust, on effective counts when cfg.clustering is `patient`.
     """
     ranking = ranking or cfg.ranking
     if ranking not in RANKINGS:
         raise ValueError(f"eadf.ranking = {ranking!r}: expected one of {', '.join(RANKINGS)}")
     names = phenotype_names()
-    tot = totals.set_index("phenotype_index").reindex(range(NUM_PHENOTYPES), fill_value=0)
-    df = counts[["phenotype_index", "drug", "n_given", "resolved_given"]].copy()
-    df = df[df["n_given"] > 0]
-    pi = df["phenotype_index"].to_numpy(dtype=np.int64)
-    n_g = df["n_given"].to_numpy(dtype=np.int64)
-    r_g = df["resolved_given"].to_numpy(dtype=np.int64)
-    n_n = tot["n_present"].to_numpy(dtype=np.int64)[pi] - n_g
-    r_n = tot["resolved_present"].to_numpy(dtype=np.int64)[pi] - r_g
-    if (n_n < 0).any() or (r_n < 0).any() or (r_g > n_g).any():
+    pi, drug, n1k, y1k, tot_nk, tot_yk, cl_g, cl_t = _arm_arrays(counts)
+    n0k, y0k = tot_nk - n1k, tot_yk - y1k
+    if (n0k < 0).any() or (y0k < 0).any() or (y1k > n1k).any():
         raise ContractError("eadf: inconsistent counts (a drug arm exceeds its phenotype's total)")
+    n_g, r_g, n_n, r_n = n1k.sum(1), y1k.sum(1), n0k.sum(1), y0k.sum(1)
 
+    if cfg.clustering == "patient":
+        nn, ny, yy, tnn, tyy, tny, tyn = cl_g.T
+        t_nn, t_ny, t_yy = cl_t[:, 0], cl_t[:, 1], cl_t[:, 2]
+        deff_g = design_effect(n_g, r_g, nn, ny, yy)
+        # Not given = the phenotype's pairs minus the given ones, per patient: (T - x)^2 expanded.
+        deff_n = design_effect(n_n, r_n, t_nn - 2 * tnn + nn, t_ny - tny - tyn + ny, t_yy - 2 * tyy + yy)
+    else:
+        deff_g = deff_n = np.ones(len(pi))
+    e1k, f1k = y1k / deff_g[:, None], n1k / deff_g[:, None]
+    e0k, f0k = y0k / deff_n[:, None], n0k / deff_n[:, None]
+    z = z_value(cfg.confidence)
     with np.errstate(divide="ignore", invalid="ignore"):
         rate_g = r_g / n_g
         rate_n = np.where(n_n > 0, r_n / np.maximum(n_n, 1), np.nan)
         rr = np.where(rate_n > 0, rate_g / rate_n, np.nan)
-    effect = rate_g - rate_n
-    lower, upper = newcombe(r_g, n_g, r_n, n_n, z_value(cfg.confidence))
+    if cfg.adjust == "severity":
+        effect, var = mantel_haenszel_rd(e1k, f1k, e0k, f0k)
+        half = z * np.sqrt(var)
+        lower, upper = np.clip(effect - half, -1, 1), np.clip(effect + half, -1, 1)
+        p_value = cmh_score_p(e1k, f1k, e0k, f0k)
+    else:
+        effect = rate_g - rate_n
+        lower, upper = newcombe(e1k.sum(1), f1k.sum(1), e0k.sum(1), f0k.sum(1), z)
+        p_value = cmh_score_p(e1k.sum(1), f1k.sum(1), e0k.sum(1), f0k.sum(1))
     support = (n_g >= cfg.min_support) & (n_n >= cfg.min_support)
+    p_value = np.where(support, p_value, np.nan)
+    q_value = benjamini_hochberg(p_value)
     if ranking == "efficacy":
-        score, eligible = lower, support & (np.nan_to_num(lower, nan=-np.inf) > cfg.min_effect)
+        score = lower
+        eligible = (support & (np.nan_to_num(q_value, nan=2.0) <= cfg.fdr)
+                    & (np.nan_to_num(lower, nan=-np.inf) > cfg.min_effect))
     elif ranking == "frequency":
         score, eligible = n_g.astype(np.float64), n_g >= cfg.min_support
     else:
         score, eligible = rr, support & (np.nan_to_num(rr, nan=-np.inf) > 1.0)
 
-    drug = df["drug"].astype(str).to_numpy()
     # Rank: eligible first, then by phenotype, score desc, n_given desc, drug asc.
-    order = np.lexsort((drug, -n_g, -np.where(eligible, score, 0.0), ~eligible, pi))
-    rank = np.zeros(len(df), dtype=np.int64)
-    if len(df):
+    order = np.lexsort((drug, -n_g, -np.where(eligible, np.nan_to_num(score), 0.0), ~eligible, pi))
+    rank = np.zeros(len(pi), dtype=np.int64)
+    if len(pi):
         pi_o, el_o = pi[order], eligible[order]
         new_group = np.r_[True, pi_o[1:] != pi_o[:-1]]
         idx = np.arange(len(order))
         start = np.maximum.accumulate(np.where(new_group, idx, 0))
         rank[order] = idx - start + 1
         rank[order[~el_o]] = 0
+    as_int = lambda a: pa.array(np.asarray(a).round().astype(np.int64))  # noqa: E731
     out = pa.table({
         "phenotype_index": pa.array(pi.astype(np.int32)),
         "phenotype": pa.array([names[i] for i in pi], type=pa.string()),
         "drug": pa.array(drug, type=pa.string()),
-        "n_given": pa.array(n_g), "resolved_given": pa.array(r_g),
-        "n_not_given": pa.array(n_n), "resolved_not_given": pa.array(r_n),
+        "n_given": as_int(n_g), "resolved_given": as_int(r_g),
+        "n_not_given": as_int(n_n), "resolved_not_given": as_int(r_n),
         "rate_given": _float_col(rate_g), "rate_not_given": _float_col(rate_n),
         "effect": _float_col(effect), "lower": _float_col(lower), "upper": _float_col(upper),
         "risk_ratio": _float_col(rr), "score": _float_col(score),
         "rank": pa.array(rank.astype(np.int32), mask=rank == 0),
-        "ranking": pa.array([ranking] * len(df), type=pa.string()),
+        "ranking": pa.array([ranking] * len(pi), type=pa.string()),
+        "p_value": _float_col(p_value), "q_value": _float_col(q_value),
+        "design_effect_given": _float_col(deff_g), "design_effect_not_given": _float_col(deff_n),
+        "adjust": pa.array([cfg.adjust] * len(pi), type=pa.string()),
     }, schema=EFFICACY)
     # Deterministic order: phenotype_index, rank (unranked last), drug.
     return out.sort_by([("phenotype_index", "ascending"), ("rank", "ascending"), ("drug", "ascending")])
@@ -277,8 +456,7 @@ def efficacy_table_reference(samples: pa.Table, cfg, ranking: str | None = None)
     `cfg` is a PipelineConfig or an EADFConfig.
     """
     ecfg = getattr(cfg, "eadf", cfg)
-    counts, totals = reference_counts(samples)
-    return efficacy_from_counts(counts, totals, ecfg, ranking)
+    return efficacy_from_counts(reference_counts(samples, severity_bins=ecfg.severity_bins), ecfg, ranking)
 
 
 def top_drugs(table: pa.Table, top_k: int) -> dict[int, list[str]]:

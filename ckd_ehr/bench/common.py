@@ -29,7 +29,8 @@ def machine() -> dict:
 
 @contextmanager
 def measure(label: str, results: dict):
-    """Record wall time and peak RSS (this process and its children, sampled) under `label`."""
+    """Record wall time, peak RSS (this process and its children, sampled) and CPU seconds
+    (this process and its children; less sensitive than wall time to a loaded machine) under `label`."""
     proc = psutil.Process()
     peak = [0]
     stop = threading.Event()
@@ -43,6 +44,17 @@ def measure(label: str, results: dict):
             peak[0] = max(peak[0], rss)
             stop.wait(0.05)
 
+    def cpu_by_pid() -> dict[int, float]:
+        out = {}
+        for p in [proc, *proc.children(recursive=True)]:
+            try:
+                c = p.cpu_times()
+                out[p.pid] = c.user + c.system
+            except psutil.Error:
+                pass
+        return out
+
+    cpu0 = cpu_by_pid()
     t = threading.Thread(target=sample, daemon=True)
     t.start()
     start = time.perf_counter()
@@ -52,9 +64,11 @@ def measure(label: str, results: dict):
         wall = time.perf_counter() - start
         stop.set()
         t.join()
+        cpu1 = cpu_by_pid()  # CPU seconds of this process and its children (Ray workers) alive at the end
+        cpu = sum(v - cpu0.get(pid, 0.0) for pid, v in cpu1.items())
         self_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         results[label] = {"wall_s": round(wall, 3), "peak_rss_mib": round(max(peak[0], 0) / 2**20, 1),
-                          "process_max_rss_mib": round(self_peak / 2**20, 1)}
+                          "process_max_rss_mib": round(self_peak / 2**20, 1), "cpu_s": round(cpu, 3)}
 
 
 def emit(results: dict, out: str | None = None) -> None:

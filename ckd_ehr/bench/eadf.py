@@ -28,11 +28,11 @@ def planted_drug(p: int, j: int) -> str:
 
 
 def random_samples(n: int, seed: int = 0, split: str = "train", n_noise_drugs: int = 400,
-                   planted_per_phenotype: int = 2) -> pa.Table:
+                   planted_per_phenotype: int = 2, effect: float = 0.3) -> pa.Table:
     """`n` SAMPLES rows with a known structure (for tests and this benchmark only).
 
     Planted drugs of phenotype p are given to half the pairs with p and raise its chance of
-    resolving by 0.3; ward drugs are given to most pairs, more often to sicker ones (so a
+    resolving by `effect` (0.3; 0.0 is a null cohort); ward drugs are given to most pairs, more often to sicker ones (so a
     frequency ranking puts them first) and do nothing; noise drugs are random and do nothing.
     """
     rng = np.random.default_rng(seed)
@@ -42,7 +42,7 @@ def random_samples(n: int, seed: int = 0, split: str = "train", n_noise_drugs: i
     planted = rng.random((n, NUM_PHENOTYPES, planted_per_phenotype)) < 0.5
     planted &= cur[:, :, None]
     treated = planted.any(axis=2)
-    p_resolve = 0.3 + 0.3 * treated
+    p_resolve = 0.3 + effect * treated
     resolved = cur & (rng.random((n, NUM_PHENOTYPES)) < p_resolve)
     new = ~cur & (rng.random((n, NUM_PHENOTYPES)) < 0.05)
     labels = (cur & ~resolved) | new
@@ -59,8 +59,9 @@ def random_samples(n: int, seed: int = 0, split: str = "train", n_noise_drugs: i
         row += [f"Drug-{k:04d}" for k in noise[i]]
         drugs.append(row)
         dx.append([names[p] for p in np.flatnonzero(cur[i])])
-    subject = np.arange(n, dtype=np.int64) + 1
-    hadm = subject * 10
+    # Patients with one to several consecutive pairs (about two on average), ordered by patient.
+    subject = np.cumsum(np.r_[True, rng.random(n - 1) < 0.5]).astype(np.int64) if n else np.zeros(0, np.int64)
+    hadm = (np.arange(n, dtype=np.int64) + 1) * 10
     return pa.table({
         "sample_id": [f"{s}-{h}-{h + 1}" for s, h in zip(subject, hadm)],
         "subject_id": subject, "hadm_id": hadm, "next_hadm_id": hadm + 1,
@@ -102,10 +103,14 @@ def _samples_path(cfg, args, work: str) -> tuple[str, str]:
 
 
 def bench_eadf(cfg, args) -> dict:
+    if getattr(args, "validity", False):
+        from .eadf_validity import bench_eadf_validity
+
+        return bench_eadf_validity(cfg, args)
     from .. import storage
     from ..contracts import SAMPLES
     from ..eadf import efficacy_table_ray, fuse_batch, fuse_splits
-    from ..eadf_stats import efficacy_table_reference, top_drugs
+    from ..eadf_stats import COUNT_COLUMNS, efficacy_table_reference, top_drugs
     from ..ray_utils import init_ray
 
     results: dict = {"benchmark": "eadf"}
@@ -121,7 +126,7 @@ def bench_eadf(cfg, args) -> dict:
             ray_table = efficacy_table_ray(path, cfg)
         with measure("reference", results):
             ref_table = efficacy_table_reference(
-                storage.read_parquet(path, columns=["drugs", "phenotypes_current", "labels"]), cfg)
+                storage.read_parquet(path, columns=COUNT_COLUMNS), cfg)
         # Fusion of the same split: Ray Data streaming to a file vs one in-memory pass.
         top = top_drugs(ref_table, cfg.eadf.top_k)
         with measure("fusion_ray_data", results):
@@ -134,6 +139,9 @@ def bench_eadf(cfg, args) -> dict:
     results["ray_over_reference_wall"] = round(results["ray_data"]["wall_s"] / results["reference"]["wall_s"], 2)
     results["fusion_ray_over_reference_wall"] = round(
         results["fusion_ray_data"]["wall_s"] / results["fusion_reference"]["wall_s"], 2)
+    results["ray_over_reference_cpu"] = round(results["ray_data"]["cpu_s"] / max(results["reference"]["cpu_s"], 1e-9), 2)
+    results["fusion_ray_over_reference_cpu"] = round(
+        results["fusion_ray_data"]["cpu_s"] / max(results["fusion_reference"]["cpu_s"], 1e-9), 2)
     results["tables_equal"] = ray_table.equals(ref_table)
     results["efficacy_rows"] = ray_table.num_rows
     emit(results, getattr(args, "out", None))
