@@ -99,14 +99,17 @@ def bench_padding(cfg, args) -> dict:
                  "configured": {"teacher.batch_size": tc.batch_size, "teacher.num_workers": tc.num_workers,
                                 "soft_labels.batch_size": sl.batch_size, "soft_labels.sub_batch_size": sl.sub_batch_size,
                                 "student.batch_size": sc.batch_size, "student.num_workers": sc.num_workers}}
+    def r4(x: float) -> float | None:  # NaN (no full batch at this size) -> null in the JSON
+        return round(x, 4) if x == x else None
+
     rows = {}
     for bs in BATCH_SIZES:
         t = stage_efficiencies(teacher_len, bs, tc.num_workers, sl.batch_size)
         s = stage_efficiencies(student_len, bs, sc.num_workers, sl.batch_size)
-        rows[bs] = {"teacher_train": round(t["length_grouped"], 4), "teacher_val_and_predict": round(t["sorted"], 4),
-                    "soft_labels": round(t["ray_data_blocks"], 4) if bs <= sl.batch_size else None,
-                    "student_train": round(s["length_grouped"], 4), "random_teacher": round(t["random"], 4),
-                    "random_student": round(s["random"], 4)}
+        rows[bs] = {"teacher_train": r4(t["length_grouped"]), "teacher_val_and_predict": r4(t["sorted"]),
+                    "soft_labels": r4(t["ray_data_blocks"]) if bs <= sl.batch_size else None,
+                    "student_train": r4(s["length_grouped"]), "random_teacher": r4(t["random"]),
+                    "random_student": r4(s["random"])}
     res["efficiency_by_batch_size"] = rows
     res["note"] = ("real tokens / computed tokens; `random_*` is the floor without length grouping; soft_labels "
                    "sweeps sub_batch_size inside Ray Data batches of soft_labels.batch_size rows")

@@ -153,6 +153,10 @@ def load_partitioned(path, dtype: torch.dtype, attn_implementation: str) -> nn.M
 
     import deepspeed
 
+    if not deepspeed.comm.is_initialized():
+        # zero.Init reads the world size from deepspeed.comm while parsing its config, before
+        # it would initialise it itself: wrap the process group (Ray Train's) now.
+        deepspeed.init_distributed()
     conf = AutoConfig.from_pretrained(str(path))
     # set_zero3_state tells from_config that zero.Init is already active (so it neither nests
     # another nor re-initialises the weights by gathering them).
