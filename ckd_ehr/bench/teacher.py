@@ -239,7 +239,11 @@ def bench_zero3_load(cfg, args) -> dict:
         for partitioned in (True, False):
             tc = cfg.teacher.model_copy(update=dict(
                 model=model_dir, gguf_file=None, strategy="deepspeed", num_workers=2, cpus_per_worker=1,
-                use_gpu=False, dtype="float32", deepspeed={"zero_optimization": {"stage": 3}},
+                use_gpu=False, dtype="float32",
+                # other ZeRO settings from the config (e.g. --set
+                # teacher.deepspeed.zero_optimization.stage3_max_live_parameters=1e8), stage 3 forced
+                deepspeed={"zero_optimization": {**(cfg.teacher.deepspeed.get("zero_optimization") or {}),
+                                                 "stage": 3}},
                 zero3_partitioned_init=partitioned, epochs=1, max_steps=2, batch_size=1, grad_accum=1,
                 max_length=64, max_train_samples=8, max_eval_samples=4, checkpoint_every_steps=None,
                 gradient_checkpointing=False))
@@ -258,6 +262,9 @@ def bench_zero3_load(cfg, args) -> dict:
     res["runs"] = runs
     res["note"] = ("peaks are VmHWM of the worker processes (max over the 2 workers), which include the Ray worker's "
                    "own baseline (worker_start_rss_mib) and, for worker_peak_rss_mib, AdamW state, activations and "
-                   "the ZeRO-3 gathers of training; full_copy_fp32_mib is the model's weights alone")
+                   "the ZeRO-3 gathers of training (DeepSpeed's default stage3_max_live_parameters of 1e9 elements "
+                   "lets a whole 0.5B model stay gathered); full_copy_fp32_mib is the model's weights alone. Without "
+                   "partitioned loading, from_pretrained memory-maps the checkpoint lazily, so its after-build "
+                   "figure counts no weights yet: compare the whole-run peaks")
     emit(res, getattr(args, "out", None))
     return res
