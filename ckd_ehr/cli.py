@@ -165,9 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks that print figures")
     _common(p)
-    p.add_argument("what", choices=["synth", "prepare", "eadf", "teacher", "soft-labels", "speedup", "serve"])
+    p.add_argument("what", choices=["synth", "prepare", "eadf", "teacher", "soft-labels", "speedup", "serve",
+                                    "padding", "zero3-load"])
     p.add_argument("--arch-only", action="store_true", help="speedup: random models from configs (Qwen2.5 vs BERT)")
     p.add_argument("--train-run", action="store_true", help="teacher: also a short end-to-end Ray Train run")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="teacher: cuda = the full-size GPU check (MFU of 7B LoRA training and scoring, "
+                        "ckd_ehr.bench.deepspeed_gpu); cpu/auto = the in-process benchmark")
     p.add_argument("--patients", type=int, help="cohort size for data benchmarks")
     p.add_argument("--form", choices=["demo", "full", "mimic4"], help="synth/prepare: the cohort's table form")
     p.add_argument("--samples", type=int, help="samples for model benchmarks")

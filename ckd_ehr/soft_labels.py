@@ -48,6 +48,14 @@ def tokenize(tokenizer, texts: Sequence[str], use_chat_template: bool, max_lengt
     return encode_texts(list(texts), tokenizer, max_length, use_chat_template)
 
 
+def sub_batches(lengths: Sequence[int], sub_batch_size: int) -> list[np.ndarray]:
+    """Row indices sorted by length (longest first) and cut into sub-batches of
+    `sub_batch_size`: each forward pass pads only to its own longest row."""
+    from .training import eval_batches
+
+    return list(eval_batches(lengths, sub_batch_size, 1, 0)) if len(lengths) else []
+
+
 def score_ids(model, tokenizer, ids: list[list[int]], sub_batch_size: int,
               device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """(logits [N, 25] float32, padded length per row) for tokenised rows, in the order given.
@@ -62,11 +70,9 @@ def score_ids(model, tokenizer, ids: list[list[int]], sub_batch_size: int,
 
     out = np.zeros((len(ids), NUM_PHENOTYPES), dtype=np.float32)
     padded = np.zeros(len(ids), dtype=np.int32)
-    order = np.argsort([len(x) for x in ids], kind="stable")
     pid = pad_id(tokenizer)
     with torch.inference_mode():
-        for start in range(0, len(order), sub_batch_size):
-            idx = order[start:start + sub_batch_size]
+        for idx in sub_batches([len(x) for x in ids], sub_batch_size):
             batch = pad_batch([ids[i] for i in idx], pid)
             logits = model.forward(batch["input_ids"].to(device), batch["attention_mask"].to(device))
             out[idx] = logits.float().cpu().numpy()
@@ -213,7 +219,7 @@ def infer_soft_labels(input_paths: dict[str, str], artifact_dir: str, cfg) -> di
         fs, inner = storage.resolve(path)
         paths[inner] = split
     ds = ray.data.read_parquet(list(paths), filesystem=fs, columns=["sample_id", text_column], include_paths=True)
-    use_gpu = cfg.gpus_per_actor > 0
+    use_gpu = cfg.use_gpu
     threads = cfg.torch_threads or max(1, math.ceil(cfg.cpus_per_actor))
     ds = ds.map_batches(
         TeacherScorer,
@@ -221,7 +227,7 @@ def infer_soft_labels(input_paths: dict[str, str], artifact_dir: str, cfg) -> di
                                    sub_batch_size=cfg.sub_batch_size, use_gpu=use_gpu, dtype=cfg.dtype,
                                    torch_threads=None if use_gpu else threads),
         batch_size=cfg.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None)
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None)
     refs = ds.to_arrow_refs()
     tables = [t for t in ray.get(refs) if t.num_rows]
     if not tables:
@@ -246,6 +252,7 @@ def run_soft_labels(cfg) -> dict:
     """`ckd-ehr soft-labels`: SOFT_LABELS for every split plus the quality report."""
     from .ray_utils import init_ray
     from .soft_label_quality import write_quality_report
+    from .training import padding_efficiency
 
     layout = RunLayout(cfg.run_dir)
     artifact = layout.teacher_artifact
@@ -265,7 +272,11 @@ def run_soft_labels(cfg) -> dict:
     summary = {}
     for split, table in tables.items():
         storage.write_parquet(table, layout.soft_labels(split))
-        summary[split] = {"rows": table.num_rows, "tokens": int(pc.sum(raw[split].column("n_tokens")).as_py() or 0)}
-        log.info("soft labels %s: %d rows -> %s", split, table.num_rows, layout.soft_labels(split))
+        real = int(pc.sum(raw[split].column("n_tokens")).as_py() or 0)
+        computed = int(pc.sum(raw[split].column("n_computed")).as_py() or 0)
+        summary[split] = {"rows": table.num_rows, "tokens": real, "computed_tokens": computed,
+                          "padding_efficiency": padding_efficiency(real, computed)}
+        log.info("soft labels %s: %d rows -> %s (padding efficiency %.3f: %d real / %d computed tokens)", split,
+                 table.num_rows, layout.soft_labels(split), summary[split]["padding_efficiency"], real, computed)
     quality = write_quality_report(layout, cfg.soft_labels.ece_bins)
     return {"splits": summary, "quality": quality}

@@ -13,6 +13,7 @@ Usage (the caller owns the model, the data and the loss; this file owns distribu
         eval_fn=multilabel_metrics,                # (logits ndarray, labels ndarray) -> metrics
         labels_of=None,                            # targets -> labels tensor (default: targets or targets["labels"])
         save_weights=None,                         # (model, full trainable state dict, dir): extra files per checkpoint
+        model_size=None,                           # () -> ModelSize, for strategy `auto` (estimated, no weights loaded)
     )
     result = fit(cfg.student, task, storage_path=layout.student_train(v), name="run")
     with result.best_checkpoint.as_directory() as d: ...   # trainable.safetensors + your files
@@ -20,13 +21,22 @@ Usage (the caller owns the model, the data and the loss; this file owns distribu
 Everything in TrainTask runs on the workers, so it must pickle (cloudpickle: closures are fine).
 Examples are dicts; `example["length"]` (tokens) drives length grouping when present.
 Reported metrics: step, epoch, train_loss, train_loss_first, resumed_from_step, lr,
-samples_per_s, and at validations val_loss + `val_` + each key of eval_fn's result.
+samples_per_s, train_padding_efficiency (real tokens / computed tokens of the training
+batches so far, all ranks; from each batch's attention_mask), strategy (as resolved),
+local_param_fraction (share of the model's elements a worker held right after building it:
+about 1/world under ZeRO-3's partitioned init, 1 otherwise), worker_peak_rss_mib (largest
+VmHWM of the worker processes) and at validations val_loss + `val_` + each key of eval_fn's
+result + val_padding_efficiency.
 
 What fit does:
 - TorchTrainer with cfg.num_workers workers (gloo on CPU, NCCL on GPU), strategy `ddp`
   (torch DDP, no_sync during accumulation) or `deepspeed` (cfg.deepspeed, with micro batch,
   accumulation and train_batch_size filled in; a torch AdamW is passed in so no fused op is
-  compiled; ZeRO-3 parameters are gathered for saving).
+  compiled; ZeRO-3 parameters are gathered for saving), or `auto` (`choose_strategy`: ddp if
+  `estimate_train_memory` fits cfg.fit_fraction of the smallest worker's device, else ZeRO-3).
+- ZeRO-3 with cfg.zero3_partitioned_init: the model is built under transformers'
+  HfDeepSpeedConfig, so `from_pretrained` runs inside deepspeed.zero.Init and every worker
+  holds only its shard of the weights from the start (never the full model).
 - Length-grouped batches: a seeded shuffle, sorted by length within mega-batches, padded per
   batch by `collate`; the same global batch list on every rank, each rank takes batches
   rank::world (so every rank runs the same number of steps, which ZeRO-3 needs).
@@ -150,9 +160,15 @@ def to_device(x: Any, device) -> Any:
     return x
 
 
-def deepspeed_config(cfg, world: int) -> dict:
-    """cfg.deepspeed with batch sizes and accumulation filled in (values given there win)."""
+def deepspeed_config(cfg, world: int, zero_stage: int | None = None) -> dict:
+    """cfg.deepspeed with batch sizes and accumulation filled in (values given there win);
+    `zero_stage` overrides the stage (strategy `auto` picking ZeRO-3). GPU workers whose
+    weights train in bfloat16 (cfg.train_dtype()) get bf16 unless the section sets bf16/fp16."""
     ds = copy.deepcopy(cfg.deepspeed)
+    if zero_stage is not None:
+        ds["zero_optimization"] = {**(ds.get("zero_optimization") or {}), "stage": zero_stage}
+    if cfg.use_gpu and "bf16" not in ds and "fp16" not in ds and cfg.train_dtype() == "bfloat16":
+        ds["bf16"] = {"enabled": True}
     ds.setdefault("train_micro_batch_size_per_gpu", cfg.batch_size)
     ds.setdefault("gradient_accumulation_steps", cfg.grad_accum)
     ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
@@ -168,6 +184,122 @@ def deepspeed_config(cfg, world: int) -> dict:
     return ds
 
 
+# --- strategy `auto`: does the model train on one device? ---------------------------------
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """What `estimate_train_memory` needs to know of a model, without loading its weights."""
+
+    total_params: int
+    trainable_params: int
+    param_bytes: int
+    """Bytes per weight (2 for bf16/fp16, 4 for float32)."""
+    hidden_size: int
+    num_layers: int
+
+
+def estimate_train_memory(size: ModelSize, batch_size: int, seq_len: int, checkpointing: bool) -> int:
+    """Bytes one ddp worker needs to train `size` at micro-batch `batch_size` x `seq_len` tokens:
+
+    - the weights: total_params x param_bytes (frozen or not, every ddp rank holds them all);
+    - trainable parameters: fp32 gradient + AdamW's two fp32 moments (+ an fp32 master copy
+      when the weights are 16-bit): (3 or 4) x 4 bytes each;
+    - activations kept for the backward pass, after Korthikanti et al. 2022 ("Reducing
+      activation recomputation", ~34 x hidden bytes per token per layer in 16 bits, attention
+      scores excluded: SDPA's fused kernels do not store them): 17 x param_bytes x hidden per
+      token per layer; with gradient checkpointing only each layer's input (param_bytes x
+      hidden per token per layer) plus one layer recomputed at a time.
+    An estimate with no allocator overhead: `choose_strategy` compares it against a fraction
+    (cfg.fit_fraction) of the device's memory."""
+    weights = size.total_params * size.param_bytes
+    per_trainable = 4 * (3 + (1 if size.param_bytes < 4 else 0))
+    tokens = batch_size * seq_len
+    per_layer = 17 * size.param_bytes * size.hidden_size * tokens
+    if checkpointing:
+        acts = size.num_layers * size.param_bytes * size.hidden_size * tokens + per_layer
+    else:
+        acts = size.num_layers * per_layer
+    return int(weights + size.trainable_params * per_trainable + acts)
+
+
+def choose_strategy(needed_bytes: int, device_bytes: int, fit_fraction: float) -> str:
+    """`ddp` when the estimate fits `fit_fraction` of the device, else `zero3`."""
+    return "ddp" if needed_bytes <= fit_fraction * device_bytes else "zero3"
+
+
+def device_memory_bytes(device, local_world_size: int = 1) -> int:
+    """Memory one worker may use: the GPU's total memory, or on CPU the node's RAM shared by
+    the `local_world_size` workers on it."""
+    if getattr(device, "type", str(device)) == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    import psutil
+
+    return int(psutil.virtual_memory().total // max(1, local_world_size))
+
+
+# --- measurements every loop reports ------------------------------------------------------
+
+def peak_rss_bytes() -> int:
+    """This process's resident-set high-water mark (VmHWM; ru_maxrss where /proc is absent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def return_freed_memory(mmap_threshold: int = 1 << 20) -> None:
+    """glibc only (a no-op elsewhere): serve allocations of `mmap_threshold` bytes or more by
+    mmap, with the threshold fixed (glibc otherwise raises it up to 32 MiB as large blocks are
+    freed), and hand the heap's free top back (malloc_trim). ZeRO-3 loading gathers and frees
+    one full parameter after another; without this the freed buffers stay resident in the
+    heap and a worker's RSS climbs towards a full copy even though it holds only its shard."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, int(mmap_threshold))  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def padding_efficiency(real_tokens: int, computed_tokens: int) -> float:
+    """Real tokens / computed tokens (batch rows x padded width); 1.0 = no padding."""
+    return float(real_tokens) / computed_tokens if computed_tokens else float("nan")
+
+
+def batch_tokens(inputs: dict) -> tuple[int, int]:
+    """(real, computed) tokens of a collated batch, from its attention_mask ((0, 0) without one)."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if mask is None:
+        return 0, 0
+    return int(mask.sum()), int(mask.numel())
+
+
+def local_param_fraction(model: nn.Module) -> float:
+    """Elements of the model's parameters this process holds / the model's elements. A ZeRO-3
+    partitioned parameter holds only its shard (`ds_tensor`) of `ds_numel`."""
+    held = full = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_numel"):
+            full += p.ds_numel
+            held += p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None else 0
+        else:
+            full += p.numel()
+            held += p.numel()
+    return held / full if full else 1.0
+
+
 @dataclass
 class TrainTask:
     """What a caller supplies to `fit`; see the module docstring."""
@@ -180,6 +312,7 @@ class TrainTask:
     eval_fn: Callable[[np.ndarray, np.ndarray], dict] = multilabel_metrics
     labels_of: Callable[[Any], torch.Tensor] | None = None
     save_weights: Callable[[nn.Module, dict, str], None] | None = None
+    model_size: Callable[[], ModelSize] | None = None
 
 
 @dataclass
@@ -220,8 +353,12 @@ class _Worker:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.labels_of = task.labels_of or default_labels_of
-        self.ds = cfg.strategy == "deepspeed"
+        self.start_peak_rss = peak_rss_bytes()
+        self.memory_estimate: dict = {}
+        self.strategy, zero_stage = self._resolve_strategy()
+        self.ds = self.strategy == "deepspeed"
         self.zero3 = False
+        self.tokens = {"train": [0, 0], "val": [0, 0]}   # [real, computed] on this rank
 
         train, val = task.load_data()
         train, val = list(train), list(val)
@@ -234,7 +371,7 @@ class _Worker:
         self.val_len = [int(e.get("length", 1)) for e in val]
 
         if self.ds:
-            self.ds_config = deepspeed_config(cfg, self.world)
+            self.ds_config = deepspeed_config(cfg, self.world, zero_stage)
             self.micro_bs = self.ds_config["train_micro_batch_size_per_gpu"]
             self.accum = self.ds_config["gradient_accumulation_steps"]
             self.zero3 = (self.ds_config.get("zero_optimization") or {}).get("stage", 0) == 3
@@ -250,9 +387,58 @@ class _Worker:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self._build()
 
+    def _resolve_strategy(self) -> tuple[str, int | None]:
+        """(`ddp` | `deepspeed`, ZeRO stage override): cfg.strategy, or for `auto` the pick of
+        choose_strategy against the smallest device of all ranks (so every rank agrees)."""
+        import ray.train
+        import torch.distributed as dist
+
+        cfg = self.cfg
+        if cfg.strategy != "auto":
+            return cfg.strategy, None
+        if self.task.model_size is None:
+            raise ValueError("strategy 'auto' needs the task's model_size (the teacher gives it); "
+                             "set strategy to ddp or deepspeed")
+        size = self.task.model_size()
+        need = estimate_train_memory(size, cfg.batch_size, cfg.max_length, cfg.use_gradient_checkpointing())
+        have = device_memory_bytes(self.device, ray.train.get_context().get_local_world_size())
+        if dist.is_available() and dist.is_initialized() and self.world > 1:
+            t = torch.tensor([float(have)], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            have = int(t.item())
+        choice = choose_strategy(need, have, cfg.fit_fraction)
+        self.memory_estimate = {"auto_estimate_gib": round(need / 2**30, 2), "auto_device_gib": round(have / 2**30, 2)}
+        if self.rank == 0:
+            log.info("strategy auto: %.2f GiB estimated for ddp vs %.0f%% of %.2f GiB per device -> %s "
+                     "(%d params, %d trainable)", need / 2**30, 100 * cfg.fit_fraction, have / 2**30,
+                     "ddp" if choice == "ddp" else "deepspeed ZeRO-3", size.total_params, size.trainable_params)
+        return ("ddp", None) if choice == "ddp" else ("deepspeed", 3)
+
     def _build(self) -> None:
         cfg = self.cfg
-        model = self.task.build_model()
+        self.hf_ds_config = None
+        if self.zero3 and cfg.zero3_partitioned_init:
+            # transformers keeps only a weak reference: held for the worker's life. With it,
+            # from_pretrained/from_config build the model inside deepspeed.zero.Init (and the
+            # teacher's load_backbone streams the checkpoint into the shards).
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self.hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+            return_freed_memory()
+            model = self.task.build_model()
+        elif self.device.type == "cuda":
+            # Built under the GPU as default device: from_pretrained then loads the weights
+            # straight onto it (transformers reads the device context as its device_map), so
+            # host memory never holds a worker's full copy.
+            with torch.device(self.device):
+                model = self.task.build_model()
+        else:
+            model = self.task.build_model()
+        self.build_local_fraction = local_param_fraction(model)
+        self.build_peak_rss = peak_rss_bytes()
+        if self.rank == 0:
+            log.info("model built: this worker holds %.3f of its parameters' elements, peak RSS %.0f MiB",
+                     self.build_local_fraction, self.build_peak_rss / 2**20)
         groups = self.task.param_groups(model) if self.task.param_groups else \
             [{"params": [p for p in model.parameters() if p.requires_grad]}]
         groups = [{k: v for k, v in g.items() if k != "name"} for g in groups]
@@ -369,6 +555,7 @@ class _Worker:
         was = self.module.training
         self.module.eval()
         bs = self.cfg.eval_batch_size or 2 * self.micro_bs
+        self.tokens["val"] = [0, 0]
         mine: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         loss_sum, n = 0.0, 0
         progress = self.step / max(1, self.total_steps)
@@ -380,13 +567,14 @@ class _Worker:
             logits = self.forward(**inputs)
             if idx is None:
                 continue
+            self._count("val", inputs)
             loss_sum += float(self.task.loss_fn(logits, targets, progress)) * len(idx)
             n += len(idx)
             mine.append((idx, logits.float().cpu().numpy(), self.labels_of(targets).float().cpu().numpy()))
-        parts: list = [(mine, loss_sum, n)]
+        parts: list = [(mine, loss_sum, n, *self.tokens["val"])]
         if self.world > 1:
-            parts = [None] * self.world
-            dist.all_gather_object(parts, (mine, loss_sum, n))
+            mine_part, parts = parts[0], [None] * self.world
+            dist.all_gather_object(parts, mine_part)
         self.module.train(was)
         if self.ds:
             self.engine.train(was)
@@ -397,7 +585,35 @@ class _Worker:
         labels = np.concatenate([r[2] for r in rows])[np.argsort(order)]
         metrics = {f"val_{k}": v for k, v in self.task.eval_fn(logits, labels).items()}
         metrics["val_loss"] = sum(p[1] for p in parts) / max(1, total_n)
+        real, computed = sum(p[3] for p in parts), sum(p[4] for p in parts)
+        metrics["val_padding_efficiency"] = padding_efficiency(real, computed)
         return metrics, (logits, labels)
+
+    def _count(self, which: str, inputs: dict) -> None:
+        real, computed = batch_tokens(inputs)
+        self.tokens[which][0] += real
+        self.tokens[which][1] += computed
+
+    def run_stats(self) -> dict:
+        """Measurements over all ranks (a collective: every rank calls it at the same step)."""
+        import torch.distributed as dist
+
+        vals = [float(self.tokens["train"][0]), float(self.tokens["train"][1])]
+        peaks = [float(peak_rss_bytes()), float(self.build_peak_rss), self.build_local_fraction]
+        if dist.is_available() and dist.is_initialized() and self.world > 1:
+            dev = self.device if dist.get_backend() == "nccl" else "cpu"
+            t = torch.tensor(vals, dtype=torch.float64, device=dev)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            m = torch.tensor(peaks, dtype=torch.float64, device=dev)
+            dist.all_reduce(m, op=dist.ReduceOp.MAX)
+            vals, peaks = t.tolist(), m.tolist()
+        return {"train_padding_efficiency": padding_efficiency(int(vals[0]), int(vals[1])),
+                "strategy": self.strategy,
+                "zero_stage": int((self.ds_config.get("zero_optimization") or {}).get("stage", 0)) if self.ds else -1,
+                "worker_peak_rss_mib": round(peaks[0] / 2**20, 1),
+                "worker_build_peak_rss_mib": round(peaks[1] / 2**20, 1),
+                "worker_start_rss_mib": round(self.start_peak_rss / 2**20, 1),
+                "local_param_fraction": round(peaks[2], 4), **self.memory_estimate}
 
     def train_step(self, batch_idx: list[np.ndarray]) -> float:
         """One optimiser step over `accum` micro-batches; returns the mean micro-batch loss."""
@@ -407,6 +623,7 @@ class _Worker:
         losses = []
         for i, idx in enumerate(batch_idx):
             inputs, targets = self.task.collate([self.train[j] for j in idx])
+            self._count("train", inputs)
             inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
             if self.ds:
                 loss = self.task.loss_fn(self.engine(**inputs), targets, progress)
@@ -451,6 +668,12 @@ class _Worker:
                            "samples_per_s": seen / max(1e-9, time.time() - start)}
                 if self.rank == 0 and (self.step % 10 == 0 or epoch_end or done):
                     log.info("step %d/%d epoch %.2f loss %.4f", self.step, self.total_steps, metrics["epoch"], last_loss)
+                if epoch_end or done or (cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0):
+                    metrics.update(self.run_stats())
+                    if self.rank == 0:
+                        log.info("step %d: train padding efficiency %.3f (real / computed tokens), worker peak RSS "
+                                 "%.0f MiB", self.step, metrics["train_padding_efficiency"],
+                                 metrics["worker_peak_rss_mib"])
                 if epoch_end or done:
                     val, out = self.validate()
                     metrics.update(val)

@@ -9,6 +9,7 @@ import importlib
 _WHERE = {
     "synth": "data", "prepare": "data", "eadf": "eadf", "teacher": "teacher",
     "soft_labels": "soft_labels", "speedup": "speedup", "serve": "serve",
+    "padding": "padding", "zero3_load": "teacher",
 }
 
 

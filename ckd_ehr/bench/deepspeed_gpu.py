@@ -1,119 +1,344 @@
-"""DeepSpeed on CUDA at full teacher size: a few LoRA + MLAPH training steps of a
-Qwen2.5-7B-architecture teacher (random weights, no download) under ZeRO-3 with bf16 and
-the NCCL backend, then bf16 batch inference. Prints samples/s, tokens/s and peak memory.
+"""Teacher speed at full size: model FLOPs utilisation (MFU) of LoRA training and of
+soft-label scoring of a Qwen2.5-7B-architecture teacher (random weights, no download).
 
-    python -m ckd_ehr.bench.deepspeed_gpu --steps 8 --batch-size 4 --seq-len 512
+    python -m ckd_ehr.bench.deepspeed_gpu                  # on a CUDA GPU: the full sweep
+    ckd-ehr bench teacher --device cuda                     # the same, from the CLI
+    python -m ckd_ehr.bench.deepspeed_gpu --device cpu --arch tiny --steps 1   # CPU smoke run
 
-One process (world size 1), as on one GPU of a Ray Train worker group: the engine, the
-ZeRO-3 partitioning and the collectives are the ones `strategy: deepspeed` uses; Ray itself
-is not needed for the figures. Not run in CI (no GPU there).
+Standalone: imports only torch, transformers, peft and DeepSpeed (+ ckd_ehr.teacher.model,
+which needs nothing more), so it runs on a GPU machine without Ray; the JSON it prints says
+whether Ray got imported (`ray_imported`, must be false).
+
+What it does, in one process (world size 1: one GPU of a Ray Train worker group):
+  1. train  LoRA (q,k,v) + MLAPH training steps (forward, backward, AdamW) in bf16 + SDPA at
+            --seq-len tokens (default 1,024; every token real, padding is measured by
+            `ckd-ehr bench padding`), for each --train-batch-sizes x gradient checkpointing
+            off/on (plain torch: what `strategy: auto` picks when the model fits the GPU, and
+            what a DDP rank computes); out-of-memory configurations are recorded, not fatal.
+  2. zero3  the best train configuration again under DeepSpeed ZeRO-3 (bf16), the engine
+            `strategy: deepspeed` uses: its overhead at world size 1.
+  3. score  soft-label scoring: the LoRA merged into the base (as load_teacher does), bf16
+            inference forwards for each --score-batch-sizes.
+
+MFU = model FLOPs per second / the chip's peak dense bf16 FLOP/s (a table of known GPUs; else
+or with --peak-tflops as given; the measured bf16 matmul peak is printed as well). Model FLOPs
+per real token, N = non-embedding parameters of the base (matmul weights; 6.5e9 for the 7B
+architecture without LM head), L layers, d hidden size, s sequence length:
+  scoring            2N + 2·L·d·s        forward: 2 FLOPs per weight; causal attention QK^T and
+                                         AV cost s·d each per token per layer on average
+  LoRA training      4N + 6·L·d·s        forward 2N, backward 2N for the activation gradients
+                                         that must flow through every frozen layer to reach
+                                         the adapters; the frozen weights' own gradients (2N
+                                         more in full fine-tuning, hence the usual 6N) are
+                                         never computed; attention backward = 2 x forward.
+                                         LoRA's own matmuls (rank 16: < 0.5% of N) and the
+                                         recomputation of gradient checkpointing are not
+                                         counted (model FLOPs, not hardware FLOPs).
+Targets on one H200: 35% for training, 50% for scoring.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import socket
+import sys
 import time
 
 import torch
 
+# Qwen2.5-7B-Instruct's published architecture (config.json of the hub model).
+QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                 rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
+# A tiny model of the same family, for CPU smoke runs of this script.
+QWEN_TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False)
+ARCHS = {"7b": QWEN25_7B, "tiny": QWEN_TINY}
+
+# Peak dense bf16 tensor-core FLOP/s by device name (vendor data sheets, no sparsity).
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "H100 NVL": 835.0,
+                    "H100 PCIe": 756.0, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0}
+
+
+def peak_tflops_of(name: str) -> float | None:
+    """The table's peak for a device name (longest matching key), None if unknown."""
+    hits = [k for k in PEAK_BF16_TFLOPS if k.lower() in name.lower()]
+    return PEAK_BF16_TFLOPS[max(hits, key=len)] if hits else None
+
+
+def non_embedding_params(model: torch.nn.Module) -> int:
+    """Parameters that take part in per-token matmuls: all but embedding tables (a lookup is
+    no FLOPs) and LoRA adapters (counted separately, negligible)."""
+    emb = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    return sum(p.numel() for n, p in model.named_parameters() if id(p) not in emb and "lora_" not in n)
+
+
+def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int, training: bool) -> float:
+    """Model FLOPs per real token (see the module docstring): 2N + 2Lds scoring, 4N + 6Lds
+    LoRA training on a frozen base."""
+    attn = 2.0 * n_layers * hidden * seq_len
+    return 4.0 * n_params + 3 * attn if training else 2.0 * n_params + attn
+
+
+def random_teacher(arch: dict, device: str, dtype: torch.dtype, attn: str = "sdpa", lora_rank: int = 16,
+                   checkpointing: bool = False, pooling: str = "last"):
+    """Qwen2 backbone of `arch` with random weights + LoRA (q, k, v) + MLAPH, built on `device`."""
+    from transformers import AutoModel, Qwen2Config
+
+    from ..teacher.model import MLAPH, TeacherModel, add_lora
+
+    conf = Qwen2Config(**arch)
+    with torch.device(device):
+        backbone = AutoModel.from_config(conf, dtype=dtype, attn_implementation=attn)
+    if checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    backbone = add_lora(backbone, lora_rank, 2 * lora_rank, 0.0, ["q_proj", "k_proj", "v_proj"])
+    return TeacherModel(backbone, MLAPH(conf.hidden_size, 25, pooling)).to(device)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_dist(device: str) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        os.environ.setdefault(k, v)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+
+
+class _Clock:
+    def __init__(self, device: str):
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def reset_peak(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self) -> float | None:
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2) if self.device == "cuda" else None
+
+
+def matmul_peak_tflops(device: str, dtype: torch.dtype, n: int = 8192, reps: int = 10) -> float:
+    """Best measured FLOP/s of an n x n matmul (TFLOP/s)."""
+    clock = _Clock(device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.matmul(a, b)
+    clock.sync()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        clock.sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e12
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _batch(vocab: int, bs: int, seq: int, device: str, g: torch.Generator):
+    ids = torch.randint(0, vocab, (bs, seq), device=device, generator=g)
+    y = (torch.rand(bs, 25, device=device, generator=g) < 0.2).float()
+    return ids, torch.ones_like(ids), y
+
+
+def train_rate(step, vocab: int, bs: int, seq: int, steps: int, device: str, warmup: int = 2) -> dict:
+    """Tokens/s of `step(ids, mask, y) -> loss` over `steps` timed steps after `warmup`."""
+    clock, g = _Clock(device), torch.Generator(device=device).manual_seed(0)
+    losses = []
+    for _ in range(warmup):
+        losses.append(float(step(*_batch(vocab, bs, seq, device, g))))
+    clock.sync()
+    clock.reset_peak()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        losses.append(float(step(*_batch(vocab, bs, seq, device, g))))
+    clock.sync()
+    wall = time.perf_counter() - t0
+    return {"tokens_per_s": steps * bs * seq / wall, "step_s": wall / steps, "peak_gpu_mem_gib": clock.peak_gib(),
+            "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def _with_mfu(rec: dict, fpt: float, peak_tflops: float) -> dict:
+    achieved = rec["tokens_per_s"] * fpt / 1e12
+    rec.update(tokens_per_s=round(rec["tokens_per_s"], 1), achieved_tflops=round(achieved, 2),
+               mfu=round(achieved / peak_tflops, 4))
+    for k in ("step_s", "loss_first", "loss_last"):
+        if k in rec:
+            rec[k] = round(rec[k], 4)
+    return rec
+
+
+def _sweep(name: str, batch_sizes, run_one, fpt: float, peak: float, device: str) -> tuple[list, dict | None]:
+    rows, best = [], None
+    for bs in batch_sizes:
+        try:
+            rec = _with_mfu({"batch_size": bs, **run_one(bs)}, fpt, peak)
+        except Exception as exc:  # noqa: BLE001 - an OOM (or a kernel missing) ends this size, not the sweep
+            if not _is_oom(exc):
+                raise
+            rec = {"batch_size": bs, "oom": True}
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(rec)
+        print(f"[{name}] {json.dumps(rec)}", file=sys.stderr, flush=True)
+        if "mfu" in rec and (best is None or rec["mfu"] > best["mfu"]):
+            best = rec
+    return rows, best
+
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--zero-stage", type=int, default=3, choices=[2, 3])
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="7b")
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--train-batch-sizes", default="1,2,4,8,16")
+    ap.add_argument("--score-batch-sizes", default="4,8,16,32,64")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per configuration (after 2 warm-up steps)")
+    ap.add_argument("--gradient-checkpointing", choices=["off", "on", "both"], default="both")
+    ap.add_argument("--no-zero3", action="store_true", help="skip the DeepSpeed ZeRO-3 run")
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--peak-tflops", type=float, help="the device's peak FLOP/s (default: table, else measured)")
+    ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU")
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU on this machine (use --device cpu --arch tiny for a smoke run)")
+    if device == "cuda":
+        torch.cuda.set_device(0)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    arch = ARCHS[args.arch]
+    train_bs = [int(x) for x in args.train_batch_sizes.split(",")]
+    score_bs = [int(x) for x in args.score_batch_sizes.split(",")]
+    ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.gradient_checkpointing]
+    seq, vocab = args.seq_len, arch["vocab_size"]
 
-    import deepspeed
-    import torch.distributed as dist
-
-    from ..config import TeacherConfig
-    from ..teacher.model import param_groups
-    from .teacher import _random_qwen
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29511")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    torch.cuda.set_device(0)
-    tc = TeacherConfig(gguf_file=None, dtype="bfloat16", attn_implementation="sdpa",
-                       gradient_checkpointing=args.gradient_checkpointing, lr=1e-5,
-                       lora={"rank": args.rank, "alpha": 2 * args.rank})
-    t0 = time.perf_counter()
-    model = _random_qwen(tc, "cuda", torch.bfloat16)
-    build_s = time.perf_counter() - t0
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW(param_groups(model, tc.lr, tc.head_lr))  # torch optimiser: no fused-op build
-    ds_config = {"train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": 1,
-                 "zero_optimization": {"stage": args.zero_stage, "overlap_comm": True,
-                                       "stage3_gather_16bit_weights_on_model_save": True},
-                 "bf16": {"enabled": True}, "gradient_clipping": 1.0}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    vocab = 152064
-    g = torch.Generator(device="cuda").manual_seed(0)
-
-    def batch():
-        ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), device="cuda", generator=g)
-        mask = torch.ones_like(ids)
-        mask[1::2, args.seq_len // 2:] = 0       # half the rows padded: true-length pooling matters
-        y = (torch.rand(args.batch_size, 25, device="cuda", generator=g) < 0.2).float()
-        return ids, mask, y
-
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    measured = matmul_peak_tflops(device, dtype, n=8192 if device == "cuda" else 1024)
+    peak = args.peak_tflops or (peak_tflops_of(gpu) if device == "cuda" else None) or measured
+    res: dict = {"device": gpu, "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
+                 "arch": args.arch, "seq_len": seq, "peak_tflops_used": round(peak, 1),
+                 "peak_source": "--peak-tflops" if args.peak_tflops else
+                 ("data sheet" if peak != measured else "measured matmul"),
+                 "matmul_tflops_measured": round(measured, 1)}
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    engine.train()
-    losses = []
-    for i in range(args.steps + 2):               # 2 warm-up steps
-        if i == 2:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            t0, tokens = time.perf_counter(), 0
-        ids, mask, y = batch()
-        loss = loss_fn(engine(input_ids=ids, attention_mask=mask).float(), y)
-        engine.backward(loss)
-        engine.step()
-        losses.append(float(loss.detach()))
-        if i >= 2:
-            tokens += int(mask.sum())
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    train = {"samples_per_s": round(args.steps * args.batch_size / wall, 2), "tokens_per_s": round(tokens / wall, 1),
-             "step_s": round(wall / args.steps, 3), "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-             "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)}
 
-    engine.eval()
-    torch.cuda.reset_peak_memory_stats()
-    with torch.inference_mode():
-        ids, mask, _ = batch()
-        engine(input_ids=ids, attention_mask=mask)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        n = 0
-        for _ in range(5):
-            out = engine(input_ids=ids, attention_mask=mask)
-            n += ids.shape[0]
-        torch.cuda.synchronize()
-        inf_wall = time.perf_counter() - t0
-    finite = bool(torch.isfinite(out.float()).all())
-    result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-              "backend": dist.get_backend(), "zero_stage": args.zero_stage, "dtype": "bfloat16",
-              "model": "Qwen2.5-7B architecture (random weights) + LoRA q,k,v + MLAPH(last)",
-              "params_total": total, "params_trainable": trainable, "build_s": round(build_s, 1),
-              "batch_size": args.batch_size, "seq_len": args.seq_len, "train": train,
-              "inference": {"samples_per_s": round(n / inf_wall, 2), "tokens_per_s": round(n * args.seq_len / inf_wall, 1),
-                            "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                            "logits_finite": finite}}
-    print(json.dumps(result, indent=2))
-    dist.destroy_process_group()
-    return result
+    # 1. plain torch LoRA training sweep ---------------------------------------------------
+    t0 = time.perf_counter()
+    model = random_teacher(arch, device, dtype, lora_rank=args.lora_rank)
+    res["build_s"] = round(time.perf_counter() - t0, 1)
+    n_params = non_embedding_params(model.backbone)
+    res.update(params_total=sum(p.numel() for p in model.parameters()),
+               params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+               params_non_embedding=n_params)
+    fpt_train = flops_per_token(n_params, arch["num_hidden_layers"], arch["hidden_size"], seq, training=True)
+    fpt_score = flops_per_token(n_params, arch["num_hidden_layers"], arch["hidden_size"], seq, training=False)
+    res["flops_per_token"] = {"train_lora": fpt_train, "score": fpt_score}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def torch_step(ids, mask, y):
+        loss = loss_fn(model(input_ids=ids, attention_mask=mask), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    model.train()
+    train_rows, best = [], None
+    for ck in ckpts:
+        if ck:
+            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.backbone.gradient_checkpointing_disable()
+        rows, b = _sweep(f"train ckpt={ck}", train_bs,
+                         lambda bs: train_rate(torch_step, vocab, bs, seq, args.steps, device), fpt_train, peak, device)
+        train_rows += [{"gradient_checkpointing": ck, **r} for r in rows]
+        if b and (best is None or b["mfu"] > best["mfu"]):
+            best = {"gradient_checkpointing": ck, **b}
+    res["train"] = {"engine": "torch (DDP-equivalent at world size 1)", "sweep": train_rows, "best": best}
+
+    # 3. scoring (merged LoRA, inference) ---------------------------------------------------
+    model.backbone.gradient_checkpointing_disable()
+    model.backbone = model.backbone.merge_and_unload()
+    model.eval()
+    del opt
+
+    def score_one(bs):
+        clock, g = _Clock(device), torch.Generator(device=device).manual_seed(1)
+        ids, mask, _ = _batch(vocab, bs, seq, device, g)
+        with torch.inference_mode():
+            for _ in range(2):
+                model(input_ids=ids, attention_mask=mask)
+            clock.sync()
+            clock.reset_peak()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                out = model(input_ids=ids, attention_mask=mask)
+            clock.sync()
+            wall = time.perf_counter() - t
+        return {"tokens_per_s": args.steps * bs * seq / wall, "step_s": wall / args.steps,
+                "peak_gpu_mem_gib": clock.peak_gib(), "logits_finite": bool(torch.isfinite(out).all())}
+
+    rows, sbest = _sweep("score", score_bs, score_one, fpt_score, peak, device)
+    res["score"] = {"engine": "torch inference_mode, LoRA merged", "sweep": rows, "best": sbest}
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    # 2. the best training configuration under DeepSpeed ZeRO-3 ------------------------------
+    if not args.no_zero3 and best:
+        import deepspeed
+
+        _init_dist(device)
+        model = random_teacher(arch, device, dtype, lora_rank=args.lora_rank, checkpointing=best["gradient_checkpointing"])
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        ds_config = {"train_micro_batch_size_per_gpu": best["batch_size"], "gradient_accumulation_steps": 1,
+                     "zero_optimization": {"stage": 3, "overlap_comm": True}, "bf16": {"enabled": device == "cuda"},
+                     "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
+                     "zero_force_ds_cpu_optimizer": False}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+
+        def ds_step(ids, mask, y):
+            loss = loss_fn(engine(input_ids=ids, attention_mask=mask).float(), y)
+            engine.backward(loss)
+            engine.step()
+            return loss.detach()
+
+        engine.train()
+        rows, zbest = _sweep("zero3", [best["batch_size"]],
+                             lambda bs: train_rate(ds_step, vocab, bs, seq, args.steps, device), fpt_train, peak, device)
+        res["zero3"] = {"engine": f"DeepSpeed {deepspeed.__version__} ZeRO-3, world size 1",
+                        "gradient_checkpointing": best["gradient_checkpointing"], "result": rows[0]}
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+    res["targets"] = {"train_mfu": 0.35, "score_mfu": 0.50}
+    res["ray_imported"] = any(m == "ray" or m.startswith("ray.") for m in sys.modules)
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out + ".tmp", "w") as f:
+            f.write(text + "\n")
+        os.replace(args.out + ".tmp", args.out)
+    return res
 
 
 if __name__ == "__main__":

@@ -16,6 +16,13 @@ and validation macro-F1 / macro-AUROC. On CPU the in-process part uses at most 3
 
 GPU example: `ckd-ehr bench teacher --arch-only --samples 256 --set teacher.max_length=1024
 --set teacher.batch_size=8 --set teacher.gradient_checkpointing=true`.
+
+`--device cuda` runs the full-size speed check instead (ckd_ehr.bench.deepspeed_gpu: MFU of
+LoRA training and of soft-label scoring of the 7B architecture, batch sizes swept, plain torch
+and DeepSpeed ZeRO-3); `--device cpu` forces the in-process part onto the CPU.
+
+`ckd-ehr bench zero3-load` (bench_zero3_load): per-worker peak memory of two Ray Train
+workers training a ~0.5B Qwen2 under ZeRO-3, with and without partitioned loading.
 """
 from __future__ import annotations
 
@@ -28,10 +35,7 @@ import torch
 
 from .common import emit, measure
 
-# Qwen2.5-7B-Instruct's published architecture (config.json of the hub model).
-QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-                 rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
+from .deepspeed_gpu import QWEN25_7B
 
 
 def _texts(cfg, n: int) -> tuple[list[str], np.ndarray, str]:
@@ -51,18 +55,10 @@ def _texts(cfg, n: int) -> tuple[list[str], np.ndarray, str]:
 
 def _random_qwen(tc, device: str, dtype: torch.dtype):
     """Qwen2.5-7B-sized backbone with random weights + LoRA + MLAPH, built on `device`."""
-    from transformers import AutoModel, Qwen2Config
+    from .deepspeed_gpu import random_teacher
 
-    from ..phenotypes import NUM_PHENOTYPES
-    from ..teacher.model import MLAPH, TeacherModel, add_lora
-
-    conf = Qwen2Config(**QWEN25_7B)
-    with torch.device(device):
-        backbone = AutoModel.from_config(conf, dtype=dtype, attn_implementation=tc.attn_implementation)
-    if tc.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    backbone = add_lora(backbone, tc.lora.rank, tc.lora.alpha, tc.lora.dropout, tc.lora.target_modules)
-    return TeacherModel(backbone, MLAPH(conf.hidden_size, NUM_PHENOTYPES, tc.pooling)).to(device)
+    return random_teacher(QWEN25_7B, device, dtype, tc.attn_implementation, tc.lora.rank,
+                          tc.use_gradient_checkpointing(), tc.pooling)
 
 
 def _peak(device: str) -> dict:
@@ -181,7 +177,12 @@ def bench_ray_run(cfg, n: int) -> dict:
 
 
 def bench_teacher(cfg, args) -> dict:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    choice = getattr(args, "device", None) or "auto"
+    if choice == "cuda":
+        from .deepspeed_gpu import main as gpu_main
+
+        return gpu_main(["--device", "cuda"] + (["--out", args.out] if getattr(args, "out", None) else []))
+    device = "cuda" if choice == "auto" and torch.cuda.is_available() else "cpu"
     n = getattr(args, "samples", None) or (256 if device == "cuda" else 32)
     # On CPU the in-process part stays short (a 135M LLM trains at ~1 sample/s at 256 tokens on 2 cores).
     n_model = n if device == "cuda" else min(n, 32)
@@ -190,3 +191,80 @@ def bench_teacher(cfg, args) -> dict:
         results["ray_train_run"] = bench_ray_run(cfg, n)
     emit(results, getattr(args, "out", None))
     return results
+
+
+# Qwen2.5-0.5B's published architecture (494M parameters with its tied embeddings).
+QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                  rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def save_random_qwen(dest: str, arch: dict, tokenizer_src: str, gguf_file: str | None = None, seed: int = 0) -> int:
+    """A randomly initialised Qwen2ForCausalLM of `arch` saved (safetensors) with a real
+    tokenizer at `dest`; returns its parameter count."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from ..models import resolve_model_path
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**arch))
+    n = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(dest)
+    del model
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_src), **kw).save_pretrained(dest)
+    return n
+
+
+def bench_zero3_load(cfg, args) -> dict:
+    """Two Ray Train CPU workers (gloo) train a randomly initialised ~0.5B Qwen2 teacher under
+    ZeRO-3 for two steps, once with partitioned loading (teacher.zero3_partitioned_init) and
+    once loading the full model on every worker first; prints each run's per-worker peak RSS
+    (VmHWM, largest over the workers) right after the model is built and over the whole run,
+    against the size of one full fp32 copy of the model."""
+    from ..ray_utils import init_ray
+    from ..teacher.toy import write_toy_samples
+    from ..teacher.train import train_teacher
+
+    init_ray(cfg.ray)
+    res: dict = {"workers": 2, "backend": "gloo", "zero_stage": 3}
+    with tempfile.TemporaryDirectory(prefix="bench-zero3-") as tmp:
+        model_dir = os.path.join(tmp, "qwen05b")
+        t0 = time.perf_counter()
+        n = save_random_qwen(model_dir, QWEN25_05B, cfg.teacher.model, cfg.teacher.gguf_file)
+        res.update(model="Qwen2.5-0.5B architecture, random weights, saved with save_pretrained",
+                   params=n, full_copy_fp32_mib=round(n * 4 / 2**20, 1), save_s=round(time.perf_counter() - t0, 1))
+        lay = write_toy_samples(tmp, n_train=8, n_val=4, seed=0)
+        runs = {}
+        for partitioned in (True, False):
+            tc = cfg.teacher.model_copy(update=dict(
+                model=model_dir, gguf_file=None, strategy="deepspeed", num_workers=2, cpus_per_worker=1,
+                use_gpu=False, dtype="float32",
+                # other ZeRO settings from the config (e.g. --set
+                # teacher.deepspeed.zero_optimization.stage3_max_live_parameters=1e8), stage 3 forced
+                deepspeed={"zero_optimization": {**(cfg.teacher.deepspeed.get("zero_optimization") or {}),
+                                                 "stage": 3}},
+                zero3_partitioned_init=partitioned, epochs=1, max_steps=2, batch_size=1, grad_accum=1,
+                max_length=64, max_train_samples=8, max_eval_samples=4, checkpoint_every_steps=None,
+                gradient_checkpointing=False))
+            t0 = time.perf_counter()
+            _, meta = train_teacher(tc, lay.augmented("train"), lay.augmented("val"), os.path.join(tmp, "train"),
+                                    f"partitioned-{partitioned}", os.path.join(tmp, f"artifact-{partitioned}"))
+            m = meta["metrics"]
+            runs["partitioned" if partitioned else "full_load"] = {
+                "wall_s": round(time.perf_counter() - t0, 1), "steps": m.get("final_step"),
+                "local_param_fraction_after_build": m.get("local_param_fraction"),
+                "worker_start_rss_mib": m.get("worker_start_rss_mib"),
+                "worker_peak_rss_after_build_mib": m.get("worker_build_peak_rss_mib"),
+                "worker_peak_rss_mib": m.get("worker_peak_rss_mib"),
+                "peak_after_build_vs_full_copy": round(m["worker_build_peak_rss_mib"] / (n * 4 / 2**20), 3),
+                "train_loss_first": m.get("train_loss_first"), "train_loss": m.get("train_loss")}
+    res["runs"] = runs
+    res["note"] = ("peaks are VmHWM of the worker processes (max over the 2 workers), which include the Ray worker's "
+                   "own baseline (worker_start_rss_mib) and, for worker_peak_rss_mib, AdamW state, activations and "
+                   "the ZeRO-3 gathers of training (DeepSpeed's default stage3_max_live_parameters of 1e9 elements "
+                   "lets a whole 0.5B model stay gathered); full_copy_fp32_mib is the model's weights alone. Without "
+                   "partitioned loading, from_pretrained memory-maps the checkpoint lazily, so its after-build "
+                   "figure counts no weights yet: compare the whole-run peaks")
+    emit(res, getattr(args, "out", None))
+    return res

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, field_validator
 
 from .base import Section
 
@@ -18,8 +18,12 @@ class SoftLabelsConfig(Section):
     """Actors in the pool, each holding one copy of the teacher."""
     cpus_per_actor: float = Field(0.5, gt=0)
     """CPUs per actor; fractional so that pools do not starve on small machines."""
-    gpus_per_actor: float = Field(0.0, ge=0)
-    """GPUs per actor (1 on GPU clusters; then bf16 unless `dtype` says otherwise)."""
+    num_gpus_per_actor: float = Field(0.0, ge=0, validation_alias=AliasChoices("num_gpus_per_actor", "gpus_per_actor"))
+    """GPUs per actor (Ray's num_gpus; the old key `gpus_per_actor` is still read). 0 = CPU
+    actors. A fraction (e.g. 0.5) packs several actors, each with its own teacher copy, on one
+    GPU: a 7B teacher in bf16 takes ~15 GiB, so an H200 (141 GiB) holds several and scoring,
+    which is memory-bound at small batches, gains from the overlap. GPU actors score in
+    bfloat16 unless `dtype` says otherwise. Above 1 it must be a whole number (Ray's rule)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Inference dtype; `auto` = bfloat16 on GPU, float32 on CPU."""
     max_length: int | None = Field(None, ge=16)
@@ -28,3 +32,14 @@ class SoftLabelsConfig(Section):
     """torch intra-op threads per actor on CPU; None = max(1, round(cpus_per_actor))."""
     ece_bins: int = Field(10, ge=2)
     """Equal-width probability bins of the calibration error and the reliability diagram."""
+
+    @field_validator("num_gpus_per_actor")
+    @classmethod
+    def _whole_above_one(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError(f"num_gpus_per_actor {v}: a fraction must be below 1 (Ray gives fractions of one GPU)")
+        return v
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.num_gpus_per_actor > 0

@@ -30,11 +30,24 @@ class TrainerConfig(Section):
     """GPU share per worker when use_gpu; below 1 packs workers (e.g. Tune trials) on a GPU."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """CPUs reserved per worker."""
-    strategy: Literal["ddp", "deepspeed"] = "ddp"
-    """`ddp`: torch DistributedDataParallel; `deepspeed`: DeepSpeed with the `deepspeed` settings."""
+    strategy: Literal["ddp", "deepspeed", "auto"] = "ddp"
+    """`ddp`: torch DistributedDataParallel; `deepspeed`: DeepSpeed with the `deepspeed` settings;
+    `auto`: ddp when the estimated training memory of one worker (weights + gradients + AdamW
+    state of the trainable parameters + activations, ckd_ehr.training.estimate_train_memory)
+    fits `fit_fraction` of the smallest worker's device memory, else DeepSpeed ZeRO-3 (the
+    `deepspeed` settings with stage 3). Needs the task to say its model size (the teacher does)."""
+    fit_fraction: float = Field(0.8, gt=0, le=1)
+    """`strategy: auto`: share of a device's memory the ddp estimate may use (the rest is left
+    for the allocator's fragmentation, CUDA context and what the estimate leaves out)."""
     deepspeed: dict[str, Any] = {"zero_optimization": {"stage": 2}}
     """DeepSpeed config (ZeRO stage, bf16, offload...). Batch sizes and gradient accumulation
-    are filled in from this section; anything given here wins."""
+    are filled in from this section; anything given here wins. On GPU workers training in
+    bfloat16, bf16 is switched on unless this section says otherwise."""
+    zero3_partitioned_init: bool = True
+    """With ZeRO-3, build the model inside DeepSpeed's partitioned init (transformers'
+    HfDeepSpeedConfig -> deepspeed.zero.Init): each worker only ever holds its shard of the
+    weights, never the full model. False loads the full model on every worker first (the
+    comparison point of `ckd-ehr bench zero3-load`)."""
     epochs: int = Field(3, ge=1)
     """Training epochs (the paper: 3 for the teacher, 10 for the student)."""
     max_steps: int | None = Field(None, ge=1)
@@ -53,6 +66,13 @@ class TrainerConfig(Section):
     """Maximum tokens per sample; batches are padded to their own longest sample, not to this."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+
+    def train_dtype(self) -> str:
+        """The dtype the model's weights train in (DeepSpeed's bf16 follows it on GPUs)."""
+        return "float32"
+
+    def use_gradient_checkpointing(self) -> bool:
+        return bool(self.gradient_checkpointing)
     checkpoint_every_steps: int | None = Field(None, ge=1)
     """Also report a checkpoint every N optimiser steps (always once per epoch)."""
     best_metric: Literal["val_macro_f1", "val_macro_auroc", "val_loss"] = "val_macro_f1"
@@ -86,10 +106,18 @@ class TeacherConfig(TrainerConfig):
     model shipped in an installed Python package (the embedded defaults)."""
     gguf_file: str | None = "SmolLM2-135M-Instruct.Q4_1.gguf"
     """GGUF file inside `model` to load (dequantised); None for safetensors checkpoints."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights dtype; bfloat16 on GPUs."""
+    strategy: Literal["ddp", "deepspeed", "auto"] = "auto"
+    """`auto` (see TrainerConfig.strategy): ddp for a model that fits one device with its
+    optimiser (the embedded 135M default on CPU), ZeRO-3 for one that does not (7B on a GPU)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype; `auto` = bfloat16 on GPU workers (half the memory, the tensor cores'
+    dtype), float32 on CPU (bf16 matmuls are slow on most CPUs)."""
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
-    """Attention kernel of the backbone."""
+    """Attention kernel of the backbone; SDPA picks a fused (flash / memory-efficient) kernel
+    on GPUs and never materialises the L x L attention matrix there."""
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    """Recompute activations in the backward pass; `auto` = on for GPU workers (activations of
+    a 7B model at 1,024+ tokens dominate its memory; ~1/3 more compute), off on CPU."""
     lora: LoraConfig = LoraConfig()
     """LoRA adapter settings."""
     pooling: Literal["last", "mean", "label_attention"] = "last"
@@ -103,3 +131,13 @@ class TeacherConfig(TrainerConfig):
     """Wrap instruction + input in the tokenizer's chat template where it has one."""
     text_column: Literal["text_eadf", "text_plain"] = "text_eadf"
     """Which sample text the teacher reads."""
+
+    def train_dtype(self) -> str:
+        if self.dtype == "auto":
+            return "bfloat16" if self.use_gpu else "float32"
+        return self.dtype
+
+    def use_gradient_checkpointing(self) -> bool:
+        if self.gradient_checkpointing == "auto":
+            return self.use_gpu
+        return bool(self.gradient_checkpointing)

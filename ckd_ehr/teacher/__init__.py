@@ -9,18 +9,30 @@ Public interface (others code against these):
     predict_logits(model, tokenizer, texts, batch_size=16, max_length=1024, device="cpu")
         -> np.ndarray [N, 25] in input order
     encode_texts(texts, tokenizer, max_length, use_chat_template=True) -> token ids as trained
+
+Imported lazily, so `ckd_ehr.teacher.model` alone needs only torch (+ transformers, peft when
+called): the standalone GPU benchmark (ckd_ehr.bench.deepspeed_gpu) imports it on machines
+that have no Ray, pyarrow or pydantic.
 """
 from __future__ import annotations
 
-from .artifact import load_teacher, write_artifact
-from .data import build_prompts, encode_texts, predict_logits
-from .model import MLAPH, TeacherModel, build_teacher
+import importlib
+
+_WHERE = {"load_teacher": "artifact", "write_artifact": "artifact", "predict_logits": "data",
+          "build_prompts": "data", "encode_texts": "data", "TeacherModel": "model", "MLAPH": "model",
+          "build_teacher": "model"}
 
 
 def run_teacher(cfg):
     from .train import run_teacher as _run
 
     return _run(cfg)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["run_teacher", "load_teacher", "predict_logits", "build_prompts", "encode_texts", "TeacherModel", "MLAPH",

@@ -102,7 +102,11 @@ def load_teacher(artifact_dir: str, device: str = "cpu", dtype=None, merge_lora:
     with storage.local_dir(artifact_dir) as d:
         meta = json.loads((d / META).read_text())
         cfg = meta["config"]
-        backbone = load_backbone(meta["base_model"], meta.get("gguf_file"), dtype or cfg.get("dtype", "float32"),
+        if dtype is None:  # the training dtype; `auto` = bfloat16 on a GPU, float32 elsewhere
+            dtype = cfg.get("dtype", "float32")
+            if dtype == "auto":
+                dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+        backbone = load_backbone(meta["base_model"], meta.get("gguf_file"), dtype,
                                  cfg.get("attn_implementation", "sdpa"))
         backbone = PeftModel.from_pretrained(backbone, str(d / ADAPTER))
         if merge_lora:

@@ -10,12 +10,15 @@ validation, predict_logits, soft labels): over-long prompts lose instruction bef
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from ..text import instruction
+
+log = logging.getLogger(__name__)
 
 def build_prompts(texts: list[str], tokenizer, use_chat_template: bool) -> list[str]:
     """Instruction + input per text; through the chat template when asked and available."""
@@ -126,12 +129,17 @@ def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 16,
     out: list[np.ndarray | None] = [None] * len(ids)
     was_training = model.training
     model.eval()
+    computed = 0
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
         batch = pad_batch([ids[i] for i in idx], pid)
+        computed += batch["input_ids"].numel()
         logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         logits = logits.float().cpu().numpy()
         for j, i in enumerate(idx):
             out[i] = logits[j]
     model.train(was_training)
+    real = sum(len(x) for x in ids)
+    log.info("predict_logits: %d texts, padding efficiency %.3f (%d real / %d computed tokens)", len(ids),
+             real / computed, real, computed)
     return np.stack(out).astype(np.float32)

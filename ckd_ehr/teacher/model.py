@@ -89,16 +89,111 @@ class TeacherModel(nn.Module):
 
 def load_backbone(model: str, gguf_file: str | None = None, dtype: str | torch.dtype = "float32",
                   attn_implementation: str = "sdpa") -> nn.Module:
-    """The base decoder (no LM head) from a local dir, cached hub id, `pkg:NAME`, or a GGUF file."""
+    """The base decoder (no LM head) from a local dir, cached hub id, `pkg:NAME`, or a GGUF file.
+    Under an active transformers HfDeepSpeedConfig with ZeRO-3 (ckd_ehr.training sets one for
+    `zero3_partitioned_init`) it is built inside deepspeed.zero.Init: partitioned as it loads."""
     from transformers import AutoModel
 
     from ..models import resolve_model_path
 
-    torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+    # `auto` without a device to decide by (e.g. a CPU load of an artifact): float32.
+    torch_dtype = _DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype
     kwargs = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
+    path = resolve_model_path(model)
+    if not gguf_file and _zero3_active() and _safetensors_files(path):
+        return load_partitioned(path, torch_dtype, attn_implementation)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file  # dequantised to `dtype` on load
-    return AutoModel.from_pretrained(resolve_model_path(model), **kwargs)
+    return AutoModel.from_pretrained(path, **kwargs)
+
+
+def _zero3_active() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return bool(is_deepspeed_zero3_enabled())
+
+
+def _safetensors_files(path) -> dict[str, str]:
+    """{checkpoint key: file} of a local safetensors checkpoint (one file or an index); {} if none."""
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    path = str(path)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        with safe_open(single, framework="pt") as f:
+            return {k: single for k in f.keys()}
+    return {}
+
+
+def load_partitioned(path, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
+    """The backbone of a safetensors checkpoint under ZeRO-3, each rank reading only its own
+    shard of every weight: no rank ever holds the whole model, nor even one whole weight.
+
+    transformers' own ZeRO-3 `from_pretrained` reads the complete state dict on rank 0, and its
+    `from_config` re-initialises every weight through full gathers (measured on a 0.5B model
+    with 2 ranks: ~1.1 copies per rank at peak). Here the model is built with exactly the
+    contexts `from_config` uses under ZeRO-3 (deepspeed.zero.Init: each parameter partitioned
+    as it is created; no weight initialisation; RoPE buffers kept in float32), then every rank
+    copies its slice of each flattened weight (DeepSpeed's layout: rank r holds elements
+    [r x shard, (r+1) x shard)) from the memory-mapped checkpoint, reading only the rows that
+    slice spans. No collective is needed."""
+    import torch.distributed as dist
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModel
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import deepspeed_config, prevent_arange_dtype_change
+    from transformers.modeling_utils import set_zero3_state
+
+    import deepspeed
+
+    if not deepspeed.comm.is_initialized():
+        # zero.Init reads the world size from deepspeed.comm while parsing its config, before
+        # it would initialise it itself: wrap the process group (Ray Train's) now.
+        deepspeed.init_distributed()
+    conf = AutoConfig.from_pretrained(str(path))
+    # set_zero3_state tells from_config that zero.Init is already active (so it neither nests
+    # another nor re-initialises the weights by gathering them).
+    with no_init_weights(), prevent_arange_dtype_change(), \
+            deepspeed.zero.Init(config_dict_or_path=deepspeed_config()), set_zero3_state():
+        backbone = AutoModel.from_config(conf, dtype=dtype, attn_implementation=attn_implementation)
+    files = _safetensors_files(path)
+    prefix = getattr(backbone, "base_model_prefix", "")
+    missing = []
+    for name, param in backbone.named_parameters():
+        key = name if name in files else f"{prefix}.{name}"
+        if key not in files:
+            missing.append(name)
+            continue
+        shard = param.ds_tensor
+        if shard is None or getattr(shard, "final_location", None) is not None:
+            raise ValueError(f"{name}: ZeRO-3 partitioned loading supports shards in memory, not NVMe offload "
+                             "(set zero3_partitioned_init: false)")
+        rank = dist.get_rank(group=param.ds_process_group) if dist.is_initialized() else 0
+        start = shard.ds_numel * rank
+        end = min(start + shard.ds_numel, param.ds_numel)
+        if start >= end:
+            continue
+        shape = tuple(param.ds_shape)
+        row = math.prod(shape[1:]) if len(shape) > 1 else 1
+        r0, r1 = start // row, -(-end // row)
+        with safe_open(files[key], framework="pt") as f:
+            stored = f.get_slice(key)
+            if tuple(stored.get_shape()) != shape:
+                raise ValueError(f"{files[key]}: {key} has shape {tuple(stored.get_shape())}, the model wants {shape}")
+            rows = stored[r0:r1]
+        with torch.no_grad():
+            shard.narrow(0, 0, end - start).copy_(rows.reshape(-1)[start - r0 * row: end - r0 * row].to(shard.dtype))
+    if missing:
+        raise ValueError(f"{path}: checkpoint has no weights for {len(missing)} parameter(s) of "
+                         f"{type(backbone).__name__} (e.g. {', '.join(missing[:3])})")
+    return backbone
 
 
 def add_lora(backbone: nn.Module, rank: int, alpha: float, dropout: float, target_modules: list[str]) -> nn.Module:
@@ -115,13 +210,37 @@ def build_teacher(cfg, seed: int | None = None) -> TeacherModel:
     """A fresh trainable teacher from a TeacherConfig: backbone + LoRA + randomly initialised head."""
     if seed is not None:
         torch.manual_seed(seed)
-    backbone = load_backbone(cfg.model, cfg.gguf_file, cfg.dtype, cfg.attn_implementation)
-    if cfg.gradient_checkpointing:
+    backbone = load_backbone(cfg.model, cfg.gguf_file, cfg.train_dtype(), cfg.attn_implementation)
+    if cfg.use_gradient_checkpointing():
         # Non-reentrant checkpointing needs no input grads, so the frozen embeddings stay frozen.
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     backbone = add_lora(backbone, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     head = MLAPH(backbone.config.hidden_size, NUM_PHENOTYPES, cfg.pooling)
     return TeacherModel(backbone, head)
+
+
+def teacher_model_size(cfg):
+    """ckd_ehr.training.ModelSize of the teacher a TeacherConfig builds, from the backbone's
+    config alone (built on the meta device: no weights read or allocated): backbone
+    parameters, LoRA parameters (rank x (in + out) per adapted Linear) and the head's."""
+    from transformers import AutoConfig, AutoModel
+
+    from ..models import resolve_model_path
+    from ..training import _DTYPE_BYTES, ModelSize
+
+    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    conf = AutoConfig.from_pretrained(resolve_model_path(cfg.model), **kwargs)
+    with torch.device("meta"):
+        backbone = AutoModel.from_config(conf)
+    total = sum(p.numel() for p in backbone.parameters())
+    targets = set(cfg.lora.target_modules)
+    lora = sum(cfg.lora.rank * (m.in_features + m.out_features) for name, m in backbone.named_modules()
+               if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+    head = MLAPH(conf.hidden_size, NUM_PHENOTYPES, cfg.pooling)
+    head_n = sum(p.numel() for p in head.parameters())
+    return ModelSize(total_params=total + lora + head_n, trainable_params=lora + head_n,
+                     param_bytes=_DTYPE_BYTES[cfg.train_dtype()], hidden_size=conf.hidden_size,
+                     num_layers=conf.num_hidden_layers)
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

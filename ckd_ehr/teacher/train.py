@@ -20,7 +20,7 @@ from ..contracts import AUGMENTED_SAMPLES, ContractError, RunLayout, check_schem
 from ..training import TrainResult, TrainTask, fit, subset_indices
 from .artifact import SaveTeacherWeights, write_artifact
 from .data import Collate, make_examples, pad_id
-from .model import build_teacher, param_groups
+from .model import build_teacher, param_groups, teacher_model_size
 
 log = logging.getLogger("ckd_ehr.teacher")
 
@@ -100,6 +100,16 @@ class BuildTeacher:
         return build_teacher(self.tc, seed=self.tc.seed)
 
 
+class TeacherSize:
+    """ModelSize for strategy `auto`, from the backbone's config (no weights loaded)."""
+
+    def __init__(self, tc):
+        self.tc = tc
+
+    def __call__(self):
+        return teacher_model_size(self.tc)
+
+
 class TeacherParamGroups:
     def __init__(self, tc):
         self.tc = tc
@@ -116,7 +126,8 @@ def teacher_task(tc, train_path: str, val_path: str, tokenizer=None) -> TrainTas
         pos_weight = balanced_pos_weight(labels)
     return TrainTask(build_model=BuildTeacher(tc), load_data=TeacherData(tc, train_path, val_path),
                      collate=Collate(pad_id(tokenizer)), loss_fn=BCELoss(pos_weight),
-                     param_groups=TeacherParamGroups(tc), save_weights=SaveTeacherWeights())
+                     param_groups=TeacherParamGroups(tc), save_weights=SaveTeacherWeights(),
+                     model_size=TeacherSize(tc))
 
 
 def train_teacher(tc, train_path: str, val_path: str, storage_path: str, name: str,
@@ -131,8 +142,13 @@ def train_teacher(tc, train_path: str, val_path: str, storage_path: str, name: s
     metrics = {k: v for k, v in result.best_metrics.items() if isinstance(v, (int, float, str))}
     metrics.update({"train_wall_s": round(wall, 2), "final_step": result.metrics.get("step"),
                     "train_samples_per_s": result.metrics.get("samples_per_s"),
-                    "best_checkpoint": str(result.best_checkpoint.path), "strategy": tc.strategy,
-                    "num_workers": tc.num_workers})
+                    "best_checkpoint": str(result.best_checkpoint.path),
+                    "strategy": result.metrics.get("strategy", tc.strategy), "num_workers": tc.num_workers})
+    # Measurements of the whole run (the last report), whichever checkpoint was best.
+    for key in ("train_padding_efficiency", "worker_peak_rss_mib", "worker_build_peak_rss_mib",
+                "worker_start_rss_mib", "local_param_fraction", "zero_stage", "auto_estimate_gib", "auto_device_gib"):
+        if key in result.metrics:
+            metrics[key] = result.metrics[key]
     with result.best_checkpoint.as_directory() as d:
         meta = write_artifact(d, tokenizer, tc, metrics, artifact_dest)
     log.info("teacher artifact %s written to %s (best %s=%s)", meta["artifact_id"], artifact_dest,
