@@ -73,7 +73,7 @@ def test_gpu_path_defaults_and_cpu_defaults():
 def test_full_configs_use_the_gpu_path():
     from ckd_ehr.config import PipelineConfig, load_config
 
-    for name in ("teacher_qwen7b.yaml", "mimic3_full.yaml"):
+    for name in ("teacher_qwen7b.yaml", "mimic3_full.yaml", "mimic4_full.yaml"):
         cfg = load_config(PipelineConfig, str(REPO / "jobs" / "configs" / name))
         t = cfg.teacher
         assert t.strategy == "auto" and t.train_dtype() == "bfloat16" and t.use_gradient_checkpointing()
