@@ -71,6 +71,13 @@ def cmd_stage(module: str, func: str):
     return handler
 
 
+def cmd_evaluate(args):
+    cfg = load_cfg(args)
+    if args.allow_small:
+        cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"allow_small": True})})
+    return _call("evaluate", "run_evaluate", cfg)
+
+
 def cmd_pipeline(args):
     return _call("pipeline", "run_pipeline", load_cfg(args), resume=args.resume,
                  from_stage=args.from_stage, to_stage=args.to_stage)
@@ -133,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         _common(p)
         p.set_defaults(handler=cmd_stage(module, func))
+        if name == "evaluate":
+            p.add_argument("--allow-small", action="store_true",
+                           help="evaluate a test split too small to judge (the report says so in a banner)")
+            p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser("pipeline", help="run every stage in order in one run directory")
     _common(p)

@@ -32,6 +32,12 @@ class SynthConfig(Section):
     acute_persistence: float = Field(0.3, ge=0.0, le=1.0)
     """Chance that an acute phenotype present at a visit is present at the next (untreated)."""
 
+    confounding: float = Field(0.0, ge=0.0, le=1.0)
+    """Confounding by indication (0: none). A latent acute flare (half of the present episodes)
+    multiplies persistence by 1 - confounding and raises the chance of the phenotype's no-effect
+    decoy drugs by 0.7 x confounding; a visit shows a flare only through an extra code. Fools a
+    crude given-vs-not estimate into crediting the decoys (the EADF issue tests against it)."""
+
     @model_validator(mode="after")
     def _acute_not_more_persistent(self):
         # The generator's premise (chronic diseases persist, acute ones come and go).
