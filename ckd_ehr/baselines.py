@@ -43,7 +43,7 @@ class MultiHot:
     def fit(self, rows: dict[str, list]) -> "MultiHot":
         for col in self.columns:
             for items in rows[col]:
-                for item in items or ():
+                for item in (() if items is None else items):
                     self.index.setdefault((col, item), len(self.index))
         return self
 
@@ -52,7 +52,7 @@ class MultiHot:
         r, c = [], []
         for col in self.columns:
             for i, items in enumerate(rows[col]):
-                for item in set(items or ()):
+                for item in set(() if items is None else items):
                     j = self.index.get((col, item))
                     if j is not None:
                         r.append(i)
@@ -106,7 +106,7 @@ def logistic_regression(x_train, y_train, x_eval: dict, y_val: np.ndarray, c_gri
                    "features": f"multi-hot {', '.join(FEATURE_COLUMNS)} of visit i (training vocabulary)"}
 
 
-def baseline_probabilities(train: dict, val: dict, test: dict, seed: int = 0
+def baseline_probabilities(train: dict, val: dict, test: dict, seed: int = 0, c_grid=C_GRID
                            ) -> dict[str, tuple[dict[str, np.ndarray], dict]]:
     """{baseline: ({"val": probs, "test": probs}, details)}. Each split is a dict of columns:
     FEATURE_COLUMNS, "phenotypes_current" and "labels" (N x 25 arrays)."""
@@ -126,7 +126,7 @@ def baseline_probabilities(train: dict, val: dict, test: dict, seed: int = 0
     encoder = MultiHot().fit(train)
     x = {name: encoder.transform(d) for name, d in (("train", train), ("val", val), ("test", test))}
     probs, details = logistic_regression(x["train"], y_train, {"val": x["val"], "test": x["test"]}, y_val,
-                                         seed=seed)
+                                         c_grid, seed)
     details["n_features"] = len(encoder.index)
     log.info("logistic_regression: C=%g (validation macro AUROC %s), %d features", details["C"],
              details["val_macro_auroc"], len(encoder.index))

@@ -172,13 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks that print figures")
     _common(p)
-    p.add_argument("what", choices=["synth", "prepare", "eadf", "teacher", "soft-labels", "speedup", "serve"])
+    p.add_argument("what", choices=["synth", "prepare", "eadf", "teacher", "soft-labels", "speedup", "serve",
+                                      "ceiling"])
     p.add_argument("--arch-only", action="store_true", help="speedup: random models from configs (Qwen2.5 vs BERT)")
     p.add_argument("--train-run", action="store_true", help="teacher: also a short end-to-end Ray Train run")
     p.add_argument("--patients", type=int, help="cohort size for data benchmarks")
     p.add_argument("--samples", type=int, help="samples for model benchmarks")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per load level (serve)")
     p.add_argument("--out", help="write the figures as JSON here")
+    p.add_argument("--no-check", action="store_true",
+                   help="ceiling: skip the HistGradientBoosting check of the model's form (faster)")
     p.set_defaults(handler=cmd_bench)
     return parser
 

@@ -55,14 +55,16 @@ class GeneratorConstants:
     gap_median_days: float = 200.0
     gap_sigma: float = 1.2
     cluster_sigma: float = 0.9
-    initial_scale: float = 0.55
+    initial_scale: float = 3.0
     """Independent presence at a first admission = initial_scale * prevalence * propensity."""
-    acute_onset_scale: float = 0.45
-    chronic_onset_scale: float = 0.12
+    acute_onset_scale: float = 0.3
+    event_scale: float = 0.3
+    """Factor on every cluster event rate (CLUSTER_EVENTS) at visits after the first."""
+    chronic_onset_scale: float = 0.08
     chf_persistence: float = 0.55
     """CHF is 'acute' in the benchmark's typing but recurs: its own persistence."""
     off_indication_rate: float = 0.01
-    marker_scale: float = 0.15
+    marker_scale: float = 0.05
     """Chance per visit that each marker code of a cluster is recorded = min(marker_cap,
     marker_scale * propensity^2): what a visit shows of the latent propensity."""
     marker_cap: float = 0.9
@@ -80,7 +82,7 @@ class GeneratorConstants:
     code_zipf: float = 1.1
     personal_comorbidities: int = 3
     personal_comorbidity_rate: float = 0.6
-    other_dx_base: float = 4.5
+    other_dx_base: float = 2.0
     other_dx_per_phenotype: float = 0.5
     procedures_base: float = 2.8
     phenotype_procedure_rate: float = 0.35
@@ -242,7 +244,7 @@ def simulate(cfg: SynthConfig, c: GeneratorConstants = CONSTANTS) -> Cohort:
         state = r_dyn.random((len(pats), NUM_PHENOTYPES)) < np.minimum(0.95, scale * PREVALENCE * prop)
         for ci, name in enumerate(CLUSTERS):
             rate, members = CLUSTER_EVENTS[name]
-            fired = r_dyn.random(len(pats)) < rate * propensity[pats, ci]
+            fired = r_dyn.random(len(pats)) < rate * (1.0 if j == 0 else c.event_scale) * propensity[pats, ci]
             idx = np.fromiter(members, dtype=np.int64)
             probs = np.fromiter(members.values(), dtype=float)
             state[:, idx] |= fired[:, None] & (r_dyn.random((len(pats), len(idx))) < probs)

@@ -6,7 +6,7 @@ For phenotype j of cluster set C(j), given visit i's true state s_j, planted dru
 flare f_j and the patient's propensities:
 
     onset_j  = min(0.95, onset_scale_j * prevalence_j * propensity_cluster(j))
-    event_j  = 1 - prod over clusters c holding j of (1 - min(1, rate_c * propensity_c) * member_cj)
+    event_j  = 1 - prod over clusters c holding j of (1 - min(1, rate_c * event_scale * propensity_c) * member_cj)
     keep_j   = s_j * persistence_j * planted_effect^n_j * (1 - confounding if f_j)
     true_j   = 1 - (1 - onset_j)(1 - event_j)(1 - keep_j)
     label_j  = true_j (1 - label_noise) + (1 - true_j) label_noise
@@ -39,12 +39,12 @@ ORACLE_SCHEMA = pa.schema([
 ])
 
 
-def _event_probability(propensity: np.ndarray) -> np.ndarray:
-    """(P, 25) chance that some cluster event adds each phenotype at a visit."""
+def _event_probability(propensity: np.ndarray, c: GeneratorConstants) -> np.ndarray:
+    """(P, 25) chance that some cluster event adds each phenotype at a visit after the first."""
     none = np.ones((len(propensity), NUM_PHENOTYPES))
     for ci, name in enumerate(CLUSTERS):
         rate, members = CLUSTER_EVENTS[name]
-        fired = np.minimum(1.0, rate * propensity[:, ci])
+        fired = np.minimum(1.0, rate * c.event_scale * propensity[:, ci])
         for j, q in members.items():
             none[:, j] *= 1.0 - fired * q
     return 1.0 - none
@@ -58,7 +58,7 @@ def next_visit_probabilities(cohort: Cohort, cfg: SynthConfig, first: np.ndarray
     prop = cohort.propensity[cohort.adm_patient[first]]
     onset_scale = np.where(kinds, c.chronic_onset_scale, c.acute_onset_scale)
     onset = np.minimum(0.95, onset_scale * PREVALENCE * prop[:, CLUSTER_OF])
-    event = _event_probability(prop)
+    event = _event_probability(prop, c)
     persistence = _persistence(cfg, c)
     state = cohort.true_state[first]
     flare = np.where(cohort.flare[first], 1.0 - cfg.confounding, 1.0)
