@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks that print figures")
     _common(p)
     p.add_argument("what", choices=["synth", "prepare", "eadf", "teacher", "soft-labels", "speedup", "serve",
-                                      "ceiling"])
+                                      "ceiling", "synth-signal"])
     p.add_argument("--arch-only", action="store_true", help="speedup: random models from configs (Qwen2.5 vs BERT)")
     p.add_argument("--train-run", action="store_true", help="teacher: also a short end-to-end Ray Train run")
     p.add_argument("--patients", type=int, help="cohort size for data benchmarks")

@@ -85,6 +85,7 @@ def ground_truth(cohort, cfg: SynthConfig, counts: dict[str, int]) -> dict:
         "planted": {names[p]: [drug[i] for i in cohort.planted_ids[p]] for p in range(len(names))},
         "ward_drugs": [drug[i] for i in cohort.ward_ids],
         "indicated": {names[p]: [drug[i] for i in ids] for p, ids in enumerate(cohort.indicated_ids)},
+        "decoy_drugs": {names[p]: [drug[i] for i in ids] for p, ids in enumerate(cohort.decoy_ids)},
         "params": {**cfg.model_dump(mode="json"), **constants_dict()},
         "files": {t: file_name(t, cfg.form) for t in TABLES},
         "counts": counts,
@@ -92,12 +93,10 @@ def ground_truth(cohort, cfg: SynthConfig, counts: dict[str, int]) -> dict:
 
 
 def oracle_truth(cohort, cfg: SynthConfig, first: np.ndarray, truth: dict) -> dict:
-    """planted_effects, decoy_drugs and the ceilings' macro AUROC (see the module docstring)."""
+    """planted_effects and the ceilings' macro AUROC (see the module docstring)."""
     from .metrics import auroc_per_label, macro_label_set
     from .synth_ceiling import read_ceiling
 
-    names = phenotype_names()
-    drug = [d.name for d in cohort.drugs]
     probs = next_visit_probabilities(cohort, cfg, first, drugs=True)
     labels = cohort.recorded_state[first + 1]
     keep = macro_label_set(labels, 5)
@@ -117,7 +116,6 @@ def oracle_truth(cohort, cfg: SynthConfig, first: np.ndarray, truth: dict) -> di
         ceilings["observable_ceiling"] = {k: stored[k] for k in ("model", "patients", "macro_auroc", "key")}
     return {
         "planted_effects": planted_effects(cohort, cfg, first, probs),
-        "decoy_drugs": {names[p]: [drug[i] for i in ids] for p, ids in enumerate(cohort.decoy_ids)},
         "ceilings": ceilings,
     }
 

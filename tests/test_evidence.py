@@ -173,3 +173,30 @@ def test_evaluate_after_prepare_scores_reference_rows_and_refuses_small_splits(t
     assert written["macro_label_set"]["included"] and isinstance(written["macro_label_set"]["left_out"], dict)
     md = open(run_report(cfg)["report_md"]).read()
     assert "TOO SMALL TO JUDGE" in md and "logistic_regression" in md
+
+
+def test_confounding_fools_a_crude_estimate_with_decoys_that_do_nothing():
+    """synth.confounding: decoys go preferentially to flares, which resolve anyway, so a crude
+    given-vs-not comparison credits them; the dynamics give them no effect (keep_probability
+    has no decoy term), and with confounding 0 there are none."""
+    from ckd_ehr.synth import ground_truth
+
+    assert not any(simulate(SynthConfig(patients=50, seed=1)).decoy_ids[p].size for p in range(25))
+    cfg = SynthConfig(patients=3000, seed=8, confounding=0.8, label_noise=0.0)
+    co = simulate(cfg)
+    truth = ground_truth(co, cfg, {})
+    assert all(len(v) == 2 for v in truth["decoy_drugs"].values())
+    first = np.flatnonzero(co.adm_patient[:-1] == co.adm_patient[1:])
+    given = np.zeros((len(co.hadm_id), len(co.drugs)), dtype=bool)
+    given[co.rx_pair_adm, co.rx_pair_drug] = True
+    crude = []
+    for p in range(25):
+        present = co.recorded_state[first, p]
+        gone = ~co.recorded_state[first + 1, p]
+        for d in co.decoy_ids[p]:
+            got = given[first, d] & present
+            if got.sum() >= 15 and (present & ~got).sum() >= 15:
+                crude.append(gone[got].mean() - gone[present & ~got].mean())
+    assert len(crude) >= 20 and np.median(crude) > 0.05
+    # The visible proxy: flares carry an extra code of the phenotype more often.
+    assert co.flare.any() and not simulate(SynthConfig(patients=50, seed=1)).flare.any()

@@ -8,7 +8,7 @@ import importlib
 
 _WHERE = {
     "synth": "data", "prepare": "data", "eadf": "eadf", "teacher": "teacher",
-    "soft_labels": "soft_labels", "speedup": "speedup", "serve": "serve", "ceiling": "ceiling",
+    "soft_labels": "soft_labels", "speedup": "speedup", "serve": "serve", "ceiling": "ceiling", "synth_signal": "ceiling",
 }
 
 
