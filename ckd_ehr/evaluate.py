@@ -237,7 +237,7 @@ def reference_rows(cfg, layout: RunLayout) -> tuple[dict, list[str]]:
     if p_val is not None:
         thresholds, source = _reference_thresholds(y_val, p_val)
         out["observable_ceiling"] = (_as_predictions(splits["test"], p_test), thresholds, {
-            "score": f"{MODEL}, fitted on >= 200,000 independent synthetic patients with this cohort's "
+            "score": f"{MODEL}, fitted on independent synthetic patients with this cohort's "
                      "generator knobs (ckd_ehr/resources/ceilings), applied to this run's pairs",
             "threshold_source": source})
     return out, notes
