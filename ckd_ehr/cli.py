@@ -71,6 +71,13 @@ def cmd_stage(module: str, func: str):
     return handler
 
 
+def cmd_evaluate(args):
+    cfg = load_cfg(args)
+    if args.allow_small:
+        cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"allow_small": True})})
+    return _call("evaluate", "run_evaluate", cfg)
+
+
 def cmd_pipeline(args):
     return _call("pipeline", "run_pipeline", load_cfg(args), resume=args.resume,
                  from_stage=args.from_stage, to_stage=args.to_stage)
@@ -137,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         _common(p)
         p.set_defaults(handler=cmd_stage(module, func))
+        if name == "evaluate":
+            p.add_argument("--allow-small", action="store_true",
+                           help="evaluate a test split too small to judge (the report says so in a banner)")
+            p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser("pipeline", help="run every stage in order in one run directory")
     _common(p)
@@ -166,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks that print figures")
     _common(p)
     p.add_argument("what", choices=["synth", "prepare", "eadf", "teacher", "soft-labels", "speedup", "serve",
-                                    "padding", "zero3-load"])
+                                    "padding", "zero3-load", "ceiling", "synth-signal"])
     p.add_argument("--arch-only", action="store_true", help="speedup: random models from configs (Qwen2.5 vs BERT)")
     p.add_argument("--train-run", action="store_true", help="teacher: also a short end-to-end Ray Train run")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -179,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validity", action="store_true",
                    help="eadf: precision / recall of the listed drugs on synthetic cohorts, null control, PNG")
     p.add_argument("--out", help="write the figures as JSON here")
+    p.add_argument("--no-check", action="store_true",
+                   help="ceiling: skip the HistGradientBoosting check of the model's form (faster)")
     p.set_defaults(handler=cmd_bench)
     return parser
 

@@ -4,7 +4,12 @@ What the paper reported, and what we add (see shared/paper/NOTES.md):
 - "accuracy" is element-wise over all N x 25 cells (1 - Hamming loss); we also give subset
   accuracy (every label of a sample right), which is far stricter.
 - AUROC / AUPRC are computed on probabilities, never on thresholded predictions (the release's
-  flaw). Macro averages skip phenotypes with a single class in y_true and say how many.
+  flaw). Without a label set, macro averages skip phenotypes with a single class in y_true and
+  say how many. With one (`macro_label_set`: phenotypes with at least 5 positives in the full
+  test split, fixed once), every macro metric (F1, AUROC, AUPRC) averages exactly that set, in
+  the point estimate and in every bootstrap draw; a draw in which a member has a single class
+  gives NaN for the macro ranking metrics (left out of the interval, counted) rather than a
+  mean over another set.
 - Intervals come from a bootstrap over PATIENTS: consecutive-visit samples of one patient are
   correlated, so resampling samples would give intervals that are too narrow.
 
@@ -91,8 +96,26 @@ def per_label_counts(y: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.nd
     return tp, fp, fn
 
 
-def f1_scores(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """F1 averaged four ways, as scikit-learn's f1_score(average=..., zero_division=0)."""
+def macro_label_set(y_test: np.ndarray, min_positives: int = 5) -> np.ndarray:
+    """Boolean mask of the phenotypes that macro metrics average: at least `min_positives`
+    positives in the FULL test split (computed once, before any bootstrap)."""
+    return np.sum(np.asarray(y_test) > 0, axis=0) >= min_positives
+
+
+def _macro(per_label: np.ndarray, label_set: np.ndarray | None, strict: bool) -> float:
+    """Mean over the label set (NaN if `strict` and a member is NaN); without a set, the mean
+    over the non-NaN labels."""
+    if label_set is None:
+        return _nanmean(per_label)
+    vals = np.asarray(per_label, dtype=np.float64)[np.asarray(label_set, dtype=bool)]
+    if not len(vals) or (strict and np.isnan(vals).any()):
+        return float("nan")
+    return float(vals.mean())
+
+
+def f1_scores(y: np.ndarray, pred: np.ndarray, label_set: np.ndarray | None = None) -> dict[str, float]:
+    """F1 averaged four ways, as scikit-learn's f1_score(average=..., zero_division=0); macro
+    over `label_set` when given."""
     tp, fp, fn = per_label_counts(y, pred)
     per_label = _f1(tp, fp, fn)
     support = tp + fn
@@ -100,16 +123,16 @@ def f1_scores(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     row_tp = np.sum(yb & pb, axis=1)
     row = _f1(row_tp, np.sum(~yb & pb, axis=1), np.sum(yb & ~pb, axis=1))
     return {
-        "macro_f1": float(per_label.mean()),
+        "macro_f1": float(per_label.mean()) if label_set is None else _macro(per_label, label_set, False),
         "micro_f1": float(_f1(tp.sum(), fp.sum(), fn.sum())),
         "weighted_f1": float(np.sum(per_label * support) / support.sum()) if support.sum() else 0.0,
         "samples_f1": float(row.mean()) if len(row) else float("nan"),
     }
 
 
-def thresholded_scores(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+def thresholded_scores(y: np.ndarray, pred: np.ndarray, label_set: np.ndarray | None = None) -> dict[str, float]:
     return {"accuracy": element_accuracy(y, pred), "subset_accuracy": subset_accuracy(y, pred),
-            **f1_scores(y, pred)}
+            **f1_scores(y, pred, label_set)}
 
 
 # --- ranking metrics (on probabilities) ---------------------------------------------------
@@ -173,14 +196,15 @@ def average_precision_per_label(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return auroc_and_ap_per_label(y, probs)[1]
 
 
-def ranking_scores(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """Macro and micro AUROC / AUPRC on probabilities; macro skips single-class phenotypes."""
+def ranking_scores(y: np.ndarray, probs: np.ndarray, label_set: np.ndarray | None = None) -> dict[str, float]:
+    """Macro and micro AUROC / AUPRC on probabilities. Macro: over `label_set` (NaN when one of
+    its phenotypes has a single class here), else over the phenotypes with both classes."""
     y = np.asarray(y)
     probs = np.asarray(probs, dtype=np.float64)
     auc, ap = auroc_and_ap_per_label(y, probs)
     micro_auc, micro_ap = auroc_and_ap_per_label(y.reshape(-1, 1), probs.reshape(-1, 1))
-    return {"macro_auroc": _nanmean(auc), "micro_auroc": float(micro_auc[0]),
-            "macro_auprc": _nanmean(ap), "micro_auprc": float(micro_ap[0])}
+    return {"macro_auroc": _macro(auc, label_set, True), "micro_auroc": float(micro_auc[0]),
+            "macro_auprc": _macro(ap, label_set, True), "micro_auprc": float(micro_ap[0])}
 
 
 def _nanmean(a: np.ndarray) -> float:
@@ -188,9 +212,10 @@ def _nanmean(a: np.ndarray) -> float:
     return float(np.nanmean(a)) if np.any(~np.isnan(a)) else float("nan")
 
 
-def all_scores(y: np.ndarray, probs: np.ndarray, thresholds=0.5) -> dict[str, float]:
-    """Every metric of ALL_METRICS at the given thresholds."""
-    return {**thresholded_scores(y, binarize(probs, thresholds)), **ranking_scores(y, probs)}
+def all_scores(y: np.ndarray, probs: np.ndarray, thresholds=0.5, label_set: np.ndarray | None = None
+               ) -> dict[str, float]:
+    """Every metric of ALL_METRICS at the given thresholds (macro over `label_set` if given)."""
+    return {**thresholded_scores(y, binarize(probs, thresholds), label_set), **ranking_scores(y, probs, label_set)}
 
 
 def per_phenotype_table(y: np.ndarray, probs: np.ndarray, thresholds=0.5,
@@ -301,7 +326,7 @@ def patient_resamples(subject_ids, resamples: int, seed: int) -> Iterator[np.nda
 
 
 def bootstrap_scores(y: np.ndarray, probs: np.ndarray, subject_ids, thresholds: Mapping[str, Sequence[float]],
-                     resamples: int, seed: int) -> dict[str, dict[str, np.ndarray]]:
+                     resamples: int, seed: int, label_set: np.ndarray | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Bootstrap distributions over patients: {mode: {metric: array(resamples)}} for each set of
     thresholds in `thresholds` ({mode: thresholds}). The ranking metrics do not depend on the
     thresholds, so they are computed once per resample and shared by the modes."""
@@ -310,9 +335,9 @@ def bootstrap_scores(y: np.ndarray, probs: np.ndarray, subject_ids, thresholds: 
     preds = {mode: binarize(probs, t) for mode, t in thresholds.items()}
     out = {mode: {m: np.empty(resamples) for m in ALL_METRICS} for mode in thresholds}
     for b, idx in enumerate(patient_resamples(subject_ids, resamples, seed)):
-        ranking = ranking_scores(y[idx], probs[idx])
+        ranking = ranking_scores(y[idx], probs[idx], label_set)
         for mode, pred in preds.items():
-            scores = {**thresholded_scores(y[idx], pred[idx]), **ranking}
+            scores = {**thresholded_scores(y[idx], pred[idx], label_set), **ranking}
             for m in ALL_METRICS:
                 out[mode][m][b] = scores[m]
     return out
@@ -343,23 +368,23 @@ def delta_summary(point_base: Mapping[str, float], point_new: Mapping[str, float
 
 
 def paired_bootstrap_delta(y, probs_base, thresholds_base, probs_new, thresholds_new, subject_ids,
-                           resamples: int, seed: int) -> dict:
+                           resamples: int, seed: int, label_set: np.ndarray | None = None) -> dict:
     """Delta (new - base) of every metric between two models scored on the same samples, with a
     95% interval from the SAME resampled patients for both models."""
     y = np.asarray(y)
-    point_base = all_scores(y, probs_base, thresholds_base)
-    point_new = all_scores(y, probs_new, thresholds_new)
+    point_base = all_scores(y, probs_base, thresholds_base, label_set)
+    point_new = all_scores(y, probs_new, thresholds_new, label_set)
     if resamples <= 0:
         return delta_summary(point_base, point_new, None, None)
-    dist_base = bootstrap_scores(y, probs_base, subject_ids, {"m": thresholds_base}, resamples, seed)["m"]
-    dist_new = bootstrap_scores(y, probs_new, subject_ids, {"m": thresholds_new}, resamples, seed)["m"]
+    dist_base = bootstrap_scores(y, probs_base, subject_ids, {"m": thresholds_base}, resamples, seed, label_set)["m"]
+    dist_new = bootstrap_scores(y, probs_new, subject_ids, {"m": thresholds_new}, resamples, seed, label_set)["m"]
     return delta_summary(point_base, point_new, dist_base, dist_new)
 
 
 # --- one call for everyone ------------------------------------------------------------------
 
 def evaluate_predictions(labels, probs, subject_ids=None, thresholds=0.5, bootstrap: int = 0,
-                         seed: int = 0) -> dict:
+                         seed: int = 0, label_set: np.ndarray | None = None) -> dict:
     """All metrics of one model's predictions at one set of thresholds, for teacher/student
     validation, Tune and the evaluate stage.
 
@@ -380,13 +405,13 @@ def evaluate_predictions(labels, probs, subject_ids=None, thresholds=0.5, bootst
         "n_samples": int(len(y)),
         "n_patients": int(len(np.unique(subject_ids))),
         "thresholds": t.tolist(),
-        "metrics": all_scores(y, p, t),
+        "metrics": all_scores(y, p, t, label_set),
         "intervals": {},
         "auroc_skipped": skipped,
         "per_phenotype": table,
         "calibration": reliability_bins(y, p),
     }
     if bootstrap > 0:
-        dist = bootstrap_scores(y, p, subject_ids, {"m": t}, bootstrap, seed)["m"]
+        dist = bootstrap_scores(y, p, subject_ids, {"m": t}, bootstrap, seed, label_set)["m"]
         result["intervals"] = {m: interval(dist[m]) for m in ALL_METRICS}
     return result

@@ -5,6 +5,12 @@ twice, to Markdown and to self-contained HTML, so the two never disagree. Images
 beside them and referenced by relative name. The comparison with the paper shows our deltas
 against plain BERT with their paired 95% intervals, as points and as relative change, because
 the paper does not say which of the two its +9% / +27% are.
+
+The reference rows of evaluate (floors such as all_negative and copy_forward, logistic
+regression, and on synthetic cohorts the latent oracle and the observable ceiling) get their
+own table and are drawn on the model comparison plots as horizontal lines with their 95%
+interval as a band, so every model bar is read against its floor and its ceiling. A test
+split evaluated with --allow-small carries a banner at the top.
 """
 from __future__ import annotations
 
@@ -72,8 +78,34 @@ def _figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
+REFERENCE_STYLE = {
+    "all_negative": ("#999999", ":"), "prevalence": ("#777777", "-."), "copy_forward": ("#DD8452", "--"),
+    "logistic_regression": ("#55A868", "-"), "observable_ceiling": ("#8172B3", "-"),
+    "latent_oracle": ("#C44E52", "--"),
+}
+
+
+def _draw_references(ax, metrics: dict, mode: str, key: str) -> list[float]:
+    """Reference rows as horizontal lines with their interval as a band; returns the values
+    drawn (for the axis limits)."""
+    drawn = []
+    for name, entry in (metrics.get("baselines") or {}).items():
+        m = entry["modes"][mode]
+        v, ci = m["metrics"].get(key), (m["intervals"] or {}).get(key)
+        if v is None or not np.isfinite(v):
+            continue
+        color, style = REFERENCE_STYLE.get(name, ("#333333", "-"))
+        ax.axhline(v, color=color, linestyle=style, linewidth=1.2, label=name)
+        if ci:
+            ax.axhspan(ci[0], ci[1], color=color, alpha=0.12)
+            drawn += list(ci)
+        drawn.append(v)
+    return drawn
+
+
 def plot_variants(metrics: dict, mode: str) -> bytes:
-    """Headline metrics of every model side by side, with 95% bootstrap error bars."""
+    """Headline metrics of every model side by side, with 95% bootstrap error bars; the
+    reference rows as lines with bands."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -81,6 +113,7 @@ def plot_variants(metrics: dict, mode: str) -> bytes:
     names = list(metrics["models"])
     fig, axes = plt.subplots(1, len(HEADLINE), figsize=(4.2 * len(HEADLINE), 3.8))
     for ax, (key, label) in zip(axes, HEADLINE):
+        refs = _draw_references(ax, metrics, mode, key)
         values, errors = [], [[], []]
         for name in names:
             m = metrics["models"][name]["modes"][mode]
@@ -89,14 +122,21 @@ def plot_variants(metrics: dict, mode: str) -> bytes:
             values.append(np.nan if v is None else v)
             errors[0].append(v - ci[0] if ci and v is not None else 0)
             errors[1].append(ci[1] - v if ci and v is not None else 0)
-        ax.bar(range(len(names)), values, yerr=errors, capsize=4, color="#4C72B0")
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        if names:
+            ax.bar(range(len(names)), values, yerr=errors, capsize=4, color="#4C72B0")
+            ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        else:
+            ax.set_xticks([])
         ax.set_title(label)
         finite = [v for v in values if np.isfinite(v)]
-        if finite:
-            low = min(finite) - max(max(errors[0]), 0.02) - 0.02
-            ax.set_ylim(max(0.0, low), min(1.0, max(finite) + max(max(errors[1]), 0.02) + 0.02))
-    fig.suptitle(f"Test split, thresholds: {mode} (bars: 95% patient bootstrap)")
+        lows = [v - e for v, e in zip(values, errors[0]) if np.isfinite(v)] + refs
+        highs = [v + e for v, e in zip(values, errors[1]) if np.isfinite(v)] + refs
+        if finite or refs:
+            ax.set_ylim(max(0.0, min(lows) - 0.04), min(1.0, max(highs) + 0.04))
+    if metrics.get("baselines"):
+        axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), title="reference rows")
+    fig.suptitle(f"Test split, thresholds: {mode} (bars: 95% patient bootstrap; lines and bands: "
+                 "reference rows and their intervals)")
     return _figure_png(fig)
 
 
@@ -150,13 +190,44 @@ def build_blocks(metrics: dict, run_dir: str, images: dict[str, str], quality: d
     """The report as blocks: ("h1"|"h2"|"p", text), ("table", header, rows), ("img", file, alt)."""
     models, deltas, base = metrics["models"], metrics["deltas"], metrics["baseline"]
     boot = metrics["bootstrap"]
-    blocks: list[tuple] = [
-        ("h1", "CKD-EHR evaluation report"),
-        ("p", f"Run directory: {run_dir}. Test split; 95% intervals from {boot['resamples']} bootstrap "
-              f"resamples over patients (seed {boot['seed']}). Accuracy is element-wise over N x 25 "
-              "cells (the paper's definition, 1 - Hamming loss); subset accuracy needs all 25 right. "
-              "AUROC/AUPRC are computed on probabilities; macro averages skip phenotypes with one class."),
-    ]
+    label_set = metrics.get("macro_label_set") or {}
+    blocks: list[tuple] = [("h1", "CKD-EHR evaluation report")]
+    too_small = metrics.get("too_small")
+    if too_small:
+        blocks.append(("p", "WARNING - TOO SMALL TO JUDGE (evaluated with --allow-small): "
+                       + "; ".join(too_small["reasons"]) + ". No difference between rows below can be "
+                       "trusted."))
+    blocks.append(("p", f"Run directory: {run_dir}. Test split; 95% intervals from {boot['resamples']} bootstrap "
+                        f"resamples over patients (seed {boot['seed']}). Accuracy is element-wise over N x 25 "
+                        "cells (the paper's definition, 1 - Hamming loss); subset accuracy needs all 25 right. "
+                        "AUROC/AUPRC are computed on probabilities."))
+    if label_set:
+        left = label_set.get("left_out") or {}
+        blocks.append(("p", f"Macro metrics (F1, AUROC, AUPRC) average one label set for every row and every "
+                            f"bootstrap draw: {len(label_set['included'])} phenotypes, the {label_set['rule']}. "
+                            + (f"Left out ({len(left)}; test positives): "
+                               + ", ".join(f"{n} ({c})" for n, c in left.items()) + "."
+                               if left else "None left out.")))
+    references = metrics.get("baselines") or {}
+    if references:
+        blocks.append(("h2", "Reference rows: floors and ceilings (no training needed)"))
+        blocks.append(("p", "Scored exactly like the models: test split, thresholds fixed at 0.5 or tuned per "
+                            "phenotype on validation, the same patient bootstrap. " + " ".join(
+                                f"{n}: {e['role']}." for n, e in references.items())))
+        for mode in metrics["threshold_modes"]:
+            rows = []
+            for name, entry in references.items():
+                m = entry["modes"][mode]
+                rows.append([name, mode, str(entry["n_samples"]), str(entry["n_patients"])]
+                            + [fmt_ci(m["metrics"][k], m["intervals"].get(k)) for k, _ in TABLE_METRICS])
+            blocks.append(("table", ["Reference", "Thresholds", "Samples", "Patients"]
+                           + [lab for _, lab in TABLE_METRICS], rows))
+        if not models:
+            for mode in metrics["threshold_modes"]:
+                blocks.append(("img", images[f"variants_{mode}"], f"reference rows, thresholds {mode}"))
+    if not models:
+        blocks.append(("p", "No model predictions yet: train the teacher and students, then evaluate again."))
+        return blocks + _notes_blocks(metrics, models)
     for mode, meaning in metrics["threshold_modes"].items():
         blocks.append(("h2", f"Models side by side, thresholds {mode}: {meaning}"))
         rows = []
@@ -216,18 +287,25 @@ def build_blocks(metrics: dict, run_dir: str, images: dict[str, str], quality: d
         if scalars:
             blocks.append(("table", ["Soft-label quality", "Value"], scalars))
 
+    return blocks + _notes_blocks(metrics, models)
+
+
+def _notes_blocks(metrics: dict, models: dict) -> list[tuple]:
     skipped = metrics.get("skipped") or {}
     notes = list(metrics.get("notes") or []) + [f"{n} skipped: {why}" for n, why in skipped.items()]
     for name, entry in models.items():
-        if entry["auroc_skipped"]:
+        if entry["auroc_skipped"] and not metrics.get("macro_label_set"):
             notes.append(f"{name}: {len(entry['auroc_skipped'])} phenotype(s) with a single class in the "
                          f"test labels, left out of macro AUROC/AUPRC: {', '.join(entry['auroc_skipped'])}")
         for mode, src in entry["threshold_source"].items():
             notes.append(f"{name}: {mode} thresholds: {src}")
-    if notes:
-        blocks.append(("h2", "Notes"))
-        blocks.extend(("p", n) for n in notes)
-    return blocks
+    for name, entry in (metrics.get("baselines") or {}).items():
+        details = entry.get("details") or {}
+        extra = {k: v for k, v in details.items() if k not in ("threshold_source",)}
+        notes.append(f"reference {name}: " + "; ".join(f"{k}: {v}" for k, v in extra.items()))
+    if not notes:
+        return []
+    return [("h2", "Notes")] + [("p", n) for n in notes]
 
 
 def render_markdown(blocks: list[tuple]) -> str:
@@ -277,16 +355,18 @@ def run_report(cfg) -> dict:
     if not storage.exists(layout.metrics):
         raise FileNotFoundError(f"{layout.metrics}: not found (run `ckd-ehr evaluate` first)")
     metrics = storage.read_json(layout.metrics)
-    if not metrics.get("models"):
-        raise ValueError(f"{layout.metrics}: no models to report")
+    if not metrics.get("models") and not metrics.get("baselines"):
+        raise ValueError(f"{layout.metrics}: no models and no reference rows to report")
     out = layout.report_dir
 
-    images = {"per_phenotype_f1": "per_phenotype_f1.png", "reliability": "reliability.png"}
+    images = {}
     for mode in metrics["threshold_modes"]:
         images[f"variants_{mode}"] = f"variants_{mode}.png"
         storage.write_bytes(storage.join(out, images[f"variants_{mode}"]), plot_variants(metrics, mode))
-    storage.write_bytes(storage.join(out, images["per_phenotype_f1"]), plot_per_phenotype_f1(metrics, "fixed"))
-    storage.write_bytes(storage.join(out, images["reliability"]), plot_reliability(metrics))
+    if metrics.get("models"):
+        images.update({"per_phenotype_f1": "per_phenotype_f1.png", "reliability": "reliability.png"})
+        storage.write_bytes(storage.join(out, images["per_phenotype_f1"]), plot_per_phenotype_f1(metrics, "fixed"))
+        storage.write_bytes(storage.join(out, images["reliability"]), plot_reliability(metrics))
 
     # The soft-labels stage draws the teacher's reliability on the soft labels themselves;
     # copy it beside the report so the relative link works wherever the folder goes.

@@ -9,6 +9,17 @@ D_ICD_PROCEDURES (`synth_tables`) and, last, `ground_truth.json`:
     indicated   {phenotype name: [drug, ...]}  given for the phenotype, no effect
     params      every SynthConfig field and generator constant
     counts      {table: rows}
+    planted_effects  [{phenotype, drug, rate_given, rate_not_given, n_given, n_not_given}]: per
+                planted drug, the true rate at which its phenotype (recorded at visit i) is gone
+                at visit i+1 among this cohort's pairs given the drug and not, from the
+                generator's noise-free dynamics (mean of the latent oracle, synth_oracle)
+    decoy_drugs {phenotype name: [drug, ...]}  no-effect drugs given preferentially in flares
+                (`confounding` > 0; empty lists otherwise)
+    ceilings    macro AUROC of the latent oracle (with / without drug information) on this
+                cohort's pairs and of the observable ceiling when computed for these knobs
+
+Beside the tables: latent_oracle.parquet (synth_oracle.ORACLE_SCHEMA), the oracle's
+probabilities for every consecutive admission pair, keyed by (hadm_id, next_hadm_id).
 
 Same seed, same bytes. The ground truth is written after the tables, so its presence
 marks a complete cohort.
@@ -18,10 +29,13 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
+
 from .config import SynthConfig
 from .phenotypes import phenotype_names
-from .storage import exists, join, makedirs, resolve, write_json
+from .storage import exists, join, makedirs, resolve, write_json, write_parquet
 from .synth_model import constants_dict, simulate
+from .synth_oracle import ORACLE_FILE, next_visit_probabilities, oracle_table, planted_effects
 from .synth_tables import (TABLES, admissions_table, d_icd_diagnoses_table, d_icd_procedures_table,
                            diagnoses_table, file_name, patients_table, prescriptions_table,
                            procedures_table, write_table)
@@ -55,7 +69,13 @@ def write_cohort(out_dir: str, cfg: SynthConfig) -> dict[str, int]:
     counts = {}
     for table in TABLES:
         counts[table] = write_table(builders[table](), out_dir, table, cfg.form)
-    write_json(join(out_dir, GROUND_TRUTH), ground_truth(cohort, cfg, counts))
+    pat = cohort.adm_patient
+    first = np.flatnonzero(pat[:-1] == pat[1:])
+    oracle = oracle_table(cohort, cfg, first, first + 1)
+    write_parquet(oracle, join(out_dir, ORACLE_FILE))
+    truth = ground_truth(cohort, cfg, counts)
+    truth.update(oracle_truth(cohort, cfg, first, truth))
+    write_json(join(out_dir, GROUND_TRUTH), truth)
     log.info("synth: wrote %s to %s in %.1fs", ", ".join(f"{t} {n}" for t, n in counts.items()),
              out_dir, time.perf_counter() - start)
     return counts
@@ -68,9 +88,38 @@ def ground_truth(cohort, cfg: SynthConfig, counts: dict[str, int]) -> dict:
         "planted": {names[p]: [drug[i] for i in cohort.planted_ids[p]] for p in range(len(names))},
         "ward_drugs": [drug[i] for i in cohort.ward_ids],
         "indicated": {names[p]: [drug[i] for i in ids] for p, ids in enumerate(cohort.indicated_ids)},
+        "decoy_drugs": {names[p]: [drug[i] for i in ids] for p, ids in enumerate(cohort.decoy_ids)},
         "params": {**cfg.model_dump(mode="json"), **constants_dict()},
         "files": {t: file_name(t, cfg.form) for t in TABLES},
         "counts": counts,
+    }
+
+
+def oracle_truth(cohort, cfg: SynthConfig, first: np.ndarray, truth: dict) -> dict:
+    """planted_effects and the ceilings' macro AUROC (see the module docstring)."""
+    from .metrics import auroc_per_label, macro_label_set
+    from .synth_ceiling import read_ceiling
+
+    probs = next_visit_probabilities(cohort, cfg, first, drugs=True)
+    labels = cohort.recorded_state[first + 1]
+    keep = macro_label_set(labels, 5)
+
+    def macro(p):
+        return float(np.mean(auroc_per_label(labels[:, keep], p[:, keep]))) if keep.any() else None
+
+    ceilings = {
+        "latent_oracle": {
+            "macro_auroc_with_drugs": macro(probs),
+            "macro_auroc_without_drugs": macro(next_visit_probabilities(cohort, cfg, first, drugs=False)),
+            "on": f"all {len(first)} consecutive admission pairs of this cohort, phenotypes with >= 5 positives",
+        },
+    }
+    stored = read_ceiling(truth["params"])
+    if stored is not None:
+        ceilings["observable_ceiling"] = {k: stored[k] for k in ("model", "patients", "macro_auroc", "key")}
+    return {
+        "planted_effects": planted_effects(cohort, cfg, first, probs),
+        "ceilings": ceilings,
     }
 
 

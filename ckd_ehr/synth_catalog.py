@@ -370,21 +370,54 @@ _SYLLABLE_TAILS = ("vastin", "pril", "dronib", "tazone", "mectin", "lukast", "ci
 _PLANTED_FORMS = ("Tablet|PO", "Capsule|PO", "Vial|IV", "Syringe|SC")
 
 
-def planted_drug_names(per_phenotype: int) -> list[list[str]]:
-    """`per_phenotype` invented drug names for each of the 25 phenotypes, all distinct.
+DECOYS_PER_PHENOTYPE = 2
+"""No-effect drugs per phenotype that `synth.confounding` gives preferentially in flares."""
+_MAX_PLANTED = 10  # the most drugs_per_phenotype allows
 
-    Deterministic: the k-th name of a phenotype does not depend on `per_phenotype`."""
+
+def _invented_names() -> list[str]:
+    """All invented drug names, in a fixed order: planted slots first, then decoy slots."""
     rng = np.random.default_rng(_PLANTED_NAME_SEED)
     taken = {d.name.lower() for d in all_real_drugs()}
     names: list[str] = []
-    while len(names) < NUM_PHENOTYPES * 10:  # 10 = the most the config allows
+    while len(names) < NUM_PHENOTYPES * (_MAX_PLANTED + DECOYS_PER_PHENOTYPE):
         name = (_SYLLABLE_HEADS[rng.integers(len(_SYLLABLE_HEADS))]
                 + _SYLLABLE_MIDDLES[rng.integers(len(_SYLLABLE_MIDDLES))]
                 + _SYLLABLE_TAILS[rng.integers(len(_SYLLABLE_TAILS))])
         if name.lower() not in taken:
             taken.add(name.lower())
             names.append(name)
+    return names
+
+
+def planted_drug_names(per_phenotype: int) -> list[list[str]]:
+    """`per_phenotype` invented drug names for each of the 25 phenotypes, all distinct.
+
+    Deterministic: the k-th name of a phenotype does not depend on `per_phenotype`."""
+    names = _invented_names()
     return [[names[k * NUM_PHENOTYPES + p] for k in range(per_phenotype)] for p in range(NUM_PHENOTYPES)]
+
+
+def decoy_drug_names() -> list[list[str]]:
+    """DECOYS_PER_PHENOTYPE invented names per phenotype, after every planted slot (so a decoy
+    never shares a name with a planted drug, whatever drugs_per_phenotype is)."""
+    names = _invented_names()
+    base = NUM_PHENOTYPES * _MAX_PLANTED
+    return [[names[base + k * NUM_PHENOTYPES + p] for k in range(DECOYS_PER_PHENOTYPE)]
+            for p in range(NUM_PHENOTYPES)]
+
+
+# Non-phenotype diagnosis codes that show a patient's propensity for a disease cluster (risk
+# factors and markers of chronic disease): what a visit shows of the latent propensity.
+CLUSTER_MARKERS = {
+    "metabolic": ("27800", "V5867", "4439", "32723"),
+    "cardiac": ("V5861", "4241", "4240", "V5866"),
+    "sepsis": ("70703", "04112", "2639", "28800"),
+    "pulmonary": ("V1582", "3051", "1629", "V5865"),
+    "gi": ("30500", "53081", "56210", "2800"),
+    "surgical": ("V4364", "V4365", "71590", "E8788"),
+    "neuro": ("3310", "29410", "34590", "V1588"),
+}
 
 
 def planted_drug(name: str) -> Drug:

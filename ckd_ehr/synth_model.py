@@ -5,14 +5,24 @@ Everything is vectorised with numpy; the only Python loops run over visit positi
 most MAX_ADMISSIONS), phenotypes (25) or clusters (7), never over rows.
 
 The dynamics (what EADF must recover):
-- Each patient has a latent propensity per disease cluster (metabolic, cardiac, ...).
+- Each patient has a latent propensity per disease cluster (metabolic, cardiac, ...). A visit
+  shows part of it: the cluster's marker codes (risk factors such as obesity or tobacco use,
+  `synth_catalog.CLUSTER_MARKERS`) are recorded more often the higher the propensity.
 - At every admission, acute cluster "events" (e.g. sepsis with shock and acute renal
   failure) and independent onsets add phenotypes; this gives realistic co-occurrence.
 - A phenotype present at visit i is present at visit i+1 with its persistence (chronic high,
   acute low), multiplied by `planted_effect` for each planted efficacious drug of that
-  phenotype given at visit i. Nothing else (ward drugs, indicated drugs, other phenotypes'
-  drugs) changes persistence, so the planted drugs are the only true effects.
+  phenotype given at visit i. Planted drugs are given to some of the patients with the
+  phenotype only (`planted_rate` each). Nothing else (ward drugs, indicated drugs, decoys,
+  other phenotypes' drugs) changes persistence, so the planted drugs are the only true effects.
+- With `confounding` > 0, a present phenotype is in an acute flare (latent, half of the
+  episodes) that resolves more often (persistence times 1 - confounding) and draws the
+  phenotype's decoy drugs (no effect) more often; a visit shows a flare only through an
+  extra code of the phenotype, recorded more often in flares. A crude given-vs-not comparison
+  therefore credits the decoys with an effect they do not have.
 - Recorded diagnoses are the true state with `label_noise` flips.
+
+`synth_oracle` gives the exact next-visit probabilities of these dynamics (the latent oracle).
 """
 from __future__ import annotations
 
@@ -44,20 +54,35 @@ class GeneratorConstants:
     los_sigma: float = 0.7
     gap_median_days: float = 200.0
     gap_sigma: float = 1.2
-    cluster_sigma: float = 0.7
-    initial_scale: float = 0.55
+    cluster_sigma: float = 0.9
+    initial_scale: float = 3.0
     """Independent presence at a first admission = initial_scale * prevalence * propensity."""
-    acute_onset_scale: float = 0.45
-    chronic_onset_scale: float = 0.12
+    acute_onset_scale: float = 0.3
+    event_scale: float = 0.3
+    """Factor on every cluster event rate (CLUSTER_EVENTS) at visits after the first."""
+    chronic_onset_scale: float = 0.08
     chf_persistence: float = 0.55
     """CHF is 'acute' in the benchmark's typing but recurs: its own persistence."""
     off_indication_rate: float = 0.01
+    marker_scale: float = 0.05
+    """Chance per visit that each marker code of a cluster is recorded = min(marker_cap,
+    marker_scale * propensity^2): what a visit shows of the latent propensity."""
+    marker_cap: float = 0.9
+    flare_rate: float = 0.5
+    """Share of present phenotypes in an acute flare (used only when confounding > 0)."""
+    flare_code_rate: float = 0.6
+    """Chance that a flare adds an extra code of its phenotype (the visible proxy); outside
+    flares the extra code comes at second_code_rate, acute phenotypes only."""
+    decoy_base_rate: float = 0.1
+    """Chance that each decoy drug is given when its phenotype is present, outside a flare;
+    in a flare: decoy_base_rate + decoy_flare_rate * confounding."""
+    decoy_flare_rate: float = 0.7
     indicated_rate: float = 0.6
     second_code_rate: float = 0.15
     code_zipf: float = 1.1
     personal_comorbidities: int = 3
     personal_comorbidity_rate: float = 0.6
-    other_dx_base: float = 4.5
+    other_dx_base: float = 2.0
     other_dx_per_phenotype: float = 0.5
     procedures_base: float = 2.8
     phenotype_procedure_rate: float = 0.35
@@ -129,6 +154,11 @@ class Cohort:
     ward_ids: np.ndarray
     indicated_ids: list[np.ndarray]
     planted_ids: np.ndarray         # (25, drugs_per_phenotype)
+    decoy_ids: list[np.ndarray]     # per phenotype; empty when confounding is 0
+    # latent state (what the latent oracle conditions on)
+    propensity: np.ndarray          # (N, clusters)
+    planted_given: np.ndarray       # (A, 25, drugs_per_phenotype) bool
+    flare: np.ndarray               # (A, 25) bool; all False when confounding is 0
 
     @property
     def n_prescriptions(self) -> int:
@@ -163,7 +193,7 @@ def _choice(rng: np.random.Generator, ids: np.ndarray, weights: np.ndarray, size
 
 
 def simulate(cfg: SynthConfig, c: GeneratorConstants = CONSTANTS) -> Cohort:
-    r_pat, r_adm, r_dyn, r_dx, r_px, r_rx = _streams(cfg.seed, 6)
+    r_pat, r_adm, r_dyn, r_dx, r_px, r_rx, r_conf = _streams(cfg.seed, 7)
     n = cfg.patients
     kinds = np.array([p.kind == "chronic" for p in phenotypes()])
 
@@ -205,6 +235,7 @@ def simulate(cfg: SynthConfig, c: GeneratorConstants = CONSTANTS) -> Cohort:
     onset_scale = np.where(kinds, c.chronic_onset_scale, c.acute_onset_scale)
     true_state = np.zeros((a_total, NUM_PHENOTYPES), dtype=bool)
     planted_given = np.zeros((a_total, NUM_PHENOTYPES, k), dtype=bool)
+    flare = np.zeros((a_total, NUM_PHENOTYPES), dtype=bool)
     for j in range(int(n_adm.max())):
         pats = np.flatnonzero(n_adm > j)
         rows = adm_start[pats] + j
@@ -213,16 +244,18 @@ def simulate(cfg: SynthConfig, c: GeneratorConstants = CONSTANTS) -> Cohort:
         state = r_dyn.random((len(pats), NUM_PHENOTYPES)) < np.minimum(0.95, scale * PREVALENCE * prop)
         for ci, name in enumerate(CLUSTERS):
             rate, members = CLUSTER_EVENTS[name]
-            fired = r_dyn.random(len(pats)) < rate * propensity[pats, ci]
+            fired = r_dyn.random(len(pats)) < rate * (1.0 if j == 0 else c.event_scale) * propensity[pats, ci]
             idx = np.fromiter(members, dtype=np.int64)
             probs = np.fromiter(members.values(), dtype=float)
             state[:, idx] |= fired[:, None] & (r_dyn.random((len(pats), len(idx))) < probs)
         if j > 0:
             prev = rows - 1
-            n_planted = planted_given[prev].sum(axis=2)
-            keep = r_dyn.random((len(pats), NUM_PHENOTYPES)) < persistence * cfg.planted_effect ** n_planted
+            keep_p = keep_probability(persistence, planted_given[prev].sum(axis=2), flare[prev], cfg)
+            keep = r_dyn.random((len(pats), NUM_PHENOTYPES)) < keep_p
             state |= true_state[prev] & keep
         true_state[rows] = state
+        if cfg.confounding > 0:
+            flare[rows] = state & (r_conf.random(state.shape) < c.flare_rate)
         u = r_dyn.random((len(pats), NUM_PHENOTYPES, k))
         planted_given[rows] = (state[:, :, None] & (u < cfg.planted_rate)) | (u > 1.0 - c.off_indication_rate)
 
@@ -243,9 +276,10 @@ def simulate(cfg: SynthConfig, c: GeneratorConstants = CONSTANTS) -> Cohort:
     dod_ssn_known = r_pat.random(n) < 0.8
 
     vocab = cat.diagnosis_vocabulary(c.code_zipf)
-    dx_adm, dx_code, dx_seq = _diagnoses(r_dx, recorded, adm_patient, n, kinds, vocab, c)
+    dx_adm, dx_code, dx_seq = _diagnoses(r_dx, recorded, adm_patient, n, kinds, vocab, c, propensity, flare, r_conf)
     px_adm, px_code, px_seq = _procedures(r_px, true_state, c)
-    drugs, ward_ids, indicated_ids, planted_ids, pairs = _prescriptions(r_rx, cfg, c, true_state, planted_given, los)
+    drugs, ward_ids, indicated_ids, planted_ids, decoy_ids, pairs = _prescriptions(
+        r_rx, cfg, c, true_state, planted_given, los, flare, r_conf)
 
     attrs = _patient_attributes(r_pat, n)
     return Cohort(
@@ -256,8 +290,16 @@ def simulate(cfg: SynthConfig, c: GeneratorConstants = CONSTANTS) -> Cohort:
         recorded_state=recorded, dx_adm=dx_adm, dx_code=dx_code, dx_seq=dx_seq,
         px_adm=px_adm, px_code=px_code, px_seq=px_seq, rx_pair_adm=pairs[0], rx_pair_drug=pairs[1],
         rx_pair_repeats=pairs[2], vocab=vocab, drugs=drugs, ward_ids=ward_ids,
-        indicated_ids=indicated_ids, planted_ids=planted_ids,
+        indicated_ids=indicated_ids, planted_ids=planted_ids, decoy_ids=decoy_ids,
+        propensity=propensity, planted_given=planted_given, flare=flare,
     )
+
+
+def keep_probability(persistence: np.ndarray, n_planted: np.ndarray, flare: np.ndarray, cfg: SynthConfig
+                     ) -> np.ndarray:
+    """Chance that a phenotype present at visit i is still present at visit i+1 (before onsets):
+    persistence x planted_effect^(planted drugs given) x (1 - confounding in a flare)."""
+    return persistence * cfg.planted_effect ** n_planted * np.where(flare, 1.0 - cfg.confounding, 1.0)
 
 
 def _dedupe_and_order(adm: np.ndarray, item: np.ndarray, key: np.ndarray, n_items: int):
@@ -270,7 +312,8 @@ def _dedupe_and_order(adm: np.ndarray, item: np.ndarray, key: np.ndarray, n_item
     return adm, item, _positions_within(adm) + 1
 
 
-def _diagnoses(rng, recorded, adm_patient, n_patients, kinds, vocab: cat.DiagnosisVocabulary, c):
+def _diagnoses(rng, recorded, adm_patient, n_patients, kinds, vocab: cat.DiagnosisVocabulary, c,
+               propensity, flare, r_conf):
     adms, codes = [], []
     for p in range(NUM_PHENOTYPES):
         rows = np.flatnonzero(recorded[:, p])
@@ -283,12 +326,24 @@ def _diagnoses(rng, recorded, adm_patient, n_patients, kinds, vocab: cat.Diagnos
             extra = rows[rng.random(len(rows)) < c.second_code_rate]
             adms.append(extra)
             codes.append(_choice(rng, ids, w, len(extra)))
+        if flare.any():  # the visible proxy of a flare: one more code of the phenotype
+            fl = rows[flare[rows, p] & (r_conf.random(len(rows)) < c.flare_code_rate)]
+            adms.append(fl)
+            codes.append(_choice(r_conf, ids, w, len(fl)))
         adms.append(rows)
         codes.append(chosen)
+    # Cluster markers: risk factors shown more often the higher the patient's propensity.
+    code_index = {code: i for i, code in enumerate(vocab.codes)}
+    a_total = len(adm_patient)
+    for ci, name in enumerate(CLUSTERS):
+        marker_ids = np.array([code_index[m] for m in cat.CLUSTER_MARKERS[name]])
+        p_show = np.minimum(c.marker_cap, c.marker_scale * propensity[adm_patient, ci] ** 2)
+        r, col = np.nonzero(rng.random((a_total, len(marker_ids))) < p_show[:, None])
+        adms.append(r)
+        codes.append(marker_ids[col])
     # Personal comorbidities recur across a patient's admissions; the rest are sporadic.
     other_ids, other_w = vocab.other_code_ids, vocab.other_code_weights
     personal = _choice(rng, other_ids, other_w, (n_patients, c.personal_comorbidities))
-    a_total = len(adm_patient)
     present = rng.random((a_total, c.personal_comorbidities)) < c.personal_comorbidity_rate
     r, col = np.nonzero(present)
     adms.append(r)
@@ -324,9 +379,9 @@ def _procedures(rng, true_state, c):
     return _dedupe_and_order(adm, code, rng.random(len(code)), len(cat.PROCEDURES))
 
 
-def _prescriptions(rng, cfg, c, true_state, planted_given, los):
-    """(drug catalogue, ward ids, indicated ids per phenotype, planted ids (25, k),
-    (admission, drug, repeats) per distinct drug given in an admission)."""
+def _prescriptions(rng, cfg, c, true_state, planted_given, los, flare, r_conf):
+    """(drug catalogue, ward ids, indicated ids per phenotype, planted ids (25, k), decoy ids
+    per phenotype, (admission, drug, repeats) per distinct drug given in an admission)."""
     a_total = len(true_state)
     k = cfg.drugs_per_phenotype
     ward = [d for d, _ in cat.WARD_DRUGS]
@@ -335,7 +390,9 @@ def _prescriptions(rng, cfg, c, true_state, planted_given, los):
     background = list(cat.BACKGROUND_DRUGS)
     planted_names = cat.planted_drug_names(k)
     planted = [cat.planted_drug(name) for names in planted_names for name in names]
-    drugs = ward + [d for group in indicated for d in group] + background + planted
+    decoy_names = cat.decoy_drug_names() if cfg.confounding > 0 else [[] for _ in range(NUM_PHENOTYPES)]
+    decoys = [cat.planted_drug(name) for names in decoy_names for name in names]
+    drugs = ward + [d for group in indicated for d in group] + background + planted + decoys
     names = [d.name for d in drugs]
     if len(set(names)) != len(names):
         raise RuntimeError("drug catalogue has duplicate names")
@@ -348,6 +405,11 @@ def _prescriptions(rng, cfg, c, true_state, planted_given, los):
     background_ids = np.arange(start, start + len(background))
     start += len(background)
     planted_ids = np.arange(start, start + NUM_PHENOTYPES * k).reshape(NUM_PHENOTYPES, k)
+    start += NUM_PHENOTYPES * k
+    decoy_ids = []
+    for names in decoy_names:
+        decoy_ids.append(np.arange(start, start + len(names)))
+        start += len(names)
 
     adms, ids = [], []
     r, col = np.nonzero(rng.random((a_total, len(ward))) < ward_p)  # regardless of disease
@@ -362,6 +424,13 @@ def _prescriptions(rng, cfg, c, true_state, planted_given, los):
     r, col = np.nonzero(planted_given.reshape(a_total, -1))
     adms.append(r)
     ids.append(planted_ids.reshape(-1)[col])
+    if cfg.confounding > 0:  # decoys: given more often in flares (which resolve more often)
+        for p, ids_p in enumerate(decoy_ids):
+            rate = np.where(flare[:, p], c.decoy_base_rate + c.decoy_flare_rate * cfg.confounding,
+                            c.decoy_base_rate)
+            r, col = np.nonzero(true_state[:, p, None] & (r_conf.random((a_total, len(ids_p))) < rate[:, None]))
+            adms.append(r)
+            ids.append(ids_p[col])
     n_bg = rng.poisson(c.background_drugs, a_total)
     adms.append(np.repeat(np.arange(a_total), n_bg))
     w = 1.0 / np.arange(1, len(background) + 1) ** c.code_zipf
@@ -371,7 +440,7 @@ def _prescriptions(rng, cfg, c, true_state, planted_given, los):
     _, first = np.unique(adm * len(drugs) + drug, return_index=True)
     adm, drug = adm[first], drug[first]  # sorted by admission, then drug id
     repeats = np.minimum(1 + rng.poisson(c.repeats_per_los_day * los[adm]), c.max_repeats)
-    return drugs, ward_ids, indicated_ids, planted_ids, (adm, drug, repeats)
+    return drugs, ward_ids, indicated_ids, planted_ids, decoy_ids, (adm, drug, repeats)
 
 
 # Per-patient categorical attributes: (values, weights). None is a null in the table.
@@ -398,4 +467,5 @@ def constants_dict(c: GeneratorConstants = CONSTANTS) -> dict:
     out["cluster_events"] = {k: {"rate": r, "members": {str(p): q for p, q in m.items()}}
                              for k, (r, m) in CLUSTER_EVENTS.items()}
     out["ward_drug_rates"] = {d.name: p for d, p in cat.WARD_DRUGS}
+    out["cluster_markers"] = {k: list(v) for k, v in cat.CLUSTER_MARKERS.items()}
     return out

@@ -79,7 +79,7 @@ def _train_trial(params: dict, base: dict, target: str, metric: str, train_root:
         fit(tc, task, storage_path=storage_path, name="train", callbacks=[TuneReportCallback()])
         return
     from .student.data import load_efficacy
-    from .student.loss import class_balanced_weights
+    from .student.loss import balanced_pos_weight
     from .student.run import prepare_variant
     from .student.train import student_task
 
@@ -89,9 +89,9 @@ def _train_trial(params: dict, base: dict, target: str, metric: str, train_root:
     _, efficacy = load_efficacy(layout.efficacy_table, cfg.eadf.top_k)
     prep = prepare_variant(cfg, "ckd_ehr", tokenizer, efficacy)
     train = prep.splits["train"]
-    class_w = class_balanced_weights(train.labels).tolist() if s.distill.class_balanced else None
+    pos_weight = balanced_pos_weight(train.labels).tolist() if s.distill.class_balanced else None
     task = student_task(s, model_path, ray.put(train), ray.put(prep.splits["val"]),
-                        tokenizer.pad_token_id or 0, prep.distill, class_w)
+                        tokenizer.pad_token_id or 0, prep.distill, pos_weight)
     fit(s, task, storage_path=storage_path, name="train", callbacks=[TuneReportCallback()])
 
 

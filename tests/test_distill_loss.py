@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ckd_ehr.config import DistillConfig
-from ckd_ehr.student.loss import DistillLoss, LossWeights, alpha_at, class_balanced_weights, distill_loss, weights_at
+from ckd_ehr.student.loss import DistillLoss, LossWeights, alpha_at, balanced_pos_weight, distill_loss, weights_at
 
 
 def _sig(x):
@@ -25,13 +25,13 @@ TEACHER_P = [[0.9, 0.2], [0.3, 0.6]]
 TEACHER_Z = [[3.0, -2.0], [-1.0, 0.4]]
 
 
-def _hand(alpha, beta, temperature=None, weights=None):
-    """Element by element, straight from the formula."""
+def _hand(alpha, beta, temperature=None, pos_weight=None):
+    """Element by element, straight from the formula (pos_weight multiplies positives' BCE)."""
     hard = soft = 0.0
     for i in range(2):
         for j in range(2):
             z = LOGITS[i][j]
-            w = 1.0 if weights is None else weights[j]
+            w = 1.0 if pos_weight is None or not HARD[i][j] else pos_weight[j]
             hard += w * _bce(_sig(z), HARD[i][j])
             if temperature is None:
                 soft += _bce(_sig(z), TEACHER_P[i][j])
@@ -57,14 +57,14 @@ def test_temperature_loss_matches_hand_computation():
     assert loss.item() == pytest.approx(_hand(0.7, 0.3, temperature=2.0), rel=1e-5)
 
 
-def test_hard_only_ignores_teacher_and_class_weights_scale_hard_term():
+def test_hard_only_ignores_teacher_and_pos_weight_scales_positives_of_hard_term():
     loss, parts = distill_loss(_t(LOGITS), _t(HARD), LossWeights(1.0, 0.0))
     assert loss.item() == pytest.approx(_hand(1.0, 0.0), rel=1e-5)
     assert "loss_soft" not in parts
     w = [3.0, 0.5]
     loss_w, _ = distill_loss(_t(LOGITS), _t(HARD), LossWeights(0.9, 0.1), teacher_probs=_t(TEACHER_P),
-                             class_weights=_t(w))
-    assert loss_w.item() == pytest.approx(_hand(0.9, 0.1, weights=w), rel=1e-5)
+                             pos_weight=_t(w))
+    assert loss_w.item() == pytest.approx(_hand(0.9, 0.1, pos_weight=w), rel=1e-5)
 
 
 def test_missing_teacher_input_is_an_error():
@@ -117,20 +117,38 @@ def test_curriculum_schedule():
     assert weights_at(0.0, cfg).beta == pytest.approx(0.7)
 
 
-def test_loss_object_uses_schedule_and_falls_back_to_hard_bce_without_teacher():
+def test_loss_object_uses_schedule_and_falls_back_to_hard_bce_on_validation():
     cfg = DistillConfig(schedule="linear", alpha_start=0.5, alpha=0.9)
-    targets = {"labels": _t(HARD), "teacher_probs": _t(TEACHER_P), "teacher_logits": _t(TEACHER_Z)}
+    targets = {"labels": _t(HARD), "teacher_probs": _t(TEACHER_P), "teacher_logits": _t(TEACHER_Z),
+               "train": True}
     loss = DistillLoss(cfg, hard_only=False)
     assert loss(_t(LOGITS), targets, 0.5).item() == pytest.approx(_hand(0.7, 0.3), rel=1e-5)
     assert DistillLoss(cfg, hard_only=True)(_t(LOGITS), targets, 0.5).item() == pytest.approx(_hand(1.0, 0.0), rel=1e-5)
     assert loss(_t(LOGITS), {"labels": _t(HARD)}, 0.5).item() == pytest.approx(_hand(1.0, 0.0), rel=1e-5)
 
 
-def test_class_balanced_weights_favour_rare_phenotypes():
+def test_balanced_pos_weight_is_negatives_over_positives():
     labels = np.zeros((10, 3))
-    labels[:5, 0] = 1   # prevalence (5+1)/11
-    labels[:1, 1] = 1   # (1+1)/11
-    w = class_balanced_weights(labels)  # column 2 has none: (0+1)/11, the largest weight
-    inv = np.array([11 / 6, 11 / 2, 11 / 1])
-    np.testing.assert_allclose(w, inv / inv.mean(), rtol=1e-6)
-    assert w.mean() == pytest.approx(1.0)
+    labels[:5, 0] = 1
+    labels[:1, 1] = 1
+    w = balanced_pos_weight(labels, cap=100.0)  # column 2 has no positive: the cap
+    np.testing.assert_allclose(w, [5 / 5, 9 / 1, 100.0], rtol=1e-6)
+
+
+def test_class_balanced_changes_hard_only_training_loss_but_not_validation_loss():
+    """The (a)-(d) comparison is not confounded: a hard-only variant's training loss (no
+    teacher outputs in its batches) changes with class balancing; validation loss does not."""
+    cfg = DistillConfig(class_balanced=True)
+    labels = np.array(HARD)
+    pw = balanced_pos_weight(np.array([[1, 0], [0, 0], [0, 0], [0, 1]]))  # 3 and 3
+    train = {"labels": _t(HARD), "train": True}
+    plain, balanced = DistillLoss(cfg, hard_only=True), DistillLoss(cfg, hard_only=True, pos_weight=pw)
+    assert plain(_t(LOGITS), train).item() == pytest.approx(_hand(1.0, 0.0), rel=1e-5)
+    assert balanced(_t(LOGITS), train).item() == pytest.approx(_hand(1.0, 0.0, pos_weight=pw), rel=1e-5)
+    assert balanced(_t(LOGITS), train).item() != pytest.approx(plain(_t(LOGITS), train).item(), rel=1e-3)
+    val = {"labels": _t(labels)}
+    assert balanced(_t(LOGITS), val).item() == pytest.approx(plain(_t(LOGITS), val).item(), rel=1e-7)
+    # the distilling variants get the same balanced hard term
+    full = {**train, "teacher_probs": _t(TEACHER_P), "teacher_logits": _t(TEACHER_Z)}
+    assert DistillLoss(cfg, hard_only=False, pos_weight=pw)(_t(LOGITS), full).item() == pytest.approx(
+        _hand(0.9, 0.1, pos_weight=pw), rel=1e-5)

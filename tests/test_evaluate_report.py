@@ -68,10 +68,12 @@ def test_metrics_json_equals_direct_computation(fake_run):
     assert models["hard_plain"]["modes"]["tuned"]["thresholds"] == [0.5] * 25   # no artifact: 0.5
     assert models["teacher"]["modes"]["tuned"]["thresholds"] == [0.45] * 25
 
+    label_set = M.macro_label_set(y, 5)     # from all 240 test samples, phenotype 7 left out
+    assert written["macro_label_set"]["left_out"] == {written["phenotypes"][7]: 0}
     for name, t_tuned, rows in (("hard_plain", 0.5, slice(None)), ("ckd_ehr", fake_run["tuned"], slice(None)),
                                 ("teacher", 0.45, slice(0, 200))):
         for mode, t in (("fixed", 0.5), ("tuned", t_tuned)):
-            direct = M.all_scores(y[rows], probs[name][rows], t)
+            direct = M.all_scores(y[rows], probs[name][rows], t, label_set)
             got = models[name]["modes"][mode]
             for m in M.ALL_METRICS:
                 assert got["metrics"][m] == pytest.approx(direct[m]), (name, mode, m)
@@ -87,16 +89,17 @@ def test_deltas_are_paired_against_the_baseline(fake_run):
     assert set(deltas) == {"ckd_ehr", "teacher"}
     # Same samples: the delta reuses both models' distributions from the same resamples,
     # which must equal a direct paired bootstrap with the same seed.
+    label_set = M.macro_label_set(y, 5)
     direct = M.paired_bootstrap_delta(y, probs["hard_plain"], 0.5, probs["ckd_ehr"], fake_run["tuned"],
-                                      subjects, 40, seed=3)
+                                      subjects, 40, seed=3, label_set=label_set)
     got = deltas["ckd_ehr"]["tuned"]
     assert deltas["ckd_ehr"]["paired_on"] == "all samples"
     for m in ("accuracy", "macro_f1", "macro_auroc"):
         assert got[m]["delta"] == pytest.approx(direct[m]["delta"])
         assert got[m]["interval"] == pytest.approx(direct[m]["interval"])
     assert deltas["teacher"]["paired_on"] == "shared samples only" and deltas["teacher"]["n_samples"] == 200
-    direct = M.all_scores(y[:200], probs["teacher"][:200], 0.5)["macro_f1"] - \
-        M.all_scores(y[:200], probs["hard_plain"][:200], 0.5)["macro_f1"]
+    direct = M.all_scores(y[:200], probs["teacher"][:200], 0.5, label_set)["macro_f1"] - \
+        M.all_scores(y[:200], probs["hard_plain"][:200], 0.5, label_set)["macro_f1"]
     assert deltas["teacher"]["fixed"]["macro_f1"]["delta"] == pytest.approx(direct)
 
 
@@ -169,7 +172,7 @@ def test_teacher_predictions_come_from_test_soft_labels(tmp_path):
     assert entry["modes"]["tuned"]["thresholds"] == pytest.approx(M.tune_thresholds(y_val, p_val, "f1"))
     assert "soft_labels/val.parquet" in entry["threshold_source"]["tuned"]
     assert entry["predictions"] == layout.soft_labels("test") and entry["n_samples"] == 55
-    direct = M.all_scores(y[5:], teacher[5:].astype(np.float32), 0.5)
+    direct = M.all_scores(y[5:], teacher[5:].astype(np.float32), 0.5, M.macro_label_set(y, 5))  # the set: all 60 test samples
     for m in M.ALL_METRICS:
         assert entry["modes"]["fixed"]["metrics"][m] == pytest.approx(direct[m])
     assert result["deltas"]["teacher"]["n_samples"] == 55

@@ -15,3 +15,18 @@ class EvaluateConfig(Section):
     """Seed of the bootstrap (the same resampled patients for every model: paired deltas)."""
     baseline: Literal["hard_plain", "hard_eadf", "distill_plain", "ckd_ehr", "teacher"] = "hard_plain"
     """Model every other is compared against; the paper's baseline is plain BERT (hard_plain)."""
+    baselines: bool = True
+    """Score the reference rows (all_negative, prevalence, copy_forward, logistic_regression and,
+    on synthetic cohorts, latent_oracle / observable_ceiling) beside the models: every model
+    figure next to its floor and its ceiling."""
+    min_test_positives: int = Field(5, ge=1)
+    """A phenotype enters the macro metrics' label set with at least this many positives in the
+    full test split (fewer make its AUROC a coin toss); the report names the rest."""
+    min_phenotypes: int = Field(10, ge=1)
+    """Fewer qualifying phenotypes than this: too small to judge (refused unless allow_small)."""
+    max_interval_width: float = Field(0.15, gt=0.0)
+    """Widest acceptable 95% interval of the baseline rows' macro AUROC; wider: too small to
+    judge (refused unless allow_small)."""
+    allow_small: bool = False
+    """Evaluate anyway when the test split is too small to judge; the report carries a banner
+    (the MIMIC-III demo and the small demo cohort need it)."""

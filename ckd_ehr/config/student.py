@@ -27,7 +27,9 @@ class DistillConfig(Section):
     temperature: float = Field(2.0, gt=0)
     """Temperature T of `bce_temperature`."""
     class_balanced: bool = False
-    """Weight each phenotype's hard loss by the inverse of its training prevalence (normalised)."""
+    """Balance each phenotype's hard loss: BCE pos_weight = negatives / positives on the training
+    labels, for every variant (hard-only included, so the (a)-(d) comparison is not confounded);
+    the validation loss stays unweighted. Off by default: the paper trains unweighted."""
 
 
 class StudentConfig(TrainerConfig):

@@ -2,6 +2,11 @@
 
     loss = alpha(t) * BCEWithLogits(logits, hard) + beta(t) * soft
 
+The hard term may carry a per-phenotype `pos_weight` (negatives / positives on the training
+labels, `distill.class_balanced`): it scales the positives' loss only, so each phenotype's
+positives and negatives weigh the same in total. It applies to every variant that asks for it,
+the hard-only variants included, and never to the validation loss (unweighted for all).
+
 `soft` is the paper's BCE(sigmoid(logits), teacher_probs) or, with `bce_temperature`,
 BCE(sigmoid(logits / T), sigmoid(teacher_logits / T)) * T^2 (the T^2 keeps the soft
 gradient's scale independent of T, as in Hinton et al.). BCE against a probability
@@ -56,16 +61,14 @@ def weights_at(progress: float, cfg: DistillConfig, hard_only: bool = False) -> 
     return LossWeights(a, b)
 
 
-def class_balanced_weights(labels: np.ndarray, eps: float = 1.0) -> np.ndarray:
-    """Per-phenotype weights from training prevalence: 1 / prevalence, normalised to mean 1.
-
-    `eps` pseudo-positives keep a phenotype without positives finite (it gets the largest
-    weight, as the rarest). labels: [N, 25] 0/1.
-    """
+def balanced_pos_weight(labels: np.ndarray, cap: float = 100.0) -> np.ndarray:
+    """negatives / positives per phenotype on the training labels [N, 25], clipped to
+    [1/cap, cap] (a phenotype with no positives gets `cap`): BCE's pos_weight that balances."""
     labels = np.asarray(labels, dtype=np.float64)
-    prevalence = (labels.sum(0) + eps) / (labels.shape[0] + eps)
-    w = 1.0 / prevalence
-    return (w / w.mean()).astype(np.float32)
+    pos = labels.sum(0)
+    neg = labels.shape[0] - pos
+    ratio = np.where(pos > 0, neg / np.maximum(pos, 1.0), cap)
+    return np.clip(ratio, 1.0 / cap, cap).astype(np.float32)
 
 
 def distill_loss(
@@ -76,15 +79,15 @@ def distill_loss(
     teacher_logits: torch.Tensor | None = None,
     soft_loss: str = "bce",
     temperature: float = 2.0,
-    class_weights: torch.Tensor | None = None,
+    pos_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Scalar loss (mean over batch and labels) and its parts for logging.
 
-    class_weights [25] scale the hard term per phenotype only: the teacher's probabilities
-    already carry its view of rare classes.
+    pos_weight [25] weighs the positives of the hard term per phenotype only: the teacher's
+    probabilities already carry its view of rare classes.
     """
     hard = hard.to(logits.dtype)
-    hard_term = F.binary_cross_entropy_with_logits(logits, hard, weight=class_weights, reduction="mean")
+    hard_term = F.binary_cross_entropy_with_logits(logits, hard, pos_weight=pos_weight, reduction="mean")
     loss = weights.alpha * hard_term
     parts = {"loss_hard": float(hard_term.detach())}
     if weights.beta > 0:
@@ -108,20 +111,22 @@ def distill_loss(
 class DistillLoss:
     """The loss as the training loop calls it: (logits, targets, progress) -> scalar.
 
-    Targets without teacher outputs (validation: soft labels are read for training only)
-    give the plain hard BCE, so val_loss means the same for every variant. Picklable.
+    Training batches say so (`targets["train"]` True, set by the student's collate); any
+    other batch (validation) gets the plain, unweighted hard BCE, so val_loss means the same
+    for every variant. Training batches of the hard-only variants carry no teacher outputs:
+    their loss is the hard term, with `pos_weight` when given. Picklable.
     """
 
-    def __init__(self, cfg: DistillConfig, hard_only: bool, class_weights=None):
+    def __init__(self, cfg: DistillConfig, hard_only: bool, pos_weight=None):
         self.cfg, self.hard_only = cfg, hard_only
-        self.class_weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        self.pos_weight = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32)
 
     def __call__(self, logits: torch.Tensor, targets: dict, progress: float = 0.0) -> torch.Tensor:
         logits = logits.float()
-        if "teacher_probs" not in targets:
+        if not targets.get("train", False):
             return F.binary_cross_entropy_with_logits(logits, targets["labels"].float())
-        cw = None if self.class_weights is None else self.class_weights.to(logits.device)
+        pw = None if self.pos_weight is None else self.pos_weight.to(logits.device)
         loss, _ = distill_loss(logits, targets["labels"], weights_at(progress, self.cfg, self.hard_only),
-                               targets["teacher_probs"], targets["teacher_logits"], self.cfg.soft_loss,
-                               self.cfg.temperature, cw)
+                               targets.get("teacher_probs"), targets.get("teacher_logits"), self.cfg.soft_loss,
+                               self.cfg.temperature, pw)
         return loss

@@ -20,7 +20,7 @@ from ..contracts import PREDICTIONS, RunLayout
 from ..models import resolve_model_path
 from ..storage import write_parquet
 from .data import Encoded, FitStats, encode, fit_texts, load_efficacy, read_split, variant_spec
-from .loss import class_balanced_weights
+from .loss import balanced_pos_weight
 
 log = logging.getLogger("ckd_ehr.student")
 
@@ -119,7 +119,7 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
              variant, len(prep.splits["train"]), len(prep.splits["val"]), len(prep.splits["test"]),
              s.max_length, prep.fit)
     train = prep.splits["train"]
-    class_w = class_balanced_weights(train.labels).tolist() if s.distill.class_balanced else None
+    pos_weight = balanced_pos_weight(train.labels).tolist() if s.distill.class_balanced else None
 
     # the run name carries the config and the data: the same ones resume (Ray Train V2 resumes
     # a reused name), a changed config or re-generated input starts a fresh run
@@ -129,7 +129,7 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
     storage = layout.student_train(variant)
     pad_id = tokenizer.pad_token_id or 0
     task = student_task(s, model_path, ray.put(train), ray.put(prep.splits["val"]), pad_id,
-                        prep.distill, class_w)
+                        prep.distill, pos_weight)
     result = train_student(s, task, storage, name)
     best, best_metrics = result.best_checkpoint, result.best_metrics
     if best is None:

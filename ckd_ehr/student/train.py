@@ -28,11 +28,12 @@ class BuildStudent:
         return build_student(self.model_path, self.pooling, seed=self.seed)
 
 
-def examples(data: Encoded, with_teacher: bool) -> list[dict]:
-    """Encoded split -> the loop's example dicts (`length` drives length grouping)."""
+def examples(data: Encoded, with_teacher: bool, train: bool = False) -> list[dict]:
+    """Encoded split -> the loop's example dicts (`length` drives length grouping; `train`
+    marks training examples, whose loss may be class-balanced and distilled)."""
     out = []
     for i, ids in enumerate(data.input_ids):
-        e = {"input_ids": ids, "length": len(ids), "labels": data.labels[i]}
+        e = {"input_ids": ids, "length": len(ids), "labels": data.labels[i], "train": train}
         if with_teacher and data.teacher_probs is not None:
             e["teacher_probs"] = data.teacher_probs[i]
             e["teacher_logits"] = data.teacher_logits[i]
@@ -50,7 +51,7 @@ class StudentData:
     def __call__(self):
         import ray
 
-        return examples(ray.get(self.train_ref), True), examples(ray.get(self.val_ref), False)
+        return examples(ray.get(self.train_ref), True, train=True), examples(ray.get(self.val_ref), False)
 
 
 class StudentCollate:
@@ -68,7 +69,8 @@ class StudentCollate:
         for r, e in enumerate(batch):
             ids[r, : e["length"]] = torch.as_tensor(e["input_ids"], dtype=torch.long)
             mask[r, : e["length"]] = 1
-        targets = {"labels": torch.from_numpy(np.stack([e["labels"] for e in batch]).astype(np.float32))}
+        targets = {"labels": torch.from_numpy(np.stack([e["labels"] for e in batch]).astype(np.float32)),
+                   "train": bool(batch[0].get("train", False))}
         if "teacher_probs" in batch[0]:
             for k in ("teacher_probs", "teacher_logits"):
                 targets[k] = torch.from_numpy(np.stack([e[k] for e in batch]).astype(np.float32))
@@ -76,11 +78,12 @@ class StudentCollate:
 
 
 def student_task(cfg, model_path: str, train_ref, val_ref, pad_id: int, distill: bool,
-                 class_weights=None) -> TrainTask:
-    """cfg: StudentConfig. `distill` False = hard-label variant (alpha 1, beta 0)."""
+                 pos_weight=None) -> TrainTask:
+    """cfg: StudentConfig. `distill` False = hard-label variant (alpha 1, beta 0); pos_weight
+    [25] (negatives / positives on training labels) balances the hard term of training batches."""
     return TrainTask(build_model=BuildStudent(model_path, cfg.pooling, cfg.seed),
                      load_data=StudentData(train_ref, val_ref), collate=StudentCollate(pad_id),
-                     loss_fn=DistillLoss(cfg.distill, hard_only=not distill, class_weights=class_weights))
+                     loss_fn=DistillLoss(cfg.distill, hard_only=not distill, pos_weight=pos_weight))
 
 
 def train_student(cfg, task: TrainTask, storage_path: str, name: str) -> TrainResult:
