@@ -17,6 +17,8 @@ import torch
 from .. import storage
 from ..config import config_hash
 from ..contracts import AUGMENTED_SAMPLES, ContractError, RunLayout, check_schema
+# One definition of class balancing for both models (the student's loss module holds it).
+from ..student.loss import balanced_pos_weight  # noqa: F401  (re-exported for callers)
 from ..training import TrainResult, TrainTask, fit, subset_indices
 from .artifact import SaveTeacherWeights, write_artifact
 from .data import Collate, make_examples, pad_id
@@ -52,13 +54,6 @@ def read_texts_and_labels(path: str, text_column: str) -> tuple[list[str], np.nd
     texts = [t or "" for t in table.column(text_column).to_pylist()]
     labels = np.asarray(table.column("labels").to_pylist(), dtype=np.int8).reshape(len(texts), -1)
     return texts, labels
-
-
-def balanced_pos_weight(labels: np.ndarray, cap: float = 100.0) -> np.ndarray:
-    """negatives / positives per phenotype, capped (a phenotype with no positives gets `cap`)."""
-    pos = labels.sum(0).astype(np.float64)
-    neg = labels.shape[0] - pos
-    return np.clip(neg / np.maximum(pos, 1.0), 1.0 / cap, cap).astype(np.float32)
 
 
 class BCELoss:
