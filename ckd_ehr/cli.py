@@ -196,7 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact", help="serve: student artifact (default RUN/student/ckd_ehr/artifact)")
     p.add_argument("--url", help="serve: measure this running endpoint instead of deploying one")
     p.add_argument("--precisions", default="fp32,int8", help="serve: serve.precision values to measure")
-    p.add_argument("--client-nice", type=int, default=5, help="serve: niceness of the load generator (CPU share)")
+    p.add_argument("--client-nice", type=int, default=19,
+                   help="serve: niceness added to the load generator (CPU share; Ray workers run at nice 15)")
+    p.add_argument("--agreement-samples", type=int, default=1000,
+                   help="serve: samples for the int8 vs fp32 probability comparison (0: skip)")
     p.add_argument("--out", help="write the figures as JSON here")
     p.set_defaults(handler=cmd_bench)
     return parser

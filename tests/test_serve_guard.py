@@ -268,3 +268,19 @@ def test_export_hf_loads_in_a_pipeline_with_the_artifacts_probabilities(artifact
     assert "PhysioNet Credentialed Health Data License" in card and "never publicly" in card
     with pytest.raises(RestrictedModelError, match="refusing"):
         push_to_hub(str(restricted), "someone/ckd-ehr-student")
+
+
+def test_admission_limit_follows_the_measured_rate():
+    from collections import deque
+
+    from ckd_ehr.serve.guard import RATE_WINDOW_S, admission_limit
+
+    now = 1000.0
+    assert admission_limit(deque(), now, 48, 1.0) == 48                      # no evidence: the fixed limit
+    slow = deque(now - i * 2.0 for i in range(9)[::-1])                      # 0.5/s over 16 s: 5 in the window
+    assert admission_limit(slow, now, 48, 1.0) == 48 and len(slow) == 6      # old ones dropped; too few to judge
+    busy = deque(now - RATE_WINDOW_S + i * 0.5 for i in range(1, 21))        # 20 in 10 s: 2 per second
+    assert admission_limit(busy, now, 48, 1.0) == 2 and admission_limit(busy, now, 48, 5.0) == 10
+    fast = deque(now - RATE_WINDOW_S + i * 0.01 for i in range(1, 1001))     # 100 per second
+    assert admission_limit(fast, now, 48, 1.0) == 48                         # never above the fixed limit
+    assert admission_limit(fast, now, 48, None) == 48

@@ -5,9 +5,9 @@
 `concurrency` closed-loop clients post one record per request for `duration` seconds; a
 client answered 503 waits the Retry-After the server sent (a well-behaved client), then
 goes on. Meanwhile a probe GETs /healthz every 0.5 s. The generator shares the machine's
-cores with the server, so it runs `nice`d (default +5: about a quarter of a server
-process's CPU share when both want the same core) and reports its own CPU time, so a
-reader can see what it took. aiohttp, not httpx: it costs the clients about half the CPU.
+cores with the server, so it runs `nice`d, by default at 19: below Ray's worker processes
+(the Serve replica and proxy run at nice 15), so when both want a core the server gets about
+70% of it; it reports its own CPU time, so a reader can see what it took. aiohttp, not httpx: it costs the clients about half the CPU.
 Prints one JSON object. The bearer token, when needed, comes from $CKD_EHR_TOKEN.
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("records_json", help="JSON file: a list of records")
     p.add_argument("concurrency", type=int)
     p.add_argument("duration", type=float)
-    p.add_argument("--nice", type=int, default=5, help="niceness added to this process (its CPU share)")
+    p.add_argument("--nice", type=int, default=19, help="niceness added to this process (its CPU share)")
     a = p.parse_args(argv)
     if a.nice:
         os.nice(a.nice)

@@ -137,13 +137,14 @@ def run_levels(url: str, records: list[dict], duration: float, token: str | None
 
 def ceiling(artifact: str, records: list[dict], precision: str, batch_size: int, threads: int) -> dict:
     """In-process records/s of what a replica does per batch (render, tokenise, forward), same
-    records, no HTTP: the most the endpoint can serve on these cores."""
+    records, no HTTP: the most the endpoint can serve on these cores. bench_serve runs it in
+    a Ray task, at the niceness of Ray's workers (15), like the replica."""
     from ..serve.api import Record, render_and_predict
     from ..serve.app import load_predictor
 
     predictor, info = load_predictor(artifact, threads, precision)
     recs = [Record(**r) for r in records]
-    m = min(len(recs), 4 * batch_size)
+    m = min(len(recs), 2 * batch_size)
     run = lambda rs: render_and_predict(rs, info, lambda t: predictor.predict_proba(t, batch_size))  # noqa: E731
     run(recs[:batch_size])  # warm-up
     rates = []
@@ -191,7 +192,7 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
     cores = os.cpu_count() or 1
     n = int(getattr(args, "samples", None) or 512)
     duration = float(getattr(args, "duration", None) or 20.0)
-    nice = int(getattr(args, "client_nice", None) if getattr(args, "client_nice", None) is not None else 5)
+    nice = int(getattr(args, "client_nice", None) if getattr(args, "client_nice", None) is not None else 19)
     url_given = getattr(args, "url", None)
     precisions = [p for p in (getattr(args, "precisions", None) or "fp32,int8").split(",") if p]
     records, titles = bench_records(n)
@@ -213,9 +214,16 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
             print(f"endpoint at {url_given} (given)", flush=True)
             results["runs"]["given_url"] = {"url": url_given, "levels": run_levels(url_given, records, duration, token, nice)}
         else:
+            import ray
+
+            from ..ray_utils import init_ray
+
+            init_ray(cfg.ray)
+            in_ray = ray.remote(num_cpus=1)(ceiling)
             port = _free_port()  # one port: Serve's proxy keeps the port it started with
             for precision in precisions:
-                results["runs"][precision] = run = {"ceiling": ceiling(artifact, records, precision, bs, cores)}
+                c = ray.get(in_ray.remote(artifact, records, precision, bs, cores))
+                results["runs"][precision] = run = {"ceiling": c}
                 print(f"in-process ceiling {precision}: {run['ceiling']}", flush=True)
                 s = cfg.serve.model_copy(update={"precision": precision, "min_replicas": 1, "max_replicas": 1,
                                                  "num_cpus": 1.0, "torch_threads": cfg.serve.torch_threads or cores,
@@ -229,8 +237,9 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
                 best = max(lv["records_per_s"] for lv in run["levels"])
                 run["best_vs_ceiling"] = round(best / max(run["ceiling"]["records_per_s"], 1e-9), 3)
                 serve.delete(s.app_name)
-            if {"fp32", "int8"} <= set(results["runs"]):
-                results["precision_agreement"] = precision_agreement(cfg, artifact, records)
+            agree = int(getattr(args, "agreement_samples", None) if getattr(args, "agreement_samples", None) is not None else 1000)
+            if {"fp32", "int8"} <= set(results["runs"]) and agree > 0:
+                results["precision_agreement"] = precision_agreement(cfg, artifact, records, agree)
     finally:
         if not url_given:
             serve.shutdown()

@@ -37,8 +37,19 @@ class ServeConfig(Section):
     max_ongoing_requests: the last quarter stays free for /healthz and for fast rejections, so
     a flood never queues them behind predictions. Bounds latency: about this many records
     divided by the replica's records/s."""
-    retry_after_s: int = Field(1, ge=0)
-    """Retry-After (seconds) of a 503 for overload, here and at Ray Serve's proxy."""
+    queue_budget_s: float | None = Field(1.0, gt=0)
+    """Admission also shrinks to the predict requests the replica answered in this many seconds
+    lately (its rate over the last 10 s), so on a slow or busy machine admitted requests wait
+    about this long instead of max_pending_requests / rate; None = the fixed limit only."""
+    shed_headroom: int = Field(512, ge=0)
+    """Requests a replica accepts beyond max_ongoing_requests only to answer them at once (503
+    over the admission limit; /healthz always). Ray Serve's max_ongoing_requests is set to
+    max_ongoing_requests + this: without it a flood queues at Ray Serve's proxy, unbounded,
+    with /healthz behind it."""
+    retry_after_s: int = Field(2, ge=0)
+    """Retry-After (seconds) of a 503 for overload, here and at Ray Serve's proxy. Each shed
+    request still costs the proxy and the replica a little CPU: a client that waits this long
+    before retrying keeps a flood of them from eating the cores that serve."""
     max_queued_requests: int = Field(-1, ge=-1)
     """Ray Serve's own queue bound per caller (proxy) for requests no replica has room for;
     -1 = unbounded. The replica's admission limit (max_pending_requests) sheds first; this is

@@ -150,7 +150,9 @@ def _deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     from ray.serve.config import BackpressureConfig
 
     return dict(
-        max_ongoing_requests=cfg.ongoing_requests,
+        # admission (serve.pending_requests) is the replica's own; the headroom lets a flood reach
+        # it to be shed at once instead of queueing at the proxy, /healthz among it
+        max_ongoing_requests=cfg.ongoing_requests + cfg.shed_headroom,
         max_queued_requests=cfg.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
         autoscaling_config=AutoscalingConfig(

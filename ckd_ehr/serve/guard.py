@@ -5,9 +5,11 @@
 - **Request id**: the client's `X-Request-ID` (when it is a short token), else Ray Serve's id
   of the request, else a new one; answered in the `x-request-id` header of every response
   and put on every log line of the request. Bodies are never logged.
-- **Admission**: a replica holds at most `serve.pending_requests` predict requests; one more
-  is answered 503 with `Retry-After` at once, before its body is read. /healthz and the
-  other routes are never shed.
+- **Admission**: a replica holds at most `serve.pending_requests` predict requests, and, with
+  `serve.queue_budget_s`, at most as many as it answered in that many seconds lately (its
+  measured rate: on a slow or busy machine the queue shrinks so admitted requests still
+  wait about the budget, not pending / rate); one more is answered 503 with `Retry-After`
+  at once, before its body is read. /healthz and the other routes are never shed.
 - **Body limits as the bytes arrive**: `JsonShapeGuard` counts the body's bytes, its
   records (objects in the top-level `records` array) and each record's characters (in its
   strings) chunk by chunk, chunked transfer or not; the first chunk past a limit is answered
@@ -20,7 +22,9 @@ import contextvars
 import json
 import logging
 import re
+import time
 import uuid
+from collections import deque
 from typing import Awaitable, Callable
 
 from ..config import ServeConfig
@@ -164,6 +168,22 @@ def _ray_request_id() -> str | None:
         return None
 
 
+RATE_WINDOW_S = 10.0   # completions counted for the replica's recent rate
+MIN_EVIDENCE = 8       # fewer completions in the window: too little to go on, use the fixed limit
+MIN_ADMITTED = 2
+
+
+def admission_limit(completions: deque, now: float, fixed: int, budget_s: float | None) -> int:
+    """Predict requests to admit: `fixed`, or fewer when the recent rate (completions in the
+    last RATE_WINDOW_S seconds) times `budget_s` is smaller (never under MIN_ADMITTED)."""
+    while completions and now - completions[0] > RATE_WINDOW_S:
+        completions.popleft()
+    if budget_s is None or len(completions) < MIN_EVIDENCE:
+        return fixed
+    rate = len(completions) / RATE_WINDOW_S
+    return max(MIN_ADMITTED, min(fixed, int(rate * budget_s)))
+
+
 class RequestGuard:
     """ASGI middleware: request id, admission of predict requests, streaming body limits."""
 
@@ -172,6 +192,7 @@ class RequestGuard:
         self.predict_path = predict_path
         self.pending = 0
         self.limit = cfg.pending_requests
+        self.completions: deque[float] = deque()  # monotonic times of answered predictions
 
     def _reject(self, reason: str) -> None:
         if self.metrics is not None:
@@ -202,7 +223,7 @@ class RequestGuard:
 
     async def _predict(self, scope, receive, send, headers: dict, rid: str):
         cfg = self.cfg
-        if self.pending >= self.limit:
+        if self.pending >= admission_limit(self.completions, time.monotonic(), self.limit, cfg.queue_budget_s):
             self._reject("overload")
             log.info("predict %s: 503 overload (%d pending)", rid, self.pending)
             return await _json_response(send, 503, {"detail": f"overloaded: {self.pending} requests pending; retry later"},
@@ -240,5 +261,6 @@ class RequestGuard:
                 return await receive()
 
             await self.app(scope, replay, send)
+            self.completions.append(time.monotonic())
         finally:
             self.pending -= 1
