@@ -2,9 +2,10 @@
 
 `RequestGuard` is a plain ASGI middleware (no Ray), so the in-process tests drive it too:
 
-- **Request id**: the client's `X-Request-ID` (when it is a short token), else Ray Serve's id
-  of the request, else a new one; answered in the `x-request-id` header of every response
-  and put on every log line of the request. Bodies are never logged.
+- **Request id**: Ray Serve's id of the request (the client's `X-Request-ID` when given; Ray's
+  proxy answers it in the `x-request-id` header); without Ray, the client's `X-Request-ID`
+  when it is a short token, else a new one, in the same header. It is in predict responses
+  and on every log line of the request. Bodies are never logged.
 - **Admission**: a replica holds at most `serve.pending_requests` predict requests, and, with
   `serve.queue_budget_s`, at most as many as it answered in that many seconds lately (its
   measured rate: on a slow or busy machine the queue shrinks so admitted requests still
@@ -158,14 +159,23 @@ async def _json_response(send: Send, status: int, body: dict, headers: list[tupl
     await send({"type": "http.response.body", "body": data})
 
 
-def _ray_request_id() -> str | None:
+def _in_serve_replica() -> bool:
+    """True inside a Ray Serve replica: its proxy answers the x-request-id header itself."""
     try:
-        from ray import serve
+        from ray.serve.context import _get_internal_replica_context
+    except ImportError:
+        return False
+    return _get_internal_replica_context() is not None
 
-        rid = serve.get_request_context().request_id  # type: ignore[attr-defined]
-        return rid or None
-    except Exception:  # no Ray Serve here (in-process use)
+
+def _ray_request_id() -> str | None:
+    """Ray Serve's id of the current request, None outside a Serve request (in-process use)."""
+    try:
+        from ray.serve.context import _serve_request_context
+    except ImportError:
         return None
+    ctx = _serve_request_context.get()  # read only: the getter would set a default context
+    return (ctx.request_id or None) if ctx is not None else None
 
 
 RATE_WINDOW_S = 10.0   # completions counted for the replica's recent rate
@@ -203,12 +213,13 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _ID.match(given) else (_ray_request_id() or uuid.uuid4().hex)
+        rid = _ray_request_id() or (given if _ID.match(given) else uuid.uuid4().hex)
+        # under Ray Serve its proxy sends the header (the client's id when given, else its own)
+        id_header = None if _in_serve_replica() else (b"x-request-id", rid.encode())
         token = request_id_var.set(rid)
-        id_header = (b"x-request-id", rid.encode())
 
         async def send_with_id(message):
-            if message["type"] == "http.response.start":
+            if id_header and message["type"] == "http.response.start":
                 hs = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
                 message = {**message, "headers": [*hs, id_header]}
             await send(message)

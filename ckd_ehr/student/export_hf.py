@@ -59,10 +59,10 @@ def _metrics_rows(metrics_path: str | None, variant: str) -> tuple[list[str], st
     for mode, result in entry["modes"].items():
         for k in CARD_METRICS:
             v = result["metrics"].get(k)
-            ci = (result.get("intervals") or {}).get(k) or {}
+            ci = (result.get("intervals") or {}).get(k)
             if v is None:
                 continue
-            lo, hi = ci.get("lower"), ci.get("upper")
+            lo, hi = (ci.get("lower"), ci.get("upper")) if isinstance(ci, dict) else (ci or [None, None])[:2]
             interval = f"[{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "n/a"
             rows.append(f"| {k} | {mode} | {v:.4f} | {interval} |")
     boot = m.get("bootstrap", {})
