@@ -35,7 +35,7 @@ def _fitted(cfg: PipelineConfig, predictor, split: str):
 
 
 def run_texts(cfg: PipelineConfig, predictor, at_least: int) -> tuple[list[str], str]:
-    """Texts of the run's samples (test, val, then train) until `at_least`; may be fewer."""
+    """`at_least` texts of the run's samples (test, then val, then train); fewer if the run has fewer."""
     layout = RunLayout(cfg.run_dir)
     texts, used = [], []
     for split in ("test", "val", "train"):
@@ -43,6 +43,7 @@ def run_texts(cfg: PipelineConfig, predictor, at_least: int) -> tuple[list[str],
             continue
         texts += _fitted(cfg, predictor, split)[1]
         used.append(split)
+    texts = texts[:at_least]
     return texts, f"{len(texts)} samples of {cfg.run_dir} ({', '.join(used) or 'none'})"
 
 
