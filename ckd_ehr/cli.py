@@ -98,6 +98,22 @@ def cmd_serve(args):
     return _call("serve", "run_serve", cfg, artifact=args.artifact, blocking=True)
 
 
+def cmd_export_hf(args):
+    from .contracts import RunLayout
+    from .storage import exists
+
+    cfg = load_cfg(args)
+    layout = RunLayout(cfg.run_dir)
+    metrics = args.metrics or (layout.metrics if exists(layout.metrics) else None)
+    info = _call("student.export_hf", "export_hf", args.artifact or layout.student_artifact("ckd_ehr"), args.out,
+                 metrics_path=metrics, data_source=args.data_source)
+    print(f"ckd-ehr: exported {info['artifact_id']} to {args.out} ("
+          + ("RESTRICTED: credentialed data, never share publicly" if info["restricted"] else "synthetic data") + ")")
+    if args.push_to_hub:
+        _call("student.export_hf", "push_to_hub", args.out, args.push_to_hub)
+    return info
+
+
 def cmd_bench(args):
     # bench eadf --validity: `--set synth.KEY=VALUE` sets a knob of its synthetic cohorts.
     args.synth_overrides = [o for o in args.overrides if o.startswith("synth.")]
@@ -174,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact", help="student artifact (default RUN/student/ckd_ehr/artifact)")
     p.set_defaults(handler=cmd_serve)
 
+    p = sub.add_parser("export-hf", help="a student artifact as a Hugging Face text-classification model + card")
+    _common(p)
+    p.add_argument("--artifact", help="student artifact (default RUN/student/ckd_ehr/artifact)")
+    p.add_argument("--out", required=True, help="output directory (local or URI)")
+    p.add_argument("--metrics", help="evaluate metrics.json for the card (default RUN/evaluate/metrics.json)")
+    p.add_argument("--data-source", choices=["synthetic", "mimic"],
+                   help="data the student was trained on, for artifacts that do not record it (else: restricted)")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload after export (refused for credentialed data)")
+    p.set_defaults(handler=cmd_export_hf)
+
     p = sub.add_parser("bench", help="benchmarks that print figures")
     _common(p)
     p.add_argument("what", choices=["synth", "prepare", "eadf", "teacher", "soft-labels", "speedup", "serve",
@@ -189,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=20.0, help="seconds per load level (serve)")
     p.add_argument("--validity", action="store_true",
                    help="eadf: precision / recall of the listed drugs on synthetic cohorts, null control, PNG")
+    p.add_argument("--artifact", help="serve: student artifact (default RUN/student/ckd_ehr/artifact)")
+    p.add_argument("--url", help="serve: measure this running endpoint instead of deploying one")
+    p.add_argument("--precisions", default="fp32,int8", help="serve: serve.precision values to measure")
+    p.add_argument("--client-nice", type=int, default=19,
+                   help="serve: niceness added to the load generator (CPU share; Ray workers run at nice 15)")
+    p.add_argument("--agreement-samples", type=int, default=1000,
+                   help="serve: samples for the int8 vs fp32 probability comparison (0: skip)")
     p.add_argument("--out", help="write the figures as JSON here")
     p.add_argument("--no-check", action="store_true",
                    help="ceiling: skip the HistGradientBoosting check of the model's form (faster)")

@@ -42,6 +42,17 @@ from .storage import join
 SPLITS = ("train", "val", "test")
 STUDENT_VARIANTS = ("hard_plain", "hard_eadf", "distill_plain", "ckd_ehr")
 
+
+def quantized_name(variant: str) -> str:
+    """Name of a student variant served at int8 (serve.precision: int8): its evaluate row and
+    predictions file (RUN/evaluate/predictions/{variant}_int8.parquet)."""
+    return f"{variant}_int8"
+
+
+def base_variant(name: str) -> str:
+    """The student variant behind an evaluate row name (`ckd_ehr_int8` -> `ckd_ehr`)."""
+    return name[:-len("_int8")] if name.endswith("_int8") else name
+
 MULTI_HOT = pa.list_(pa.int8(), NUM_PHENOTYPES)
 VECTOR25 = pa.list_(pa.float32(), NUM_PHENOTYPES)
 STRINGS = pa.list_(pa.string())

@@ -29,7 +29,7 @@ import pandas as pd
 import pyarrow as pa
 
 from . import storage
-from .contracts import PREDICTIONS, STUDENT_VARIANTS, ContractError, RunLayout, check_schema
+from .contracts import PREDICTIONS, STUDENT_VARIANTS, ContractError, RunLayout, base_variant, check_schema
 from .metrics import (ALL_METRICS, bootstrap_scores, delta_summary, evaluate_predictions, interval,
                       macro_label_set, paired_bootstrap_delta, to_matrix, tune_thresholds)
 from .phenotypes import NUM_PHENOTYPES, phenotype_names
@@ -96,7 +96,7 @@ def teacher_predictions_from_soft_labels(layout: RunLayout, split: str = "test")
 def _artifact_json(layout: RunLayout, name: str) -> str:
     if name == "teacher":
         return storage.join(layout.teacher_artifact, "teacher.json")
-    return storage.join(layout.student_artifact(name), "student.json")
+    return storage.join(layout.student_artifact(base_variant(name)), "student.json")
 
 
 def read_thresholds(layout: RunLayout, name: str) -> tuple[dict[str, list[float]], dict[str, str]]:
@@ -279,6 +279,11 @@ def run_evaluate(cfg) -> dict:
             skipped[name] = f"no predictions at {path}" + (
                 f" and no {layout.soft_labels('test')}" if name == "teacher" else "")
 
+    if cfg.serve.precision == "int8":  # each student as served at int8: its own row (issue 21)
+        from .student.quantized import write_int8_predictions
+        for name in write_int8_predictions(cfg):
+            frames[name], sources[name] = read_predictions(layout.predictions(name)), layout.predictions(name)
+
     notes = []
     references = {}
     if cfg.evaluate.baselines:
@@ -322,7 +327,8 @@ def run_evaluate(cfg) -> dict:
     for name, df in frames.items():
         thresholds[name], source = read_thresholds(layout, name)
         entry, dists[name] = score(df, thresholds[name])
-        models[name] = {"role": ROLES[name], "predictions": sources[name],
+        role = ROLES.get(name) or ROLES[base_variant(name)] + ", served at int8 (serve.precision)"
+        models[name] = {"role": role, "predictions": sources[name],
                         "threshold_source": source, **entry}
         m = entry["modes"]["fixed"]["metrics"]
         log.info("%s: accuracy %.4f, macro-F1 %.4f, macro AUROC %.4f (n=%d, %d patients)", name,

@@ -147,6 +147,7 @@ def upload_dir(local_dir: str | os.PathLike, dest: str) -> None:
     exists_before = fs.get_file_info(inner).type == pafs.FileType.Directory
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = _tmp_name(inner)
+        fs.create_dir(tmp, recursive=True)  # copy_files creates only subdirectories: a flat dir needs its root
         pafs.copy_files(str(local_dir), tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
         if exists_before:
             old = _tmp_name(inner)

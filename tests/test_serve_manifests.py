@@ -47,6 +47,9 @@ def _check_serve_config(doc: dict) -> dict:
     assert dep["name"] == "StudentDeployment"
     assert dep["max_ongoing_requests"] >= ServeConfig().max_batch_size  # else batches never fill
     assert dep["autoscaling_config"]["min_replicas"] <= dep["autoscaling_config"]["max_replicas"]
+    # scale out before the replica's admission limit (serve.pending_requests) sheds
+    assert dep["autoscaling_config"]["target_ongoing_requests"] < ServeConfig().pending_requests
+    assert dep["backpressure_config"]["retry_after_s"] >= 1  # a shed client is told when to retry
     return app
 
 

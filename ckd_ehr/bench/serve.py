@@ -1,10 +1,12 @@
 """`ckd-ehr bench serve`: HTTP throughput and latency of the served student on 127.0.0.1.
 
-Three figures on the same cores: (1) the ceiling, in-process batched forward of the same
-model on the same rendered texts; (2) the batched endpoint (`@serve.batch`) at a few client
-concurrencies; (3) the same endpoint with max_batch_size 1. Clients are asyncio + httpx in
-this process, one record per request (the online case), bounded in time (args.duration per
-level) and count. The clients share the cores with the replica, as they would on one box.
+Per serve.precision (fp32, int8): (1) the ceiling, in-process render + tokenise + batched
+forward of the same records; (2) the endpoint (one replica, `@serve.batch`) at 1, 16, 64 and
+400 closed-loop clients, one record per request (the online case), in a separate niced
+load-generator process (ckd_ehr.bench.load), with a /healthz probe throughout: records/s
+answered, p50/p99 of answered requests, share shed (503), other errors. (3) The largest
+probability difference between int8 and fp32 on at least 1,000 samples. `--url` measures
+an endpoint already running instead (a before/after table against other code).
 
 Without a trained student in RUN/student/ckd_ehr/artifact, an artifact with an untrained
 head on cfg.student.model (MiniLM-L6 by default) is built: throughput does not depend on the
@@ -12,7 +14,6 @@ head's weights. Its diagnosis title map holds placeholder titles of realistic le
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import tempfile
@@ -28,7 +29,7 @@ from ..phenotypes import NUM_PHENOTYPES, phenotypes, phenotypes_of_code
 from ..storage import exists
 from .common import emit, machine
 
-LEVELS = (1, 8, 32, 64)
+LEVELS = (1, 16, 64, 400)
 _DRUGS = ["Sodium Chloride 0.9%  Flush", "Potassium Chloride", "Heparin", "Insulin", "Furosemide",
           "Metoprolol Tartrate", "Acetaminophen", "Pantoprazole", "Docusate Sodium", "Senna",
           "Magnesium Sulfate", "Vancomycin", "Piperacillin-Tazobactam", "Lisinopril", "Aspirin",
@@ -97,42 +98,6 @@ def bench_records(n: int, seed: int = 0) -> tuple[list[dict], dict[str, str]]:
     return records, titles
 
 
-async def _load(url: str, records: list[dict], concurrency: int, duration: float, headers: dict,
-                timeout_s: float = 120.0) -> dict:
-    """`concurrency` clients posting one record each, back to back, for `duration` seconds."""
-    import httpx
-
-    lat: list[float] = []
-    errors: dict[str, int] = {}  # 'status_503', 'timeout', 'ReadError', ...: server vs client side
-    stop = time.perf_counter() + duration
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout_s, headers=headers) as client:
-        async def worker(k: int):
-            i = k
-            while time.perf_counter() < stop:
-                t = time.perf_counter()
-                try:
-                    r = await client.post("/v1/predict", json={"records": [records[i % len(records)]]})
-                    kind = None if r.status_code == 200 else f"status_{r.status_code}"
-                except httpx.TimeoutException:
-                    kind = "timeout"
-                except httpx.HTTPError as exc:
-                    kind = type(exc).__name__
-                if kind is None:
-                    lat.append(time.perf_counter() - t)
-                else:
-                    errors[kind] = errors.get(kind, 0) + 1
-                i += concurrency
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
-        wall = time.perf_counter() - start
-    q = np.percentile(lat, [50, 95, 99]) * 1000 if lat else [float("nan")] * 3
-    return {"concurrency": concurrency, "requests": len(lat), "errors": sum(errors.values()), "error_kinds": errors,
-            "throughput_rps": round(len(lat) / wall, 2), "p50_ms": round(float(q[0]), 1),
-            "p95_ms": round(float(q[1]), 1), "p99_ms": round(float(q[2]), 1),
-            "load_avg_1m": round(os.getloadavg()[0], 1)}
-
-
 def _free_port() -> int:
     import socket
 
@@ -141,83 +106,144 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _levels(url: str, records, duration: float, headers: dict) -> list[dict]:
+def run_levels(url: str, records: list[dict], duration: float, token: str | None, nice: int,
+               levels=LEVELS) -> list[dict]:
+    """Each load level in its own niced load-generator process (ckd_ehr.bench.load)."""
+    import subprocess
+    import sys
+
     out = []
-    asyncio.run(_load(url, records, 4, min(3.0, duration), headers))  # warm-up
-    for c in LEVELS:
-        out.append(asyncio.run(_load(url, records, c, duration, headers)))
-        print(f"  concurrency {c}: {out[-1]}", flush=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(records, f)
+    env = {**os.environ, **({"CKD_EHR_TOKEN": token} if token else {})}
+    try:
+        for i, c in enumerate((4, *levels)):  # the first: warm-up, not reported
+            warm = i == 0
+            d = min(3.0, duration) if warm else duration
+            r = subprocess.run([sys.executable, "-m", "ckd_ehr.bench.load", url, f.name, str(c), str(d),
+                                "--nice", str(nice)], capture_output=True, text=True, env=env, check=False)
+            if r.returncode != 0:
+                raise RuntimeError(f"load generator failed ({r.returncode}): {r.stderr[-2000:]}")
+            level = json.loads(r.stdout)
+            if warm:
+                continue
+            out.append(level)
+            print(f"  {c} clients: {json.dumps({k: level[k] for k in ('records_per_s', 'p50_ms', 'p99_ms', 'share_shed', 'errors', 'healthz', 'client_cpu_s', 'load_avg_1m')})}",
+                  flush=True)
+    finally:
+        os.unlink(f.name)
     return out
 
 
+def ceiling(artifact: str, records: list[dict], precision: str, batch_size: int, threads: int) -> dict:
+    """In-process records/s of what a replica does per batch (render, tokenise, forward), same
+    records, no HTTP: the most the endpoint can serve on these cores. bench_serve runs it in
+    a Ray task, at the niceness of Ray's workers (15), like the replica."""
+    from ..serve.api import Record, render_and_predict
+    from ..serve.app import load_predictor
+
+    predictor, info = load_predictor(artifact, threads, precision)
+    recs = [Record(**r) for r in records]
+    m = min(len(recs), 2 * batch_size)
+    run = lambda rs: render_and_predict(rs, info, lambda t: predictor.predict_proba(t, batch_size))  # noqa: E731
+    run(recs[:batch_size])  # warm-up
+    rates = []
+    for _ in range(2):
+        t = time.perf_counter()
+        for s in range(0, m, batch_size):
+            run(recs[s:s + batch_size])
+        rates.append(m / (time.perf_counter() - t))
+    return {"precision": precision, "records_per_s": round(max(rates), 2), "batch_size": batch_size,
+            "torch_threads": threads, "load_avg_1m": round(os.getloadavg()[0], 1)}
+
+
+def precision_agreement(cfg: PipelineConfig, artifact: str, records: list[dict], min_samples: int = 1000) -> dict:
+    """Largest |p_int8 - p_fp32| over every phenotype: on the run's samples (every split, texts
+    fitted as training did) when the run has them, else on rendered bench records."""
+    from ..serve.api import Record, render_record
+    from ..student import load_student
+    from ..student.quantized import run_texts
+
+    fp32 = load_student(artifact, precision="fp32")
+    texts, source = run_texts(cfg, fp32, min_samples)
+    if len(texts) < min_samples:
+        from ..serve.app import model_info
+
+        info = model_info(fp32, artifact) if "://" not in artifact else None
+        more = [render_record(Record(**r), info)[0] for r in records] if info else []
+        texts, source = texts + more, f"{source} + {len(more)} bench records"
+    int8 = load_student(artifact, precision="int8")
+    p32, p8 = fp32.predict_proba(texts, 32), int8.predict_proba(texts, 32)
+    diff = np.abs(p8 - p32)
+    return {"samples": len(texts), "source": source, "max_abs_diff": round(float(diff.max()), 5),
+            "mean_abs_diff": round(float(diff.mean()), 6), "p99_abs_diff": round(float(np.quantile(diff, 0.99)), 5),
+            "decisions_changed": int(((p8 >= fp32.thresholds) != (p32 >= fp32.thresholds)).sum()),
+            "cells": int(diff.size)}
+
+
 def bench_serve(cfg: PipelineConfig, args) -> dict:
-    import torch
+    """Records/s, p50/p99 of answered requests and the share shed at 1/16/64/400 clients, for
+    each serve.precision (fp32, int8), next to the in-process ceiling; or, with --url, of an
+    endpoint already running (e.g. another version of the code, for a before/after table)."""
     from ray import serve
 
-    from ..serve.api import render_record, Record
-    from ..serve.app import load_predictor, start
+    from ..serve.app import start
 
-    import logging
-
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     cores = os.cpu_count() or 1
     n = int(getattr(args, "samples", None) or 512)
     duration = float(getattr(args, "duration", None) or 20.0)
+    nice = int(getattr(args, "client_nice", None) if getattr(args, "client_nice", None) is not None else 19)
+    url_given = getattr(args, "url", None)
+    precisions = [p for p in (getattr(args, "precisions", None) or "fp32,int8").split(",") if p]
     records, titles = bench_records(n)
     tmp = tempfile.TemporaryDirectory(prefix="ckd-ehr-bench-serve-")
-    artifact = RunLayout(cfg.run_dir).student_artifact("ckd_ehr")
+    artifact = getattr(args, "artifact", None) or RunLayout(cfg.run_dir).student_artifact("ckd_ehr")
     trained = exists(str(Path(artifact) / "student.json")) if "://" not in artifact else exists(artifact)
     if not trained:
         artifact = str(Path(tmp.name) / "artifact")
         make_untrained_artifact(cfg.student.model, artifact, cfg.student.max_length, titles)
-    results: dict = {"artifact": artifact, "trained_student": trained, "records": n,
-                     "duration_s_per_level": duration, "machine": machine()}
-
-    # (1) ceiling: in-process, batched, same texts, all cores
-    predictor, info = load_predictor(artifact, torch_threads=cores)
-    texts = [render_record(Record(**r), info)[0] for r in records]
-    results["mean_text_chars"] = round(float(np.mean([len(t) for t in texts])), 1)
-    results["mean_tokens"] = round(float(np.mean([len(x) for x in predictor.tokenizer(texts)["input_ids"]])), 1)
+    token = os.environ.get(cfg.serve.auth_token_env)
+    results: dict = {"artifact": artifact, "trained_student": trained, "records": n, "levels": list(LEVELS),
+                     "duration_s_per_level": duration, "auth": bool(token), "machine": machine(),
+                     "load_generator": {"process": "python -m ckd_ehr.bench.load (aiohttp), one per level",
+                                        "nice": nice, "retry_after": "honoured"},
+                     "uptime_load_avg": [round(x, 1) for x in os.getloadavg()], "runs": {}}
     bs = cfg.serve.max_batch_size
-    predictor.predict_proba(texts[:bs], bs)  # warm-up
-    ceiling_runs: list[float] = []
-
-    def ceiling():
-        # Measured before, between and after the endpoint runs: on a shared machine the load
-        # drifts, and the ratio is only fair against a ceiling taken at about the same time.
-        m = min(n, 4 * bs)
-        t = time.perf_counter()
-        predictor.predict_proba(texts[:m], bs)
-        ceiling_runs.append(round(m / (time.perf_counter() - t), 2))
-        print(f"in-process ceiling: {ceiling_runs[-1]} records/s (load {os.getloadavg()[0]:.1f})", flush=True)
-
-    ceiling()
-    headers = {}
-    if os.environ.get(cfg.serve.auth_token_env):
-        headers["Authorization"] = f"Bearer {os.environ[cfg.serve.auth_token_env]}"
-    variants = {"batched": {"max_batch_size": bs}, "unbatched": {"max_batch_size": 1}}
-    port = _free_port()  # one port: Serve's proxy keeps the port it started with
     try:
-        for name, upd in variants.items():
-            s = cfg.serve.model_copy(update={**upd, "max_ongoing_requests": None, "min_replicas": 1,
-                                             "max_replicas": 1, "num_cpus": 1.0, "torch_threads": cores,
-                                             "access_log": False, "port": port})
-            c = cfg.model_copy(update={"serve": s})
-            url = start(c, artifact)
-            print(f"{name} endpoint at {url} (max_batch_size {s.max_batch_size})", flush=True)
-            results[name] = {"max_batch_size": s.max_batch_size, "max_ongoing_requests": s.ongoing_requests,
-                             "levels": _levels(url, records, duration, headers)}
-            serve.delete(s.app_name)
-            ceiling()
+        if url_given:
+            print(f"endpoint at {url_given} (given)", flush=True)
+            results["runs"]["given_url"] = {"url": url_given, "levels": run_levels(url_given, records, duration, token, nice)}
+        else:
+            import ray
+
+            from ..ray_utils import init_ray
+
+            init_ray(cfg.ray)
+            in_ray = ray.remote(num_cpus=1)(ceiling)
+            port = _free_port()  # one port: Serve's proxy keeps the port it started with
+            for precision in precisions:
+                c = ray.get(in_ray.remote(artifact, records, precision, bs, cores))
+                results["runs"][precision] = run = {"ceiling": c}
+                print(f"in-process ceiling {precision}: {run['ceiling']}", flush=True)
+                s = cfg.serve.model_copy(update={"precision": precision, "min_replicas": 1, "max_replicas": 1,
+                                                 "num_cpus": 1.0, "torch_threads": cfg.serve.torch_threads or cores,
+                                                 "access_log": False, "port": port})
+                url = start(cfg.model_copy(update={"serve": s}), artifact)
+                print(f"{precision} endpoint at {url} (batch {s.max_batch_size}, {s.pending_requests} pending at most)",
+                      flush=True)
+                run.update(max_batch_size=s.max_batch_size, max_ongoing_requests=s.ongoing_requests,
+                           max_pending_requests=s.pending_requests,
+                           levels=run_levels(url, records, duration, token, nice))
+                best = max(lv["records_per_s"] for lv in run["levels"])
+                run["best_vs_ceiling"] = round(best / max(run["ceiling"]["records_per_s"], 1e-9), 3)
+                serve.delete(s.app_name)
+            agree = int(getattr(args, "agreement_samples", None) if getattr(args, "agreement_samples", None) is not None else 1000)
+            if {"fp32", "int8"} <= set(results["runs"]) and agree > 0:
+                results["precision_agreement"] = precision_agreement(cfg, artifact, records, agree)
     finally:
-        serve.shutdown()
+        if not url_given:
+            serve.shutdown()
         tmp.cleanup()
-    results["in_process"] = {"batch_size": bs, "torch_threads": torch.get_num_threads(), "runs_rps": ceiling_runs,
-                             "throughput_rps": float(np.median(ceiling_runs))}
-    best = max(lv["throughput_rps"] for lv in results["batched"]["levels"])
-    results["batched_vs_in_process"] = round(best / results["in_process"]["throughput_rps"], 3)
-    results["batched_vs_unbatched"] = round(
-        best / max(max(lv["throughput_rps"] for lv in results["unbatched"]["levels"]), 1e-9), 3)
-    results["errors_total"] = sum(lv["errors"] for v in ("batched", "unbatched") for lv in results[v]["levels"])
+    results["errors_total"] = sum(lv["errors"] for r in results["runs"].values() for lv in r["levels"])
     emit(results, getattr(args, "out", None))
     return results

@@ -10,7 +10,9 @@ the artifact's training efficacy table for the phenotypes its diagnosis codes be
 (label order, as `ckd_ehr.eadf.fuse_batch` does). Diagnoses arrive as ICD-9-CM codes; no
 ICD-9 titles ship with ckd-ehr (licensing), so a code is rendered as its title only when the
 artifact carries a title map (`diagnosis_titles.json`, code -> title), else as the code.
-Patient data never reaches a log: only counts and status codes are logged.
+Patient data never reaches a log: only counts, status codes and request ids are logged.
+`guard.RequestGuard` sits in front of the API: request ids, admission (503 + Retry-After),
+body limits counted as the bytes arrive (413).
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..config import ServeConfig, TextConfig
 from ..phenotypes import multi_hot, normalize_icd9, phenotype_names, phenotypes_of_code
 from ..text import render_input
+from .guard import RequestGuard, request_id_var
+from .metrics import ServeMetrics
 
 log = logging.getLogger("ckd_ehr.serve")
 
@@ -84,6 +88,7 @@ class RecordResult(BaseModel):
 
 class PredictResponse(BaseModel):
     model_version: str
+    request_id: str = Field("-", description="Id of this request (also the x-request-id header and in the server's logs).")
     results: list[RecordResult]
 
 
@@ -132,13 +137,19 @@ class ModelInfo:
 class Backend(Protocol):
     info: ModelInfo
 
-    async def predict(self, texts: list[str]) -> np.ndarray: ...
+    async def predict(self, records: list["Record"]) -> tuple[np.ndarray, list[list[str]]]:
+        """[N, 25] probabilities and each record's warnings (render_and_predict, off the event loop)."""
+        ...
 
 
 # --- plain functions: validation, rendering, responses -----------------------------------
 
 class TooLarge(Exception):
-    """The request is over a size limit (answered 413)."""
+    """The request is over a size limit (answered 413); `reason` is the metrics label."""
+
+    def __init__(self, message: str, reason: str = "too_many_records"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def _clean(s: str) -> str:
@@ -153,7 +164,7 @@ def check_limits(req: PredictRequest, cfg: ServeConfig) -> None:
     for i, rec in enumerate(req.records):
         n = rec.n_chars()
         if n > cfg.max_text_chars:
-            raise TooLarge(f"record {i}: {n} characters; at most {cfg.max_text_chars}")
+            raise TooLarge(f"record {i}: {n} characters; at most {cfg.max_text_chars}", "record_too_long")
 
 
 def render_record(rec: Record, info: ModelInfo) -> tuple[str, list[str]]:
@@ -184,6 +195,14 @@ def render_record(rec: Record, info: ModelInfo) -> tuple[str, list[str]]:
     if info.render is not None:  # the student's renderer also fits the text to max_length
         return info.render(titles, drugs, procs, present), warnings
     return r.text, warnings
+
+
+def render_and_predict(records: Sequence[Record], info: ModelInfo,
+                       predict_proba: Callable[[list[str]], np.ndarray]) -> tuple[np.ndarray, list[list[str]]]:
+    """Render every record and score them in one batch: the CPU-bound part of a request, run in
+    a worker thread (rendering tokenises to fit max_length; so does the forward pass)."""
+    rendered = [render_record(r, info) for r in records]
+    return predict_proba([t for t, _ in rendered]), [w for _, w in rendered]
 
 
 def build_result(probs: Sequence[float], info: ModelInfo, warnings: list[str]) -> RecordResult:
@@ -222,27 +241,24 @@ def _validation_message(err: RequestValidationError) -> list[dict[str, Any]]:
             for e in err.errors()[:_MAX_WARNINGS]]
 
 
-def create_app(backend: Backend | Callable[[], Backend], cfg: ServeConfig, token_sha256: str | None = None) -> FastAPI:
+def create_app(backend: Backend | Callable[[], Backend], cfg: ServeConfig, token_sha256: str | None = None,
+               metrics: ServeMetrics | None = None) -> FastAPI:
     """The FastAPI app: POST /v1/predict, GET /v1/phenotypes, GET /healthz, docs at /docs.
 
     `backend` may be a zero-argument callable returning the backend (Serve binds it late).
-    `token_sha256`: digest of the bearer token; None = no authentication.
+    `token_sha256`: digest of the bearer token; None = no authentication. `metrics` counts
+    rejections by reason (and the backend counts records); None = a private ServeMetrics.
     """
+    metrics = metrics if metrics is not None else ServeMetrics()
     get_backend: Callable[[], Backend] = backend if callable(backend) and not hasattr(backend, "predict") else (lambda: backend)
     app = FastAPI(title="ckd-ehr student", version="1",
                   description="Next-visit phenotype prediction by the CKD-EHR student (arXiv 2506.15118).")
-    max_body = cfg.max_records * (cfg.max_text_chars + 1024) * 4  # worst-case UTF-8 JSON, generous
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        # Reject oversized bodies before they are read and parsed.
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body:
-            return JSONResponse({"detail": f"body of {length} bytes; at most {max_body}"}, status_code=413)
-        return await call_next(request)
-
+    app.add_middleware(RequestGuard, cfg=cfg, metrics=metrics)
+    app.state.metrics = metrics
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError):
+        metrics.rejected("invalid")
+        log.info("predict %s: 422", request_id_var.get())
         return JSONResponse({"detail": _validation_message(err)}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -250,12 +266,15 @@ def create_app(backend: Backend | Callable[[], Backend], cfg: ServeConfig, token
         # FastAPI answers a body it cannot decode (not UTF-8) with 400; to clients every
         # unreadable body is the same kind of error as malformed JSON: 422.
         code = 422 if err.status_code == 400 else err.status_code
+        if code == 422:
+            metrics.rejected("invalid")
         return JSONResponse({"detail": err.detail}, status_code=code, headers=getattr(err, "headers", None))
 
     def auth(request: Request) -> None:
         header = request.headers.get("authorization", "")
         presented = header[7:] if header[:7].lower() == "bearer " else None
         if not token_ok(presented, token_sha256):
+            metrics.rejected("unauthorized")
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     @app.get("/healthz", response_model=Health)
@@ -274,12 +293,13 @@ def create_app(backend: Backend | Callable[[], Backend], cfg: ServeConfig, token
         try:
             check_limits(req, cfg)
         except TooLarge as exc:
-            log.info("predict: 413 (%d records)", len(req.records))
+            metrics.rejected(exc.reason)
+            log.info("predict %s: 413 %s (%d records)", request_id_var.get(), exc.reason, len(req.records))
             raise HTTPException(413, str(exc)) from None
-        rendered = [render_record(r, b.info) for r in req.records]
-        probs = await b.predict([t for t, _ in rendered])
-        results = [build_result(p, b.info, w) for p, (_, w) in zip(probs, rendered)]
-        log.info("predict: 200 (%d records)", len(results))
-        return PredictResponse(model_version=b.info.artifact_id, results=results)
+        probs, warnings = await b.predict(req.records)
+        results = [build_result(p, b.info, w) for p, w in zip(probs, warnings)]
+        rid = request_id_var.get()
+        log.info("predict %s: 200 (%d records)", rid, len(results))
+        return PredictResponse(model_version=b.info.artifact_id, request_id=rid, results=results)
 
     return app

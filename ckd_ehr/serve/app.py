@@ -1,10 +1,13 @@
 """Ray Serve at the edge: one deployment that loads a student artifact and serves `api.create_app`.
 
 Every record of every request goes into one `@serve.batch` queue, so records from many
-concurrent requests share a forward pass; the batch is tokenised and run in a worker thread
-(torch releases the GIL), so the event loop keeps accepting requests meanwhile. The batch
-size counts records, and `max_ongoing_requests` defaults to twice it: a replica that admits
-fewer requests than a batch holds would wait out batch_wait_timeout_s on every call.
+concurrent requests share a forward pass; the batch is rendered, tokenised and run in a
+worker thread (torch and the tokenizers release the GIL), so the event loop only moves
+HTTP. The batch size counts records, and `max_ongoing_requests` defaults to twice it: a
+replica that admits fewer requests than a batch holds would wait out batch_wait_timeout_s on
+every call. Of those, `serve.pending_requests` (three quarters) may be predictions; the
+rest is kept for /healthz and fast 503s (guard.RequestGuard), so a flood is shed at once
+and health checks answer throughout. `serve.precision: int8` quantises the encoder.
 
 Local runs bind 127.0.0.1 (`serve.host`). The bearer token is read from the environment
 variable `serve.auth_token_env`: `run_serve` hands replicas only its sha256; replicas
@@ -31,7 +34,8 @@ from ray.serve.schema import LoggingConfig
 from ..config import PipelineConfig, ServeConfig
 from ..contracts import RunLayout
 from ..phenotypes import normalize_icd9
-from .api import ModelInfo, create_app, token_digest
+from .api import ModelInfo, Record, create_app, render_and_predict, token_digest
+from .metrics import RayServeMetrics, ServeMetrics
 
 log = logging.getLogger("ckd_ehr.serve")
 
@@ -67,7 +71,7 @@ def _own_tokenizer_render(predictor):
     return clone.render
 
 
-def load_predictor(artifact: str, torch_threads: int | None = None):
+def load_predictor(artifact: str, torch_threads: int | None = None, precision: str = "fp32"):
     """(StudentPredictor, ModelInfo) for a local path or URI (copied locally while loading)."""
     import torch
 
@@ -77,23 +81,26 @@ def load_predictor(artifact: str, torch_threads: int | None = None):
     if torch_threads:
         torch.set_num_threads(torch_threads)
     with local_dir(artifact) as d:
-        predictor = load_student(d, device="cpu")
+        predictor = load_student(d, device="cpu", precision=precision)
         return predictor, model_info(predictor, d)
 
 
 class LocalBackend:
     """The API backend in-process (tests, benchmark ceiling): one forward per request."""
 
-    def __init__(self, predictor, info: ModelInfo, batch_size: int = 32):
+    def __init__(self, predictor, info: ModelInfo, batch_size: int = 32, metrics: ServeMetrics | None = None):
         self.predictor, self.info, self.batch_size = predictor, info, batch_size
+        self.metrics = metrics or ServeMetrics(info.artifact_id, getattr(predictor, "precision", "fp32"))
         self._lock = threading.Lock()  # one forward (and one tokenizer user) at a time
 
-    def _forward(self, texts: list[str]) -> np.ndarray:
+    def _forward(self, records: list[Record]):
         with self._lock:
-            return self.predictor.predict_proba(texts, self.batch_size)
+            out = render_and_predict(records, self.info, lambda t: self.predictor.predict_proba(t, self.batch_size))
+        self.metrics.scored(len(records))
+        return out
 
-    async def predict(self, texts: list[str]) -> np.ndarray:
-        return await asyncio.to_thread(self._forward, texts)
+    async def predict(self, records: list[Record]):
+        return await asyncio.to_thread(self._forward, records)
 
 
 @serve.deployment(name="StudentDeployment")
@@ -102,34 +109,36 @@ class StudentDeployment:
     def __init__(self, artifact: str, serve_cfg: dict[str, Any], token_sha256: str | None = None):
         self.cfg = ServeConfig.model_validate(serve_cfg)
         threads = self.cfg.torch_threads or max(1, round(self.cfg.num_cpus))
-        self.predictor, self.info = load_predictor(artifact, threads)
+        self.predictor, self.info = load_predictor(artifact, threads, self.cfg.precision)
+        self.metrics = RayServeMetrics(self.info.artifact_id, self.cfg.precision)
         if token_sha256 is None and os.environ.get(self.cfg.auth_token_env):
             token_sha256 = token_digest(os.environ[self.cfg.auth_token_env])
         self.token_sha256 = token_sha256
         self.predict_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
-        self.batches = self.records = 0
-        log.info("serving %s (auth %s, batch %d)", self.info.artifact_id,
-                 "on" if token_sha256 else "off", self.cfg.max_batch_size)
+        log.info("serving %s (%s, auth %s, batch %d, %d pending requests at most)", self.info.artifact_id,
+                 self.cfg.precision, "on" if token_sha256 else "off", self.cfg.max_batch_size,
+                 self.cfg.pending_requests)
 
     def __serve_build_asgi_app__(self):
-        return create_app(self, self.cfg, self.token_sha256)
+        return create_app(self, self.cfg, self.token_sha256, self.metrics)
 
-    async def predict(self, texts: list[str]) -> np.ndarray:
+    async def predict(self, records: list[Record]) -> tuple[np.ndarray, list[list[str]]]:
         """One request's records: each joins the shared batch queue."""
-        rows = await asyncio.gather(*(self.predict_batch(t) for t in texts))
-        return np.stack(rows) if rows else np.zeros((0, len(self.info.label_names)), np.float32)
+        rows = await asyncio.gather(*(self.predict_batch(r) for r in records))
+        probs = np.stack([p for p, _ in rows]) if rows else np.zeros((0, len(self.info.label_names)), np.float32)
+        return probs, [w for _, w in rows]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # reset from config in __init__
-    async def predict_batch(self, texts: list[str]) -> list[np.ndarray]:
-        # tokenisation + forward of the whole batch, off the event loop
-        probs = await asyncio.to_thread(self.predictor.predict_proba, texts, len(texts))
-        self.batches += 1
-        self.records += len(texts)
-        return list(probs)
+    async def predict_batch(self, records: list[Record]) -> list[tuple[np.ndarray, list[str]]]:
+        # rendering, tokenisation and forward of the whole batch, off the event loop
+        probs, warnings = await asyncio.to_thread(
+            render_and_predict, records, self.info, lambda t: self.predictor.predict_proba(t, len(t)))
+        self.metrics.scored(len(records))
+        return list(zip(probs, warnings))
 
-    def stats(self) -> dict[str, int]:
-        return {"batches": self.batches, "records": self.records}
+    def stats(self) -> dict:
+        return self.metrics.snapshot()
 
     def check_health(self) -> None:
         # Cheap: the model is loaded and its batch loop has not died.
@@ -138,8 +147,14 @@ class StudentDeployment:
 
 
 def _deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    from ray.serve.config import BackpressureConfig
+
     return dict(
-        max_ongoing_requests=cfg.ongoing_requests,
+        # admission (serve.pending_requests) is the replica's own; the headroom lets a flood reach
+        # it to be shed at once instead of queueing at the proxy, /healthz among it
+        max_ongoing_requests=cfg.ongoing_requests + cfg.shed_headroom,
+        max_queued_requests=cfg.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
         autoscaling_config=AutoscalingConfig(
             min_replicas=cfg.min_replicas, max_replicas=cfg.max_replicas,
             initial_replicas=max(cfg.min_replicas, 1),

@@ -14,10 +14,10 @@ def run_student(cfg):
     return _run(cfg)
 
 
-def load_student(artifact_dir, device: str = "cpu"):
+def load_student(artifact_dir, device: str = "cpu", precision: str = "fp32"):
     from .artifact import load_student as _load
 
-    return _load(artifact_dir, device=device)
+    return _load(artifact_dir, device=device, precision=precision)
 
 
 def __getattr__(name):

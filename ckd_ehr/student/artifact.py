@@ -23,7 +23,7 @@ import numpy as np
 from ..config import TextConfig
 from ..phenotypes import phenotype_names
 from ..storage import local_dir, upload_dir, write_json, write_parquet
-from .model import HEAD_FILE, load_student_model, predict_ids, save_student
+from .model import HEAD_FILE, load_student_model, predict_ids, quantize_int8, save_student
 
 META_FILE = "student.json"
 EFFICACY_FILE = "efficacy_table.parquet"
@@ -61,7 +61,7 @@ def write_artifact(dest: str, weights_dir: str | os.PathLike, tokenizer, meta: d
 class StudentPredictor:
     """A loaded student: texts -> [N, 25] probabilities, and what Serve needs to render text."""
 
-    def __init__(self, directory: str | os.PathLike, device: str = "cpu"):
+    def __init__(self, directory: str | os.PathLike, device: str = "cpu", precision: str = "fp32"):
         from transformers import AutoTokenizer
 
         from ..storage import read_parquet
@@ -76,6 +76,13 @@ class StudentPredictor:
         self.text_config = TextConfig.model_validate(self.meta["text"]["config"])
         self.tokenizer = AutoTokenizer.from_pretrained(d / "tokenizer")
         self.model = load_student_model(d, pooling=self.meta.get("pooling", "mean"), device=device)
+        if precision not in ("fp32", "int8"):
+            raise ValueError(f"precision '{precision}': fp32 or int8")
+        if precision == "int8":
+            if device != "cpu":
+                raise ValueError(f"precision int8 is dynamic quantisation for CPU; device is {device}")
+            quantize_int8(self.model)
+        self.precision = precision
         th = self.meta["thresholds"]
         self.thresholds_fixed = np.asarray(th["fixed"], dtype=np.float64)
         self.thresholds_tuned = np.asarray(th["tuned"], dtype=np.float64)
@@ -114,12 +121,13 @@ class StudentPredictor:
         return (self.predict_proba(texts, batch_size) >= self.thresholds).astype(np.int8)
 
 
-def load_student(artifact_dir: str | os.PathLike, device: str = "cpu") -> StudentPredictor:
-    """Load a student artifact from a local path or a URI (copied to a temp dir first)."""
+def load_student(artifact_dir: str | os.PathLike, device: str = "cpu", precision: str = "fp32") -> StudentPredictor:
+    """Load a student artifact from a local path or a URI (copied to a temp dir first);
+    precision `int8` quantises the encoder's linear layers (CPU)."""
     if "://" in str(artifact_dir):
         with local_dir(artifact_dir) as d:
-            return StudentPredictor(d, device=device)  # everything is read during __init__
-    return StudentPredictor(artifact_dir, device=device)
+            return StudentPredictor(d, device=device, precision=precision)  # all read in __init__
+    return StudentPredictor(artifact_dir, device=device, precision=precision)
 
 
 __all__ = ["StudentPredictor", "load_student", "write_artifact", "save_student", "artifact_id"]

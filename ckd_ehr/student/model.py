@@ -47,12 +47,53 @@ class StudentModel(nn.Module):
         return self.head(pool(out.last_hidden_state, attention_mask, self.pooling))
 
 
+def load_encoder(path: str | os.PathLike, **kwargs) -> nn.Module:
+    """AutoModel.from_pretrained without the pooler where the architecture has one (BERT-like:
+    `add_pooling_layer=False`): the student never uses it. Loading a saved student with a
+    pooler reported 'MISSING pooler.dense'; loading a pretrained encoder (which has one)
+    without it would report the pooler's weights as UNEXPECTED: both are expected, so the
+    pooler's keys (and only those) are ignored."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "model_type", "") not in _POOLED_ENCODERS:
+        return AutoModel.from_pretrained(path, **kwargs)
+    return _without_pooler(MODEL_MAPPING[type(config)]).from_pretrained(path, add_pooling_layer=False, **kwargs)
+
+
+def _without_pooler(base: type) -> type:
+    """`base` ignoring the pooler's checkpoint keys; same __name__ (save_pretrained records the
+    standard architecture), a module-level __qualname__ (so it pickles)."""
+    qualname = f"_NoPooler{base.__name__}"
+    if qualname not in globals():
+        cls = type(base.__name__, (base,), {"_keys_to_ignore_on_load_unexpected": [r"^pooler\."],
+                                            "__qualname__": qualname, "__module__": __name__})
+        globals()[qualname] = cls
+    return globals()[qualname]
+
+
+# encoder families whose AutoModel takes add_pooling_layer (they build a pooler by default)
+_POOLED_ENCODERS = {"bert", "roberta", "xlm-roberta", "camembert", "ernie", "mpnet"}
+
+
+def quantize_int8(model: StudentModel) -> StudentModel:
+    """Dynamic int8 quantisation of the encoder's linear layers (per-channel weights, activations
+    quantised per batch) for CPU inference; the 25-way head stays fp32. In place; returns it."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    import warnings
+
+    with warnings.catch_warnings():  # torch.ao's deprecation notice (moving to torchao)
+        warnings.simplefilter("ignore")
+        model.encoder = quantize_dynamic(model.encoder, {nn.Linear: per_channel_dynamic_qconfig}, inplace=False)
+    return model.eval()
+
+
 def build_student(model: str, pooling: str = "mean", seed: int = 0, dtype: torch.dtype = torch.float32) -> StudentModel:
     """Pretrained encoder from `model` (directory, cached hub id or `pkg:NAME`), fresh head."""
-    from transformers import AutoModel
-
     path = resolve_model_path(model)
-    encoder = AutoModel.from_pretrained(path, dtype=dtype)
+    encoder = load_encoder(path, dtype=dtype)
     torch.manual_seed(seed)  # the head's initialisation is the only random part
     return StudentModel(encoder, pooling=pooling)
 
@@ -70,10 +111,9 @@ def save_student(model: StudentModel, out_dir: str | os.PathLike) -> None:
 def load_student_model(in_dir: str | os.PathLike, pooling: str = "mean", device: str = "cpu") -> StudentModel:
     """Inverse of save_student."""
     from safetensors.torch import load_file
-    from transformers import AutoModel
 
     in_dir = Path(in_dir)
-    encoder = AutoModel.from_pretrained(in_dir / "model")
+    encoder = load_encoder(in_dir / "model")
     model = StudentModel(encoder, pooling=pooling)
     model.head.load_state_dict(load_file(str(in_dir / HEAD_FILE)))
     return model.to(device).eval()

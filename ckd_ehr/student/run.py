@@ -154,6 +154,8 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
         "text": {"column": prep.column, "config": cfg.text.model_dump(mode="json"), "top_k": cfg.eadf.top_k},
         "thresholds": {"fixed": fixed, "tuned": [float(x) for x in tuned], "served": s.thresholds},
         "metrics": metrics, "fit": prep.fit, "train_run": result.path,
+        # what the weights were trained on: `export-hf` marks credentialed (MIMIC) weights restricted
+        "data": {"source": cfg.data.source, "split": cfg.split.model_dump(mode="json")},
     }
     with tempfile.TemporaryDirectory(prefix="ckd-student-") as tmp:
         with best.as_directory() as ckpt_dir:

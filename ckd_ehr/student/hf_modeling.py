@@ -1,0 +1,57 @@
+"""The CKD-EHR student as a Hugging Face model: BertForSequenceClassification, pooled as trained.
+
+Self-contained (torch + transformers only): `ckd-ehr export-hf` ships this file beside the
+weights, so `AutoModelForSequenceClassification` / `pipeline("text-classification")` load it
+with `trust_remote_code=True`, offline.
+
+Why a subclass and not the stock class: stock BertForSequenceClassification feeds the
+classifier tanh(pooler(h[CLS])). The student was trained on the mask-aware MEAN of the last
+hidden states (or on h[CLS] itself, `cls`), with no pooler: the stock class cannot compute
+that, and loading the student into it would silently give other probabilities. The subclass
+changes only the pooling (no pooler layer at all); embeddings, encoder, classifier
+(`classifier`, 25 outputs), config (`problem_type="multi_label_classification"`,
+`id2label` = the 25 phenotypes) and tokenizer are the standard ones.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, BertModel
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+
+class CkdEhrStudentConfig(BertConfig):
+    model_type = "ckd-ehr-student"
+
+    def __init__(self, student_pooling: str = "mean", **kwargs):
+        super().__init__(**kwargs)
+        self.student_pooling = student_pooling
+
+
+class CkdEhrStudentForSequenceClassification(BertForSequenceClassification):
+    """BertForSequenceClassification whose classifier reads the student's pooling, no pooler."""
+
+    config_class = CkdEhrStudentConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, **kwargs):
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                        position_ids=position_ids, inputs_embeds=inputs_embeds)
+        hidden = out.last_hidden_state
+        if self.config.student_pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device)
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        logits = self.classifier(self.dropout(pooled))
+        loss = None
+        if labels is not None:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        return SequenceClassifierOutput(loss=loss, logits=logits)
