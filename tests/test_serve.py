@@ -97,6 +97,39 @@ def test_unknown_codes_are_warned_and_rendered_as_given(loaded):
     assert phenotypes()[0].codes[0] in text and len(warnings) == 1
 
 
+def test_icd10_record_renders_as_a_mimic4_run_trained(loaded):
+    """A MIMIC-IV record (icd_version 10) gets its phenotypes through the run's ICD-10 crosswalk
+    and its titles from the title map (dotted keys, as VISITS writes ICD-10-CM), so its text
+    equals EADF fusion of the same visit, clauses included."""
+    import dataclasses
+
+    from ckd_ehr.contracts import SAMPLES
+    from ckd_ehr.eadf import fuse_batch
+    from ckd_ehr.eadf_stats import top_drugs
+
+    predictor, info = loaded
+    names = phenotype_names()
+    chf = next(i for i, n in enumerate(names) if n.startswith("Congestive heart failure"))
+    arf = next(i for i, n in enumerate(names) if n.startswith("Acute and unspecified renal failure"))
+    titles = {"I50.23": "Acute on chronic systolic (congestive) heart failure", "N17.9": "Acute kidney failure, unspecified"}
+    info10 = dataclasses.replace(info, diagnosis_titles={**info.diagnosis_titles, **titles})
+    rec = {"diagnoses": ["I50.23", "n179"], "icd_version": 10, "medications": ["Furosemide"], "procedures": []}
+    present = np.zeros(25, dtype=np.int8)
+    present[[chf, arf]] = 1
+    row = dict(sample_id="1-2-3", subject_id=1, hadm_id=2, next_hadm_id=3, split="test", admittime=None,
+               diagnosis_codes=["I50.23", "N17.9"], diagnosis_titles=list(titles.values()),
+               diagnosis_short_titles=["", ""], procedure_codes=[], procedure_titles=[],
+               drugs=rec["medications"], phenotypes_current=present.tolist(), labels=[0] * 25, text_plain="")
+    trained = fuse_batch(pa.Table.from_pylist([row], schema=SAMPLES), top_drugs(predictor.efficacy_table, 5),
+                         predictor.text_config).column("text_eadf")[0].as_py()
+    text, warnings = render_record(Record(**rec), info10)
+    assert text == trained and warnings == []
+    assert "Acute on chronic systolic" in text and f"therapeutic effect on {names[chf]}" in text
+    # the same codes read as ICD-9 are unknown: the version decides the lookup
+    _, warnings9 = render_record(Record(**{**rec, "icd_version": 9}), info10)
+    assert warnings9
+
+
 def test_limits_and_tokens():
     cfg = ServeConfig(**LIMITS)
     check_limits(PredictRequest(records=[{"text": "x" * 5000}]), cfg)

@@ -21,7 +21,7 @@ import hmac
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Literal, Mapping, Protocol, Sequence
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -41,6 +41,7 @@ log = logging.getLogger("ckd_ehr.serve")
 STRUCTURED_FIELDS = ("diagnoses", "medications", "procedures")
 # ICD-9-CM diagnosis code shapes after normalisation: 3-5 digits, V + 2-4 digits, E + 3-4 digits.
 _ICD9_DX = re.compile(r"^(\d{3,5}|V\d{2,4}|E\d{3,4})$")
+_ICD10_DX = re.compile(r"^[A-Z]\d[0-9A-Z](\.[0-9A-Z]{1,4})?$")
 _MAX_WARNINGS = 50       # per record: bounded, so a hostile record cannot blow up the response
 _MAX_ECHO = 40           # characters of an unknown code echoed back in a warning
 
@@ -52,7 +53,10 @@ class Record(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    diagnoses: list[str] | None = Field(None, description="ICD-9-CM diagnosis codes ('4019' or '401.9').")
+    diagnoses: list[str] | None = Field(None, description="Diagnosis codes in ICD-9-CM ('4019' or '401.9') or, "
+                                        "with icd_version 10, ICD-10-CM ('I5023' or 'I50.23').")
+    icd_version: Literal[9, 10] = Field(9, description="ICD-CM version of `diagnoses` (MIMIC-IV: 10 from "
+                                        "October 2015; one version per record, as per admission in MIMIC-IV).")
     medications: list[str] | None = Field(None, description="Drug names as in PRESCRIPTIONS.drug.")
     procedures: list[str] | None = Field(None, description="Procedure titles (short_title) or ICD-9 procedure codes, rendered as given.")
     text: str | None = Field(None, description="Already rendered input text (used as is, no efficacy clauses added).")
@@ -122,7 +126,10 @@ class ModelInfo:
     efficacy: dict[str, list[str]] = field(default_factory=dict)
     """Phenotype name -> top drugs; empty for students trained without EADF."""
     diagnosis_titles: dict[str, str] = field(default_factory=dict)
-    """Normalised ICD-9 code -> title, when the artifact carries a title map."""
+    """Code as in VISITS (normalised ICD-9, dotted ICD-10-CM) -> title, when the artifact
+    carries a title map."""
+    icd10_crosswalk: str = "hcup_ccs"
+    """The ICD-10-CM -> phenotype crosswalk the training run used (data.icd10_crosswalk)."""
     render: Callable[..., str] | None = None
     """The student's own renderer (StudentPredictor.render: render_input, then the same
     section-by-section shrinking to max_length tokens as training); None = render_input only."""
@@ -172,16 +179,20 @@ def render_record(rec: Record, info: ModelInfo) -> tuple[str, list[str]]:
     if rec.text is not None:
         return _clean(rec.text), []
     warnings: list[str] = []
-    codes = [normalize_icd9(_clean(c)) for c in rec.diagnoses or []]
-    codes = [c for c in codes if c]
+    if rec.icd_version == 10:
+        codes, present = _icd10_codes(rec.diagnoses or [], info)
+    else:
+        codes = [normalize_icd9(_clean(c)) for c in rec.diagnoses or []]
+        codes = [c for c in codes if c]
+        present = multi_hot(codes)
     titles = []
     for c in codes:
         title = info.diagnosis_titles.get(c)
-        known = title is not None or bool(phenotypes_of_code(c)) or bool(_ICD9_DX.match(c))
+        pattern = _ICD10_DX if rec.icd_version == 10 else _ICD9_DX
+        known = title is not None or (rec.icd_version == 9 and bool(phenotypes_of_code(c))) or bool(pattern.match(c))
         if not known and len(warnings) < _MAX_WARNINGS:
             warnings.append(f"unknown diagnosis code '{c[:_MAX_ECHO]}' (rendered as given)")
         titles.append(title or c)
-    present = multi_hot(codes)
     names = info.label_names
     # same construction as ckd_ehr.eadf.fuse_batch: label order, phenotypes with drugs only
     efficacy = {names[p]: list(info.efficacy[names[p]]) for p in present.nonzero()[0]
@@ -195,6 +206,23 @@ def render_record(rec: Record, info: ModelInfo) -> tuple[str, list[str]]:
     if info.render is not None:  # the student's renderer also fits the text to max_length
         return info.render(titles, drugs, procs, present), warnings
     return r.text, warnings
+
+
+def _icd10_codes(raw: Sequence[str], info: ModelInfo) -> tuple[list[str], np.ndarray]:
+    """ICD-10-CM codes as VISITS writes them (dotted) and their phenotypes through the
+    training run's crosswalk, exactly as the MIMIC-IV loader maps them."""
+    from ..icd10 import dotted_icd10, load_crosswalk, normalize_icd10
+
+    crosswalk = load_crosswalk(info.icd10_crosswalk)
+    present = np.zeros(len(info.label_names), dtype=np.int8)
+    codes = []
+    for c in raw:
+        code = normalize_icd10(_clean(c))
+        if not code:
+            continue
+        present[list(crosswalk.lookup(code)[0])] = 1
+        codes.append(dotted_icd10(code))
+    return codes, present
 
 
 def render_and_predict(records: Sequence[Record], info: ModelInfo,

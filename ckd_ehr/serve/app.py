@@ -47,7 +47,8 @@ def model_info(predictor, artifact_dir: str | os.PathLike) -> ModelInfo:
     titles_path = Path(artifact_dir) / TITLES_FILE
     titles = {}
     if titles_path.exists():
-        titles = {normalize_icd9(k): str(v) for k, v in json.loads(titles_path.read_text()).items()}
+        # ICD-9 keys are stored normalised; ICD-10-CM keys dotted (MIMIC-IV runs), kept as they are.
+        titles = {(k if "." in k else normalize_icd9(k)): str(v) for k, v in json.loads(titles_path.read_text()).items()}
     return ModelInfo(
         artifact_id=str(predictor.meta["artifact_id"]),
         label_names=list(predictor.label_names),
@@ -55,6 +56,7 @@ def model_info(predictor, artifact_dir: str | os.PathLike) -> ModelInfo:
         text_config=predictor.text_config,
         efficacy={k: list(v) for k, v in (predictor.efficacy or {}).items()},
         diagnosis_titles=titles,
+        icd10_crosswalk=str((predictor.meta.get("data") or {}).get("icd10_crosswalk") or "hcup_ccs"),
         render=_own_tokenizer_render(predictor))
 
 

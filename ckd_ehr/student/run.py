@@ -155,7 +155,8 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
         "thresholds": {"fixed": fixed, "tuned": [float(x) for x in tuned], "served": s.thresholds},
         "metrics": metrics, "fit": prep.fit, "train_run": result.path,
         # what the weights were trained on: `export-hf` marks credentialed (MIMIC) weights restricted
-        "data": {"source": cfg.data.source, "split": cfg.split.model_dump(mode="json")},
+        "data": {"source": cfg.data.source, "split": cfg.split.model_dump(mode="json"),
+                 "icd10_crosswalk": cfg.data.icd10_crosswalk},  # Serve maps ICD-10 records the same way
     }
     with tempfile.TemporaryDirectory(prefix="ckd-student-") as tmp:
         with best.as_directory() as ckpt_dir:
