@@ -1,6 +1,7 @@
 # ckd-ehr: two commands do everything on a fresh machine.
 #   make demo   install into .venv, then run the whole pipeline on the embedded default
 #   make test   install into .venv, then run the whole test suite
+#   make test-fast  the same without the Ray integration tests (edit-test loop)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,7 +19,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test lint clean bench
+.PHONY: install demo test test-fast lint clean bench
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +40,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The edit-test loop: no Ray cluster (tests needing one are marked slow in tests/conftest.py), no GPU.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not gpu" tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

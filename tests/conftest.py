@@ -54,6 +54,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CKD_EHR_SHARED", REPO.parent / "shared"))
 
 
+RAY_FIXTURES = {"ray_local", "ray_head"}
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch
@@ -64,6 +67,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip_gpu)
+        # Test tiers: everything that needs a Ray cluster (directly or through a fixture such as
+        # a trained tiny run) is an integration test; `make test-fast` leaves them out.
+        if RAY_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
