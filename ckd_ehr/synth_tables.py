@@ -15,8 +15,6 @@ import csv
 import gzip
 import io
 import logging
-import posixpath
-import uuid
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -26,7 +24,7 @@ import pyarrow.csv as pacsv
 
 from . import synth_catalog as cat
 from .phenotypes import phenotypes
-from .storage import join, resolve
+from .storage import atomic_output_stream, join
 from .synth_model import DAY, PATIENT_CATEGORIES, Cohort
 
 log = logging.getLogger("ckd_ehr.synth")
@@ -276,33 +274,20 @@ def _full_chunk(table: pa.Table, header: bool) -> bytes:
 
 
 def write_table(chunks: Iterable[pa.Table], out_dir: str, table: str, form: str) -> int:
-    """Write one table atomically; return its row count."""
+    """Write one table atomically (storage.atomic_output_stream); return its row count."""
     columns = COLUMNS[table]
-    fs, inner = resolve(join(out_dir, file_name(table, form)))
-    head, tail = posixpath.split(inner)
-    tmp = posixpath.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:8]}")
     rows = 0
-    try:
-        with fs.open_output_stream(tmp) as raw:
-            if form == "demo":
-                raw.write((",".join(columns) + "\n").encode())
-                for chunk in chunks:
-                    raw.write(_demo_chunk(chunk.select(list(columns))))
+    with atomic_output_stream(join(out_dir, file_name(table, form))) as raw:
+        if form == "demo":
+            raw.write((",".join(columns) + "\n").encode())
+            for chunk in chunks:
+                raw.write(_demo_chunk(chunk.select(list(columns))))
+                rows += chunk.num_rows
+        else:
+            upper = [c.upper() for c in columns]
+            with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=GZIP_LEVEL, mtime=0, filename="") as gz:
+                for i, chunk in enumerate(chunks):
+                    gz.write(_full_chunk(chunk.select(list(columns)).rename_columns(upper), header=i == 0))
                     rows += chunk.num_rows
-            else:
-                upper = [c.upper() for c in columns]
-                with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=GZIP_LEVEL, mtime=0, filename="") as gz:
-                    for i, chunk in enumerate(chunks):
-                        gz.write(_full_chunk(chunk.select(list(columns)).rename_columns(upper), header=i == 0))
-                        rows += chunk.num_rows
-    except BaseException:
-        try:
-            fs.delete_file(tmp)
-        except Exception:
-            pass
-        raise
-    if fs.get_file_info(inner).type.name == "File":
-        fs.delete_file(inner)
-    fs.move(tmp, inner)
     log.info("wrote %s: %d rows", file_name(table, form), rows)
     return rows
