@@ -41,6 +41,9 @@ from .storage import join
 
 SPLITS = ("train", "val", "test")
 STUDENT_VARIANTS = ("hard_plain", "hard_eadf", "distill_plain", "ckd_ehr")
+PROBE_HEAD = "probe_head.safetensors"
+"""In a checkpoint and in teacher and student artifacts trained with `head_init: probe`: the
+linear probe the head started from (ckd_ehr.probe.LinearProbe), read by evaluate's probe rows."""
 
 
 def quantized_name(variant: str) -> str:
@@ -182,6 +185,8 @@ class RunLayout:
     def augmented(self, split: str) -> str: return self.path("eadf", "samples", f"{split}.parquet")
     @property
     def eadf_validity(self) -> str: return self.path("eadf", "validity.json")
+    @property
+    def text_fit(self) -> str: return self.path("eadf", "text_fit.json")
     @property
     def teacher_artifact(self) -> str: return self.path("teacher", "artifact")
     @property

@@ -44,6 +44,8 @@ ROLES = {
     "ckd_ehr": "(d) student, distillation, EADF text: CKD-EHR",
     "teacher": "(e) teacher LLM with the multi-label projection head",
 }
+from .probe_rows import PROBE_ROLES  # roles of the probe rows, beside the baselines
+
 BASELINE_ROLES = {
     "all_negative": "floor: 0 for every phenotype",
     "prevalence": "floor: training prevalence as the score",
@@ -289,6 +291,12 @@ def run_evaluate(cfg) -> dict:
     if cfg.evaluate.baselines:
         references, ref_notes = reference_rows(cfg, layout)
         notes += ref_notes
+    if cfg.evaluate.probes:
+        from .probe_rows import probe_rows
+
+        probes, probe_notes = probe_rows(cfg, layout)
+        references.update(probes)
+        notes += probe_notes
     if not frames and not references:
         raise FileNotFoundError(f"{pred_dir}: no prediction files for any of {', '.join(MODELS)} "
                                 "(have the student and teacher stages written their test predictions?) "
@@ -312,7 +320,7 @@ def run_evaluate(cfg) -> dict:
     baselines, base_dists = {}, {}
     for name, (df, thr, details) in references.items():
         entry, base_dists[name] = score(df, thr)
-        baselines[name] = {"role": BASELINE_ROLES[name], "details": details, **entry}
+        baselines[name] = {"role": BASELINE_ROLES.get(name) or PROBE_ROLES[name], "details": details, **entry}
         m = entry["modes"]["fixed"]["metrics"]
         log.info("baseline %s: macro AUROC %.4f %s (n=%d)", name, m["macro_auroc"],
                  entry["modes"]["fixed"]["intervals"].get("macro_auroc"), entry["n_samples"])

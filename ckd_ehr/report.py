@@ -81,7 +81,7 @@ def _figure_png(fig) -> bytes:
 REFERENCE_STYLE = {
     "all_negative": ("#999999", ":"), "prevalence": ("#777777", "-."), "copy_forward": ("#DD8452", "--"),
     "logistic_regression": ("#55A868", "-"), "observable_ceiling": ("#8172B3", "-"),
-    "latent_oracle": ("#C44E52", "--"),
+    "latent_oracle": ("#C44E52", "--"), "probe_teacher": ("#937860", ":"), "probe_student": ("#DA8BC3", ":"),
 }
 
 
@@ -123,8 +123,12 @@ def plot_variants(metrics: dict, mode: str) -> bytes:
             errors[0].append(v - ci[0] if ci and v is not None else 0)
             errors[1].append(ci[1] - v if ci and v is not None else 0)
         if names:
-            ax.bar(range(len(names)), values, yerr=errors, capsize=4, color="#4C72B0")
+            # Points with intervals, not bars: the axis is cut to the figures' range, and a bar
+            # on a cut axis draws a length that means nothing.
+            ax.errorbar(range(len(names)), values, yerr=errors, fmt="o", capsize=4, color="#4C72B0",
+                        markersize=6, linewidth=1.5)
             ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+            ax.set_xlim(-0.6, len(names) - 0.4)
         else:
             ax.set_xticks([])
         ax.set_title(label)
@@ -135,7 +139,7 @@ def plot_variants(metrics: dict, mode: str) -> bytes:
             ax.set_ylim(max(0.0, min(lows) - 0.04), min(1.0, max(highs) + 0.04))
     if metrics.get("baselines"):
         axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), title="reference rows")
-    fig.suptitle(f"Test split, thresholds: {mode} (bars: 95% patient bootstrap; lines and bands: "
+    fig.suptitle(f"Test split, thresholds: {mode} (points: 95% patient bootstrap intervals; lines and bands: "
                  "reference rows and their intervals)")
     return _figure_png(fig)
 
@@ -282,12 +286,30 @@ def build_blocks(metrics: dict, run_dir: str, images: dict[str, str], quality: d
         blocks.append(("p", "The teacher's soft labels, from the soft-labels stage's quality check:"))
         blocks.append(("img", images["soft_label_reliability"], "teacher soft-label reliability"))
     if quality:
-        scalars = [[k, fmt(v, 4) if isinstance(v, float) else str(v)] for k, v in quality.items()
-                   if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
-        if scalars:
-            blocks.append(("table", ["Soft-label quality", "Value"], scalars))
+        blocks += soft_label_quality_blocks(quality)
 
     return blocks + _notes_blocks(metrics, models)
+
+
+def soft_label_quality_blocks(quality: dict) -> list[tuple]:
+    """The soft-label quality figures per split (and over all splits), then what they mean."""
+    per = {**(quality.get("splits") or {}), **({"all splits": quality["overall"]} if quality.get("overall") else {})}
+    keys = []
+    for entry in per.values():
+        keys += [k for k, v in entry.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in keys]
+    blocks = []
+    if per and keys:
+        rows = [[split] + [fmt(e.get(k), 4) if isinstance(e.get(k), float) else str(e.get(k, "")) for k in keys]
+                for split, e in per.items()]
+        blocks.append(("table", ["Soft labels"] + keys, rows))
+    scalars = [[k, fmt(v, 4) if isinstance(v, float) else str(v)] for k, v in quality.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if scalars:
+        blocks.append(("table", ["Soft-label quality", "Value"], scalars))
+    notes = [[k, str(v)] for k, v in quality.items() if isinstance(v, str)]
+    if notes:
+        blocks.append(("table", ["Soft-label quality", "Meaning"], notes))
+    return blocks
 
 
 def _notes_blocks(metrics: dict, models: dict) -> list[tuple]:

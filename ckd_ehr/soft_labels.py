@@ -18,15 +18,18 @@ from __future__ import annotations
 import logging
 import math
 import posixpath
+import time
 from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from . import storage
 from .contracts import SOFT_LABELS, SPLITS, ContractError, RunLayout
 from .phenotypes import NUM_PHENOTYPES
+from .training import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +44,12 @@ def resolve_dtype(name: str, on_gpu: bool):
     return getattr(torch, name)
 
 
-def tokenize(tokenizer, texts: Sequence[str], use_chat_template: bool, max_length: int) -> list[list[int]]:
+def tokenize(tokenizer, texts: Sequence[str], use_chat_template: bool, max_length: int,
+             instruction_kind: str = "paper") -> list[list[int]]:
     """Token ids per text (unpadded), built and truncated exactly as the teacher was trained."""
     from .teacher.data import encode_texts
 
-    return encode_texts(list(texts), tokenizer, max_length, use_chat_template)
+    return encode_texts(list(texts), tokenizer, max_length, use_chat_template, instruction_kind)
 
 
 def sub_batches(lengths: Sequence[int], sub_batch_size: int) -> list[np.ndarray]:
@@ -175,13 +179,13 @@ class TeacherScorer:
             artifact_dir, device=self.device, dtype=resolve_dtype(dtype, use_gpu), merge_lora=True)
         self.model.eval()
         self.teacher_id = meta["artifact_id"]
-        self.use_chat_template, self.max_length = teacher_text_options(meta, max_length)
+        self.use_chat_template, self.max_length, self.instruction = teacher_text_options(meta, max_length)
         self.text_column = text_column
         self.sub_batch_size = sub_batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch.column(self.text_column).to_pylist()
-        ids = tokenize(self.tokenizer, texts, self.use_chat_template, self.max_length)
+        ids = tokenize(self.tokenizer, texts, self.use_chat_template, self.max_length, self.instruction)
         logits, padded = score_ids(self.model, self.tokenizer, ids, self.sub_batch_size, self.device)
         table = soft_label_table(batch.column("sample_id").to_pylist(), logits, self.teacher_id)
         # Carried through so the driver can tell the splits apart and count tokens; dropped
@@ -191,11 +195,14 @@ class TeacherScorer:
                 .append_column("n_computed", pa.array(padded, pa.int32())))
 
 
-def teacher_text_options(meta: dict, max_length: int | None = None) -> tuple[bool, int]:
-    """(use_chat_template, max_length) as the teacher was trained; `max_length` overrides."""
+def teacher_text_options(meta: dict, max_length: int | None = None) -> tuple[bool, int, str]:
+    """(use_chat_template, max_length, instruction) as the teacher was trained; `max_length` overrides."""
+    from .teacher.artifact import teacher_instruction
+
     tcfg = meta.get("config", {})
     chat = meta.get("use_chat_template", tcfg.get("use_chat_template", True))
-    return bool(chat), int(max_length or meta.get("max_length") or tcfg.get("max_length", 1024))
+    return (bool(chat), int(max_length or meta.get("max_length") or tcfg.get("max_length", 1024)),
+            teacher_instruction(meta))
 
 
 def teacher_text_column(artifact_dir: str) -> str:
@@ -228,8 +235,18 @@ def infer_soft_labels(input_paths: dict[str, str], artifact_dir: str, cfg) -> di
                                    torch_threads=None if use_gpu else threads),
         batch_size=cfg.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None)
-    refs = ds.to_arrow_refs()
-    tables = [t for t in ray.get(refs) if t.num_rows]
+    # Streamed, not collected at the end: the driver logs progress with the time left (Ray
+    # Data's own progress bars are off in this project: they garble logs of jobs and tests).
+    total = sum(_num_rows(p) for p in input_paths.values())
+    tables, done, start, last = [], 0, time.time(), time.time()
+    for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        if block.num_rows:
+            tables.append(block)
+            done += block.num_rows
+        if time.time() - last > 20 or done == total:
+            last, rate = time.time(), done / max(1e-9, time.time() - start)
+            log.info("soft labels: %d/%d samples scored (%.0f%%), about %s left", done, total,
+                     100.0 * done / max(1, total), format_duration((total - done) / max(rate, 1e-9)))
     if not tables:
         return {split: _empty() for split in input_paths}
     full = pa.concat_tables(tables)
@@ -241,6 +258,11 @@ def infer_soft_labels(input_paths: dict[str, str], artifact_dir: str, cfg) -> di
         strays = sorted({p for p, s in zip(path_list, split_of) if not s})
         raise ContractError(f"soft labels: rows from unexpected file(s) {strays[:3]}")
     return {split: full.filter(pa.array(split_of == split)) for split in input_paths}
+
+
+def _num_rows(path: str) -> int:
+    fs, inner = storage.resolve(path)
+    return pq.ParquetFile(inner, filesystem=fs).metadata.num_rows
 
 
 def _empty() -> pa.Table:
@@ -259,10 +281,28 @@ def run_soft_labels(cfg) -> dict:
     if not storage.exists(storage.join(artifact, "teacher.json")):
         raise FileNotFoundError(f"{artifact}: no teacher artifact (run `ckd-ehr teacher` first)")
     inputs = {split: layout.augmented(split) for split in SPLITS}
+    subsets = {}
+    if cfg.soft_labels.rows == "student":
+        from .student.data import student_rows
+
+        for split in ("train", "val"):
+            table = storage.read_parquet(inputs[split])
+            keep = student_rows(cfg.student, split, table.num_rows)
+            if len(keep) < table.num_rows:
+                # Beside the run's other files (same filesystem for Ray Data), removed below.
+                subsets[split] = storage.join(layout.root, "soft_labels", f"student_rows_{split}.parquet")
+                storage.write_parquet(table.take(pa.array(keep)), subsets[split])
+                log.info("soft labels %s: the %d of %d rows the student reads (soft_labels.rows: student)",
+                         split, len(keep), table.num_rows)
+                inputs[split] = subsets[split]
     input_ids = {split: storage.read_parquet(p, columns=["sample_id"]).column("sample_id").to_pylist()
                  for split, p in inputs.items()}
     init_ray(cfg.ray)
-    raw = infer_soft_labels(inputs, artifact, cfg.soft_labels)
+    try:
+        raw = infer_soft_labels(inputs, artifact, cfg.soft_labels)
+    finally:
+        for path in subsets.values():
+            storage.remove(path)
     # Every split is checked before any is written: the stage fails whole, not half-replaced.
     tables = {}
     for split in SPLITS:

@@ -127,6 +127,13 @@ def write_parquet(table: pa.Table, path: str | os.PathLike, **kwargs) -> None:
     _move_into_place(fs, tmp, inner)
 
 
+def remove(path: str | os.PathLike) -> None:
+    """Delete a file if it exists (local or URI)."""
+    fs, inner = resolve(path)
+    if fs.get_file_info(inner).type == pafs.FileType.File:
+        fs.delete_file(inner)
+
+
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
     fs, inner = resolve(path)
     if fs.get_file_info(inner).type == pafs.FileType.NotFound:

@@ -1,6 +1,6 @@
 """Rendering a visit as text, in the authors' released template (see NOTES.md).
 
-One function, `render_input`, with options: the instruction on or off, and a character
+One function, `render_input`, with options: which instruction (if any), and a character
 budget per section applied section by section, so a long diagnosis list can never push the
 efficacy clauses (added by EADF, rendered last) out of the text. Items that do not fit are
 dropped whole and counted in the result, never cut silently mid-word.
@@ -8,7 +8,7 @@ dropped whole and counted in the result, never cut silently mid-word.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Literal, Mapping, Sequence
 
 from .config import TextConfig
 from .phenotypes import phenotype_names
@@ -17,9 +17,22 @@ INSTRUCTION_PREFIX = "Determine that the patient has one or more of the followin
 OUTPUT_PREFIX = "Disease that the patient may acquire: "
 
 
-def instruction() -> str:
-    """The instruction naming the 25 phenotypes, comma separated."""
-    return INSTRUCTION_PREFIX + ", ".join(phenotype_names()) + "."
+SHORT_INSTRUCTION = "Predict the diseases of the patient's next visit from this visit."
+Instruction = Literal["paper", "short", "none"]
+INSTRUCTIONS: tuple[str, ...] = ("paper", "short", "none")
+
+
+def instruction(kind: Instruction = "paper") -> str:
+    """The prompt's instruction. `paper`: the release's, naming the 25 phenotypes (about 176
+    SmolLM2 tokens); `short`: one sentence (13 tokens); `none`: no instruction (an MLAPH head
+    reads pooled states, never a generated answer, so the instruction only costs tokens)."""
+    if kind == "paper":
+        return INSTRUCTION_PREFIX + ", ".join(phenotype_names()) + "."
+    if kind == "short":
+        return SHORT_INSTRUCTION
+    if kind == "none":
+        return ""
+    raise ValueError(f"instruction must be one of {', '.join(INSTRUCTIONS)}, got {kind!r}")
 
 
 @dataclass
@@ -46,7 +59,10 @@ def _clean(items: Sequence[str] | None) -> list[str]:
     return [str(s).strip() for s in (items or []) if s is not None and str(s).strip()]
 
 
-def efficacy_clause(phenotype: str, drugs: Sequence[str]) -> str:
+def efficacy_clause(phenotype: str, drugs: Sequence[str], style: str = "paper") -> str:
+    """One EADF clause: the phenotype and its top drugs, in the release's wording or a short one."""
+    if style == "short":
+        return f"Effective for {phenotype}: {', '.join(drugs)};"
     return f"The medications that maybe have therapeutic effect on {phenotype} are {', '.join(drugs)};"
 
 
@@ -70,13 +86,13 @@ def render_input(
     ]
     dropped = {"diagnoses": n_dx, "drugs": n_rx, "procedures": n_px, "efficacy": 0}
     if efficacy:
-        clauses = [efficacy_clause(p, d) for p, d in efficacy.items() if d]
+        clauses = [efficacy_clause(p, d, cfg.clauses) for p, d in efficacy.items() if d]
         ef, dropped["efficacy"] = _fit(clauses, cfg.max_chars_efficacy, sep=" ")
         if ef:
             parts.append(ef[:-1] + ".")  # the release ends the clause list with '.'
     text = " ".join(parts)
-    if cfg.include_instruction:
-        text = instruction() + " " + text
+    if cfg.instruction != "none":
+        text = instruction(cfg.instruction) + " " + text
     return Rendered(text=text, dropped=dropped)
 
 

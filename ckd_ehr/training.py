@@ -72,6 +72,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .contracts import PROBE_HEAD
+
 log = logging.getLogger("ckd_ehr.training")
 
 TRAINABLE = "trainable.safetensors"
@@ -82,6 +84,15 @@ FAIL_MARKER = "fail_injected.marker"
 
 
 # --- plain pieces, testable without Ray ---------------------------------------------------
+
+def format_duration(seconds: float) -> str:
+    """A short human duration for progress lines: '45 s', '3.2 min', '1.5 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
 
 def multilabel_metrics(logits: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     """Validation metrics of logits: ckd_ehr.metrics.all_scores on the probabilities (the same
@@ -439,6 +450,8 @@ class _Worker:
         if self.rank == 0:
             log.info("model built: this worker holds %.3f of its parameters' elements, peak RSS %.0f MiB",
                      self.build_local_fraction, self.build_peak_rss / 2**20)
+        self.probe_metrics: dict = {}
+        self.probe = self._fit_probe(model) if cfg.head_init == "probe" else None
         groups = self.task.param_groups(model) if self.task.param_groups else \
             [{"params": [p for p in model.parameters() if p.requires_grad]}]
         groups = [{k: v for k, v in g.items() if k != "name"} for g in groups]
@@ -467,6 +480,57 @@ class _Worker:
         self.step, self.epoch, self.batches_done = 0, 0, 0
         self.resumed_from = -1          # step of the checkpoint this attempt started from
         self.first_loss = float("nan")  # train loss of step 1, reported so callers can see it fall
+
+    # linear probe, then fine-tune ---------------------------------------------------------
+
+    def _fit_probe(self, model: nn.Module):
+        """head_init `probe`: fit ckd_ehr.probe's logistic regression on the frozen model's
+        pooled features of every training and validation sample (all ranks' shares gathered,
+        the same deterministic fit on each rank) and load it into the model's head."""
+        from .probe import fit_probe
+
+        if self.zero3:
+            raise ValueError("head_init: probe needs an unpartitioned model (ddp or DeepSpeed ZeRO-1/2), "
+                             "not ZeRO-3")
+        if not hasattr(model, "features") or not hasattr(model, "load_probe"):
+            raise ValueError(f"head_init: probe: {type(model).__name__} has no features()/load_probe()")
+        start = time.time()
+        model.to(self.device)
+        x_train, y_train = self._pooled_features(model, self.train, self.train_len)
+        x_val, y_val = self._pooled_features(model, self.val, self.val_len)
+        probe = fit_probe(x_train, y_train, x_val, y_val, seed=self.cfg.seed)
+        model.load_probe(probe)
+        self.probe_metrics = {"probe_val_macro_auroc": probe.val_macro_auroc, "probe_c": probe.c_value,
+                              "probe_s": round(time.time() - start, 1)}
+        if self.rank == 0:
+            log.info("head_init probe: head set to the linear probe (C=%s, validation macro AUROC %.4f) in %.0f s",
+                     probe.c_value, probe.val_macro_auroc, time.time() - start)
+        return probe
+
+    @torch.no_grad()
+    def _pooled_features(self, model: nn.Module, examples: Sequence[dict], lengths: list[int]
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """model.features of `examples` [N, H] and their labels [N, K], in input order."""
+        import torch.distributed as dist
+
+        was = model.training
+        model.eval()
+        bs = self.cfg.eval_batch_size or 2 * self.micro_bs
+        mine = []
+        for idx in eval_batches(lengths, bs, self.world, self.rank):
+            if idx is None:
+                continue
+            inputs, targets = self.task.collate([examples[i] for i in idx])
+            feats = model.features(**to_device(inputs, self.device))
+            mine.append((idx, feats.float().cpu().numpy(), self.labels_of(targets).float().cpu().numpy()))
+        parts = [mine]
+        if self.world > 1:
+            parts = [None] * self.world
+            dist.all_gather_object(parts, mine)
+        model.train(was)
+        rows = [r for p in parts for r in p]
+        order = np.argsort(np.concatenate([r[0] for r in rows]))
+        return (np.concatenate([r[1] for r in rows])[order], np.concatenate([r[2] for r in rows])[order])
 
     # checkpoints -------------------------------------------------------------------------
 
@@ -503,6 +567,8 @@ class _Worker:
                     np.save(os.path.join(tmp, "val_labels.npy"), val_out[1])
                 if self.task.save_weights:
                     self.task.save_weights(self.module, state, tmp)
+                if self.probe is not None:  # the head's starting point, for evaluate's probe rows
+                    self.probe.save(os.path.join(tmp, PROBE_HEAD))
             has_files = self.rank == 0 or self.ds
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
         finally:
@@ -665,9 +731,12 @@ class _Worker:
                 metrics = {"step": self.step, "epoch": self.epoch + self.batches_done / len(batches),
                            "train_loss": last_loss, "train_loss_first": self.first_loss,
                            "resumed_from_step": self.resumed_from, "lr": self.scheduler.get_last_lr()[0],
-                           "samples_per_s": seen / max(1e-9, time.time() - start)}
-                if self.rank == 0 and (self.step % 10 == 0 or epoch_end or done):
-                    log.info("step %d/%d epoch %.2f loss %.4f", self.step, self.total_steps, metrics["epoch"], last_loss)
+                           "samples_per_s": seen / max(1e-9, time.time() - start), **self.probe_metrics}
+                if self.rank == 0 and (self.step % 10 == 0 or epoch_end or done or self.step == 1):
+                    per_step = (time.time() - start) / max(1, self.step - max(0, self.resumed_from))
+                    log.info("step %d/%d epoch %.2f loss %.4f (%.1f s/step, about %s left)", self.step,
+                             self.total_steps, metrics["epoch"], last_loss, per_step,
+                             format_duration(per_step * (self.total_steps - self.step)))
                 if epoch_end or done or (cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0):
                     metrics.update(self.run_stats())
                     if self.rank == 0:

@@ -133,7 +133,7 @@ def run_tune(cfg: PipelineConfig, space_file: str, num_samples: int | None = Non
     exp_dir = experiment_dir or layout.path("tune", Path(space_file).stem)
     if not storage.is_uri(exp_dir):
         exp_dir = os.path.abspath(exp_dir)
-    metric = cfg.tune.metric or space.metric or "val_macro_f1"
+    metric = cfg.tune.metric or space.metric or "val_macro_auroc"
     if resume and storage.exists(storage.join(exp_dir, SEARCH_FILE)):
         metric = storage.read_json(storage.join(exp_dir, SEARCH_FILE))["metric"]  # as searched
     parent, name = exp_dir.rstrip("/").rsplit("/", 1)

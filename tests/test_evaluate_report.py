@@ -50,7 +50,9 @@ def fake_run(tmp_path_factory):
     storage.write_json(storage.join(layout.teacher_artifact, "teacher.json"), {"thresholds": [0.45] * 25})
     # The soft-labels stage's quality outputs, which the report links.
     storage.write_bytes(storage.join(layout.soft_label_quality, "reliability.png"), b"\x89PNG\r\n\x1a\nfake")
-    storage.write_json(storage.join(layout.soft_label_quality, "quality.json"), {"ece": 0.0123, "mean_entropy": 0.4})
+    storage.write_json(storage.join(layout.soft_label_quality, "quality.json"),
+                       {"ece": 0.0123, "mean_entropy": 0.4, "entropy": "mean binary entropy, bits",
+                        "splits": {"test": {"ece": 0.0456, "macro_auroc": 0.7891, "n": 12}}})
     cfg = load_config(PipelineConfig, None, [f"run_dir={root}", "evaluate.bootstrap=40", "evaluate.seed=3"])
     return {"cfg": cfg, "layout": layout, "y": y, "probs": probs, "subjects": subjects, "tuned": tuned,
             "metrics": run_evaluate(cfg)}
@@ -118,6 +120,7 @@ def test_report_writes_markdown_html_and_plots(fake_run):
     shown = f"{100 * delta['delta']:+.1f} [{100 * delta['interval'][0]:+.1f}, {100 * delta['interval'][1]:+.1f}]"
     assert shown in md and shown in page
     assert "+27% F1" in md and "0.0123" in md                       # the paper's claim, quality.json
+    assert "0.0456" in md and "0.7891" in md and "mean binary entropy" in md  # per-split figures, not only descriptions
     assert "hard_eadf skipped" in md
 
 

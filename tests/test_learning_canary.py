@@ -97,3 +97,31 @@ def test_teacher_learns_an_obvious_signal(ray_local, tiny_qwen_dir, marker_split
     result = fit(tc, task, storage_path=str(tmp_path), name="canary-teacher")
     assert result.metrics["train_loss"] < result.metrics["train_loss_first"]
     assert result.best_metrics["val_macro_auroc"] >= 0.9, result.best_metrics
+
+
+def test_teacher_with_probe_head_learns_an_obvious_signal(ray_local, tiny_qwen_dir, marker_splits, tmp_path):
+    """The demo's recipe (head_init: probe, linear probe then fine-tune) through the real loop:
+    the head starts at the logistic regression on frozen pooled features, which this task
+    separates; fine-tuning from there keeps it (the random-head loop above does not get there)."""
+    from ckd_ehr.config import TeacherConfig
+    from ckd_ehr.contracts import PROBE_HEAD
+    from ckd_ehr.teacher.data import Collate, make_examples, pad_id
+    from ckd_ehr.teacher.train import BCELoss, BuildTeacher, TeacherParamGroups, load_tokenizer
+    from ckd_ehr.training import TrainTask, fit
+
+    tc = TeacherConfig(model=str(tiny_qwen_dir), gguf_file=None, num_workers=1, cpus_per_worker=1, epochs=1,
+                       batch_size=16, lr=1e-3, head_lr=1e-3, warmup_ratio=0.0, max_length=64, pooling="mean",
+                       use_chat_template=False, best_metric="val_macro_auroc", head_init="probe", strategy="ddp")
+    tok = load_tokenizer(tc)
+    (tr_texts, tr_labels), (va_texts, va_labels) = marker_splits
+    train = make_examples(tr_texts, tr_labels, tok, tc.max_length, tc.use_chat_template, tc.instruction)
+    val = make_examples(va_texts, va_labels, tok, tc.max_length, tc.use_chat_template, tc.instruction)
+    task = TrainTask(build_model=BuildTeacher(tc), load_data=list_data(train, val), collate=Collate(pad_id(tok)),
+                     loss_fn=BCELoss(), param_groups=TeacherParamGroups(tc))
+    result = fit(tc, task, storage_path=str(tmp_path), name="canary-teacher-probe")
+    assert result.best_metrics["probe_val_macro_auroc"] >= 0.9, result.best_metrics
+    assert result.best_metrics["val_macro_auroc"] >= 0.9, result.best_metrics
+    with result.best_checkpoint.as_directory() as d:
+        import os
+
+        assert os.path.exists(os.path.join(d, PROBE_HEAD))

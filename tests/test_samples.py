@@ -83,7 +83,7 @@ def test_sample_text_uses_titles_drugs_and_procedures_without_efficacy():
     short_text, _ = render_texts(pairs, TextConfig(titles="short"))
     assert "disease is Hypertension NOS, 7895." in short_text[0]
     assert "therapeutic effect" not in long_text[0] + short_text[0]
-    with_instruction, _ = render_texts(pairs, TextConfig(include_instruction=True))
+    with_instruction, _ = render_texts(pairs, TextConfig(instruction="paper"))
     assert with_instruction[0].startswith("Determine that the patient has one or more") \
         and with_instruction[0].endswith(long_text[0])
 

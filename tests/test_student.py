@@ -100,9 +100,13 @@ def test_section_budget_fit_keeps_efficacy_clause(tiny_bert_dir):
     # tail truncation would have cut the clauses: the naive cut does lose them
     cut = tok.decode(tok(eadf[0], truncation=True, max_length=max_length)["input_ids"])
     assert "therapeutic effect" not in cut
-    # plain texts are refitted without efficacy clauses
+    # plain texts are refitted without efficacy clauses, with the budgets of their EADF text:
+    # both arms show the same patient items (the EADF text is the plain text plus clauses)
     plain, pstats = fit_texts(samples, tok, max_length, "text_plain", _efficacy_map(), TextConfig())
     assert pstats.refit == 6 and not any("therapeutic" in t for t in plain)
+    for p_text, e_text in zip(plain, texts):
+        assert e_text.startswith(p_text)
+    assert stats.as_dict()["share_all_items_kept"] == 0.0 and stats.as_dict()["share_all_clauses_kept"] == 1.0
 
 
 def test_efficacy_clauses_too_long_alone_lose_whole_clauses(tiny_bert_dir):
@@ -113,7 +117,7 @@ def test_efficacy_clauses_too_long_alone_lose_whole_clauses(tiny_bert_dir):
     tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
     eff = {NAMES[p]: [f"Drug{p} number {k}" for k in range(5)] for p in range(8)}
     text = render_input(["Cough"], ["Aspirin"], ["Venous cath NEC"], efficacy=eff).text
-    fitted, rounds, status = fit_text(tok, 120, text, ["Cough"], ["Aspirin"], ["Venous cath NEC"], eff, TextConfig())
+    fitted, rounds, status, _ = fit_text(tok, 120, text, ["Cough"], ["Aspirin"], ["Venous cath NEC"], eff, TextConfig())
     assert status == "efficacy_reduced" and rounds > 0
     assert len(tok(fitted)["input_ids"]) <= 120
     first = f"therapeutic effect on {NAMES[0]} are {', '.join(eff[NAMES[0]])}"

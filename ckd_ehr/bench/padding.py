@@ -88,7 +88,7 @@ def bench_padding(cfg, args) -> dict:
         texts = texts[: args.samples]
     tc, sc, sl = cfg.teacher, cfg.student, cfg.soft_labels
     teacher_len = np.array([len(x) for x in encode_texts(texts, load_tokenizer(tc), tc.max_length,
-                                                         tc.use_chat_template)])
+                                                         tc.use_chat_template, tc.instruction)])
     stok = AutoTokenizer.from_pretrained(resolve_model_path(sc.model))
     student_len = np.minimum([len(x) for x in stok(texts, add_special_tokens=True)["input_ids"]], sc.max_length)
     res: dict = {"source": source, "samples": len(texts),

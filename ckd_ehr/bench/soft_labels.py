@@ -128,9 +128,9 @@ def _bench(cfg, args, tmp_dir: str) -> dict:
     res["matmul_peak_gflops"] = round(peak / 1e9, 1)
 
     model, tok, meta = load_teacher(artifact, device="cpu", merge_lora=True)
-    chat, max_length = teacher_text_options(meta, sl.max_length)
+    chat, max_length, instr = teacher_text_options(meta, sl.max_length)
     params = non_embedding_params(model)
-    ids = tokenize(tok, texts, chat, max_length)
+    ids = tokenize(tok, texts, chat, max_length, instr)
     real_tokens = sum(len(x) for x in ids)
     res.update(teacher_id=meta["artifact_id"], non_embedding_params=params, max_length=max_length,
                real_tokens=real_tokens, mean_tokens=round(real_tokens / len(texts), 1))
@@ -143,11 +143,11 @@ def _bench(cfg, args, tmp_dir: str) -> dict:
     n_naive = min(len(texts), NAIVE_SAMPLES)
     log.info("naive loop: %d samples, batch 1, padded to %d", n_naive, max_length)
     with measure("naive", timings):
-        naive_ids = tokenize(tok, texts[:n_naive], chat, max_length)
+        naive_ids = tokenize(tok, texts[:n_naive], chat, max_length, instr)
         naive_logits, naive_tokens = naive_loop(model, naive_ids, pad_id(tok), max_length)
     log.info("in-process length-sorted sub-batches of %d", sl.sub_batch_size)
     with measure("sorted", timings):
-        ids = tokenize(tok, texts, chat, max_length)
+        ids = tokenize(tok, texts, chat, max_length, instr)
         sorted_logits, sorted_padded = score_ids(model, tok, ids, sl.sub_batch_size)
     # Sorted batches must not change the answer; only the time.
     res["max_abs_diff_naive_vs_sorted"] = float(np.abs(naive_logits - sorted_logits[:n_naive]).max())

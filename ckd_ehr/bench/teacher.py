@@ -99,7 +99,7 @@ def bench_model(cfg, n: int, arch_only: bool, device: str) -> dict:
     res["params_total"] = sum(p.numel() for p in model.parameters())
     res["params_trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    examples = make_examples(texts, labels, tok, tc.max_length, tc.use_chat_template)
+    examples = make_examples(texts, labels, tok, tc.max_length, tc.use_chat_template, tc.instruction)
     res["mean_tokens"] = float(np.mean([e["length"] for e in examples]))
     collate, loss_fn = Collate(pad_id(tok)), BCELoss()
     opt = torch.optim.AdamW(param_groups(model, tc.lr, tc.head_lr))

@@ -64,10 +64,17 @@ class SplitConfig(Section):
 
 
 class TextConfig(Section):
-    include_instruction: bool = False
-    """Prefix the input with the instruction naming the 25 phenotypes (the teacher adds it itself)."""
+    instruction: Literal["paper", "short", "none"] = "none"
+    """Prefix the sample text with an instruction (ckd_ehr.text.instruction): `paper` names the
+    25 phenotypes, `short` is one sentence, `none` (default) adds nothing: the student's head
+    reads pooled states, and the teacher adds its own (TeacherConfig.instruction)."""
     titles: Literal["short", "long"] = "long"
     """ICD-9 diagnosis titles: D_ICD_DIAGNOSES.short_title or long_title (the release uses long)."""
+    clauses: Literal["paper", "short"] = "paper"
+    """Wording of the EADF efficacy clauses: `paper` = the release's "The medications that
+    maybe have therapeutic effect on P are A, B;" (about 12 tokens of wording per clause);
+    `short` = "Effective for P: A, B;" with the same phenotype and drugs in fewer tokens, so
+    that clauses and every patient item fit a 512-token encoder."""
     max_chars_diagnoses: int = Field(1500, gt=0)
     """Character budget of the diagnoses section; items past it are dropped and counted."""
     max_chars_drugs: int = Field(1200, gt=0)

@@ -58,6 +58,9 @@ class EADFConfig(Section):
     batch_size: int = Field(4096, gt=0)
     """Rows per Ray Data batch when counting and fusing (partial counts are at most drugs x 25
     rows per batch, so larger batches also mean less to sum)."""
+    text_fit_report: bool = True
+    """Write eadf/text_fit.json (ckd_ehr.text_fit): per split and model, the share of samples
+    whose EADF text keeps every patient item and clause. Loads both models' tokenizers."""
 
     @field_validator("severity_bins")
     @classmethod

@@ -19,6 +19,10 @@ class EvaluateConfig(Section):
     """Score the reference rows (all_negative, prevalence, copy_forward, logistic_regression and,
     on synthetic cohorts, latent_oracle / observable_ceiling) beside the models: every model
     figure next to its floor and its ceiling."""
+    probes: bool = True
+    """Score the probe rows (ckd_ehr.probe_rows): the frozen teacher backbone and the frozen
+    student encoder, each with the linear probe its training started from (`head_init: probe`);
+    costs one frozen forward pass over validation and test per model."""
     min_test_positives: int = Field(5, ge=1)
     """A phenotype enters the macro metrics' label set with at least this many positives in the
     full test split (fewer make its AUROC a coin toss); the report names the rest."""

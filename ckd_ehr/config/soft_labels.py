@@ -28,6 +28,11 @@ class SoftLabelsConfig(Section):
     """Inference dtype; `auto` = bfloat16 on GPU, float32 on CPU."""
     max_length: int | None = Field(None, ge=16)
     """Token limit at inference; None = the teacher's training max_length."""
+    rows: Literal["all", "student"] = "all"
+    """`all`: every sample of every split. `student`: of train and val only the rows the
+    student reads (student.max_train_samples / max_eval_samples, the same seeded subset), of
+    test every row (the teacher's test predictions). A large cohort fitted for EADF need not
+    be scored whole when the student trains on a capped subset of it."""
     torch_threads: int | None = Field(None, ge=1)
     """torch intra-op threads per actor on CPU; None = max(1, round(cpus_per_actor))."""
     ece_bins: int = Field(10, ge=2)

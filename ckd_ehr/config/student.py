@@ -39,9 +39,15 @@ class StudentConfig(TrainerConfig):
     """Sentence vector fed to the head: `mean` = mask-aware mean of the last hidden states
     (pads excluded; what MiniLM was trained with); `cls` = the [CLS] token's hidden state."""
     max_length: int = Field(512, ge=16)
-    """Maximum tokens (BERT limit 512); text is budgeted by section so efficacy clauses survive."""
+    """Maximum tokens. Beyond the encoder's positions (BERT: 512) a text is encoded in
+    consecutive 512-token windows, mean-pooled together (student.model.encode_in_windows), so
+    a long EADF text keeps all its items; a text longer than max_length is fitted by section
+    budgets (the same patient items in both arms, see student.data.fit_texts)."""
     lr: float = Field(2e-5, gt=0)
     """Adam learning rate (the paper: 2e-5)."""
+    head_lr: float | None = Field(None, gt=0)
+    """Learning rate of the head; None = lr. With `head_init: probe` the head already starts
+    at the probe's solution, so it can take the encoder's small rate."""
     epochs: int = Field(10, ge=1)
     """Training epochs (the paper: 10)."""
     distill: DistillConfig = DistillConfig()

@@ -73,10 +73,19 @@ class TrainerConfig(Section):
 
     def use_gradient_checkpointing(self) -> bool:
         return bool(self.gradient_checkpointing)
+    head_init: Literal["random", "probe"] = "random"
+    """`probe`: linear probe, then fine-tune (ckd_ehr.probe). Before the first step the head is
+    set to a logistic regression fitted on the frozen model's pooled features of the training
+    samples (C chosen on validation), then head and backbone fine-tune together. Costs one
+    forward pass over the training and validation samples; a short CPU run starts from what
+    the frozen model already separates instead of a random head. Needs last or mean pooling
+    and an unpartitioned model (ddp, or DeepSpeed ZeRO-1/2)."""
     checkpoint_every_steps: int | None = Field(None, ge=1)
     """Also report a checkpoint every N optimiser steps (always once per epoch)."""
-    best_metric: Literal["val_macro_f1", "val_macro_auroc", "val_loss"] = "val_macro_f1"
-    """Validation metric that picks the best checkpoint (val_loss: lowest wins)."""
+    best_metric: Literal["val_macro_f1", "val_macro_auroc", "val_loss"] = "val_macro_auroc"
+    """Validation metric that picks the best checkpoint (val_loss: lowest wins). Macro AUROC by
+    default: macro-F1 at a fixed 0.5 is 0 for every epoch of a short or imbalanced run (no
+    probability crosses 0.5), so it cannot tell checkpoints apart."""
     num_checkpoints_to_keep: int = Field(2, ge=1)
     """Checkpoints kept in Ray Train storage: the best by `best_metric` (the latest is kept too)."""
     eval_batch_size: int | None = Field(None, ge=1)
@@ -129,6 +138,11 @@ class TeacherConfig(TrainerConfig):
     """`balanced`: per-phenotype BCE pos_weight = negatives / positives on training labels."""
     use_chat_template: bool = True
     """Wrap instruction + input in the tokenizer's chat template where it has one."""
+    instruction: Literal["paper", "short", "none"] = "none"
+    """Instruction before the sample text (ckd_ehr.text.instruction). `none` by default: the
+    MLAPH head reads pooled hidden states, never an answer, and the release's `paper`
+    instruction (about 176 tokens) costs a 256-token budget most of its room; `paper`
+    reproduces the release's prompt, `short` is one sentence."""
     text_column: Literal["text_eadf", "text_plain"] = "text_eadf"
     """Which sample text the teacher reads."""
 

@@ -16,7 +16,7 @@ class TuneConfig(Section):
     scheduler: Literal["asha", "fifo"] = "asha"
     """ASHA stops weak trials early; FIFO runs every trial to the end."""
     metric: Literal["val_macro_f1", "val_macro_auroc"] | None = None
-    """Metric maximised; None takes the space file's `metric` (val_macro_f1 if it names none).
+    """Metric maximised; None takes the space file's `metric` (val_macro_auroc if it names none).
     Short runs such as the demo predict every phenotype absent at 0.5, so macro-F1 is 0 for
     every trial there: set val_macro_auroc."""
     grace_period: int = Field(1, ge=1)

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..config import TextConfig
+from ..contracts import PROBE_HEAD
 from ..phenotypes import phenotype_names
 from ..storage import local_dir, upload_dir, write_json, write_parquet
 from .model import HEAD_FILE, load_student_model, predict_ids, quantize_int8, save_student
@@ -48,6 +49,8 @@ def write_artifact(dest: str, weights_dir: str | os.PathLike, tokenizer, meta: d
         shutil.rmtree(staging)
     shutil.copytree(Path(weights_dir) / "model", staging / "model")
     shutil.copy2(Path(weights_dir) / HEAD_FILE, staging / HEAD_FILE)
+    if (Path(weights_dir) / PROBE_HEAD).exists():
+        shutil.copy2(Path(weights_dir) / PROBE_HEAD, staging / PROBE_HEAD)
     tokenizer.save_pretrained(staging / "tokenizer")
     write_parquet(efficacy_table, staging / EFFICACY_FILE)
     if diagnosis_titles:  # Serve renders ICD-9 codes with the titles training saw

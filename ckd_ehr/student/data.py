@@ -4,7 +4,10 @@ tokenised once on the driver (batching by length happens in ckd_ehr.training).
 Fitting: a sample whose tokens exceed max_length is re-rendered from its structured fields
 with smaller diagnosis / drug / procedure budgets (the efficacy budget untouched) until it
 fits, so the efficacy clauses, rendered last, are never the part that is cut. Only a sample
-whose efficacy clauses alone exceed max_length loses whole clauses (counted apart).
+whose efficacy clauses alone exceed max_length loses whole clauses (counted apart). Both
+arms are fitted alike: a sample's budgets are the ones its EADF text needs, and its plain
+text is rendered with the same budgets, so (a) and (b) show the same patient items and differ
+by the clauses only.
 """
 from __future__ import annotations
 
@@ -52,14 +55,29 @@ def efficacy_for(present: Sequence[int], efficacy: Mapping[str, Sequence[str]]) 
             if present[p] and efficacy.get(names[p])}
 
 
+def split_limit(student_cfg, split: str) -> int | None:
+    """Rows of a split the student uses: max_train_samples / max_eval_samples, all of test."""
+    return {"train": student_cfg.max_train_samples, "val": student_cfg.max_eval_samples}.get(split)
+
+
+def student_rows(student_cfg, split: str, n_rows: int) -> np.ndarray:
+    """Indices of the rows of a split the student reads (a seeded subset, in file order); the
+    soft-label stage scores exactly these when `soft_labels.rows: student`."""
+    from ..training import subset_indices
+
+    return subset_indices(n_rows, split_limit(student_cfg, split), student_cfg.seed)
+
+
 def read_split(samples_path: str, soft_path: str | None, max_rows: int | None = None,
                seed: int = 0) -> tuple[pa.Table, pa.Table | None]:
-    """AUGMENTED_SAMPLES rows (optionally a seeded subset) and their SOFT_LABELS rows in the
-    same order; a missing soft label is an error naming the file and how many are missing."""
+    """AUGMENTED_SAMPLES rows (optionally a seeded subset, training.subset_indices) and their
+    SOFT_LABELS rows in the same order; a missing soft label is an error naming the file and
+    how many are missing."""
+    from ..training import subset_indices
+
     samples = check_schema(read_parquet(samples_path), AUGMENTED_SAMPLES, samples_path)
     if max_rows is not None and samples.num_rows > max_rows:
-        keep = np.sort(np.random.default_rng(seed).choice(samples.num_rows, max_rows, replace=False))
-        samples = samples.take(pa.array(keep))
+        samples = samples.take(pa.array(subset_indices(samples.num_rows, max_rows, seed)))
     if soft_path is None:
         return samples, None
     soft = check_schema(read_parquet(soft_path), SOFT_LABELS, soft_path)
@@ -75,6 +93,8 @@ def read_split(samples_path: str, soft_path: str | None, max_rows: int | None = 
 
 @dataclass
 class FitStats:
+    samples: int = 0
+    """Samples fitted."""
     refit: int = 0
     """Samples re-rendered with smaller budgets so that they fit."""
     efficacy_reduced: int = 0
@@ -85,8 +105,11 @@ class FitStats:
     rounds: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"refit": self.refit, "efficacy_reduced": self.efficacy_reduced,
-                "truncated": self.truncated, "max_rounds": max(self.rounds, default=0)}
+        n = max(1, self.samples)
+        return {"samples": self.samples, "refit": self.refit, "efficacy_reduced": self.efficacy_reduced,
+                "truncated": self.truncated, "max_rounds": max(self.rounds, default=0),
+                "share_all_items_kept": round(1 - self.refit / n, 4),
+                "share_all_clauses_kept": round(1 - (self.efficacy_reduced + self.truncated) / n, 4)}
 
 
 def _n_tokens(tokenizer, texts: list[str]) -> list[int]:
@@ -95,15 +118,15 @@ def _n_tokens(tokenizer, texts: list[str]) -> list[int]:
 
 def fit_text(tokenizer, max_length: int, text: str, diagnoses, drugs, procedures,
              efficacy: Mapping[str, Sequence[str]] | None, text_cfg: TextConfig,
-             shrink: float = 0.7, max_rounds: int = 60) -> tuple[str, int, str]:
-    """(text within max_length tokens, rounds of shrinking, status).
+             shrink: float = 0.7, max_rounds: int = 60) -> tuple[str, int, str, TextConfig]:
+    """(text within max_length tokens, rounds of shrinking, status, the budgets used).
 
     status: `ok` (fits, maybe after shrinking the diagnosis / drug / procedure budgets),
     `efficacy_reduced` (those sections emptied and still too long: the efficacy budget
     shrinks too, dropping whole clauses), `truncated` (nothing left to shrink).
     """
     if _n_tokens(tokenizer, [text])[0] <= max_length:
-        return text, 0, "ok"
+        return text, 0, "ok", text_cfg
     cfg, new = text_cfg, text
     for r in range(1, max_rounds + 1):
         sections = min(cfg.max_chars_diagnoses, cfg.max_chars_drugs, cfg.max_chars_procedures)
@@ -117,17 +140,19 @@ def fit_text(tokenizer, max_length: int, text: str, diagnoses, drugs, procedures
             break
         new = render_input(diagnoses, drugs, procedures, efficacy=efficacy or None, cfg=cfg).text
         if _n_tokens(tokenizer, [new])[0] <= max_length:
-            return new, r, ("ok" if cfg.max_chars_efficacy == text_cfg.max_chars_efficacy else "efficacy_reduced")
-    return new, max_rounds, "truncated"
+            return new, r, ("ok" if cfg.max_chars_efficacy == text_cfg.max_chars_efficacy else "efficacy_reduced"), cfg
+    return new, max_rounds, "truncated", cfg
 
 
 def fit_texts(samples: pa.Table, tokenizer, max_length: int, column: str,
               efficacy: Mapping[str, Sequence[str]], text_cfg: TextConfig,
               shrink: float = 0.7) -> tuple[list[str], FitStats]:
-    """Texts of `column` fitted to max_length (see module doc) and how many needed it."""
+    """Texts of `column` fitted to max_length (see module doc: the budgets come from the
+    sample's EADF text, for either column) and how many needed it."""
     texts = samples.column(column).to_pylist()
-    lengths = _n_tokens(tokenizer, texts)
-    stats = FitStats()
+    eadf_texts = texts if column == EADF else samples.column(EADF).to_pylist()
+    lengths = _n_tokens(tokenizer, eadf_texts)
+    stats = FitStats(samples=len(texts))
     long = [i for i, n in enumerate(lengths) if n > max_length]
     if not long:
         return texts, stats
@@ -135,9 +160,10 @@ def fit_texts(samples: pa.Table, tokenizer, max_length: int, column: str,
     dx, rx, px = (samples.column(c).to_pylist() for c in (dx_col, "drugs", "procedure_titles"))
     present = samples.column("phenotypes_current").to_pylist()
     for i in long:
-        eff = efficacy_for(present[i], efficacy) if column == EADF else None
-        texts[i], rounds, status = fit_text(tokenizer, max_length, texts[i], dx[i], rx[i], px[i], eff,
-                                            text_cfg, shrink)
+        eff = efficacy_for(present[i], efficacy)
+        fitted, rounds, status, used = fit_text(tokenizer, max_length, eadf_texts[i], dx[i], rx[i], px[i], eff,
+                                                text_cfg, shrink)
+        texts[i] = fitted if column == EADF else render_input(dx[i], rx[i], px[i], cfg=used).text
         stats.refit += 1
         stats.efficacy_reduced += status == "efficacy_reduced"
         stats.truncated += status == "truncated"

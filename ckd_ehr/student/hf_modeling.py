@@ -40,9 +40,30 @@ class CkdEhrStudentForSequenceClassification(BertForSequenceClassification):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, **kwargs):
-        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                        position_ids=position_ids, inputs_embeds=inputs_embeds)
-        hidden = out.last_hidden_state
+        window = self.config.max_position_embeddings
+        if input_ids is not None and input_ids.shape[1] > window and position_ids is None and inputs_embeds is None:
+            # Longer than the encoder's positions: consecutive windows encoded on their own, as
+            # ckd_ehr.student.model.encode_in_windows does in training (this file must stand alone).
+            batch, width = input_ids.shape
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            n = -(-width // window)
+            pad = n * window - width
+
+            def cut(t):
+                return nn.functional.pad(t, (0, pad), value=0).reshape(batch * n, window)
+
+            ids, mask = cut(input_ids), cut(attention_mask)
+            live = mask.any(dim=1)
+            tt = None if token_type_ids is None else cut(token_type_ids)[live]
+            h = self.bert(input_ids=ids[live], attention_mask=mask[live], token_type_ids=tt).last_hidden_state
+            hidden = h.new_zeros(batch * n, window, h.shape[-1])
+            hidden[live] = h
+            hidden = hidden.reshape(batch, n * window, -1)[:, :width]
+        else:
+            out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                            position_ids=position_ids, inputs_embeds=inputs_embeds)
+            hidden = out.last_hidden_state
         if self.config.student_pooling == "cls":
             pooled = hidden[:, 0]
         else:

@@ -30,6 +30,34 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.
     raise ValueError(f"unknown pooling '{how}' (mean or cls)")
 
 
+def encode_in_windows(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      window: int, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Last hidden states [B, T, H], also for T beyond the encoder's positions (BERT: 512).
+
+    A longer row is cut into consecutive windows of `window` tokens, each encoded on its own
+    (positions restart, no attention across windows) and put back in place, so mean pooling
+    still covers every token: an EADF text keeps all its patient items and clauses instead of
+    being cut. Windows holding only padding are not computed. Rows that fit take one pass,
+    exactly as before."""
+    kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+    batch, width = input_ids.shape
+    if width <= window:
+        return encoder(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+    n = -(-width // window)
+    pad = n * window - width
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pad(t, (0, pad), value=0).reshape(batch * n, window)
+
+    ids, mask = cut(input_ids), cut(attention_mask)
+    live = mask.any(dim=1)
+    kw = {k: cut(v)[live] for k, v in kw.items()}
+    hidden = encoder(input_ids=ids[live], attention_mask=mask[live], **kw).last_hidden_state
+    out = hidden.new_zeros(batch * n, window, hidden.shape[-1])
+    out[live] = hidden
+    return out.reshape(batch, n * window, -1)[:, :width]
+
+
 class StudentModel(nn.Module):
     def __init__(self, encoder: nn.Module, pooling: str = "mean", num_labels: int = NUM_PHENOTYPES):
         super().__init__()
@@ -41,10 +69,24 @@ class StudentModel(nn.Module):
         self.pooling = pooling
         self.head = nn.Linear(encoder.config.hidden_size, num_labels)
 
+    @property
+    def window(self) -> int:
+        """Tokens the encoder takes in one pass (its position embeddings)."""
+        return int(getattr(self.encoder.config, "max_position_embeddings", 512) or 512)
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
+        """Pooled sentence vectors [B, H] (what the head reads)."""
+        hidden = encode_in_windows(self.encoder, input_ids, attention_mask, self.window, extra.get("token_type_ids"))
+        return pool(hidden, attention_mask, self.pooling)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
-        kw = {"token_type_ids": extra["token_type_ids"]} if "token_type_ids" in extra else {}
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kw)
-        return self.head(pool(out.last_hidden_state, attention_mask, self.pooling))
+        return self.head(self.features(input_ids, attention_mask, **extra))
+
+    def load_probe(self, probe) -> None:
+        """Set the head to a ckd_ehr.probe.LinearProbe (linear probe, then fine-tune)."""
+        from ..probe import load_linear
+
+        load_linear(self.head, probe)
 
 
 def load_encoder(path: str | os.PathLike, **kwargs) -> nn.Module:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -16,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import PipelineConfig, config_hash
-from ..contracts import PREDICTIONS, RunLayout
+from ..contracts import PREDICTIONS, PROBE_HEAD, RunLayout
 from ..models import resolve_model_path
 from ..storage import write_parquet
-from .data import Encoded, FitStats, encode, fit_texts, load_efficacy, read_split, variant_spec
+from .data import Encoded, FitStats, encode, fit_texts, load_efficacy, read_split, split_limit, variant_spec
 from .loss import balanced_pos_weight
 
 log = logging.getLogger("ckd_ehr.student")
@@ -40,11 +42,10 @@ def prepare_variant(cfg: PipelineConfig, variant: str, tokenizer, efficacy: dict
     layout = RunLayout(cfg.run_dir)
     column, distill = variant_spec(variant)
     splits, texts, fit = {}, {}, {}
-    limits = {"train": s.max_train_samples, "val": s.max_eval_samples, "test": None}
     for split in ("train", "val", "test"):
         # soft labels are read only where they are used: the training loss
         soft_path = layout.soft_labels(split) if distill and split == "train" else None
-        samples, soft = read_split(layout.augmented(split), soft_path, limits[split], seed=s.seed)
+        samples, soft = read_split(layout.augmented(split), soft_path, split_limit(s, split), seed=s.seed)
         t, stats = fit_texts(samples, tokenizer, s.max_length, column, efficacy, cfg.text, s.fit_shrink)
         splits[split] = encode(samples, soft, t, tokenizer, s.max_length)
         texts[split], fit[split] = t, stats.as_dict()
@@ -161,6 +162,8 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="ckd-student-") as tmp:
         with best.as_directory() as ckpt_dir:
             save_student(student_from_checkpoint(ckpt_dir, model_path, s.pooling), f"{tmp}/weights")
+            if os.path.exists(os.path.join(ckpt_dir, PROBE_HEAD)):  # head_init: probe (evaluate's probe row)
+                shutil.copy2(os.path.join(ckpt_dir, PROBE_HEAD), os.path.join(tmp, "weights", PROBE_HEAD))
         meta = write_artifact(layout.student_artifact(variant), f"{tmp}/weights", tokenizer, meta, eff_table,
                               staging=f"{tmp}/artifact", diagnosis_titles=diagnosis_title_map(cfg))
 

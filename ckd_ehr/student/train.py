@@ -77,13 +77,27 @@ class StudentCollate:
         return {"input_ids": ids, "attention_mask": mask}, targets
 
 
+class StudentParamGroups:
+    """AdamW groups: the encoder at `lr`, the head at `head_lr` (None: `lr`). Picklable."""
+
+    def __init__(self, lr: float, head_lr: float | None, weight_decay: float):
+        self.lr, self.head_lr, self.weight_decay = lr, head_lr, weight_decay
+
+    def __call__(self, model) -> list[dict]:
+        return [{"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": self.lr,
+                 "weight_decay": self.weight_decay, "name": "encoder"},
+                {"params": list(model.head.parameters()), "lr": self.head_lr or self.lr,
+                 "weight_decay": self.weight_decay, "name": "head"}]
+
+
 def student_task(cfg, model_path: str, train_ref, val_ref, pad_id: int, distill: bool,
                  pos_weight=None) -> TrainTask:
     """cfg: StudentConfig. `distill` False = hard-label variant (alpha 1, beta 0); pos_weight
     [25] (negatives / positives on training labels) balances the hard term of training batches."""
     return TrainTask(build_model=BuildStudent(model_path, cfg.pooling, cfg.seed),
                      load_data=StudentData(train_ref, val_ref), collate=StudentCollate(pad_id),
-                     loss_fn=DistillLoss(cfg.distill, hard_only=not distill, pos_weight=pos_weight))
+                     loss_fn=DistillLoss(cfg.distill, hard_only=not distill, pos_weight=pos_weight),
+                     param_groups=StudentParamGroups(cfg.lr, cfg.head_lr, cfg.weight_decay))
 
 
 def train_student(cfg, task: TrainTask, storage_path: str, name: str) -> TrainResult:

@@ -8,7 +8,7 @@ Public interface (others code against these):
     build_prompts(texts, tokenizer, use_chat_template) -> list[str]
     predict_logits(model, tokenizer, texts, batch_size=16, max_length=1024, device="cpu")
         -> np.ndarray [N, 25] in input order
-    encode_texts(texts, tokenizer, max_length, use_chat_template=True) -> token ids as trained
+    encode_texts(texts, tokenizer, max_length, use_chat_template=True, instruction_kind="paper") -> token ids as trained
 
 Imported lazily, so `ckd_ehr.teacher.model` alone needs only torch (+ transformers, peft when
 called): the standalone GPU benchmark (ckd_ehr.bench.deepspeed_gpu) imports it on machines

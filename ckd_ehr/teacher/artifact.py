@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import storage
+from ..contracts import PROBE_HEAD
 from ..phenotypes import NUM_PHENOTYPES, phenotype_names
 from .model import MLAPH, TeacherModel, load_backbone
 
@@ -69,6 +70,8 @@ def write_artifact(weights_dir: str | os.PathLike, tokenizer, cfg, metrics: dict
         local.mkdir()
         shutil.copytree(src / ADAPTER, local / ADAPTER)
         shutil.copy2(src / HEAD, local / HEAD)
+        if (src / PROBE_HEAD).exists():
+            shutil.copy2(src / PROBE_HEAD, local / PROBE_HEAD)
         tokenizer.save_pretrained(str(local / TOKENIZER))
         config = cfg.model_dump(mode="json")
         meta = {
@@ -80,6 +83,7 @@ def write_artifact(weights_dir: str | os.PathLike, tokenizer, cfg, metrics: dict
             "num_labels": NUM_PHENOTYPES,
             "label_names": phenotype_names(),
             "use_chat_template": cfg.use_chat_template,
+            "instruction": cfg.instruction,
             "text_column": cfg.text_column,
             "max_length": cfg.max_length,
             "metrics": metrics,
@@ -89,6 +93,12 @@ def write_artifact(weights_dir: str | os.PathLike, tokenizer, cfg, metrics: dict
         (local / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         storage.upload_dir(local, dest)
     return meta
+
+
+def teacher_instruction(meta: dict) -> str:
+    """The instruction the teacher was trained with; artifacts from before the choice existed
+    were all trained with the release's (`paper`)."""
+    return meta.get("instruction") or meta.get("config", {}).get("instruction") or "paper"
 
 
 def load_teacher(artifact_dir: str, device: str = "cpu", dtype=None, merge_lora: bool = True):
@@ -116,5 +126,6 @@ def load_teacher(artifact_dir: str, device: str = "cpu", dtype=None, merge_lora:
         tokenizer = AutoTokenizer.from_pretrained(str(d / TOKENIZER))
     model = TeacherModel(backbone, head).to(device)
     model.use_chat_template = bool(meta.get("use_chat_template", True))
+    model.instruction_kind = teacher_instruction(meta)
     model.eval()
     return model, tokenizer, meta

@@ -1,6 +1,7 @@
 """Teacher prompts, tokenisation and per-batch padding.
 
-Prompt = the instruction naming the 25 phenotypes + the sample's text, wrapped in the
+Prompt = the instruction (TeacherConfig.instruction: none by default, or the release's naming
+the 25 phenotypes, or a short one) + the sample's text, wrapped in the
 tokenizer's chat template where it has one, with the generation prompt added so the last
 token is the start of the assistant turn (what `last` pooling reads).
 
@@ -20,13 +21,18 @@ from ..text import instruction
 
 log = logging.getLogger(__name__)
 
-def build_prompts(texts: list[str], tokenizer, use_chat_template: bool) -> list[str]:
+def _instruction_part(kind: str) -> str:
+    text = instruction(kind)
+    return f"{text}\n" if text else ""
+
+
+def build_prompts(texts: list[str], tokenizer, use_chat_template: bool, instruction_kind: str = "paper") -> list[str]:
     """Instruction + input per text; through the chat template when asked and available."""
-    instr = instruction()
+    instr = _instruction_part(instruction_kind)
     out = []
     has_template = bool(getattr(tokenizer, "chat_template", None))
     for text in texts:
-        content = f"{instr}\n{text}"
+        content = f"{instr}{text}"
         if use_chat_template and has_template:
             content = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                     add_generation_prompt=True)
@@ -37,16 +43,17 @@ def build_prompts(texts: list[str], tokenizer, use_chat_template: bool) -> list[
 _MARK = "\u2063CKDEHR\u2063"  # placeholder located by string search only, never tokenised
 
 
-def _template_parts(tokenizer, use_chat_template: bool) -> tuple[str, str, str]:
+def _template_parts(tokenizer, use_chat_template: bool, instruction_kind: str) -> tuple[str, str, str]:
     """(template prefix, instruction + separator, template suffix) around a sample's text."""
-    full = build_prompts([_MARK], tokenizer, use_chat_template)[0]
+    full = build_prompts([_MARK], tokenizer, use_chat_template, instruction_kind)[0]
     head, suffix = full.split(_MARK)
-    instr = f"{instruction()}\n"
+    instr = _instruction_part(instruction_kind)
     assert head.endswith(instr)
-    return head[: -len(instr)], instr, suffix
+    return head[: len(head) - len(instr)], instr, suffix
 
 
-def encode_texts(texts: list[str], tokenizer, max_length: int, use_chat_template: bool = True) -> list[list[int]]:
+def encode_texts(texts: list[str], tokenizer, max_length: int, use_chat_template: bool = True,
+                 instruction_kind: str = "paper") -> list[list[int]]:
     """Sample texts -> token ids (unpadded), exactly as the teacher trains and predicts.
 
     A prompt that fits is the tokenisation of build_prompts' string. An over-long one is
@@ -56,7 +63,7 @@ def encode_texts(texts: list[str], tokenizer, max_length: int, use_chat_template
     instruction gets whatever room is left (cut from its end)."""
     texts = list(texts)
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    ids = enc(build_prompts(texts, tokenizer, use_chat_template)) if texts else []
+    ids = enc(build_prompts(texts, tokenizer, use_chat_template, instruction_kind)) if texts else []
     parts = None
     out = []
     for x, text in zip(ids, texts):
@@ -64,7 +71,7 @@ def encode_texts(texts: list[str], tokenizer, max_length: int, use_chat_template
             out.append(x)
             continue
         if parts is None:
-            parts = [enc(p) for p in _template_parts(tokenizer, use_chat_template)]
+            parts = [enc(p) for p in _template_parts(tokenizer, use_chat_template, instruction_kind)]
         pre, instr, suf = parts
         room = max_length - len(pre) - len(suf)
         if room <= 0:  # max_length shorter than the template itself: keep its end
@@ -105,25 +112,30 @@ class Collate:
         return inputs, labels
 
 
-def make_examples(texts: Sequence[str], labels, tokenizer, max_length: int, use_chat_template: bool) -> list[dict]:
+def make_examples(texts: Sequence[str], labels, tokenizer, max_length: int, use_chat_template: bool,
+                  instruction_kind: str = "paper") -> list[dict]:
     """Training/validation examples: token ids, length (for grouping) and the 25 labels."""
-    ids = encode_texts(list(texts), tokenizer, max_length, use_chat_template)
+    ids = encode_texts(list(texts), tokenizer, max_length, use_chat_template, instruction_kind)
     labels = np.asarray(labels, dtype=np.int8)
     return [{"input_ids": x, "length": len(x), "labels": labels[i]} for i, x in enumerate(ids)]
 
 
 @torch.no_grad()
 def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 1024,
-                   device: str = "cpu", use_chat_template: bool | None = None) -> np.ndarray:
+                   device: str = "cpu", use_chat_template: bool | None = None,
+                   instruction_kind: str | None = None) -> np.ndarray:
     """Logits [N, 25] in input order. Sorts by length and pads per batch (the in-process
-    reference that Ray Data actors reuse). `use_chat_template` None: as the teacher was
-    trained (`model.use_chat_template`, set by load_teacher), else True."""
+    reference that Ray Data actors reuse). `use_chat_template` / `instruction_kind` None: as
+    the teacher was trained (`model.use_chat_template` / `model.instruction_kind`, set by
+    load_teacher), else True / `paper`."""
     texts = list(texts)
     if use_chat_template is None:
         use_chat_template = getattr(model, "use_chat_template", True)
+    if instruction_kind is None:
+        instruction_kind = getattr(model, "instruction_kind", "paper")
     if not texts:
         return np.zeros((0, getattr(getattr(model, "head", None), "num_labels", 25)), dtype=np.float32)
-    ids = encode_texts(texts, tokenizer, max_length, use_chat_template)
+    ids = encode_texts(texts, tokenizer, max_length, use_chat_template, instruction_kind)
     order = np.argsort([-len(x) for x in ids], kind="stable")
     pid = pad_id(tokenizer)
     out: list[np.ndarray | None] = [None] * len(ids)

@@ -58,20 +58,25 @@ class MLAPH(nn.Module):
         # the head included, and a float32 input to a bf16 Linear fails.
         hidden = hidden.to((self.proj.weight if self.pooling != "label_attention" else self.weight).dtype)
         mask = attention_mask.to(hidden.device).bool()
-        if self.pooling == "last":
-            idx = last_token_index(mask)
-            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
-            return self.proj(pooled)
-        if self.pooling == "mean":
-            m = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-            return self.proj(pooled)
+        if self.pooling in ("last", "mean"):
+            return self.proj(self.pool(hidden, mask))
         # label_attention: scores [B, L, K], softmax over the attended tokens of each sequence.
         scores = torch.einsum("blh,kh->blk", hidden, self.queries) / math.sqrt(self.hidden_size)
         scores = scores.masked_fill(~mask.unsqueeze(-1), torch.finfo(scores.dtype).min)
         attn = scores.softmax(dim=1)
         pooled = torch.einsum("blk,blh->bkh", attn, hidden)       # [B, K, H]: one vector per label
         return (pooled * self.weight).sum(-1) + self.bias
+
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] -> [B, H] for `last` and `mean` (label attention pools per label: no single vector)."""
+        mask = mask.to(hidden.device).bool()
+        if self.pooling == "last":
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(mask)]
+        if self.pooling == "mean":
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        raise ValueError(f"pooling {self.pooling!r} has no single pooled vector (a linear probe needs last or mean)")
 
 
 class TeacherModel(nn.Module):
@@ -85,6 +90,17 @@ class TeacherModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return self.head(out.last_hidden_state, attention_mask)
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled hidden states [B, H] (float32): what the projection reads (last / mean pooling)."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return self.head.pool(out.last_hidden_state, attention_mask).float()
+
+    def load_probe(self, probe) -> None:
+        """Set the projection to a ckd_ehr.probe.LinearProbe (linear probe, then fine-tune)."""
+        from ..probe import load_linear
+
+        load_linear(self.head.proj, probe)
 
 
 def load_backbone(model: str, gguf_file: str | None = None, dtype: str | torch.dtype = "float32",
@@ -216,7 +232,10 @@ def build_teacher(cfg, seed: int | None = None) -> TeacherModel:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     backbone = add_lora(backbone, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     head = MLAPH(backbone.config.hidden_size, NUM_PHENOTYPES, cfg.pooling)
-    return TeacherModel(backbone, head)
+    model = TeacherModel(backbone, head)
+    # How its prompts are built, read by predict_logits (load_teacher sets the same from teacher.json).
+    model.use_chat_template, model.instruction_kind = cfg.use_chat_template, cfg.instruction
+    return model
 
 
 def teacher_model_size(cfg):

@@ -83,7 +83,7 @@ class TeacherData:
             keep = subset_indices(len(texts), tc.max_train_samples, tc.seed) if is_train else \
                 np.arange(min(len(texts), tc.max_eval_samples or len(texts)))
             texts, labels = [texts[i] for i in keep], labels[keep]
-            out.append(make_examples(texts, labels, tok, tc.max_length, tc.use_chat_template))
+            out.append(make_examples(texts, labels, tok, tc.max_length, tc.use_chat_template, tc.instruction))
         return out[0], out[1]
 
 
