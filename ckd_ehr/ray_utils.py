@@ -21,6 +21,11 @@ def init_ray(cfg: RayConfig | None = None, **kwargs) -> None:
     if address:
         ray.init(address=address, log_to_driver=True, **kwargs)
         return
+    # A local one-node cluster is never preempted: Ray Train's preemption watcher (one more
+    # actor per run) only competes for a laptop's cores and logs an error-level line about its
+    # constructor arguments at every start. Set before the local cluster starts so its
+    # processes inherit it; a cluster joined by address keeps its own setting.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(
         address="local",
         num_cpus=cfg.num_cpus,

@@ -516,8 +516,13 @@ class _Worker:
         was = model.training
         model.eval()
         bs = self.cfg.eval_batch_size or 2 * self.micro_bs
-        mine = []
-        for idx in eval_batches(lengths, bs, self.world, self.rank):
+        mine, batches = [], eval_batches(lengths, bs, self.world, self.rank)
+        start, last = time.time(), time.time()
+        for b, idx in enumerate(batches):
+            if self.rank == 0 and time.time() - last > 30:
+                last, per = time.time(), (time.time() - start) / b
+                log.info("head_init probe: features of batch %d/%d, about %s left", b, len(batches),
+                         format_duration(per * (len(batches) - b)))
             if idx is None:
                 continue
             inputs, targets = self.task.collate([examples[i] for i in idx])

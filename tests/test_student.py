@@ -239,3 +239,21 @@ def test_tuned_thresholds_are_stored(trained):
     assert th["tuned"] != th["fixed"]
     assert meta["metrics"]["val_tuned"]["macro_f1"] >= meta["metrics"]["val_fixed"]["macro_f1"]
     assert meta["fit"]["train"]["refit"] == 0 and meta["max_length"] == 128
+
+
+def test_student_rows_are_the_rows_the_student_reads(tmp_path):
+    """soft_labels.rows: student scores exactly the training / validation rows read_split keeps."""
+    from ckd_ehr.config import StudentConfig
+    from ckd_ehr.storage import write_parquet
+    from ckd_ehr.student.data import read_split, split_limit, student_rows
+
+    samples = _samples("train", 30, seed=5)
+    path = str(tmp_path / "train.parquet")
+    write_parquet(samples, path)
+    s = StudentConfig(max_train_samples=12, max_eval_samples=7, seed=3)
+    for split, n in (("train", 12), ("val", 7)):
+        read, _ = read_split(path, None, split_limit(s, split), seed=s.seed)
+        rows = student_rows(s, split, samples.num_rows)
+        assert len(rows) == n and read.column("sample_id").to_pylist() == \
+            samples.take(rows).column("sample_id").to_pylist()
+    assert len(student_rows(s, "test", samples.num_rows)) == 30   # test: every row

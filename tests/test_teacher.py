@@ -53,6 +53,23 @@ def test_prompt_ends_with_assistant_turn(tiny_qwen_dir):
     assert plain == instruction() + "\nThe patient-acquired disease is gout."
 
 
+def test_instruction_choice(tiny_qwen_dir):
+    """`paper` (the release's, naming the phenotypes), `short`, `none`: the sample text is whole
+    in each, and an over-long prompt without instruction loses only text, never an instruction."""
+    from ckd_ehr.teacher import encode_texts
+    from ckd_ehr.text import SHORT_INSTRUCTION
+
+    tok = load_tokenizer(_cfg(tiny_qwen_dir))
+    text = "The patient-acquired disease is gout."
+    paper, short, none = (build_prompts([text], tok, False, kind)[0] for kind in ("paper", "short", "none"))
+    assert paper == instruction("paper") + "\n" + text and short == SHORT_INSTRUCTION + "\n" + text and none == text
+    ids = {k: encode_texts([text], tok, 4096, True, k)[0] for k in ("paper", "short", "none")}
+    assert len(ids["none"]) < len(ids["short"]) < len(ids["paper"])
+    assert "gout" in tok.decode(ids["none"]) and "Septicemia" not in tok.decode(ids["none"])
+    with pytest.raises(ValueError, match="instruction must be one of"):
+        instruction("long")
+
+
 def test_only_lora_and_head_train(tiny_qwen_dir):
     cfg = _cfg(tiny_qwen_dir, pooling="label_attention")
     model = build_teacher(cfg, seed=0)
