@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from .. import storage
 from ..contracts import PROBE_HEAD
 from ..phenotypes import NUM_PHENOTYPES, phenotype_names
-from .model import MLAPH, TeacherModel, load_backbone
+from .model import MLAPH, TeacherModel, load_backbone, quiet_peft_deprecation
 
 ADAPTER = "adapter"
 HEAD = "head.safetensors"
@@ -118,7 +118,8 @@ def load_teacher(artifact_dir: str, device: str = "cpu", dtype=None, merge_lora:
                 dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
         backbone = load_backbone(meta["base_model"], meta.get("gguf_file"), dtype,
                                  cfg.get("attn_implementation", "sdpa"))
-        backbone = PeftModel.from_pretrained(backbone, str(d / ADAPTER))
+        with quiet_peft_deprecation():
+            backbone = PeftModel.from_pretrained(backbone, str(d / ADAPTER))
         if merge_lora:
             backbone = backbone.merge_and_unload()
         head = MLAPH(backbone.config.hidden_size, meta.get("num_labels", NUM_PHENOTYPES), meta["pooling"])

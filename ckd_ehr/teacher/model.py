@@ -13,7 +13,9 @@ Only LoRA and head parameters train; the backbone is frozen by peft.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -219,7 +221,18 @@ def add_lora(backbone: nn.Module, rank: int, alpha: float, dropout: float, targe
 
     cfg = PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                          bias="none")
-    return get_peft_model(backbone, cfg)
+    with quiet_peft_deprecation():
+        return get_peft_model(backbone, cfg)
+
+
+@contextlib.contextmanager
+def quiet_peft_deprecation():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` property when it wraps
+    or loads a model: a FutureWarning in every worker's log about code that is not ours.
+    Silenced here, for that one message only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def build_teacher(cfg, seed: int | None = None) -> TeacherModel:
@@ -229,7 +242,10 @@ def build_teacher(cfg, seed: int | None = None) -> TeacherModel:
     backbone = load_backbone(cfg.model, cfg.gguf_file, cfg.train_dtype(), cfg.attn_implementation)
     if cfg.use_gradient_checkpointing():
         # Non-reentrant checkpointing needs no input grads, so the frozen embeddings stay frozen.
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(backbone, "activation_checkpointing_enable"):  # transformers 5's name (the old one warns)
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     backbone = add_lora(backbone, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     head = MLAPH(backbone.config.hidden_size, NUM_PHENOTYPES, cfg.pooling)
     model = TeacherModel(backbone, head)
