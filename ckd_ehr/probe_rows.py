@@ -106,7 +106,7 @@ def student_probe_row(cfg, layout: RunLayout, variant: str = "ckd_ehr"):
         probe = LinearProbe.load(str(d / PROBE_HEAD))
     model = build_student(s.model, s.pooling, s.seed)
     model.load_probe(probe)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(s.model))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(s.model), model_max_length=s.max_length)
     _, efficacy = load_efficacy(layout.efficacy_table, cfg.eadf.top_k)
     column, _ = variant_spec(variant)
     out = {}

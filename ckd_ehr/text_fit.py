@@ -23,6 +23,11 @@ from .phenotypes import phenotype_names
 log = logging.getLogger(__name__)
 
 
+def _items(value) -> list:
+    """A list column's cell as pandas gives it (an array, or None) -> a list."""
+    return [] if value is None else list(value)
+
+
 def _within_chars(df, top: dict, text_cfg) -> np.ndarray:
     """True where rendering the sample drops nothing under the character budgets."""
     from .text import render_input
@@ -33,7 +38,7 @@ def _within_chars(df, top: dict, text_cfg) -> np.ndarray:
     for i, (dx, rx, px, present) in enumerate(zip(df[dx_col], df["drugs"], df["procedure_titles"],
                                                    df["phenotypes_current"])):
         eff = {names[p]: list(top[p]) for p in np.flatnonzero(np.asarray(present)) if top.get(p)}
-        dropped = render_input(dx, rx, px, efficacy=eff or None, cfg=text_cfg).dropped
+        dropped = render_input(_items(dx), _items(rx), _items(px), efficacy=eff or None, cfg=text_cfg).dropped
         out[i] = not any(dropped.values())
     return out
 
@@ -48,7 +53,7 @@ def text_fit_report(cfg, layout: RunLayout, top: dict) -> dict:
 
     tc, sc = cfg.teacher, cfg.student
     teacher_tok = load_tokenizer(tc)
-    student_tok = AutoTokenizer.from_pretrained(resolve_model_path(sc.model))
+    student_tok = AutoTokenizer.from_pretrained(resolve_model_path(sc.model), model_max_length=sc.max_length)
     report = {"rule": "a sample is whole for a model when its EADF text drops no item or clause under the "
                       "character budgets and fits the model's token budget",
               "teacher": {"model": tc.model, "max_length": tc.max_length, "instruction": tc.instruction},

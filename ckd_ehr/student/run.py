@@ -112,7 +112,8 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
     s = cfg.student
     layout = RunLayout(cfg.run_dir)
     model_path = resolve_model_path(s.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    # model_max_length: texts past 512 tokens are encoded in windows, not an error to warn about
+    tokenizer = AutoTokenizer.from_pretrained(model_path, model_max_length=s.max_length)
     eff_table, efficacy = load_efficacy(layout.efficacy_table, cfg.eadf.top_k)
     t0 = time.perf_counter()
     prep = prepare_variant(cfg, variant, tokenizer, efficacy)
