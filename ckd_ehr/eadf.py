@@ -70,7 +70,7 @@ def _read_ds(path: str, columns: list[str] | None = None):
 
 # --- counting on Ray Data -----------------------------------------------------------------
 
-def counts_ray(path: str, batch_size: int = 4096, severity_bins=(3, 5, 7)) -> Counts:
+def counts_ray(path: str, batch_size: int = 4096, severity_bins=(3, 5, 7), code_strata: bool = True) -> Counts:
     """Summed counts of a SAMPLES file (eadf_stats.Counts).
 
     Batches are cut in file order (preserve_order), so each batch is a contiguous run of
@@ -94,7 +94,8 @@ def counts_ray(path: str, batch_size: int = 4096, severity_bins=(3, 5, 7)) -> Co
         # Fractional CPUs: counting a batch is light; reading, counting and summing can overlap on 2 cores.
         summed = (_read_ds(path, COUNT_COLUMNS)
                   .map_batches(partial_counts, batch_format="pyarrow", batch_size=batch_size,
-                               fn_kwargs={"where": path, "severity_bins": list(severity_bins)}, num_cpus=0.5)
+                               fn_kwargs={"where": path, "severity_bins": list(severity_bins),
+                                          "code_strata": code_strata}, num_cpus=0.5)
                   .repartition(1)
                   .map_batches(sum_partials, batch_format="pandas", batch_size=None, fn_kwargs={"where": path},
                                num_cpus=0.5)
@@ -107,7 +108,7 @@ def counts_ray(path: str, batch_size: int = 4096, severity_bins=(3, 5, 7)) -> Co
 
 def efficacy_table_ray(path: str, cfg: PipelineConfig, ranking: str | None = None) -> pa.Table:
     """The EFFICACY table of a SAMPLES file, counted on Ray Data."""
-    counts = counts_ray(path, cfg.eadf.batch_size, cfg.eadf.severity_bins)
+    counts = counts_ray(path, cfg.eadf.batch_size, cfg.eadf.severity_bins, cfg.eadf.code_strata)
     return efficacy_from_counts(counts, cfg.eadf, ranking)
 
 
@@ -241,7 +242,7 @@ def run_eadf(cfg: PipelineConfig) -> dict:
     t0 = time.perf_counter()
     train = layout.samples("train")
     log.info("eadf: counting visit pairs in %s", train)
-    counts = counts_ray(train, cfg.eadf.batch_size, cfg.eadf.severity_bins)
+    counts = counts_ray(train, cfg.eadf.batch_size, cfg.eadf.severity_bins, cfg.eadf.code_strata)
     table = efficacy_from_counts(counts, cfg.eadf)
     storage.write_parquet(table, layout.efficacy_table)
     top = top_drugs(table, cfg.eadf.top_k)

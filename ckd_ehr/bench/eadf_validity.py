@@ -116,7 +116,7 @@ def bench_eadf_validity(cfg, args, sizes=SIZES, seeds=SEEDS, null_seeds=NULL_SEE
             if key not in simulated:
                 simulated[key] = true_effects_by_simulation(truth["params"])
             effects = simulated[key]
-        counts = reference_counts(train, severity_bins=ecfg.severity_bins)
+        counts = reference_counts(train, severity_bins=ecfg.severity_bins, code_strata=ecfg.code_strata)
         out = {name: listing_validity(efficacy_from_counts(counts, c, "efficacy"), truth, c, effects)
                for name, c in estimates.items()}
         log.info("validity: %d patients, seed %d: %s", patients, seed,
