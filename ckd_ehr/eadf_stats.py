@@ -250,11 +250,15 @@ def partial_counts(batch: pa.Table, where: str = "samples", severity_bins: Seque
 
     # Per patient and (drug, phenotype): n_c, y_c; and the patient's totals T of the phenotype.
     patients, pat = np.unique(subject, return_inverse=True)
+    # Grouped by sorting once (searchsorted of ~10^6 unsorted keys, or np.unique's inverse,
+    # is several times slower): run starts give n_c, sums over runs y_c.
     pkey = pat[t_row] * n_dp + t_dp
-    uniq_key = _unique_sorted(pkey)
-    pkey, inv = uniq_key, np.searchsorted(uniq_key, pkey)
-    n_c = np.bincount(inv).astype(np.float64)
-    y_c = np.bincount(inv, weights=t_y)
+    order = np.argsort(pkey, kind="stable")
+    pkey = pkey[order]
+    start = np.flatnonzero(np.r_[True, pkey[1:] != pkey[:-1]])
+    n_c = np.diff(np.r_[start, len(pkey)]).astype(np.float64)
+    y_c = np.add.reduceat(t_y[order], start)
+    pkey = pkey[start]
     c, dp = pkey // n_dp, pkey % n_dp
     is_total = dp < NUM_PHENOTYPES  # drug code 0
     t_n = np.zeros((len(patients), NUM_PHENOTYPES))
