@@ -62,9 +62,17 @@ def _check_columns(path: str, columns: list[str] | None = None) -> None:
     check_schema(schema.empty_table(), wanted, path)
 
 
+def _read_blocks() -> int:
+    """Blocks a read is cut into: one per CPU of the cluster. Ray Data's default (at least
+    `read_op_min_num_blocks`, 200) splits a 32,353-pair file of one row group into 95 blocks
+    in 8 map tasks, which on the shared 2-core machine took a median 7.2 s to count against
+    4.4 s with 2 blocks (and 4.5 s with 1)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def _read_ds(path: str, columns: list[str] | None = None):
     fs, inner = storage.resolve(path)
-    ds = ray.data.read_parquet(inner, filesystem=fs)
+    ds = ray.data.read_parquet(inner, filesystem=fs, override_num_blocks=_read_blocks())
     return ds.select_columns(columns) if columns else ds
 
 
@@ -238,7 +246,8 @@ def fuse_splits(files: Mapping[str, str], top: Mapping[int, Sequence[str]], text
             for r in readers.values():
                 stack.callback(r.close)
             with _ordered_v1_reads():
-                ds = (ray.data.read_parquet(list(by_inner), filesystem=fs, include_paths=True)
+                ds = (ray.data.read_parquet(list(by_inner), filesystem=fs, include_paths=True,
+                                           override_num_blocks=_read_blocks())
                       .select_columns([*FUSE_COLUMNS, PATH_COL])
                       .map_batches(_texts_with_paths, batch_format="pyarrow", batch_size=batch_size,
                                    fn_kwargs={"top": dict(top), "text": text, "where": ", ".join(todo)}))
