@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve: niceness added to the load generator (CPU share; Ray workers run at nice 15)")
     p.add_argument("--agreement-samples", type=int, default=1000,
                    help="serve: samples for the int8 vs fp32 probability comparison (0: skip)")
+    p.add_argument("--repeats", type=int, help="eadf: alternating Ray Data / reference runs (medians; default 3)")
     p.add_argument("--out", help="write the figures as JSON here")
     p.add_argument("--no-check", action="store_true",
                    help="ceiling: skip the HistGradientBoosting check of the model's form (faster)")

@@ -11,7 +11,9 @@ comparisons does not make the list.
 
 What is counted, per phenotype p and drug m (and per phenotype over all its pairs, under the
 drug name TOTAL_KEY, a pseudo-drug "given" to every pair):
-- per severity stratum k: pairs n and resolved y (COUNT rows);
+- per severity stratum k (of the pair and the phenotype: phenotypes present at visit i,
+  binned, times one or two-plus codes of p recorded at visit i; `severity_strata`): pairs n
+  and resolved y (COUNT rows);
 - per-patient sums over patients c, for the design effect of each arm: sum n_c^2, n_c y_c,
   y_c^2, and the cross sums with the patient's totals of p (T_c): T_n n_c, T_y y_c, T_n y_c,
   T_y n_c (CLUSTER rows), from which eadf_inference.design_effect gets both arms.
@@ -28,6 +30,7 @@ same `efficacy_from_counts`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -39,14 +42,15 @@ from .config import EADFConfig
 from .contracts import EFFICACY, ContractError
 from .eadf_inference import (benjamini_hochberg, cmh_score_p, design_effect, mantel_haenszel_rd, newcombe,
                              wilson, z_value)
-from .phenotypes import NUM_PHENOTYPES, phenotype_names
+from .phenotypes import NUM_PHENOTYPES, code_to_phenotype_table, phenotype_names
 
 __all__ = ["COUNT_COLUMNS", "PARTIAL_SCHEMA", "Counts", "partial_counts", "sum_partials", "split_counts",
            "reference_counts", "efficacy_from_counts", "efficacy_table_reference", "top_drugs",
-           "precision_at_k", "multi_hot_matrix", "newcombe", "wilson", "z_value", "severity_strata"]
+           "precision_at_k", "multi_hot_matrix", "newcombe", "wilson", "z_value", "severity_strata",
+           "phenotype_code_counts", "n_strata"]
 
-# Columns of SAMPLES the counting reads.
-COUNT_COLUMNS = ["subject_id", "drugs", "phenotypes_current", "labels"]
+# Columns of SAMPLES the counting reads (diagnosis_codes for the code strata).
+COUNT_COLUMNS = ["subject_id", "drugs", "phenotypes_current", "labels", "diagnosis_codes"]
 # The pseudo-drug given to every pair: its rows carry the per-phenotype totals. Real drug
 # names are never empty: null and blank names are not counted as drugs.
 TOTAL_KEY = ""
@@ -118,10 +122,53 @@ def _drug_items(drugs: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array
 
 # --- counting -----------------------------------------------------------------------------
 
-def severity_strata(present: np.ndarray, bins: Sequence[int]) -> np.ndarray:
-    """Severity stratum of each pair: the number of phenotypes present at visit i, cut at
-    `bins` (lower edges of the strata above the first): [3, 5, 7] -> 0: 1-2, 1: 3-4, 2: 5-6, 3: 7+."""
-    return np.searchsorted(np.asarray(bins, dtype=np.int64), present.sum(axis=1), side="right").astype(np.int64)
+@lru_cache(maxsize=1)
+def _code_phenotypes() -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]:
+    """The ICD-9-CM -> phenotype map as arrays: codes, and per code its phenotypes (CSR:
+    lengths, starts into the flat phenotype indices)."""
+    table = code_to_phenotype_table()
+    codes = sorted(table)
+    lens = np.array([len(table[c]) for c in codes], dtype=np.int64)
+    flat = np.array([p for c in codes for p in table[c]], dtype=np.int64)
+    return pa.array(codes, type=pa.string()), lens, np.r_[0, np.cumsum(lens)[:-1]].astype(np.int64), flat
+
+
+def phenotype_code_counts(codes: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """(rows, 25): distinct diagnosis codes of each phenotype recorded in each row, codes
+    matched exactly against the ICD-9-CM map (as SAMPLES stores them: no dots). Codes of no
+    phenotype, and dotted ICD-10-CM codes (MIMIC-IV), count for none."""
+    if isinstance(codes, pa.ChunkedArray):
+        codes = codes.combine_chunks() if codes.num_chunks else pa.array([], type=codes.type)
+    n = len(codes)
+    if n == 0:
+        return np.zeros((0, NUM_PHENOTYPES), dtype=np.int64)
+    vocab, lens, starts, flat = _code_phenotypes()
+    values = pc.list_flatten(codes)
+    parents = pc.list_parent_indices(codes).to_numpy(zero_copy_only=False).astype(np.int64)
+    idx = pc.index_in(values, value_set=vocab).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    hit = idx >= 0
+    key = _unique_sorted(parents[hit] * len(vocab) + idx[hit])  # a code twice in a visit counts once
+    row, k = key // len(vocab), key % len(vocab)
+    rep = lens[k]
+    offset = np.arange(int(rep.sum())) - np.repeat(np.cumsum(rep) - rep, rep)
+    pheno = flat[np.repeat(starts[k], rep) + offset]
+    return np.bincount(np.repeat(row, rep) * NUM_PHENOTYPES + pheno,
+                       minlength=n * NUM_PHENOTYPES).reshape(n, NUM_PHENOTYPES)
+
+
+def n_strata(bins: Sequence[int], code_strata: bool) -> int:
+    return (len(bins) + 1) * (2 if code_strata else 1)
+
+
+def severity_strata(present: np.ndarray, bins: Sequence[int], code_counts: np.ndarray | None = None) -> np.ndarray:
+    """Severity stratum of each pair and phenotype, (rows, 25): the number of phenotypes
+    present at visit i, cut at `bins` (lower edges of the strata above the first): [3, 5, 7]
+    -> 0: 1-2, 1: 3-4, 2: 5-6, 3: 7+; with `code_counts` (phenotype_code_counts) each of
+    these is split in two, one code of the phenotype recorded at visit i (2 k) or two and
+    more (2 k + 1): what visit i shows of the severity of that phenotype itself."""
+    base = np.searchsorted(np.asarray(bins, dtype=np.int64), present.sum(axis=1), side="right").astype(np.int64)
+    out = np.broadcast_to(base[:, None], present.shape)
+    return out.copy() if code_counts is None else 2 * out + (code_counts >= 2)
 
 
 def _subject_ids(batch: pa.Table, where: str) -> np.ndarray:
@@ -164,7 +211,8 @@ def _table(kind: int, phenotype: np.ndarray, drug: pa.Array, n_rows: int, **cols
     return pa.table(data, schema=PARTIAL_SCHEMA)
 
 
-def partial_counts(batch: pa.Table, where: str = "samples", severity_bins: Sequence[int] = (3, 5, 7)) -> pa.Table:
+def partial_counts(batch: pa.Table, where: str = "samples", severity_bins: Sequence[int] = (3, 5, 7),
+                   code_strata: bool = True) -> pa.Table:
     """Counts of one batch of SAMPLES rows, in PARTIAL_SCHEMA (summable across batches with
     `sum_partials`; see the module docstring for the row kinds)."""
     n = batch.num_rows
@@ -189,22 +237,28 @@ def partial_counts(batch: pa.Table, where: str = "samples", severity_bins: Seque
     n_dp = len(vocab) * NUM_PHENOTYPES
 
     # COUNT rows: pairs and resolved per (drug, phenotype, stratum).
-    n_strata = len(severity_bins) + 1
-    key = t_dp * n_strata + severity_strata(present, severity_bins)[t_row]
-    cnt_n = np.bincount(key, minlength=n_dp * n_strata)
-    cnt_y = np.bincount(key, weights=t_y, minlength=n_dp * n_strata)
+    s_count = n_strata(severity_bins, code_strata)
+    strata = severity_strata(present, severity_bins,
+                             phenotype_code_counts(batch.column("diagnosis_codes")) if code_strata else None)
+    key = t_dp * s_count + strata[t_row, t_p]
+    cnt_n = np.bincount(key, minlength=n_dp * s_count)
+    cnt_y = np.bincount(key, weights=t_y, minlength=n_dp * s_count)
     nz = np.flatnonzero(cnt_n)
-    dp = nz // n_strata
+    dp = nz // s_count
     parts = [_table(KIND_COUNT, dp % NUM_PHENOTYPES, vocab.take(pa.array(dp // NUM_PHENOTYPES)), len(nz),
-                    stratum=nz % n_strata, n=cnt_n[nz], y=cnt_y[nz])]
+                    stratum=nz % s_count, n=cnt_n[nz], y=cnt_y[nz])]
 
     # Per patient and (drug, phenotype): n_c, y_c; and the patient's totals T of the phenotype.
     patients, pat = np.unique(subject, return_inverse=True)
+    # Grouped by sorting once (searchsorted of ~10^6 unsorted keys, or np.unique's inverse,
+    # is several times slower): run starts give n_c, sums over runs y_c.
     pkey = pat[t_row] * n_dp + t_dp
-    uniq_key = _unique_sorted(pkey)
-    pkey, inv = uniq_key, np.searchsorted(uniq_key, pkey)
-    n_c = np.bincount(inv).astype(np.float64)
-    y_c = np.bincount(inv, weights=t_y)
+    order = np.argsort(pkey, kind="stable")
+    pkey = pkey[order]
+    start = np.flatnonzero(np.r_[True, pkey[1:] != pkey[:-1]])
+    n_c = np.diff(np.r_[start, len(pkey)]).astype(np.float64)
+    y_c = np.add.reduceat(t_y[order], start)
+    pkey = pkey[start]
     c, dp = pkey // n_dp, pkey % n_dp
     is_total = dp < NUM_PHENOTYPES  # drug code 0
     t_n = np.zeros((len(patients), NUM_PHENOTYPES))
@@ -275,7 +329,8 @@ def split_counts(summed: pd.DataFrame) -> Counts:
     return Counts(strata.reset_index(drop=True), clusters.reset_index(drop=True))
 
 
-def reference_counts(samples: pa.Table, where: str = "samples", severity_bins: Sequence[int] = (3, 5, 7)) -> Counts:
+def reference_counts(samples: pa.Table, where: str = "samples", severity_bins: Sequence[int] = (3, 5, 7),
+                     code_strata: bool = True) -> Counts:
     """Counts of a whole SAMPLES table with plain pandas, one phenotype at a time.
 
     Deliberately independent of `partial_counts` (explode + groupby per patient instead of
@@ -285,7 +340,8 @@ def reference_counts(samples: pa.Table, where: str = "samples", severity_bins: S
     present = multi_hot_matrix(samples.column("phenotypes_current"), where, "phenotypes_current")
     nxt = multi_hot_matrix(samples.column("labels"), where, "labels")
     subject = _subject_ids(samples, where)
-    stratum = severity_strata(present, severity_bins)
+    stratum = severity_strata(present, severity_bins,
+                              phenotype_code_counts(samples.column("diagnosis_codes")) if code_strata else None)
     rows, names = _drug_items(samples.column("drugs"))
     n = samples.num_rows
     # Drugs as integer codes (0 = TOTAL_KEY, given to every pair); names back at the end.
@@ -299,7 +355,7 @@ def reference_counts(samples: pa.Table, where: str = "samples", severity_bins: S
         if sub.empty:
             continue
         r = sub["row"].to_numpy()
-        sub = sub.assign(y=resolved[r].astype(np.int64), stratum=stratum[r], subject=subject[r])
+        sub = sub.assign(y=resolved[r].astype(np.int64), stratum=stratum[r, p], subject=subject[r])
         g = sub.groupby(["drug", "stratum"], sort=True)["y"].agg(["size", "sum"]).reset_index()
         strata.append(pd.DataFrame({"phenotype_index": p, "drug": g["drug"], "stratum": g["stratum"],
                                     "n": g["size"], "y": g["sum"]}))
@@ -334,18 +390,18 @@ def _arm_arrays(counts: Counts):
     """Per (phenotype, drug) row: phenotype index, drug, per-stratum given counts (rows, S),
     per-stratum phenotype totals (rows, S), cluster sums of the drug and of the totals."""
     st = counts.strata
-    n_strata = int(st["stratum"].max()) + 1 if len(st) else 1
+    s_count = int(st["stratum"].max()) + 1 if len(st) else 1
     is_total = (st["drug"] == TOTAL_KEY).to_numpy()
-    tot_n = np.zeros((NUM_PHENOTYPES, n_strata))
-    tot_y = np.zeros((NUM_PHENOTYPES, n_strata))
+    tot_n = np.zeros((NUM_PHENOTYPES, s_count))
+    tot_y = np.zeros((NUM_PHENOTYPES, s_count))
     tp, ts = st["phenotype_index"].to_numpy()[is_total].astype(np.int64), st["stratum"].to_numpy()[is_total].astype(np.int64)
     np.add.at(tot_n, (tp, ts), st["n"].to_numpy()[is_total])
     np.add.at(tot_y, (tp, ts), st["y"].to_numpy()[is_total])
     drugs = st[~is_total]
     keys = pd.MultiIndex.from_arrays([drugs["phenotype_index"].astype(np.int64), drugs["drug"].astype(str)])
     codes, uniq = pd.factorize(keys, sort=True)
-    n1k = np.zeros((len(uniq), n_strata))
-    y1k = np.zeros((len(uniq), n_strata))
+    n1k = np.zeros((len(uniq), s_count))
+    y1k = np.zeros((len(uniq), s_count))
     sk = drugs["stratum"].to_numpy().astype(np.int64)
     np.add.at(n1k, (codes, sk), drugs["n"].to_numpy())
     np.add.at(y1k, (codes, sk), drugs["y"].to_numpy())
@@ -456,7 +512,8 @@ def efficacy_table_reference(samples: pa.Table, cfg, ranking: str | None = None)
     `cfg` is a PipelineConfig or an EADFConfig.
     """
     ecfg = getattr(cfg, "eadf", cfg)
-    return efficacy_from_counts(reference_counts(samples, severity_bins=ecfg.severity_bins), ecfg, ranking)
+    counts = reference_counts(samples, severity_bins=ecfg.severity_bins, code_strata=ecfg.code_strata)
+    return efficacy_from_counts(counts, ecfg, ranking)
 
 
 def top_drugs(table: pa.Table, top_k: int) -> dict[int, list[str]]:

@@ -171,6 +171,7 @@ def test_run_eadf_fuses_every_split_with_the_training_table(ray_local, tmp_path)
     """The CLI end to end: the Ray Data table equals the reference, every split is fused with
     the training table, rows and order kept; validity.json from the ground truth."""
     from ckd_ehr.cli import main
+    from ckd_ehr.eadf import fuse_batch
 
     train = random_samples(2000, seed=4)  # large enough that phenotype 0 gets a list under FDR control
     val = random_samples(200, seed=5, split="val").slice(50, 120)
@@ -193,6 +194,7 @@ def test_run_eadf_fuses_every_split_with_the_training_table(ray_local, tmp_path)
         out = check_schema(out, AUGMENTED_SAMPLES, split)  # parquet reads timestamp[s] back as [ms]
         assert out["sample_id"].to_pylist() == src["sample_id"].to_pylist()
         assert out["text_plain"].to_pylist() == src["text_plain"].to_pylist()
+        assert out.equals(check_schema(fuse_batch(src, top, cfg.text), AUGMENTED_SAMPLES, split))
         for i in (0, out.num_rows // 2, out.num_rows - 1):
             row = out.slice(i, 1).to_pylist()[0]
             present = [p for p in range(NUM_PHENOTYPES) if row["phenotypes_current"][p]]
@@ -207,6 +209,23 @@ def test_run_eadf_fuses_every_split_with_the_training_table(ray_local, tmp_path)
     validity = json.loads((tmp_path / "run" / "eadf" / "validity.json").read_text())
     eff, freq = validity["rankings"]["efficacy"], validity["rankings"]["frequency"]
     assert eff["mean_recall_at_k"] > freq["mean_recall_at_k"]
+
+
+def test_row_reader_hands_out_a_files_rows_in_order_across_row_groups(tmp_path):
+    """The fusion driver's reader of the input rows (beside the texts from the Ray tasks)."""
+    import pyarrow.parquet as pq
+
+    from ckd_ehr.eadf import _RowReader
+
+    tab = small_cohort()
+    pq.write_table(tab, tmp_path / "x.parquet", row_group_size=7)
+    reader = _RowReader(str(tmp_path / "x.parquet"), batch_size=4)
+    parts = [reader.take(k) for k in (3, 10, 1, tab.num_rows - 14)]
+    # parquet reads timestamp[s] back as [ms]: compare in the SAMPLES schema
+    assert check_schema(pa.concat_tables(parts), SAMPLES, "x").equals(tab)
+    with pytest.raises(ContractError, match="expected 1 more rows"):
+        reader.take(1)
+    reader.close()
 
 
 def test_empty_train_split_gives_an_empty_table_and_still_fuses(ray_local, s3_bucket):

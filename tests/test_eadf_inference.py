@@ -167,3 +167,42 @@ def test_batches_that_split_a_patient_sum_to_the_reference_and_disorder_is_refus
                               for i in range(0, tab.num_rows, 30)]).to_pandas()
     with pytest.raises(ContractError, match="not grouped by patient"):
         sum_partials(parts, where="x.parquet")
+
+
+def test_phenotype_code_counts_counts_distinct_codes_per_phenotype():
+    import pyarrow as pa
+
+    from ckd_ehr.eadf_stats import phenotype_code_counts
+
+    codes = pa.array([["4019", "4011", "4019", "25000"], [], ["I10", "401.9", None], ["4011"]],
+                     type=pa.list_(pa.string()))
+    counts = phenotype_code_counts(codes)
+    assert counts.shape == (4, 25)
+    assert counts[0, 5] == 2 and counts[0, 1] == 1 and counts[0].sum() == 3  # '4019' twice counts once
+    assert counts[1].sum() == 0 and counts[2].sum() == 0  # ICD-10 and dotted codes match nothing
+    assert counts[3, 5] == 1
+
+
+def _flare_cohort():
+    """Hypertension (phenotype 5) alone in 200 pairs, so the count of phenotypes present is
+    the same everywhere. 100 pairs record two hypertension codes (a 'flare': 80 resolve),
+    100 one code (40 resolve). Decoy D, no effect within either: two codes 70 given (56
+    resolved) vs 30 (24); one code 10 given (4) vs 90 (36). Crude: 60/80 vs 60/120."""
+    rows, codes = [], []
+    for two, given, res_given, not_given, res_not in ((True, 70, 56, 30, 24), (False, 10, 4, 90, 36)):
+        for drugs, n, y in ((["D"], given, res_given), (["E"], not_given, res_not)):
+            rows += [(drugs, hot(5), hot() if i < y else hot(5)) for i in range(n)]
+            codes += [["4019", "4011"] if two else ["4019"]] * n
+    tab = samples_table(rows)
+    return tab.set_column(tab.schema.get_field_index("diagnosis_codes"), "diagnosis_codes",
+                          [codes])
+
+
+def test_code_strata_remove_confounding_that_the_phenotype_count_cannot_see():
+    tab = _flare_cohort()
+    crude = rows_of(efficacy_table_reference(tab, EADFConfig(adjust="none")), 5)["D"]
+    by_count = rows_of(efficacy_table_reference(tab, EADFConfig(adjust="severity", code_strata=False)), 5)["D"]
+    by_codes = rows_of(efficacy_table_reference(tab, EADFConfig(adjust="severity")), 5)["D"]
+    assert crude["effect"] == pytest.approx(0.25) and crude["rank"] == 1
+    assert by_count["effect"] == pytest.approx(0.25) and by_count["rank"] == 1  # one stratum: no help
+    assert by_codes["effect"] == pytest.approx(0.0, abs=1e-12) and by_codes["rank"] is None
