@@ -182,7 +182,7 @@ def test_run_eadf_fuses_every_split_with_the_training_table(ray_local, tmp_path)
     cfg = PipelineConfig(run_dir=str(tmp_path / "run"), eadf=EADFConfig(min_support=15, batch_size=400),
                          text=TextConfig(titles="short"))
     assert main(["eadf", "--run-dir", cfg.run_dir, "--set", "eadf.min_support=15", "--set", "eadf.batch_size=400",
-                 "--set", "text.titles=short"]) == 0
+                 "--set", "text.titles=short", "--set", "eadf.text_fit_report=false"]) == 0
 
     table = storage.read_parquet(layout.efficacy_table)
     assert table.equals(efficacy_table_reference(train, cfg))
@@ -236,7 +236,7 @@ def test_empty_train_split_gives_an_empty_table_and_still_fuses(ray_local, s3_bu
     cohort = small_cohort()
     root = f"{s3_bucket}/eadf-empty-train"
     layout = write_run(root, {"train": cohort.slice(0, 0), "val": cohort, "test": cohort.slice(0, 0)})
-    summary = run_eadf(PipelineConfig(run_dir=root))
+    summary = run_eadf(PipelineConfig(run_dir=root, eadf=EADFConfig(text_fit_report=False)))
     assert summary["efficacy_rows"] == 0 and summary["rows"] == {"train": 0, "val": cohort.num_rows, "test": 0}
     assert storage.read_parquet(layout.efficacy_table).equals(efficacy_table_reference(cohort.slice(0, 0), EADFConfig()))
     val = storage.read_parquet(layout.augmented("val"))
