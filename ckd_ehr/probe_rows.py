@@ -88,8 +88,12 @@ def teacher_probe_row(cfg, layout: RunLayout):
              "text": column, "threshold_source": source}), None
 
 
-def student_probe_row(cfg, layout: RunLayout, variant: str = "ckd_ehr"):
-    """(test frame, thresholds, details) of `probe_student` (the probe of `variant`'s artifact)."""
+def student_probe_row(cfg, layout: RunLayout, variant: str | None = None):
+    """(test frame, thresholds, details) of `probe_student`: the probe of `variant`'s artifact;
+    None = the CKD-EHR student's, else (not trained in this run) hard_eadf's: the same text."""
+    if variant is None:
+        variant = next((v for v in ("ckd_ehr", "hard_eadf")
+                        if storage.exists(storage.join(layout.student_artifact(v), PROBE_HEAD))), "ckd_ehr")
     from transformers import AutoTokenizer
 
     from .models import resolve_model_path
