@@ -87,3 +87,21 @@ def test_pipeline_submitted_as_a_ray_job(ray_head, tmp_path, tiny_qwen_dir, tiny
         assert storage.exists(layout.student_artifact(v))
     assert (run_dir / "report" / "report.html").exists()
     assert "stage" in logs and "report" in logs   # the summary table was printed
+
+
+def test_tiny_run_has_probe_rows_and_text_fit(tiny_run):
+    """The demo's recipe in miniature: evaluate scores each frozen model with the linear probe
+    its training started from, and EADF reports how much of each text the models see."""
+    layout = RunLayout(str(tiny_run.run_dir))
+    metrics = storage.read_json(layout.metrics)
+    for name in ("probe_teacher", "probe_student"):
+        row = metrics["baselines"][name]
+        assert row["role"].startswith("probe") and 0.0 <= row["modes"]["fixed"]["metrics"]["macro_auroc"] <= 1.0
+        assert row["details"]["train_samples"] == 48
+    fit = storage.read_json(layout.text_fit)
+    assert set(fit["splits"]) == {"train", "val", "test"}
+    assert all(0.0 <= fit["splits"][s][m]["share_whole"] <= 1.0 for s in fit["splits"] for m in ("teacher", "student"))
+    # soft labels only for the rows the student reads (48 of the training split), all of test
+    assert storage.read_parquet(layout.soft_labels("train")).num_rows == 48
+    assert storage.read_parquet(layout.soft_labels("test")).num_rows == \
+        storage.read_parquet(layout.augmented("test")).num_rows
