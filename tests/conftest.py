@@ -11,6 +11,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# One intra-op thread for torch in this process and its subprocesses (Ray's 1-CPU workers get
+# one anyway). The tests' models are tiny, so a second thread gains little, while on a busy
+# 2-core machine two spinning OpenMP threads made in-process training 5-10x slower (measured:
+# tests/test_teacher.py::test_every_pooling_trains 18-25 s each with 2 threads, 3-4 s with 1).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Ray >= 2.59 runs `ray start` heads with token authentication; every client of the test
 # heads (this process, CLI subprocesses, job clients) must then be in token mode. Ray reads
 # this when it is first imported, so it is set here, before anything imports ray.
