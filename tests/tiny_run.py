@@ -73,7 +73,7 @@ def submit_pipeline_job(head: RayHead, root: Path, teacher_dir: Path, student_di
             status = found[-1] if found else ""
         if status in {"SUCCEEDED", "FAILED", "STOPPED"}:
             break
-        time.sleep(2)
+        time.sleep(5)   # each `ray job status` is a Python process importing Ray: ~1.5 s of CPU
     return TinyRun(run_dir=run_dir, config=cfg, job_id=job_id, status=status, logs=_job_cli(head, "logs", job_id))
 
 
