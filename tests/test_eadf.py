@@ -258,6 +258,7 @@ def test_missing_split_or_column_is_a_clear_error(tmp_path):
         run_eadf(PipelineConfig(run_dir=str(tmp_path)))
 
 
+@pytest.mark.slow   # prepares a 6,000-patient cohort
 @pytest.mark.skipif(not (importlib.util.find_spec("ckd_ehr.synth") and importlib.util.find_spec("ckd_ehr.prepare")),
                     reason="ckd_ehr.synth / ckd_ehr.prepare not available yet")
 def test_validity_on_the_synthetic_cohort(tmp_path):

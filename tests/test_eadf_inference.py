@@ -20,6 +20,7 @@ def rows_of(table, phenotype: int = 0) -> dict:
     return {r["drug"]: r for r in table.to_pylist() if r["phenotype_index"] == phenotype}
 
 
+@pytest.mark.slow   # two 4,000-sample cohorts
 def test_fdr_on_a_null_cohort_lists_almost_nothing():
     """No drug does anything: uncorrected one-sided tests at 5% find chance effects, the
     Benjamini-Hochberg lists hold at most one drug in all 25 phenotypes."""

@@ -119,6 +119,7 @@ def test_soft_label_gpu_actors():
 
 # --- ZeRO-3 partitioned loading in one process ---------------------------------------------
 
+@pytest.mark.slow   # a DeepSpeed ZeRO-3 init in a fresh process: 10-90 s on 2 cores
 def test_partitioned_loader_matches_from_pretrained(tiny_qwen_dir):
     """One gloo rank: load_backbone under an active HfDeepSpeedConfig (ZeRO-3) takes the
     partitioned path (every parameter a ZeRO-3 parameter) and loads the checkpoint's values."""

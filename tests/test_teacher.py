@@ -134,8 +134,11 @@ def test_every_pooling_trains(tiny_qwen_dir, pooling):
     assert final < 0.8 * first, (pooling, first, final)
 
 
-@pytest.mark.parametrize("merge", [True, False])
-def test_artifact_round_trip(tiny_qwen_dir, tmp_path, merge):
+@pytest.fixture(scope="module")
+def trained_artifact(tiny_qwen_dir, tmp_path_factory):
+    """A teacher trained a few steps in-process, its logits on 6 texts, and its artifact
+    (written once; the round-trip test loads it merged and unmerged)."""
+    tmp = tmp_path_factory.mktemp("teacher_artifact")
     cfg = _cfg(tiny_qwen_dir, pooling="last", gradient_checkpointing=True)
     model, tok, _, _ = _train_in_process(cfg, steps=4)
     # LoRA B starts at zero: after training it must not be, or the check below proves nothing.
@@ -143,12 +146,18 @@ def test_artifact_round_trip(tiny_qwen_dir, tmp_path, merge):
     texts, _ = toy_samples(6, seed=9)
     expected = predict_logits(model, tok, texts, max_length=64)
     state = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
-    write_weights(model, state, tmp_path / "ckpt")
-    meta = write_artifact(tmp_path / "ckpt", tok, cfg, {"val_macro_f1": 0.5}, str(tmp_path / "artifact"))
+    write_weights(model, state, tmp / "ckpt")
+    meta = write_artifact(tmp / "ckpt", tok, cfg, {"val_macro_f1": 0.5}, str(tmp / "artifact"))
+    return tmp / "artifact", meta, texts, expected
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_artifact_round_trip(trained_artifact, merge):
+    artifact, meta, texts, expected = trained_artifact
     for name in ("adapter/adapter_config.json", "head.safetensors", "tokenizer/tokenizer_config.json", "teacher.json"):
-        assert (tmp_path / "artifact" / name).exists(), name
-    assert not any("base_layer" in p.name for p in (tmp_path / "artifact" / "adapter").iterdir())
-    loaded, tok2, meta2 = load_teacher(str(tmp_path / "artifact"), merge_lora=merge)
+        assert (artifact / name).exists(), name
+    assert not any("base_layer" in p.name for p in (artifact / "adapter").iterdir())
+    loaded, tok2, meta2 = load_teacher(str(artifact), merge_lora=merge)
     assert not loaded.training
     assert meta2["artifact_id"] == meta["artifact_id"] and len(meta2["artifact_id"]) == 12
     assert meta2["pooling"] == "last" and len(meta2["label_names"]) == 25

@@ -19,9 +19,9 @@ from ckd_ehr.tune import run_tune
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_student_search_report_best_config_and_restore(tiny_run_to_soft_labels, tmp_path):
-    cfg_dict = {**tiny_run_to_soft_labels,
-                "student": {**tiny_run_to_soft_labels["student"], "epochs": 2, "max_steps": None,
+def test_student_search_report_best_config_and_restore(tiny_run_copy, tmp_path):
+    cfg_dict = {**tiny_run_copy,
+                "student": {**tiny_run_copy["student"], "epochs": 2, "max_steps": None,
                             "max_train_samples": 32, "max_eval_samples": 24, "variants": ["ckd_ehr"]},
                 "tune": {"scheduler": "asha", "grace_period": 1, "cpus_per_trial": 0.5,
                          "metric": "val_macro_auroc", "max_concurrent_trials": 2}}
@@ -81,14 +81,14 @@ def test_search_without_soft_labels_says_what_to_run(tmp_path):
         raise AssertionError("expected FileNotFoundError")
 
 
-def test_teacher_lora_search_trains_the_sampled_rank(tiny_run_to_soft_labels, tmp_path):
+def test_teacher_lora_search_trains_the_sampled_rank(tiny_run_copy, tmp_path):
     """Two teacher trials through the pipeline's teacher code: each trains LoRA at its sampled
     rank with alpha = rank * alpha_over_rank, and the best config carries both. Each trial
     fails once (an injected error at step 1, with no Train-level retries) and Tune retries it."""
     from safetensors.torch import load_file
 
-    cfg_dict = {**tiny_run_to_soft_labels,
-                "teacher": {**tiny_run_to_soft_labels["teacher"], "epochs": 2, "max_steps": None,
+    cfg_dict = {**tiny_run_copy,
+                "teacher": {**tiny_run_copy["teacher"], "epochs": 2, "max_steps": None,
                             "max_train_samples": 16, "max_eval_samples": 16,
                             "fail_at_step": 1, "max_failures": 0},
                 "tune": {"scheduler": "fifo", "cpus_per_trial": 0.5, "metric": "val_macro_auroc",

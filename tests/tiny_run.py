@@ -1,0 +1,93 @@
+"""The suite's one end-to-end run: the whole pipeline (tiny models, tiny cohort) submitted with
+`ray job submit` (the shipped entrypoint and runtime_env) to the session's Ray head, waited on
+until it ends. tests/test_jobs.py checks the job and its outputs; the tests that need trained
+artifacts (Tune, ...) take copies of what they need instead of training their own.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pipeline_configs import small_pipeline_config
+from ray_head import RAY, RayHead
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class TinyRun:
+    run_dir: Path
+    config: dict
+    """The pipeline config the job ran (a dict, as written to its YAML)."""
+    job_id: str
+    status: str
+    """SUCCEEDED, FAILED or STOPPED (or "" if it never ended within the deadline)."""
+    logs: str
+
+
+def _job_cli(head: RayHead, *args: str) -> str:
+    """`ray job ...` against this head's job API; ANSI colours stripped."""
+    res = subprocess.run([RAY, "job", *args, "--address", head.dashboard], cwd=REPO, env=head.env,
+                         capture_output=True, text=True, timeout=120)
+    return re.sub(r"\x1b\[[0-9;]*m", "", res.stdout + res.stderr)
+
+
+def submit_pipeline_job(head: RayHead, root: Path, teacher_dir: Path, student_dir: Path,
+                        deadline_s: float = 900) -> TinyRun:
+    run_dir = root / "run"
+    cfg = small_pipeline_config(str(run_dir), teacher_dir, student_dir)
+    cfg["ray"] = {}   # inside the job: join the job's cluster (RAY_ADDRESS), not a new one
+    cfg_file = root / "job.yaml"   # same machine: the job reads it by absolute path
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    cmd = [RAY, "job", "submit", "--address", head.dashboard, "--working-dir", ".",
+           "--runtime-env", "jobs/runtime_env.yaml", "--no-wait", "--",
+           sys.executable, "jobs/pipeline.py", "--config", str(cfg_file)]
+    # The head's job agent registers a little after the dashboard answers: retry while it says so.
+    for _ in range(30):
+        out = subprocess.run(cmd, cwd=REPO, env=head.env, capture_output=True, text=True, timeout=300)
+        if out.returncode == 0 or "No available agent" not in out.stderr:
+            break
+        time.sleep(3)
+    if out.returncode != 0:
+        raise RuntimeError(f"ray job submit failed: {out.stderr[-3000:]}")
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout + out.stderr).group(0)  # output has ANSI colours
+
+    # Polled through the CLI against this head's dashboard, as a user would.
+    end = time.time() + deadline_s
+    status = ""
+    while time.time() < end:
+        # `ray job status` ends with "Job '<id>' succeeded" / "... failed" / "... was stopped"
+        # once the job is over, and names the status in capitals while it runs.
+        text = _job_cli(head, "status", job_id)
+        done = re.search(r"Job '[^']+' (succeeded|failed|was stopped)", text)
+        found = re.findall(r"\b(PENDING|RUNNING|SUCCEEDED|FAILED|STOPPED)\b", text)
+        if done:
+            status = {"succeeded": "SUCCEEDED", "failed": "FAILED", "was stopped": "STOPPED"}[done.group(1)]
+        else:
+            status = found[-1] if found else ""
+        if status in {"SUCCEEDED", "FAILED", "STOPPED"}:
+            break
+        time.sleep(5)   # each `ray job status` is a Python process importing Ray: ~1.5 s of CPU
+    return TinyRun(run_dir=run_dir, config=cfg, job_id=job_id, status=status, logs=_job_cli(head, "logs", job_id))
+
+
+# What a test may copy out of the shared run: the inputs of the stages after soft labels.
+TO_SOFT_LABELS = ("manifest.json", "data", "eadf", "teacher/artifact", "soft_labels")
+
+
+def copy_run(src: Path, dst: Path, parts: tuple[str, ...] = TO_SOFT_LABELS) -> Path:
+    """A private copy of parts of a finished run, for a test that writes into its run directory."""
+    for part in parts:
+        s, d = src / part, dst / part
+        d.parent.mkdir(parents=True, exist_ok=True)
+        if s.is_dir():
+            shutil.copytree(s, d)
+        else:
+            shutil.copy2(s, d)
+    return dst
