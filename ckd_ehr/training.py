@@ -721,6 +721,18 @@ class _Worker:
         self.restore()
         start, seen, last_loss = time.time(), 0, float("nan")
         metrics: dict = {}
+        if self.probe is not None and self.step == 0 and self.resumed_from < 0:
+            # The probe is the first point of the training path: validated and reported as step
+            # 0, so checkpoint selection keeps it when fine-tuning does not beat it on validation.
+            metrics = {"step": 0, "epoch": 0.0, "train_loss": float("nan"), "train_loss_first": float("nan"),
+                       "resumed_from_step": self.resumed_from, "lr": 0.0, "samples_per_s": 0.0,
+                       **self.probe_metrics, **self.run_stats()}
+            val, out = self.validate()
+            metrics.update(val)
+            if self.rank == 0:
+                log.info("validation of the probe (step 0): %s",
+                         {k: round(v, 4) for k, v in val.items() if isinstance(v, float)})
+            self.save_and_report(metrics, out)
         while self.epoch < cfg.epochs and self.step < self.total_steps:
             batches = length_grouped_batches(self.train_len, self.micro_bs, cfg.seed, self.epoch, self.world,
                                              self.rank)[: self.steps_per_epoch * self.accum]
