@@ -76,8 +76,8 @@ def test_student_learns_an_obvious_signal(ray_local, tiny_bert_dir, marker_split
     "reaches 0.99. Standardising the pooled features with batch norm brings the loop to 0.95, but its "
     "running statistics go stale when LoRA moves the features fast (tests/test_teacher.py at lr 1e-2), "
     "so the fix belongs with the demo issue's training recipes (e.g. statistics from one pass over "
-    "the training data before training). The demo's recipe does that: head_init probe, tested below.
-    Strict: once the random head learns, this fails and must go."))
+    "the training data before training). The demo's recipe does that (head_init probe, tested below). "
+    "Strict: once the random head learns, this fails and must go."))
 def test_teacher_learns_an_obvious_signal(ray_local, tiny_qwen_dir, marker_splits, tmp_path):
     from ckd_ehr.config import TeacherConfig
     from ckd_ehr.teacher.data import Collate, make_examples, pad_id
