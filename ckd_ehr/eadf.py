@@ -49,8 +49,7 @@ def _num_rows(path: str) -> int:
     fs, inner = storage.resolve(path)
     if fs.get_file_info(inner).type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{path}: no such file (has `ckd-ehr prepare` run?)")
-    with fs.open_input_file(inner) as f:
-        return pq.ParquetFile(f).metadata.num_rows
+    return storage.parquet_num_rows(path)
 
 
 def _check_columns(path: str, columns: list[str] | None = None) -> None:

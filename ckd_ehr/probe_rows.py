@@ -20,7 +20,7 @@ import pandas as pd
 
 from . import storage
 from .contracts import PROBE_HEAD, RunLayout
-from .metrics import to_matrix, tune_thresholds
+from .metrics import to_matrix
 from .phenotypes import NUM_PHENOTYPES
 
 log = logging.getLogger(__name__)
@@ -33,15 +33,17 @@ PROBE_ROLES = {
 
 
 def _frame(samples: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
-    """PREDICTIONS-shaped rows, sorted by sample_id as evaluate's other rows."""
-    df = pd.DataFrame({"sample_id": samples["sample_id"].to_numpy(), "subject_id": samples["subject_id"].to_numpy(),
-                       "labels": list(to_matrix(samples["labels"], np.int8)), "probs": list(probs)})
-    return df.sort_values("sample_id", kind="stable").reset_index(drop=True)
+    """PREDICTIONS-shaped rows (evaluate's), sorted by sample_id as evaluate's other rows."""
+    from .evaluate import _as_predictions
+
+    order = np.argsort(samples["sample_id"].to_numpy(), kind="stable")
+    return _as_predictions(samples.iloc[order].reset_index(drop=True), np.asarray(probs)[order])
 
 
 def _thresholds(y_val: np.ndarray, p_val: np.ndarray) -> tuple[dict, dict]:
-    return ({"fixed": [0.5] * NUM_PHENOTYPES, "tuned": tune_thresholds(y_val, p_val, "f1")},
-            {"fixed": "0.5 for every phenotype", "tuned": "maximising F1 per phenotype on the validation split"})
+    from .evaluate import _reference_thresholds  # the reference rows' thresholds, the same for probes
+
+    return _reference_thresholds(y_val, p_val)
 
 
 def teacher_probe_row(cfg, layout: RunLayout):
@@ -98,7 +100,7 @@ def student_probe_row(cfg, layout: RunLayout, variant: str | None = None):
 
     from .models import resolve_model_path
     from .probe import LinearProbe
-    from .student.data import EADF, encode, fit_texts, load_efficacy, read_split, split_limit, variant_spec
+    from .student.data import encode, fit_texts, load_efficacy, read_split, split_limit, variant_spec
     from .student.model import build_student, predict_ids
 
     art = layout.student_artifact(variant)
@@ -124,7 +126,7 @@ def student_probe_row(cfg, layout: RunLayout, variant: str | None = None):
     return (_frame(out["test"][0], out["test"][1]), thresholds,
             {"model": s.model, "pooling": s.pooling, "C": probe.c_value, "variant": variant,
              "probe_val_macro_auroc": probe.val_macro_auroc, "train_samples": probe.train_samples,
-             "text": column if column != EADF else "text_eadf", "threshold_source": source}), None
+             "text": column, "threshold_source": source}), None
 
 
 def probe_rows(cfg, layout: RunLayout) -> tuple[dict, list[str]]:

@@ -24,7 +24,6 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from . import storage
 from .contracts import SOFT_LABELS, SPLITS, ContractError, RunLayout
@@ -237,7 +236,7 @@ def infer_soft_labels(input_paths: dict[str, str], artifact_dir: str, cfg) -> di
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None)
     # Streamed, not collected at the end: the driver logs progress with the time left (Ray
     # Data's own progress bars are off in this project: they garble logs of jobs and tests).
-    total = sum(_num_rows(p) for p in input_paths.values())
+    total = sum(storage.parquet_num_rows(p) for p in input_paths.values())
     tables, done, start, last = [], 0, time.time(), time.time()
     for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         if block.num_rows:
@@ -258,11 +257,6 @@ def infer_soft_labels(input_paths: dict[str, str], artifact_dir: str, cfg) -> di
         strays = sorted({p for p, s in zip(path_list, split_of) if not s})
         raise ContractError(f"soft labels: rows from unexpected file(s) {strays[:3]}")
     return {split: full.filter(pa.array(split_of == split)) for split in input_paths}
-
-
-def _num_rows(path: str) -> int:
-    fs, inner = storage.resolve(path)
-    return pq.ParquetFile(inner, filesystem=fs).metadata.num_rows
 
 
 def _empty() -> pa.Table:

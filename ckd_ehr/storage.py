@@ -134,6 +134,15 @@ def remove(path: str | os.PathLike) -> None:
         fs.delete_file(inner)
 
 
+def parquet_num_rows(path: str | os.PathLike) -> int:
+    """Rows of a parquet file, from its footer (no data read)."""
+    import pyarrow.parquet as pq
+
+    fs, inner = resolve(path)
+    with fs.open_input_file(inner) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
     fs, inner = resolve(path)
     if fs.get_file_info(inner).type == pafs.FileType.NotFound:

@@ -1,7 +1,6 @@
 """EADF: the Newcombe interval, counting, ranking, Ray Data vs reference, fusion, edge cases."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -259,8 +258,6 @@ def test_missing_split_or_column_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow   # prepares a 6,000-patient cohort
-@pytest.mark.skipif(not (importlib.util.find_spec("ckd_ehr.synth") and importlib.util.find_spec("ckd_ehr.prepare")),
-                    reason="ckd_ehr.synth / ckd_ehr.prepare not available yet")
 def test_validity_on_the_synthetic_cohort(tmp_path):
     """On a seeded synthetic cohort (6,000 patients) the FDR-controlled efficacy lists are
     almost only planted drugs and find a fair share of them; the frequency ranking lists ward
