@@ -62,6 +62,21 @@ def teacher_probe_row(cfg, layout: RunLayout):
     meta = storage.read_json(storage.join(art, "teacher.json"))
     with storage.local_dir(art) as d:
         probe = LinearProbe.load(str(d / PROBE_HEAD))
+    details = {"model": meta["base_model"], "pooling": meta["pooling"], "C": probe.c_value,
+               "probe_val_macro_auroc": probe.val_macro_auroc, "train_samples": probe.train_samples,
+               "text": meta.get("text_column", "text_eadf")}
+    if (meta.get("metrics") or {}).get("step") == 0:
+        # Checkpoint selection kept step 0: no update was ever applied (LoRA's B starts at zero),
+        # so the teacher IS its probe and the soft labels already hold these predictions; scoring
+        # the test split again would cost a whole teacher pass (~8 min on the demo) for the same numbers.
+        from .evaluate import teacher_predictions_from_soft_labels
+
+        test, val = (teacher_predictions_from_soft_labels(layout, s) for s in ("test", "val"))
+        if test is not None and val is not None:
+            thresholds, source = _thresholds(to_matrix(val["labels"], np.int8), np.stack(val["probs"]))
+            return (test, thresholds, {**details, "threshold_source": source,
+                                       "predictions": "the teacher's soft labels: it kept its probe (step 0)"}), None
+    with storage.local_dir(art) as d:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(d / "tokenizer"))
@@ -85,9 +100,7 @@ def teacher_probe_row(cfg, layout: RunLayout):
         out[split] = (df, 1.0 / (1.0 + np.exp(-logits.astype(np.float64))))
     thresholds, source = _thresholds(to_matrix(out["val"][0]["labels"], np.int8), out["val"][1])
     return (_frame(out["test"][0], out["test"][1]), thresholds,
-            {"model": meta["base_model"], "pooling": meta["pooling"], "C": probe.c_value,
-             "probe_val_macro_auroc": probe.val_macro_auroc, "train_samples": probe.train_samples,
-             "text": column, "threshold_source": source}), None
+            {**details, "threshold_source": source, "predictions": "frozen backbone + probe, scored here"}), None
 
 
 def student_probe_row(cfg, layout: RunLayout, variant: str | None = None):

@@ -71,3 +71,32 @@ def test_windowed_encoding_matches_one_pass_and_covers_long_inputs(tiny_bert_dir
         long2 = long.clone()
         long2[0, -5:] = 7
         assert a.shape == (1, 25) and not torch.allclose(a, model(long2, m))
+
+
+def test_teacher_at_step_zero_is_its_probe(tiny_qwen_dir):
+    """evaluate's probe_teacher row reuses the teacher's soft labels when checkpoint selection
+    kept step 0: that rests on a LoRA-wrapped backbone, before any update, computing exactly
+    what the frozen backbone computes (peft starts B at zero)."""
+    from ckd_ehr.teacher.model import MLAPH, TeacherModel, add_lora, load_backbone
+
+    xt, yt = _features(120, 0)
+    probe = fit_probe(np.random.default_rng(0).normal(size=(120, 32)).astype(np.float32), yt,
+                      np.random.default_rng(1).normal(size=(60, 32)).astype(np.float32), _features(60, 1)[1])
+    torch.manual_seed(0)
+    frozen = TeacherModel(load_backbone(str(tiny_qwen_dir)), MLAPH(32, 25, "mean")).eval()
+    frozen.load_probe(probe)
+    wrapped = TeacherModel(add_lora(load_backbone(str(tiny_qwen_dir)), 4, 8.0, 0.0, ["q_proj", "v_proj"]),
+                           MLAPH(32, 25, "mean")).eval()
+    wrapped.load_probe(probe)
+    ids = torch.randint(5, 100, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0
+    with torch.no_grad():
+        a, b = frozen(ids, mask), wrapped(ids, mask)
+    torch.testing.assert_close(a, b)
+    # and the shortcut is not vacuous: one LoRA step later the outputs differ
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5)
+        assert not torch.allclose(frozen(ids, mask), wrapped(ids, mask))
