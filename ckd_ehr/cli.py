@@ -2,8 +2,8 @@
 
 Every subcommand takes `--config FILE` (YAML, see jobs/configs/) and any number of
 `--set key.path=value` overrides; it builds one `PipelineConfig` and calls the stage's
-library function. No logic lives here: the CLI, `ckd_ehr.pipeline` and `jobs/` call the
-same functions.
+library function. No logic lives here: the stage subcommands come from the one registry
+(`ckd_ehr.stages`) that `ckd_ehr.pipeline` runs, and `jobs/run.py` (`ray job submit`) calls this CLI.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
 
 
 def load_cfg(args):
-    from .config import PipelineConfig, load_config
+    from ckd_ehr.config import PipelineConfig, load_config
 
     overrides = list(args.overrides)
     if getattr(args, "run_dir", None):
@@ -53,29 +53,22 @@ def cmd_synth(args):
         synth = synth.model_copy(update={"form": args.form})
     if args.seed is not None:
         synth = synth.model_copy(update={"seed": args.seed})
-    from .config import SynthConfig, build
+    from ckd_ehr.config import SynthConfig, build
     synth = build(SynthConfig, synth.model_dump(), source="synth")
-    return _call("synth", "write_cohort", args.out, synth)
+    return _call("data.synth.cohort", "write_cohort", args.out, synth)
 
 
-def cmd_prepare(args):
-    cfg = load_cfg(args)
-    if args.mimic_dir:
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "mimic", "mimic_dir": args.mimic_dir})})
-    return _call("prepare", "run_prepare", cfg)
-
-
-def cmd_stage(module: str, func: str):
+def cmd_stage(stage):
+    """`ckd-ehr <stage>`: the registry's function on the config, after the stage's own options."""
     def handler(args):
-        return _call(module, func, load_cfg(args))
+        cfg = load_cfg(args)
+        if stage.name == "prepare" and args.mimic_dir:
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "mimic",
+                                                                            "mimic_dir": args.mimic_dir})})
+        if stage.name == "evaluate" and args.allow_small:
+            cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"allow_small": True})})
+        return stage.run(cfg)
     return handler
-
-
-def cmd_evaluate(args):
-    cfg = load_cfg(args)
-    if args.allow_small:
-        cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"allow_small": True})})
-    return _call("evaluate", "run_evaluate", cfg)
 
 
 def cmd_pipeline(args):
@@ -85,12 +78,12 @@ def cmd_pipeline(args):
 
 def cmd_tune(args):
     cfg = load_cfg(args)
-    return _call("tune", "run_tune", cfg, space_file=args.space, num_samples=args.num_samples,
+    return _call("tune.run", "run_tune", cfg, space_file=args.space, num_samples=args.num_samples,
                  experiment_dir=args.experiment_dir, resume=args.resume)
 
 
 def cmd_tune_report(args):
-    return _call("tune", "tune_report", args.experiment_dir, out_dir=args.out)
+    return _call("tune.run", "tune_report", args.experiment_dir, out_dir=args.out)
 
 
 def cmd_serve(args):
@@ -99,8 +92,8 @@ def cmd_serve(args):
 
 
 def cmd_export_hf(args):
-    from .contracts import RunLayout
-    from .storage import exists
+    from ckd_ehr.contracts import RunLayout
+    from ckd_ehr.storage import exists
 
     cfg = load_cfg(args)
     layout = RunLayout(cfg.run_dir)
@@ -122,18 +115,9 @@ def cmd_bench(args):
     return _call("bench", f"bench_{args.what.replace('-', '_')}", cfg, args)
 
 
-STAGES = [
-    # name, module, function, help
-    ("eadf", "eadf", "run_eadf", "EADF: efficacy table on training pairs, fused into every split's text (Ray Data)"),
-    ("teacher", "teacher", "run_teacher", "train the teacher LLM with LoRA + MLAPH (Ray Train, ddp or DeepSpeed)"),
-    ("soft-labels", "soft_labels", "run_soft_labels", "teacher probabilities for every sample (Ray Data batch inference)"),
-    ("student", "student", "run_student", "train the student variants (Ray Train)"),
-    ("evaluate", "evaluate", "run_evaluate", "metrics of every student variant and the teacher on the test split"),
-    ("report", "report", "run_report", "Markdown/HTML report with plots from evaluate/metrics.json"),
-]
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from ckd_ehr.stages import STAGES
+
     parser = argparse.ArgumentParser(
         prog="ckd-ehr",
         description="CKD-EHR on Ray: next-visit phenotype prediction by clinical knowledge distillation.",
@@ -151,19 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="generator seed")
     p.set_defaults(handler=cmd_synth)
 
-    p = sub.add_parser("prepare", help="MIMIC-III or MIMIC-IV tables -> visits, visit-pair samples, patient split")
-    _common(p)
-    p.add_argument("--mimic-dir", help="directory with the MIMIC-III tables (.csv or .csv.gz) or MIMIC-IV's hosp/")
-    p.set_defaults(handler=cmd_prepare)
-
-    for name, module, func, help_text in STAGES:
-        p = sub.add_parser(name, help=help_text)
+    for stage in STAGES:   # one subcommand per stage of the registry (ckd_ehr/stages.py)
+        p = sub.add_parser(stage.command, help=stage.help)
         _common(p)
-        p.set_defaults(handler=cmd_stage(module, func))
-        if name == "evaluate":
+        p.set_defaults(handler=cmd_stage(stage))
+        if stage.name == "prepare":
+            p.add_argument("--mimic-dir",
+                           help="directory with the MIMIC-III tables (.csv or .csv.gz) or MIMIC-IV's hosp/")
+        if stage.name == "evaluate":
             p.add_argument("--allow-small", action="store_true",
                            help="evaluate a test split too small to judge (the report says so in a banner)")
-            p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser("pipeline", help="run every stage in order in one run directory")
     _common(p)

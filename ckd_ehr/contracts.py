@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from .phenotypes import NUM_PHENOTYPES
-from .storage import join
+from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
+from ckd_ehr.storage import join
 
 SPLITS = ("train", "val", "test")
 STUDENT_VARIANTS = ("hard_plain", "hard_eadf", "distill_plain", "ckd_ehr")
@@ -201,5 +201,9 @@ class RunLayout:
     def metrics(self) -> str: return self.path("evaluate", "metrics.json")
     @property
     def report_dir(self) -> str: return self.path("report")
+    @property
+    def report_md(self) -> str: return self.path("report", "report.md")
+    @property
+    def report_html(self) -> str: return self.path("report", "report.html")
     @property
     def tune_dir(self) -> str: return self.path("tune")

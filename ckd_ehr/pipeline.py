@@ -8,20 +8,18 @@ the finished ones stay intact, and the error names the stage.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import platform
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from . import storage
-from .config import PipelineConfig, config_hash, dump_yaml
-from .contracts import SPLITS, RunLayout
+from ckd_ehr import storage
+from ckd_ehr.config import PipelineConfig, config_hash, dump_yaml
+from ckd_ehr.contracts import RunLayout
+from ckd_ehr.stages import STAGE_NAMES, STAGES, Stage
 
 log = logging.getLogger(__name__)
 
@@ -30,48 +28,6 @@ class PipelineError(RuntimeError):
     """A stage failed; the message names it."""
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    module: str
-    function: str
-    sections: tuple[str, ...]
-    """Config sections the stage reads: a change in any of them reruns it under --resume."""
-    inputs: Callable[[PipelineConfig, RunLayout], list[str]]
-    outputs: Callable[[PipelineConfig, RunLayout], list[str]]
-
-    def run(self, cfg: PipelineConfig):
-        return getattr(importlib.import_module(f"ckd_ehr.{self.module}"), self.function)(cfg)
-
-
-def _variants(cfg: PipelineConfig) -> list[str]:
-    return list(cfg.student.variants)
-
-
-STAGES: tuple[Stage, ...] = (
-    Stage("prepare", "prepare", "run_prepare", ("data", "split", "text", "seed"),
-          lambda c, r: [c.data.mimic_dir] if c.data.source == "mimic" else [],
-          lambda c, r: [r.visits] + [r.samples(s) for s in SPLITS]),
-    Stage("eadf", "eadf", "run_eadf", ("eadf", "text"),
-          lambda c, r: [r.samples(s) for s in SPLITS],
-          lambda c, r: [r.efficacy_table] + [r.augmented(s) for s in SPLITS]),
-    Stage("teacher", "teacher", "run_teacher", ("teacher",),
-          lambda c, r: [r.augmented("train"), r.augmented("val")],
-          lambda c, r: [r.teacher_artifact]),
-    Stage("soft_labels", "soft_labels", "run_soft_labels", ("soft_labels",),
-          lambda c, r: [r.teacher_artifact] + [r.augmented(s) for s in SPLITS],
-          lambda c, r: [r.soft_labels(s) for s in SPLITS]),
-    Stage("student", "student", "run_student", ("student",),
-          lambda c, r: [r.efficacy_table] + [r.augmented(s) for s in SPLITS] + [r.soft_labels(s) for s in SPLITS],
-          lambda c, r: [r.student_artifact(v) for v in _variants(c)] + [r.predictions(v) for v in _variants(c)]),
-    Stage("evaluate", "evaluate", "run_evaluate", ("evaluate",),
-          lambda c, r: [r.predictions(v) for v in _variants(c)] + [r.soft_labels("test")],
-          lambda c, r: [r.metrics]),
-    Stage("report", "report", "run_report", ("evaluate",),
-          lambda c, r: [r.metrics],
-          lambda c, r: [r.path("report", "report.md"), r.path("report", "report.html")]),
-)
-STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
 def _fingerprint(path: str) -> str | None:
@@ -144,7 +100,7 @@ def _required_inputs(stage: Stage, cfg: PipelineConfig, layout: RunLayout) -> di
 def run_pipeline(cfg: PipelineConfig, resume: bool = False, from_stage: str | None = None,
                  to_stage: str | None = None) -> dict:
     """Run the selected stages in order; return the manifest."""
-    from .ray_utils import init_ray
+    from ckd_ehr.ray_utils import init_ray
 
     layout = RunLayout(cfg.run_dir)
     stages = select_stages(from_stage, to_stage)
@@ -189,7 +145,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, from_stage: str | No
         storage.write_json(layout.manifest, manifest)
 
     print(summary_table(manifest, [s.name for s in stages]))
-    report = layout.path("report", "report.html")
+    report = layout.report_html
     if storage.exists(report):
         print(f"report: {report}")
     return manifest

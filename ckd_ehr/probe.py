@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .baselines import fit_one_vs_rest, macro_auroc
+from ckd_ehr.evaluation.baselines import fit_one_vs_rest, macro_auroc
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from .config import RayConfig
+from ckd_ehr.config import RayConfig
 
 # Local Ray binds a non-loopback address unless this is set; local runs stay on 127.0.0.1.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

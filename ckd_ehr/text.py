@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
 
-from .config import TextConfig
-from .phenotypes import phenotype_names
+from ckd_ehr.config import TextConfig
+from ckd_ehr.data.phenotypes import phenotype_names
 
 INSTRUCTION_PREFIX = "Determine that the patient has one or more of the following diseases at the next visit: "
 OUTPUT_PREFIX = "Disease that the patient may acquire: "

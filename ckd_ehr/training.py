@@ -72,7 +72,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .contracts import PROBE_HEAD
+from ckd_ehr.contracts import PROBE_HEAD
 
 log = logging.getLogger("ckd_ehr.training")
 
@@ -95,10 +95,10 @@ def format_duration(seconds: float) -> str:
 
 
 def multilabel_metrics(logits: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """Validation metrics of logits: ckd_ehr.metrics.all_scores on the probabilities (the same
+    """Validation metrics of logits: ckd_ehr.evaluation.metrics.all_scores on the probabilities (the same
     definitions the evaluate stage reports, checked there against scikit-learn), plus
     `n_auroc_labels`, the phenotypes with both classes present (macro AUROC averages those)."""
-    from .metrics import all_scores, single_class_labels
+    from ckd_ehr.evaluation.metrics import all_scores, single_class_labels
 
     labels = np.asarray(labels).astype(int)
     probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
@@ -359,7 +359,7 @@ class _Worker:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         if not cfg.use_gpu:
-            # round, not floor: a Tune trial's worker holds e.g. 0.99 of a CPU (see ckd_ehr.tune)
+            # round, not floor: a Tune trial's worker holds e.g. 0.99 of a CPU (see ckd_ehr.tune.run)
             torch.set_num_threads(max(1, round(cfg.cpus_per_worker)))
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -487,7 +487,7 @@ class _Worker:
         """head_init `probe`: fit ckd_ehr.probe's logistic regression on the frozen model's
         pooled features of every training and validation sample (all ranks' shares gathered,
         the same deterministic fit on each rank) and load it into the model's head."""
-        from .probe import fit_probe
+        from ckd_ehr.probe import fit_probe
 
         if self.zero3:
             raise ValueError("head_init: probe needs an unpartitioned model (ddp or DeepSpeed ZeRO-1/2), "
@@ -608,7 +608,7 @@ class _Worker:
     # steps -------------------------------------------------------------------------------
 
     def maybe_fail(self) -> None:
-        from . import storage
+        from ckd_ehr import storage
 
         if self.cfg.fail_at_step is None or self.step != self.cfg.fail_at_step or not self.marker:
             return
@@ -790,7 +790,7 @@ def fit(cfg, task: TrainTask, storage_path: str, name: str = "train", callbacks:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from . import storage
+    from ckd_ehr import storage
 
     if not storage.is_uri(storage_path):
         storage_path = os.path.abspath(storage_path)

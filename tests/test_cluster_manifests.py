@@ -48,7 +48,7 @@ def test_raycluster_autoscales_gpus_from_zero_with_idle_head():
 def test_rayjob_runs_the_shipped_full_scale_pipeline():
     doc = yaml.safe_load((REPO / "cluster/kuberay/rayjob.yaml").read_text())
     entry = doc["spec"]["entrypoint"].split()
-    assert entry[:2] == ["python", "jobs/pipeline.py"]
+    assert entry[:3] == ["python", "jobs/run.py", "pipeline"]
     assert (REPO / entry[1]).exists() and (REPO / entry[entry.index("--config") + 1]).exists()
 
 

@@ -12,10 +12,10 @@ from ckd_ehr.bench.eadf import WARD_DRUGS, planted_drug, random_samples
 from ckd_ehr.config import EADFConfig, PipelineConfig, TextConfig
 from ckd_ehr.contracts import (AUGMENTED_SAMPLES, EFFICACY, SAMPLES, ContractError, RunLayout,
                                check_schema)
-from ckd_ehr.eadf_stats import (efficacy_from_counts, efficacy_table_reference, newcombe, partial_counts,
+from ckd_ehr.eadf.stats import (efficacy_from_counts, efficacy_table_reference, newcombe, partial_counts,
                                 precision_at_k, reference_counts, split_counts, sum_partials, top_drugs,
                                 z_value)
-from ckd_ehr.phenotypes import NUM_PHENOTYPES, phenotype_names
+from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
 from ckd_ehr.text import render_input
 
 NAMES = phenotype_names()
@@ -170,7 +170,7 @@ def test_run_eadf_fuses_every_split_with_the_training_table(ray_local, tmp_path)
     """The CLI end to end: the Ray Data table equals the reference, every split is fused with
     the training table, rows and order kept; validity.json from the ground truth."""
     from ckd_ehr.cli import main
-    from ckd_ehr.eadf import fuse_batch
+    from ckd_ehr.eadf.run import fuse_batch
 
     train = random_samples(2000, seed=4)  # large enough that phenotype 0 gets a list under FDR control
     val = random_samples(200, seed=5, split="val").slice(50, 120)
@@ -214,7 +214,7 @@ def test_row_reader_hands_out_a_files_rows_in_order_across_row_groups(tmp_path):
     """The fusion driver's reader of the input rows (beside the texts from the Ray tasks)."""
     import pyarrow.parquet as pq
 
-    from ckd_ehr.eadf import _RowReader
+    from ckd_ehr.eadf.run import _RowReader
 
     tab = small_cohort()
     pq.write_table(tab, tmp_path / "x.parquet", row_group_size=7)
@@ -230,7 +230,7 @@ def test_row_reader_hands_out_a_files_rows_in_order_across_row_groups(tmp_path):
 def test_empty_train_split_gives_an_empty_table_and_still_fuses(ray_local, s3_bucket):
     """Zero training pairs: an empty table, and every split is still written. The run
     directory is on S3 (moto), as on a multi-node cluster."""
-    from ckd_ehr.eadf import run_eadf
+    from ckd_ehr.eadf.run import run_eadf
 
     cohort = small_cohort()
     root = f"{s3_bucket}/eadf-empty-train"
@@ -246,7 +246,7 @@ def test_empty_train_split_gives_an_empty_table_and_still_fuses(ray_local, s3_bu
 
 
 def test_missing_split_or_column_is_a_clear_error(tmp_path):
-    from ckd_ehr.eadf import run_eadf
+    from ckd_ehr.eadf.run import run_eadf
 
     cohort = small_cohort()
     write_run(tmp_path, {"train": cohort, "val": cohort})
@@ -266,8 +266,8 @@ def test_validity_on_the_synthetic_cohort(tmp_path):
 
     Counted with the reference path: run_eadf's Ray path is checked equal to it above.
     """
-    from ckd_ehr.eadf_validity import listing_validity
-    from ckd_ehr.prepare import run_prepare
+    from ckd_ehr.eadf.validity import listing_validity
+    from ckd_ehr.data.prepare import run_prepare
 
     cfg = PipelineConfig(run_dir=str(tmp_path))
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={

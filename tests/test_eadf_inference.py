@@ -10,8 +10,8 @@ import pytest
 
 from ckd_ehr.bench.eadf import random_samples
 from ckd_ehr.config import EADFConfig
-from ckd_ehr.eadf_inference import benjamini_hochberg, cmh_score_p, design_effect, mantel_haenszel_rd
-from ckd_ehr.eadf_stats import efficacy_table_reference, top_drugs
+from ckd_ehr.eadf.inference import benjamini_hochberg, cmh_score_p, design_effect, mantel_haenszel_rd
+from ckd_ehr.eadf.stats import efficacy_table_reference, top_drugs
 
 from test_eadf import hot, samples_table
 
@@ -157,7 +157,7 @@ def test_batches_that_split_a_patient_sum_to_the_reference_and_disorder_is_refus
     import pyarrow as pa
 
     from ckd_ehr.contracts import ContractError
-    from ckd_ehr.eadf_stats import efficacy_from_counts, partial_counts, split_counts, sum_partials
+    from ckd_ehr.eadf.stats import efficacy_from_counts, partial_counts, split_counts, sum_partials
 
     tab = _one_patient_cohort(True)
     cfg = EADFConfig(min_support=10)
@@ -173,7 +173,7 @@ def test_batches_that_split_a_patient_sum_to_the_reference_and_disorder_is_refus
 def test_phenotype_code_counts_counts_distinct_codes_per_phenotype():
     import pyarrow as pa
 
-    from ckd_ehr.eadf_stats import phenotype_code_counts
+    from ckd_ehr.eadf.stats import phenotype_code_counts
 
     codes = pa.array([["4019", "4011", "4019", "25000"], [], ["I10", "401.9", None], ["4011"]],
                      type=pa.list_(pa.string()))

@@ -7,12 +7,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ckd_ehr import metrics as M
+from ckd_ehr.evaluation import metrics as M
 from ckd_ehr import storage
 from ckd_ehr.config import PipelineConfig, load_config
 from ckd_ehr.contracts import PREDICTIONS, ContractError, RunLayout
-from ckd_ehr.evaluate import run_evaluate
-from ckd_ehr.report import run_report
+from ckd_ehr.evaluation.evaluate import run_evaluate
+from ckd_ehr.evaluation.report import run_report
 
 N = 240
 

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ckd_ehr import metrics as M
-from ckd_ehr.baselines import baseline_probabilities
+from ckd_ehr.evaluation import metrics as M
+from ckd_ehr.evaluation.baselines import baseline_probabilities
 from ckd_ehr.config import SynthConfig
-from ckd_ehr.synth_model import simulate
-from ckd_ehr.synth_oracle import next_visit_probabilities
+from ckd_ehr.data.synth.model import simulate
+from ckd_ehr.data.synth.oracle import next_visit_probabilities
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +151,9 @@ def test_evaluate_after_prepare_scores_reference_rows_and_refuses_small_splits(t
     """Right after prepare (no model): the reference rows alone, the latent oracle among them.
     A small cohort is refused with the counts and the interval width, unless allow_small."""
     from ckd_ehr.config import PipelineConfig, load_config
-    from ckd_ehr.evaluate import TooSmallToJudge, run_evaluate
-    from ckd_ehr.prepare import run_prepare
-    from ckd_ehr.report import run_report
+    from ckd_ehr.evaluation.evaluate import TooSmallToJudge, run_evaluate
+    from ckd_ehr.data.prepare import run_prepare
+    from ckd_ehr.evaluation.report import run_report
 
     sets = [f"run_dir={tmp_path}", "data.synth.patients=150", "data.synth.seed=3", "evaluate.bootstrap=30"]
     cfg = load_config(PipelineConfig, None, sets)
@@ -179,7 +179,7 @@ def test_confounding_fools_a_crude_estimate_with_decoys_that_do_nothing():
     """synth.confounding: decoys go preferentially to flares, which resolve anyway, so a crude
     given-vs-not comparison credits them; the dynamics give them no effect (keep_probability
     has no decoy term), and with confounding 0 there are none."""
-    from ckd_ehr.synth import ground_truth
+    from ckd_ehr.data.synth.cohort import ground_truth
 
     assert not any(simulate(SynthConfig(patients=50, seed=1)).decoy_ids[p].size for p in range(25))
     cfg = SynthConfig(patients=3000, seed=8, confounding=0.8, label_noise=0.0)

@@ -15,11 +15,11 @@ import pytest
 
 from ckd_ehr.config import PipelineConfig, build
 from ckd_ehr.contracts import SPLITS, RunLayout
-from ckd_ehr.icd10 import ROUTES, load_crosswalk, normalize_icd10
-from ckd_ehr.mimic import MimicError
-from ckd_ehr.mimic4 import detect_release
-from ckd_ehr.phenotypes import phenotype_names
-from ckd_ehr.prepare import run_prepare
+from ckd_ehr.data.icd10 import ROUTES, load_crosswalk, normalize_icd10
+from ckd_ehr.data.mimic import MimicError
+from ckd_ehr.data.mimic4 import detect_release
+from ckd_ehr.data.phenotypes import phenotype_names
+from ckd_ehr.data.prepare import run_prepare
 
 # (ICD-10-CM family prefix, phenotype) a clinician would check first
 KNOWN_FAMILIES = [
@@ -217,9 +217,9 @@ def test_bad_icd_version_is_counted_and_dropped(mimic4_demo_dir, tmp_path):
 # --- the synthetic cohort in MIMIC-IV form ----------------------------------------------------
 
 def test_every_synthetic_procedure_has_a_real_icd10_pcs_code():
-    from ckd_ehr.icd10 import icd10pcs_titles
-    from ckd_ehr.synth_catalog import PROCEDURES
-    from ckd_ehr.synth_mimic4 import PCS_OF_ICD9
+    from ckd_ehr.data.icd10 import icd10pcs_titles
+    from ckd_ehr.data.synth.catalog import PROCEDURES
+    from ckd_ehr.data.synth.mimic4 import PCS_OF_ICD9
 
     pcs = icd10pcs_titles()
     assert {p[0] for p in PROCEDURES} <= set(PCS_OF_ICD9)
@@ -231,8 +231,8 @@ def test_synth_mimic4_form_round_trips_through_prepare(tmp_path):
     the recoding keeps them) phenotypes; ICD-9 admissions identical; version counts match the
     raw files."""
     from ckd_ehr.config import DataConfig, SynthConfig
-    from ckd_ehr.prepare import load_release
-    from ckd_ehr.synth import write_cohort
+    from ckd_ehr.data.prepare import load_release
+    from ckd_ehr.data.synth.cohort import write_cohort
 
     synth = {"patients": 150, "seed": 5}
     write_cohort(str(tmp_path / "m3"), SynthConfig(**synth))
@@ -277,8 +277,8 @@ def test_synth_mimic4_form_round_trips_through_prepare(tmp_path):
 
 def test_synth_mimic4_columns_match_the_demo_and_bytes_repeat(mimic4_demo_dir, tmp_path):
     from ckd_ehr.config import SynthConfig
-    from ckd_ehr.synth import write_cohort
-    from ckd_ehr.synth_mimic4 import COLUMNS
+    from ckd_ehr.data.synth.cohort import write_cohort
+    from ckd_ehr.data.synth.mimic4 import COLUMNS
 
     for out in ("a", "b"):
         write_cohort(str(tmp_path / out), SynthConfig(patients=30, seed=2, form="mimic4"))

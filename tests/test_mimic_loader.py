@@ -21,9 +21,9 @@ import yaml
 from ckd_ehr import cli
 from ckd_ehr.config import PipelineConfig, build
 from ckd_ehr.contracts import SAMPLES, SPLITS, VISITS, RunLayout, check_schema
-from ckd_ehr.mimic import TABLES, MimicError, TableReport, load_drugs, load_visits, unparseable_rows
-from ckd_ehr.prepare import PrepareError, run_prepare
-from ckd_ehr.samples import visit_pairs
+from ckd_ehr.data.mimic import TABLES, MimicError, TableReport, load_drugs, load_visits, unparseable_rows
+from ckd_ehr.data.prepare import PrepareError, run_prepare
+from ckd_ehr.data.samples import visit_pairs
 
 
 # --- helpers: read the demo independently, and write altered copies of it -----------------

@@ -66,3 +66,27 @@ def test_missing_inputs_and_bad_ranges_are_errors(cfg_dict, tmp_path, capsys):
     assert main(["pipeline", "--config", str(cfg_file), "--from", "report", "--to", "prepare"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "comes after" in err[0]
+
+
+def test_cli_pipeline_and_jobs_share_one_stage_registry():
+    """One registry (ckd_ehr/stages.py): the pipeline runs its stages in its order, the CLI has
+    one subcommand per stage calling the stage's function, and jobs/ holds one entrypoint."""
+    import argparse
+    from pathlib import Path
+
+    from ckd_ehr import pipeline, stages
+    from ckd_ehr.cli import build_parser
+
+    assert pipeline.STAGES is stages.STAGES
+    assert stages.STAGE_NAMES == ("prepare", "eadf", "teacher", "soft_labels", "student", "evaluate", "report")
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for stage in stages.STAGES:
+        assert stage.command in sub.choices, stage.command
+        assert callable(stage.function_ref()), stage   # the module and function exist
+        args = build_parser().parse_args([stage.command])
+        assert args.handler.__closure__ and any(c.cell_contents is stage for c in args.handler.__closure__)
+    assert stages.stage("soft-labels") is stages.stage("soft_labels")
+    with pytest.raises(KeyError, match="stages are"):
+        stages.stage("teach")
+    repo = Path(__file__).resolve().parents[1]
+    assert sorted(p.name for p in (repo / "jobs").glob("*.py")) == ["run.py"]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckd_ehr.baselines import macro_auroc
+from ckd_ehr.evaluation.baselines import macro_auroc
 from ckd_ehr.probe import LinearProbe, fit_probe
 
 

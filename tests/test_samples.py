@@ -11,9 +11,9 @@ import pytest
 
 from ckd_ehr.config import PipelineConfig, SplitConfig, TextConfig, build
 from ckd_ehr.contracts import SAMPLES, SPLITS, VISITS, RunLayout, check_schema
-from ckd_ehr.mimic import load_visits
-from ckd_ehr.prepare import run_prepare
-from ckd_ehr.samples import assign_splits, build_samples, render_texts, split_of, visit_pairs
+from ckd_ehr.data.mimic import load_visits
+from ckd_ehr.data.prepare import run_prepare
+from ckd_ehr.data.samples import assign_splits, build_samples, render_texts, split_of, visit_pairs
 
 
 def hot(*indices: int) -> list[int]:

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckd_ehr.config import PipelineConfig, ServeConfig
-from ckd_ehr.phenotypes import multi_hot, phenotype_names, phenotypes
+from ckd_ehr.data.phenotypes import multi_hot, phenotype_names, phenotypes
 from ckd_ehr.serve.api import (PredictResponse, Record, PredictRequest, TooLarge, check_limits, create_app,
                                render_record, token_digest, token_ok)
 
@@ -71,8 +71,8 @@ def _records():
 def test_structured_record_renders_exactly_as_training(loaded):
     """The server's text equals what EADF fusion (training) renders for the same visit."""
     from ckd_ehr.contracts import SAMPLES
-    from ckd_ehr.eadf import fuse_batch
-    from ckd_ehr.eadf_stats import top_drugs
+    from ckd_ehr.eadf.run import fuse_batch
+    from ckd_ehr.eadf.stats import top_drugs
 
     predictor, info = loaded
     rec = _records()[0]
@@ -104,8 +104,8 @@ def test_icd10_record_renders_as_a_mimic4_run_trained(loaded):
     import dataclasses
 
     from ckd_ehr.contracts import SAMPLES
-    from ckd_ehr.eadf import fuse_batch
-    from ckd_ehr.eadf_stats import top_drugs
+    from ckd_ehr.eadf.run import fuse_batch
+    from ckd_ehr.eadf.stats import top_drugs
 
     predictor, info = loaded
     names = phenotype_names()

@@ -15,7 +15,7 @@ import pytest
 
 from ckd_ehr import storage
 from ckd_ehr.contracts import SOFT_LABELS, SPLITS, ContractError, RunLayout
-from ckd_ehr.phenotypes import NUM_PHENOTYPES
+from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
 
 SIZES = {"train": 7, "val": 3, "test": 5}
 
@@ -69,7 +69,7 @@ def run_with_teacher(tmp_path_factory, tiny_qwen_dir):
 
 
 def _soft_table(ids, probs):
-    from ckd_ehr.soft_labels import soft_label_table
+    from ckd_ehr.soft_labels.run import soft_label_table
 
     t = soft_label_table(ids, np.zeros((len(ids), NUM_PHENOTYPES), np.float32), "t")
     return t.set_column(2, "probs", pa.FixedSizeListArray.from_arrays(
@@ -77,7 +77,7 @@ def _soft_table(ids, probs):
 
 
 def test_check_complete_catches_dropped_duplicated_and_bad_probs():
-    from ckd_ehr.soft_labels import check_complete
+    from ckd_ehr.soft_labels.run import check_complete
 
     ids = [f"s{i}" for i in range(10)]
     ok = _soft_table(ids, np.full((10, NUM_PHENOTYPES), 0.5))
@@ -104,7 +104,7 @@ def test_check_complete_catches_dropped_duplicated_and_bad_probs():
 
 
 def test_quality_measures_on_known_values():
-    from ckd_ehr.soft_label_quality import binary_entropy_bits, expected_calibration_error, teacher_metrics
+    from ckd_ehr.soft_labels.quality import binary_entropy_bits, expected_calibration_error, teacher_metrics
 
     assert binary_entropy_bits(np.array([0.5, 0.0, 1.0])) == pytest.approx([1.0, 0.0, 0.0], abs=1e-9)
     # Calibrated: in the 0.25 bin a quarter are positive, in the 0.75 bin three quarters.
@@ -122,7 +122,7 @@ def test_quality_measures_on_known_values():
 
 def test_ray_data_soft_labels_equal_in_process_prediction(ray_local, run_with_teacher):
     from ckd_ehr.config import PipelineConfig
-    from ckd_ehr.soft_labels import run_soft_labels
+    from ckd_ehr.soft_labels.run import run_soft_labels
     from ckd_ehr.teacher import load_teacher, predict_logits
 
     layout = run_with_teacher

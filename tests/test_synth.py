@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 from ckd_ehr.config import ConfigError, SynthConfig, build
-from ckd_ehr.phenotypes import code_to_phenotype_table, phenotypes
-from ckd_ehr.synth import GROUND_TRUTH, write_cohort
-from ckd_ehr.synth_model import simulate
-from ckd_ehr.synth_tables import COLUMNS, TABLES, file_name
+from ckd_ehr.data.phenotypes import code_to_phenotype_table, phenotypes
+from ckd_ehr.data.synth.cohort import GROUND_TRUTH, write_cohort
+from ckd_ehr.data.synth.model import simulate
+from ckd_ehr.data.synth.tables import COLUMNS, TABLES, file_name
 
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
 TIME_COLUMNS = {"admittime", "dischtime", "deathtime", "edregtime", "edouttime", "dob", "dod", "dod_hosp",

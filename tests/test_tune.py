@@ -14,7 +14,7 @@ from ckd_ehr import storage
 from ckd_ehr.config import PipelineConfig, build, load_config
 from ckd_ehr.contracts import RunLayout
 from ckd_ehr.pipeline import run_pipeline
-from ckd_ehr.tune import run_tune
+from ckd_ehr.tune.run import run_tune
 
 REPO = Path(__file__).resolve().parents[1]
 

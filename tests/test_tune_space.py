@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from ckd_ehr.config import ConfigError, PipelineConfig, build
-from ckd_ehr.tune_space import apply_trial, load_space, to_tune, trial_overrides
+from ckd_ehr.tune.space import apply_trial, load_space, to_tune, trial_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 SPACES = sorted((REPO / "tune_spaces").glob("*.yaml"))
@@ -73,7 +73,7 @@ def test_trial_config_fits_the_trial_resources_and_reports_per_epoch():
     """A trial is one Train worker that, with the trial process's token CPU, fits exactly in
     tune.cpus_per_trial (else two 1-CPU trials do not fit on 2 CPUs); it reports once per
     epoch and keeps the checkpoint best on the searched metric."""
-    from ckd_ehr.tune import TRIAL_PROCESS_CPU, _trial_config
+    from ckd_ehr.tune.run import TRIAL_PROCESS_CPU, _trial_config
 
     base = build(PipelineConfig, {"student": {"num_workers": 4, "checkpoint_every_steps": 5},
                                   "tune": {"cpus_per_trial": 1.0, "gpus_per_trial": 0.5}}).model_dump(mode="json")

@@ -47,7 +47,7 @@ def submit_pipeline_job(head: RayHead, root: Path, teacher_dir: Path, student_di
     cfg_file.write_text(yaml.safe_dump(cfg))
     cmd = [RAY, "job", "submit", "--address", head.dashboard, "--working-dir", ".",
            "--runtime-env", "jobs/runtime_env.yaml", "--no-wait", "--",
-           sys.executable, "jobs/pipeline.py", "--config", str(cfg_file)]
+           sys.executable, "jobs/run.py", "pipeline", "--config", str(cfg_file)]
     # The head's job agent registers a little after the dashboard answers: retry while it says so.
     for _ in range(30):
         out = subprocess.run(cmd, cwd=REPO, env=head.env, capture_output=True, text=True, timeout=300)

@@ -1,6 +1,6 @@
 """`ckd-ehr bench ceiling`: the observable ceiling of the synthetic cohort for the config's
 generator knobs (data.synth), fitted once on many independent patients and kept in
-ckd_ehr/resources/ceilings/<key>.json for `synth` and `evaluate` (see ckd_ehr.synth_ceiling).
+ckd_ehr/resources/ceilings/<key>.json for `synth` and `evaluate` (see ckd_ehr.data.synth.ceiling).
 
     ckd-ehr bench ceiling --config jobs/configs/demo.yaml --patients 200000 [--no-check]
 
@@ -16,7 +16,7 @@ import logging
 
 import numpy as np
 
-from .common import emit, measure
+from ckd_ehr.bench.common import emit, measure
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +24,14 @@ SEED_OFFSET = 10_000_019
 
 
 def bench_ceiling(cfg, args) -> dict:
-    from ..config.data import SplitConfig
-    from ..synth import ground_truth
-    from ..synth_ceiling import (MODEL, ceiling_key, cohort_items, design, fit, knob_params, knobs, predict,
+    from ckd_ehr.config.data import SplitConfig
+    from ckd_ehr.data.synth.cohort import ground_truth
+    from ckd_ehr.data.synth.ceiling import (MODEL, ceiling_key, cohort_items, design, fit, knob_params, knobs, predict,
                                  projection, roles_from_truth, write_ceiling)
-    from ..synth_model import simulate
-    from ..synth_oracle import next_visit_probabilities
-    from ..synth_pairs import admission_features, cohort_pairs
-    from ..metrics import auroc_per_label, macro_label_set
+    from ckd_ehr.data.synth.model import simulate
+    from ckd_ehr.data.synth.oracle import next_visit_probabilities
+    from ckd_ehr.data.synth.pairs import admission_features, cohort_pairs
+    from ckd_ehr.evaluation.metrics import auroc_per_label, macro_label_set
 
     patients = args.patients or 200_000
     synth = cfg.data.synth.model_copy(update={"patients": patients, "seed": cfg.data.synth.seed + SEED_OFFSET})
@@ -88,14 +88,14 @@ def bench_ceiling(cfg, args) -> dict:
 def bench_synth_signal(cfg, args) -> dict:
     """`ckd-ehr bench synth-signal --patients 10000`: how much signal what a visit shows carries
     on the config's cohort, and how much of it the drugs' efficacy carries. Logistic regression
-    (ckd_ehr.baselines: one per phenotype, C chosen on validation) on multi-hot codes and
+    (ckd_ehr.evaluation.baselines: one per phenotype, C chosen on validation) on multi-hot codes and
     procedures of visit i, without and with drugs, test macro AUROC, on the cohort and on its
     planted_effect=1.0 twin (same seed: the same drugs given the same way, doing nothing). The
     target (issue 14): with drugs in [0.70, 0.85], and the drug gain on the cohort at least 0.03
     above the twin's (drugs also mark the disease state: the twin's gain is that part)."""
-    from ..baselines import logistic_regression, macro_auroc
-    from ..synth_model import simulate
-    from ..synth_pairs import admission_features, cohort_pairs
+    from ckd_ehr.evaluation.baselines import logistic_regression, macro_auroc
+    from ckd_ehr.data.synth.model import simulate
+    from ckd_ehr.data.synth.pairs import admission_features, cohort_pairs
 
     synth = cfg.data.synth.model_copy(update={"patients": args.patients or cfg.data.synth.patients})
     results: dict = {"patients": synth.patients, "seed": synth.seed, "split": cfg.split.model_dump()}

@@ -76,5 +76,5 @@ def emit(results: dict, out: str | None = None) -> None:
     text = json.dumps(results, indent=2, default=str)
     print(text)
     if out:
-        from ..storage import write_text
+        from ckd_ehr.storage import write_text
         write_text(out, text + "\n")

@@ -14,8 +14,8 @@ import os
 import shutil
 import tempfile
 
-from ..config import PipelineConfig
-from .common import emit, measure
+from ckd_ehr.config import PipelineConfig
+from ckd_ehr.bench.common import emit, measure
 
 
 def _synth_cfg(cfg: PipelineConfig, args):
@@ -40,7 +40,7 @@ def _table_sizes(directory: str) -> dict:
 
 def bench_synth(cfg: PipelineConfig, args) -> dict:
     """Time and memory of writing one synthetic cohort."""
-    from ..synth import write_cohort
+    from ckd_ehr.data.synth.cohort import write_cohort
 
     synth = _synth_cfg(cfg, args)
     results: dict = {"benchmark": "synth", "patients": synth.patients, "form": synth.form}
@@ -58,7 +58,7 @@ def bench_synth(cfg: PipelineConfig, args) -> dict:
 
 def bench_prepare(cfg: PipelineConfig, args) -> dict:
     """Time and memory of `run_prepare` on a synthetic cohort (or on `data.mimic_dir`)."""
-    from ..prepare import run_prepare
+    from ckd_ehr.data.prepare import run_prepare
 
     work = tempfile.mkdtemp(prefix="ckd-ehr-bench-prepare-")
     results: dict = {"benchmark": "prepare"}
@@ -66,7 +66,7 @@ def bench_prepare(cfg: PipelineConfig, args) -> dict:
         if cfg.data.source == "mimic":
             tables = cfg.data.mimic_dir
         else:
-            from ..synth import write_cohort
+            from ckd_ehr.data.synth.cohort import write_cohort
 
             synth = _synth_cfg(cfg, args)
             tables = os.path.join(work, "tables")

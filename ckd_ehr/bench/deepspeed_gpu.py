@@ -86,7 +86,7 @@ def random_teacher(arch: dict, device: str, dtype: torch.dtype, attn: str = "sdp
     """Qwen2 backbone of `arch` with random weights + LoRA (q, k, v) + MLAPH, built on `device`."""
     from transformers import AutoModel, Qwen2Config
 
-    from ..teacher.model import MLAPH, TeacherModel, add_lora
+    from ckd_ehr.teacher.model import MLAPH, TeacherModel, add_lora
 
     conf = Qwen2Config(**arch)
     with torch.device(device):

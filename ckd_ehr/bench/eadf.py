@@ -1,7 +1,7 @@
 """`ckd-ehr bench eadf`: the efficacy table on Ray Data vs the plain pandas reference.
 
 At MIMIC-III scale (46,520 patients). With `--run-dir RUN` holding prepared samples (and no
-`--patients`) those are used. With ckd_ehr.synth and ckd_ehr.prepare available the
+`--patients`) those are used. With ckd_ehr.data.synth.cohort and ckd_ehr.data.prepare available the
 samples come from a synthetic cohort run through prepare; otherwise `random_samples` writes
 SAMPLES rows directly (same shape: ~25 phenotypes, a few hundred drugs, ward drugs). Prints
 wall time, rows/s and peak memory of both paths and their ratio (medians of `--repeats`
@@ -18,9 +18,9 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from ..contracts import SAMPLES
-from ..phenotypes import NUM_PHENOTYPES, phenotype_names
-from .common import emit, measure
+from ckd_ehr.contracts import SAMPLES
+from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
+from ckd_ehr.bench.common import emit, measure
 
 log = logging.getLogger(__name__)
 # Ray starts its worker processes at niceness 15 (Linux). On a shared, loaded machine the
@@ -89,16 +89,16 @@ def random_samples(n: int, seed: int = 0, split: str = "train", n_noise_drugs: i
 def _samples_path(cfg, args, work: str) -> tuple[str, str]:
     """Train samples: RUN's when already prepared (`--run-dir`), else at the requested scale
     via synth + prepare when they exist, else random_samples."""
-    from .. import storage
-    from ..contracts import RunLayout
+    from ckd_ehr import storage
+    from ckd_ehr.contracts import RunLayout
 
     existing = RunLayout(cfg.run_dir).samples("train")
     if not args.patients and storage.exists(existing):
         return existing, f"existing run ({cfg.run_dir})"
     patients = args.patients or 46520
-    have = all(importlib.util.find_spec(m) for m in ("ckd_ehr.synth", "ckd_ehr.prepare"))
+    have = all(importlib.util.find_spec(m) for m in ("ckd_ehr.data.synth.cohort", "ckd_ehr.data.prepare"))
     if have:
-        from ..prepare import run_prepare
+        from ckd_ehr.data.prepare import run_prepare
 
         synth = cfg.data.synth.model_copy(update={"patients": patients})
         run_cfg = cfg.model_copy(update={"run_dir": work, "data": cfg.data.model_copy(
@@ -108,19 +108,19 @@ def _samples_path(cfg, args, work: str) -> tuple[str, str]:
     n = int(patients * 0.7 * 1.0)  # train share of patients, about one pair per patient
     path = os.path.join(work, "train.parquet")
     storage.write_parquet(random_samples(n, seed=0), path)
-    return path, f"random_samples ({n} train pairs, ckd_ehr.synth not available)"
+    return path, f"random_samples ({n} train pairs, ckd_ehr.data.synth.cohort not available)"
 
 
 def bench_eadf(cfg, args) -> dict:
     if getattr(args, "validity", False):
-        from .eadf_validity import bench_eadf_validity
+        from ckd_ehr.bench.eadf_validity import bench_eadf_validity
 
         return bench_eadf_validity(cfg, args)
-    from .. import storage
-    from ..contracts import SAMPLES
-    from ..eadf import efficacy_table_ray, fuse_batch, fuse_splits
-    from ..eadf_stats import COUNT_COLUMNS, efficacy_table_reference, top_drugs
-    from ..ray_utils import init_ray
+    from ckd_ehr import storage
+    from ckd_ehr.contracts import SAMPLES
+    from ckd_ehr.eadf.run import efficacy_table_ray, fuse_batch, fuse_splits
+    from ckd_ehr.eadf.stats import COUNT_COLUMNS, efficacy_table_reference, top_drugs
+    from ckd_ehr.ray_utils import init_ray
 
     repeats = max(1, getattr(args, "repeats", None) or 3)
     os.nice(max(0, RAY_WORKER_NICENESS - os.nice(0)))

@@ -63,7 +63,7 @@ METRICS = ("precision", "recall_powered", "recall", "listed", "listed_per_phenot
 
 def synth_overrides(texts: list[str]) -> dict:
     """`synth.KEY=VALUE` -> {KEY: value} (values read as YAML, as every --set)."""
-    from ..config.base import parse_override
+    from ckd_ehr.config.base import parse_override
 
     out = {}
     for text in texts:
@@ -76,11 +76,11 @@ def synth_overrides(texts: list[str]) -> dict:
 
 def _cohort(cfg, patients: int, seed: int, knobs: dict, work: str):
     """(training SAMPLES, ground truth) of a synthetic cohort run through prepare."""
-    from .. import storage
-    from ..config import SynthConfig, build
-    from ..contracts import RunLayout
-    from ..eadf_stats import COUNT_COLUMNS
-    from ..prepare import run_prepare
+    from ckd_ehr import storage
+    from ckd_ehr.config import SynthConfig, build
+    from ckd_ehr.contracts import RunLayout
+    from ckd_ehr.eadf.stats import COUNT_COLUMNS
+    from ckd_ehr.data.prepare import run_prepare
 
     synth = build(SynthConfig, {**knobs, "patients": patients, "seed": seed}, source="bench eadf --validity")
     run_dir = os.path.join(work, f"p{patients}-s{seed}")
@@ -105,14 +105,14 @@ def _summarise(per_seed: list[dict]) -> dict:
 
 def bench_eadf_validity(cfg, args, sizes=SIZES, seeds=SEEDS, null_seeds=NULL_SEEDS,
                         target=TARGET_PATIENTS, scenarios_on: bool = True) -> dict:
-    from .. import storage
-    from ..contracts import RunLayout
-    from ..eadf_stats import efficacy_from_counts, reference_counts
-    from ..eadf_validity import POWER_TARGET, listing_validity, true_effects_by_simulation, true_effects_from_truth
-    from .common import emit
+    from ckd_ehr import storage
+    from ckd_ehr.contracts import RunLayout
+    from ckd_ehr.eadf.stats import efficacy_from_counts, reference_counts
+    from ckd_ehr.eadf.validity import POWER_TARGET, listing_validity, true_effects_by_simulation, true_effects_from_truth
+    from ckd_ehr.bench.common import emit
 
     overrides = synth_overrides(getattr(args, "synth_overrides", []) or [])
-    from ..config import SynthConfig
+    from ckd_ehr.config import SynthConfig
 
     later = {k: v for k, v in PINNED_IF_PRESENT.items() if k in SynthConfig.model_fields}
     knobs = {**PINNED_SYNTH, **later, **overrides}
@@ -212,7 +212,7 @@ def _plot(by_size: dict, estimate: str, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .. import storage
+    from ckd_ehr import storage
 
     sizes = sorted(by_size)
     fig, ax = plt.subplots(figsize=(6, 4))

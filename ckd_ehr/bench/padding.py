@@ -8,7 +8,7 @@ size, the batches each stage builds with the stage's own batching code:
   teacher_train   ckd_ehr.training.length_grouped_batches (all ranks of teacher.num_workers)
   teacher_val     ckd_ehr.training.eval_batches (sorted by length; also predict_logits' order)
   soft_labels     Ray Data blocks of soft_labels.batch_size consecutive rows, each sorted and cut
-                  into sub-batches (ckd_ehr.soft_labels.sub_batches); the batch size swept is
+                  into sub-batches (ckd_ehr.soft_labels.run.sub_batches); the batch size swept is
                   the sub-batch size
   student_train   length_grouped_batches on the student's token lengths
   random          the floor: a seeded shuffle cut into batches, no length grouping
@@ -26,9 +26,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import storage
-from ..contracts import RunLayout
-from .common import emit
+from ckd_ehr import storage
+from ckd_ehr.contracts import RunLayout
+from ckd_ehr.bench.common import emit
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 def efficiency(batches: Sequence[np.ndarray], lengths: np.ndarray) -> float:
     """Real tokens / computed tokens of `batches` (index arrays into `lengths`)."""
-    from ..training import padding_efficiency
+    from ckd_ehr.training import padding_efficiency
 
     real = sum(int(lengths[b].sum()) for b in batches if len(b))
     computed = sum(int(lengths[b].max()) * len(b) for b in batches if len(b))
@@ -47,8 +47,8 @@ def efficiency(batches: Sequence[np.ndarray], lengths: np.ndarray) -> float:
 def stage_efficiencies(lengths: Sequence[int], batch_size: int, world: int = 1, block: int = 64,
                        seed: int = 0) -> dict[str, float]:
     """Padding efficiency of each stage's batching of `lengths` at `batch_size`."""
-    from ..soft_labels import sub_batches
-    from ..training import eval_batches, length_grouped_batches
+    from ckd_ehr.soft_labels.run import sub_batches
+    from ckd_ehr.training import eval_batches, length_grouped_batches
 
     lengths = np.asarray(lengths)
     grouped = [b for r in range(world) for b in length_grouped_batches(lengths, batch_size, seed, 0, world, r)]
@@ -65,7 +65,7 @@ def _texts(cfg, tmp: str) -> tuple[list[str], str]:
     layout = RunLayout(cfg.run_dir)
     path = layout.augmented("train")
     if not storage.exists(path):
-        from ..pipeline import run_pipeline
+        from ckd_ehr.pipeline import run_pipeline
 
         run = os.path.join(tmp, "run")
         log.info("no samples in %s: synthetic cohort through prepare + eadf in %s", cfg.run_dir, run)
@@ -78,9 +78,9 @@ def _texts(cfg, tmp: str) -> tuple[list[str], str]:
 def bench_padding(cfg, args) -> dict:
     from transformers import AutoTokenizer
 
-    from ..models import resolve_model_path
-    from ..teacher.data import encode_texts
-    from ..teacher.train import load_tokenizer
+    from ckd_ehr.models import resolve_model_path
+    from ckd_ehr.teacher.data import encode_texts
+    from ckd_ehr.teacher.train import load_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="bench-padding-") as tmp:
         texts, source = _texts(cfg, tmp)

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..config import PipelineConfig, TextConfig
-from ..contracts import EFFICACY, RunLayout
-from ..phenotypes import NUM_PHENOTYPES, phenotypes, phenotypes_of_code
-from ..storage import exists
-from .common import emit, machine
+from ckd_ehr.config import PipelineConfig, TextConfig
+from ckd_ehr.contracts import EFFICACY, RunLayout
+from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotypes, phenotypes_of_code
+from ckd_ehr.storage import exists
+from ckd_ehr.bench.common import emit, machine
 
 LEVELS = (1, 16, 64, 400)
 _DRUGS = ["Sodium Chloride 0.9%  Flush", "Potassium Chloride", "Heparin", "Insulin", "Furosemide",
@@ -58,9 +58,9 @@ def make_untrained_artifact(model: str, dest: str | os.PathLike, max_length: int
     untrained head on encoder `model`: for benchmarks and tests of the serving path."""
     from transformers import AutoTokenizer
 
-    from ..models import resolve_model_path
-    from ..student.artifact import write_artifact
-    from ..student.model import build_student, save_student
+    from ckd_ehr.models import resolve_model_path
+    from ckd_ehr.student.artifact import write_artifact
+    from ckd_ehr.student.model import build_student, save_student
 
     path = resolve_model_path(model)
     student = build_student(path, pooling="mean", seed=0)
@@ -139,8 +139,8 @@ def ceiling(artifact: str, records: list[dict], precision: str, batch_size: int,
     """In-process records/s of what a replica does per batch (render, tokenise, forward), same
     records, no HTTP: the most the endpoint can serve on these cores. bench_serve runs it in
     a Ray task, at the niceness of Ray's workers (15), like the replica."""
-    from ..serve.api import Record, render_and_predict
-    from ..serve.app import load_predictor
+    from ckd_ehr.serve.api import Record, render_and_predict
+    from ckd_ehr.serve.app import load_predictor
 
     predictor, info = load_predictor(artifact, threads, precision)
     recs = [Record(**r) for r in records]
@@ -160,14 +160,14 @@ def ceiling(artifact: str, records: list[dict], precision: str, batch_size: int,
 def precision_agreement(cfg: PipelineConfig, artifact: str, records: list[dict], min_samples: int = 1000) -> dict:
     """Largest |p_int8 - p_fp32| over every phenotype: on the run's samples (every split, texts
     fitted as training did) when the run has them, else on rendered bench records."""
-    from ..serve.api import Record, render_record
-    from ..student import load_student
-    from ..student.quantized import run_texts
+    from ckd_ehr.serve.api import Record, render_record
+    from ckd_ehr.student import load_student
+    from ckd_ehr.student.quantized import run_texts
 
     fp32 = load_student(artifact, precision="fp32")
     texts, source = run_texts(cfg, fp32, min_samples)
     if len(texts) < min_samples:
-        from ..serve.app import model_info
+        from ckd_ehr.serve.app import model_info
 
         info = model_info(fp32, artifact) if "://" not in artifact else None
         more = [render_record(Record(**r), info)[0] for r in records] if info else []
@@ -187,7 +187,7 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
     endpoint already running (e.g. another version of the code, for a before/after table)."""
     from ray import serve
 
-    from ..serve.app import start
+    from ckd_ehr.serve.app import start
 
     cores = os.cpu_count() or 1
     n = int(getattr(args, "samples", None) or 512)
@@ -216,7 +216,7 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
         else:
             import ray
 
-            from ..ray_utils import init_ray
+            from ckd_ehr.ray_utils import init_ray
 
             init_ray(cfg.ray)
             in_ray = ray.remote(num_cpus=1)(ceiling)

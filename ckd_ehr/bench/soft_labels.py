@@ -19,9 +19,9 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from .. import storage
-from ..contracts import RunLayout
-from .common import emit, measure
+from ckd_ehr import storage
+from ckd_ehr.contracts import RunLayout
+from ckd_ehr.bench.common import emit, measure
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,9 @@ def untrained_artifact(teacher_cfg, dest: str) -> str:
     fresh LoRA and head (no training): same shapes and cost as a trained one."""
     from transformers import AutoTokenizer
 
-    from ..models import resolve_model_path
-    from ..teacher import build_teacher, write_artifact
-    from ..teacher.artifact import write_weights
+    from ckd_ehr.models import resolve_model_path
+    from ckd_ehr.teacher import build_teacher, write_artifact
+    from ckd_ehr.teacher.artifact import write_weights
 
     model = build_teacher(teacher_cfg, seed=0)
     state = {k: v.detach() for k, v in model.state_dict().items() if "lora_" in k or k.startswith("head.")}
@@ -104,10 +104,10 @@ def bench_soft_labels(cfg, args) -> dict:
 def _bench(cfg, args, tmp_dir: str) -> dict:
     import torch
 
-    from ..ray_utils import init_ray
-    from ..soft_labels import infer_soft_labels, score_ids, teacher_text_column, teacher_text_options, tokenize
-    from ..teacher import load_teacher
-    from ..teacher.data import pad_id
+    from ckd_ehr.ray_utils import init_ray
+    from ckd_ehr.soft_labels.run import infer_soft_labels, score_ids, teacher_text_column, teacher_text_options, tokenize
+    from ckd_ehr.teacher import load_teacher
+    from ckd_ehr.teacher.data import pad_id
 
     layout = RunLayout(cfg.run_dir)
     artifact = layout.teacher_artifact

@@ -19,7 +19,7 @@ import logging
 import math
 import time
 
-from .common import emit
+from ckd_ehr.bench.common import emit
 
 log = logging.getLogger(__name__)
 
@@ -235,10 +235,10 @@ def bench_arch_only(teachers: dict[str, dict] | None = None, student: dict | Non
 def bench_artifacts(run_dir: str, samples: int = 64, batch_sizes=(1, 8, 32), max_measure_s: float = 120.0,
                     variant: str = "ckd_ehr") -> dict:
     """The trained teacher and student of a run on the same test texts (text_eadf)."""
-    from .. import storage
-    from ..contracts import RunLayout
-    from ..student import load_student
-    from ..teacher import load_teacher, predict_logits
+    from ckd_ehr import storage
+    from ckd_ehr.contracts import RunLayout
+    from ckd_ehr.student import load_student
+    from ckd_ehr.teacher import load_teacher, predict_logits
 
     layout = RunLayout(run_dir)
     device, dtype = pick_device()

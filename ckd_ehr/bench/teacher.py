@@ -33,16 +33,16 @@ import time
 import numpy as np
 import torch
 
-from .common import emit, measure
+from ckd_ehr.bench.common import emit, measure
 
-from .deepspeed_gpu import QWEN25_7B
+from ckd_ehr.bench.deepspeed_gpu import QWEN25_7B
 
 
 def _texts(cfg, n: int) -> tuple[list[str], np.ndarray, str]:
-    from .. import storage
-    from ..contracts import RunLayout
-    from ..teacher.toy import toy_samples
-    from ..teacher.train import read_texts_and_labels
+    from ckd_ehr import storage
+    from ckd_ehr.contracts import RunLayout
+    from ckd_ehr.teacher.toy import toy_samples
+    from ckd_ehr.teacher.train import read_texts_and_labels
 
     path = RunLayout(cfg.run_dir).augmented("train")
     if storage.exists(path):
@@ -55,7 +55,7 @@ def _texts(cfg, n: int) -> tuple[list[str], np.ndarray, str]:
 
 def _random_qwen(tc, device: str, dtype: torch.dtype):
     """Qwen2.5-7B-sized backbone with random weights + LoRA + MLAPH, built on `device`."""
-    from .deepspeed_gpu import random_teacher
+    from ckd_ehr.bench.deepspeed_gpu import random_teacher
 
     return random_teacher(QWEN25_7B, device, dtype, tc.attn_implementation, tc.lora.rank,
                           tc.use_gradient_checkpointing(), tc.pooling)
@@ -73,10 +73,10 @@ def _sync(device: str) -> None:
 
 
 def bench_model(cfg, n: int, arch_only: bool, device: str) -> dict:
-    from ..teacher.data import Collate, make_examples, pad_id, predict_logits
-    from ..teacher.model import build_teacher, param_groups
-    from ..teacher.train import BCELoss, load_tokenizer
-    from ..training import length_grouped_batches
+    from ckd_ehr.teacher.data import Collate, make_examples, pad_id, predict_logits
+    from ckd_ehr.teacher.model import build_teacher, param_groups
+    from ckd_ehr.teacher.train import BCELoss, load_tokenizer
+    from ckd_ehr.training import length_grouped_batches
 
     tc = cfg.teacher
     texts, labels, source = _texts(cfg, n)
@@ -148,11 +148,11 @@ def bench_model(cfg, n: int, arch_only: bool, device: str) -> dict:
 
 def bench_ray_run(cfg, n: int) -> dict:
     """A short end-to-end teacher run on Ray Train (1 epoch) in a temporary run directory."""
-    from .. import storage
-    from ..contracts import RunLayout
-    from ..ray_utils import init_ray
-    from ..teacher.toy import write_toy_samples
-    from ..teacher.train import train_teacher
+    from ckd_ehr import storage
+    from ckd_ehr.contracts import RunLayout
+    from ckd_ehr.ray_utils import init_ray
+    from ckd_ehr.teacher.toy import write_toy_samples
+    from ckd_ehr.teacher.train import train_teacher
 
     tc = cfg.teacher.model_copy(update={"epochs": 1, "max_train_samples": n,
                                         "max_eval_samples": cfg.teacher.max_eval_samples or max(50, n // 4)})
@@ -179,7 +179,7 @@ def bench_ray_run(cfg, n: int) -> dict:
 def bench_teacher(cfg, args) -> dict:
     choice = getattr(args, "device", None) or "auto"
     if choice == "cuda":
-        from .deepspeed_gpu import main as gpu_main
+        from ckd_ehr.bench.deepspeed_gpu import main as gpu_main
 
         return gpu_main(["--device", "cuda"] + (["--out", args.out] if getattr(args, "out", None) else []))
     device = "cuda" if choice == "auto" and torch.cuda.is_available() else "cpu"
@@ -204,7 +204,7 @@ def save_random_qwen(dest: str, arch: dict, tokenizer_src: str, gguf_file: str |
     tokenizer at `dest`; returns its parameter count."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from ..models import resolve_model_path
+    from ckd_ehr.models import resolve_model_path
 
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(Qwen2Config(**arch))
@@ -222,9 +222,9 @@ def bench_zero3_load(cfg, args) -> dict:
     once loading the full model on every worker first; prints each run's per-worker peak RSS
     (VmHWM, largest over the workers) right after the model is built and over the whole run,
     against the size of one full fp32 copy of the model."""
-    from ..ray_utils import init_ray
-    from ..teacher.toy import write_toy_samples
-    from ..teacher.train import train_teacher
+    from ckd_ehr.ray_utils import init_ray
+    from ckd_ehr.teacher.toy import write_toy_samples
+    from ckd_ehr.teacher.train import train_teacher
 
     init_ray(cfg.ray)
     res: dict = {"workers": 2, "backend": "gloo", "zero_stage": 3}

@@ -8,18 +8,18 @@ import os
 
 from pydantic import Field, field_validator
 
-from ..storage import is_uri
-from .base import ConfigError, Section, apply_overrides, build, config_hash, dump_yaml, load_config, load_yaml
-from .data import DataConfig, SplitConfig, TextConfig
-from .synth import SynthConfig
-from .eadf import EADFConfig
-from .ray import RayConfig
-from .serve import ServeConfig
-from .soft_labels import SoftLabelsConfig
-from .evaluate import EvaluateConfig
-from .student import DistillConfig, StudentConfig
-from .teacher import LoraConfig, TeacherConfig, TrainerConfig
-from .tune import TuneConfig
+from ckd_ehr.storage import is_uri
+from ckd_ehr.config.base import ConfigError, Section, apply_overrides, build, config_hash, dump_yaml, load_config, load_yaml
+from ckd_ehr.config.data import DataConfig, SplitConfig, TextConfig
+from ckd_ehr.config.synth import SynthConfig
+from ckd_ehr.config.eadf import EADFConfig
+from ckd_ehr.config.ray import RayConfig
+from ckd_ehr.config.serve import ServeConfig
+from ckd_ehr.config.soft_labels import SoftLabelsConfig
+from ckd_ehr.config.evaluate import EvaluateConfig
+from ckd_ehr.config.student import DistillConfig, StudentConfig
+from ckd_ehr.config.teacher import LoraConfig, TeacherConfig, TrainerConfig
+from ckd_ehr.config.tune import TuneConfig
 
 
 class PipelineConfig(Section):

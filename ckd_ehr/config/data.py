@@ -5,8 +5,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .base import Section
-from .synth import SynthConfig
+from ckd_ehr.config.base import Section
+from ckd_ehr.config.synth import SynthConfig
 
 
 class DataConfig(Section):
@@ -22,7 +22,7 @@ class DataConfig(Section):
     """MIMIC-IV: keep only admissions coded in these ICD versions (9: before October 2015,
     10: after). Both by default: MIMIC-IV's later half is ICD-10 only. MIMIC-III is all 9."""
     icd10_crosswalk: Literal["hcup_ccs", "cms_gem"] = "hcup_ccs"
-    """ICD-10-CM -> the 25 phenotypes (see ckd_ehr/icd10.py). `hcup_ccs`: HCUP's CCS for
+    """ICD-10-CM -> the 25 phenotypes (see ckd_ehr/data/icd10.py). `hcup_ccs`: HCUP's CCS for
     ICD-10-CM (the benchmark's own classification, one category per code); `cms_gem`: the CMS
     GEMs to ICD-9-CM, then the ICD-9 definitions (majority rule for one-to-many)."""
     synth: SynthConfig = SynthConfig()

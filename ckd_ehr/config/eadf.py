@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from .base import Section
+from ckd_ehr.config.base import Section
 
 
 class EADFConfig(Section):
@@ -67,7 +67,7 @@ class EADFConfig(Section):
     """Rows per Ray Data batch when counting and fusing (partial counts are at most drugs x 25
     rows per batch, so larger batches also mean less to sum)."""
     text_fit_report: bool = True
-    """Write eadf/text_fit.json (ckd_ehr.text_fit): per split and model, the share of samples
+    """Write eadf/text_fit.json (ckd_ehr.eadf.text_fit): per split and model, the share of samples
     whose EADF text keeps every patient item and clause. Loads both models' tokenizers."""
 
     @field_validator("severity_bins")

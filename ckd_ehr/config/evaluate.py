@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import Section
+from ckd_ehr.config.base import Section
 
 
 class EvaluateConfig(Section):
@@ -20,7 +20,7 @@ class EvaluateConfig(Section):
     on synthetic cohorts, latent_oracle / observable_ceiling) beside the models: every model
     figure next to its floor and its ceiling."""
     probes: bool = True
-    """Score the probe rows (ckd_ehr.probe_rows): the frozen teacher backbone and the frozen
+    """Score the probe rows (ckd_ehr.evaluation.probe_rows): the frozen teacher backbone and the frozen
     student encoder, each with the linear probe its training started from (`head_init: probe`);
     costs one frozen forward pass over validation and test per model."""
     min_test_positives: int = Field(5, ge=1)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from .base import Section
+from ckd_ehr.config.base import Section
 
 
 class RayConfig(Section):

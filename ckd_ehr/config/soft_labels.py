@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator
 
-from .base import Section
+from ckd_ehr.config.base import Section
 
 
 class SoftLabelsConfig(Section):

@@ -5,8 +5,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .base import Section
-from .teacher import TrainerConfig
+from ckd_ehr.config.base import Section
+from ckd_ehr.config.teacher import TrainerConfig
 
 
 class DistillConfig(Section):

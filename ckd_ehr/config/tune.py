@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import Section
+from ckd_ehr.config.base import Section
 
 
 class TuneConfig(Section):

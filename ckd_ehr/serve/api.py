@@ -7,7 +7,7 @@ with `info` (ModelInfo) and `async predict(texts) -> [N, 25] probabilities`.
 Rendering follows training exactly: a structured record is rendered with
 `ckd_ehr.text.render_input` under the artifact's TextConfig, with the efficacy clauses of
 the artifact's training efficacy table for the phenotypes its diagnosis codes belong to
-(label order, as `ckd_ehr.eadf.fuse_batch` does). Diagnoses arrive as ICD-9-CM codes; no
+(label order, as `ckd_ehr.eadf.run.fuse_batch` does). Diagnoses arrive as ICD-9-CM codes; no
 ICD-9 titles ship with ckd-ehr (licensing), so a code is rendered as its title only when the
 artifact carries a title map (`diagnosis_titles.json`, code -> title), else as the code.
 Patient data never reaches a log: only counts, status codes and request ids are logged.
@@ -30,11 +30,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..config import ServeConfig, TextConfig
-from ..phenotypes import multi_hot, normalize_icd9, phenotype_names, phenotypes_of_code
-from ..text import render_input
-from .guard import RequestGuard, request_id_var
-from .metrics import ServeMetrics
+from ckd_ehr.config import ServeConfig, TextConfig
+from ckd_ehr.data.phenotypes import multi_hot, normalize_icd9, phenotype_names, phenotypes_of_code
+from ckd_ehr.text import render_input
+from ckd_ehr.serve.guard import RequestGuard, request_id_var
+from ckd_ehr.serve.metrics import ServeMetrics
 
 log = logging.getLogger("ckd_ehr.serve")
 
@@ -194,7 +194,7 @@ def render_record(rec: Record, info: ModelInfo) -> tuple[str, list[str]]:
             warnings.append(f"unknown diagnosis code '{c[:_MAX_ECHO]}' (rendered as given)")
         titles.append(title or c)
     names = info.label_names
-    # same construction as ckd_ehr.eadf.fuse_batch: label order, phenotypes with drugs only
+    # same construction as ckd_ehr.eadf.run.fuse_batch: label order, phenotypes with drugs only
     efficacy = {names[p]: list(info.efficacy[names[p]]) for p in present.nonzero()[0]
                 if info.efficacy.get(names[p])}
     drugs = [_clean(s) for s in rec.medications or []]
@@ -211,7 +211,7 @@ def render_record(rec: Record, info: ModelInfo) -> tuple[str, list[str]]:
 def _icd10_codes(raw: Sequence[str], info: ModelInfo) -> tuple[list[str], np.ndarray]:
     """ICD-10-CM codes as VISITS writes them (dotted) and their phenotypes through the
     training run's crosswalk, exactly as the MIMIC-IV loader maps them."""
-    from ..icd10 import dotted_icd10, load_crosswalk, normalize_icd10
+    from ckd_ehr.data.icd10 import dotted_icd10, load_crosswalk, normalize_icd10
 
     crosswalk = load_crosswalk(info.icd10_crosswalk)
     present = np.zeros(len(info.label_names), dtype=np.int8)

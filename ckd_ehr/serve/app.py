@@ -31,11 +31,11 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import LoggingConfig
 
-from ..config import PipelineConfig, ServeConfig
-from ..contracts import RunLayout
-from ..phenotypes import normalize_icd9
-from .api import ModelInfo, Record, create_app, render_and_predict, token_digest
-from .metrics import RayServeMetrics, ServeMetrics
+from ckd_ehr.config import PipelineConfig, ServeConfig
+from ckd_ehr.contracts import RunLayout
+from ckd_ehr.data.phenotypes import normalize_icd9
+from ckd_ehr.serve.api import ModelInfo, Record, create_app, render_and_predict, token_digest
+from ckd_ehr.serve.metrics import RayServeMetrics, ServeMetrics
 
 log = logging.getLogger("ckd_ehr.serve")
 
@@ -77,8 +77,8 @@ def load_predictor(artifact: str, torch_threads: int | None = None, precision: s
     """(StudentPredictor, ModelInfo) for a local path or URI (copied locally while loading)."""
     import torch
 
-    from ..storage import local_dir
-    from ..student import load_student
+    from ckd_ehr.storage import local_dir
+    from ckd_ehr.student import load_student
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
@@ -184,7 +184,7 @@ def app_builder(args: dict[str, Any]):
     args: `artifact` (path or URI), optional `config` (YAML path) and `overrides` (list of
     key.path=value). Replicas read the token from serve.auth_token_env themselves.
     """
-    from ..config import load_config
+    from ckd_ehr.config import load_config
 
     cfg = load_config(PipelineConfig, args.get("config"), list(args.get("overrides") or []))
     dep = StudentDeployment.options(**_deployment_options(cfg.serve))
@@ -193,7 +193,7 @@ def app_builder(args: dict[str, Any]):
 
 def start(cfg: PipelineConfig, artifact: str | None = None, token_sha256: str | None = None) -> str:
     """Start Serve on cfg.serve.host:port, deploy the student, return the base URL."""
-    from ..ray_utils import init_ray
+    from ckd_ehr.ray_utils import init_ray
 
     init_ray(cfg.ray)
     s = cfg.serve

@@ -28,7 +28,7 @@ import uuid
 from collections import deque
 from typing import Awaitable, Callable
 
-from ..config import ServeConfig
+from ckd_ehr.config import ServeConfig
 
 log = logging.getLogger("ckd_ehr.serve")
 

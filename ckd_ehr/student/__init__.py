@@ -9,20 +9,20 @@ from __future__ import annotations
 
 
 def run_student(cfg):
-    from .run import run_student as _run
+    from ckd_ehr.student.run import run_student as _run
 
     return _run(cfg)
 
 
 def load_student(artifact_dir, device: str = "cpu", precision: str = "fp32"):
-    from .artifact import load_student as _load
+    from ckd_ehr.student.artifact import load_student as _load
 
     return _load(artifact_dir, device=device, precision=precision)
 
 
 def __getattr__(name):
     if name == "StudentPredictor":
-        from .artifact import StudentPredictor
+        from ckd_ehr.student.artifact import StudentPredictor
 
         return StudentPredictor
     raise AttributeError(name)

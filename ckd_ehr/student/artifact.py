@@ -20,11 +20,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..config import TextConfig
-from ..contracts import PROBE_HEAD
-from ..phenotypes import phenotype_names
-from ..storage import local_dir, upload_dir, write_json, write_parquet
-from .model import HEAD_FILE, load_student_model, predict_ids, quantize_int8, save_student
+from ckd_ehr.config import TextConfig
+from ckd_ehr.contracts import PROBE_HEAD
+from ckd_ehr.data.phenotypes import phenotype_names
+from ckd_ehr.storage import local_dir, upload_dir, write_json, write_parquet
+from ckd_ehr.student.model import HEAD_FILE, load_student_model, predict_ids, quantize_int8, save_student
 
 META_FILE = "student.json"
 EFFICACY_FILE = "efficacy_table.parquet"
@@ -67,8 +67,8 @@ class StudentPredictor:
     def __init__(self, directory: str | os.PathLike, device: str = "cpu", precision: str = "fp32"):
         from transformers import AutoTokenizer
 
-        from ..storage import read_parquet
-        from .data import load_efficacy
+        from ckd_ehr.storage import read_parquet
+        from ckd_ehr.student.data import load_efficacy
 
         d = Path(directory)
         self.meta: dict[str, Any] = json.loads((d / META_FILE).read_text())
@@ -103,8 +103,8 @@ class StudentPredictor:
     def render(self, diagnoses: Sequence[str], drugs: Sequence[str], procedures: Sequence[str],
                phenotypes_current: Sequence[int] | None = None) -> str:
         """Text of one visit exactly as training rendered it, fitted to max_length by section."""
-        from ..text import render_input
-        from .data import efficacy_for, fit_text
+        from ckd_ehr.text import render_input
+        from ckd_ehr.student.data import efficacy_for, fit_text
 
         eff = efficacy_for(phenotypes_current, self.efficacy) if phenotypes_current is not None else None
         text = render_input(diagnoses, drugs, procedures, efficacy=eff or None, cfg=self.text_config).text

@@ -17,12 +17,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from ..config import TextConfig
-from ..contracts import AUGMENTED_SAMPLES, EFFICACY, SOFT_LABELS, ContractError, check_schema
-from ..eadf_stats import top_drugs
-from ..phenotypes import NUM_PHENOTYPES, phenotype_names
-from ..storage import read_parquet
-from ..text import render_input
+from ckd_ehr.config import TextConfig
+from ckd_ehr.contracts import AUGMENTED_SAMPLES, EFFICACY, SOFT_LABELS, ContractError, check_schema
+from ckd_ehr.eadf.stats import top_drugs
+from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
+from ckd_ehr.storage import read_parquet
+from ckd_ehr.text import render_input
 
 PLAIN, EADF = "text_plain", "text_eadf"
 
@@ -63,7 +63,7 @@ def split_limit(student_cfg, split: str) -> int | None:
 def student_rows(student_cfg, split: str, n_rows: int) -> np.ndarray:
     """Indices of the rows of a split the student reads (a seeded subset, in file order); the
     soft-label stage scores exactly these when `soft_labels.rows: student`."""
-    from ..training import subset_indices
+    from ckd_ehr.training import subset_indices
 
     return subset_indices(n_rows, split_limit(student_cfg, split), student_cfg.seed)
 
@@ -73,7 +73,7 @@ def read_split(samples_path: str, soft_path: str | None, max_rows: int | None = 
     """AUGMENTED_SAMPLES rows (optionally a seeded subset, training.subset_indices) and their
     SOFT_LABELS rows in the same order; a missing soft label is an error naming the file and
     how many are missing."""
-    from ..training import subset_indices
+    from ckd_ehr.training import subset_indices
 
     samples = check_schema(read_parquet(samples_path), AUGMENTED_SAMPLES, samples_path)
     if max_rows is not None and samples.num_rows > max_rows:

@@ -24,10 +24,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..phenotypes import phenotype_names
-from ..storage import exists, local_dir, read_json, upload_dir, write_json, write_text
-from .artifact import META_FILE
-from .model import HEAD_FILE, load_encoder
+from ckd_ehr.data.phenotypes import phenotype_names
+from ckd_ehr.storage import exists, local_dir, read_json, upload_dir, write_json, write_text
+from ckd_ehr.student.artifact import META_FILE
+from ckd_ehr.student.model import HEAD_FILE, load_encoder
 
 EXPORT_FILE = "ckd_ehr_export.json"
 DATA_LICENSE = "PhysioNet Credentialed Health Data License 1.5.0"
@@ -151,7 +151,7 @@ def export_hf(artifact: str, out: str, metrics_path: str | None = None, data_sou
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from .hf_modeling import CkdEhrStudentConfig, CkdEhrStudentForSequenceClassification
+    from ckd_ehr.student.hf_modeling import CkdEhrStudentConfig, CkdEhrStudentForSequenceClassification
 
     with local_dir(artifact) as d:
         d = Path(d)

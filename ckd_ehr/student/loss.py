@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import DistillConfig
+from ckd_ehr.config import DistillConfig
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..phenotypes import NUM_PHENOTYPES
-from ..models import resolve_model_path
+from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
+from ckd_ehr.models import resolve_model_path
 
 HEAD_FILE = "head.safetensors"
 
@@ -84,7 +84,7 @@ class StudentModel(nn.Module):
 
     def load_probe(self, probe) -> None:
         """Set the head to a ckd_ehr.probe.LinearProbe (linear probe, then fine-tune)."""
-        from ..probe import load_linear
+        from ckd_ehr.probe import load_linear
 
         load_linear(self.head, probe)
 

@@ -15,16 +15,16 @@ import logging
 import numpy as np
 import pyarrow as pa
 
-from ..config import PipelineConfig
-from ..contracts import PREDICTIONS, STUDENT_VARIANTS, RunLayout, quantized_name
-from ..storage import exists, write_parquet
+from ckd_ehr.config import PipelineConfig
+from ckd_ehr.contracts import PREDICTIONS, STUDENT_VARIANTS, RunLayout, quantized_name
+from ckd_ehr.storage import exists, write_parquet
 
 log = logging.getLogger("ckd_ehr.student")
 
 
 def _fitted(cfg: PipelineConfig, predictor, split: str):
     """(samples, texts) of one split as the predictor's variant saw them (fit to max_length)."""
-    from .data import fit_texts, read_split
+    from ckd_ehr.student.data import fit_texts, read_split
 
     layout = RunLayout(cfg.run_dir)
     samples, _ = read_split(layout.augmented(split), None)
@@ -49,7 +49,7 @@ def run_texts(cfg: PipelineConfig, predictor, at_least: int) -> tuple[list[str],
 
 def write_int8_predictions(cfg: PipelineConfig) -> list[str]:
     """Test predictions of every trained variant's artifact at int8; returns the row names."""
-    from .artifact import load_student
+    from ckd_ehr.student.artifact import load_student
 
     layout = RunLayout(cfg.run_dir)
     names = []

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from ..config import PipelineConfig, config_hash
-from ..contracts import PREDICTIONS, PROBE_HEAD, RunLayout
-from ..models import resolve_model_path
-from ..storage import write_parquet
-from .data import Encoded, FitStats, encode, fit_texts, load_efficacy, read_split, split_limit, variant_spec
-from .loss import balanced_pos_weight
+from ckd_ehr.config import PipelineConfig, config_hash
+from ckd_ehr.contracts import PREDICTIONS, PROBE_HEAD, RunLayout
+from ckd_ehr.models import resolve_model_path
+from ckd_ehr.storage import write_parquet
+from ckd_ehr.student.data import Encoded, FitStats, encode, fit_texts, load_efficacy, read_split, split_limit, variant_spec
+from ckd_ehr.student.loss import balanced_pos_weight
 
 log = logging.getLogger("ckd_ehr.student")
 
@@ -72,8 +72,8 @@ def _predict_remote(checkpoint, model_path: str, pooling: str, pad_id: int, data
     import ray
 
     def predict(ckpt, splits: dict):
-        from .model import predict_ids
-        from .train import student_from_checkpoint
+        from ckd_ehr.student.model import predict_ids
+        from ckd_ehr.student.train import student_from_checkpoint
 
         device = "cuda" if use_gpu else "cpu"
         with ckpt.as_directory() as d:
@@ -88,7 +88,7 @@ def _predict_remote(checkpoint, model_path: str, pooling: str, pad_id: int, data
 def diagnosis_title_map(cfg: PipelineConfig) -> dict[str, str]:
     """ICD-9 code -> the title the sample text used (cfg.text.titles), from the run's visits:
     the dictionary Serve needs to render a record's codes exactly as training did."""
-    from ..storage import exists, read_parquet
+    from ckd_ehr.storage import exists, read_parquet
 
     layout = RunLayout(cfg.run_dir)
     if not exists(layout.visits):
@@ -104,10 +104,10 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
     import ray
     from transformers import AutoTokenizer
 
-    from ..metrics import all_scores, tune_thresholds
-    from .artifact import write_artifact
-    from .model import save_student
-    from .train import student_from_checkpoint, student_task, train_student
+    from ckd_ehr.evaluation.metrics import all_scores, tune_thresholds
+    from ckd_ehr.student.artifact import write_artifact
+    from ckd_ehr.student.model import save_student
+    from ckd_ehr.student.train import student_from_checkpoint, student_task, train_student
 
     s = cfg.student
     layout = RunLayout(cfg.run_dir)
@@ -181,7 +181,7 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
 
 def run_student(cfg: PipelineConfig) -> dict:
     """Train every variant in cfg.student.variants; returns per-variant summaries."""
-    from ..ray_utils import init_ray
+    from ckd_ehr.ray_utils import init_ray
 
     s, layout = cfg.student, RunLayout(cfg.run_dir)
     if any(variant_spec(v)[1] for v in s.variants):

@@ -13,9 +13,9 @@ import os
 
 import numpy as np
 
-from ..training import TRAINABLE, TrainResult, TrainTask, fit
-from .data import Encoded
-from .loss import DistillLoss
+from ckd_ehr.training import TRAINABLE, TrainResult, TrainTask, fit
+from ckd_ehr.student.data import Encoded
+from ckd_ehr.student.loss import DistillLoss
 
 
 class BuildStudent:
@@ -23,7 +23,7 @@ class BuildStudent:
         self.model_path, self.pooling, self.seed = model_path, pooling, seed
 
     def __call__(self):
-        from .model import build_student
+        from ckd_ehr.student.model import build_student
 
         return build_student(self.model_path, self.pooling, seed=self.seed)
 
@@ -109,7 +109,7 @@ def student_from_checkpoint(ckpt_dir: str, model_path: str, pooling: str, device
     holds every parameter of the student: nothing is frozen)."""
     from safetensors.torch import load_file
 
-    from .model import build_student
+    from ckd_ehr.student.model import build_student
 
     model = build_student(model_path, pooling)
     missing, unexpected = model.load_state_dict(load_file(os.path.join(ckpt_dir, TRAINABLE)), strict=False)

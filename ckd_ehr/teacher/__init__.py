@@ -24,7 +24,7 @@ _WHERE = {"load_teacher": "artifact", "write_artifact": "artifact", "predict_log
 
 
 def run_teacher(cfg):
-    from .train import run_teacher as _run
+    from ckd_ehr.teacher.train import run_teacher as _run
 
     return _run(cfg)
 

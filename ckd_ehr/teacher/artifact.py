@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import storage
-from ..contracts import PROBE_HEAD
-from ..phenotypes import NUM_PHENOTYPES, phenotype_names
-from .model import MLAPH, TeacherModel, load_backbone, quiet_peft_deprecation
+from ckd_ehr import storage
+from ckd_ehr.contracts import PROBE_HEAD
+from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
+from ckd_ehr.teacher.model import MLAPH, TeacherModel, load_backbone, quiet_peft_deprecation
 
 ADAPTER = "adapter"
 HEAD = "head.safetensors"

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..text import instruction
+from ckd_ehr.text import instruction
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..phenotypes import NUM_PHENOTYPES
+from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
 
 POOLINGS = ("last", "mean", "label_attention")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,7 +100,7 @@ class TeacherModel(nn.Module):
 
     def load_probe(self, probe) -> None:
         """Set the projection to a ckd_ehr.probe.LinearProbe (linear probe, then fine-tune)."""
-        from ..probe import load_linear
+        from ckd_ehr.probe import load_linear
 
         load_linear(self.head.proj, probe)
 
@@ -112,7 +112,7 @@ def load_backbone(model: str, gguf_file: str | None = None, dtype: str | torch.d
     `zero3_partitioned_init`) it is built inside deepspeed.zero.Init: partitioned as it loads."""
     from transformers import AutoModel
 
-    from ..models import resolve_model_path
+    from ckd_ehr.models import resolve_model_path
 
     # `auto` without a device to decide by (e.g. a CPU load of an artifact): float32.
     torch_dtype = _DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype
@@ -260,8 +260,8 @@ def teacher_model_size(cfg):
     parameters, LoRA parameters (rank x (in + out) per adapted Linear) and the head's."""
     from transformers import AutoConfig, AutoModel
 
-    from ..models import resolve_model_path
-    from ..training import _DTYPE_BYTES, ModelSize
+    from ckd_ehr.models import resolve_model_path
+    from ckd_ehr.training import _DTYPE_BYTES, ModelSize
 
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
     conf = AutoConfig.from_pretrained(resolve_model_path(cfg.model), **kwargs)

@@ -14,15 +14,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .. import storage
-from ..config import config_hash
-from ..contracts import AUGMENTED_SAMPLES, ContractError, RunLayout, check_schema
+from ckd_ehr import storage
+from ckd_ehr.config import config_hash
+from ckd_ehr.contracts import AUGMENTED_SAMPLES, ContractError, RunLayout, check_schema
 # One definition of class balancing for both models (the student's loss module holds it).
-from ..student.loss import balanced_pos_weight  # noqa: F401  (re-exported for callers)
-from ..training import TrainResult, TrainTask, fit, subset_indices
-from .artifact import SaveTeacherWeights, write_artifact
-from .data import Collate, make_examples, pad_id
-from .model import build_teacher, param_groups, teacher_model_size
+from ckd_ehr.student.loss import balanced_pos_weight  # noqa: F401  (re-exported for callers)
+from ckd_ehr.training import TrainResult, TrainTask, fit, subset_indices
+from ckd_ehr.teacher.artifact import SaveTeacherWeights, write_artifact
+from ckd_ehr.teacher.data import Collate, make_examples, pad_id
+from ckd_ehr.teacher.model import build_teacher, param_groups, teacher_model_size
 
 log = logging.getLogger("ckd_ehr.teacher")
 
@@ -30,7 +30,7 @@ log = logging.getLogger("ckd_ehr.teacher")
 def load_tokenizer(tc):
     from transformers import AutoTokenizer
 
-    from ..models import resolve_model_path
+    from ckd_ehr.models import resolve_model_path
 
     kwargs = {"gguf_file": tc.gguf_file} if tc.gguf_file else {}
     tok = AutoTokenizer.from_pretrained(resolve_model_path(tc.model), **kwargs)
@@ -153,7 +153,7 @@ def train_teacher(tc, train_path: str, val_path: str, storage_path: str, name: s
 
 def run_teacher(cfg) -> dict:
     """The `teacher` stage: PipelineConfig -> RUN/teacher/artifact. Returns teacher.json."""
-    from ..ray_utils import init_ray
+    from ckd_ehr.ray_utils import init_ray
 
     layout = RunLayout(cfg.run_dir)
     train_path, val_path = layout.augmented("train"), layout.augmented("val")

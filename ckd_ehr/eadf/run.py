@@ -1,0 +1,352 @@
+"""EADF on Ray Data: the efficacy table from the training pairs, fused into every split's text.
+
+`run_eadf(cfg)` (`ckd-ehr eadf --run-dir RUN`):
+  1. counts: read RUN/data/samples/train.parquet (the COUNT_COLUMNS) with Ray Data; each
+     batch emits its partial counts per (phenotype, drug, stratum) and per patient cluster
+     (eadf_stats.partial_counts), in the task that read it; the driver sums them. It never
+     sees the pairs or the prescriptions, only partial counts.
+  2. ranking on that small result (eadf_stats.efficacy_from_counts) -> RUN/eadf/efficacy_table.parquet
+  3. fusion: every split is re-rendered from its structured fields with the efficacy clauses
+     of the phenotypes present at visit i, always from the table fitted on training patients
+     -> RUN/eadf/samples/{split}.parquet (same rows, same order, text_plain kept).
+  4. validity: precision and recall of the listed drugs (FDR-controlled) and precision@k of
+     the efficacy and frequency rankings against the planted drugs when
+     RUN/raw/ground_truth.json exists -> RUN/eadf/validity.json
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import posixpath
+import time
+import uuid
+from typing import Iterator, Mapping, Sequence
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray.data
+
+from ckd_ehr import storage
+from ckd_ehr.config import PipelineConfig, TextConfig
+from ckd_ehr.contracts import AUGMENTED_SAMPLES, SAMPLES, SPLITS, ContractError, RunLayout, check_schema
+from ckd_ehr.eadf.stats import (COUNT_COLUMNS, PARTIAL_SCHEMA, Counts, efficacy_from_counts, efficacy_table_reference,
+                         multi_hot_matrix, partial_counts, precision_at_k, split_counts, sum_partials,
+                         top_drugs)
+from ckd_ehr.eadf.validity import listing_validity
+from ckd_ehr.data.phenotypes import phenotype_names
+from ckd_ehr.text import render_input
+
+log = logging.getLogger(__name__)
+PATH_COL = "path"  # the input file of each row, from read_parquet(include_paths=True)
+
+__all__ = ["run_eadf", "efficacy_table_ray", "efficacy_table_reference", "fuse_batch", "fused_texts",
+           "fuse_splits", "counts_ray"]
+
+
+def _num_rows(path: str) -> int:
+    fs, inner = storage.resolve(path)
+    if fs.get_file_info(inner).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{path}: no such file (has `ckd-ehr prepare` run?)")
+    return storage.parquet_num_rows(path)
+
+
+def _check_columns(path: str, columns: list[str] | None = None) -> None:
+    """Fail early, naming the file, if a SAMPLES file lacks a column or has the wrong type."""
+    fs, inner = storage.resolve(path)
+    with fs.open_input_file(inner) as f:
+        schema = pq.ParquetFile(f).schema_arrow
+    wanted = pa.schema([SAMPLES.field(c) for c in columns]) if columns else SAMPLES
+    check_schema(schema.empty_table(), wanted, path)
+
+
+def _read_blocks() -> int:
+    """Blocks a read is cut into: one per CPU of the cluster. Ray Data's default (at least
+    `read_op_min_num_blocks`, 200) splits a 32,353-pair file of one row group into 95 blocks
+    in 8 map tasks, which on the shared 2-core machine took a median 7.2 s to count against
+    4.4 s with 2 blocks (and 4.5 s with 1)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _read_ds(path: str, columns: list[str] | None = None):
+    fs, inner = storage.resolve(path)
+    ds = ray.data.read_parquet(inner, filesystem=fs, override_num_blocks=_read_blocks())
+    return ds.select_columns(columns) if columns else ds
+
+
+# --- counting on Ray Data -----------------------------------------------------------------
+
+def counts_ray(path: str, batch_size: int = 4096, severity_bins=(3, 5, 7), code_strata: bool = True) -> Counts:
+    """Summed counts of a SAMPLES file (eadf_stats.Counts).
+
+    Batches are cut in file order (preserve_order), so each batch is a contiguous run of
+    rows and, the file being ordered by patient, only its first and last patient can be
+    split with a neighbour (eadf_stats carries those; sum_partials checks the ordering).
+    Reading and counting run as ONE fused Ray Data task per read block (same resources, so
+    Ray Data fuses them); the driver receives only the partial counts (at most drugs x 25 x
+    strata rows per batch, never the pairs) and sums them. Measured at 32,353 pairs on the
+    shared 2-core machine (README): a separate counting operator at 0.5 CPU, then
+    repartition(1) and a summing task took a median 7.6 s against 5.5 s this way (reference
+    3.2 s); a hash-shuffle groupby().sum() is slower still (its aggregator actors take
+    seconds to start).
+    """
+    n = _num_rows(path)
+    _check_columns(path, COUNT_COLUMNS)
+    if n == 0:
+        return split_counts(sum_partials(PARTIAL_SCHEMA.empty_table().to_pandas(), path))
+    with _ordered_v1_reads():
+        refs = (_read_ds(path, COUNT_COLUMNS)
+                .map_batches(partial_counts, batch_format="pyarrow", batch_size=batch_size,
+                             fn_kwargs={"where": path, "severity_bins": list(severity_bins),
+                                        "code_strata": code_strata})
+                .to_arrow_refs())
+        partials = pa.concat_tables(ray.get(refs), promote_options="none") if refs else PARTIAL_SCHEMA.empty_table()
+    return split_counts(sum_partials(partials.to_pandas(), path))
+
+
+def efficacy_table_ray(path: str, cfg: PipelineConfig, ranking: str | None = None) -> pa.Table:
+    """The EFFICACY table of a SAMPLES file, counted on Ray Data."""
+    counts = counts_ray(path, cfg.eadf.batch_size, cfg.eadf.severity_bins, cfg.eadf.code_strata)
+    return efficacy_from_counts(counts, cfg.eadf, ranking)
+
+
+# --- fusion -------------------------------------------------------------------------------
+
+# Columns of SAMPLES the rendering of text_eadf reads (the Ray tasks read only these).
+FUSE_COLUMNS = ["diagnosis_titles", "diagnosis_short_titles", "drugs", "procedure_titles", "phenotypes_current"]
+_FUSE_SCHEMA = pa.schema([SAMPLES.field(c) for c in FUSE_COLUMNS])
+
+
+def fused_texts(batch: pa.Table, top: Mapping[int, Sequence[str]], text: TextConfig,
+                where: str = "samples") -> pa.Array:
+    """`text_eadf` of SAMPLES rows (only FUSE_COLUMNS are read): the visit re-rendered with
+    efficacy clauses for the phenotypes present at visit i (label order) that have ranked drugs."""
+    batch = check_schema(batch, _FUSE_SCHEMA, where)
+    names = phenotype_names()
+    present = multi_hot_matrix(batch.column("phenotypes_current"), where, "phenotypes_current")
+    dx_col = "diagnosis_titles" if text.titles == "long" else "diagnosis_short_titles"
+    dx = batch.column(dx_col).to_pylist()
+    rx = batch.column("drugs").to_pylist()
+    px = batch.column("procedure_titles").to_pylist()
+    out = []
+    for i in range(batch.num_rows):
+        efficacy = {names[p]: list(top[p]) for p in present[i].nonzero()[0] if top.get(p)}
+        out.append(render_input(dx[i], rx[i], px[i], efficacy=efficacy, cfg=text).text)
+    return pa.array(out, type=pa.string())
+
+
+def fuse_batch(batch: pa.Table, top: Mapping[int, Sequence[str]], text: TextConfig,
+               where: str = "samples") -> pa.Table:
+    """SAMPLES rows -> AUGMENTED_SAMPLES rows (fused_texts appended as `text_eadf`)."""
+    batch = check_schema(batch, SAMPLES, where)
+    return batch.append_column(AUGMENTED_SAMPLES.field("text_eadf"), fused_texts(batch, top, text, where))
+
+
+def _texts_with_paths(batch: pa.Table, top: Mapping[int, Sequence[str]], text: TextConfig,
+                      where: str = "samples") -> pa.Table:
+    """The Ray task of fusion: {path, text_eadf} of a batch read with include_paths."""
+    paths = batch.column(PATH_COL)
+    if len(paths):
+        where = paths[0].as_py()  # errors name the file the batch came from
+    return pa.table({PATH_COL: paths, "text_eadf": fused_texts(batch, top, text, where)})
+
+
+class _RowReader:
+    """The rows of one parquet file in order, taken `k` at a time (streamed, not all in memory)."""
+
+    def __init__(self, path: str, batch_size: int):
+        fs, inner = storage.resolve(path)
+        self._file = fs.open_input_file(inner)
+        self._batches = pq.ParquetFile(self._file).iter_batches(batch_size=batch_size)
+        self._buffer: list[pa.RecordBatch] = []
+        self._buffered = 0
+
+    def take(self, k: int) -> pa.Table:
+        while self._buffered < k:
+            b = next(self._batches, None)
+            if b is None:
+                break
+            self._buffer.append(b)
+            self._buffered += b.num_rows
+        table = pa.Table.from_batches(self._buffer) if self._buffer else None
+        if table is None or table.num_rows < k:
+            raise ContractError(f"fusion: expected {k} more rows, the file has {0 if table is None else table.num_rows}")
+        rest = table.slice(k)
+        self._buffer, self._buffered = rest.to_batches(), rest.num_rows
+        return table.slice(0, k)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@contextlib.contextmanager
+def _ordered_v1_reads() -> Iterator[None]:
+    """Ray Data reads in file order (preserve_order) through the V1 parquet datasource.
+
+    V1 because Ray 2.60's default V2 read (ListFiles -> ReadFiles) adds a listing task that
+    waits seconds for a worker and does not fuse with the next map_batches: measured at
+    32,353 pairs on the shared 2-core machine, counting took a median 20.2 s through V2
+    against 9.4 s through V1 (reference 5.6 s), fusion 15.9 s against 9.6 s (README)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    old = ctx.execution_options.preserve_order, ctx.use_datasource_v2
+    ctx.execution_options.preserve_order, ctx.use_datasource_v2 = True, False
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order, ctx.use_datasource_v2 = old
+
+
+@contextlib.contextmanager
+def _parquet_writer(path: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+    """Stream record batches into one parquet file, atomically (temporary name, then rename),
+    as storage.write_parquet does for whole tables."""
+    fs, inner = storage.resolve(path)
+    fs.create_dir(posixpath.dirname(inner), recursive=True)
+    tmp = posixpath.join(posixpath.dirname(inner), f".{posixpath.basename(inner)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with pq.ParquetWriter(tmp, schema, filesystem=fs) as writer:
+            yield writer
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.delete_file(tmp)
+        raise
+    if fs.get_file_info(inner).type == pafs.FileType.File:
+        fs.delete_file(inner)
+    fs.move(tmp, inner)
+
+
+def fuse_splits(files: Mapping[str, str], top: Mapping[int, Sequence[str]], text: TextConfig,
+                batch_size: int = 4096) -> dict[str, int]:
+    """Fuse SAMPLES files {src: dst} in one Ray Data pass, streaming each result to its dst.
+
+    One pass, not one per split: every Ray Data execution pays for starting its tasks.
+    The Ray tasks read only FUSE_COLUMNS and return only `text_eadf` (with the input path);
+    the driver streams the input rows in file order beside them and writes. Moving whole
+    rows (both texts, titles) through the object store cost more than rendering them.
+    Order is preserved, so each output has its input's rows in its input's order.
+    """
+    expected = {src: _num_rows(src) for src in files}
+    for src in files:
+        _check_columns(src)
+    written = dict.fromkeys(files, 0)
+    with contextlib.ExitStack() as stack:
+        writers = {src: stack.enter_context(_parquet_writer(dst, AUGMENTED_SAMPLES)) for src, dst in files.items()}
+        for src, w in writers.items():  # an empty split still gets a file with the schema
+            if expected[src] == 0:
+                w.write_table(AUGMENTED_SAMPLES.empty_table())
+        todo = [src for src in files if expected[src] > 0]
+        if todo:
+            fs, _ = storage.resolve(todo[0])
+            by_inner = {storage.resolve(src)[1]: src for src in todo}
+            readers = {src: _RowReader(src, batch_size) for src in todo}
+            for r in readers.values():
+                stack.callback(r.close)
+            with _ordered_v1_reads():
+                ds = (ray.data.read_parquet(list(by_inner), filesystem=fs, include_paths=True,
+                                           override_num_blocks=_read_blocks())
+                      .select_columns([*FUSE_COLUMNS, PATH_COL])
+                      .map_batches(_texts_with_paths, batch_format="pyarrow", batch_size=batch_size,
+                                   fn_kwargs={"top": dict(top), "text": text, "where": ", ".join(todo)}))
+                for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    for inner, part in _runs_by_path(b):
+                        src = by_inner[inner]
+                        rows = check_schema(readers[src].take(part.num_rows), SAMPLES, src)
+                        rows = rows.append_column(AUGMENTED_SAMPLES.field("text_eadf"), part.column("text_eadf"))
+                        writers[src].write_table(check_schema(rows, AUGMENTED_SAMPLES, files[src]))
+                        written[src] += part.num_rows
+        for src in files:
+            if written[src] != expected[src]:
+                raise ContractError(f"{files[src]}: wrote {written[src]} rows, input {src} has {expected[src]}")
+    return written
+
+
+def _runs_by_path(batch: pa.Table) -> Iterator[tuple[str, pa.Table]]:
+    """Contiguous runs of rows from the same input file (a batch may span two files)."""
+    paths = batch.column(PATH_COL).to_pylist()
+    start = 0
+    for i in range(1, len(paths) + 1):
+        if i == len(paths) or paths[i] != paths[start]:
+            yield paths[start], batch.slice(start, i - start)
+            start = i
+
+
+# --- validity -----------------------------------------------------------------------------
+
+def validity(counts: Counts, cfg: PipelineConfig, truth: dict) -> dict:
+    """The listed drugs against the planted ones (precision, recall, powered recall, decoys;
+    eadf_validity.listing_validity), and precision@k of the efficacy and frequency rankings."""
+    planted = truth.get("planted") or {}
+    ward = truth.get("ward_drugs") or []
+    if not isinstance(planted, dict):
+        raise ContractError(f"ground_truth.json: field 'planted' must map phenotype -> drugs, got {type(planted).__name__}")
+    out = {"k": cfg.eadf.top_k, "min_support": cfg.eadf.min_support, "confidence": cfg.eadf.confidence,
+           "fdr": cfg.eadf.fdr, "adjust": cfg.eadf.adjust, "clustering": cfg.eadf.clustering, "rankings": {}}
+    for ranking in ("efficacy", "frequency", "risk_ratio"):
+        table = efficacy_from_counts(counts, cfg.eadf, ranking)
+        out["rankings"][ranking] = precision_at_k(top_drugs(table, cfg.eadf.top_k), planted,
+                                                  cfg.eadf.top_k, ward)
+        if ranking == "efficacy":
+            out["listing"] = listing_validity(table, truth, cfg.eadf)
+    return out
+
+
+# --- the stage ----------------------------------------------------------------------------
+
+def run_eadf(cfg: PipelineConfig) -> dict:
+    """Efficacy table on the training split, fused text for every split, validity if known."""
+    from ckd_ehr.ray_utils import init_ray
+
+    layout = RunLayout(cfg.run_dir)
+    for split in SPLITS:  # fail before any work if prepare has not written every split
+        _num_rows(layout.samples(split))
+        _check_columns(layout.samples(split))
+    init_ray(cfg.ray)
+    t0 = time.perf_counter()
+    train = layout.samples("train")
+    log.info("eadf: counting visit pairs in %s", train)
+    counts = counts_ray(train, cfg.eadf.batch_size, cfg.eadf.severity_bins, cfg.eadf.code_strata)
+    table = efficacy_from_counts(counts, cfg.eadf)
+    storage.write_parquet(table, layout.efficacy_table)
+    top = top_drugs(table, cfg.eadf.top_k)
+    t_count = time.perf_counter() - t0
+    log.info("eadf: %d phenotype x drug rows, %d phenotypes with ranked drugs (%s ranking) -> %s",
+             table.num_rows, len(top), cfg.eadf.ranking, layout.efficacy_table)
+
+    fused = fuse_splits({layout.samples(s): layout.augmented(s) for s in SPLITS}, top, cfg.text,
+                        cfg.eadf.batch_size)
+    rows = {s: fused[layout.samples(s)] for s in SPLITS}
+    log.info("eadf: fused %s -> %s", ", ".join(f"{s} ({n} rows)" for s, n in rows.items()),
+             storage.join(layout.root, "eadf", "samples"))
+
+    summary = {
+        "train_pairs": _num_rows(train),
+        "efficacy_rows": table.num_rows,
+        "ranked_rows": int(table["rank"].is_valid().to_numpy(zero_copy_only=False).sum()),
+        "tested_rows": int(table["p_value"].is_valid().to_numpy(zero_copy_only=False).sum()),
+        "phenotypes_with_drugs": len(top),
+        "ranking": cfg.eadf.ranking,
+        "rows": rows,
+        "count_s": round(t_count, 3),
+        "total_s": None,
+    }
+    truth_path = storage.join(layout.raw_dir, "ground_truth.json")
+    if storage.exists(truth_path):
+        v = validity(counts, cfg, storage.read_json(truth_path))
+        storage.write_json(layout.eadf_validity, v)
+        summary["validity"] = {r: v["rankings"][r]["mean_precision_at_k"] for r in v["rankings"]}
+        summary["validity"]["listed_precision"] = v["listing"]["precision"]
+        summary["validity"]["listed_recall"] = v["listing"]["recall"]
+        log.info("eadf: mean precision@%d efficacy %.3f, frequency %.3f -> %s", cfg.eadf.top_k,
+                 v["rankings"]["efficacy"]["mean_precision_at_k"] or 0.0,
+                 v["rankings"]["frequency"]["mean_precision_at_k"] or 0.0, layout.eadf_validity)
+    if cfg.eadf.text_fit_report:  # what of each text the models will see (ckd_ehr.eadf.text_fit)
+        from ckd_ehr.eadf.text_fit import text_fit_report
+
+        fit = text_fit_report(cfg, layout, top)
+        summary["text_fit"] = {s: {m: fit["splits"][s][m]["share_whole"] for m in ("teacher", "student")}
+                               for s in fit["splits"]}
+    summary["total_s"] = round(time.perf_counter() - t0, 3)
+    return summary

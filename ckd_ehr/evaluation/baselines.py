@@ -1,0 +1,134 @@
+"""Reference rows scored by `ckd-ehr evaluate` beside the models: the floor and what a plain
+model gets from the same visit.
+
+- `all_negative`: a score of 0 for every phenotype (AUROC 0.5; element-wise accuracy is what
+  predicting nothing gets).
+- `prevalence`: each phenotype's training prevalence as the score (AUROC 0.5: a constant ranks
+  nothing; it calibrates).
+- `copy_forward`: the phenotypes of visit i as the prediction for visit i+1.
+- `logistic_regression`: scikit-learn LogisticRegression one-vs-rest (one per phenotype,
+  liblinear) on multi-hot current-visit diagnosis codes, drugs and procedures; vocabulary and
+  fit on training patients only, C chosen on validation by macro AUROC.
+
+Each returns probabilities for the validation and test samples, so evaluate tunes thresholds
+on validation and scores on test exactly as for the models.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from ckd_ehr.evaluation.metrics import auroc_per_label
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("all_negative", "prevalence", "copy_forward", "logistic_regression")
+FEATURE_COLUMNS = ("diagnosis_codes", "drugs", "procedure_codes")
+C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
+"""Inverse regularisation strengths tried on validation (wide enough that the choice is
+interior on the synthetic cohorts at 2,000-10,000 patients)."""
+
+
+class MultiHot:
+    """Multi-hot encoding of list columns; the vocabulary comes from the rows it is fitted on
+    (training), items unseen there are ignored."""
+
+    def __init__(self, columns: Sequence[str] = FEATURE_COLUMNS):
+        self.columns = tuple(columns)
+        self.index: dict[tuple[str, str], int] = {}
+
+    def fit(self, rows: dict[str, list]) -> "MultiHot":
+        for col in self.columns:
+            for items in rows[col]:
+                for item in (() if items is None else items):
+                    self.index.setdefault((col, item), len(self.index))
+        return self
+
+    def transform(self, rows: dict[str, list]) -> sp.csr_matrix:
+        n = len(rows[self.columns[0]])
+        r, c = [], []
+        for col in self.columns:
+            for i, items in enumerate(rows[col]):
+                for item in set(() if items is None else items):
+                    j = self.index.get((col, item))
+                    if j is not None:
+                        r.append(i)
+                        c.append(j)
+        data = np.ones(len(r), dtype=np.float64)
+        return sp.csr_matrix((data, (r, c)), shape=(n, len(self.index)))
+
+
+def fit_one_vs_rest(x_train, y_train: np.ndarray, c_value: float, seed: int = 0) -> list:
+    """One LogisticRegression per phenotype; a phenotype with one class in training gets a
+    constant (its training rate) instead."""
+    from sklearn.linear_model import LogisticRegression
+
+    models = []
+    for j in range(y_train.shape[1]):
+        yj = y_train[:, j]
+        if yj.min() == yj.max():
+            models.append(float(yj.mean()))
+            continue
+        models.append(LogisticRegression(C=c_value, solver="liblinear", max_iter=1000,
+                                         random_state=seed).fit(x_train, yj))
+    return models
+
+
+def predict_one_vs_rest(models: list, x) -> np.ndarray:
+    out = np.empty((x.shape[0], len(models)))
+    for j, m in enumerate(models):
+        out[:, j] = m if isinstance(m, float) else m.predict_proba(x)[:, 1]
+    return out
+
+
+def macro_auroc(y: np.ndarray, probs: np.ndarray) -> float:
+    auc = auroc_per_label(y, probs)
+    return float(np.nanmean(auc)) if np.any(~np.isnan(auc)) else float("nan")
+
+
+def logistic_regression(x_train, y_train, x_eval: dict, y_val: np.ndarray, c_grid=C_GRID,
+                        seed: int = 0) -> tuple[dict[str, np.ndarray], dict]:
+    """Fit on training rows for each C, keep the C with the best validation macro AUROC;
+    return ({name: probs} for x_eval (must include "val"), {"C": chosen, "val_macro_auroc": {C: value}})."""
+    scores, best = {}, None
+    for c_value in c_grid:
+        models = fit_one_vs_rest(x_train, y_train, c_value, seed)
+        scores[c_value] = macro_auroc(y_val, predict_one_vs_rest(models, x_eval["val"]))
+        if best is None or scores[c_value] > scores[best[0]]:
+            best = (c_value, models)
+    chosen, models = best
+    probs = {name: predict_one_vs_rest(models, x) for name, x in x_eval.items()}
+    return probs, {"C": chosen, "val_macro_auroc": {str(k): v for k, v in scores.items()},
+                   "model": "sklearn LogisticRegression(liblinear) per phenotype",
+                   "features": f"multi-hot {', '.join(FEATURE_COLUMNS)} of visit i (training vocabulary)"}
+
+
+def baseline_probabilities(train: dict, val: dict, test: dict, seed: int = 0, c_grid=C_GRID
+                           ) -> dict[str, tuple[dict[str, np.ndarray], dict]]:
+    """{baseline: ({"val": probs, "test": probs}, details)}. Each split is a dict of columns:
+    FEATURE_COLUMNS, "phenotypes_current" and "labels" (N x 25 arrays)."""
+    y_train = np.asarray(train["labels"], dtype=np.int8)
+    y_val = np.asarray(val["labels"], dtype=np.int8)
+    splits = {"val": val, "test": test}
+    k = y_train.shape[1]
+    prev = y_train.mean(axis=0) if len(y_train) else np.zeros(k)
+    out = {
+        "all_negative": ({s: np.zeros((len(d["labels"]), k)) for s, d in splits.items()},
+                         {"score": "0 for every phenotype"}),
+        "prevalence": ({s: np.tile(prev, (len(d["labels"]), 1)) for s, d in splits.items()},
+                       {"score": "training prevalence of each phenotype"}),
+        "copy_forward": ({s: np.asarray(d["phenotypes_current"], dtype=np.float64) for s, d in splits.items()},
+                         {"score": "the phenotypes of visit i (0/1)"}),
+    }
+    encoder = MultiHot().fit(train)
+    x = {name: encoder.transform(d) for name, d in (("train", train), ("val", val), ("test", test))}
+    probs, details = logistic_regression(x["train"], y_train, {"val": x["val"], "test": x["test"]}, y_val,
+                                         c_grid, seed)
+    details["n_features"] = len(encoder.index)
+    log.info("logistic_regression: C=%g (validation macro AUROC %s), %d features", details["C"],
+             details["val_macro_auroc"], len(encoder.index))
+    out["logistic_regression"] = (probs, details)
+    return out

@@ -1,0 +1,399 @@
+"""Evaluate stage: metrics of every student variant and the teacher on the test split.
+
+Reads RUN/evaluate/predictions/{name}.parquet (contracts.PREDICTIONS) for each model present
+(for the teacher, RUN/soft_labels/test.parquet joined with the test samples when it has no
+predictions file), scores it at two threshold modes (`fixed` 0.5, the paper's protocol, and
+`tuned`, chosen per phenotype on validation by the stage that trained the model), adds 95%
+intervals from a bootstrap over patients, and the deltas of every model against the paper's
+baseline (a) with PAIRED intervals (the same resampled patients for both models). Writes
+RUN/evaluate/metrics.json.
+
+Beside the models, reference rows scored the same way (test split, thresholds tuned on
+validation, the same patient bootstrap) under "baselines": `all_negative`, `prevalence`,
+`copy_forward`, `logistic_regression` (ckd_ehr.evaluation.baselines) and, on synthetic cohorts,
+`latent_oracle` (the generator's exact probabilities, RUN/raw/latent_oracle.parquet) and
+`observable_ceiling` (read from the ceiling benchmark's result for the same generator knobs).
+They need only the prepare stage: evaluate runs right after it, with no model yet.
+
+Every macro metric averages one label set, fixed from the full test split (phenotypes with at
+least `evaluate.min_test_positives` positives); the rest are named. A test split too small to
+judge (fewer than `evaluate.min_phenotypes` qualify, or a baseline's macro AUROC interval wider
+than `evaluate.max_interval_width`) is refused unless `evaluate.allow_small` (`--allow-small`).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from ckd_ehr import storage
+from ckd_ehr.contracts import PREDICTIONS, STUDENT_VARIANTS, ContractError, RunLayout, base_variant, check_schema
+from ckd_ehr.evaluation.metrics import (ALL_METRICS, bootstrap_scores, delta_summary, evaluate_predictions, interval,
+                      macro_label_set, paired_bootstrap_delta, to_matrix, tune_thresholds)
+from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
+
+log = logging.getLogger(__name__)
+
+MODELS = STUDENT_VARIANTS + ("teacher",)
+ROLES = {
+    "hard_plain": "(a) student, hard labels, plain text: the paper's baseline (plain BERT)",
+    "hard_eadf": "(b) student, hard labels, EADF text",
+    "distill_plain": "(c) student, distillation, plain text",
+    "ckd_ehr": "(d) student, distillation, EADF text: CKD-EHR",
+    "teacher": "(e) teacher LLM with the multi-label projection head",
+}
+from ckd_ehr.evaluation.probe_rows import PROBE_ROLES  # roles of the probe rows, beside the baselines
+
+BASELINE_ROLES = {
+    "all_negative": "floor: 0 for every phenotype",
+    "prevalence": "floor: training prevalence as the score",
+    "copy_forward": "the phenotypes of visit i, copied to visit i+1",
+    "logistic_regression": "logistic regression on multi-hot codes, drugs and procedures of visit i",
+    "latent_oracle": "ceiling (unreachable): the generator's exact probabilities given the latent state",
+    "observable_ceiling": "ceiling from what a visit shows (flexible model on independent synthetic patients)",
+}
+MODES = {
+    "fixed": "0.5 for every phenotype (the paper's protocol)",
+    "tuned": "per phenotype, maximising F1 on the validation split (never on test)",
+}
+PAPER_CLAIMS = {
+    "accuracy_gain": 0.09,
+    "f1_gain": 0.27,
+    "speedup": 22.2,
+    "note": ("The paper reports +9% accuracy and +27% F1 of CKD-EHR over plain BERT without saying "
+             "whether these are points or relative changes; we give both. Its accuracy is "
+             "element-wise over N x 25 cells, its F1 macro over the 25 phenotypes, at threshold 0.5."),
+}
+
+
+def read_predictions(path: str) -> pd.DataFrame:
+    """One model's PREDICTIONS, checked against the contract and sorted by sample_id."""
+    table = check_schema(storage.read_parquet(path), PREDICTIONS, path)
+    df = table.to_pandas()
+    if df["sample_id"].duplicated().any():
+        raise ContractError(f"{path}: duplicated sample_id values")
+    return df.sort_values("sample_id", kind="stable").reset_index(drop=True)
+
+
+def teacher_predictions_from_soft_labels(layout: RunLayout, split: str = "test") -> pd.DataFrame | None:
+    """The teacher's predictions on a split as PREDICTIONS rows, from the soft-labels stage's
+    output (its probabilities) joined by sample_id with the split's samples (patient and
+    labels). None when either file is missing."""
+    soft_path = layout.soft_labels(split)
+    samples_path = next((p for p in (layout.augmented(split), layout.samples(split)) if storage.exists(p)), None)
+    if not storage.exists(soft_path) or samples_path is None:
+        return None
+    soft = storage.read_parquet(soft_path, columns=["sample_id", "probs"]).to_pandas()
+    samples = storage.read_parquet(samples_path, columns=["sample_id", "subject_id", "labels"]).to_pandas()
+    joined = samples.merge(soft, on="sample_id", how="inner")
+    if not len(joined):
+        raise ContractError(f"{soft_path}: no sample_id in common with {samples_path}")
+    table = check_schema(pa.Table.from_pandas(joined[["sample_id", "subject_id", "labels", "probs"]],
+                                              preserve_index=False), PREDICTIONS, soft_path)
+    return table.to_pandas().sort_values("sample_id", kind="stable").reset_index(drop=True)
+
+
+def _artifact_json(layout: RunLayout, name: str) -> str:
+    if name == "teacher":
+        return storage.join(layout.teacher_artifact, "teacher.json")
+    return storage.join(layout.student_artifact(base_variant(name)), "student.json")
+
+
+def read_thresholds(layout: RunLayout, name: str) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """({mode: 25 thresholds}, {mode: where they came from}). The artifact JSON may hold
+    "thresholds": {"fixed": [...], "tuned": [...]} (or a bare list, taken as tuned); anything
+    missing or malformed falls back to 0.5, and the source says so. The teacher's tuned
+    thresholds, when its artifact has none, are tuned here on its validation soft labels."""
+    fixed = [0.5] * NUM_PHENOTYPES
+    thresholds = {"fixed": fixed, "tuned": fixed}
+    source = {"fixed": "0.5 for every phenotype", "tuned": "0.5 (no tuned thresholds found)"}
+    path = _artifact_json(layout, name)
+    if not storage.exists(path):
+        source["tuned"] = f"0.5 ({path} not found)"
+    stored = storage.read_json(path).get("thresholds") if storage.exists(path) else None
+    if isinstance(stored, list):
+        stored = {"tuned": stored}
+    for mode in ("fixed", "tuned"):
+        values = (stored or {}).get(mode)
+        if values is None:
+            continue
+        if len(values) != NUM_PHENOTYPES or not all(isinstance(v, (int, float)) for v in values):
+            source[mode] = f"0.5 ({path}: thresholds.{mode} is not {NUM_PHENOTYPES} numbers)"
+            continue
+        thresholds[mode], source[mode] = [float(v) for v in values], f"{path}: thresholds.{mode}"
+    if name == "teacher" and not source["tuned"].startswith(path):
+        val = teacher_predictions_from_soft_labels(layout, "val")
+        if val is not None:
+            thresholds["tuned"] = tune_thresholds(to_matrix(val["labels"], np.int8), to_matrix(val["probs"]), "f1")
+            source["tuned"] = f"maximising F1 per phenotype on {layout.soft_labels('val')}"
+    return thresholds, source
+
+
+def score_model(df: pd.DataFrame, thresholds: dict[str, list[float]], resamples: int, seed: int,
+                label_set: np.ndarray | None = None) -> tuple[dict, dict[str, dict[str, np.ndarray]] | None]:
+    """Point metrics and intervals at every threshold mode; also the bootstrap distributions
+    (same seed and sample order for every model, hence paired across models)."""
+    y, p, subjects = to_matrix(df["labels"], np.int8), to_matrix(df["probs"]), df["subject_id"].to_numpy()
+    dists = bootstrap_scores(y, p, subjects, thresholds, resamples, seed, label_set) if resamples > 0 else None
+    modes = {}
+    for mode, t in thresholds.items():
+        result = evaluate_predictions(y, p, subjects, t, bootstrap=0, label_set=label_set)
+        if dists is not None:
+            result["intervals"] = {m: interval(dists[mode][m]) for m in ALL_METRICS}
+        modes[mode] = {k: result[k] for k in ("metrics", "intervals", "thresholds", "per_phenotype")}
+    entry = {"n_samples": result["n_samples"], "n_patients": result["n_patients"],
+             "auroc_skipped": result["auroc_skipped"], "calibration": result["calibration"], "modes": modes}
+    return entry, dists
+
+
+def model_delta(base: pd.DataFrame, other: pd.DataFrame, base_entry: dict, other_entry: dict,
+                base_dists, other_dists, base_t: dict, other_t: dict, resamples: int, seed: int,
+                label_set: np.ndarray | None = None) -> dict:
+    """Delta of `other` against `base` per threshold mode, paired over the same patients."""
+    if np.array_equal(base["sample_id"].to_numpy(), other["sample_id"].to_numpy()):
+        if not np.array_equal(to_matrix(base["labels"], np.int8), to_matrix(other["labels"], np.int8)):
+            raise ContractError("the same test samples carry different labels in two prediction files")
+        out = {"paired_on": "all samples", "n_samples": len(base)}
+        for mode in MODES:
+            out[mode] = delta_summary(base_entry["modes"][mode]["metrics"], other_entry["modes"][mode]["metrics"],
+                                      base_dists and base_dists[mode], other_dists and other_dists[mode])
+        return out
+    # Different sample sets (e.g. a teacher scored on a subset): compare on the shared samples.
+    common = base.merge(other[["sample_id", "labels", "probs"]], on="sample_id", suffixes=("", "_other"))
+    out = {"paired_on": "shared samples only", "n_samples": len(common)}
+    if not len(common):
+        return {**out, "note": "no shared samples"}
+    y = to_matrix(common["labels"], np.int8)
+    if not np.array_equal(y, to_matrix(common["labels_other"], np.int8)):
+        raise ContractError("the same test samples carry different labels in two prediction files")
+    for mode in MODES:
+        out[mode] = paired_bootstrap_delta(y, to_matrix(common["probs"]), base_t[mode],
+                                           to_matrix(common["probs_other"]), other_t[mode],
+                                           common["subject_id"].to_numpy(), resamples, seed, label_set)
+    return out
+
+
+class TooSmallToJudge(ValueError):
+    """The test split cannot tell models apart; the message gives the counts and widths."""
+
+
+def _read_split(layout: RunLayout, split: str, columns: list[str]) -> pd.DataFrame | None:
+    path = next((p for p in (layout.samples(split), layout.augmented(split)) if storage.exists(p)), None)
+    if path is None:
+        return None
+    table = storage.read_parquet(path)
+    if any(c not in table.column_names for c in columns):
+        return None
+    df = table.select(columns).to_pandas()
+    return df.sort_values("sample_id", kind="stable").reset_index(drop=True)
+
+
+def _as_predictions(df: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"sample_id": df["sample_id"].to_numpy(), "subject_id": df["subject_id"].to_numpy(),
+                         "labels": list(to_matrix(df["labels"], np.int8)), "probs": list(probs)})
+
+
+def _reference_thresholds(y_val: np.ndarray, p_val: np.ndarray) -> tuple[dict, dict]:
+    return ({"fixed": [0.5] * NUM_PHENOTYPES, "tuned": tune_thresholds(y_val, p_val, "f1")},
+            {"fixed": "0.5 for every phenotype", "tuned": "maximising F1 per phenotype on the validation split"})
+
+
+def reference_rows(cfg, layout: RunLayout) -> tuple[dict, list[str]]:
+    """{name: (test PREDICTIONS frame, thresholds, details)} of every reference row that can be
+    computed from the run's samples (and, synthetic, RUN/raw), and notes on what could not."""
+    from ckd_ehr.evaluation.baselines import FEATURE_COLUMNS, baseline_probabilities
+
+    notes = []
+    cols = ["sample_id", "subject_id", "hadm_id", "next_hadm_id", *FEATURE_COLUMNS, "phenotypes_current", "labels"]
+    splits = {s: _read_split(layout, s, cols) for s in ("train", "val", "test")}
+    missing = [s for s, df in splits.items() if df is None or not len(df)]
+    if missing:
+        return {}, [f"no reference rows: no samples for split(s) {', '.join(missing)} under {layout.path('data')}"]
+    arrays = {s: {**{c: df[c].tolist() for c in FEATURE_COLUMNS},
+                  "phenotypes_current": to_matrix(df["phenotypes_current"], np.int8),
+                  "labels": to_matrix(df["labels"], np.int8)} for s, df in splits.items()}
+    y_val = arrays["val"]["labels"]
+    out = {}
+    for name, (probs, details) in baseline_probabilities(arrays["train"], arrays["val"], arrays["test"],
+                                                         seed=cfg.evaluate.seed).items():
+        thresholds, source = _reference_thresholds(y_val, probs["val"])
+        out[name] = (_as_predictions(splits["test"], probs["test"]), thresholds,
+                     {**details, "threshold_source": source})
+    from ckd_ehr.data.synth.ceiling import MODEL, observable_ceiling_probabilities
+    from ckd_ehr.data.synth.oracle import oracle_probabilities
+
+    oracle = {s: oracle_probabilities(layout, splits[s]) for s in ("val", "test")}
+    if oracle["test"] is not None and oracle["val"] is not None:
+        (test_df, p_test), (val_df, p_val) = oracle["test"], oracle["val"]
+        thresholds, source = _reference_thresholds(to_matrix(val_df["labels"], np.int8), p_val)
+        out["latent_oracle"] = (_as_predictions(test_df, p_test), thresholds, {
+            "score": "the generator's exact probability of each next-visit phenotype given visit i's latent "
+                     "state (true phenotypes, planted drugs given, propensities, flares): not reachable "
+                     "from what a visit shows", "threshold_source": source,
+            "n_test_samples_matched": len(test_df)})
+    (p_val, note), (p_test, _) = (observable_ceiling_probabilities(layout, splits[s]) for s in ("val", "test"))
+    if note:
+        notes.append(note)
+    if p_val is not None:
+        thresholds, source = _reference_thresholds(y_val, p_val)
+        out["observable_ceiling"] = (_as_predictions(splits["test"], p_test), thresholds, {
+            "score": f"{MODEL}, fitted on independent synthetic patients with this cohort's "
+                     "generator knobs (ckd_ehr/resources/ceilings), applied to this run's pairs",
+            "threshold_source": source})
+    return out, notes
+
+
+def judge_size(label_set: np.ndarray, counts: np.ndarray, baselines: dict, cfg) -> list[str]:
+    """Reasons the test split is too small to judge (empty: fine)."""
+    ec = cfg.evaluate
+    reasons = []
+    n = int(label_set.sum())
+    if n < ec.min_phenotypes:
+        reasons.append(f"only {n} of {NUM_PHENOTYPES} phenotypes have at least {ec.min_test_positives} positives "
+                       f"in the test split (need {ec.min_phenotypes}; positives per phenotype: "
+                       f"{', '.join(str(int(c)) for c in counts)})")
+    for name, entry in baselines.items():
+        iv = entry["modes"]["fixed"]["intervals"].get("macro_auroc") if entry["modes"]["fixed"]["intervals"] else None
+        if iv and iv[1] - iv[0] > ec.max_interval_width:
+            reasons.append(f"the macro AUROC interval of baseline {name} is {iv[1] - iv[0]:.3f} wide "
+                           f"[{iv[0]:.3f}, {iv[1]:.3f}] (at most {ec.max_interval_width} allowed; "
+                           f"{entry['n_samples']} test samples of {entry['n_patients']} patients)")
+    return reasons
+
+
+def run_evaluate(cfg) -> dict:
+    layout = RunLayout(cfg.run_dir)
+    resamples, seed = cfg.evaluate.bootstrap, cfg.evaluate.seed
+    baseline = cfg.evaluate.baseline
+    pred_dir = storage.join(layout.root, "evaluate", "predictions")
+    frames, sources, skipped = {}, {}, {}
+    for name in MODELS:
+        path = layout.predictions(name)
+        if storage.exists(path):
+            frames[name], sources[name] = read_predictions(path), path
+        elif name == "teacher" and (soft := teacher_predictions_from_soft_labels(layout)) is not None:
+            # Nobody has to write teacher.parquet: the soft labels of the test split are the
+            # teacher's test predictions.
+            frames[name], sources[name] = soft, layout.soft_labels("test")
+        else:
+            skipped[name] = f"no predictions at {path}" + (
+                f" and no {layout.soft_labels('test')}" if name == "teacher" else "")
+
+    if cfg.serve.precision == "int8":  # each student as served at int8: its own row (issue 21)
+        from ckd_ehr.student.quantized import write_int8_predictions
+        for name in write_int8_predictions(cfg):
+            frames[name], sources[name] = read_predictions(layout.predictions(name)), layout.predictions(name)
+
+    notes = []
+    references = {}
+    if cfg.evaluate.baselines:
+        references, ref_notes = reference_rows(cfg, layout)
+        notes += ref_notes
+    if cfg.evaluate.probes:
+        from ckd_ehr.evaluation.probe_rows import probe_rows
+
+        probes, probe_notes = probe_rows(cfg, layout)
+        references.update(probes)
+        notes += probe_notes
+    if not frames and not references:
+        raise FileNotFoundError(f"{pred_dir}: no prediction files for any of {', '.join(MODELS)} "
+                                "(have the student and teacher stages written their test predictions?) "
+                                f"and no samples under {layout.path('data', 'samples')} for the reference rows "
+                                "(run `ckd-ehr prepare` first)")
+
+    # One label set for every macro metric, from the full test split.
+    test = _read_split(layout, "test", ["sample_id", "labels"])
+    if test is not None and len(test):
+        y_test, set_source = to_matrix(test["labels"], np.int8), layout.samples("test")
+    else:
+        largest = max(frames, key=lambda k: len(frames[k]))
+        y_test, set_source = to_matrix(frames[largest]["labels"], np.int8), sources[largest]
+    counts = (y_test > 0).sum(axis=0)
+    label_set = macro_label_set(y_test, cfg.evaluate.min_test_positives)
+    names = phenotype_names()
+
+    def score(df, thr):
+        return score_model(df, thr, resamples, seed, label_set)
+
+    baselines, base_dists = {}, {}
+    for name, (df, thr, details) in references.items():
+        entry, base_dists[name] = score(df, thr)
+        baselines[name] = {"role": BASELINE_ROLES.get(name) or PROBE_ROLES[name], "details": details, **entry}
+        m = entry["modes"]["fixed"]["metrics"]
+        log.info("baseline %s: macro AUROC %.4f %s (n=%d)", name, m["macro_auroc"],
+                 entry["modes"]["fixed"]["intervals"].get("macro_auroc"), entry["n_samples"])
+    informative = ("copy_forward", "logistic_regression")
+    reasons = judge_size(label_set, counts, {k: v for k, v in baselines.items() if k in informative}, cfg)
+    if reasons and not cfg.evaluate.allow_small:
+        raise TooSmallToJudge("test split too small to judge: " + "; ".join(reasons)
+                              + ". Pass --allow-small (evaluate.allow_small: true) to evaluate anyway; "
+                              "the report will carry a banner.")
+
+    models, dists, thresholds = {}, {}, {}
+    for name, df in frames.items():
+        thresholds[name], source = read_thresholds(layout, name)
+        entry, dists[name] = score(df, thresholds[name])
+        role = ROLES.get(name) or ROLES[base_variant(name)] + ", served at int8 (serve.precision)"
+        models[name] = {"role": role, "predictions": sources[name],
+                        "threshold_source": source, **entry}
+        m = entry["modes"]["fixed"]["metrics"]
+        log.info("%s: accuracy %.4f, macro-F1 %.4f, macro AUROC %.4f (n=%d, %d patients)", name,
+                 m["accuracy"], m["macro_f1"], m["macro_auroc"], entry["n_samples"], entry["n_patients"])
+
+    deltas = {}
+    if baseline in frames:
+        for name in frames:
+            if name != baseline:
+                deltas[name] = model_delta(frames[baseline], frames[name], models[baseline], models[name],
+                                           dists[baseline], dists[name], thresholds[baseline],
+                                           thresholds[name], resamples, seed, label_set)
+    elif frames:
+        notes.append(f"baseline '{baseline}' has no predictions: no deltas computed")
+    else:
+        notes.append("no model predictions yet: the reference rows alone")
+    if resamples == 0:
+        notes.append("evaluate.bootstrap = 0: no intervals")
+
+    result = {
+        "split": "test",
+        "phenotypes": names,
+        "metrics": list(ALL_METRICS),
+        "bootstrap": {"resamples": resamples, "seed": seed, "unit": "patient", "level": 0.95},
+        "threshold_modes": MODES,
+        "macro_label_set": {
+            "rule": f"phenotypes with at least {cfg.evaluate.min_test_positives} positives in the full test split",
+            "from": set_source,
+            "included": [n for n, keep in zip(names, label_set) if keep],
+            "left_out": {n: int(c) for n, c, keep in zip(names, counts, label_set) if not keep},
+            "note": "every macro metric (F1, AUROC, AUPRC) of every row averages exactly this set, in every "
+                    "bootstrap draw; a draw where a member has a single class is left out of the macro "
+                    "ranking intervals",
+        },
+        "too_small": {"allowed": bool(reasons), "reasons": reasons} if reasons else None,
+        "baseline": baseline,
+        "baselines": baselines,
+        "models": models,
+        "deltas": deltas,
+        "paper_claims": PAPER_CLAIMS,
+        "skipped": skipped,
+        "notes": notes,
+    }
+    storage.write_json(layout.metrics, _json_safe(result))
+    log.info("wrote %s (%d models, %d reference rows, %d skipped)", layout.metrics, len(models),
+             len(baselines), len(skipped))
+    return result
+
+
+def _json_safe(obj):
+    """NaN and infinities become null: JSON has no NaN, and other readers choke on it."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

@@ -1,0 +1,316 @@
+"""Soft labels: the teacher's probabilities for every sample, by Ray Data batch inference.
+
+    RUN/eadf/samples/{split}.parquet  --(Ray Data, actor pool, one teacher per actor)-->
+    RUN/soft_labels/{split}.parquet   (contracts.SOFT_LABELS)  + RUN/soft_labels/quality/
+
+The scoring itself (`tokenize` + `score_ids`) is plain torch and runs without Ray; `TeacherScorer` is
+the callable class Ray Data instantiates once per actor, so the teacher is loaded once per
+actor and not once per batch. Inside a batch, rows are sorted by token length and cut into
+sub-batches, so each forward pass pads only to its own longest row (the authors padded
+every sample to max_length, one at a time).
+
+The stage is complete or fails: every input sample_id appears exactly once in the output
+(`check_complete`), probabilities are finite and in [0, 1], and each split's file is written
+under a temporary name and renamed, so a rerun replaces it and never appends.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import posixpath
+import time
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ckd_ehr import storage
+from ckd_ehr.contracts import SOFT_LABELS, SPLITS, ContractError, RunLayout
+from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
+from ckd_ehr.training import format_duration
+
+log = logging.getLogger(__name__)
+
+
+# --- core: plain torch, no Ray ------------------------------------------------------------
+
+def resolve_dtype(name: str, on_gpu: bool):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return getattr(torch, name)
+
+
+def tokenize(tokenizer, texts: Sequence[str], use_chat_template: bool, max_length: int,
+             instruction_kind: str = "paper") -> list[list[int]]:
+    """Token ids per text (unpadded), built and truncated exactly as the teacher was trained."""
+    from ckd_ehr.teacher.data import encode_texts
+
+    return encode_texts(list(texts), tokenizer, max_length, use_chat_template, instruction_kind)
+
+
+def sub_batches(lengths: Sequence[int], sub_batch_size: int) -> list[np.ndarray]:
+    """Row indices sorted by length (longest first) and cut into sub-batches of
+    `sub_batch_size`: each forward pass pads only to its own longest row."""
+    from ckd_ehr.training import eval_batches
+
+    return list(eval_batches(lengths, sub_batch_size, 1, 0)) if len(lengths) else []
+
+
+def score_ids(model, tokenizer, ids: list[list[int]], sub_batch_size: int,
+              device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(logits [N, 25] float32, padded length per row) for tokenised rows, in the order given.
+
+    Rows are sorted by length and padded per sub-batch only; the model pools each row at its
+    own true length (the attention mask), so padding does not change a row's logits. The
+    padded length is what the forward pass computed for the row (benchmarks count it).
+    """
+    import torch
+
+    from ckd_ehr.teacher.data import pad_batch, pad_id
+
+    out = np.zeros((len(ids), NUM_PHENOTYPES), dtype=np.float32)
+    padded = np.zeros(len(ids), dtype=np.int32)
+    pid = pad_id(tokenizer)
+    with torch.inference_mode():
+        for idx in sub_batches([len(x) for x in ids], sub_batch_size):
+            batch = pad_batch([ids[i] for i in idx], pid)
+            logits = model.forward(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            out[idx] = logits.float().cpu().numpy()
+            padded[idx] = batch["input_ids"].shape[1]
+    return out, padded
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    # Split by sign so large |x| neither overflows exp nor loses precision.
+    x = np.asarray(x, dtype=np.float64)
+    out = np.empty_like(x)
+    pos = x >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
+    ex = np.exp(x[~pos])
+    out[~pos] = ex / (1.0 + ex)
+    return out.astype(np.float32)
+
+
+def soft_label_table(sample_ids: Sequence[str], logits: np.ndarray, teacher_id: str) -> pa.Table:
+    """A SOFT_LABELS table (fixed-size lists of 25 float32)."""
+    logits = np.ascontiguousarray(logits, dtype=np.float32)
+    probs = sigmoid(logits)
+    n = len(sample_ids)
+
+    def vec(a: np.ndarray) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), pa.float32()), NUM_PHENOTYPES)
+
+    return pa.Table.from_arrays(
+        [pa.array(list(sample_ids), pa.string()), vec(logits), vec(probs), pa.array([teacher_id] * n, pa.string())],
+        schema=SOFT_LABELS)
+
+
+def check_complete(input_ids: Sequence[str], output_table: pa.Table, where: str) -> None:
+    """Raise ContractError unless `output_table` holds every input sample_id exactly once,
+    nothing else, and probabilities that are finite and in [0, 1]."""
+    out_ids = output_table.column("sample_id").to_pylist()
+    expected = list(input_ids)
+    problems = []
+
+    def examples(xs) -> str:
+        xs = sorted(xs)
+        return ", ".join(map(str, xs[:5])) + (" ..." if len(xs) > 5 else "")
+
+    dup_in = _duplicates(expected)
+    if dup_in:
+        problems.append(f"{len(dup_in)} sample_id(s) duplicated in the input (e.g. {examples(dup_in)})")
+    dup_out = _duplicates(out_ids)
+    if dup_out:
+        problems.append(f"{len(dup_out)} sample_id(s) duplicated in the output (e.g. {examples(dup_out)})")
+    exp_set, out_set = set(expected), set(out_ids)
+    missing = exp_set - out_set
+    if missing:
+        problems.append(f"{len(missing)} of {len(exp_set)} sample_id(s) missing (e.g. {examples(missing)})")
+    extra = out_set - exp_set
+    if extra:
+        problems.append(f"{len(extra)} sample_id(s) not in the input (e.g. {examples(extra)})")
+    if output_table.num_rows:
+        probs = np.asarray(output_table.column("probs").combine_chunks().flatten(), dtype=np.float64)
+        bad = ~np.isfinite(probs) | (probs < 0) | (probs > 1)
+        if probs.size != output_table.num_rows * NUM_PHENOTYPES:
+            problems.append(f"probs has {probs.size} values, expected {output_table.num_rows} x {NUM_PHENOTYPES}")
+        elif bad.any():
+            rows = np.unique(np.nonzero(bad)[0] // NUM_PHENOTYPES)
+            problems.append(f"{len(rows)} row(s) with probabilities not finite or outside [0, 1] "
+                            f"(e.g. {examples(out_ids[i] for i in rows)})")
+    if problems:
+        raise ContractError(f"{where}: soft labels incomplete: {len(out_ids)} rows for "
+                            f"{len(expected)} input samples; " + "; ".join(problems))
+
+
+def _duplicates(xs: Sequence[str]) -> set:
+    seen, dup = set(), set()
+    for x in xs:
+        (dup if x in seen else seen).add(x)
+    return dup
+
+
+def in_input_order(table: pa.Table, input_ids: Sequence[str]) -> pa.Table:
+    """Reorder rows to the input file's order (Ray Data does not keep row order across actors)."""
+    pos = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
+    return table.take(pa.array([pos[sid] for sid in input_ids], pa.int64()))
+
+
+# --- Ray edge -----------------------------------------------------------------------------
+
+class TeacherScorer:
+    """Ray Data callable class: loads the teacher once per actor, scores pyarrow batches."""
+
+    def __init__(self, artifact_dir: str, text_column: str, max_length: int | None, sub_batch_size: int,
+                 use_gpu: bool, dtype: str, torch_threads: int | None):
+        import torch
+
+        from ckd_ehr.teacher import load_teacher
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.device = "cuda" if use_gpu else "cpu"
+        # load_teacher reads s3:// artifacts through storage.local_dir (a temporary local copy).
+        self.model, self.tokenizer, meta = load_teacher(
+            artifact_dir, device=self.device, dtype=resolve_dtype(dtype, use_gpu), merge_lora=True)
+        self.model.eval()
+        self.teacher_id = meta["artifact_id"]
+        self.use_chat_template, self.max_length, self.instruction = teacher_text_options(meta, max_length)
+        self.text_column = text_column
+        self.sub_batch_size = sub_batch_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = batch.column(self.text_column).to_pylist()
+        ids = tokenize(self.tokenizer, texts, self.use_chat_template, self.max_length, self.instruction)
+        logits, padded = score_ids(self.model, self.tokenizer, ids, self.sub_batch_size, self.device)
+        table = soft_label_table(batch.column("sample_id").to_pylist(), logits, self.teacher_id)
+        # Carried through so the driver can tell the splits apart and count tokens; dropped
+        # before writing.
+        return (table.append_column("path", batch.column("path"))
+                .append_column("n_tokens", pa.array([len(x) for x in ids], pa.int32()))
+                .append_column("n_computed", pa.array(padded, pa.int32())))
+
+
+def teacher_text_options(meta: dict, max_length: int | None = None) -> tuple[bool, int, str]:
+    """(use_chat_template, max_length, instruction) as the teacher was trained; `max_length` overrides."""
+    from ckd_ehr.teacher.artifact import teacher_instruction
+
+    tcfg = meta.get("config", {})
+    chat = meta.get("use_chat_template", tcfg.get("use_chat_template", True))
+    return (bool(chat), int(max_length or meta.get("max_length") or tcfg.get("max_length", 1024)),
+            teacher_instruction(meta))
+
+
+def teacher_text_column(artifact_dir: str) -> str:
+    """The sample text column the teacher was trained on (teacher.json)."""
+    meta = storage.read_json(storage.join(artifact_dir, "teacher.json"))
+    return meta.get("text_column") or meta.get("config", {}).get("text_column", "text_eadf")
+
+
+def infer_soft_labels(input_paths: dict[str, str], artifact_dir: str, cfg) -> dict[str, pa.Table]:
+    """Score every row of every input file with one actor pool; {split: SOFT_LABELS + path,
+    n_tokens, n_computed}.
+
+    `cfg` is a SoftLabelsConfig. Ray must already be initialised.
+    """
+    import ray
+
+    text_column = teacher_text_column(artifact_dir)
+    paths = {}
+    fs = None
+    for split, path in input_paths.items():
+        fs, inner = storage.resolve(path)
+        paths[inner] = split
+    ds = ray.data.read_parquet(list(paths), filesystem=fs, columns=["sample_id", text_column], include_paths=True)
+    use_gpu = cfg.use_gpu
+    threads = cfg.torch_threads or max(1, math.ceil(cfg.cpus_per_actor))
+    ds = ds.map_batches(
+        TeacherScorer,
+        fn_constructor_kwargs=dict(artifact_dir=artifact_dir, text_column=text_column, max_length=cfg.max_length,
+                                   sub_batch_size=cfg.sub_batch_size, use_gpu=use_gpu, dtype=cfg.dtype,
+                                   torch_threads=None if use_gpu else threads),
+        batch_size=cfg.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None)
+    # Streamed, not collected at the end: the driver logs progress with the time left (Ray
+    # Data's own progress bars are off in this project: they garble logs of jobs and tests).
+    total = sum(storage.parquet_num_rows(p) for p in input_paths.values())
+    tables, done, start, last = [], 0, time.time(), time.time()
+    for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        if block.num_rows:
+            tables.append(block)
+            done += block.num_rows
+        if time.time() - last > 20 or done == total:
+            last, rate = time.time(), done / max(1e-9, time.time() - start)
+            log.info("soft labels: %d/%d samples scored (%.0f%%), about %s left", done, total,
+                     100.0 * done / max(1, total), format_duration((total - done) / max(rate, 1e-9)))
+    if not tables:
+        return {split: _empty() for split in input_paths}
+    full = pa.concat_tables(tables)
+    # include_paths gives the path inside the filesystem; match on the normalised form.
+    by_norm = {posixpath.normpath(p): s for p, s in paths.items()}
+    path_list = full.column("path").to_pylist()
+    split_of = np.array([by_norm.get(posixpath.normpath(p), "") for p in path_list])
+    if (split_of == "").any():
+        strays = sorted({p for p, s in zip(path_list, split_of) if not s})
+        raise ContractError(f"soft labels: rows from unexpected file(s) {strays[:3]}")
+    return {split: full.filter(pa.array(split_of == split)) for split in input_paths}
+
+
+def _empty() -> pa.Table:
+    return (SOFT_LABELS.empty_table().append_column("path", pa.array([], pa.string()))
+            .append_column("n_tokens", pa.array([], pa.int32())).append_column("n_computed", pa.array([], pa.int32())))
+
+
+def run_soft_labels(cfg) -> dict:
+    """`ckd-ehr soft-labels`: SOFT_LABELS for every split plus the quality report."""
+    from ckd_ehr.ray_utils import init_ray
+    from ckd_ehr.soft_labels.quality import write_quality_report
+    from ckd_ehr.training import padding_efficiency
+
+    layout = RunLayout(cfg.run_dir)
+    artifact = layout.teacher_artifact
+    if not storage.exists(storage.join(artifact, "teacher.json")):
+        raise FileNotFoundError(f"{artifact}: no teacher artifact (run `ckd-ehr teacher` first)")
+    inputs = {split: layout.augmented(split) for split in SPLITS}
+    subsets = {}
+    if cfg.soft_labels.rows == "student":
+        from ckd_ehr.student.data import student_rows
+
+        for split in ("train", "val"):
+            table = storage.read_parquet(inputs[split])
+            keep = student_rows(cfg.student, split, table.num_rows)
+            if len(keep) < table.num_rows:
+                # Beside the run's other files (same filesystem for Ray Data), removed below.
+                subsets[split] = storage.join(layout.root, "soft_labels", f"student_rows_{split}.parquet")
+                storage.write_parquet(table.take(pa.array(keep)), subsets[split])
+                log.info("soft labels %s: the %d of %d rows the student reads (soft_labels.rows: student)",
+                         split, len(keep), table.num_rows)
+                inputs[split] = subsets[split]
+    input_ids = {split: storage.read_parquet(p, columns=["sample_id"]).column("sample_id").to_pylist()
+                 for split, p in inputs.items()}
+    init_ray(cfg.ray)
+    try:
+        raw = infer_soft_labels(inputs, artifact, cfg.soft_labels)
+    finally:
+        for path in subsets.values():
+            storage.remove(path)
+    # Every split is checked before any is written: the stage fails whole, not half-replaced.
+    tables = {}
+    for split in SPLITS:
+        table = raw[split].select(SOFT_LABELS.names)
+        check_complete(input_ids[split], table, layout.soft_labels(split))
+        tables[split] = in_input_order(table, input_ids[split])
+    summary = {}
+    for split, table in tables.items():
+        storage.write_parquet(table, layout.soft_labels(split))
+        real = int(pc.sum(raw[split].column("n_tokens")).as_py() or 0)
+        computed = int(pc.sum(raw[split].column("n_computed")).as_py() or 0)
+        summary[split] = {"rows": table.num_rows, "tokens": real, "computed_tokens": computed,
+                          "padding_efficiency": padding_efficiency(real, computed)}
+        log.info("soft labels %s: %d rows -> %s (padding efficiency %.3f: %d real / %d computed tokens)", split,
+                 table.num_rows, layout.soft_labels(split), summary[split]["padding_efficiency"], real, computed)
+    quality = write_quality_report(layout, cfg.soft_labels.ece_bins)
+    return {"splits": summary, "quality": quality}

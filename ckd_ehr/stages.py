@@ -1,0 +1,85 @@
+"""The one stage registry: every pipeline stage, in order, with what it reads and writes.
+
+`ckd_ehr.pipeline` runs these in order (manifest, --resume, --from/--to); `ckd_ehr.cli` builds
+one subcommand per stage from them (`ckd-ehr <stage>`, with `_` written `-`); `jobs/run.py`,
+the `ray job submit` entrypoint, calls the CLI. tests/test_pipeline.py checks they agree.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from ckd_ehr.config import PipelineConfig
+from ckd_ehr.contracts import SPLITS, RunLayout
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    """Pipeline name (`--from`/`--to`, manifest key); the CLI subcommand writes `_` as `-`."""
+    module: str
+    """Module under ckd_ehr holding `function` (imported only when the stage runs)."""
+    function: str
+    """`run_<stage>(cfg: PipelineConfig) -> dict`."""
+    sections: tuple[str, ...]
+    """Config sections the stage reads: a change in any of them reruns it under --resume."""
+    inputs: Callable[[PipelineConfig, RunLayout], list[str]]
+    outputs: Callable[[PipelineConfig, RunLayout], list[str]]
+    help: str
+    """One line for `ckd-ehr --help`."""
+
+    @property
+    def command(self) -> str:
+        return self.name.replace("_", "-")
+
+    def function_ref(self) -> Callable:
+        return getattr(importlib.import_module(f"ckd_ehr.{self.module}"), self.function)
+
+    def run(self, cfg: PipelineConfig):
+        return self.function_ref()(cfg)
+
+
+def _variants(cfg: PipelineConfig) -> list[str]:
+    return list(cfg.student.variants)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("prepare", "data.prepare", "run_prepare", ("data", "split", "text", "seed"),
+          lambda c, r: [c.data.mimic_dir] if c.data.source == "mimic" else [],
+          lambda c, r: [r.visits] + [r.samples(s) for s in SPLITS],
+          "MIMIC-III or MIMIC-IV tables -> visits, visit-pair samples, patient split"),
+    Stage("eadf", "eadf.run", "run_eadf", ("eadf", "text"),
+          lambda c, r: [r.samples(s) for s in SPLITS],
+          lambda c, r: [r.efficacy_table] + [r.augmented(s) for s in SPLITS],
+          "EADF: efficacy table on training pairs, fused into every split's text (Ray Data)"),
+    Stage("teacher", "teacher.train", "run_teacher", ("teacher",),
+          lambda c, r: [r.augmented("train"), r.augmented("val")],
+          lambda c, r: [r.teacher_artifact],
+          "train the teacher LLM with LoRA + MLAPH (Ray Train, ddp or DeepSpeed)"),
+    Stage("soft_labels", "soft_labels.run", "run_soft_labels", ("soft_labels",),
+          lambda c, r: [r.teacher_artifact] + [r.augmented(s) for s in SPLITS],
+          lambda c, r: [r.soft_labels(s) for s in SPLITS],
+          "teacher probabilities for every sample (Ray Data batch inference)"),
+    Stage("student", "student.run", "run_student", ("student",),
+          lambda c, r: [r.efficacy_table] + [r.augmented(s) for s in SPLITS] + [r.soft_labels(s) for s in SPLITS],
+          lambda c, r: [r.student_artifact(v) for v in _variants(c)] + [r.predictions(v) for v in _variants(c)],
+          "train the student variants (Ray Train)"),
+    Stage("evaluate", "evaluation.evaluate", "run_evaluate", ("evaluate",),
+          lambda c, r: [r.predictions(v) for v in _variants(c)] + [r.soft_labels("test")],
+          lambda c, r: [r.metrics],
+          "metrics of every student variant and the teacher on the test split"),
+    Stage("report", "evaluation.report", "run_report", ("evaluate",),
+          lambda c, r: [r.metrics],
+          lambda c, r: [r.report_md, r.report_html],
+          "Markdown/HTML report with plots from evaluate/metrics.json"),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def stage(name: str) -> Stage:
+    """The stage called `name` (`soft-labels` and `soft_labels` alike); KeyError names the known ones."""
+    for s in STAGES:
+        if name.replace("-", "_") == s.name:
+            return s
+    raise KeyError(f"unknown stage '{name}'; stages are: {', '.join(STAGE_NAMES)}")
