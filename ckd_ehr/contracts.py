@@ -25,10 +25,13 @@ own, as laid out here. Change a schema here and nowhere else.
       tune/                            Ray Tune experiments
 
 Teacher artifact: adapter/ (peft LoRA), head.safetensors, tokenizer/, teacher.json
-  (config, label_names, metrics, artifact_id). Loads without Ray and without DeepSpeed.
+  (config, label_names, metrics, artifact_id), probe_head.safetensors (head_init: probe).
+  Loads without Ray and without DeepSpeed.
 Student artifact: model/ (encoder save_pretrained), head.safetensors, tokenizer/,
   student.json (config, label_names, thresholds, metrics, text options, artifact_id),
-  efficacy_table.parquet (the training efficacy table, so Serve renders text as training did).
+  efficacy_table.parquet (the training efficacy table, so Serve renders text as training did),
+  probe_head.safetensors (head_init: probe).
+The file names are the constants below (TEACHER_META, ARTIFACT_HEAD, ...): nowhere else.
 """
 from __future__ import annotations
 
@@ -40,10 +43,61 @@ from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
 from ckd_ehr.storage import join
 
 SPLITS = ("train", "val", "test")
-STUDENT_VARIANTS = ("hard_plain", "hard_eadf", "distill_plain", "ckd_ehr")
+
+
+@dataclass(frozen=True)
+class StudentVariant:
+    """One arm of the paper's comparison: which text the student reads, whether it distils."""
+
+    name: str
+    text_column: str
+    """`text_plain` (visit i as rendered) or `text_eadf` (the same plus the efficacy clauses)."""
+    distills: bool
+    """True: trained on alpha*hard + beta*soft (the teacher's soft labels); False: hard labels only."""
+    role: str
+    """What the row means, as the evaluation and the report print it."""
+
+
+STUDENT_VARIANT_TABLE: tuple[StudentVariant, ...] = (
+    StudentVariant("hard_plain", "text_plain", False,
+                   "(a) student, hard labels, plain text: the paper's baseline (plain BERT)"),
+    StudentVariant("hard_eadf", "text_eadf", False, "(b) student, hard labels, EADF text"),
+    StudentVariant("distill_plain", "text_plain", True, "(c) student, distillation, plain text"),
+    StudentVariant("ckd_ehr", "text_eadf", True, "(d) student, distillation, EADF text: CKD-EHR"),
+)
+"""The one definition of the student variants: config, data, training and evaluation derive theirs."""
+STUDENT_VARIANTS = tuple(v.name for v in STUDENT_VARIANT_TABLE)
+TEACHER_ROLE = "(e) teacher LLM with the multi-label projection head"
+
+
+def student_variant(name: str) -> StudentVariant:
+    """The variant called `name` (an int8 row name maps to its base variant's spec)."""
+    for v in STUDENT_VARIANT_TABLE:
+        if v.name == name:
+            return v
+    raise ValueError(f"unknown student variant '{name}' (one of {', '.join(STUDENT_VARIANTS)})")
+
+
+# --- artifact layouts: the files inside a teacher or student artifact directory -------------
+ARTIFACT_HEAD = "head.safetensors"
+"""The projection head's weights (teacher MLAPH or student linear head)."""
+ARTIFACT_TOKENIZER = "tokenizer"
+"""save_pretrained tokenizer directory."""
+TEACHER_META = "teacher.json"
+"""Teacher artifact metadata: config, label_names, metrics, pooling, text options, artifact_id."""
+TEACHER_ADAPTER = "adapter"
+"""peft LoRA adapter directory (the base model is named in teacher.json, never copied)."""
+STUDENT_META = "student.json"
+"""Student artifact metadata: config, label_names, thresholds, metrics, text options, artifact_id."""
+STUDENT_ENCODER = "model"
+"""The encoder's save_pretrained directory."""
+STUDENT_EFFICACY = "efficacy_table.parquet"
+"""The training efficacy table, so Serve renders text exactly as training did."""
 PROBE_HEAD = "probe_head.safetensors"
 """In a checkpoint and in teacher and student artifacts trained with `head_init: probe`: the
 linear probe the head started from (ckd_ehr.probe.LinearProbe), read by evaluate's probe rows."""
+GROUND_TRUTH = "ground_truth.json"
+"""RUN/raw/: the synthetic generator's truth (planted drugs, parameters, ceilings)."""
 
 
 def quantized_name(variant: str) -> str:
@@ -176,6 +230,8 @@ class RunLayout:
     @property
     def raw_dir(self) -> str: return self.path("raw")
     @property
+    def ground_truth(self) -> str: return self.path("raw", GROUND_TRUTH)
+    @property
     def visits(self) -> str: return self.path("data", "visits.parquet")
     @property
     def prepare_report(self) -> str: return self.path("data", "prepare_report.json")
@@ -191,11 +247,14 @@ class RunLayout:
     def teacher_artifact(self) -> str: return self.path("teacher", "artifact")
     @property
     def teacher_train(self) -> str: return self.path("teacher", "train")
+    @property
+    def teacher_meta(self) -> str: return self.path("teacher", "artifact", TEACHER_META)
     def soft_labels(self, split: str) -> str: return self.path("soft_labels", f"{split}.parquet")
     @property
     def soft_label_quality(self) -> str: return self.path("soft_labels", "quality")
     def student_artifact(self, variant: str = "ckd_ehr") -> str: return self.path("student", variant, "artifact")
     def student_train(self, variant: str = "ckd_ehr") -> str: return self.path("student", variant, "train")
+    def student_meta(self, variant: str = "ckd_ehr") -> str: return self.path("student", variant, "artifact", STUDENT_META)
     def predictions(self, name: str) -> str: return self.path("evaluate", "predictions", f"{name}.parquet")
     @property
     def metrics(self) -> str: return self.path("evaluate", "metrics.json")

@@ -1,6 +1,9 @@
-"""Rendering a visit as text, in the authors' released template (see NOTES.md).
+"""Rendering a visit as text, in the authors' released template (see NOTES.md): the one
+renderer that samples (text_plain), EADF (text_eadf), the student's refitting and Serve use.
 
-One function, `render_input`, with options: which instruction (if any), and a character
+`render_input` renders, `efficacy_for` picks the clauses of a visit (the phenotypes present at
+visit i, in label order, that have listed drugs), `diagnosis_title_column` the titles shown.
+`render_input` takes options: which instruction (if any), and a character
 budget per section applied section by section, so a long diagnosis list can never push the
 efficacy clauses (added by EADF, rendered last) out of the text. Items that do not fit are
 dropped whole and counted in the result, never cut silently mid-word.
@@ -14,7 +17,6 @@ from ckd_ehr.config import TextConfig
 from ckd_ehr.data.phenotypes import phenotype_names
 
 INSTRUCTION_PREFIX = "Determine that the patient has one or more of the following diseases at the next visit: "
-OUTPUT_PREFIX = "Disease that the patient may acquire: "
 
 
 SHORT_INSTRUCTION = "Predict the diseases of the patient's next visit from this visit."
@@ -96,7 +98,15 @@ def render_input(
     return Rendered(text=text, dropped=dropped)
 
 
-def render_output(labels: Sequence[int]) -> str:
-    """The release's target text: 'Disease that the patient may acquire: A, B' or '... None'."""
-    names = [n for n, y in zip(phenotype_names(), labels) if y]
-    return OUTPUT_PREFIX + (", ".join(names) if names else "None")
+def diagnosis_title_column(cfg: TextConfig) -> str:
+    """The SAMPLES / VISITS column whose titles the text shows (`text.titles`)."""
+    return "diagnosis_titles" if cfg.titles == "long" else "diagnosis_short_titles"
+
+
+def efficacy_for(present: Sequence[int], efficacy: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """The efficacy clauses' content of one visit: for each phenotype present at visit i
+    (`present`: its 25-long multi-hot row), in label order, its listed drugs (`efficacy`:
+    phenotype name -> top drugs); phenotypes without listed drugs get no clause."""
+    names = phenotype_names()
+    return {names[p]: list(efficacy[names[p]]) for p in range(len(present))
+            if present[p] and efficacy.get(names[p])}

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ckd_ehr.config import ConfigError, PipelineConfig, load_config
+from ckd_ehr.config import ConfigError, PipelineConfig, build, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
@@ -66,3 +66,21 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(PipelineConfig, p)
     assert "bad.yaml" in str(err.value) and "eadf.top_kk" in str(err.value)
+
+
+def test_student_variants_come_from_one_table():
+    """contracts.STUDENT_VARIANT_TABLE is the one definition: config, data and evaluation derive theirs."""
+    from ckd_ehr.contracts import STUDENT_VARIANT_TABLE, STUDENT_VARIANTS, student_variant
+    from ckd_ehr.evaluation.evaluate import ROLES
+    from ckd_ehr.student.data import variant_spec
+
+    assert PipelineConfig().student.variants == list(STUDENT_VARIANTS)
+    for v in STUDENT_VARIANT_TABLE:
+        assert variant_spec(v.name) == (v.text_column, v.distills)
+        assert ROLES[v.name] == v.role
+        build(PipelineConfig, {"evaluate": {"baseline": v.name}}, source="t")
+    assert [v.distills for v in STUDENT_VARIANT_TABLE] == [False, False, True, True]
+    with pytest.raises(ValueError, match="unknown student variant 'bogus'"):
+        student_variant("bogus")
+    with pytest.raises(ConfigError, match="student.variants"):
+        build(PipelineConfig, {"student": {"variants": ["hard_plain", "bogus"]}}, source="t")

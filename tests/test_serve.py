@@ -49,7 +49,7 @@ def loaded(artifact):
 def client(loaded):
     from starlette.testclient import TestClient
 
-    from ckd_ehr.serve.app import LocalBackend
+    from local_backend import LocalBackend
 
     app = create_app(LocalBackend(*loaded), ServeConfig(**LIMITS))
     with TestClient(app) as c:

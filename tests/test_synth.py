@@ -12,7 +12,8 @@ import pytest
 
 from ckd_ehr.config import ConfigError, SynthConfig, build
 from ckd_ehr.data.phenotypes import code_to_phenotype_table, phenotypes
-from ckd_ehr.data.synth.cohort import GROUND_TRUTH, write_cohort
+from ckd_ehr.contracts import GROUND_TRUTH
+from ckd_ehr.data.synth.cohort import write_cohort
 from ckd_ehr.data.synth.model import simulate
 from ckd_ehr.data.synth.tables import COLUMNS, TABLES, file_name
 

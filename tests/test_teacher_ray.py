@@ -9,7 +9,7 @@ import pytest
 from ckd_ehr import storage
 from ckd_ehr.config import PipelineConfig, config_hash
 from ckd_ehr.teacher import load_teacher, predict_logits, run_teacher
-from ckd_ehr.teacher.toy import write_toy_samples
+from ckd_ehr.bench.toy_samples import write_toy_samples
 from ckd_ehr.teacher.train import read_texts_and_labels
 from ckd_ehr.training import FAIL_MARKER
 

@@ -89,7 +89,7 @@ def _cohort(cfg, patients: int, seed: int, knobs: dict, work: str):
     run_prepare(run_cfg)
     layout = RunLayout(run_dir)
     train = storage.read_parquet(layout.samples("train"), columns=COUNT_COLUMNS)
-    truth = storage.read_json(storage.join(layout.raw_dir, "ground_truth.json"))
+    truth = storage.read_json(layout.ground_truth)
     shutil.rmtree(run_dir, ignore_errors=True)
     return train, truth
 

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from ckd_ehr.config import PipelineConfig, TextConfig
-from ckd_ehr.contracts import EFFICACY, RunLayout
+from ckd_ehr.contracts import EFFICACY, STUDENT_META, RunLayout
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotypes, phenotypes_of_code
 from ckd_ehr.storage import exists
 from ckd_ehr.bench.common import emit, machine
@@ -198,7 +198,7 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
     records, titles = bench_records(n)
     tmp = tempfile.TemporaryDirectory(prefix="ckd-ehr-bench-serve-")
     artifact = getattr(args, "artifact", None) or RunLayout(cfg.run_dir).student_artifact("ckd_ehr")
-    trained = exists(str(Path(artifact) / "student.json")) if "://" not in artifact else exists(artifact)
+    trained = exists(str(Path(artifact) / STUDENT_META)) if "://" not in artifact else exists(artifact)
     if not trained:
         artifact = str(Path(tmp.name) / "artifact")
         make_untrained_artifact(cfg.student.model, artifact, cfg.student.max_length, titles)

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from ckd_ehr import storage
-from ckd_ehr.contracts import RunLayout
+from ckd_ehr.contracts import TEACHER_META, RunLayout
 from ckd_ehr.bench.common import emit, measure
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def _bench(cfg, args, tmp_dir: str) -> dict:
 
     layout = RunLayout(cfg.run_dir)
     artifact = layout.teacher_artifact
-    trained = storage.exists(storage.join(artifact, "teacher.json"))
+    trained = storage.exists(storage.join(artifact, TEACHER_META))
     if not trained:
         log.info("no trained teacher in %s: building an untrained one from %s", layout.root, cfg.teacher.model)
         artifact = untrained_artifact(cfg.teacher, os.path.join(tmp_dir, "artifact"))

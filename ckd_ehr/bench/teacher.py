@@ -41,7 +41,7 @@ from ckd_ehr.bench.deepspeed_gpu import QWEN25_7B
 def _texts(cfg, n: int) -> tuple[list[str], np.ndarray, str]:
     from ckd_ehr import storage
     from ckd_ehr.contracts import RunLayout
-    from ckd_ehr.teacher.toy import toy_samples
+    from ckd_ehr.bench.toy_samples import toy_samples
     from ckd_ehr.teacher.train import read_texts_and_labels
 
     path = RunLayout(cfg.run_dir).augmented("train")
@@ -151,7 +151,7 @@ def bench_ray_run(cfg, n: int) -> dict:
     from ckd_ehr import storage
     from ckd_ehr.contracts import RunLayout
     from ckd_ehr.ray_utils import init_ray
-    from ckd_ehr.teacher.toy import write_toy_samples
+    from ckd_ehr.bench.toy_samples import write_toy_samples
     from ckd_ehr.teacher.train import train_teacher
 
     tc = cfg.teacher.model_copy(update={"epochs": 1, "max_train_samples": n,
@@ -223,7 +223,7 @@ def bench_zero3_load(cfg, args) -> dict:
     (VmHWM, largest over the workers) right after the model is built and over the whole run,
     against the size of one full fp32 copy of the model."""
     from ckd_ehr.ray_utils import init_ray
-    from ckd_ehr.teacher.toy import write_toy_samples
+    from ckd_ehr.bench.toy_samples import write_toy_samples
     from ckd_ehr.teacher.train import train_teacher
 
     init_ray(cfg.ray)

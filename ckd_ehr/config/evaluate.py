@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import Field
 
 from ckd_ehr.config.base import Section
+from ckd_ehr.contracts import STUDENT_VARIANTS
 
 
 class EvaluateConfig(Section):
@@ -13,7 +14,7 @@ class EvaluateConfig(Section):
     """Bootstrap resamples over patients for 95% intervals (0 = no intervals)."""
     seed: int = 0
     """Seed of the bootstrap (the same resampled patients for every model: paired deltas)."""
-    baseline: Literal["hard_plain", "hard_eadf", "distill_plain", "ckd_ehr", "teacher"] = "hard_plain"
+    baseline: Literal[STUDENT_VARIANTS + ("teacher",)] = "hard_plain"
     """Model every other is compared against; the paper's baseline is plain BERT (hard_plain)."""
     baselines: bool = True
     """Score the reference rows (all_negative, prevalence, copy_forward, logistic_regression and,

@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ckd_ehr.config.base import Section
+from ckd_ehr.contracts import STUDENT_VARIANTS
 from ckd_ehr.config.teacher import TrainerConfig
 
 
@@ -58,8 +59,7 @@ class StudentConfig(TrainerConfig):
     thresholds: Literal["fixed", "tuned"] = "tuned"
     """`fixed`: 0.5 for every phenotype (the paper); `tuned`: per phenotype, maximising F1 on
     validation. Both are always reported; this picks what the artifact serves."""
-    variants: list[Literal["hard_plain", "hard_eadf", "distill_plain", "ckd_ehr"]] = [
-        "hard_plain", "hard_eadf", "distill_plain", "ckd_ehr"]
+    variants: list[Literal[STUDENT_VARIANTS]] = list(STUDENT_VARIANTS)
     """Student variants trained for the comparison (a)-(d); `ckd_ehr` is the served one."""
 
     @model_validator(mode="after")

@@ -41,7 +41,7 @@ def ensure_synthetic(cfg: PipelineConfig, layout: RunLayout) -> str:
     """Generate the synthetic cohort into RUN/raw unless the same one is already there
     (synth writes ground_truth.json last, so its presence marks a complete cohort)."""
     raw = layout.raw_dir
-    marker = storage.join(raw, "ground_truth.json")
+    marker = layout.ground_truth
     if storage.exists(marker) and storage.read_json(marker).get("params") == _generator_params(cfg):
         log.info("synthetic cohort with the same parameters already in %s: kept", raw)
         return raw

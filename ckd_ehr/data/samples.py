@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from ckd_ehr.config import SplitConfig, TextConfig
 from ckd_ehr.contracts import SAMPLES, SPLITS, VISITS, check_schema
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
-from ckd_ehr.text import render_input
+from ckd_ehr.text import diagnosis_title_column, render_input
 
 # Columns of visit i copied as they are into the sample.
 _VISIT_COLUMNS = ("subject_id", "hadm_id", "admittime", "diagnosis_codes", "diagnosis_titles",
@@ -77,7 +77,7 @@ def render_texts(pairs: pa.Table, cfg: TextConfig) -> tuple[list[str], dict[str,
 
     Reads the title columns as EADF and the student do, so the texts differ only by the
     efficacy clauses (the loader already put the code where a dictionary has no title)."""
-    dx_column = "diagnosis_titles" if cfg.titles == "long" else "diagnosis_short_titles"
+    dx_column = diagnosis_title_column(cfg)
     dropped = {"diagnoses": 0, "drugs": 0, "procedures": 0, "samples_with_drops": 0}
     texts = []
     for dx, px, rx in zip(pairs[dx_column].to_pylist(), pairs["procedure_titles"].to_pylist(),

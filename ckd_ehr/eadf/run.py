@@ -22,7 +22,6 @@ import time
 import uuid
 from typing import Iterator, Mapping, Sequence
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -36,7 +35,7 @@ from ckd_ehr.eadf.stats import (COUNT_COLUMNS, PARTIAL_SCHEMA, Counts, efficacy_
                          top_drugs)
 from ckd_ehr.eadf.validity import listing_validity
 from ckd_ehr.data.phenotypes import phenotype_names
-from ckd_ehr.text import render_input
+from ckd_ehr.text import diagnosis_title_column, efficacy_for, render_input
 
 log = logging.getLogger(__name__)
 PATH_COL = "path"  # the input file of each row, from read_parquet(include_paths=True)
@@ -124,15 +123,15 @@ def fused_texts(batch: pa.Table, top: Mapping[int, Sequence[str]], text: TextCon
     efficacy clauses for the phenotypes present at visit i (label order) that have ranked drugs."""
     batch = check_schema(batch, _FUSE_SCHEMA, where)
     names = phenotype_names()
+    by_name = {names[p]: drugs for p, drugs in top.items()}
     present = multi_hot_matrix(batch.column("phenotypes_current"), where, "phenotypes_current")
-    dx_col = "diagnosis_titles" if text.titles == "long" else "diagnosis_short_titles"
+    dx_col = diagnosis_title_column(text)
     dx = batch.column(dx_col).to_pylist()
     rx = batch.column("drugs").to_pylist()
     px = batch.column("procedure_titles").to_pylist()
     out = []
     for i in range(batch.num_rows):
-        efficacy = {names[p]: list(top[p]) for p in present[i].nonzero()[0] if top.get(p)}
-        out.append(render_input(dx[i], rx[i], px[i], efficacy=efficacy, cfg=text).text)
+        out.append(render_input(dx[i], rx[i], px[i], efficacy=efficacy_for(present[i], by_name), cfg=text).text)
     return pa.array(out, type=pa.string())
 
 
@@ -332,7 +331,7 @@ def run_eadf(cfg: PipelineConfig) -> dict:
         "count_s": round(t_count, 3),
         "total_s": None,
     }
-    truth_path = storage.join(layout.raw_dir, "ground_truth.json")
+    truth_path = layout.ground_truth
     if storage.exists(truth_path):
         v = validity(counts, cfg, storage.read_json(truth_path))
         storage.write_json(layout.eadf_validity, v)

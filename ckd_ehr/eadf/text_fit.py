@@ -30,14 +30,15 @@ def _items(value) -> list:
 
 def _within_chars(df, top: dict, text_cfg) -> np.ndarray:
     """True where rendering the sample drops nothing under the character budgets."""
-    from ckd_ehr.text import render_input
+    from ckd_ehr.text import diagnosis_title_column, efficacy_for, render_input
 
     names = phenotype_names()
-    dx_col = "diagnosis_titles" if text_cfg.titles == "long" else "diagnosis_short_titles"
+    by_name = {names[p]: drugs for p, drugs in top.items()}
+    dx_col = diagnosis_title_column(text_cfg)
     out = np.ones(len(df), dtype=bool)
     for i, (dx, rx, px, present) in enumerate(zip(df[dx_col], df["drugs"], df["procedure_titles"],
                                                    df["phenotypes_current"])):
-        eff = {names[p]: list(top[p]) for p in np.flatnonzero(np.asarray(present)) if top.get(p)}
+        eff = efficacy_for(np.asarray(present), by_name)
         dropped = render_input(_items(dx), _items(rx), _items(px), efficacy=eff or None, cfg=text_cfg).dropped
         out[i] = not any(dropped.values())
     return out

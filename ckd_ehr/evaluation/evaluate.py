@@ -29,7 +29,8 @@ import pandas as pd
 import pyarrow as pa
 
 from ckd_ehr import storage
-from ckd_ehr.contracts import PREDICTIONS, STUDENT_VARIANTS, ContractError, RunLayout, base_variant, check_schema
+from ckd_ehr.contracts import (PREDICTIONS, STUDENT_VARIANT_TABLE, STUDENT_VARIANTS, TEACHER_ROLE, ContractError,
+                               RunLayout, base_variant, check_schema)
 from ckd_ehr.evaluation.metrics import (ALL_METRICS, bootstrap_scores, delta_summary, evaluate_predictions, interval,
                       macro_label_set, paired_bootstrap_delta, to_matrix, tune_thresholds)
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
@@ -37,13 +38,7 @@ from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
 log = logging.getLogger(__name__)
 
 MODELS = STUDENT_VARIANTS + ("teacher",)
-ROLES = {
-    "hard_plain": "(a) student, hard labels, plain text: the paper's baseline (plain BERT)",
-    "hard_eadf": "(b) student, hard labels, EADF text",
-    "distill_plain": "(c) student, distillation, plain text",
-    "ckd_ehr": "(d) student, distillation, EADF text: CKD-EHR",
-    "teacher": "(e) teacher LLM with the multi-label projection head",
-}
+ROLES = {**{v.name: v.role for v in STUDENT_VARIANT_TABLE}, "teacher": TEACHER_ROLE}
 from ckd_ehr.evaluation.probe_rows import PROBE_ROLES  # roles of the probe rows, beside the baselines
 
 BASELINE_ROLES = {
@@ -97,8 +92,8 @@ def teacher_predictions_from_soft_labels(layout: RunLayout, split: str = "test")
 
 def _artifact_json(layout: RunLayout, name: str) -> str:
     if name == "teacher":
-        return storage.join(layout.teacher_artifact, "teacher.json")
-    return storage.join(layout.student_artifact(base_variant(name)), "student.json")
+        return layout.teacher_meta
+    return layout.student_meta(base_variant(name))
 
 
 def read_thresholds(layout: RunLayout, name: str) -> tuple[dict[str, list[float]], dict[str, str]]:

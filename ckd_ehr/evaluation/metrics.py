@@ -190,12 +190,6 @@ def auroc_per_label(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return auroc_and_ap_per_label(y, probs)[0]
 
 
-def average_precision_per_label(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """Average precision of each column (as scikit-learn's average_precision_score); NaN where
-    single-class."""
-    return auroc_and_ap_per_label(y, probs)[1]
-
-
 def ranking_scores(y: np.ndarray, probs: np.ndarray, label_set: np.ndarray | None = None) -> dict[str, float]:
     """Macro and micro AUROC / AUPRC on probabilities. Macro: over `label_set` (NaN when one of
     its phenotypes has a single class here), else over the phenotypes with both classes."""

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ckd_ehr import storage
-from ckd_ehr.contracts import PROBE_HEAD, RunLayout
+from ckd_ehr.contracts import ARTIFACT_TOKENIZER, PROBE_HEAD, RunLayout, student_variant
 from ckd_ehr.evaluation.metrics import to_matrix
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
 
@@ -59,7 +59,7 @@ def teacher_probe_row(cfg, layout: RunLayout):
     path = storage.join(art, PROBE_HEAD)
     if not storage.exists(path):
         return None, f"no probe_teacher row: {path} not found (teacher trained with head_init: random?)"
-    meta = storage.read_json(storage.join(art, "teacher.json"))
+    meta = storage.read_json(layout.teacher_meta)
     with storage.local_dir(art) as d:
         probe = LinearProbe.load(str(d / PROBE_HEAD))
     details = {"model": meta["base_model"], "pooling": meta["pooling"], "C": probe.c_value,
@@ -79,7 +79,7 @@ def teacher_probe_row(cfg, layout: RunLayout):
     with storage.local_dir(art) as d:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(d / "tokenizer"))
+        tokenizer = AutoTokenizer.from_pretrained(str(d / ARTIFACT_TOKENIZER))
     backbone = load_backbone(meta["base_model"], meta.get("gguf_file"), "float32",
                              meta.get("config", {}).get("attn_implementation", "sdpa"))
     model = TeacherModel(backbone, MLAPH(backbone.config.hidden_size, NUM_PHENOTYPES, meta["pooling"]))
@@ -113,7 +113,7 @@ def student_probe_row(cfg, layout: RunLayout, variant: str | None = None):
 
     from ckd_ehr.models import resolve_model_path
     from ckd_ehr.probe import LinearProbe
-    from ckd_ehr.student.data import encode, fit_texts, load_efficacy, read_split, split_limit, variant_spec
+    from ckd_ehr.student.data import encode, fit_texts, load_efficacy, read_split, split_limit
     from ckd_ehr.student.model import build_student, predict_ids
 
     art = layout.student_artifact(variant)
@@ -127,7 +127,7 @@ def student_probe_row(cfg, layout: RunLayout, variant: str | None = None):
     model.load_probe(probe)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(s.model), model_max_length=s.max_length)
     _, efficacy = load_efficacy(layout.efficacy_table, cfg.eadf.top_k)
-    column, _ = variant_spec(variant)
+    column = student_variant(variant).text_column
     out = {}
     for split in ("val", "test"):
         samples, _ = read_split(layout.augmented(split), None, split_limit(s, split), seed=s.seed)

@@ -21,7 +21,7 @@ import hmac
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Literal, Mapping, Protocol, Sequence
+from typing import Any, Callable, Literal, Protocol, Sequence
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ckd_ehr.config import ServeConfig, TextConfig
 from ckd_ehr.data.phenotypes import multi_hot, normalize_icd9, phenotype_names, phenotypes_of_code
-from ckd_ehr.text import render_input
+from ckd_ehr.text import efficacy_for, render_input
 from ckd_ehr.serve.guard import RequestGuard, request_id_var
 from ckd_ehr.serve.metrics import ServeMetrics
 
@@ -193,10 +193,7 @@ def render_record(rec: Record, info: ModelInfo) -> tuple[str, list[str]]:
         if not known and len(warnings) < _MAX_WARNINGS:
             warnings.append(f"unknown diagnosis code '{c[:_MAX_ECHO]}' (rendered as given)")
         titles.append(title or c)
-    names = info.label_names
-    # same construction as ckd_ehr.eadf.run.fuse_batch: label order, phenotypes with drugs only
-    efficacy = {names[p]: list(info.efficacy[names[p]]) for p in present.nonzero()[0]
-                if info.efficacy.get(names[p])}
+    efficacy = efficacy_for(present, info.efficacy)   # the clauses as EADF rendered them in training
     drugs = [_clean(s) for s in rec.medications or []]
     procs = [_clean(s) for s in rec.procedures or []]
     r = render_input(titles, drugs, procs, efficacy=efficacy or None, cfg=info.text_config)

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from ckd_ehr.config import PipelineConfig, ServeConfig
 from ckd_ehr.contracts import RunLayout
 from ckd_ehr.data.phenotypes import normalize_icd9
 from ckd_ehr.serve.api import ModelInfo, Record, create_app, render_and_predict, token_digest
-from ckd_ehr.serve.metrics import RayServeMetrics, ServeMetrics
+from ckd_ehr.serve.metrics import RayServeMetrics
 
 log = logging.getLogger("ckd_ehr.serve")
 
@@ -85,24 +84,6 @@ def load_predictor(artifact: str, torch_threads: int | None = None, precision: s
     with local_dir(artifact) as d:
         predictor = load_student(d, device="cpu", precision=precision)
         return predictor, model_info(predictor, d)
-
-
-class LocalBackend:
-    """The API backend in-process (tests, benchmark ceiling): one forward per request."""
-
-    def __init__(self, predictor, info: ModelInfo, batch_size: int = 32, metrics: ServeMetrics | None = None):
-        self.predictor, self.info, self.batch_size = predictor, info, batch_size
-        self.metrics = metrics or ServeMetrics(info.artifact_id, getattr(predictor, "precision", "fp32"))
-        self._lock = threading.Lock()  # one forward (and one tokenizer user) at a time
-
-    def _forward(self, records: list[Record]):
-        with self._lock:
-            out = render_and_predict(records, self.info, lambda t: self.predictor.predict_proba(t, self.batch_size))
-        self.metrics.scored(len(records))
-        return out
-
-    async def predict(self, records: list[Record]):
-        return await asyncio.to_thread(self._forward, records)
 
 
 @serve.deployment(name="StudentDeployment")

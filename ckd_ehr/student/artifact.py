@@ -21,20 +21,18 @@ from typing import Any, Sequence
 import numpy as np
 
 from ckd_ehr.config import TextConfig
-from ckd_ehr.contracts import PROBE_HEAD
+from ckd_ehr.contracts import ARTIFACT_TOKENIZER, PROBE_HEAD, STUDENT_EFFICACY, STUDENT_ENCODER, STUDENT_META
 from ckd_ehr.data.phenotypes import phenotype_names
 from ckd_ehr.storage import local_dir, upload_dir, write_json, write_parquet
 from ckd_ehr.student.model import HEAD_FILE, load_student_model, predict_ids, quantize_int8, save_student
 
-META_FILE = "student.json"
-EFFICACY_FILE = "efficacy_table.parquet"
 
 
 def artifact_id(directory: str | os.PathLike) -> str:
     """Content hash of the weights (head + encoder files): same weights, same id."""
     h = hashlib.sha256()
     d = Path(directory)
-    for f in [d / HEAD_FILE, *sorted((d / "model").glob("*.safetensors"))]:
+    for f in [d / HEAD_FILE, *sorted((d / STUDENT_ENCODER).glob("*.safetensors"))]:
         h.update(f.read_bytes())
     return "student-" + h.hexdigest()[:12]
 
@@ -47,16 +45,16 @@ def write_artifact(dest: str, weights_dir: str | os.PathLike, tokenizer, meta: d
     staging = Path(staging)
     if staging.exists():
         shutil.rmtree(staging)
-    shutil.copytree(Path(weights_dir) / "model", staging / "model")
+    shutil.copytree(Path(weights_dir) / STUDENT_ENCODER, staging / STUDENT_ENCODER)
     shutil.copy2(Path(weights_dir) / HEAD_FILE, staging / HEAD_FILE)
     if (Path(weights_dir) / PROBE_HEAD).exists():
         shutil.copy2(Path(weights_dir) / PROBE_HEAD, staging / PROBE_HEAD)
-    tokenizer.save_pretrained(staging / "tokenizer")
-    write_parquet(efficacy_table, staging / EFFICACY_FILE)
+    tokenizer.save_pretrained(staging / ARTIFACT_TOKENIZER)
+    write_parquet(efficacy_table, staging / STUDENT_EFFICACY)
     if diagnosis_titles:  # Serve renders ICD-9 codes with the titles training saw
         write_json(staging / "diagnosis_titles.json", diagnosis_titles)
     meta = {"artifact_id": artifact_id(staging), "label_names": phenotype_names(), **meta}
-    write_json(staging / META_FILE, meta)
+    write_json(staging / STUDENT_META, meta)
     upload_dir(staging, dest)
     return meta
 
@@ -71,13 +69,13 @@ class StudentPredictor:
         from ckd_ehr.student.data import load_efficacy
 
         d = Path(directory)
-        self.meta: dict[str, Any] = json.loads((d / META_FILE).read_text())
+        self.meta: dict[str, Any] = json.loads((d / STUDENT_META).read_text())
         self.device = device
         self.label_names: list[str] = list(self.meta["label_names"])
         self.max_length: int = int(self.meta["max_length"])
         self.text_column: str = self.meta["text"]["column"]
         self.text_config = TextConfig.model_validate(self.meta["text"]["config"])
-        self.tokenizer = AutoTokenizer.from_pretrained(d / "tokenizer")
+        self.tokenizer = AutoTokenizer.from_pretrained(d / ARTIFACT_TOKENIZER)
         self.model = load_student_model(d, pooling=self.meta.get("pooling", "mean"), device=device)
         if precision not in ("fp32", "int8"):
             raise ValueError(f"precision '{precision}': fp32 or int8")
@@ -90,8 +88,8 @@ class StudentPredictor:
         self.thresholds_fixed = np.asarray(th["fixed"], dtype=np.float64)
         self.thresholds_tuned = np.asarray(th["tuned"], dtype=np.float64)
         self.thresholds = self.thresholds_tuned if th["served"] == "tuned" else self.thresholds_fixed
-        self.efficacy_table = read_parquet(str(d / EFFICACY_FILE))
-        _, eff = load_efficacy(str(d / EFFICACY_FILE), int(self.meta["text"]["top_k"]))
+        self.efficacy_table = read_parquet(str(d / STUDENT_EFFICACY))
+        _, eff = load_efficacy(str(d / STUDENT_EFFICACY), int(self.meta["text"]["top_k"]))
         # plain-text students were trained without efficacy clauses: they render none
         self.efficacy: dict[str, list[str]] = eff if self.text_column == "text_eadf" else {}
         self.pad_id = self.tokenizer.pad_token_id or 0
@@ -104,7 +102,8 @@ class StudentPredictor:
                phenotypes_current: Sequence[int] | None = None) -> str:
         """Text of one visit exactly as training rendered it, fitted to max_length by section."""
         from ckd_ehr.text import render_input
-        from ckd_ehr.student.data import efficacy_for, fit_text
+        from ckd_ehr.student.data import fit_text
+        from ckd_ehr.text import efficacy_for
 
         eff = efficacy_for(phenotypes_current, self.efficacy) if phenotypes_current is not None else None
         text = render_input(diagnoses, drugs, procedures, efficacy=eff or None, cfg=self.text_config).text

@@ -18,22 +18,20 @@ import numpy as np
 import pyarrow as pa
 
 from ckd_ehr.config import TextConfig
-from ckd_ehr.contracts import AUGMENTED_SAMPLES, EFFICACY, SOFT_LABELS, ContractError, check_schema
+from ckd_ehr.contracts import (AUGMENTED_SAMPLES, EFFICACY, SOFT_LABELS, ContractError, check_schema,
+                               student_variant)
 from ckd_ehr.eadf.stats import top_drugs
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
 from ckd_ehr.storage import read_parquet
-from ckd_ehr.text import render_input
+from ckd_ehr.text import diagnosis_title_column, efficacy_for, render_input
 
 PLAIN, EADF = "text_plain", "text_eadf"
 
 
 def variant_spec(variant: str) -> tuple[str, bool]:
-    """(text column, distills?) of a student variant."""
-    specs = {"hard_plain": (PLAIN, False), "hard_eadf": (EADF, False),
-             "distill_plain": (PLAIN, True), "ckd_ehr": (EADF, True)}
-    if variant not in specs:
-        raise ValueError(f"unknown student variant '{variant}' (one of {', '.join(specs)})")
-    return specs[variant]
+    """(text column, distills?) of a student variant (contracts.STUDENT_VARIANT_TABLE)."""
+    spec = student_variant(variant)
+    return spec.text_column, spec.distills
 
 
 def _matrix(col, width: int = NUM_PHENOTYPES, dtype=np.float32) -> np.ndarray:
@@ -46,13 +44,6 @@ def load_efficacy(path: str, top_k: int) -> tuple[pa.Table, dict[str, list[str]]
     table = check_schema(read_parquet(path), EFFICACY, path)
     names = phenotype_names()
     return table, {names[p]: d for p, d in top_drugs(table, top_k).items()}
-
-
-def efficacy_for(present: Sequence[int], efficacy: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
-    """Efficacy clauses' content for the phenotypes present at visit i, in label order."""
-    names = phenotype_names()
-    return {names[p]: list(efficacy[names[p]]) for p in range(len(present))
-            if present[p] and efficacy.get(names[p])}
 
 
 def split_limit(student_cfg, split: str) -> int | None:
@@ -156,7 +147,7 @@ def fit_texts(samples: pa.Table, tokenizer, max_length: int, column: str,
     long = [i for i, n in enumerate(lengths) if n > max_length]
     if not long:
         return texts, stats
-    dx_col = "diagnosis_titles" if text_cfg.titles == "long" else "diagnosis_short_titles"
+    dx_col = diagnosis_title_column(text_cfg)
     dx, rx, px = (samples.column(c).to_pylist() for c in (dx_col, "drugs", "procedure_titles"))
     present = samples.column("phenotypes_current").to_pylist()
     for i in long:

@@ -26,7 +26,7 @@ from typing import Any
 
 from ckd_ehr.data.phenotypes import phenotype_names
 from ckd_ehr.storage import exists, local_dir, read_json, upload_dir, write_json, write_text
-from ckd_ehr.student.artifact import META_FILE
+from ckd_ehr.contracts import ARTIFACT_TOKENIZER, STUDENT_ENCODER, STUDENT_META
 from ckd_ehr.student.model import HEAD_FILE, load_encoder
 
 EXPORT_FILE = "ckd_ehr_export.json"
@@ -42,7 +42,7 @@ def data_source_of(meta: dict[str, Any], given: str | None = None) -> tuple[str,
     """(data source, restricted): the artifact's record wins; a different `given` is an error."""
     recorded = (meta.get("data") or {}).get("source")
     if recorded and given and given != recorded:
-        raise ValueError(f"{META_FILE}: data.source is '{recorded}', not '{given}' as given")
+        raise ValueError(f"{STUDENT_META}: data.source is '{recorded}', not '{given}' as given")
     source = recorded or given or "unknown"
     return source, source != "synthetic"
 
@@ -155,15 +155,15 @@ def export_hf(artifact: str, out: str, metrics_path: str | None = None, data_sou
 
     with local_dir(artifact) as d:
         d = Path(d)
-        meta = json.loads((d / META_FILE).read_text())
+        meta = json.loads((d / STUDENT_META).read_text())
         source, restricted = data_source_of(meta, data_source)
-        encoder = load_encoder(d / "model")
+        encoder = load_encoder(d / STUDENT_ENCODER)
         if encoder.config.model_type != "bert":
             raise ValueError(f"{d / 'model'}: encoder model_type '{encoder.config.model_type}'; the export "
                              "supports BERT-family encoders (bert, e.g. MiniLM)")
         names = list(meta["label_names"])
         if names != phenotype_names():
-            raise ValueError(f"{d / META_FILE}: label_names are not the 25 phenotypes in label order")
+            raise ValueError(f"{d / STUDENT_META}: label_names are not the 25 phenotypes in label order")
         base = {k: v for k, v in encoder.config.to_dict().items()
                 if k not in ("model_type", "architectures", "transformers_version", "id2label", "label2id",
                               "problem_type", "num_labels")}
@@ -179,7 +179,7 @@ def export_hf(artifact: str, out: str, metrics_path: str | None = None, data_sou
         head = load_file(str(d / HEAD_FILE))
         model.classifier.load_state_dict({"weight": head["weight"], "bias": head["bias"]}, strict=True)
         model.eval()
-        tokenizer = AutoTokenizer.from_pretrained(d / "tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(d / ARTIFACT_TOKENIZER)
         tokenizer.model_max_length = int(meta["max_length"])
         CkdEhrStudentConfig.register_for_auto_class()
         CkdEhrStudentForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")

@@ -21,6 +21,7 @@ from ckd_ehr.config import PipelineConfig, config_hash
 from ckd_ehr.contracts import PREDICTIONS, PROBE_HEAD, RunLayout
 from ckd_ehr.models import resolve_model_path
 from ckd_ehr.storage import write_parquet
+from ckd_ehr.text import diagnosis_title_column
 from ckd_ehr.student.data import Encoded, FitStats, encode, fit_texts, load_efficacy, read_split, split_limit, variant_spec
 from ckd_ehr.student.loss import balanced_pos_weight
 
@@ -93,7 +94,7 @@ def diagnosis_title_map(cfg: PipelineConfig) -> dict[str, str]:
     layout = RunLayout(cfg.run_dir)
     if not exists(layout.visits):
         return {}
-    col = "diagnosis_titles" if cfg.text.titles == "long" else "diagnosis_short_titles"
+    col = diagnosis_title_column(cfg.text)
     t = read_parquet(layout.visits, columns=["diagnosis_codes", col])
     codes = t.column("diagnosis_codes").combine_chunks().flatten().to_pylist()
     titles = t.column(col).combine_chunks().flatten().to_pylist()

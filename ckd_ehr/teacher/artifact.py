@@ -22,14 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckd_ehr import storage
-from ckd_ehr.contracts import PROBE_HEAD
+from ckd_ehr.contracts import ARTIFACT_HEAD, ARTIFACT_TOKENIZER, PROBE_HEAD, TEACHER_ADAPTER, TEACHER_META
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
 from ckd_ehr.teacher.model import MLAPH, TeacherModel, load_backbone, quiet_peft_deprecation
 
-ADAPTER = "adapter"
-HEAD = "head.safetensors"
-TOKENIZER = "tokenizer"
-META = "teacher.json"
 
 
 class SaveTeacherWeights:
@@ -47,14 +43,14 @@ def write_weights(model: TeacherModel, state_dict: dict[str, torch.Tensor], out_
     head = {k[len("head."):]: v.detach().float().cpu().contiguous() for k, v in state_dict.items()
             if k.startswith("head.")}
     # peft filters the given state dict down to LoRA keys and strips the adapter name.
-    model.backbone.save_pretrained(str(out / ADAPTER), state_dict=adapter)
-    save_file(head, str(out / HEAD))
+    model.backbone.save_pretrained(str(out / TEACHER_ADAPTER), state_dict=adapter)
+    save_file(head, str(out / ARTIFACT_HEAD))
 
 
 def _digest(local: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(local.rglob("*")):
-        if p.is_file() and p.name != META:
+        if p.is_file() and p.name != TEACHER_META:
             h.update(p.relative_to(local).as_posix().encode())
             h.update(p.read_bytes())
     return h.hexdigest()[:12]
@@ -68,11 +64,11 @@ def write_artifact(weights_dir: str | os.PathLike, tokenizer, cfg, metrics: dict
     with storage.local_dir(str(weights_dir)) as src, tempfile.TemporaryDirectory(prefix="teacher-art-") as tmp:
         local = Path(tmp) / "artifact"
         local.mkdir()
-        shutil.copytree(src / ADAPTER, local / ADAPTER)
-        shutil.copy2(src / HEAD, local / HEAD)
+        shutil.copytree(src / TEACHER_ADAPTER, local / TEACHER_ADAPTER)
+        shutil.copy2(src / ARTIFACT_HEAD, local / ARTIFACT_HEAD)
         if (src / PROBE_HEAD).exists():
             shutil.copy2(src / PROBE_HEAD, local / PROBE_HEAD)
-        tokenizer.save_pretrained(str(local / TOKENIZER))
+        tokenizer.save_pretrained(str(local / ARTIFACT_TOKENIZER))
         config = cfg.model_dump(mode="json")
         meta = {
             "kind": "ckd-ehr-teacher",
@@ -90,7 +86,7 @@ def write_artifact(weights_dir: str | os.PathLike, tokenizer, cfg, metrics: dict
             "config": config,
             "created_unix": int(time.time()),
         }
-        (local / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        (local / TEACHER_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         storage.upload_dir(local, dest)
     return meta
 
@@ -110,7 +106,7 @@ def load_teacher(artifact_dir: str, device: str = "cpu", dtype=None, merge_lora:
     from transformers import AutoTokenizer
 
     with storage.local_dir(artifact_dir) as d:
-        meta = json.loads((d / META).read_text())
+        meta = json.loads((d / TEACHER_META).read_text())
         cfg = meta["config"]
         if dtype is None:  # the training dtype; `auto` = bfloat16 on a GPU, float32 elsewhere
             dtype = cfg.get("dtype", "float32")
@@ -119,12 +115,12 @@ def load_teacher(artifact_dir: str, device: str = "cpu", dtype=None, merge_lora:
         backbone = load_backbone(meta["base_model"], meta.get("gguf_file"), dtype,
                                  cfg.get("attn_implementation", "sdpa"))
         with quiet_peft_deprecation():
-            backbone = PeftModel.from_pretrained(backbone, str(d / ADAPTER))
+            backbone = PeftModel.from_pretrained(backbone, str(d / TEACHER_ADAPTER))
         if merge_lora:
             backbone = backbone.merge_and_unload()
         head = MLAPH(backbone.config.hidden_size, meta.get("num_labels", NUM_PHENOTYPES), meta["pooling"])
-        head.load_state_dict(load_file(str(d / HEAD)))
-        tokenizer = AutoTokenizer.from_pretrained(str(d / TOKENIZER))
+        head.load_state_dict(load_file(str(d / ARTIFACT_HEAD)))
+        tokenizer = AutoTokenizer.from_pretrained(str(d / ARTIFACT_TOKENIZER))
     model = TeacherModel(backbone, head).to(device)
     model.use_chat_template = bool(meta.get("use_chat_template", True))
     model.instruction_kind = teacher_instruction(meta)

@@ -21,7 +21,6 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 from ckd_ehr import storage
 from ckd_ehr.config import PipelineConfig, dump_yaml

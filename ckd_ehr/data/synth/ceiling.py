@@ -185,7 +185,7 @@ def predict(summary: np.ndarray, coef, intercept, drugs: bool) -> np.ndarray:
 def observable_ceiling_probabilities(layout: RunLayout, samples) -> tuple[np.ndarray | None, str | None]:
     """(probs for the samples, None) when the run is synthetic and a ceiling was computed for
     its knobs; else (None, why not)."""
-    path = storage.join(layout.raw_dir, "ground_truth.json")
+    path = layout.ground_truth
     if not storage.exists(path):
         return None, None  # not a synthetic run: nothing to say
     truth = storage.read_json(path)

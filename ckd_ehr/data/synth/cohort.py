@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from ckd_ehr.contracts import GROUND_TRUTH
 from ckd_ehr.config import SynthConfig
 from ckd_ehr.data.phenotypes import phenotype_names
 from ckd_ehr.storage import exists, join, makedirs, resolve, write_json, write_parquet
@@ -42,7 +43,6 @@ from ckd_ehr.data.synth.tables import (TABLES, admissions_table, d_icd_diagnoses
 
 log = logging.getLogger("ckd_ehr.data.synth.cohort")
 
-GROUND_TRUTH = "ground_truth.json"
 
 
 def write_cohort(out_dir: str, cfg: SynthConfig) -> dict[str, int]:

@@ -209,7 +209,8 @@ class _Timeline:
 
 def write_mimic4(out_dir: str, cfg: SynthConfig) -> dict[str, int]:
     """Generate the cohort of `cfg` (form 'mimic4') into out_dir/hosp; return rows per table."""
-    from ckd_ehr.data.synth.cohort import GROUND_TRUTH, write_cohort
+    from ckd_ehr.contracts import GROUND_TRUTH
+    from ckd_ehr.data.synth.cohort import write_cohort
 
     makedirs(out_dir)
     _remove_mimic3_form(out_dir)

@@ -215,7 +215,6 @@ def simulate(cfg: SynthConfig, c: GeneratorConstants = CONSTANTS) -> Cohort:
     a_total = int(n_adm.sum())
     adm_patient = np.repeat(np.arange(n), n_adm)
     adm_start = np.r_[0, np.cumsum(n_adm)[:-1]]
-    visit = np.arange(a_total) - adm_start[adm_patient]
     los = np.clip(r_adm.lognormal(np.log(c.los_median_days), c.los_sigma, a_total), 0.2, 120.0)
     gap = np.maximum(r_adm.lognormal(np.log(c.gap_median_days), c.gap_sigma, a_total), 1.0)
     step = ((los + gap) * DAY).astype(np.int64)

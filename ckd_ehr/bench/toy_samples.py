@@ -1,4 +1,4 @@
-"""A small learnable sample set for tests and benchmarks when no EADF samples exist yet.
+"""A small learnable sample set for benchmarks (and tests) when no EADF samples exist yet.
 
 Each sample names a few diagnoses; the next-visit label of a phenotype is 1 exactly when its
 marker word appears in the text (with a little label noise), so a model that reads the text
