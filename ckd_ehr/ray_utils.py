@@ -26,6 +26,11 @@ def init_ray(cfg: RayConfig | None = None, **kwargs) -> None:
     # constructor arguments at every start. Set before the local cluster starts so its
     # processes inherit it; a cluster joined by address keeps its own setting.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Weight-loading progress bars (transformers' "Loading weights", the GGUF de-quantisation's
+    # tqdm) from every worker interleave into unreadable log lines; the stages print their own
+    # progress with a time estimate. TQDM_DISABLE is tqdm's own switch for its default.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
     ray.init(
         address="local",
         num_cpus=cfg.num_cpus,

@@ -53,8 +53,11 @@ def text_fit_report(cfg, layout: RunLayout, top: dict) -> dict:
     from ckd_ehr.teacher.train import load_tokenizer
 
     tc, sc = cfg.teacher, cfg.student
+    # Counting, never truncating: tokenizers told no limit, so they do not warn that a text is
+    # longer than the model's (that is what this report measures).
     teacher_tok = load_tokenizer(tc)
-    student_tok = AutoTokenizer.from_pretrained(resolve_model_path(sc.model), model_max_length=sc.max_length)
+    teacher_tok.model_max_length = 10**9
+    student_tok = AutoTokenizer.from_pretrained(resolve_model_path(sc.model), model_max_length=10**9)
     report = {"rule": "a sample is whole for a model when its EADF text drops no item or clause under the "
                       "character budgets and fits the model's token budget",
               "teacher": {"model": tc.model, "max_length": tc.max_length, "instruction": tc.instruction},
