@@ -190,6 +190,44 @@ def plot_reliability(metrics: dict) -> bytes:
 
 # --- document ---------------------------------------------------------------------------------
 
+def plot_contrasts(study: dict) -> bytes:
+    """Forest plot of the study's contrasts (ckd_ehr.evaluation.contrasts): the seed-averaged
+    difference with its simultaneous (max-T) interval as a thick bar, the unadjusted interval as
+    a thin one, each seed's difference as a dot, and 0 as the reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = study["contrasts"]
+    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(rows) + 1.4))
+    for i, c in enumerate(reversed(rows)):
+        ax.plot(c["marginal_interval"], [i, i], color="#4C72B0", linewidth=1.0)
+        ax.plot(c["interval"], [i, i], color="#4C72B0", linewidth=4.0, alpha=0.6)
+        ax.plot([c["delta"]], [i], "o", color="#4C72B0", markersize=6)
+        ax.plot(c["per_seed"], [i] * len(c["per_seed"]), "x", color="#333333", markersize=5, alpha=0.7)
+        ax.annotate(f"p_holm={c['p_holm']:.3g}", (max(c["interval"][1], c["marginal_interval"][1]), i),
+                    xytext=(6, -3), textcoords="offset points", fontsize=7)
+    ax.axvline(0.0, color="#999999", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(rows)), [c["name"] for c in reversed(rows)], fontsize=8)
+    ax.set_xlabel(f"difference in test {study['metric'].replace('_', ' ')} "
+                  f"(thick: {study['level']:.0%} simultaneous, thin: unadjusted; x: per seed)")
+    return _figure_png(fig)
+
+
+def contrast_blocks(study: dict) -> list[tuple]:
+    """The contrasts as a table (and the method in one line) for the report."""
+    header = ["contrast", "difference", "simultaneous interval", "p (Holm)", "detectable at 80% power",
+              "per seed"]
+    rows = [[c["name"], fmt(c["delta"]), f"[{fmt(c['interval'][0])}, {fmt(c['interval'][1])}]",
+             f"{c['p_holm']:.3g}", fmt(c["detectable"]), ", ".join(fmt(d) for d in c["per_seed"])]
+            for c in study["contrasts"]]
+    return [("table", header, rows),
+            ("p", f"Method: {study['method']}. {study['resamples_used']} of {study['resamples']} "
+                  f"bootstrap draws used; seeds per row: "
+                  + ", ".join(f"{k} {v}" for k, v in study["seeds"].items()) + ".")]
+
+
 def build_blocks(metrics: dict, run_dir: str, images: dict[str, str], quality: dict | None) -> list[tuple]:
     """The report as blocks: ("h1"|"h2"|"p", text), ("table", header, rows), ("img", file, alt)."""
     models, deltas, base = metrics["models"], metrics["deltas"], metrics["baseline"]
