@@ -76,6 +76,13 @@ def cmd_pipeline(args):
                  from_stage=args.from_stage, to_stage=args.to_stage)
 
 
+def cmd_study(args):
+    cfg = load_cfg(args)
+    if args.summarise_only:
+        return _call("study", "summarise", cfg)
+    return _call("study", "run_study", cfg)
+
+
 def cmd_tune(args):
     cfg = load_cfg(args)
     return _call("tune.run", "run_tune", cfg, space_file=args.space, num_samples=args.num_samples,
@@ -152,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_stage", help="first stage to run")
     p.add_argument("--to", dest="to_stage", help="last stage to run")
     p.set_defaults(handler=cmd_pipeline)
+
+    p = sub.add_parser("study", help="the study: every row over seeds on one split, contrasts with intervals")
+    _common(p)
+    p.add_argument("--summarise-only", action="store_true",
+                   help="recompute the contrasts from the finished seeds (no training)")
+    p.set_defaults(handler=cmd_study)
 
     p = sub.add_parser("tune", help="Ray Tune search over a space in tune_spaces/")
     _common(p)

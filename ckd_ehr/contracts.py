@@ -16,6 +16,8 @@ own, as laid out here. Change a schema here and nowhere else.
       teacher/artifact/                TEACHER ARTIFACT (below)
       teacher/train/                   Ray Train storage (checkpoints)
       soft_labels/{split}.parquet      SOFT_LABELS
+      soft_labels/oracle/{split}.parquet  SOFT_LABELS from the latent oracle (synthetic, oracle variants)
+      soft_labels/teacher_plain/{split}.parquet  SOFT_LABELS of a plain-text teacher (`ckd-ehr study`)
       soft_labels/quality/             entropy, calibration, reliability diagram
       student/{variant}/artifact/      STUDENT ARTIFACT (below)
       student/{variant}/train/         Ray Train storage
@@ -23,6 +25,10 @@ own, as laid out here. Change a schema here and nowhere else.
       evaluate/metrics.json            all metrics with bootstrap intervals
       report/report.md, report.html, *.png
       tune/                            Ray Tune experiments
+
+`ckd-ehr study` (RUN = the study's run_dir): base/ (prepare + EADF once), seed_{k}/ (a run from
+the teacher on, per seed), seed_{k}_plain_teacher/ (the plain-text teacher's soft labels), and
+study/results.json, forest.png, study.md (the contrasts).
 
 Teacher artifact: adapter/ (peft LoRA), head.safetensors, tokenizer/, teacher.json
   (config, label_names, metrics, artifact_id), probe_head.safetensors (head_init: probe).
@@ -47,15 +53,22 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class StudentVariant:
-    """One arm of the paper's comparison: which text the student reads, whether it distils."""
+    """One arm of the comparison: which text the student reads, whether and from what it distils."""
 
     name: str
     text_column: str
-    """`text_plain` (visit i as rendered) or `text_eadf` (the same plus the efficacy clauses)."""
+    """`text_plain` (visit i as rendered), `text_eadf` (the same plus the efficacy clauses) or a
+    control text (CONTROL_TEXTS)."""
     distills: bool
-    """True: trained on alpha*hard + beta*soft (the teacher's soft labels); False: hard labels only."""
+    """True: trained on alpha*hard + beta*soft; False: hard labels only."""
     role: str
     """What the row means, as the evaluation and the report print it."""
+    soft_labels: str = "teacher"
+    """Where the soft labels come from: `teacher` (the soft-label stage), `teacher_plain` (a
+    second teacher trained and scored on plain text, written by `ckd-ehr study`) or `oracle` (the
+    synthetic generator's latent oracle: is distillation worth it when the teacher is good?)."""
+    primary: bool = True
+    """One of the paper's four arms (trained by default); False: a control the study adds."""
 
 
 STUDENT_VARIANT_TABLE: tuple[StudentVariant, ...] = (
@@ -64,9 +77,23 @@ STUDENT_VARIANT_TABLE: tuple[StudentVariant, ...] = (
     StudentVariant("hard_eadf", "text_eadf", False, "(b) student, hard labels, EADF text"),
     StudentVariant("distill_plain", "text_plain", True, "(c) student, distillation, plain text"),
     StudentVariant("ckd_ehr", "text_eadf", True, "(d) student, distillation, EADF text: CKD-EHR"),
+    StudentVariant("hard_names", "text_names", False,
+                   "(b-names) control: hard labels, clauses naming the present phenotypes, no drugs",
+                   primary=False),
+    StudentVariant("hard_random", "text_random", False,
+                   "(b-random) control: hard labels, clauses with as many randomly drawn listed drugs",
+                   primary=False),
+    StudentVariant("distill_plain_ablation", "text_plain", True,
+                   "(c, study) student, plain text, distilled from a teacher trained and scored on plain text: "
+                   "EADF ablated from teacher and student", soft_labels="teacher_plain", primary=False),
+    StudentVariant("oracle_distill", "text_eadf", True,
+                   "(d-oracle) control: distilled from the generator's latent oracle, EADF text",
+                   soft_labels="oracle", primary=False),
 )
 """The one definition of the student variants: config, data, training and evaluation derive theirs."""
 STUDENT_VARIANTS = tuple(v.name for v in STUDENT_VARIANT_TABLE)
+PRIMARY_VARIANTS = tuple(v.name for v in STUDENT_VARIANT_TABLE if v.primary)
+SOFT_LABEL_SOURCES = ("teacher", "teacher_plain", "oracle")
 TEACHER_ROLE = "(e) teacher LLM with the multi-label projection head"
 
 
@@ -149,6 +176,12 @@ SAMPLES = pa.schema([
 ])
 
 AUGMENTED_SAMPLES = SAMPLES.append(pa.field("text_eadf", pa.string()))
+CONTROL_TEXTS = ("text_names", "text_random")
+"""Extra AUGMENTED_SAMPLES columns when `eadf.control_texts: true` (the study's controls, see
+text.control_efficacy): clauses naming the present phenotypes without drugs, and clauses with as
+many drugs drawn at random. Readers keep them when present (student.data.read_split)."""
+AUGMENTED_WITH_CONTROLS = AUGMENTED_SAMPLES.append(pa.field("text_names", pa.string())).append(
+    pa.field("text_random", pa.string()))
 
 EFFICACY = pa.schema([
     ("phenotype_index", pa.int32()),
@@ -249,7 +282,13 @@ class RunLayout:
     def teacher_train(self) -> str: return self.path("teacher", "train")
     @property
     def teacher_meta(self) -> str: return self.path("teacher", "artifact", TEACHER_META)
-    def soft_labels(self, split: str) -> str: return self.path("soft_labels", f"{split}.parquet")
+    def soft_labels(self, split: str, source: str = "teacher") -> str:
+        """The teacher's soft labels, or another source's in the same schema (SOFT_LABEL_SOURCES)."""
+        if source not in SOFT_LABEL_SOURCES:
+            raise ValueError(f"unknown soft-label source {source!r} (one of {', '.join(SOFT_LABEL_SOURCES)})")
+        if source != "teacher":
+            return self.path("soft_labels", source, f"{split}.parquet")
+        return self.path("soft_labels", f"{split}.parquet")
     @property
     def soft_label_quality(self) -> str: return self.path("soft_labels", "quality")
     def student_artifact(self, variant: str = "ckd_ehr") -> str: return self.path("student", variant, "artifact")
@@ -266,3 +305,13 @@ class RunLayout:
     def report_html(self) -> str: return self.path("report", "report.html")
     @property
     def tune_dir(self) -> str: return self.path("tune")
+    # `ckd-ehr study`: one cohort, split and EADF table (base/), one run directory per seed
+    # (and per seed, one for the plain-text teacher), the results beside them.
+    @property
+    def study_base(self) -> str: return self.path("base")
+    def study_seed(self, seed: int) -> str: return self.path(f"seed_{seed}")
+    def study_plain_teacher(self, seed: int) -> str: return self.path(f"seed_{seed}_plain_teacher")
+    @property
+    def study_results(self) -> str: return self.path("study", "results.json")
+    @property
+    def study_dir(self) -> str: return self.path("study")

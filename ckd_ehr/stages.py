@@ -44,6 +44,13 @@ def _variants(cfg: PipelineConfig) -> list[str]:
     return list(cfg.student.variants)
 
 
+def _needs(cfg: PipelineConfig, source: str) -> bool:
+    """Whether a trained variant distils from soft labels of `source` (contracts.SOFT_LABEL_SOURCES)."""
+    from ckd_ehr.contracts import student_variant
+
+    return any(student_variant(v).distills and student_variant(v).soft_labels == source for v in cfg.student.variants)
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", "data.prepare", "run_prepare", ("data", "split", "text", "seed"),
           lambda c, r: [c.data.mimic_dir] if c.data.source == "mimic" else [],
@@ -62,7 +69,8 @@ STAGES: tuple[Stage, ...] = (
           lambda c, r: [r.soft_labels(s) for s in SPLITS],
           "teacher probabilities for every sample (Ray Data batch inference)"),
     Stage("student", "student.run", "run_student", ("student",),
-          lambda c, r: [r.efficacy_table] + [r.augmented(s) for s in SPLITS] + [r.soft_labels(s) for s in SPLITS],
+          lambda c, r: [r.efficacy_table] + [r.augmented(s) for s in SPLITS] + [r.soft_labels(s) for s in SPLITS]
+          + ([r.soft_labels("train", "teacher_plain")] if _needs(c, "teacher_plain") else []),
           lambda c, r: [r.student_artifact(v) for v in _variants(c)] + [r.predictions(v) for v in _variants(c)],
           "train the student variants (Ray Train)"),
     Stage("evaluate", "evaluation.evaluate", "run_evaluate", ("evaluate",),

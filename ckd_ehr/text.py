@@ -10,8 +10,11 @@ dropped whole and counted in the result, never cut silently mid-word.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
+
+import numpy as np
 
 from ckd_ehr.config import TextConfig
 from ckd_ehr.data.phenotypes import phenotype_names
@@ -110,3 +113,33 @@ def efficacy_for(present: Sequence[int], efficacy: Mapping[str, Sequence[str]]) 
     names = phenotype_names()
     return {names[p]: list(efficacy[names[p]]) for p in range(len(present))
             if present[p] and efficacy.get(names[p])}
+
+
+NO_DRUGS_LISTED = "none listed"
+"""The drug list of a `names` control clause: the phenotype is named, no drug is."""
+CONTROL_KINDS = {"text_names": "names", "text_random": "random"}
+"""The study's control texts (AUGMENTED_SAMPLES columns, `eadf.control_texts: true`) and their kind."""
+
+
+def control_efficacy(kind: str, sample_id: str, visit: Mapping[str, Sequence[str]],
+                     efficacy: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """The control clauses of a visit whose EADF clauses are `visit` (efficacy_for's output);
+    `efficacy` maps every phenotype to its listed drugs (the whole table's top_k).
+
+    `names`: the same phenotypes, no drugs ("none listed"): what naming the present phenotypes
+    alone adds. `random`: the same phenotypes, each with as many drugs as EADF listed for it,
+    drawn without replacement from the drugs EADF lists for OTHER phenotypes (real listed drugs,
+    paired with the wrong phenotype), seeded by (sample_id, phenotype): what the pairing adds.
+    Both renderers (EADF's and the student's refitting) call this, so they draw the same drugs."""
+    if kind == "names":
+        return {p: [NO_DRUGS_LISTED] for p in visit}
+    if kind != "random":
+        raise ValueError(f"control kind must be names or random, got {kind!r}")
+    out = {}
+    for p, drugs in visit.items():
+        pool = sorted({d for q, ds in efficacy.items() if q != p for d in ds} - set(drugs))
+        seed = int(hashlib.sha256(f"{sample_id}|{p}".encode()).hexdigest()[:15], 16)
+        k = min(len(drugs), len(pool))
+        picked = np.random.default_rng(seed).choice(len(pool), size=k, replace=False) if k else []
+        out[p] = [pool[i] for i in picked]
+    return out

@@ -50,7 +50,7 @@ def test_contrasts_report_per_seed_spread_and_reject_bad_shapes():
     probs = {"a": _row(rng, latent, 0.5, seeds=3), "b": _row(rng, latent, 2.0, seeds=1)}
     out = seed_averaged_contrasts(y, subjects, probs, [("a", "b")], resamples=50)
     c = out["contrasts"][0]
-    assert out["seeds"] == {"a": 3, "b": 1} and len(c["per_seed"]) == 1
+    assert out["seeds_per_row"] == {"a": 3, "b": 1} and len(c["per_seed"]) == 1
     assert c["delta"] > 0 and c["interval"][0] < c["delta"] < c["interval"][1]
     assert c["detectable"] > 2 * c["se"]   # (1.96 + 0.84) * se for one contrast
     with pytest.raises(ValueError, match="no predictions: c"):
@@ -70,3 +70,49 @@ def test_forest_plot_and_table_render():
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     md = render_markdown(contrast_blocks(study))
     assert "a - b" in md and "c - b" in md and "Holm" in md
+
+
+def test_study_summary_over_seed_runs(tmp_path):
+    """`ckd-ehr study --summarise-only` over finished seed runs: every row's test predictions per
+    seed (students from evaluate/predictions, the teacher from its test soft labels), the
+    contrasts, results.json with the config, forest.png and study.md."""
+    import pyarrow as pa
+
+    from ckd_ehr import storage
+    from ckd_ehr.cli import main
+    from ckd_ehr.contracts import PREDICTIONS, SOFT_LABELS, RunLayout
+
+    rng = np.random.default_rng(3)
+    y, subjects, latent = _cohort(rng, patients=80, k=25)
+    ids = [f"s{i:04d}" for i in range(len(y))]
+    rows = ["hard_plain", "ckd_ehr"]
+    root = RunLayout(str(tmp_path / "study"))
+    for seed in (0, 1):
+        layout = RunLayout(root.study_seed(seed))
+        for row, noise in (("hard_plain", 2.0), ("ckd_ehr", 0.5)):
+            p = 1 / (1 + np.exp(-(latent + noise * rng.normal(size=latent.shape))))
+            storage.write_parquet(pa.table({"sample_id": ids, "subject_id": subjects.astype(np.int64),
+                                            "labels": y.tolist(), "probs": p.astype(np.float32).tolist()},
+                                           schema=PREDICTIONS), layout.predictions(row))
+        logits = latent + rng.normal(size=latent.shape)
+        storage.write_parquet(pa.table({"sample_id": ids, "logits": logits.astype(np.float32).tolist(),
+                                        "probs": (1 / (1 + np.exp(-logits))).astype(np.float32).tolist(),
+                                        "teacher_id": ["t"] * len(ids)}, schema=SOFT_LABELS),
+                              layout.soft_labels("test"))
+        storage.write_parquet(pa.table({"sample_id": ids, "subject_id": subjects.astype(np.int64),
+                                        "labels": y.tolist()}), layout.augmented("test"))
+        storage.write_json(layout.metrics, {"baselines": {"copy_forward": {
+            "role": "floor", "modes": {"fixed": {"metrics": {"macro_auroc": 0.6}, "intervals": None}}}}})
+    cfg_file = tmp_path / "study.yaml"
+    cfg_file.write_text(f"run_dir: {root.root}\nstudy:\n  seeds: [0, 1]\n  rows: [hard_plain, ckd_ehr]\n"
+                        "  contrasts: [[ckd_ehr, hard_plain], [teacher, hard_plain]]\n  bootstrap: 40\n")
+    assert main(["study", "--config", str(cfg_file), "--summarise-only"]) == 0
+    out = storage.read_json(root.study_results)
+    assert out["seeds"] == [0, 1] and out["test_samples"] == len(ids) and out["config"]["study"]["rows"] == rows
+    (c, t) = out["contrasts"]
+    assert c["name"] == "ckd_ehr - hard_plain" and c["delta"] > 0 and c["p_holm"] < 0.05 and len(c["per_seed"]) == 2
+    assert t["name"] == "teacher - hard_plain"
+    assert out["references"]["copy_forward"]["macro_auroc"] == 0.6
+    assert (tmp_path / "study" / "study" / "forest.png").exists()
+    md = (tmp_path / "study" / "study" / "study.md").read_text()
+    assert "copy_forward" in md and "ckd_ehr - hard_plain" in md

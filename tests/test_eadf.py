@@ -285,3 +285,45 @@ def test_validity_on_the_synthetic_cohort(tmp_path):
     assert eff["phenotypes_scored"] == NUM_PHENOTYPES and ward
     # Frequency lists are full of ward drugs; efficacy lists hold none.
     assert freq["ward_drugs_in_top_k"] >= 25 and eff["ward_drugs_in_top_k"] == 0
+
+
+# --- the study's control texts ------------------------------------------------------------------
+
+def test_control_clauses_keep_the_phenotypes_and_counts_not_the_drugs():
+    from ckd_ehr.text import NO_DRUGS_LISTED, control_efficacy
+
+    efficacy = {NAMES[p]: [f"drug{p}_{j}" for j in range(3)] for p in range(6)}
+    visit = {NAMES[1]: efficacy[NAMES[1]], NAMES[4]: efficacy[NAMES[4]][:2]}
+    names = control_efficacy("names", "s-1", visit, efficacy)
+    assert names == {NAMES[1]: [NO_DRUGS_LISTED], NAMES[4]: [NO_DRUGS_LISTED]}
+    rnd = control_efficacy("random", "s-1", visit, efficacy)
+    assert list(rnd) == list(visit) and [len(v) for v in rnd.values()] == [3, 2]
+    for p, drugs in rnd.items():
+        assert not set(drugs) & set(efficacy[p])             # never the phenotype's own listed drugs
+        assert set(drugs) <= {d for ds in efficacy.values() for d in ds}   # but drugs EADF lists elsewhere
+    assert control_efficacy("random", "s-1", visit, efficacy) == rnd      # seeded by the sample
+    draws = {tuple(control_efficacy("random", f"s-{i}", visit, efficacy)[NAMES[1]]) for i in range(20)}
+    assert len(draws) > 5                                                  # and varies across samples
+    with pytest.raises(ValueError, match="names or random"):
+        control_efficacy("shuffled", "s-1", visit, efficacy)
+
+
+def test_control_texts_are_fused_beside_the_eadf_text(ray_local, tmp_path):
+    """`eadf.control_texts`: the Ray Data pass writes text_names / text_random beside text_eadf,
+    the same as the in-process rendering; each differs from text_eadf only in the clauses."""
+    from ckd_ehr.contracts import AUGMENTED_WITH_CONTROLS
+    from ckd_ehr.eadf.run import fuse_batch, fuse_splits
+
+    src = random_samples(300, seed=6)
+    path = tmp_path / "samples.parquet"
+    storage.write_parquet(src, str(path))
+    text = TextConfig(titles="short", clauses="short")
+    top = {p: [planted_drug(p, 0), planted_drug(p, 1)] for p in range(NUM_PHENOTYPES)}
+    fuse_splits({str(path): str(tmp_path / "out.parquet")}, top, text, batch_size=64, controls=True)
+    out = check_schema(storage.read_parquet(str(tmp_path / "out.parquet")), AUGMENTED_WITH_CONTROLS, "out")
+    assert out.equals(check_schema(fuse_batch(src, top, text, controls=True), AUGMENTED_WITH_CONTROLS, "ref"))
+    row = next(r for r in out.to_pylist() if "Effective for" in r["text_eadf"])
+    cut = row["text_eadf"].index("Effective for")
+    assert row["text_names"][:cut] == row["text_random"][:cut] == row["text_eadf"][:cut]
+    assert "none listed" in row["text_names"] and row["text_random"] != row["text_eadf"]
+    assert row["text_names"].count("Effective for") == row["text_eadf"].count("Effective for")

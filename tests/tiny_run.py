@@ -78,7 +78,8 @@ def submit_pipeline_job(head: RayHead, root: Path, teacher_dir: Path, student_di
 
 
 # What a test may copy out of the shared run: the inputs of the stages after soft labels.
-TO_SOFT_LABELS = ("manifest.json", "data", "eadf", "teacher/artifact", "soft_labels")
+TO_SOFT_LABELS = ("manifest.json", "raw/ground_truth.json", "raw/latent_oracle.parquet", "data", "eadf",
+                  "teacher/artifact", "soft_labels")
 
 
 def copy_run(src: Path, dst: Path, parts: tuple[str, ...] = TO_SOFT_LABELS) -> Path:

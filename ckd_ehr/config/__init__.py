@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ckd_ehr.storage import is_uri
 from ckd_ehr.config.base import ConfigError, Section, apply_overrides, build, config_hash, dump_yaml, load_config, load_yaml
@@ -18,6 +18,7 @@ from ckd_ehr.config.serve import ServeConfig
 from ckd_ehr.config.soft_labels import SoftLabelsConfig
 from ckd_ehr.config.evaluate import EvaluateConfig
 from ckd_ehr.config.student import DistillConfig, StudentConfig
+from ckd_ehr.config.study import StudyConfig
 from ckd_ehr.config.teacher import LoraConfig, TeacherConfig, TrainerConfig
 from ckd_ehr.config.tune import TuneConfig
 
@@ -51,6 +52,8 @@ class PipelineConfig(Section):
     """Ray Tune searches."""
     serve: ServeConfig = ServeConfig()
     """The Ray Serve endpoint."""
+    study: StudyConfig = StudyConfig()
+    """`ckd-ehr study`: seeds, rows and contrasts (see jobs/configs/synthetic_study.yaml)."""
 
     @field_validator("run_dir")
     @classmethod
@@ -61,10 +64,24 @@ class PipelineConfig(Section):
             raise ValueError("run_dir must not be empty")
         return v if is_uri(v) else os.path.abspath(v)
 
+    @model_validator(mode="after")
+    def _control_variants_have_their_inputs(self):
+        from ckd_ehr.contracts import CONTROL_TEXTS, student_variant
+
+        for name in self.student.variants:
+            v = student_variant(name)
+            if v.text_column in CONTROL_TEXTS and not self.eadf.control_texts:
+                raise ValueError(f"student.variants has '{name}', which reads {v.text_column}: "
+                                 f"set eadf.control_texts: true so that EADF renders it")
+            if v.soft_labels == "oracle" and self.data.source != "synthetic":
+                raise ValueError(f"student.variants has '{name}' (soft labels from the generator's latent "
+                                 f"oracle): only a synthetic cohort has one (data.source is {self.data.source!r})")
+        return self
+
 
 __all__ = [
     "ConfigError", "Section", "PipelineConfig", "DataConfig", "SplitConfig", "SynthConfig", "TextConfig",
     "EADFConfig", "RayConfig", "ServeConfig", "SoftLabelsConfig", "DistillConfig", "EvaluateConfig",
-    "StudentConfig", "LoraConfig", "TeacherConfig", "TrainerConfig", "TuneConfig",
+    "StudentConfig", "StudyConfig", "LoraConfig", "TeacherConfig", "TrainerConfig", "TuneConfig",
     "apply_overrides", "build", "config_hash", "dump_yaml", "load_config", "load_yaml",
 ]

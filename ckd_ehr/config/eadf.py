@@ -66,6 +66,10 @@ class EADFConfig(Section):
     batch_size: int = Field(4096, gt=0)
     """Rows per Ray Data batch when counting and fusing (partial counts are at most drugs x 25
     rows per batch, so larger batches also mean less to sum)."""
+    control_texts: bool = False
+    """Also render the study's control texts `text_names` (clauses naming the present phenotypes,
+    no drugs) and `text_random` (as many drugs drawn from those listed for other phenotypes), see
+    ckd_ehr.text.control_efficacy; the `hard_names` / `hard_random` student variants read them."""
     text_fit_report: bool = True
     """Write eadf/text_fit.json (ckd_ehr.eadf.text_fit): per split and model, the share of samples
     whose EADF text keeps every patient item and clause. Loads both models' tokenizers."""

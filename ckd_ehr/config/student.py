@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ckd_ehr.config.base import Section
-from ckd_ehr.contracts import STUDENT_VARIANTS
+from ckd_ehr.contracts import PRIMARY_VARIANTS, STUDENT_VARIANTS
 from ckd_ehr.config.teacher import TrainerConfig
 
 
@@ -59,8 +59,11 @@ class StudentConfig(TrainerConfig):
     thresholds: Literal["fixed", "tuned"] = "tuned"
     """`fixed`: 0.5 for every phenotype (the paper); `tuned`: per phenotype, maximising F1 on
     validation. Both are always reported; this picks what the artifact serves."""
-    variants: list[Literal[STUDENT_VARIANTS]] = list(STUDENT_VARIANTS)
-    """Student variants trained for the comparison (a)-(d); `ckd_ehr` is the served one."""
+    variants: list[Literal[STUDENT_VARIANTS]] = list(PRIMARY_VARIANTS)
+    """Student variants trained: the paper's arms (a)-(d) by default, `ckd_ehr` the served one;
+    the study adds its controls `hard_names`, `hard_random` (need `eadf.control_texts: true`)
+    and `oracle_distill` (synthetic cohorts: soft labels from the generator's latent oracle).
+    The variants are defined once, in ckd_ehr.contracts.STUDENT_VARIANT_TABLE."""
 
     @model_validator(mode="after")
     def _served_variant(self):

@@ -29,13 +29,14 @@ import ray.data
 
 from ckd_ehr import storage
 from ckd_ehr.config import PipelineConfig, TextConfig
-from ckd_ehr.contracts import AUGMENTED_SAMPLES, SAMPLES, SPLITS, ContractError, RunLayout, check_schema
+from ckd_ehr.contracts import (AUGMENTED_SAMPLES, AUGMENTED_WITH_CONTROLS, CONTROL_TEXTS, SAMPLES, SPLITS, ContractError,
+                               RunLayout, check_schema)
 from ckd_ehr.eadf.stats import (COUNT_COLUMNS, PARTIAL_SCHEMA, Counts, efficacy_from_counts, efficacy_table_reference,
                          multi_hot_matrix, partial_counts, precision_at_k, split_counts, sum_partials,
                          top_drugs)
 from ckd_ehr.eadf.validity import listing_validity
 from ckd_ehr.data.phenotypes import phenotype_names
-from ckd_ehr.text import diagnosis_title_column, efficacy_for, render_input
+from ckd_ehr.text import CONTROL_KINDS, control_efficacy, diagnosis_title_column, efficacy_for, render_input
 
 log = logging.getLogger(__name__)
 PATH_COL = "path"  # the input file of each row, from read_parquet(include_paths=True)
@@ -135,20 +136,51 @@ def fused_texts(batch: pa.Table, top: Mapping[int, Sequence[str]], text: TextCon
     return pa.array(out, type=pa.string())
 
 
+def control_texts(batch: pa.Table, top: Mapping[int, Sequence[str]], text: TextConfig,
+                  where: str = "samples") -> dict[str, pa.Array]:
+    """The study's control texts of SAMPLES rows (FUSE_COLUMNS + sample_id read): the visit
+    rendered with text.control_efficacy's clauses for the phenotypes EADF gives clauses to."""
+    batch = check_schema(batch, pa.schema([*_FUSE_SCHEMA, SAMPLES.field("sample_id")]), where)
+    names = phenotype_names()
+    by_name = {names[p]: list(drugs) for p, drugs in top.items()}
+    present = multi_hot_matrix(batch.column("phenotypes_current"), where, "phenotypes_current")
+    dx = batch.column(diagnosis_title_column(text)).to_pylist()
+    rx, px = batch.column("drugs").to_pylist(), batch.column("procedure_titles").to_pylist()
+    ids = batch.column("sample_id").to_pylist()
+    out = {}
+    for column, kind in CONTROL_KINDS.items():
+        out[column] = pa.array([
+            render_input(dx[i], rx[i], px[i], cfg=text,
+                         efficacy=control_efficacy(kind, ids[i], efficacy_for(present[i], by_name), by_name)).text
+            for i in range(batch.num_rows)], type=pa.string())
+    return out
+
+
+def _rendered(batch: pa.Table, top, text: TextConfig, where: str, controls: bool) -> dict[str, pa.Array]:
+    out = {"text_eadf": fused_texts(batch, top, text, where)}
+    if controls:
+        out.update(control_texts(batch, top, text, where))
+    return out
+
+
 def fuse_batch(batch: pa.Table, top: Mapping[int, Sequence[str]], text: TextConfig,
-               where: str = "samples") -> pa.Table:
-    """SAMPLES rows -> AUGMENTED_SAMPLES rows (fused_texts appended as `text_eadf`)."""
+               where: str = "samples", controls: bool = False) -> pa.Table:
+    """SAMPLES rows -> AUGMENTED_SAMPLES rows (fused_texts appended as `text_eadf`; with
+    `controls`, AUGMENTED_WITH_CONTROLS: the control texts too)."""
     batch = check_schema(batch, SAMPLES, where)
-    return batch.append_column(AUGMENTED_SAMPLES.field("text_eadf"), fused_texts(batch, top, text, where))
+    schema = AUGMENTED_WITH_CONTROLS if controls else AUGMENTED_SAMPLES
+    for column, values in _rendered(batch, top, text, where, controls).items():
+        batch = batch.append_column(schema.field(column), values)
+    return batch
 
 
 def _texts_with_paths(batch: pa.Table, top: Mapping[int, Sequence[str]], text: TextConfig,
-                      where: str = "samples") -> pa.Table:
-    """The Ray task of fusion: {path, text_eadf} of a batch read with include_paths."""
+                      where: str = "samples", controls: bool = False) -> pa.Table:
+    """The Ray task of fusion: {path, text_eadf[, control texts]} of a batch read with include_paths."""
     paths = batch.column(PATH_COL)
     if len(paths):
         where = paths[0].as_py()  # errors name the file the batch came from
-    return pa.table({PATH_COL: paths, "text_eadf": fused_texts(batch, top, text, where)})
+    return pa.table({PATH_COL: paths, **_rendered(batch, top, text, where, controls)})
 
 
 class _RowReader:
@@ -218,7 +250,7 @@ def _parquet_writer(path: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
 
 
 def fuse_splits(files: Mapping[str, str], top: Mapping[int, Sequence[str]], text: TextConfig,
-                batch_size: int = 4096) -> dict[str, int]:
+                batch_size: int = 4096, controls: bool = False) -> dict[str, int]:
     """Fuse SAMPLES files {src: dst} in one Ray Data pass, streaming each result to its dst.
 
     One pass, not one per split: every Ray Data execution pays for starting its tasks.
@@ -226,16 +258,19 @@ def fuse_splits(files: Mapping[str, str], top: Mapping[int, Sequence[str]], text
     the driver streams the input rows in file order beside them and writes. Moving whole
     rows (both texts, titles) through the object store cost more than rendering them.
     Order is preserved, so each output has its input's rows in its input's order.
+    `controls`: the study's control texts too (AUGMENTED_WITH_CONTROLS).
     """
+    schema = AUGMENTED_WITH_CONTROLS if controls else AUGMENTED_SAMPLES
+    rendered = ["text_eadf", *(CONTROL_TEXTS if controls else ())]
     expected = {src: _num_rows(src) for src in files}
     for src in files:
         _check_columns(src)
     written = dict.fromkeys(files, 0)
     with contextlib.ExitStack() as stack:
-        writers = {src: stack.enter_context(_parquet_writer(dst, AUGMENTED_SAMPLES)) for src, dst in files.items()}
+        writers = {src: stack.enter_context(_parquet_writer(dst, schema)) for src, dst in files.items()}
         for src, w in writers.items():  # an empty split still gets a file with the schema
             if expected[src] == 0:
-                w.write_table(AUGMENTED_SAMPLES.empty_table())
+                w.write_table(schema.empty_table())
         todo = [src for src in files if expected[src] > 0]
         if todo:
             fs, _ = storage.resolve(todo[0])
@@ -246,15 +281,17 @@ def fuse_splits(files: Mapping[str, str], top: Mapping[int, Sequence[str]], text
             with _ordered_v1_reads():
                 ds = (ray.data.read_parquet(list(by_inner), filesystem=fs, include_paths=True,
                                            override_num_blocks=_read_blocks())
-                      .select_columns([*FUSE_COLUMNS, PATH_COL])
+                      .select_columns([*FUSE_COLUMNS, *(["sample_id"] if controls else []), PATH_COL])
                       .map_batches(_texts_with_paths, batch_format="pyarrow", batch_size=batch_size,
-                                   fn_kwargs={"top": dict(top), "text": text, "where": ", ".join(todo)}))
+                                   fn_kwargs={"top": dict(top), "text": text, "where": ", ".join(todo),
+                                              "controls": controls}))
                 for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                     for inner, part in _runs_by_path(b):
                         src = by_inner[inner]
                         rows = check_schema(readers[src].take(part.num_rows), SAMPLES, src)
-                        rows = rows.append_column(AUGMENTED_SAMPLES.field("text_eadf"), part.column("text_eadf"))
-                        writers[src].write_table(check_schema(rows, AUGMENTED_SAMPLES, files[src]))
+                        for column in rendered:
+                            rows = rows.append_column(schema.field(column), part.column(column))
+                        writers[src].write_table(check_schema(rows, schema, files[src]))
                         written[src] += part.num_rows
         for src in files:
             if written[src] != expected[src]:
@@ -315,7 +352,7 @@ def run_eadf(cfg: PipelineConfig) -> dict:
              table.num_rows, len(top), cfg.eadf.ranking, layout.efficacy_table)
 
     fused = fuse_splits({layout.samples(s): layout.augmented(s) for s in SPLITS}, top, cfg.text,
-                        cfg.eadf.batch_size)
+                        cfg.eadf.batch_size, controls=cfg.eadf.control_texts)
     rows = {s: fused[layout.samples(s)] for s in SPLITS}
     log.info("eadf: fused %s -> %s", ", ".join(f"{s} ({n} rows)" for s, n in rows.items()),
              storage.join(layout.root, "eadf", "samples"))

@@ -135,7 +135,7 @@ def seed_averaged_contrasts(y: np.ndarray, subject_ids: Sequence, probs: Mapping
     return {"metric": "macro_auroc", "level": level, "alpha": alpha, "resamples": int(resamples),
             "resamples_used": int(len(draws)), "max_t_quantile": q,
             "label_set": np.flatnonzero(label_set).tolist(), "rows": point,
-            "seeds": {r: len(probs[r]) for r in rows},
+            "seeds_per_row": {r: len(probs[r]) for r in rows},
             "contrasts": [asdict(c) for c in out],
             "method": "patient bootstrap, seeds averaged within each draw; two-sided normal p-values, "
                       "Holm-adjusted; simultaneous max-T intervals; detectable effect at 80% power, "

@@ -225,7 +225,7 @@ def contrast_blocks(study: dict) -> list[tuple]:
     return [("table", header, rows),
             ("p", f"Method: {study['method']}. {study['resamples_used']} of {study['resamples']} "
                   f"bootstrap draws used; seeds per row: "
-                  + ", ".join(f"{k} {v}" for k, v in study["seeds"].items()) + ".")]
+                  + ", ".join(f"{k} {v}" for k, v in study["seeds_per_row"].items()) + ".")]
 
 
 def build_blocks(metrics: dict, run_dir: str, images: dict[str, str], quality: dict | None) -> list[tuple]:

@@ -18,12 +18,12 @@ import numpy as np
 import pyarrow as pa
 
 from ckd_ehr.config import TextConfig
-from ckd_ehr.contracts import (AUGMENTED_SAMPLES, EFFICACY, SOFT_LABELS, ContractError, check_schema,
+from ckd_ehr.contracts import (AUGMENTED_SAMPLES, CONTROL_TEXTS, EFFICACY, SOFT_LABELS, ContractError, check_schema,
                                student_variant)
 from ckd_ehr.eadf.stats import top_drugs
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
 from ckd_ehr.storage import read_parquet
-from ckd_ehr.text import diagnosis_title_column, efficacy_for, render_input
+from ckd_ehr.text import CONTROL_KINDS, control_efficacy, diagnosis_title_column, efficacy_for, render_input
 
 PLAIN, EADF = "text_plain", "text_eadf"
 
@@ -66,7 +66,11 @@ def read_split(samples_path: str, soft_path: str | None, max_rows: int | None = 
     how many are missing."""
     from ckd_ehr.training import subset_indices
 
-    samples = check_schema(read_parquet(samples_path), AUGMENTED_SAMPLES, samples_path)
+    raw = read_parquet(samples_path)
+    samples = check_schema(raw, AUGMENTED_SAMPLES, samples_path)
+    for column in CONTROL_TEXTS:  # the study's control texts, when EADF rendered them
+        if column in raw.column_names:
+            samples = samples.append_column(column, raw.column(column).cast(pa.string()))
     if max_rows is not None and samples.num_rows > max_rows:
         samples = samples.take(pa.array(subset_indices(samples.num_rows, max_rows, seed)))
     if soft_path is None:
@@ -140,6 +144,9 @@ def fit_texts(samples: pa.Table, tokenizer, max_length: int, column: str,
               shrink: float = 0.7) -> tuple[list[str], FitStats]:
     """Texts of `column` fitted to max_length (see module doc: the budgets come from the
     sample's EADF text, for either column) and how many needed it."""
+    if column not in samples.column_names:
+        raise ContractError(f"the samples have no column '{column}' (a control text of the study): "
+                            f"run `ckd-ehr eadf` with eadf.control_texts: true")
     texts = samples.column(column).to_pylist()
     eadf_texts = texts if column == EADF else samples.column(EADF).to_pylist()
     lengths = _n_tokens(tokenizer, eadf_texts)
@@ -150,11 +157,16 @@ def fit_texts(samples: pa.Table, tokenizer, max_length: int, column: str,
     dx_col = diagnosis_title_column(text_cfg)
     dx, rx, px = (samples.column(c).to_pylist() for c in (dx_col, "drugs", "procedure_titles"))
     present = samples.column("phenotypes_current").to_pylist()
+    ids = samples.column("sample_id").to_pylist()
     for i in long:
         eff = efficacy_for(present[i], efficacy)
         fitted, rounds, status, used = fit_text(tokenizer, max_length, eadf_texts[i], dx[i], rx[i], px[i], eff,
                                                 text_cfg, shrink)
-        texts[i] = fitted if column == EADF else render_input(dx[i], rx[i], px[i], cfg=used).text
+        if column == EADF:
+            texts[i] = fitted
+        else:  # the same budgets, this column's clauses (none for plain text)
+            clauses = control_efficacy(CONTROL_KINDS[column], ids[i], eff, efficacy) if column in CONTROL_KINDS else None
+            texts[i] = render_input(dx[i], rx[i], px[i], efficacy=clauses or None, cfg=used).text
         stats.refit += 1
         stats.efficacy_reduced += status == "efficacy_reduced"
         stats.truncated += status == "truncated"

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from ckd_ehr.config import PipelineConfig
-from ckd_ehr.contracts import PREDICTIONS, STUDENT_VARIANTS, RunLayout, quantized_name
+from ckd_ehr.contracts import PREDICTIONS, PRIMARY_VARIANTS, RunLayout, quantized_name
 from ckd_ehr.storage import exists, write_parquet
 
 log = logging.getLogger("ckd_ehr.student")
@@ -53,7 +53,7 @@ def write_int8_predictions(cfg: PipelineConfig) -> list[str]:
 
     layout = RunLayout(cfg.run_dir)
     names = []
-    for variant in STUDENT_VARIANTS:
+    for variant in PRIMARY_VARIANTS:   # the controls render their own texts: not served
         artifact = layout.student_artifact(variant)
         if not exists(f"{artifact}/student.json") or not exists(layout.predictions(variant)):
             continue

@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 
 from ckd_ehr.config import PipelineConfig, config_hash
-from ckd_ehr.contracts import PREDICTIONS, PROBE_HEAD, RunLayout
+from ckd_ehr.contracts import PREDICTIONS, PROBE_HEAD, RunLayout, student_variant
 from ckd_ehr.models import resolve_model_path
-from ckd_ehr.storage import write_parquet
+from ckd_ehr.storage import exists, write_parquet
 from ckd_ehr.text import diagnosis_title_column
 from ckd_ehr.student.data import Encoded, FitStats, encode, fit_texts, load_efficacy, read_split, split_limit, variant_spec
 from ckd_ehr.student.loss import balanced_pos_weight
@@ -45,7 +45,7 @@ def prepare_variant(cfg: PipelineConfig, variant: str, tokenizer, efficacy: dict
     splits, texts, fit = {}, {}, {}
     for split in ("train", "val", "test"):
         # soft labels are read only where they are used: the training loss
-        soft_path = layout.soft_labels(split) if distill and split == "train" else None
+        soft_path = layout.soft_labels(split, student_variant(variant).soft_labels) if distill and split == "train" else None
         samples, soft = read_split(layout.augmented(split), soft_path, split_limit(s, split), seed=s.seed)
         t, stats = fit_texts(samples, tokenizer, s.max_length, column, efficacy, cfg.text, s.fit_shrink)
         splits[split] = encode(samples, soft, t, tokenizer, s.max_length)
@@ -185,9 +185,13 @@ def run_student(cfg: PipelineConfig) -> dict:
     from ckd_ehr.ray_utils import init_ray
 
     s, layout = cfg.student, RunLayout(cfg.run_dir)
-    if any(variant_spec(v)[1] for v in s.variants):
+    for source in sorted({student_variant(v).soft_labels for v in s.variants if student_variant(v).distills}):
+        if source == "oracle" and not exists(layout.soft_labels("train", "oracle")):
+            from ckd_ehr.soft_labels.oracle import write_oracle_soft_labels
+
+            write_oracle_soft_labels(layout)   # no model: the generator's probabilities, seconds
         # fail before hours of hard-label training, not after: distillation needs soft labels
-        read_split(layout.augmented("train"), layout.soft_labels("train"), s.max_train_samples, s.seed)
+        read_split(layout.augmented("train"), layout.soft_labels("train", source), s.max_train_samples, s.seed)
     init_ray(cfg.ray)
     return {v: train_variant(cfg, v) for v in s.variants}
 

@@ -1,0 +1,48 @@
+"""Config of `ckd-ehr study`: seeds, the rows trained per seed, and the contrasts stated before the run."""
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from ckd_ehr.config.base import Section
+from ckd_ehr.contracts import STUDENT_VARIANTS
+
+ROW_NAMES = STUDENT_VARIANTS + ("teacher",)
+
+
+class StudyConfig(Section):
+    seeds: list[int] = [0, 1, 2]
+    """Training seeds: each seed trains its own teacher(s) and students (teacher.seed and
+    student.seed, which also draws the capped training subset); the cohort, the split and the
+    EADF table are fixed once, so the test split is the same for every seed."""
+    rows: list[str] = ["hard_plain", "hard_eadf", "hard_names", "hard_random", "distill_plain_ablation",
+                       "ckd_ehr", "oracle_distill"]
+    """Student variants trained per seed (the teacher is always a row): (a), (b), (b-names),
+    (b-random), (c) from a plain-text teacher, (d) CKD-EHR, (d-oracle)."""
+    contrasts: list[tuple[str, str]] = [
+        ("hard_eadf", "hard_names"), ("ckd_ehr", "distill_plain_ablation"), ("distill_plain_ablation", "hard_plain"),
+        ("ckd_ehr", "hard_plain"), ("oracle_distill", "hard_plain")]
+    """The primary contrasts (new, base) on test macro AUROC, stated before the run: does the
+    drug content of the clauses help beyond naming the phenotypes, does EADF help a distilled
+    student, does distillation help, CKD-EHR against the paper's baseline, and distillation
+    from the best possible teacher."""
+    bootstrap: int = Field(1000, ge=10)
+    """Patient-bootstrap draws for the contrasts (each draw scores every row and seed)."""
+    level: float = Field(0.95, gt=0.5, lt=1.0)
+    """Confidence level of the simultaneous (max-T) intervals."""
+    alpha: float = Field(0.05, gt=0.0, lt=0.5)
+    """Family-wise error rate of the Holm-adjusted tests and of the detectable-effect figure."""
+
+    @model_validator(mode="after")
+    def _known_rows(self):
+        unknown = [r for r in self.rows if r not in STUDENT_VARIANTS]
+        if unknown:
+            raise ValueError(f"study.rows: unknown variant(s) {', '.join(unknown)} (one of {', '.join(STUDENT_VARIANTS)})")
+        if "ckd_ehr" not in self.rows:
+            raise ValueError("study.rows must include ckd_ehr")
+        for new, base in self.contrasts:
+            for r in (new, base):
+                if r not in self.rows and r != "teacher":
+                    raise ValueError(f"study.contrasts: '{r}' is not a row of the study (study.rows or teacher)")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"study.seeds must be distinct and non-empty, got {self.seeds}")
+        return self
