@@ -29,7 +29,8 @@ import pandas as pd
 import pyarrow as pa
 
 from ckd_ehr import storage
-from ckd_ehr.contracts import (PREDICTIONS, STUDENT_VARIANT_TABLE, STUDENT_VARIANTS, TEACHER_ROLE, ContractError,
+from ckd_ehr.contracts import (PREDICTIONS, PRIMARY_VARIANTS, STUDENT_VARIANT_TABLE, STUDENT_VARIANTS, TEACHER_ROLE,
+                               ContractError,
                                RunLayout, base_variant, check_schema)
 from ckd_ehr.evaluation.metrics import (ALL_METRICS, bootstrap_scores, delta_summary, evaluate_predictions, interval,
                       macro_label_set, paired_bootstrap_delta, to_matrix, tune_thresholds)
@@ -264,6 +265,7 @@ def run_evaluate(cfg) -> dict:
     baseline = cfg.evaluate.baseline
     pred_dir = storage.join(layout.root, "evaluate", "predictions")
     frames, sources, skipped = {}, {}, {}
+    expected = {*PRIMARY_VARIANTS, *cfg.student.variants, "teacher"}
     for name in MODELS:
         path = layout.predictions(name)
         if storage.exists(path):
@@ -272,7 +274,7 @@ def run_evaluate(cfg) -> dict:
             # Nobody has to write teacher.parquet: the soft labels of the test split are the
             # teacher's test predictions.
             frames[name], sources[name] = soft, layout.soft_labels("test")
-        else:
+        elif name in expected:  # a study control nobody asked for is not "skipped"
             skipped[name] = f"no predictions at {path}" + (
                 f" and no {layout.soft_labels('test')}" if name == "teacher" else "")
 
