@@ -1,0 +1,160 @@
+"""The generative teacher's pieces (issue 19, `teacher.head: generative`, not yet wired into the
+stages): the LLM reads its answer from its own vocabulary, as the authors' LLaMA-Factory run did,
+instead of through the MLAPH projection head.
+
+Training example: the prompt exactly as the MLAPH teacher's (ckd_ehr.teacher.data.encode_texts)
+followed by the answer "Disease that the patient may acquire: A, B" (or "... None") and EOS;
+the language-model loss counts the answer tokens only (the prompt's labels are -100). The
+answer lists the present phenotypes in an order shuffled per sample and seed, so that the
+likelihood of a name in the answer's first place says whether it belongs to the answer, not
+where its label index puts it.
+
+Scoring: per sample, one pass over prompt + answer prefix with the key-value cache kept, then
+the 25 phenotype names scored as continuations in one batched pass over the cache repeated 25
+times: score_j = mean log-probability of name j's tokens right after the prefix (mean, so long
+names are not penalised for their length). Scores become probabilities through a per-phenotype
+logistic calibration fitted on validation (`ScoreCalibration`); AUROC per phenotype does not
+depend on it (a monotone map per phenotype), the soft labels and thresholds do.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ckd_ehr.data.phenotypes import phenotype_names
+
+ANSWER_PREFIX = "Disease that the patient may acquire:"
+IGNORE = -100
+
+
+def _enc(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@dataclass(frozen=True)
+class AnswerVocabulary:
+    """The token pieces answers are built from, tokenised once: the answer is always the
+    concatenation of these pieces, in training and in scoring alike (no boundary merges)."""
+
+    prefix: list[int]
+    names: list[list[int]]
+    """Per phenotype (label order): the tokens of " <name>"."""
+    separator: list[int]
+    none: list[int]
+    eos: list[int]
+
+    @classmethod
+    def build(cls, tokenizer) -> "AnswerVocabulary":
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        return cls(_enc(tokenizer, ANSWER_PREFIX), [_enc(tokenizer, " " + n) for n in phenotype_names()],
+                   _enc(tokenizer, ","), _enc(tokenizer, " None"), eos)
+
+    def answer(self, labels: Sequence[int], rng: np.random.Generator | None = None) -> list[int]:
+        present = [j for j, y in enumerate(labels) if y]
+        if rng is not None:
+            present = [present[i] for i in rng.permutation(len(present))]
+        out = list(self.prefix)
+        for k, j in enumerate(present):
+            out += (self.separator if k else []) + self.names[j]
+        return out + (self.none if not present else []) + self.eos
+
+
+def generative_example(prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): the prompt is masked (IGNORE), only the answer is learned."""
+    return list(prompt_ids) + list(answer_ids), [IGNORE] * len(prompt_ids) + list(answer_ids)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy over the unmasked labels ([B, T, V] logits, [B, T] labels)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+
+
+def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def phenotype_scores(model, prompt_ids: Sequence[int], vocab: AnswerVocabulary, pad_id: int = 0) -> np.ndarray:
+    """[25] mean log-probabilities of each name right after the answer prefix: one cached pass
+    over prompt + prefix, one batched pass over the 25 names (see the module docstring)."""
+    device = next(model.parameters()).device
+    context = torch.tensor([list(prompt_ids) + vocab.prefix], dtype=torch.long, device=device)
+    out = model(input_ids=context, use_cache=True)
+    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)             # predicts each name's first token
+    k = len(vocab.names)
+    cache = copy.deepcopy(out.past_key_values)
+    cache.batch_repeat_interleave(k)
+    names, mask = _pad(vocab.names, pad_id)
+    names, mask = names.to(device), mask.to(device)
+    attention = torch.cat([torch.ones((k, context.shape[1]), dtype=torch.long, device=device), mask], dim=1)
+    logits = model(input_ids=names, attention_mask=attention, cache=cache, use_cache=False).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)                       # [25, T, V]
+    token_lp = torch.empty(names.shape, dtype=torch.float32, device=device)
+    token_lp[:, 0] = first[names[:, 0]]
+    if names.shape[1] > 1:
+        token_lp[:, 1:] = logp[:, :-1].gather(-1, names[:, 1:].unsqueeze(-1)).squeeze(-1)
+    m = mask.float()
+    return ((token_lp * m).sum(1) / m.sum(1)).cpu().numpy()
+
+
+@torch.inference_mode()
+def phenotype_scores_uncached(model, prompt_ids: Sequence[int], vocab: AnswerVocabulary) -> np.ndarray:
+    """The same scores from 25 separate full passes (the reference the cached pass must equal)."""
+    device = next(model.parameters()).device
+    out = []
+    context = list(prompt_ids) + vocab.prefix
+    for name in vocab.names:
+        ids = torch.tensor([context + name], dtype=torch.long, device=device)
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+        positions = range(len(context) - 1, len(context) + len(name) - 1)
+        out.append(float(np.mean([logp[p, t].item() for p, t in zip(positions, name)])))
+    return np.array(out, dtype=np.float32)
+
+
+class ScoreCalibration:
+    """Per phenotype, a logistic map score -> probability fitted on validation (Platt scaling);
+    a phenotype without both classes in validation gets its validation rate."""
+
+    def __init__(self, slope: np.ndarray, intercept: np.ndarray):
+        self.slope, self.intercept = np.asarray(slope, np.float64), np.asarray(intercept, np.float64)
+
+    @classmethod
+    def fit(cls, scores: np.ndarray, labels: np.ndarray, c: float = 1.0) -> "ScoreCalibration":
+        from sklearn.linear_model import LogisticRegression
+
+        scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0
+        slope, intercept = np.zeros(scores.shape[1]), np.zeros(scores.shape[1])
+        for j in range(scores.shape[1]):
+            y = labels[:, j]
+            if y.all() or not y.any():
+                rate = np.clip(y.mean(), 1e-4, 1 - 1e-4)
+                intercept[j] = np.log(rate / (1 - rate))
+                continue
+            x = scores[:, j:j + 1]
+            mu, sd = x.mean(), x.std() or 1.0
+            lr = LogisticRegression(C=c).fit((x - mu) / sd, y)
+            slope[j] = lr.coef_[0, 0] / sd
+            intercept[j] = lr.intercept_[0] - lr.coef_[0, 0] * mu / sd
+        return cls(slope, intercept)
+
+    def logits(self, scores: np.ndarray) -> np.ndarray:
+        return np.asarray(scores, np.float64) * self.slope + self.intercept
+
+    def to_json(self) -> str:
+        return json.dumps({"slope": self.slope.tolist(), "intercept": self.intercept.tolist()})
+
+    @classmethod
+    def from_json(cls, text: str) -> "ScoreCalibration":
+        d = json.loads(text)
+        return cls(np.array(d["slope"]), np.array(d["intercept"]))
