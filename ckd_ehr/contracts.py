@@ -43,7 +43,7 @@ SPLITS = ("train", "val", "test")
 STUDENT_VARIANTS = ("hard_plain", "hard_eadf", "distill_plain", "ckd_ehr")
 PROBE_HEAD = "probe_head.safetensors"
 """In a checkpoint and in teacher and student artifacts trained with `head_init: probe`: the
-linear probe the head started from (ckd_ehr.probe.LinearProbe), read by evaluate's probe rows."""
+linear probe the head started from (ckd_ehr.modeling.probe.LinearProbe), read by evaluate's probe rows."""
 
 
 def quantized_name(variant: str) -> str:
