@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ckd_ehr.modeling.collate import pad_batch, pad_id, predict_sorted, stack_rows  # noqa: F401  (re-exported)
+from ckd_ehr.modeling.collate import pad_batch, pad_id, predict_sorted, stack_rows
 from ckd_ehr.text import instruction
 
 log = logging.getLogger(__name__)
