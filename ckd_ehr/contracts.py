@@ -122,7 +122,7 @@ STUDENT_EFFICACY = "efficacy_table.parquet"
 """The training efficacy table, so Serve renders text exactly as training did."""
 PROBE_HEAD = "probe_head.safetensors"
 """In a checkpoint and in teacher and student artifacts trained with `head_init: probe`: the
-linear probe the head started from (ckd_ehr.probe.LinearProbe), read by evaluate's probe rows."""
+linear probe the head started from (ckd_ehr.modeling.probe.LinearProbe), read by evaluate's probe rows."""
 GROUND_TRUTH = "ground_truth.json"
 """RUN/raw/: the synthetic generator's truth (planted drugs, parameters, ceilings)."""
 

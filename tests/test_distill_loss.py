@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ckd_ehr.config import DistillConfig
-from ckd_ehr.student.loss import DistillLoss, LossWeights, alpha_at, balanced_pos_weight, distill_loss, weights_at
+from ckd_ehr.modeling.losses import DistillLoss, LossWeights, alpha_at, balanced_pos_weight, distill_loss, weights_at
 
 
 def _sig(x):

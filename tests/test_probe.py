@@ -1,10 +1,9 @@
-"""Linear probe (ckd_ehr.probe) and the student's windowed encoding: plain pieces, no Ray."""
+"""Linear probe (ckd_ehr.modeling.probe) and the student's windowed encoding: plain pieces, no Ray."""
 import numpy as np
-import pytest
 import torch
 
 from ckd_ehr.evaluation.baselines import macro_auroc
-from ckd_ehr.probe import LinearProbe, fit_probe
+from ckd_ehr.modeling.probe import LinearProbe, fit_probe
 
 
 SCALE = np.random.default_rng(99).uniform(0.1, 50, size=40)   # badly scaled features, shared by every split
@@ -31,7 +30,7 @@ def test_probe_finds_signal_and_folds_standardisation(tmp_path):
     assert abs(macro_auroc(yn, probe.probs(xn)) - 0.5) < 0.08
     # loaded into an nn.Linear on raw features it gives the same logits
     lin = torch.nn.Linear(40, 25)
-    from ckd_ehr.probe import load_linear
+    from ckd_ehr.modeling.probe import load_linear
 
     load_linear(lin, probe)
     np.testing.assert_allclose(lin(torch.as_tensor(xs)).detach().numpy(), probe.logits(xs), rtol=1e-3, atol=1e-3)

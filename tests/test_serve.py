@@ -6,7 +6,6 @@ FastAPI app with starlette's TestClient; the Serve tests talk HTTP to 127.0.0.1.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 from concurrent.futures import ThreadPoolExecutor

@@ -183,7 +183,7 @@ def test_ddp_training_lowers_the_loss(trained, tiny_bert_dir):
     import torch
 
     from ckd_ehr.student.data import encode, read_split
-    from ckd_ehr.student.loss import LossWeights, distill_loss
+    from ckd_ehr.modeling.losses import LossWeights, distill_loss
     from ckd_ehr.student.model import build_student, load_student_model
 
     cfg, layout, _ = trained

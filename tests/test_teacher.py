@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from ckd_ehr.config import TeacherConfig
+from ckd_ehr.modeling.pooling import last_token_index
 from ckd_ehr.teacher import build_prompts, load_teacher, predict_logits
 from ckd_ehr.teacher.artifact import write_artifact, write_weights
 from ckd_ehr.teacher.data import Collate, make_examples, pad_id
-from ckd_ehr.teacher.model import MLAPH, build_teacher, last_token_index, param_groups, trainable_parameters
+from ckd_ehr.teacher.model import MLAPH, build_teacher, param_groups, trainable_parameters
 from ckd_ehr.bench.toy_samples import toy_samples
 from ckd_ehr.teacher.train import BCELoss, balanced_pos_weight, load_tokenizer
 from ckd_ehr.text import instruction

@@ -78,7 +78,7 @@ def _texts(cfg, tmp: str) -> tuple[list[str], str]:
 def bench_padding(cfg, args) -> dict:
     from transformers import AutoTokenizer
 
-    from ckd_ehr.models import resolve_model_path
+    from ckd_ehr.modeling.paths import resolve_model_path
     from ckd_ehr.teacher.data import encode_texts
     from ckd_ehr.teacher.train import load_tokenizer
 

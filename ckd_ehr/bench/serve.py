@@ -58,7 +58,7 @@ def make_untrained_artifact(model: str, dest: str | os.PathLike, max_length: int
     untrained head on encoder `model`: for benchmarks and tests of the serving path."""
     from transformers import AutoTokenizer
 
-    from ckd_ehr.models import resolve_model_path
+    from ckd_ehr.modeling.paths import resolve_model_path
     from ckd_ehr.student.artifact import write_artifact
     from ckd_ehr.student.model import build_student, save_student
 

@@ -66,7 +66,7 @@ def untrained_artifact(teacher_cfg, dest: str) -> str:
     fresh LoRA and head (no training): same shapes and cost as a trained one."""
     from transformers import AutoTokenizer
 
-    from ckd_ehr.models import resolve_model_path
+    from ckd_ehr.modeling.paths import resolve_model_path
     from ckd_ehr.teacher import build_teacher, write_artifact
     from ckd_ehr.teacher.artifact import write_weights
 

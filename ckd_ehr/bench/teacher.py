@@ -204,7 +204,7 @@ def save_random_qwen(dest: str, arch: dict, tokenizer_src: str, gguf_file: str |
     tokenizer at `dest`; returns its parameter count."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from ckd_ehr.models import resolve_model_path
+    from ckd_ehr.modeling.paths import resolve_model_path
 
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(Qwen2Config(**arch))

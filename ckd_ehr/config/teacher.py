@@ -74,7 +74,7 @@ class TrainerConfig(Section):
     def use_gradient_checkpointing(self) -> bool:
         return bool(self.gradient_checkpointing)
     head_init: Literal["random", "probe"] = "random"
-    """`probe`: linear probe, then fine-tune (ckd_ehr.probe). Before the first step the head is
+    """`probe`: linear probe, then fine-tune (ckd_ehr.modeling.probe). Before the first step the head is
     set to a logistic regression fitted on the frozen model's pooled features of the training
     samples (C chosen on validation), then head and backbone fine-tune together. Costs one
     forward pass over the training and validation samples; a short CPU run starts from what

@@ -48,7 +48,7 @@ def text_fit_report(cfg, layout: RunLayout, top: dict) -> dict:
     """text_fit.json's content (see module doc); `top` = phenotype index -> listed drugs."""
     from transformers import AutoTokenizer
 
-    from ckd_ehr.models import resolve_model_path
+    from ckd_ehr.modeling.paths import resolve_model_path
     from ckd_ehr.teacher.data import encode_texts
     from ckd_ehr.teacher.train import load_tokenizer
 

@@ -50,7 +50,7 @@ def teacher_probe_row(cfg, layout: RunLayout):
     """(test frame, thresholds, details) of `probe_teacher`, or a note saying why there is none."""
     import torch
 
-    from ckd_ehr.probe import LinearProbe
+    from ckd_ehr.modeling.probe import LinearProbe
     from ckd_ehr.teacher.artifact import teacher_instruction
     from ckd_ehr.teacher.data import predict_logits
     from ckd_ehr.teacher.model import MLAPH, TeacherModel, load_backbone
@@ -111,8 +111,8 @@ def student_probe_row(cfg, layout: RunLayout, variant: str | None = None):
                         if storage.exists(storage.join(layout.student_artifact(v), PROBE_HEAD))), "ckd_ehr")
     from transformers import AutoTokenizer
 
-    from ckd_ehr.models import resolve_model_path
-    from ckd_ehr.probe import LinearProbe
+    from ckd_ehr.modeling.paths import resolve_model_path
+    from ckd_ehr.modeling.probe import LinearProbe
     from ckd_ehr.student.data import encode, fit_texts, load_efficacy, read_split, split_limit
     from ckd_ehr.student.model import build_student, predict_ids
 

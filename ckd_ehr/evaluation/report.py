@@ -167,23 +167,32 @@ def plot_per_phenotype_f1(metrics: dict, mode: str) -> bytes:
 
 def plot_reliability(metrics: dict) -> bytes:
     """Reliability diagram from the calibration bins in metrics.json (all N x 25 cells)."""
+    # The teacher first: its probabilities are the soft labels the students learn from.
+    names = sorted(metrics["models"], key=lambda n: n != "teacher")
+    return plot_reliability_curves({n: metrics["models"][n]["calibration"] for n in names},
+                                   "Reliability on the test split", highlight="teacher")
+
+
+def plot_reliability_curves(curves: dict[str, dict], title: str, highlight: str | None = None) -> bytes:
+    """Reliability diagram (PNG bytes), one line per named set of calibration bins
+    (ckd_ehr.evaluation.metrics.reliability_bins: mean_prob, positive_rate, ece); the diagonal
+    is perfect calibration. Used by this report and the soft-label quality report."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
-    # The teacher first: its probabilities are the soft labels the students learn from.
-    names = sorted(metrics["models"], key=lambda n: n != "teacher")
-    for name in names:
-        cal = metrics["models"][name]["calibration"]
+    for name, cal in curves.items():
         pts = [(p, r) for p, r in zip(cal["mean_prob"], cal["positive_rate"]) if p is not None]
         if pts:
-            ax.plot(*zip(*pts), marker="o", linewidth=2.5 if name == "teacher" else 1,
+            ax.plot(*zip(*pts), marker="o", linewidth=2.5 if name == highlight else 1,
                     label=f"{name} (ECE {cal['ece']:.3f})")
     ax.set_xlabel("mean predicted probability")
     ax.set_ylabel("observed positive rate")
-    ax.set_title("Reliability on the test split")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
     ax.legend(fontsize=8)
     return _figure_png(fig)
 

@@ -10,14 +10,13 @@ of "present". ECE = sum over equal-width bins of (cells in bin / all cells) *
 """
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pyarrow as pa
 
 from ckd_ehr import storage
 from ckd_ehr.contracts import SPLITS, RunLayout
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
+from ckd_ehr.data.phenotypes import phenotype_names
+from ckd_ehr.evaluation.metrics import to_matrix
 
 
 def binary_entropy_bits(p: np.ndarray) -> np.ndarray:
@@ -69,37 +68,6 @@ def split_quality(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> dict:
     return out
 
 
-def plot_reliability(curves: dict[str, dict]) -> bytes:
-    """Reliability diagram (PNG bytes): one line per split, the diagonal is perfect calibration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
-    for name, rel in curves.items():
-        pts = [(p, r) for p, r in zip(rel["mean_prob"], rel["positive_rate"]) if p is not None]
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", label=name)
-    ax.set_xlabel("mean predicted probability (bin)")
-    ax.set_ylabel("observed fraction present")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_title("Teacher soft labels: reliability")
-    ax.legend()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _matrix(table: pa.Table, column: str) -> np.ndarray:
-    flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return flat.reshape(-1, NUM_PHENOTYPES)
-
-
 def load_split(layout: RunLayout, split: str) -> tuple[np.ndarray, np.ndarray, str | None]:
     """(probs, labels, teacher_id) of one split, labels joined to soft labels by sample_id."""
     soft = storage.read_parquet(layout.soft_labels(split), columns=["sample_id", "probs", "teacher_id"])
@@ -107,11 +75,13 @@ def load_split(layout: RunLayout, split: str) -> tuple[np.ndarray, np.ndarray, s
     pos = {sid: i for i, sid in enumerate(lab.column("sample_id").to_pylist())}
     lab = lab.take(pa.array([pos[s] for s in soft.column("sample_id").to_pylist()], pa.int64()))
     tid = soft.column("teacher_id")[0].as_py() if soft.num_rows else None
-    return _matrix(soft, "probs").astype(np.float64), _matrix(lab, "labels").astype(np.int64), tid
+    return to_matrix(soft.column("probs"), np.float64), to_matrix(lab.column("labels"), np.int64), tid
 
 
 def write_quality_report(layout: RunLayout, n_bins: int = 10, splits=SPLITS) -> dict:
     """quality.json + reliability.png under RUN/soft_labels/quality/; returns the JSON dict."""
+    from ckd_ehr.evaluation.report import plot_reliability_curves
+
     per_split, all_p, all_y, teacher_id = {}, [], [], None
     for split in splits:
         p, y, tid = load_split(layout, split)
@@ -128,5 +98,6 @@ def write_quality_report(layout: RunLayout, n_bins: int = 10, splits=SPLITS) -> 
     out = layout.soft_label_quality
     storage.write_json(storage.join(out, "quality.json"), report)
     curves = {s: q["reliability"] for s, q in per_split.items() if "reliability" in q}
-    storage.write_bytes(storage.join(out, "reliability.png"), plot_reliability(curves))
+    storage.write_bytes(storage.join(out, "reliability.png"),
+                        plot_reliability_curves(curves, "Teacher soft labels: reliability"))
     return report

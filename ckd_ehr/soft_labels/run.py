@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 from ckd_ehr import storage
 from ckd_ehr.contracts import SOFT_LABELS, SPLITS, ContractError, RunLayout
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
+from ckd_ehr.modeling.collate import length_sorted_batches, pad_id, padding_efficiency, predict_sorted
 from ckd_ehr.training import format_duration
 
 log = logging.getLogger(__name__)
@@ -54,33 +55,20 @@ def tokenize(tokenizer, texts: Sequence[str], use_chat_template: bool, max_lengt
 def sub_batches(lengths: Sequence[int], sub_batch_size: int) -> list[np.ndarray]:
     """Row indices sorted by length (longest first) and cut into sub-batches of
     `sub_batch_size`: each forward pass pads only to its own longest row."""
-    from ckd_ehr.training import eval_batches
-
-    return list(eval_batches(lengths, sub_batch_size, 1, 0)) if len(lengths) else []
+    return length_sorted_batches(lengths, sub_batch_size)
 
 
 def score_ids(model, tokenizer, ids: list[list[int]], sub_batch_size: int,
               device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """(logits [N, 25] float32, padded length per row) for tokenised rows, in the order given.
 
-    Rows are sorted by length and padded per sub-batch only; the model pools each row at its
-    own true length (the attention mask), so padding does not change a row's logits. The
-    padded length is what the forward pass computed for the row (benchmarks count it).
+    Rows are sorted by length and padded per sub-batch only (ckd_ehr.modeling.collate, as
+    the teacher's predict_logits); the model pools each row at its own true length (the
+    attention mask), so padding does not change a row's logits. The padded length is what
+    the forward pass computed for the row (benchmarks count it).
     """
-    import torch
-
-    from ckd_ehr.teacher.data import pad_batch, pad_id
-
-    out = np.zeros((len(ids), NUM_PHENOTYPES), dtype=np.float32)
-    padded = np.zeros(len(ids), dtype=np.int32)
-    pid = pad_id(tokenizer)
-    with torch.inference_mode():
-        for idx in sub_batches([len(x) for x in ids], sub_batch_size):
-            batch = pad_batch([ids[i] for i in idx], pid)
-            logits = model.forward(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            out[idx] = logits.float().cpu().numpy()
-            padded[idx] = batch["input_ids"].shape[1]
-    return out, padded
+    pred = predict_sorted(model, ids, pad_id(tokenizer), sub_batch_size, NUM_PHENOTYPES, device)
+    return pred.outputs, pred.padded_length
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -268,7 +256,6 @@ def run_soft_labels(cfg) -> dict:
     """`ckd-ehr soft-labels`: SOFT_LABELS for every split plus the quality report."""
     from ckd_ehr.ray_utils import init_ray
     from ckd_ehr.soft_labels.quality import write_quality_report
-    from ckd_ehr.training import padding_efficiency
 
     layout = RunLayout(cfg.run_dir)
     artifact = layout.teacher_artifact

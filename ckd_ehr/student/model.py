@@ -3,31 +3,26 @@
 Pooling is configurable and defaults to a mask-aware mean of the last hidden states:
 MiniLM (the embedded default) was trained as a sentence encoder with mean pooling, and
 a mean over the true tokens (pads excluded) does not depend on which side is padded.
-`cls` takes the [CLS] hidden state (position 0, the classic BERT classifier input).
+`cls` takes the [CLS] hidden state (position 0, the classic BERT classifier input). Both are
+ckd_ehr.modeling.pooling's, shared with the teacher.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
-from ckd_ehr.models import resolve_model_path
+from ckd_ehr.modeling.collate import predict_sorted
+from ckd_ehr.modeling.paths import resolve_model_path
+from ckd_ehr.modeling.pooling import pool
+
+STUDENT_POOLINGS = ("mean", "cls")
 
 HEAD_FILE = "head.safetensors"
-
-
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
-    """[B, T, H] hidden states -> [B, H] sentence vectors."""
-    if how == "cls":
-        return hidden[:, 0]
-    if how == "mean":
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        # clamp: an all-pad row (never produced by the tokenizer) would divide by zero
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-    raise ValueError(f"unknown pooling '{how}' (mean or cls)")
 
 
 def encode_in_windows(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -61,6 +56,8 @@ def encode_in_windows(encoder: nn.Module, input_ids: torch.Tensor, attention_mas
 class StudentModel(nn.Module):
     def __init__(self, encoder: nn.Module, pooling: str = "mean", num_labels: int = NUM_PHENOTYPES):
         super().__init__()
+        if pooling not in STUDENT_POOLINGS:
+            raise ValueError(f"unknown pooling '{pooling}' ({' or '.join(STUDENT_POOLINGS)})")
         # BERT's pooler (tanh layer over [CLS], trained for next-sentence prediction) is not
         # used by our pooling: dropped, so DDP sees no parameters without gradients.
         if getattr(encoder, "pooler", None) is not None:
@@ -83,8 +80,8 @@ class StudentModel(nn.Module):
         return self.head(self.features(input_ids, attention_mask, **extra))
 
     def load_probe(self, probe) -> None:
-        """Set the head to a ckd_ehr.probe.LinearProbe (linear probe, then fine-tune)."""
-        from ckd_ehr.probe import load_linear
+        """Set the head to a ckd_ehr.modeling.probe.LinearProbe (linear probe, then fine-tune)."""
+        from ckd_ehr.modeling.probe import load_linear
 
         load_linear(self.head, probe)
 
@@ -162,26 +159,9 @@ def load_student_model(in_dir: str | os.PathLike, pooling: str = "mean", device:
 
 
 def predict_ids(model: StudentModel, input_ids: list[list[int]], pad_id: int, batch_size: int = 32,
-                device: str = "cpu") -> "np.ndarray":
-    """[N, 25] probabilities of token id lists. Sorted by length and padded per batch; the
-    same function serves training-time evaluation, test predictions and the loaded artifact,
-    so they agree exactly."""
-    import numpy as np
-
-    out = np.zeros((len(input_ids), model.head.out_features), dtype=np.float32)
-    order = np.argsort([len(x) for x in input_ids], kind="stable")
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            width = max(len(input_ids[i]) for i in idx)
-            x = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            m = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                x[r, : len(input_ids[i])] = torch.tensor(input_ids[i], dtype=torch.long)
-                m[r, : len(input_ids[i])] = 1
-            logits = model(x.to(device), m.to(device))
-            out[idx] = torch.sigmoid(logits.float()).cpu().numpy()
-    model.train(was_training)
-    return out
+                device: str = "cpu") -> np.ndarray:
+    """[N, 25] probabilities of token id lists, in input order. Sorted by length and padded per
+    batch (ckd_ehr.modeling.collate.predict_sorted); the same function serves training-time
+    evaluation, test predictions and the loaded artifact, so they agree exactly."""
+    return predict_sorted(model, input_ids, pad_id, batch_size, model.head.out_features, device,
+                          activation=torch.sigmoid).outputs

@@ -19,11 +19,11 @@ import pyarrow as pa
 
 from ckd_ehr.config import PipelineConfig, config_hash
 from ckd_ehr.contracts import PREDICTIONS, PROBE_HEAD, RunLayout, student_variant
-from ckd_ehr.models import resolve_model_path
+from ckd_ehr.modeling.paths import resolve_model_path
 from ckd_ehr.storage import exists, write_parquet
 from ckd_ehr.text import diagnosis_title_column
 from ckd_ehr.student.data import Encoded, FitStats, encode, fit_texts, load_efficacy, read_split, split_limit, variant_spec
-from ckd_ehr.student.loss import balanced_pos_weight
+from ckd_ehr.modeling.losses import balanced_pos_weight
 
 log = logging.getLogger("ckd_ehr.student")
 

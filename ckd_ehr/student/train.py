@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
+from ckd_ehr.modeling.collate import pad_batch, stack_rows
+from ckd_ehr.modeling.losses import DistillLoss
 from ckd_ehr.training import TRAINABLE, TrainResult, TrainTask, fit
 from ckd_ehr.student.data import Encoded
-from ckd_ehr.student.loss import DistillLoss
 
 
 class BuildStudent:
@@ -61,20 +60,11 @@ class StudentCollate:
         self.pad_id = pad_id
 
     def __call__(self, batch: list[dict]):
-        import torch
-
-        width = max(e["length"] for e in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, e in enumerate(batch):
-            ids[r, : e["length"]] = torch.as_tensor(e["input_ids"], dtype=torch.long)
-            mask[r, : e["length"]] = 1
-        targets = {"labels": torch.from_numpy(np.stack([e["labels"] for e in batch]).astype(np.float32)),
-                   "train": bool(batch[0].get("train", False))}
+        targets = {"labels": stack_rows([e["labels"] for e in batch]), "train": bool(batch[0].get("train", False))}
         if "teacher_probs" in batch[0]:
             for k in ("teacher_probs", "teacher_logits"):
-                targets[k] = torch.from_numpy(np.stack([e[k] for e in batch]).astype(np.float32))
-        return {"input_ids": ids, "attention_mask": mask}, targets
+                targets[k] = stack_rows([e[k] for e in batch])
+        return pad_batch([e["input_ids"] for e in batch], self.pad_id), targets
 
 
 class StudentParamGroups:

@@ -5,7 +5,8 @@ the 25 phenotypes, or a short one) + the sample's text, wrapped in the
 tokenizer's chat template where it has one, with the generation prompt added so the last
 token is the start of the assistant turn (what `last` pooling reads).
 
-Batches are padded to their own longest sample (right padding), never to max_length.
+Batches are padded to their own longest sample (right padding), never to max_length
+(ckd_ehr.modeling.collate: padding and length-sorted prediction, shared with the student).
 `encode_texts` is the one way to turn sample texts into teacher token ids (training,
 validation, predict_logits, soft labels): over-long prompts lose instruction before input.
 """
@@ -17,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ckd_ehr.modeling.collate import pad_batch, pad_id, predict_sorted, stack_rows
 from ckd_ehr.text import instruction
 
 log = logging.getLogger(__name__)
@@ -82,23 +84,6 @@ def encode_texts(texts: list[str], tokenizer, max_length: int, use_chat_template
     return out
 
 
-def pad_id(tokenizer) -> int:
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    return int(tokenizer.eos_token_id or 0)
-
-
-def pad_batch(seqs: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence of this batch."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 class Collate:
     """Examples {'input_ids': list[int], 'labels': 25 ints} -> (inputs, labels float tensor).
     A class, not a closure, so it pickles into Ray Train workers."""
@@ -107,9 +92,8 @@ class Collate:
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        inputs = pad_batch([e["input_ids"] for e in examples], self.pad_token_id)
-        labels = torch.as_tensor(np.asarray([e["labels"] for e in examples], dtype=np.float32))
-        return inputs, labels
+        return pad_batch([e["input_ids"] for e in examples], self.pad_token_id), \
+            stack_rows([e["labels"] for e in examples])
 
 
 def make_examples(texts: Sequence[str], labels, tokenizer, max_length: int, use_chat_template: bool,
@@ -120,7 +104,6 @@ def make_examples(texts: Sequence[str], labels, tokenizer, max_length: int, use_
     return [{"input_ids": x, "length": len(x), "labels": labels[i]} for i, x in enumerate(ids)]
 
 
-@torch.no_grad()
 def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 1024,
                    device: str = "cpu", use_chat_template: bool | None = None,
                    instruction_kind: str | None = None) -> np.ndarray:
@@ -136,22 +119,7 @@ def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 16,
     if not texts:
         return np.zeros((0, getattr(getattr(model, "head", None), "num_labels", 25)), dtype=np.float32)
     ids = encode_texts(texts, tokenizer, max_length, use_chat_template, instruction_kind)
-    order = np.argsort([-len(x) for x in ids], kind="stable")
-    pid = pad_id(tokenizer)
-    out: list[np.ndarray | None] = [None] * len(ids)
-    was_training = model.training
-    model.eval()
-    computed = 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
-        batch = pad_batch([ids[i] for i in idx], pid)
-        computed += batch["input_ids"].numel()
-        logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        logits = logits.float().cpu().numpy()
-        for j, i in enumerate(idx):
-            out[i] = logits[j]
-    model.train(was_training)
-    real = sum(len(x) for x in ids)
+    pred = predict_sorted(model, ids, pad_id(tokenizer), batch_size, model.head.num_labels, device)
     log.info("predict_logits: %d texts, padding efficiency %.3f (%d real / %d computed tokens)", len(ids),
-             real / computed, real, computed)
-    return np.stack(out).astype(np.float32)
+             pred.padding_efficiency, pred.real_tokens, pred.computed_tokens)
+    return pred.outputs

@@ -1,7 +1,8 @@
 """Teacher model: a decoder LLM backbone with LoRA adapters and the MLAPH head (25 logits).
 
 The Multi-Label Adaptive Projection Head maps pooled hidden states straight to one logit per
-phenotype (BCE), instead of reading labels from vocabulary logits. Three poolings:
+phenotype (BCE), instead of reading labels from vocabulary logits. Three poolings
+(ckd_ehr.modeling.pooling, shared with the student):
 
 - `last`: each sequence's TRUE last token, found from the attention mask, so it is right
   whatever the padding side (the release picked a pad token under right padding);
@@ -21,15 +22,10 @@ import torch
 from torch import nn
 
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
+from ckd_ehr.modeling.pooling import label_attention_pool, pool
 
 POOLINGS = ("last", "mean", "label_attention")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last attended token; works for left and right padding."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (attention_mask.long() * positions).argmax(dim=1)
 
 
 class MLAPH(nn.Module):
@@ -59,26 +55,17 @@ class MLAPH(nn.Module):
         # The head's dtype, not a fixed float32: DeepSpeed's bf16 mode casts every parameter,
         # the head included, and a float32 input to a bf16 Linear fails.
         hidden = hidden.to((self.proj.weight if self.pooling != "label_attention" else self.weight).dtype)
-        mask = attention_mask.to(hidden.device).bool()
         if self.pooling in ("last", "mean"):
-            return self.proj(self.pool(hidden, mask))
-        # label_attention: scores [B, L, K], softmax over the attended tokens of each sequence.
-        scores = torch.einsum("blh,kh->blk", hidden, self.queries) / math.sqrt(self.hidden_size)
-        scores = scores.masked_fill(~mask.unsqueeze(-1), torch.finfo(scores.dtype).min)
-        attn = scores.softmax(dim=1)
-        pooled = torch.einsum("blk,blh->bkh", attn, hidden)       # [B, K, H]: one vector per label
+            return self.proj(self.pool(hidden, attention_mask))
+        pooled = label_attention_pool(hidden, attention_mask, self.queries)  # [B, K, H]: one vector per label
         return (pooled * self.weight).sum(-1) + self.bias
-
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, T, H] -> [B, H] for `last` and `mean` (label attention pools per label: no single vector)."""
-        mask = mask.to(hidden.device).bool()
-        if self.pooling == "last":
-            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(mask)]
-        if self.pooling == "mean":
-            m = mask.unsqueeze(-1).to(hidden.dtype)
-            return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-        raise ValueError(f"pooling {self.pooling!r} has no single pooled vector (a linear probe needs last or mean)")
+        if self.pooling not in ("last", "mean"):
+            raise ValueError(f"pooling {self.pooling!r} has no single pooled vector "
+                             "(a linear probe needs last or mean)")
+        return pool(hidden, mask, self.pooling)
 
 
 class TeacherModel(nn.Module):
@@ -99,8 +86,8 @@ class TeacherModel(nn.Module):
         return self.head.pool(out.last_hidden_state, attention_mask).float()
 
     def load_probe(self, probe) -> None:
-        """Set the projection to a ckd_ehr.probe.LinearProbe (linear probe, then fine-tune)."""
-        from ckd_ehr.probe import load_linear
+        """Set the projection to a ckd_ehr.modeling.probe.LinearProbe (linear probe, then fine-tune)."""
+        from ckd_ehr.modeling.probe import load_linear
 
         load_linear(self.head.proj, probe)
 
@@ -112,7 +99,7 @@ def load_backbone(model: str, gguf_file: str | None = None, dtype: str | torch.d
     `zero3_partitioned_init`) it is built inside deepspeed.zero.Init: partitioned as it loads."""
     from transformers import AutoModel
 
-    from ckd_ehr.models import resolve_model_path
+    from ckd_ehr.modeling.paths import resolve_model_path
 
     # `auto` without a device to decide by (e.g. a CPU load of an artifact): float32.
     torch_dtype = _DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype
@@ -260,7 +247,7 @@ def teacher_model_size(cfg):
     parameters, LoRA parameters (rank x (in + out) per adapted Linear) and the head's."""
     from transformers import AutoConfig, AutoModel
 
-    from ckd_ehr.models import resolve_model_path
+    from ckd_ehr.modeling.paths import resolve_model_path
     from ckd_ehr.training import _DTYPE_BYTES, ModelSize
 
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}

@@ -12,13 +12,12 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from ckd_ehr import storage
 from ckd_ehr.config import config_hash
 from ckd_ehr.contracts import AUGMENTED_SAMPLES, ContractError, RunLayout, check_schema
-# One definition of class balancing for both models (the student's loss module holds it).
-from ckd_ehr.student.loss import balanced_pos_weight  # noqa: F401  (re-exported for callers)
+# One definition of class balancing for both models; the teacher's loss beside the student's.
+from ckd_ehr.modeling.losses import BCELoss, balanced_pos_weight  # noqa: F401  (re-exported for callers)
 from ckd_ehr.training import TrainResult, TrainTask, fit, subset_indices
 from ckd_ehr.teacher.artifact import SaveTeacherWeights, write_artifact
 from ckd_ehr.teacher.data import Collate, make_examples, pad_id
@@ -30,7 +29,7 @@ log = logging.getLogger("ckd_ehr.teacher")
 def load_tokenizer(tc):
     from transformers import AutoTokenizer
 
-    from ckd_ehr.models import resolve_model_path
+    from ckd_ehr.modeling.paths import resolve_model_path
 
     kwargs = {"gguf_file": tc.gguf_file} if tc.gguf_file else {}
     tok = AutoTokenizer.from_pretrained(resolve_model_path(tc.model), **kwargs)
@@ -54,17 +53,6 @@ def read_texts_and_labels(path: str, text_column: str) -> tuple[list[str], np.nd
     texts = [t or "" for t in table.column(text_column).to_pylist()]
     labels = np.asarray(table.column("labels").to_pylist(), dtype=np.int8).reshape(len(texts), -1)
     return texts, labels
-
-
-class BCELoss:
-    """BCEWithLogits over the 25 phenotypes, optional per-phenotype pos_weight. Picklable."""
-
-    def __init__(self, pos_weight: np.ndarray | None = None):
-        self.pos_weight = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32)
-
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, progress: float = 0.0) -> torch.Tensor:
-        pw = None if self.pos_weight is None else self.pos_weight.to(logits.device)
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=pw)
 
 
 class TeacherData:

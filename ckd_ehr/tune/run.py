@@ -63,7 +63,7 @@ def _train_trial(params: dict, base: dict, target: str, metric: str, train_root:
     from ray.tune.integration.ray_train import TuneReportCallback
     from transformers import AutoTokenizer
 
-    from ckd_ehr.models import resolve_model_path
+    from ckd_ehr.modeling.paths import resolve_model_path
     from ckd_ehr.training import fit
 
     cfg = _trial_config(base, params, target, metric)
@@ -78,7 +78,7 @@ def _train_trial(params: dict, base: dict, target: str, metric: str, train_root:
         fit(tc, task, storage_path=storage_path, name="train", callbacks=[TuneReportCallback()])
         return
     from ckd_ehr.student.data import load_efficacy
-    from ckd_ehr.student.loss import balanced_pos_weight
+    from ckd_ehr.modeling.losses import balanced_pos_weight
     from ckd_ehr.student.run import prepare_variant
     from ckd_ehr.student.train import student_task
 

@@ -1,4 +1,10 @@
-"""Distillation loss and the schedules of its weights.
+"""The losses of both models, side by side: the teacher's multi-label BCE and the student's
+distillation loss with the schedules of its weights. Each is a picklable callable
+(logits, targets, progress 0..1) -> scalar, as the training loop calls it.
+
+Teacher (`BCELoss`): BCEWithLogits over the 25 phenotypes, optional per-phenotype pos_weight.
+
+Student (`DistillLoss`):
 
     loss = alpha(t) * BCEWithLogits(logits, hard) + beta(t) * soft
 
@@ -23,6 +29,23 @@ import torch
 import torch.nn.functional as F
 
 from ckd_ehr.config import DistillConfig
+
+
+def multilabel_bce(logits: torch.Tensor, labels: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean BCEWithLogits over batch and labels, in float32 (whatever the model's dtype)."""
+    pw = None if pos_weight is None else pos_weight.to(logits.device)
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=pw)
+
+
+class BCELoss:
+    """The teacher's loss: multi-label BCE, optional per-phenotype pos_weight
+    (`balanced_pos_weight`, the same class balancing as the student's hard term). Picklable."""
+
+    def __init__(self, pos_weight: np.ndarray | None = None):
+        self.pos_weight = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32)
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, progress: float = 0.0) -> torch.Tensor:
+        return multilabel_bce(logits, labels, self.pos_weight)
 
 
 @dataclass(frozen=True)
@@ -124,7 +147,7 @@ class DistillLoss:
     def __call__(self, logits: torch.Tensor, targets: dict, progress: float = 0.0) -> torch.Tensor:
         logits = logits.float()
         if not targets.get("train", False):
-            return F.binary_cross_entropy_with_logits(logits, targets["labels"].float())
+            return multilabel_bce(logits, targets["labels"])
         pw = None if self.pos_weight is None else self.pos_weight.to(logits.device)
         loss, _ = distill_loss(logits, targets["labels"], weights_at(progress, self.cfg, self.hard_only),
                                targets.get("teacher_probs"), targets.get("teacher_logits"), self.cfg.soft_loss,

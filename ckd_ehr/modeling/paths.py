@@ -6,7 +6,6 @@ Nothing here downloads: the embedded defaults ship as PyPI packages (MiniLM-L6 i
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 
@@ -27,6 +26,3 @@ def resolve_model_path(spec: str) -> str:
             return str(candidate)
     raise FileNotFoundError(f"model '{spec}': no config.json or .gguf under {root}")
 
-
-def is_local(spec: str) -> bool:
-    return spec.startswith("pkg:") or os.path.isdir(spec)
