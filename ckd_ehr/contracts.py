@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
@@ -223,6 +224,28 @@ PREDICTIONS = pa.schema([
     ("labels", MULTI_HOT),
     ("probs", VECTOR25),
 ])
+
+
+def to_matrix(values, dtype=np.float64) -> np.ndarray:
+    """An N x K array from a 2-D array, a list of lists, a pandas Series of lists or a pyarrow
+    list column (the fixed-size MULTI_HOT / VECTOR25 columns take a zero-copy path): the one
+    conversion of the contract's vector columns for every stage."""
+    if isinstance(values, np.ndarray) and values.ndim == 2:
+        return values.astype(dtype, copy=False)
+    if isinstance(values, (pa.ChunkedArray, pa.Array)):
+        arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+        if pa.types.is_fixed_size_list(arr.type) and arr.null_count == 0:
+            flat = arr.flatten().to_numpy(zero_copy_only=False)
+            return flat.reshape(len(arr), arr.type.list_size).astype(dtype, copy=False)
+        values = arr.to_pylist()
+    elif hasattr(values, "tolist"):          # pandas Series of lists / arrays
+        values = values.tolist()
+    if not len(values):
+        return np.zeros((0, NUM_PHENOTYPES), dtype=dtype)
+    arr = np.asarray(values, dtype=dtype)
+    if arr.ndim != 2:
+        raise ValueError(f"expected an N x K matrix, got shape {arr.shape}")
+    return arr
 
 
 class ContractError(ValueError):

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from ckd_ehr.data.icd10 import ROUTES, Crosswalk
 from ckd_ehr.data.mimic4 import VERSION_LABELS
+from ckd_ehr.contracts import to_matrix
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, code_to_phenotype_table, phenotype_names
 
 UNMAPPED_LISTED = 2000  # codes listed by name in the report; the count is always complete
@@ -41,8 +42,7 @@ def _rate(mat: np.ndarray, mask: np.ndarray) -> list[float | None]:
 def icd_report(visits: pa.Table, versions: np.ndarray, group: np.ndarray, dx: pd.DataFrame,
                mapping: dict, crosswalk: Crosswalk) -> dict:
     names = phenotype_names()
-    mat = np.asarray(visits["phenotypes"].combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                     dtype=np.int8).reshape(-1, NUM_PHENOTYPES)
+    mat = to_matrix(visits["phenotypes"], np.int8)
     by_version = {label: int((versions == v).sum()) for v, label in VERSION_LABELS.items()}
 
     ten = dx["version"].to_numpy() == 10

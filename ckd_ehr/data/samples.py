@@ -19,8 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ckd_ehr.config import SplitConfig, TextConfig
-from ckd_ehr.contracts import SAMPLES, SPLITS, VISITS, check_schema
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
+from ckd_ehr.contracts import SAMPLES, SPLITS, VISITS, check_schema, to_matrix
 from ckd_ehr.text import diagnosis_title_column, render_input
 
 # Columns of visit i copied as they are into the sample.
@@ -103,8 +102,7 @@ def build_samples(visits: pa.Table, split_cfg: SplitConfig, text_cfg: TextConfig
     table = check_schema(table, SAMPLES, "samples")
     split_col = table["split"]
     out = {name: table.filter(pc.equal(split_col, name)) for name in SPLITS}
-    labels = pairs["labels"].combine_chunks().flatten().to_numpy(zero_copy_only=False) \
-        .reshape(-1, NUM_PHENOTYPES).astype(np.int64)
+    labels = to_matrix(pairs["labels"], np.int64)
     stats = {
         "samples": table.num_rows,
         "patients_with_pairs": len(set(pairs["subject_id"].to_pylist())),

@@ -23,6 +23,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from ckd_ehr.contracts import to_matrix  # noqa: F401  (the one conversion; metrics' callers use it from here too)
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
 
 THRESHOLDED = ("accuracy", "subset_accuracy", "macro_f1", "micro_f1", "weighted_f1", "samples_f1")
@@ -33,22 +34,6 @@ ALL_METRICS = THRESHOLDED + RANKING
 
 
 # --- inputs ------------------------------------------------------------------------------
-
-def to_matrix(values, dtype=np.float64) -> np.ndarray:
-    """An N x K array from a 2-D array, a list of lists or a pyarrow/pandas list column."""
-    if isinstance(values, np.ndarray) and values.ndim == 2:
-        return values.astype(dtype, copy=False)
-    if hasattr(values, "to_pylist"):         # pyarrow column
-        values = values.to_pylist()
-    elif hasattr(values, "tolist"):          # pandas Series of lists / arrays
-        values = values.tolist()
-    if not len(values):
-        return np.zeros((0, NUM_PHENOTYPES), dtype=dtype)
-    arr = np.asarray(values, dtype=dtype)
-    if arr.ndim != 2:
-        raise ValueError(f"expected an N x K matrix, got shape {arr.shape}")
-    return arr
-
 
 def threshold_vector(thresholds, k: int) -> np.ndarray:
     """Per-phenotype thresholds from a scalar or a length-k sequence (None = 0.5)."""

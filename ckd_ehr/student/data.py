@@ -19,9 +19,9 @@ import pyarrow as pa
 
 from ckd_ehr.config import TextConfig
 from ckd_ehr.contracts import (AUGMENTED_SAMPLES, CONTROL_TEXTS, EFFICACY, SOFT_LABELS, ContractError, check_schema,
-                               student_variant)
+                               student_variant, to_matrix)
 from ckd_ehr.eadf.stats import top_drugs
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
+from ckd_ehr.data.phenotypes import phenotype_names
 from ckd_ehr.storage import read_parquet
 from ckd_ehr.text import CONTROL_KINDS, control_efficacy, diagnosis_title_column, efficacy_for, render_input
 
@@ -32,11 +32,6 @@ def variant_spec(variant: str) -> tuple[str, bool]:
     """(text column, distills?) of a student variant (contracts.STUDENT_VARIANT_TABLE)."""
     spec = student_variant(variant)
     return spec.text_column, spec.distills
-
-
-def _matrix(col, width: int = NUM_PHENOTYPES, dtype=np.float32) -> np.ndarray:
-    rows = col.to_pylist()
-    return np.asarray(rows, dtype=dtype).reshape(len(rows), width)
 
 
 def load_efficacy(path: str, top_k: int) -> tuple[pa.Table, dict[str, list[str]]]:
@@ -193,9 +188,9 @@ def encode(samples: pa.Table, soft: pa.Table | None, texts: list[str], tokenizer
     ids = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
     return Encoded(
         input_ids=[list(x) for x in ids],
-        labels=_matrix(samples.column("labels")),
+        labels=to_matrix(samples.column("labels"), np.float32),
         sample_ids=samples.column("sample_id").to_pylist(),
         subject_ids=samples.column("subject_id").to_pylist(),
-        teacher_probs=None if soft is None else _matrix(soft.column("probs")),
-        teacher_logits=None if soft is None else _matrix(soft.column("logits")),
+        teacher_probs=None if soft is None else to_matrix(soft.column("probs"), np.float32),
+        teacher_logits=None if soft is None else to_matrix(soft.column("logits"), np.float32),
     )
