@@ -216,6 +216,15 @@ def save_random_qwen(dest: str, arch: dict, tokenizer_src: str, gguf_file: str |
     return n
 
 
+ZERO3_BOUNDED = {"stage3_max_live_parameters": 1e8, "stage3_max_reuse_distance": 1e8,
+                 "stage3_prefetch_bucket_size": 1e7}
+"""ZeRO-3 settings that bound what a worker holds gathered during training: DeepSpeed's defaults
+(1e9 live parameters, reuse distance 1e9, prefetch 5e7) let a whole 0.5B model stay gathered on
+every worker, which is what partitioning is meant to avoid; at 1e8 at most about a fifth of it
+is live at once. The price is more gathers per step (on GPUs, where the gathers go to device
+memory, DeepSpeed's defaults are usually the faster choice)."""
+
+
 def bench_zero3_load(cfg, args) -> dict:
     """Two Ray Train CPU workers (gloo) train a randomly initialised ~0.5B Qwen2 teacher under
     ZeRO-3 for two steps, once with partitioned loading (teacher.zero3_partitioned_init) and
@@ -240,9 +249,10 @@ def bench_zero3_load(cfg, args) -> dict:
             tc = cfg.teacher.model_copy(update=dict(
                 model=model_dir, gguf_file=None, strategy="deepspeed", num_workers=2, cpus_per_worker=1,
                 use_gpu=False, dtype="float32",
-                # other ZeRO settings from the config (e.g. --set
-                # teacher.deepspeed.zero_optimization.stage3_max_live_parameters=1e8), stage 3 forced
-                deepspeed={"zero_optimization": {**(cfg.teacher.deepspeed.get("zero_optimization") or {}),
+                # Bounded gathers (ZERO3_BOUNDED, below), then the config's own ZeRO settings
+                # (--set teacher.deepspeed.zero_optimization.KEY=VALUE), stage 3 forced.
+                deepspeed={"zero_optimization": {**ZERO3_BOUNDED,
+                                                 **(cfg.teacher.deepspeed.get("zero_optimization") or {}),
                                                  "stage": 3}},
                 zero3_partitioned_init=partitioned, epochs=1, max_steps=2, batch_size=1, grad_accum=1,
                 max_length=64, max_train_samples=8, max_eval_samples=4, checkpoint_every_steps=None,
@@ -260,10 +270,11 @@ def bench_zero3_load(cfg, args) -> dict:
                 "peak_after_build_vs_full_copy": round(m["worker_build_peak_rss_mib"] / (n * 4 / 2**20), 3),
                 "train_loss_first": m.get("train_loss_first"), "train_loss": m.get("train_loss")}
     res["runs"] = runs
+    res["zero3"] = {**ZERO3_BOUNDED, **(cfg.teacher.deepspeed.get("zero_optimization") or {}), "stage": 3}
     res["note"] = ("peaks are VmHWM of the worker processes (max over the 2 workers), which include the Ray worker's "
                    "own baseline (worker_start_rss_mib) and, for worker_peak_rss_mib, AdamW state, activations and "
-                   "the ZeRO-3 gathers of training (DeepSpeed's default stage3_max_live_parameters of 1e9 elements "
-                   "lets a whole 0.5B model stay gathered); full_copy_fp32_mib is the model's weights alone. Without "
+                   "the ZeRO-3 gathers of training (bounded by the zero_optimization settings in `zero3`); "
+                   "full_copy_fp32_mib is the model's weights alone. Without "
                    "partitioned loading, from_pretrained memory-maps the checkpoint lazily, so its after-build "
                    "figure counts no weights yet: compare the whole-run peaks")
     emit(res, getattr(args, "out", None))
