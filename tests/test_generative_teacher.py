@@ -60,3 +60,22 @@ def test_calibration_orders_and_round_trips():
     assert abs(p[:, 0].mean() - y[:, 0].mean()) < 0.03 and p[:, 4].max() < 0.01
     back = ScoreCalibration.from_json(cal.to_json())
     np.testing.assert_allclose(back.logits(scores), cal.logits(scores))
+
+
+def test_generative_teacher_scores_a_padded_batch_like_single_prompts(lm):
+    from ckd_ehr.modeling.collate import pad_batch
+    from ckd_ehr.teacher.generative import GenerativeTeacher
+
+    model, tok = lm
+    vocab = AnswerVocabulary.build(tok)
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in
+               ("Sepsis and heparin.", "A much longer visit with pneumonia, asthma and a fracture of the hip.")]
+    teacher = GenerativeTeacher(model, vocab, pad_id=tok.pad_token_id or 0)
+    batch = pad_batch(prompts, tok.pad_token_id or 0)
+    out = teacher(batch["input_ids"], batch["attention_mask"])
+    assert out.shape == (2, NUM_PHENOTYPES)
+    for i, p in enumerate(prompts):
+        np.testing.assert_allclose(out[i].numpy(), phenotype_scores(model, p, vocab, tok.pad_token_id or 0), atol=1e-5)
+    ids, lab = generative_example(prompts[0], vocab.answer(np.eye(NUM_PHENOTYPES, dtype=int)[3]))
+    loss = teacher(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), torch.tensor([lab]))
+    assert loss.ndim == 0 and loss.item() > 0

@@ -158,3 +158,27 @@ class ScoreCalibration:
     def from_json(cls, text: str) -> "ScoreCalibration":
         d = json.loads(text)
         return cls(np.array(d["slope"]), np.array(d["intercept"]))
+
+
+class GenerativeTeacher(torch.nn.Module):
+    """A causal LM (usually peft-wrapped) whose 25 phenotype logits come from its vocabulary.
+
+    forward(input_ids, attention_mask) on a padded batch of prompts -> [B, 25]: per row, the
+    cached name scores (phenotype_scores), through the calibration when it has one (after
+    training: fitted on validation), else the raw scores. Same call as TeacherModel, so the
+    length-sorted prediction and the soft-label actors score it unchanged.
+    forward(input_ids, attention_mask, labels) -> the language-model loss (training)."""
+
+    def __init__(self, lm: torch.nn.Module, vocab: AnswerVocabulary, pad_id: int,
+                 calibration: ScoreCalibration | None = None):
+        super().__init__()
+        self.lm, self.vocab, self.pad_id, self.calibration = lm, vocab, pad_id, calibration
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
+        if labels is not None:
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return lm_loss(logits, labels)
+        rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), attention_mask.cpu())]
+        scores = np.stack([phenotype_scores(self.lm, r, self.vocab, self.pad_id) for r in rows])
+        out = self.calibration.logits(scores) if self.calibration is not None else scores
+        return torch.as_tensor(out, dtype=torch.float32, device=input_ids.device)
