@@ -79,3 +79,41 @@ def test_generative_teacher_scores_a_padded_batch_like_single_prompts(lm):
     ids, lab = generative_example(prompts[0], vocab.answer(np.eye(NUM_PHENOTYPES, dtype=int)[3]))
     loss = teacher(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), torch.tensor([lab]))
     assert loss.ndim == 0 and loss.item() > 0
+
+
+def test_generative_artifact_round_trips(tiny_qwen_dir, tmp_path):
+    """teacher.head: generative -> artifact with adapter/ and calibration.json (no head), `head`
+    in teacher.json; load_teacher gives back a GenerativeTeacher scoring as before."""
+    from transformers import AutoTokenizer
+
+    from ckd_ehr.config import TeacherConfig
+    from ckd_ehr.modeling.collate import pad_batch
+    from ckd_ehr.teacher.artifact import load_teacher, write_artifact, write_weights
+    from ckd_ehr.teacher.generative import GenerativeTeacher
+    from ckd_ehr.teacher.model import add_lora, load_backbone
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(tiny_qwen_dir))
+    lm = add_lora(load_backbone(str(tiny_qwen_dir), lm_head=True), 4, 8.0, 0.0, ["q_proj", "v_proj"])
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)   # a trained-looking adapter, so the round trip is not trivially the base
+    rng = np.random.default_rng(0)
+    cal = ScoreCalibration(rng.uniform(0.5, 2, NUM_PHENOTYPES), rng.normal(size=NUM_PHENOTYPES))
+    teacher = GenerativeTeacher(lm, AnswerVocabulary.build(tok), tok.pad_token_id or 0, cal)
+    state = {k: v for k, v in teacher.named_parameters() if v.requires_grad}
+    write_weights(teacher, state, tmp_path / "ckpt")
+    cfg = TeacherConfig(model=str(tiny_qwen_dir), gguf_file=None, head="generative", max_length=128)
+    meta = write_artifact(tmp_path / "ckpt", tok, cfg, {"val_loss": 1.0}, str(tmp_path / "art"), calibration=cal)
+    assert meta["head"] == "generative"
+    assert (tmp_path / "art" / "calibration.json").exists() and not (tmp_path / "art" / "head.safetensors").exists()
+    loaded, _, meta2 = load_teacher(str(tmp_path / "art"))
+    assert isinstance(loaded, GenerativeTeacher) and meta2["artifact_id"] == meta["artifact_id"]
+    batch = pad_batch([tok("Sepsis and heparin.", add_special_tokens=False)["input_ids"]], tok.pad_token_id or 0)
+    teacher.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(batch["input_ids"], batch["attention_mask"]).numpy(),
+                                   teacher(batch["input_ids"], batch["attention_mask"]).numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="calibration"):
+        write_artifact(tmp_path / "ckpt", tok, cfg, {}, str(tmp_path / "art2"))

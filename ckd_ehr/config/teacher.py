@@ -129,6 +129,11 @@ class TeacherConfig(TrainerConfig):
     a 7B model at 1,024+ tokens dominate its memory; ~1/3 more compute), off on CPU."""
     lora: LoraConfig = LoraConfig()
     """LoRA adapter settings."""
+    head: Literal["mlaph", "generative"] = "mlaph"
+    """`mlaph`: the multi-label projection head over pooled hidden states (the paper's method);
+    `generative`: no head, the LM is fine-tuned on the answer "Disease that the patient may
+    acquire: ..." and each phenotype's probability is read from its vocabulary (the baseline the
+    paper's MLAPH claim is against; ckd_ehr.teacher.generative)."""
     pooling: Literal["last", "mean", "label_attention"] = "last"
     """MLAPH pooling: `last` = each sequence's true last token; `mean` = mask-aware mean;
     `label_attention` = one learned query per phenotype attends over the tokens."""

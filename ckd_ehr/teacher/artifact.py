@@ -2,7 +2,8 @@
 
     artifact/
       adapter/            peft save_pretrained of the LoRA weights only (no base weights)
-      head.safetensors    MLAPH parameters
+      head.safetensors    MLAPH parameters (teacher.head: mlaph)
+      calibration.json    per-phenotype score -> probability map fitted on validation (teacher.head: generative)
       tokenizer/          tokenizer save_pretrained (with its chat template)
       teacher.json        config, label_names, metrics, base model spec, gguf_file, pooling,
                           artifact_id (short hash of the weights and config)
@@ -22,8 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckd_ehr import storage
-from ckd_ehr.contracts import ARTIFACT_HEAD, ARTIFACT_TOKENIZER, PROBE_HEAD, TEACHER_ADAPTER, TEACHER_META
+from ckd_ehr.contracts import (ARTIFACT_HEAD, ARTIFACT_TOKENIZER, PROBE_HEAD, TEACHER_ADAPTER, TEACHER_CALIBRATION,
+                               TEACHER_META)
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
+from ckd_ehr.teacher.generative import AnswerVocabulary, GenerativeTeacher, ScoreCalibration
 from ckd_ehr.teacher.model import MLAPH, TeacherModel, load_backbone, quiet_peft_deprecation
 
 
@@ -36,9 +39,14 @@ class SaveTeacherWeights:
         write_weights(model, state_dict, out_dir)
 
 
-def write_weights(model: TeacherModel, state_dict: dict[str, torch.Tensor], out_dir: str | os.PathLike) -> None:
+def write_weights(model, state_dict: dict[str, torch.Tensor], out_dir: str | os.PathLike) -> None:
+    """adapter/ (+ head.safetensors for an MLAPH teacher) from the trainable state dict."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, GenerativeTeacher):   # no head: the LM reads its answer from its vocabulary
+        adapter = {k[len("lm."):]: v for k, v in state_dict.items() if k.startswith("lm.")}
+        model.lm.save_pretrained(str(out / TEACHER_ADAPTER), state_dict=adapter)
+        return
     adapter = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     head = {k[len("head."):]: v.detach().float().cpu().contiguous() for k, v in state_dict.items()
             if k.startswith("head.")}
@@ -56,16 +64,24 @@ def _digest(local: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def write_artifact(weights_dir: str | os.PathLike, tokenizer, cfg, metrics: dict, dest: str) -> dict:
-    """Assemble the artifact from a checkpoint's adapter/ + head.safetensors and upload it to
-    `dest` (local or URI) atomically. Returns teacher.json's contents."""
+def write_artifact(weights_dir: str | os.PathLike, tokenizer, cfg, metrics: dict, dest: str,
+                   calibration: ScoreCalibration | None = None) -> dict:
+    """Assemble the artifact from a checkpoint's adapter/ + head.safetensors (an MLAPH teacher)
+    or adapter/ + the validation calibration (a generative one) and upload it to `dest` (local
+    or URI) atomically. Returns teacher.json's contents."""
     import shutil
 
+    head = getattr(cfg, "head", "mlaph")
+    if head == "generative" and calibration is None:
+        raise ValueError("a generative teacher's artifact needs its score calibration (fitted on validation)")
     with storage.local_dir(str(weights_dir)) as src, tempfile.TemporaryDirectory(prefix="teacher-art-") as tmp:
         local = Path(tmp) / "artifact"
         local.mkdir()
         shutil.copytree(src / TEACHER_ADAPTER, local / TEACHER_ADAPTER)
-        shutil.copy2(src / ARTIFACT_HEAD, local / ARTIFACT_HEAD)
+        if head == "generative":
+            (local / TEACHER_CALIBRATION).write_text(calibration.to_json())
+        else:
+            shutil.copy2(src / ARTIFACT_HEAD, local / ARTIFACT_HEAD)
         if (src / PROBE_HEAD).exists():
             shutil.copy2(src / PROBE_HEAD, local / PROBE_HEAD)
         tokenizer.save_pretrained(str(local / ARTIFACT_TOKENIZER))
@@ -73,6 +89,7 @@ def write_artifact(weights_dir: str | os.PathLike, tokenizer, cfg, metrics: dict
         meta = {
             "kind": "ckd-ehr-teacher",
             "artifact_id": hashlib.sha256((_digest(local) + json.dumps(config, sort_keys=True)).encode()).hexdigest()[:12],
+            "head": head,
             "base_model": cfg.model,
             "gguf_file": cfg.gguf_file,
             "pooling": cfg.pooling,
@@ -112,16 +129,23 @@ def load_teacher(artifact_dir: str, device: str = "cpu", dtype=None, merge_lora:
             dtype = cfg.get("dtype", "float32")
             if dtype == "auto":
                 dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+        generative = meta.get("head", "mlaph") == "generative"
         backbone = load_backbone(meta["base_model"], meta.get("gguf_file"), dtype,
-                                 cfg.get("attn_implementation", "sdpa"))
+                                 cfg.get("attn_implementation", "sdpa"), lm_head=generative)
         with quiet_peft_deprecation():
             backbone = PeftModel.from_pretrained(backbone, str(d / TEACHER_ADAPTER))
         if merge_lora:
             backbone = backbone.merge_and_unload()
-        head = MLAPH(backbone.config.hidden_size, meta.get("num_labels", NUM_PHENOTYPES), meta["pooling"])
-        head.load_state_dict(load_file(str(d / ARTIFACT_HEAD)))
         tokenizer = AutoTokenizer.from_pretrained(str(d / ARTIFACT_TOKENIZER))
-    model = TeacherModel(backbone, head).to(device)
+        if generative:
+            from ckd_ehr.modeling.collate import pad_id
+
+            model = GenerativeTeacher(backbone, AnswerVocabulary.build(tokenizer), pad_id(tokenizer),
+                                      ScoreCalibration.from_json((d / TEACHER_CALIBRATION).read_text())).to(device)
+        else:
+            head = MLAPH(backbone.config.hidden_size, meta.get("num_labels", NUM_PHENOTYPES), meta["pooling"])
+            head.load_state_dict(load_file(str(d / ARTIFACT_HEAD)))
+            model = TeacherModel(backbone, head).to(device)
     model.use_chat_template = bool(meta.get("use_chat_template", True))
     model.instruction_kind = teacher_instruction(meta)
     model.eval()

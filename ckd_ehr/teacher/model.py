@@ -93,11 +93,12 @@ class TeacherModel(nn.Module):
 
 
 def load_backbone(model: str, gguf_file: str | None = None, dtype: str | torch.dtype = "float32",
-                  attn_implementation: str = "sdpa") -> nn.Module:
-    """The base decoder (no LM head) from a local dir, cached hub id, `pkg:NAME`, or a GGUF file.
-    Under an active transformers HfDeepSpeedConfig with ZeRO-3 (ckd_ehr.training sets one for
-    `zero3_partitioned_init`) it is built inside deepspeed.zero.Init: partitioned as it loads."""
-    from transformers import AutoModel
+                  attn_implementation: str = "sdpa", lm_head: bool = False) -> nn.Module:
+    """The base decoder (no LM head; with `lm_head`, the causal LM the generative teacher needs)
+    from a local dir, cached hub id, `pkg:NAME`, or a GGUF file. Under an active transformers
+    HfDeepSpeedConfig with ZeRO-3 (ckd_ehr.training sets one for `zero3_partitioned_init`) the
+    decoder is built inside deepspeed.zero.Init: partitioned as it loads."""
+    from transformers import AutoModel, AutoModelForCausalLM
 
     from ckd_ehr.modeling.paths import resolve_model_path
 
@@ -105,11 +106,11 @@ def load_backbone(model: str, gguf_file: str | None = None, dtype: str | torch.d
     torch_dtype = _DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype
     kwargs = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
     path = resolve_model_path(model)
-    if not gguf_file and _zero3_active() and _safetensors_files(path):
+    if not lm_head and not gguf_file and _zero3_active() and _safetensors_files(path):
         return load_partitioned(path, torch_dtype, attn_implementation)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file  # dequantised to `dtype` on load
-    return AutoModel.from_pretrained(path, **kwargs)
+    return (AutoModelForCausalLM if lm_head else AutoModel).from_pretrained(path, **kwargs)
 
 
 def _zero3_active() -> bool:
