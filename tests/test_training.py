@@ -111,12 +111,20 @@ class _BagOfTokens:
         class Model(nn.Module):
             def __init__(self):
                 super().__init__()
-                self.emb = nn.Embedding(VOCAB, 16)
-                self.head = nn.Linear(16, NUM_PHENOTYPES)
+                self.emb = nn.Embedding(VOCAB, 32)
+                self.head = nn.Linear(32, NUM_PHENOTYPES)
+
+            def features(self, input_ids, attention_mask):   # what head_init `probe` fits on
+                m = attention_mask.unsqueeze(-1).float()
+                return (self.emb(input_ids) * m).sum(1)
 
             def forward(self, input_ids, attention_mask):
-                m = attention_mask.unsqueeze(-1).float()
-                return self.head((self.emb(input_ids) * m).sum(1))
+                return self.head(self.features(input_ids, attention_mask))
+
+            def load_probe(self, probe):
+                from ckd_ehr.probe import load_linear
+
+                load_linear(self.head, probe)
 
         torch.manual_seed(0)
         return Model()
@@ -185,6 +193,28 @@ def test_loop_in_process_learns_checkpoints_fails_once_and_resumes(tmp_path):
     # validation rows come back in load_data's order, whatever the length sorting did
     np.testing.assert_array_equal(np.load(os.path.join(best_dir, "val_labels.npy")),
                                   np.stack([e["labels"] for e in val]))
+
+
+def test_loop_in_process_probe_is_step_zero(tmp_path):
+    """head_init probe: the probe is fitted on the frozen features, validated and reported as
+    step 0 with its head saved, so best-checkpoint selection can keep it."""
+    import os
+
+    from ckd_ehr.contracts import PROBE_HEAD
+    from ckd_ehr.training import LocalReporter, TrainLoop, TrainTask, WorkerContext
+
+    train, val = _marker_examples(160, 0), _marker_examples(48, 1)
+    task = TrainTask(build_model=_BagOfTokens(), load_data=lambda: (train, val), collate=_collate, loss_fn=_bce)
+    cfg = TrainerConfig(num_workers=1, epochs=1, batch_size=16, lr=1e-3, warmup_ratio=0.0, max_length=16,
+                        strategy="ddp", head_init="probe", best_metric="val_macro_auroc")
+    rep = LocalReporter(str(tmp_path / "probe"))
+    TrainLoop(cfg, task, WorkerContext(), rep).run()
+    assert [r["step"] for r in rep.reports] == [0, 10]
+    zero = rep.reports[0]
+    # the loop's own validation of the probe-headed model reproduces the probe's validation AUROC
+    assert zero["probe_val_macro_auroc"] >= 0.9, zero
+    assert abs(zero["val_macro_auroc"] - zero["probe_val_macro_auroc"]) < 1e-3, zero
+    assert os.path.exists(os.path.join(rep.checkpoints[0][0], PROBE_HEAD))
 
 
 class _TinyLM:
