@@ -275,3 +275,22 @@ def test_loop_takes_a_generative_loss(tmp_path):
     assert not any(k.startswith("val_macro") for k in rep.reports[-1])
     best_dir, _ = rep.best("val_loss")
     assert not os.path.exists(os.path.join(best_dir, "val_logits.npy"))
+
+
+def test_ray_train_is_imported_in_one_file_only():
+    """ckd_ehr.training.ray_train is the only module that names ray.train, and importing the
+    training package (loop, engines, tasks) imports no Ray at all."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "ckd_ehr"
+    naming = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
+                    if re.search(r"\bray\.train\b|from ray import train\b", p.read_text()))
+    assert naming == ["training/ray_train.py"], naming
+    code = ("import sys, ckd_ehr.training\n"
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=root.parent).stdout.strip()
+    assert out == "[]", out
