@@ -50,7 +50,7 @@ def test_student_learns_an_obvious_signal(ray_local, tiny_bert_dir, marker_split
     from ckd_ehr.config import StudentConfig
     from ckd_ehr.student.train import examples, student_task
     from ckd_ehr.student.data import Encoded
-    from ckd_ehr.training import TrainTask, fit
+    from ckd_ehr.training import fit
 
     tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
     cfg = StudentConfig(model=str(tiny_bert_dir), num_workers=1, cpus_per_worker=1, epochs=4, batch_size=16,
@@ -61,9 +61,7 @@ def test_student_learns_an_obvious_signal(ray_local, tiny_bert_dir, marker_split
         encoded = Encoded(input_ids=ids, labels=labels.astype(np.float32),
                           sample_ids=[str(i) for i in range(len(ids))], subject_ids=list(range(len(ids))))
         splits.append(examples(encoded, with_teacher=False))
-    real = student_task(cfg, str(tiny_bert_dir), None, None, tok.pad_token_id, distill=False)
-    task = TrainTask(build_model=real.build_model, load_data=list_data(*splits), collate=real.collate,
-                     loss_fn=real.loss_fn)
+    task = student_task(cfg, str(tiny_bert_dir), list_data(*splits), tok.pad_token_id, distill=False)
     result = fit(cfg, task, storage_path=str(tmp_path), name="canary-student")
     assert result.metrics["train_loss"] < result.metrics["train_loss_first"]
     assert result.best_metrics["val_macro_auroc"] >= 0.9, result.best_metrics

@@ -92,3 +92,205 @@ def test_subset_indices_is_a_seeded_sample_in_file_order():
     assert not (keep == subset_indices(100, 10, seed=4)).all()
     assert (subset_indices(5, 10, seed=0) == np.arange(5)).all()
     assert (subset_indices(5, None, seed=0) == np.arange(5)).all()
+
+
+# --- the loop in this process (no Ray): LocalReporter, resume, fail injection, a generative loss ---
+
+VOCAB, N_MARKERS = 24, 5
+
+
+class _BagOfTokens:
+    """Factory of a tiny classifier (embedding, masked sum, linear head over the 25 phenotypes)."""
+
+    def __call__(self):
+        import torch
+        from torch import nn
+
+        from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
+
+        class Model(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb = nn.Embedding(VOCAB, 32)
+                self.head = nn.Linear(32, NUM_PHENOTYPES)
+
+            def features(self, input_ids, attention_mask):   # what head_init `probe` fits on
+                m = attention_mask.unsqueeze(-1).float()
+                return (self.emb(input_ids) * m).sum(1)
+
+            def forward(self, input_ids, attention_mask):
+                return self.head(self.features(input_ids, attention_mask))
+
+            def load_probe(self, probe):
+                from ckd_ehr.modeling.probe import load_linear
+
+                load_linear(self.head, probe)
+
+        torch.manual_seed(0)
+        return Model()
+
+
+def _collate(batch):
+    import torch
+
+    width = max(e["length"] for e in batch)
+    ids = torch.zeros((len(batch), width), dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for r, e in enumerate(batch):
+        ids[r, : e["length"]] = torch.as_tensor(e["input_ids"])
+        mask[r, : e["length"]] = 1
+    return {"input_ids": ids, "attention_mask": mask}, torch.as_tensor(np.stack([e["labels"] for e in batch]))
+
+
+def _marker_examples(n: int, seed: int) -> list[dict]:
+    """Phenotype j present iff token 1 + j appears (filler tokens above the markers)."""
+    from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        present = rng.random(N_MARKERS) < 0.4
+        ids = list(rng.integers(1 + N_MARKERS, VOCAB, size=rng.integers(3, 10))) + \
+            [1 + j for j in range(N_MARKERS) if present[j]]
+        labels = np.zeros(NUM_PHENOTYPES, dtype=np.float32)
+        labels[:N_MARKERS] = present
+        out.append({"input_ids": rng.permutation(ids), "length": len(ids), "labels": labels})
+    return out
+
+
+def _bce(logits, labels, progress):
+    import torch
+
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+
+
+def test_loop_in_process_learns_checkpoints_fails_once_and_resumes(tmp_path):
+    import os
+
+    from ckd_ehr.training import (FAIL_MARKER, TRAINABLE, LocalReporter, TrainLoop, TrainTask, WorkerContext)
+
+    train, val = _marker_examples(160, 0), _marker_examples(48, 1)
+    task = TrainTask(build_model=_BagOfTokens(), load_data=lambda: (train, val), collate=_collate, loss_fn=_bce)
+    # 160 / 16 = 10 steps an epoch, 3 epochs; validated checkpoints at 10, 20, 30; dies at step 13
+    cfg = TrainerConfig(num_workers=1, epochs=3, batch_size=16, lr=3e-2, warmup_ratio=0.0, max_length=16,
+                        strategy="ddp", fail_at_step=13, best_metric="val_macro_auroc")
+    marker = str(tmp_path / FAIL_MARKER)
+    first = LocalReporter(str(tmp_path / "run"))
+    with pytest.raises(RuntimeError, match="injected failure at step 13"):
+        TrainLoop(cfg, task, WorkerContext(), first, fail_marker=marker).run()
+    assert [r["step"] for r in first.reports] == [10] and os.path.exists(marker)
+
+    again = LocalReporter(str(tmp_path / "run"))            # same directory: resumes from step 10
+    last = TrainLoop(cfg, task, WorkerContext(), again, fail_marker=marker).run()
+    assert [r["step"] for r in again.reports] == [20, 30]
+    assert last["resumed_from_step"] == 10 and last["step"] == 30 and last["strategy"] == "ddp"
+    assert last["train_loss"] < 0.5 * last["train_loss_first"], last
+    assert 0.3 < last["train_padding_efficiency"] <= 1.0 and 0.3 < last["val_padding_efficiency"] <= 1.0
+    best_dir, best = again.best("val_macro_auroc")
+    assert best["val_macro_auroc"] >= 0.9 and best["val_n_auroc_labels"] == N_MARKERS, best
+    for name in (TRAINABLE, "train_state.json", "optim.pt", "val_logits.npy", "val_labels.npy"):
+        assert os.path.exists(os.path.join(best_dir, name)), name
+    # validation rows come back in load_data's order, whatever the length sorting did
+    np.testing.assert_array_equal(np.load(os.path.join(best_dir, "val_labels.npy")),
+                                  np.stack([e["labels"] for e in val]))
+
+
+def test_loop_in_process_probe_is_step_zero(tmp_path):
+    """head_init probe: the probe is fitted on the frozen features, validated and reported as
+    step 0 with its head saved, so best-checkpoint selection can keep it."""
+    import os
+
+    from ckd_ehr.contracts import PROBE_HEAD
+    from ckd_ehr.training import LocalReporter, TrainLoop, TrainTask, WorkerContext
+
+    train, val = _marker_examples(160, 0), _marker_examples(48, 1)
+    task = TrainTask(build_model=_BagOfTokens(), load_data=lambda: (train, val), collate=_collate, loss_fn=_bce)
+    cfg = TrainerConfig(num_workers=1, epochs=1, batch_size=16, lr=1e-3, warmup_ratio=0.0, max_length=16,
+                        strategy="ddp", head_init="probe", best_metric="val_macro_auroc")
+    rep = LocalReporter(str(tmp_path / "probe"))
+    TrainLoop(cfg, task, WorkerContext(), rep).run()
+    assert [r["step"] for r in rep.reports] == [0, 10]
+    zero = rep.reports[0]
+    # the loop's own validation of the probe-headed model reproduces the probe's validation AUROC
+    assert zero["probe_val_macro_auroc"] >= 0.9, zero
+    assert abs(zero["val_macro_auroc"] - zero["probe_val_macro_auroc"]) < 1e-3, zero
+    assert os.path.exists(os.path.join(rep.checkpoints[0][0], PROBE_HEAD))
+
+
+class _TinyLM:
+    """Factory of a tiny causal language model: next-token logits from the current token."""
+
+    def __call__(self):
+        import torch
+        from torch import nn
+
+        class LM(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb = nn.Embedding(VOCAB, 16)
+                self.out = nn.Linear(16, VOCAB)
+
+            def forward(self, input_ids, attention_mask):
+                return self.out(self.emb(input_ids))   # [B, T, V]
+
+        torch.manual_seed(0)
+        return LM()
+
+
+def _lm_collate(batch):
+    inputs, _ = _collate([{**e, "labels": np.zeros(1)} for e in batch])
+    return inputs, {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+
+
+def _next_token_loss(logits, targets, progress):
+    """Causal LM cross-entropy on the real (unpadded) next tokens."""
+    import torch
+
+    ids, mask = targets["input_ids"][:, 1:], targets["attention_mask"][:, 1:].bool()
+    return torch.nn.functional.cross_entropy(logits[:, :-1][mask], ids[mask])
+
+
+def test_loop_takes_a_generative_loss(tmp_path):
+    """The task owns its loss: a language-model objective trains through the same loop and
+    validation reports val_loss alone (eval_fn None)."""
+    import math
+    import os
+
+    from ckd_ehr.training import LocalReporter, TrainLoop, TrainTask, WorkerContext
+
+    rng = np.random.default_rng(0)
+
+    def counting(n):  # sequences t, t+1, t+2, ... (mod VOCAB): the next token is learnable
+        starts, lengths = rng.integers(0, VOCAB, n), rng.integers(4, 12, n)
+        return [{"input_ids": (s + np.arange(k)) % VOCAB, "length": int(k)} for s, k in zip(starts, lengths)]
+
+    task = TrainTask(build_model=_TinyLM(), load_data=lambda: (counting(128), counting(32)), collate=_lm_collate,
+                     loss_fn=_next_token_loss, eval_fn=None)
+    cfg = TrainerConfig(num_workers=1, epochs=3, batch_size=16, lr=5e-2, warmup_ratio=0.0, max_length=16,
+                        strategy="ddp", best_metric="val_loss")
+    rep = LocalReporter(str(tmp_path / "lm"))
+    TrainLoop(cfg, task, WorkerContext(), rep).run()
+    losses = [r["val_loss"] for r in rep.reports]
+    assert losses[-1] < 0.25 * math.log(VOCAB) and losses[-1] < losses[0], losses   # uniform guess: log V
+    assert not any(k.startswith("val_macro") for k in rep.reports[-1])
+    best_dir, _ = rep.best("val_loss")
+    assert not os.path.exists(os.path.join(best_dir, "val_logits.npy"))
+
+
+def test_ray_train_is_imported_in_one_file_only():
+    """ckd_ehr.training.ray_train is the only module that names ray.train, and importing the
+    training package (loop, engines, tasks) imports no Ray at all."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "ckd_ehr"
+    naming = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
+                    if re.search(r"\bray\.train\b|from ray import train\b", p.read_text()))
+    assert naming == ["training/ray_train.py"], naming
+    code = ("import sys, ckd_ehr.training\n"
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=root.parent).stdout.strip()
+    assert out == "[]", out

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +25,7 @@ from ckd_ehr.storage import exists, write_parquet
 from ckd_ehr.text import diagnosis_title_column
 from ckd_ehr.student.data import Encoded, FitStats, encode, fit_texts, load_efficacy, read_split, split_limit, variant_spec
 from ckd_ehr.modeling.losses import balanced_pos_weight
+from ckd_ehr.training import TrainTask
 
 log = logging.getLogger("ckd_ehr.student")
 
@@ -101,14 +103,26 @@ def diagnosis_title_map(cfg: PipelineConfig) -> dict[str, str]:
     return dict(sorted(zip(codes, titles)))
 
 
-def train_variant(cfg: PipelineConfig, variant: str) -> dict:
-    import ray
+@dataclass
+class StudentTraining:
+    """A variant's training task and what its stage needs besides: the prepared splits, the
+    tokenizer, the efficacy table."""
+
+    task: TrainTask
+    prep: Prepared
+    tokenizer: Any
+    model_path: str
+    pad_id: int
+    efficacy_table: Any
+
+
+def build_student_task(cfg: PipelineConfig, variant: str) -> StudentTraining:
+    """The one place the student's TrainTask is built, for the student stage and for Tune:
+    read, fit and tokenise the variant's splits, put train / val in the object store, and
+    class-balance the hard term when cfg.student.distill.class_balanced."""
     from transformers import AutoTokenizer
 
-    from ckd_ehr.evaluation.metrics import all_scores, tune_thresholds
-    from ckd_ehr.student.artifact import write_artifact
-    from ckd_ehr.student.model import save_student
-    from ckd_ehr.student.train import student_from_checkpoint, student_task, train_student
+    from ckd_ehr.student.train import StudentData, student_task
 
     s = cfg.student
     layout = RunLayout(cfg.run_dir)
@@ -116,13 +130,31 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
     # model_max_length: texts past 512 tokens are encoded in windows, not an error to warn about
     tokenizer = AutoTokenizer.from_pretrained(model_path, model_max_length=s.max_length)
     eff_table, efficacy = load_efficacy(layout.efficacy_table, cfg.eadf.top_k)
-    t0 = time.perf_counter()
     prep = prepare_variant(cfg, variant, tokenizer, efficacy)
+    train = prep.splits["train"]
+    pos_weight = balanced_pos_weight(train.labels).tolist() if s.distill.class_balanced else None
+    pad_id = tokenizer.pad_token_id or 0
+    task = student_task(s, model_path, StudentData(train, prep.splits["val"]), pad_id, prep.distill, pos_weight)
+    return StudentTraining(task, prep, tokenizer, model_path, pad_id, eff_table)
+
+
+def train_variant(cfg: PipelineConfig, variant: str) -> dict:
+    from ckd_ehr.evaluation.metrics import all_scores, tune_thresholds
+    from ckd_ehr.student.artifact import write_artifact
+    from ckd_ehr.student.model import save_student
+    from ckd_ehr.student.train import student_from_checkpoint
+    from ckd_ehr.training import fit
+
+    s = cfg.student
+    layout = RunLayout(cfg.run_dir)
+    t0 = time.perf_counter()
+    built = build_student_task(cfg, variant)
+    prep, tokenizer, model_path, pad_id, eff_table = (built.prep, built.tokenizer, built.model_path, built.pad_id,
+                                                      built.efficacy_table)
     log.info("student %s: %d train / %d val / %d test samples; refit to %d tokens: %s",
              variant, len(prep.splits["train"]), len(prep.splits["val"]), len(prep.splits["test"]),
              s.max_length, prep.fit)
     train = prep.splits["train"]
-    pos_weight = balanced_pos_weight(train.labels).tolist() if s.distill.class_balanced else None
 
     # the run name carries the config and the data: the same ones resume (Ray Train V2 resumes
     # a reused name), a changed config or re-generated input starts a fresh run
@@ -130,10 +162,7 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
         "student": s.model_dump(mode="json"), "text": cfg.text.model_dump(mode="json"),
         "top_k": cfg.eadf.top_k, "data": data_fingerprint(prep)})
     storage = layout.student_train(variant)
-    pad_id = tokenizer.pad_token_id or 0
-    task = student_task(s, model_path, ray.put(train), ray.put(prep.splits["val"]), pad_id,
-                        prep.distill, pos_weight)
-    result = train_student(s, task, storage, name)
+    result = fit(s, built.task, storage_path=storage, name=name)
     best, best_metrics = result.best_checkpoint, result.best_metrics
     if best is None:
         raise RuntimeError(f"student {variant}: training reported no checkpoint ({storage}/{name})")

@@ -5,15 +5,18 @@ best-by-metric, resume and failure injection all live in ckd_ehr.training; this 
 supplies the model, the data, the collate and the loss as picklable callables.
 
 The driver tokenises once (after fitting texts to max_length) and puts the token ids in the
-object store; each worker fetches them in `load_data` instead of re-reading parquet.
+object store; each worker fetches them in `load_data` instead of re-reading parquet. The one
+function that builds the student's task for its stage and for Tune is
+ckd_ehr.student.run.build_student_task.
 """
 from __future__ import annotations
 
 import os
 
+
 from ckd_ehr.modeling.collate import pad_batch, stack_rows
 from ckd_ehr.modeling.losses import DistillLoss
-from ckd_ehr.training import TRAINABLE, TrainResult, TrainTask, fit
+from ckd_ehr.training import TRAINABLE, TrainTask
 from ckd_ehr.student.data import Encoded
 
 
@@ -44,13 +47,13 @@ class StudentData:
     """On each worker: fetch the tokenised splits from the object store. Validation carries
     no teacher outputs, so its loss is the plain hard BCE for every variant."""
 
-    def __init__(self, train_ref, val_ref):
-        self.train_ref, self.val_ref = train_ref, val_ref
+    def __init__(self, train: Encoded, val: Encoded):
+        from ckd_ehr.training import ObjectStoreValue
+
+        self.train, self.val = ObjectStoreValue(train), ObjectStoreValue(val)
 
     def __call__(self):
-        import ray
-
-        return examples(ray.get(self.train_ref), True, train=True), examples(ray.get(self.val_ref), False)
+        return examples(self.train.get(), True, train=True), examples(self.val.get(), False)
 
 
 class StudentCollate:
@@ -80,18 +83,14 @@ class StudentParamGroups:
                  "weight_decay": self.weight_decay, "name": "head"}]
 
 
-def student_task(cfg, model_path: str, train_ref, val_ref, pad_id: int, distill: bool,
-                 pos_weight=None) -> TrainTask:
-    """cfg: StudentConfig. `distill` False = hard-label variant (alpha 1, beta 0); pos_weight
-    [25] (negatives / positives on training labels) balances the hard term of training batches."""
+def student_task(cfg, model_path: str, load_data, pad_id: int, distill: bool, pos_weight=None) -> TrainTask:
+    """cfg: StudentConfig; load_data: e.g. StudentData. `distill` False = hard-label variant
+    (alpha 1, beta 0); pos_weight [25] (negatives / positives on training labels) balances the
+    hard term of training batches."""
     return TrainTask(build_model=BuildStudent(model_path, cfg.pooling, cfg.seed),
-                     load_data=StudentData(train_ref, val_ref), collate=StudentCollate(pad_id),
+                     load_data=load_data, collate=StudentCollate(pad_id),
                      loss_fn=DistillLoss(cfg.distill, hard_only=not distill, pos_weight=pos_weight),
                      param_groups=StudentParamGroups(cfg.lr, cfg.head_lr, cfg.weight_decay))
-
-
-def train_student(cfg, task: TrainTask, storage_path: str, name: str) -> TrainResult:
-    return fit(cfg, task, storage_path=storage_path, name=name)
 
 
 def student_from_checkpoint(ckpt_dir: str, model_path: str, pooling: str, device: str = "cpu"):

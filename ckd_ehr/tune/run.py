@@ -1,7 +1,8 @@
 """`ckd-ehr tune` and `ckd-ehr tune-report`: Ray Tune over a space in tune_spaces/.
 
-Each trial trains through the same code as the pipeline: it builds the stage's TrainTask
-(ckd_ehr.teacher.train.teacher_task / ckd_ehr.student.train.student_task) and runs
+Each trial trains through the same code as the pipeline: it builds the stage's TrainTask with
+the function the stage itself calls (ckd_ehr.teacher.train.teacher_task /
+ckd_ehr.student.run.build_student_task) and runs
 ckd_ehr.training.fit, a Ray Train TorchTrainer, inside a Tune function trainable; metrics
 reach Tune through Ray Train's TuneReportCallback (the Train V2 + Tune interop). The trial
 itself reserves no CPU: the Train workers inside it hold the trial's resources
@@ -58,40 +59,23 @@ def _trial_config(base: dict, params: dict, target: str, metric: str) -> Pipelin
 
 def _train_trial(params: dict, base: dict, target: str, metric: str, train_root: str) -> None:
     """One Tune trial: train the target with the sampled params; Train reports reach Tune."""
-    import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
-    from transformers import AutoTokenizer
 
-    from ckd_ehr.modeling.paths import resolve_model_path
     from ckd_ehr.training import fit
 
     cfg = _trial_config(base, params, target, metric)
     layout = RunLayout(cfg.run_dir)
-    trial_id = tune.get_context().get_trial_id()
-    storage_path = storage.join(train_root, trial_id)
+    storage_path = storage.join(train_root, tune.get_context().get_trial_id())
     if target == "teacher":
-        from ckd_ehr.teacher.train import load_tokenizer, teacher_task
+        from ckd_ehr.teacher.train import teacher_task
 
-        tc = cfg.teacher
-        task = teacher_task(tc, layout.augmented("train"), layout.augmented("val"), load_tokenizer(tc))
-        fit(tc, task, storage_path=storage_path, name="train", callbacks=[TuneReportCallback()])
-        return
-    from ckd_ehr.student.data import load_efficacy
-    from ckd_ehr.modeling.losses import balanced_pos_weight
-    from ckd_ehr.student.run import prepare_variant
-    from ckd_ehr.student.train import student_task
+        section, task = cfg.teacher, teacher_task(cfg.teacher, layout.augmented("train"), layout.augmented("val"))
+    else:
+        from ckd_ehr.student.run import build_student_task
 
-    s = cfg.student
-    model_path = resolve_model_path(s.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    _, efficacy = load_efficacy(layout.efficacy_table, cfg.eadf.top_k)
-    prep = prepare_variant(cfg, "ckd_ehr", tokenizer, efficacy)
-    train = prep.splits["train"]
-    pos_weight = balanced_pos_weight(train.labels).tolist() if s.distill.class_balanced else None
-    task = student_task(s, model_path, ray.put(train), ray.put(prep.splits["val"]),
-                        tokenizer.pad_token_id or 0, prep.distill, pos_weight)
-    fit(s, task, storage_path=storage_path, name="train", callbacks=[TuneReportCallback()])
+        section, task = cfg.student, build_student_task(cfg, "ckd_ehr").task
+    fit(section, task, storage_path=storage_path, name="train", callbacks=[TuneReportCallback()])
 
 
 def _check_inputs(space: Space, layout: RunLayout) -> None:

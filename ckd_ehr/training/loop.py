@@ -1,0 +1,456 @@
+"""The training loop of one worker, in plain torch: it talks to Ray (or to nothing) only
+through a `Reporter`, so it runs in-process in tests (`LocalReporter`) and on Ray Train
+workers (ckd_ehr.training.ray_train.RayReporter) alike.
+
+What a run does:
+- load the task's data (cfg.max_train_samples / max_eval_samples applied), pick the engine
+  (engines.make_engine: ddp, deepspeed, or `auto`), build the model where the engine wants it;
+- head_init `probe`: fit ckd_ehr.modeling.probe's logistic regression on the frozen model's pooled
+  features and load it into the head, then validate and report it as step 0, so best-checkpoint
+  selection keeps it when fine-tuning does not beat it;
+- length-grouped batches (the same global batch list on every rank, each rank takes batches
+  rank::world), AdamW + linear warm-up (cfg.warmup_ratio) + cosine decay, grad clip 1.0;
+- validation at every epoch end (and when cfg.max_steps stops training): val_loss, the task's
+  eval_fn on the gathered validation scores, val_padding_efficiency; reported with a checkpoint;
+- checkpoints every epoch and every cfg.checkpoint_every_steps steps (NaN score). Each holds
+  `trainable.safetensors` (full trainable weights, whatever the engine), `train_state.json`
+  (epoch, step, batches done), `val_logits.npy` + `val_labels.npy` when validated (rows in the
+  order of load_data's validation examples), the engine's optimiser state (`optim.pt` or `ds/`),
+  `probe_head` files under head_init probe, and what the task's save_weights writes;
+- resume: the reporter's latest checkpoint restores weights, optimiser, schedule and the
+  position inside the epoch;
+- cfg.fail_at_step (debug): one worker raises once at that step; a marker file (path given by
+  the caller, storage.py) makes it fail only once.
+
+Reported metrics: step, epoch, train_loss, train_loss_first, resumed_from_step, lr,
+samples_per_s, train_padding_efficiency, strategy, zero_stage, local_param_fraction,
+worker_peak_rss_mib, worker_build_peak_rss_mib, worker_start_rss_mib (+ auto_estimate_gib,
+auto_device_gib under `auto`, probe_* under head_init probe) and at validations val_loss +
+`val_` + each key of eval_fn's result + val_padding_efficiency.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from ckd_ehr.contracts import PROBE_HEAD
+from ckd_ehr.training.batching import (batch_tokens, eval_batches, length_grouped_batches, padding_efficiency,
+                                       subset_indices, to_device)
+from ckd_ehr.training.engines import TRAINABLE, make_engine
+from ckd_ehr.training.memory import local_param_fraction, peak_rss_bytes
+from ckd_ehr.training.task import TrainTask
+
+log = logging.getLogger("ckd_ehr.training")
+
+TRAIN_STATE = "train_state.json"
+FAIL_MARKER = "fail_injected.marker"
+
+
+def format_duration(seconds: float) -> str:
+    """A short human duration for progress lines: '45 s', '3.2 min', '1.5 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """Where this worker stands: its rank of `world`, workers on its node, its device."""
+
+    rank: int = 0
+    world: int = 1
+    local_world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+class Reporter(Protocol):
+    """What the loop needs of its host (Ray Train, or a test)."""
+
+    def latest_checkpoint(self) -> ContextManager[str | None]:
+        """The directory of the checkpoint to resume from (None: a fresh start)."""
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        """Record metrics and, when given, the checkpoint in `checkpoint_dir` (copied now: the
+        loop deletes the directory after the call)."""
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def pick_best(scored: Sequence[tuple[Any, dict]], metric: str) -> tuple[Any, dict] | None:
+    """The (checkpoint, metrics) pair best on `metric` (min for val_loss, else max) among those
+    with a finite score; None when no checkpoint has one."""
+    finite_ones = [(c, m) for c, m in scored if finite(m.get(metric))]
+    if not finite_ones:
+        return None
+    pick = min if metric == "val_loss" else max
+    return pick(finite_ones, key=lambda cm: cm[1][metric])
+
+
+class LocalReporter:
+    """A Reporter for running the loop in this process (tests, debugging): each checkpoint is
+    copied to `directory`/checkpoint_NNNNNN with its metrics beside it (checkpoint_NNNNNN.json),
+    every report is kept in `.reports`; a new LocalReporter on the same directory sees the
+    earlier checkpoints and resumes from the latest."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.reports: list[dict] = []
+        os.makedirs(directory, exist_ok=True)
+        self.checkpoints: list[tuple[str, dict]] = []
+        for name in sorted(n for n in os.listdir(directory) if n.startswith("checkpoint_") and n.endswith(".json")):
+            with open(os.path.join(directory, name)) as f:
+                self.checkpoints.append((os.path.join(directory, name[: -len(".json")]), json.load(f)))
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        yield self.checkpoints[-1][0] if self.checkpoints else None
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is not None:
+            dest = os.path.join(self.directory, f"checkpoint_{len(self.checkpoints):06d}")
+            shutil.copytree(checkpoint_dir, dest)
+            with open(dest + ".json", "w") as f:
+                json.dump(metrics, f)
+            self.checkpoints.append((dest, dict(metrics)))
+
+    def best(self, metric: str) -> tuple[str, dict] | None:
+        """(directory, metrics) of the best checkpoint on `metric` (pick_best)."""
+        return pick_best(self.checkpoints, metric)
+
+
+@dataclass
+class EvalPass:
+    """One pass over eval batches, all ranks gathered: rows in input order (None when the pass
+    kept none), mean loss per row, tokens."""
+
+    loss: float
+    real_tokens: int
+    computed_tokens: int
+    scores: np.ndarray | None = None
+    labels: np.ndarray | None = None
+
+
+class TrainLoop:
+    """One worker's training run; `run()` returns the last reported metrics."""
+
+    def __init__(self, cfg, task: TrainTask, ctx: WorkerContext, reporter: Reporter,
+                 fail_marker: str | None = None):
+        self.cfg, self.task, self.ctx, self.reporter, self.marker = cfg, task, ctx, reporter, fail_marker
+        self.rank, self.world, self.device = ctx.rank, ctx.world, ctx.device
+        if not cfg.use_gpu:
+            # round, not floor: a Tune trial's worker holds e.g. 0.99 of a CPU (see ckd_ehr.tune.run)
+            torch.set_num_threads(max(1, round(cfg.cpus_per_worker)))
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.start_peak_rss = peak_rss_bytes()
+        self.engine, self.memory_estimate = make_engine(cfg, task, ctx)
+        self.train_tokens = [0, 0]   # [real, computed] of this rank's training batches
+
+        train, val = task.load_data()
+        train, val = list(train), list(val)
+        if cfg.max_train_samples and len(train) > cfg.max_train_samples:
+            train = [train[i] for i in subset_indices(len(train), cfg.max_train_samples, cfg.seed)]
+        if cfg.max_eval_samples:
+            val = val[: cfg.max_eval_samples]
+        self.train, self.val = train, val
+        self.train_len = [int(e.get("length", 1)) for e in train]
+        self.val_len = [int(e.get("length", 1)) for e in val]
+
+        self.micro_bs, self.accum = self.engine.micro_batch, self.engine.accum
+        n_batches = len(length_grouped_batches(self.train_len, self.micro_bs, cfg.seed, 0, self.world, self.rank))
+        self.steps_per_epoch = n_batches // self.accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{len(train)} training samples make no full optimiser step with batch {self.micro_bs}"
+                             f" x accumulation {self.accum} x {self.world} workers")
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self._build()
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        model = self.engine.create_model(self.task.build_model)
+        self.build_local_fraction = local_param_fraction(model)
+        self.build_peak_rss = peak_rss_bytes()
+        if self.rank == 0:
+            log.info("model built: this worker holds %.3f of its parameters' elements, peak RSS %.0f MiB",
+                     self.build_local_fraction, self.build_peak_rss / 2**20)
+        self.probe_metrics: dict = {}
+        self.probe = self._fit_probe(model) if cfg.head_init == "probe" else None
+        groups = self.task.param_groups(model) if self.task.param_groups else \
+            [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        self.engine.build(model, groups, cfg.lr, cfg.weight_decay, self.total_steps,
+                          int(cfg.warmup_ratio * self.total_steps))
+        self.step, self.epoch, self.batches_done = 0, 0, 0
+        self.resumed_from = -1          # step of the checkpoint this attempt started from
+        self.first_loss = float("nan")  # train loss of step 1, reported so callers can see it fall
+
+    # linear probe, then fine-tune ---------------------------------------------------------
+
+    def _fit_probe(self, model: torch.nn.Module):
+        """head_init `probe`: fit ckd_ehr.modeling.probe's logistic regression on the frozen model's
+        pooled features of every training and validation sample (all ranks' shares gathered,
+        the same deterministic fit on each rank) and load it into the model's head."""
+        from ckd_ehr.modeling.probe import fit_probe
+
+        if self.engine.zero3:
+            raise ValueError("head_init: probe needs an unpartitioned model (ddp or DeepSpeed ZeRO-1/2), "
+                             "not ZeRO-3")
+        if not hasattr(model, "features") or not hasattr(model, "load_probe"):
+            raise ValueError(f"head_init: probe: {type(model).__name__} has no features()/load_probe()")
+        start = time.time()
+        model.to(self.device)
+        was = model.training
+        model.eval()
+
+        def features(inputs, targets, n):
+            feats = model.features(**inputs).float().cpu().numpy()
+            return (feats, self.task.labels(targets).float().cpu().numpy()), 0.0
+
+        train = self._over_eval_batches(self.train, self.train_len, features, "head_init probe: features")
+        val = self._over_eval_batches(self.val, self.val_len, features, "head_init probe: features")
+        model.train(was)
+        probe = fit_probe(train.scores, train.labels, val.scores, val.labels, seed=self.cfg.seed)
+        model.load_probe(probe)
+        self.probe_metrics = {"probe_val_macro_auroc": probe.val_macro_auroc, "probe_c": probe.c_value,
+                              "probe_s": round(time.time() - start, 1)}
+        if self.rank == 0:
+            log.info("head_init probe: head set to the linear probe (C=%s, validation macro AUROC %.4f) in %.0f s",
+                     probe.c_value, probe.val_macro_auroc, time.time() - start)
+        return probe
+
+    # validation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _over_eval_batches(self, examples: Sequence[dict], lengths: list[int], batch_fn: Callable, what: str,
+                           forward_empty: Callable | None = None) -> "EvalPass":
+        """One pass over this rank's eval batches of `examples` (sorted by length, rank-strided),
+        all ranks gathered, rows back in input order. `batch_fn(inputs, targets, n_rows)` ->
+        ((scores, labels) arrays or None, summed loss of the batch). `forward_empty(inputs)` runs
+        on ranks short of a batch (a repeat of one, discarded) when forwards are collective
+        (ZeRO-3 gathers parameters). Validation and the probe's features both use it."""
+        import torch.distributed as dist
+
+        bs = self.cfg.eval_batch_size or 2 * self.micro_bs
+        batches = eval_batches(lengths, bs, self.world, self.rank)
+        mine: list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]] = []
+        loss_sum, n, real, computed = 0.0, 0, 0, 0
+        start, last = time.time(), time.time()
+        for b, idx in enumerate(batches):
+            if self.rank == 0 and time.time() - last > 30:
+                last, per = time.time(), (time.time() - start) / b
+                log.info("%s of batch %d/%d, about %s left", what, b, len(batches),
+                         format_duration(per * (len(batches) - b)))
+            if idx is None:
+                if forward_empty is not None and len(examples):
+                    inputs, _ = self.task.collate([examples[0]])
+                    forward_empty(to_device(inputs, self.device))
+                continue
+            inputs, targets = self.task.collate([examples[i] for i in idx])
+            r, c = batch_tokens(inputs)
+            real, computed = real + r, computed + c
+            rows, batch_loss = batch_fn(to_device(inputs, self.device), to_device(targets, self.device), len(idx))
+            loss_sum, n = loss_sum + batch_loss, n + len(idx)
+            if rows is not None:
+                mine.append((idx, rows))
+        parts: list = [(mine, loss_sum, n, real, computed)]
+        if self.world > 1:
+            parts = [None] * self.world
+            dist.all_gather_object(parts, (mine, loss_sum, n, real, computed))
+        out = EvalPass(loss=sum(p[1] for p in parts) / max(1, sum(p[2] for p in parts)),
+                       real_tokens=sum(p[3] for p in parts), computed_tokens=sum(p[4] for p in parts))
+        rows = [r for p in parts for r in p[0]]
+        if rows:
+            order = np.argsort(np.concatenate([r[0] for r in rows]))
+            out.scores = np.concatenate([r[1][0] for r in rows])[order]
+            out.labels = np.concatenate([r[1][1] for r in rows])[order]
+        return out
+
+    def validate(self) -> tuple[dict, tuple[np.ndarray, np.ndarray] | None]:
+        """val_loss, `val_` + eval_fn's metrics and val_padding_efficiency over all ranks, and
+        the gathered (scores, labels) in load_data's validation order (None without eval_fn)."""
+        if not self.val:
+            return {"val_loss": float("nan")}, None
+        was = self.engine.module.training
+        self.engine.module.eval()
+        progress = self.step / max(1, self.total_steps)
+
+        def loss_and_rows(inputs, targets, n):
+            outputs = self.engine.forward(**inputs)
+            rows = self.task.eval_rows(outputs, targets) if self.task.eval_fn else None
+            return rows, float(self.task.loss(outputs, targets, progress)) * n
+
+        res = self._over_eval_batches(self.val, self.val_len, loss_and_rows, "validation",
+                                      forward_empty=lambda inputs: self.engine.forward(**inputs))
+        self.engine.train(was)
+        metrics = {}
+        if res.scores is not None:
+            metrics = {f"val_{k}": v for k, v in self.task.eval_fn(res.scores, res.labels).items()}
+        metrics["val_loss"] = res.loss
+        metrics["val_padding_efficiency"] = padding_efficiency(res.real_tokens, res.computed_tokens)
+        return metrics, (None if res.scores is None else (res.scores, res.labels))
+
+    def run_stats(self) -> dict:
+        """Measurements over all ranks (a collective: every rank calls it at the same step)."""
+        import torch.distributed as dist
+
+        vals = [float(self.train_tokens[0]), float(self.train_tokens[1])]
+        peaks = [float(peak_rss_bytes()), float(self.build_peak_rss), self.build_local_fraction]
+        if dist.is_available() and dist.is_initialized() and self.world > 1:
+            dev = self.device if dist.get_backend() == "nccl" else "cpu"
+            t = torch.tensor(vals, dtype=torch.float64, device=dev)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            m = torch.tensor(peaks, dtype=torch.float64, device=dev)
+            dist.all_reduce(m, op=dist.ReduceOp.MAX)
+            vals, peaks = t.tolist(), m.tolist()
+        return {"train_padding_efficiency": padding_efficiency(int(vals[0]), int(vals[1])),
+                "strategy": self.engine.strategy, "zero_stage": self.engine.zero_stage,
+                "worker_peak_rss_mib": round(peaks[0] / 2**20, 1),
+                "worker_build_peak_rss_mib": round(peaks[1] / 2**20, 1),
+                "worker_start_rss_mib": round(self.start_peak_rss / 2**20, 1),
+                "local_param_fraction": round(peaks[2], 4), **self.memory_estimate}
+
+    # checkpoints -------------------------------------------------------------------------
+
+    def save_and_report(self, metrics: dict, val_out: tuple[np.ndarray, np.ndarray] | None) -> None:
+        from safetensors.torch import save_file
+
+        tmp = tempfile.mkdtemp(prefix=f"ckpt-r{self.rank}-")
+        try:
+            self.engine.save(tmp, self.rank)
+            state = self.engine.gather_trainable()
+            if self.rank == 0:
+                save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, TRAINABLE))
+                with open(os.path.join(tmp, TRAIN_STATE), "w") as f:
+                    json.dump({"epoch": self.epoch, "step": self.step, "batches_done": self.batches_done,
+                               "total_steps": self.total_steps, "world": self.world,
+                               "first_loss": self.first_loss}, f)
+                if val_out is not None:
+                    np.save(os.path.join(tmp, "val_logits.npy"), val_out[0])
+                    np.save(os.path.join(tmp, "val_labels.npy"), val_out[1])
+                if self.task.save_weights:
+                    self.task.save_weights(self.engine.module, state, tmp)
+                if self.probe is not None:  # the head's starting point, for evaluate's probe rows
+                    self.probe.save(os.path.join(tmp, PROBE_HEAD))
+            has_files = self.rank == 0 or self.engine.files_on_every_rank
+            self.reporter.report(metrics, tmp if has_files else None)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def restore(self) -> bool:
+        with self.reporter.latest_checkpoint() as d:
+            if d is None:
+                return False
+            with open(os.path.join(d, TRAIN_STATE)) as f:
+                st = json.load(f)
+            self.engine.load(d)
+        self.epoch, self.step, self.batches_done = st["epoch"], st["step"], st["batches_done"]
+        self.first_loss = st.get("first_loss", float("nan"))
+        self.resumed_from = self.step
+        if self.batches_done >= self.steps_per_epoch * self.accum:  # saved at an epoch end
+            self.epoch, self.batches_done = self.epoch + 1, 0
+        if self.rank == 0:
+            log.info("resumed from checkpoint at epoch %d step %d", self.epoch, self.step)
+        return True
+
+    # steps -------------------------------------------------------------------------------
+
+    def maybe_fail(self) -> None:
+        from ckd_ehr import storage
+
+        if self.cfg.fail_at_step is None or self.step != self.cfg.fail_at_step or not self.marker:
+            return
+        if self.rank != (1 if self.world > 1 else 0) or storage.exists(self.marker):
+            return
+        storage.write_text(self.marker, f"failed once at step {self.step}\n")
+        raise RuntimeError(f"injected failure at step {self.step} (cfg.fail_at_step)")
+
+    def train_step(self, batch_idx: list[np.ndarray]) -> float:
+        """One optimiser step over `accum` micro-batches; returns the mean micro-batch loss."""
+        progress = self.step / max(1, self.total_steps)
+        micro = []
+        for idx in batch_idx:
+            inputs, targets = self.task.collate([self.train[j] for j in idx])
+            real, computed = batch_tokens(inputs)
+            self.train_tokens = [self.train_tokens[0] + real, self.train_tokens[1] + computed]
+            micro.append((to_device(inputs, self.device), to_device(targets, self.device)))
+        losses = self.engine.step(micro, lambda outputs, targets: self.task.loss(outputs, targets, progress))
+        self.step += 1
+        return float(np.mean(losses))
+
+    def _log_validation(self, val: dict) -> None:
+        if self.rank == 0:
+            log.info("validation at step %d: %s", self.step,
+                     {k: round(v, 4) for k, v in val.items() if isinstance(v, float)})
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.restore()
+        start, seen, last_loss = time.time(), 0, float("nan")
+        metrics: dict = {}
+        if self.probe is not None and self.step == 0 and self.resumed_from < 0:
+            # The probe is the first point of the training path: validated and reported as step
+            # 0, so checkpoint selection keeps it when fine-tuning does not beat it on validation.
+            metrics = {"step": 0, "epoch": 0.0, "train_loss": float("nan"), "train_loss_first": float("nan"),
+                       "resumed_from_step": self.resumed_from, "lr": 0.0, "samples_per_s": 0.0,
+                       **self.probe_metrics, **self.run_stats()}
+            val, out = self.validate()
+            metrics.update(val)
+            self._log_validation(val)
+            self.save_and_report(metrics, out)
+        while self.epoch < cfg.epochs and self.step < self.total_steps:
+            batches = length_grouped_batches(self.train_len, self.micro_bs, cfg.seed, self.epoch, self.world,
+                                             self.rank)[: self.steps_per_epoch * self.accum]
+            while self.batches_done < len(batches) and self.step < self.total_steps:
+                group = batches[self.batches_done: self.batches_done + self.accum]
+                last_loss = self.train_step(group)
+                if self.step == 1:
+                    self.first_loss = last_loss
+                self.batches_done += len(group)
+                seen += sum(len(b) for b in group) * self.world
+                epoch_end = self.batches_done >= len(batches)
+                done = self.step >= self.total_steps
+                metrics = {"step": self.step, "epoch": self.epoch + self.batches_done / len(batches),
+                           "train_loss": last_loss, "train_loss_first": self.first_loss,
+                           "resumed_from_step": self.resumed_from, "lr": self.engine.lr(),
+                           "samples_per_s": seen / max(1e-9, time.time() - start), **self.probe_metrics}
+                if self.rank == 0 and (self.step % 10 == 0 or epoch_end or done or self.step == 1):
+                    per_step = (time.time() - start) / max(1, self.step - max(0, self.resumed_from))
+                    log.info("step %d/%d epoch %.2f loss %.4f (%.1f s/step, about %s left)", self.step,
+                             self.total_steps, metrics["epoch"], last_loss, per_step,
+                             format_duration(per_step * (self.total_steps - self.step)))
+                step_ckpt = bool(cfg.checkpoint_every_steps) and self.step % cfg.checkpoint_every_steps == 0
+                if epoch_end or done or step_ckpt:
+                    metrics.update(self.run_stats())
+                    if self.rank == 0:
+                        log.info("step %d: train padding efficiency %.3f (real / computed tokens), worker peak RSS "
+                                 "%.0f MiB", self.step, metrics["train_padding_efficiency"],
+                                 metrics["worker_peak_rss_mib"])
+                if epoch_end or done:
+                    val, out = self.validate()
+                    metrics.update(val)
+                    self._log_validation(val)
+                    self.save_and_report(metrics, out)
+                elif step_ckpt:
+                    # NaN score: ranked below every validated checkpoint, without an error log.
+                    self.save_and_report({**metrics, cfg.best_metric: float("nan")}, None)
+                self.maybe_fail()
+            if self.batches_done >= len(batches):
+                self.epoch, self.batches_done = self.epoch + 1, 0
+        return metrics

@@ -1,0 +1,133 @@
+"""The only Ray Train code: `fit` (a TorchTrainer around training.loop.TrainLoop), the
+reporter that turns the loop's reports into ray.train.report calls, the per-worker function,
+and `ObjectStoreValue` (data the driver puts in the object store once for every worker).
+
+    result = fit(cfg.student, task, storage_path=layout.student_train(v), name="run")
+    with result.best_checkpoint.as_directory() as d: ...   # trainable.safetensors + the task's files
+
+What fit adds to the loop (see training.loop for the loop itself):
+- TorchTrainer with cfg.num_workers workers (gloo on CPU, NCCL on GPU), cfg.cpus_per_worker /
+  gpus_per_worker each;
+- Ray keeps cfg.num_checkpoints_to_keep checkpoints scored by cfg.best_metric (min for
+  val_loss, else max); the best finite one is the result's best_checkpoint;
+- resume: reusing (storage_path, name) resumes that run from its latest checkpoint; Ray
+  restarts failed workers up to cfg.max_failures times;
+- cfg.fail_at_step's marker file lives in the run's storage (FAIL_MARKER).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from ckd_ehr.training.loop import FAIL_MARKER, TrainLoop, WorkerContext, pick_best
+from ckd_ehr.training.task import TrainTask
+
+
+@dataclass
+class TrainResult:
+    best_checkpoint: Any
+    """ray.train.Checkpoint picked by cfg.best_metric (use .as_directory())."""
+    best_metrics: dict
+    """Metrics reported with the best checkpoint."""
+    latest_checkpoint: Any
+    metrics: dict
+    """The last reported metrics."""
+    path: str
+    """The run's storage directory."""
+    history: list[dict] = field(default_factory=list)
+    """Metrics of every kept checkpoint."""
+
+    @property
+    def best_checkpoint_path(self) -> str:
+        return self.best_checkpoint.path
+
+
+class ObjectStoreValue:
+    """A value the driver puts in Ray's object store once; `get()` on any worker fetches it
+    (pickles as a reference, so a task holding it ships no data)."""
+
+    def __init__(self, value: Any):
+        import ray
+
+        self.ref = ray.put(value)
+
+    def get(self) -> Any:
+        import ray
+
+        return ray.get(self.ref)
+
+
+class RayReporter:
+    """training.loop.Reporter on a Ray Train worker."""
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield d
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
+                         if checkpoint_dir is not None else None)
+
+
+def worker_context() -> WorkerContext:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    return WorkerContext(rank=ctx.get_world_rank(), world=ctx.get_world_size(),
+                         local_world=ctx.get_local_world_size(), device=ray.train.torch.get_device())
+
+
+def _train_loop_per_worker(config: dict) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return TrainLoop(config["cfg"], config["task"], worker_context(), RayReporter(), config.get("marker")).run()
+
+
+def fit(cfg, task: TrainTask, storage_path: str, name: str = "train", callbacks: list | None = None) -> TrainResult:
+    """Train with Ray Train (see the module docstring). `cfg` is a TrainerConfig (or subclass);
+    `storage_path` a local directory or URI; reusing (storage_path, name) resumes that run.
+    `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback when a Tune trial runs this."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ckd_ehr import storage
+
+    if not storage.is_uri(storage_path):
+        storage_path = os.path.abspath(storage_path)
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    mode = "min" if cfg.best_metric == "val_loss" else "max"
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "task": task, "marker": storage.join(storage_path, name, FAIL_MARKER)},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path, callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep,
+                                               checkpoint_score_attribute=cfg.best_metric,
+                                               checkpoint_score_order=mode)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    kept = result.best_checkpoints or []
+    best, best_metrics = pick_best(kept, cfg.best_metric) or (result.checkpoint, dict(result.metrics or {}))
+    history = [dict(m) for _, m in kept]
+    return TrainResult(best_checkpoint=best, best_metrics=dict(best_metrics), latest_checkpoint=result.checkpoint,
+                       metrics=dict(result.metrics or {}), path=str(result.path), history=history)
