@@ -254,7 +254,8 @@ def bench_zero3_load(cfg, args) -> dict:
                 deepspeed={"zero_optimization": {**ZERO3_BOUNDED,
                                                  **(cfg.teacher.deepspeed.get("zero_optimization") or {}),
                                                  "stage": 3}},
-                zero3_partitioned_init=partitioned, epochs=1, max_steps=2, batch_size=1, grad_accum=1,
+                zero3_partitioned_init=partitioned, head_init="random", epochs=1, max_steps=2, batch_size=1,
+                grad_accum=1,
                 max_length=64, max_train_samples=8, max_eval_samples=4, checkpoint_every_steps=None,
                 gradient_checkpointing=False))
             t0 = time.perf_counter()
