@@ -151,6 +151,17 @@ class TeacherConfig(TrainerConfig):
     text_column: Literal["text_eadf", "text_plain"] = "text_eadf"
     """Which sample text the teacher reads."""
 
+    @model_validator(mode="after")
+    def _generative_head(self):
+        if self.head == "generative":
+            if self.head_init != "random":
+                raise ValueError("teacher.head: generative has no projection head to start from a probe: "
+                                 "set teacher.head_init: random")
+            if self.best_metric != "val_loss":
+                raise ValueError("teacher.head: generative reports val_loss during training (its scores need the "
+                                 "calibration fitted after it): set teacher.best_metric: val_loss")
+        return self
+
     def train_dtype(self) -> str:
         if self.dtype == "auto":
             return "bfloat16" if self.use_gpu else "float32"

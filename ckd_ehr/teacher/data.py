@@ -119,7 +119,8 @@ def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 16,
     if not texts:
         return np.zeros((0, getattr(getattr(model, "head", None), "num_labels", 25)), dtype=np.float32)
     ids = encode_texts(texts, tokenizer, max_length, use_chat_template, instruction_kind)
-    pred = predict_sorted(model, ids, pad_id(tokenizer), batch_size, model.head.num_labels, device)
+    num_labels = getattr(getattr(model, "head", None), "num_labels", None) or model.num_labels  # MLAPH or generative
+    pred = predict_sorted(model, ids, pad_id(tokenizer), batch_size, num_labels, device)
     log.info("predict_logits: %d texts, padding efficiency %.3f (%d real / %d computed tokens)", len(ids),
              pred.padding_efficiency, pred.real_tokens, pred.computed_tokens)
     return pred.outputs

@@ -173,6 +173,7 @@ class GenerativeTeacher(torch.nn.Module):
                  calibration: ScoreCalibration | None = None):
         super().__init__()
         self.lm, self.vocab, self.pad_id, self.calibration = lm, vocab, pad_id, calibration
+        self.num_labels = len(vocab.names)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
         if labels is not None:
@@ -182,3 +183,81 @@ class GenerativeTeacher(torch.nn.Module):
         scores = np.stack([phenotype_scores(self.lm, r, self.vocab, self.pad_id) for r in rows])
         out = self.calibration.logits(scores) if self.calibration is not None else scores
         return torch.as_tensor(out, dtype=torch.float32, device=input_ids.device)
+
+
+# --- training: the task's pieces (ckd_ehr.teacher.train.teacher_task picks them for head: generative)
+
+def make_generative_examples(texts: Sequence[str], labels, tokenizer, max_length: int, use_chat_template: bool,
+                             instruction_kind: str, seed: int = 0) -> list[dict]:
+    """Prompt (exactly as the MLAPH teacher's, within the same `max_length`) + answer: the
+    answer comes on top of the prompt's budget, so both teachers read the same prompt tokens."""
+    from ckd_ehr.teacher.data import encode_texts
+
+    vocab = AnswerVocabulary.build(tokenizer)
+    prompts = encode_texts(list(texts), tokenizer, max_length, use_chat_template, instruction_kind)
+    labels = np.asarray(labels, dtype=np.int8)
+    out = []
+    for i, prompt in enumerate(prompts):
+        rng = np.random.default_rng([seed, i])   # each sample's answer order, fixed for the run
+        ids, lm_labels = generative_example(prompt, vocab.answer(labels[i], rng))
+        out.append({"input_ids": ids, "lm_labels": lm_labels, "length": len(ids), "labels": labels[i]})
+    return out
+
+
+class GenerativeCollate:
+    """Examples -> ({input_ids, attention_mask, labels: the LM targets}, 25 phenotype labels)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]):
+        from ckd_ehr.modeling.collate import pad_batch, stack_rows
+
+        inputs = pad_batch([e["input_ids"] for e in examples], self.pad_token_id)
+        inputs["labels"] = pad_batch([e["lm_labels"] for e in examples], IGNORE)["input_ids"]
+        return inputs, stack_rows([e["labels"] for e in examples])
+
+
+def generative_loss(outputs: torch.Tensor, targets, progress: float) -> torch.Tensor:
+    """The model's forward with labels already is the LM loss (GenerativeTeacher.forward)."""
+    return outputs
+
+
+def build_generative_teacher(cfg, tokenizer, seed: int | None = None) -> GenerativeTeacher:
+    """A fresh trainable generative teacher from a TeacherConfig: causal LM + LoRA, no head."""
+    from ckd_ehr.modeling.collate import pad_id
+    from ckd_ehr.teacher.model import add_lora, load_backbone
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    lm = load_backbone(cfg.model, cfg.gguf_file, cfg.train_dtype(), cfg.attn_implementation, lm_head=True)
+    if cfg.use_gradient_checkpointing():
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm = add_lora(lm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    model = GenerativeTeacher(lm, AnswerVocabulary.build(tokenizer), pad_id(tokenizer))
+    model.use_chat_template, model.instruction_kind = cfg.use_chat_template, cfg.instruction
+    return model
+
+
+def fit_calibration(cfg, checkpoint_dir: str, tokenizer, val_texts: Sequence[str], val_labels: np.ndarray
+                    ) -> tuple[ScoreCalibration, dict]:
+    """After training: the best checkpoint's name scores on validation -> the per-phenotype
+    calibration, and the validation metrics of the calibrated teacher (macro AUROC does not
+    depend on the calibration; the thresholded metrics do, and are in-sample here)."""
+    from peft import PeftModel
+
+    from ckd_ehr.modeling.collate import pad_id
+    from ckd_ehr.contracts import TEACHER_ADAPTER
+    from ckd_ehr.teacher.data import predict_logits
+    from ckd_ehr.teacher.model import load_backbone, quiet_peft_deprecation
+    from ckd_ehr.training import multilabel_metrics
+
+    lm = load_backbone(cfg.model, cfg.gguf_file, "float32", cfg.attn_implementation, lm_head=True)
+    with quiet_peft_deprecation():
+        lm = PeftModel.from_pretrained(lm, f"{checkpoint_dir}/{TEACHER_ADAPTER}").merge_and_unload()
+    teacher = GenerativeTeacher(lm, AnswerVocabulary.build(tokenizer), pad_id(tokenizer)).eval()
+    scores = predict_logits(teacher, tokenizer, list(val_texts), batch_size=8, max_length=cfg.max_length,
+                            use_chat_template=cfg.use_chat_template, instruction_kind=cfg.instruction)
+    cal = ScoreCalibration.fit(scores, val_labels)
+    metrics = {f"val_{k}": v for k, v in multilabel_metrics(cal.logits(scores), val_labels).items()}
+    return cal, metrics

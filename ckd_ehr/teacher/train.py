@@ -71,7 +71,13 @@ class TeacherData:
             keep = subset_indices(len(texts), tc.max_train_samples, tc.seed) if is_train else \
                 np.arange(min(len(texts), tc.max_eval_samples or len(texts)))
             texts, labels = [texts[i] for i in keep], labels[keep]
-            out.append(make_examples(texts, labels, tok, tc.max_length, tc.use_chat_template, tc.instruction))
+            if tc.head == "generative":
+                from ckd_ehr.teacher.generative import make_generative_examples
+
+                out.append(make_generative_examples(texts, labels, tok, tc.max_length, tc.use_chat_template,
+                                                    tc.instruction, tc.seed))
+            else:
+                out.append(make_examples(texts, labels, tok, tc.max_length, tc.use_chat_template, tc.instruction))
         return out[0], out[1]
 
 
@@ -80,6 +86,10 @@ class BuildTeacher:
         self.tc = tc
 
     def __call__(self):
+        if self.tc.head == "generative":
+            from ckd_ehr.teacher.generative import build_generative_teacher
+
+            return build_generative_teacher(self.tc, load_tokenizer(self.tc), seed=self.tc.seed)
         return build_teacher(self.tc, seed=self.tc.seed)
 
 
@@ -98,11 +108,21 @@ class TeacherParamGroups:
         self.tc = tc
 
     def __call__(self, model):
+        if self.tc.head == "generative":   # no head: one group, the LoRA weights
+            return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": self.tc.lr,
+                     "weight_decay": self.tc.weight_decay}]
         return param_groups(model, self.tc.lr, self.tc.head_lr, self.tc.weight_decay)
 
 
 def teacher_task(tc, train_path: str, val_path: str, tokenizer=None) -> TrainTask:
     tokenizer = tokenizer or load_tokenizer(tc)
+    if tc.head == "generative":   # the language-model loss on the answer; validation reports val_loss
+        from ckd_ehr.teacher.generative import GenerativeCollate, generative_loss
+
+        return TrainTask(build_model=BuildTeacher(tc), load_data=TeacherData(tc, train_path, val_path),
+                         collate=GenerativeCollate(pad_id(tokenizer)), loss_fn=generative_loss, eval_fn=None,
+                         param_groups=TeacherParamGroups(tc), save_weights=SaveTeacherWeights(),
+                         model_size=TeacherSize(tc))
     pos_weight = None
     if tc.pos_weight == "balanced":
         _, labels = read_texts_and_labels(train_path, tc.text_column)
@@ -133,7 +153,15 @@ def train_teacher(tc, train_path: str, val_path: str, storage_path: str, name: s
         if key in result.metrics:
             metrics[key] = result.metrics[key]
     with result.best_checkpoint.as_directory() as d:
-        meta = write_artifact(d, tokenizer, tc, metrics, artifact_dest)
+        calibration = None
+        if tc.head == "generative":   # scores -> probabilities, fitted on validation (driver, no Ray)
+            from ckd_ehr.teacher.generative import fit_calibration
+
+            texts, labels = read_texts_and_labels(val_path, tc.text_column)
+            n = min(len(texts), tc.max_eval_samples or len(texts))
+            calibration, val_metrics = fit_calibration(tc, str(d), tokenizer, texts[:n], labels[:n])
+            metrics.update(val_metrics)
+        meta = write_artifact(d, tokenizer, tc, metrics, artifact_dest, calibration=calibration)
     log.info("teacher artifact %s written to %s (best %s=%s)", meta["artifact_id"], artifact_dest,
              tc.best_metric, metrics.get(tc.best_metric))
     return result, meta
