@@ -128,7 +128,6 @@ def test_generative_teacher_task_learns_and_scores_from_its_artifact(tmp_path, t
 
     from ckd_ehr.bench.toy_samples import write_toy_samples
     from ckd_ehr.config import TeacherConfig
-    from ckd_ehr.contracts import RunLayout
     from ckd_ehr.evaluation.metrics import auroc_per_label
     from ckd_ehr.teacher.artifact import load_teacher, write_artifact
     from ckd_ehr.teacher.data import predict_logits
