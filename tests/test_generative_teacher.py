@@ -119,6 +119,7 @@ def test_generative_artifact_round_trips(tiny_qwen_dir, tmp_path):
         write_artifact(tmp_path / "ckpt", tok, cfg, {}, str(tmp_path / "art2"))
 
 
+@pytest.mark.slow   # 36 optimiser steps of a causal LM: about a minute on 2 cores, too long for the edit loop
 def test_generative_teacher_task_learns_and_scores_from_its_artifact(tmp_path, tiny_qwen_dir):
     """teacher.head: generative, the teacher stage's own pieces run in-process (the training loop
     behind a LocalReporter: the same TrainTask Ray Train runs), then what train_teacher does after
