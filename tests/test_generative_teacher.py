@@ -104,7 +104,8 @@ def test_generative_artifact_round_trips(tiny_qwen_dir, tmp_path):
     teacher = GenerativeTeacher(lm, AnswerVocabulary.build(tok), tok.pad_token_id or 0, cal)
     state = {k: v for k, v in teacher.named_parameters() if v.requires_grad}
     write_weights(teacher, state, tmp_path / "ckpt")
-    cfg = TeacherConfig(model=str(tiny_qwen_dir), gguf_file=None, head="generative", max_length=128)
+    cfg = TeacherConfig(model=str(tiny_qwen_dir), gguf_file=None, head="generative", best_metric="val_loss",
+                        max_length=128)
     meta = write_artifact(tmp_path / "ckpt", tok, cfg, {"val_loss": 1.0}, str(tmp_path / "art"), calibration=cal)
     assert meta["head"] == "generative"
     assert (tmp_path / "art" / "calibration.json").exists() and not (tmp_path / "art" / "head.safetensors").exists()
