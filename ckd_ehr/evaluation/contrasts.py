@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ckd_ehr.evaluation.metrics import auroc_per_label, macro_label_set, patient_resamples
+from ckd_ehr.evaluation.metrics import _macro, auroc_per_label, macro_label_set, patient_resamples
 
 _NORMAL = NormalDist()
 
@@ -48,9 +48,9 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 
 def macro_auroc(y: np.ndarray, probs: np.ndarray, label_set: np.ndarray) -> float:
-    """Mean AUROC over `label_set` (NaN when one of its phenotypes has a single class here)."""
-    vals = auroc_per_label(y, probs)[label_set]
-    return float("nan") if np.isnan(vals).any() else float(vals.mean())
+    """Mean AUROC over `label_set` (NaN when one of its phenotypes has a single class here):
+    evaluate's macro definition (metrics._macro, strict), without the AUPRC it also computes."""
+    return _macro(auroc_per_label(y, probs), label_set, True)
 
 
 @dataclass
