@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
-from ckd_ehr.teacher.generative import (IGNORE, AnswerVocabulary, ScoreCalibration, generative_example, lm_loss,
-                                        phenotype_scores, phenotype_scores_uncached)
+from ckd_ehr.teacher.generative import (IGNORE, AnswerVocabulary, ScoreCalibration, answer_loss, generative_example,
+                                        lm_loss, phenotype_scores, phenotype_scores_uncached)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,15 @@ def test_answer_is_built_from_fixed_pieces_and_only_it_is_learned(lm):
     logp = torch.log_softmax(logits[0].float(), -1)
     by_hand = -torch.stack([logp[t - 1, ids[t]] for t in range(3, len(ids))]).mean()
     assert torch.allclose(lm_loss(logits, torch.tensor([lab])), by_hand, atol=1e-5)
+    # ... and the training forward, which projects only the answer positions onto the vocabulary,
+    # gives the same loss on a right-padded batch of two prompts of different lengths
+    ids2, lab2 = generative_example([9, 8, 7, 6, 5, 4, 3], vocab.answer(np.zeros(NUM_PHENOTYPES)))
+    width = max(len(ids), len(ids2))
+    batch = torch.tensor([r + [0] * (width - len(r)) for r in (ids, ids2)])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in (ids, ids2)])
+    targets = torch.tensor([r + [IGNORE] * (width - len(r)) for r in (lab, lab2)])
+    full = lm_loss(model(input_ids=batch, attention_mask=mask).logits, targets)
+    assert torch.allclose(answer_loss(model, batch, mask, targets), full, atol=1e-5)
 
 
 def test_cached_scores_equal_separate_full_passes(lm):
@@ -120,7 +129,7 @@ def test_generative_artifact_round_trips(tiny_qwen_dir, tmp_path):
         write_artifact(tmp_path / "ckpt", tok, cfg, {}, str(tmp_path / "art2"))
 
 
-@pytest.mark.slow   # 36 optimiser steps of a causal LM: about a minute on 2 cores, too long for the edit loop
+@pytest.mark.slow   # 36 optimiser steps of a causal LM: about 30 s on 2 cores, too long for the edit loop
 def test_generative_teacher_task_learns_and_scores_from_its_artifact(tmp_path, tiny_qwen_dir):
     """teacher.head: generative, the teacher stage's own pieces run in-process (the training loop
     behind a LocalReporter: the same TrainTask Ray Train runs), then what train_teacher does after

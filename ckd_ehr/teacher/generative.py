@@ -75,6 +75,22 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                              labels[:, 1:].reshape(-1), ignore_index=IGNORE)
 
 
+def answer_loss(lm: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:
+    """lm_loss computed from the answer positions' logits only.
+
+    Why: the answer is a few dozen tokens after a prompt of up to max_length, and the LM head's
+    output is [tokens, vocabulary]: 49k (SmolLM2) to 152k (Qwen2.5) floats per token. Projecting
+    every prompt position costs most of a step's time on a small model and ~0.6 GB of fp32
+    logits per 1,024-token Qwen2.5 sample. transformers' `logits_to_keep` (a boolean [B, T]
+    mask) projects only the positions that predict an answer token; the result equals lm_loss
+    (tests/test_generative_teacher.py)."""
+    predicts = labels[:, 1:] != IGNORE                                     # position t predicts label t+1
+    keep = torch.nn.functional.pad(predicts, (0, 1), value=False)          # [B, T]
+    logits = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep).logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:][predicts])
+
+
 def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -90,7 +106,7 @@ def phenotype_scores(model, prompt_ids: Sequence[int], vocab: AnswerVocabulary, 
     over prompt + prefix, one batched pass over the 25 names (see the module docstring)."""
     device = next(model.parameters()).device
     context = torch.tensor([list(prompt_ids) + vocab.prefix], dtype=torch.long, device=device)
-    out = model(input_ids=context, use_cache=True)
+    out = model(input_ids=context, use_cache=True, logits_to_keep=1)         # only the last position's logits
     first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)             # predicts each name's first token
     k = len(vocab.names)
     cache = copy.deepcopy(out.past_key_values)
@@ -177,8 +193,7 @@ class GenerativeTeacher(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
         if labels is not None:
-            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            return lm_loss(logits, labels)
+            return answer_loss(self.lm, input_ids, attention_mask, labels)
         rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), attention_mask.cpu())]
         scores = np.stack([phenotype_scores(self.lm, r, self.vocab, self.pad_id) for r in rows])
         out = self.calibration.logits(scores) if self.calibration is not None else scores
