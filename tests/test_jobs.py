@@ -7,7 +7,8 @@ tests that need trained artifacts reuse."""
 from __future__ import annotations
 
 from ckd_ehr import storage
-from ckd_ehr.contracts import PRIMARY_VARIANTS, RunLayout
+from ckd_ehr.contracts import RunLayout
+from tiny_run import TINY_RUN_VARIANTS
 
 
 def test_pipeline_submitted_as_a_ray_job(tiny_run):
@@ -20,7 +21,7 @@ def test_pipeline_submitted_as_a_ray_job(tiny_run):
     assert set(manifest["stages"]) == {"prepare", "eadf", "teacher", "soft_labels", "student", "evaluate", "report"}
     metrics = storage.read_json(layout.metrics)
     assert metrics  # evaluated
-    for v in PRIMARY_VARIANTS:
+    for v in TINY_RUN_VARIANTS:
         assert storage.exists(layout.student_artifact(v))
     assert (run_dir / "report" / "report.html").exists()
     logs = tiny_run.logs

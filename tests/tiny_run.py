@@ -20,6 +20,9 @@ from ray_head import RAY, RayHead
 REPO = Path(__file__).resolve().parents[1]
 
 
+TINY_RUN_VARIANTS = ("hard_eadf", "ckd_ehr", "hard_names", "oracle_distill")
+
+
 @dataclass
 class TinyRun:
     run_dir: Path
@@ -43,6 +46,15 @@ def submit_pipeline_job(head: RayHead, root: Path, teacher_dir: Path, student_di
     run_dir = root / "run"
     cfg = small_pipeline_config(str(run_dir), teacher_dir, student_dir)
     cfg["ray"] = {}   # inside the job: join the job's cluster (RAY_ADDRESS), not a new one
+    # Four students, chosen so that one run covers the pipeline and the study's controls
+    # (tests/test_study_controls.py): every student is one Ray Train fit (~30 s on 2 cores,
+    # mostly process start-up), so the suite trains each kind once. hard_eadf / ckd_ehr are the
+    # primary hard and distilled students; hard_names (a control text column, which needs
+    # control_texts) and oracle_distill (soft labels from another source) exercise what the
+    # remaining variants vary: hard_plain and distill_plain differ from them only in the column.
+    cfg["eadf"] = {**cfg["eadf"], "control_texts": True}
+    cfg["student"] = {**cfg["student"], "variants": list(TINY_RUN_VARIANTS)}
+    cfg["evaluate"] = {**cfg["evaluate"], "baseline": "hard_eadf"}   # paired deltas against a model the run has
     cfg_file = root / "job.yaml"   # same machine: the job reads it by absolute path
     cfg_file.write_text(yaml.safe_dump(cfg))
     cmd = [RAY, "job", "submit", "--address", head.dashboard, "--working-dir", ".",
