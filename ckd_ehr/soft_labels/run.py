@@ -226,6 +226,13 @@ def infer_soft_labels(input_paths: dict[str, str], artifact_dir: str, cfg) -> di
     # 438-row block of the demo took longer than Ray Data's 30-minute no-progress window, which
     # then killed a healthy run. The scorer is legitimately slow, so this Dataset has no such window.
     ds.context.execution_no_progress_timeout_s = -1
+    # Scored rows stream back batch by batch. Ray Data buffers a task's output up to
+    # target_max_block_size (128 MiB by default) before handing it on, so each input file came
+    # back as one block: the demo's 450-row test split showed no progress for ~15 minutes. A
+    # batch's output is ~0.3 KiB a row (ids, 25 logits, 25 probabilities), so 4 KiB makes about
+    # one block per batch of 16; the cost, one small object per batch, is nothing next to
+    # scoring the batch.
+    ds.context.target_max_block_size = 4096
     # Streamed, not collected at the end: the driver logs progress with the time left (Ray
     # Data's own progress bars are off in this project: they garble logs of jobs and tests).
     total = sum(storage.parquet_num_rows(p) for p in input_paths.values())
