@@ -195,6 +195,43 @@ def test_loop_in_process_learns_checkpoints_fails_once_and_resumes(tmp_path):
                                   np.stack([e["labels"] for e in val]))
 
 
+class _ModeRecordingBag(_BagOfTokens):
+    """_BagOfTokens built in eval mode (as from_pretrained leaves a model) that records, per
+    forward, whether it ran in training mode and with gradients."""
+
+    def __call__(self):
+        import torch
+
+        model = super().__call__().eval()
+        model.modes = []
+        inner = model.forward
+
+        def forward(input_ids, attention_mask):
+            model.modes.append((model.training, torch.is_grad_enabled()))
+            return inner(input_ids, attention_mask)
+
+        model.forward = forward
+        return model
+
+
+@pytest.mark.parametrize("head_init", ["random", "probe"])
+def test_loop_trains_in_training_mode_and_validates_in_eval_mode(tmp_path, head_init):
+    """Dropout is on for the optimiser steps and off for validation, whatever mode the model
+    was built in (the probe fit also puts it in eval mode)."""
+    from ckd_ehr.training import LocalReporter, TrainLoop, TrainTask, WorkerContext
+
+    train, val = _marker_examples(32, 0), _marker_examples(16, 1)
+    task = TrainTask(build_model=_ModeRecordingBag(), load_data=lambda: (train, val), collate=_collate, loss_fn=_bce)
+    cfg = TrainerConfig(num_workers=1, epochs=1, batch_size=16, lr=1e-2, warmup_ratio=0.0, max_length=16,
+                        strategy="ddp", head_init=head_init, best_metric="val_loss")
+    loop = TrainLoop(cfg, task, WorkerContext(), LocalReporter(str(tmp_path / "run")))
+    loop.run()
+    modes = loop.engine.module.modes
+    assert modes.count((True, True)) == 2                         # 32 / 16: two training steps
+    assert all(not training for training, grad in modes if not grad)   # every no-grad pass in eval mode
+    assert all(training for training, grad in modes if grad)
+
+
 def test_loop_in_process_probe_is_step_zero(tmp_path):
     """head_init probe: the probe is fitted on the frozen features, validated and reported as
     step 0 with its head saved, so best-checkpoint selection can keep it."""

@@ -414,6 +414,10 @@ class TrainLoop:
             metrics.update(val)
             self._log_validation(val)
             self.save_and_report(metrics, out)
+        # Optimiser steps in training mode (dropout as the model's config sets it): from_pretrained,
+        # the student builder and the probe fit all leave the model in eval mode, and validate()
+        # restores the mode it found, so without this every step ran with dropout off.
+        self.engine.train(True)
         while self.epoch < cfg.epochs and self.step < self.total_steps:
             batches = length_grouped_batches(self.train_len, self.micro_bs, cfg.seed, self.epoch, self.world,
                                              self.rank)[: self.steps_per_epoch * self.accum]
