@@ -18,7 +18,6 @@ depend on it (a monotone map per phenotype), the soft labels and thresholds do.
 """
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from typing import Sequence
@@ -29,6 +28,9 @@ import torch
 from ckd_ehr.data.phenotypes import phenotype_names
 
 ANSWER_PREFIX = "Disease that the patient may acquire:"
+SCORE_PROMPTS = 4
+"""Prompts scored together: their name pass holds 4 x 25 continuations, i.e. 100 rows of
+[name tokens, vocabulary] logits (~200 MB in fp32 for SmolLM2's 49k vocabulary)."""
 IGNORE = -100
 
 
@@ -102,26 +104,45 @@ def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
 
 @torch.inference_mode()
 def phenotype_scores(model, prompt_ids: Sequence[int], vocab: AnswerVocabulary, pad_id: int = 0) -> np.ndarray:
-    """[25] mean log-probabilities of each name right after the answer prefix: one cached pass
-    over prompt + prefix, one batched pass over the 25 names (see the module docstring)."""
+    """[25] mean log-probabilities of each name right after the answer prefix (one prompt)."""
+    return phenotype_scores_batch(model, [prompt_ids], vocab, pad_id)[0]
+
+
+@torch.inference_mode()
+def phenotype_scores_batch(model, prompts: Sequence[Sequence[int]], vocab: AnswerVocabulary,
+                           pad_id: int = 0) -> np.ndarray:
+    """[B, 25] name scores of B prompts: one cached pass over the B contexts (prompt + answer
+    prefix, left-padded so that each ends at the last column), then one pass over the B x 25
+    names on the cache repeated 25 times (see the module docstring). Positions are given
+    explicitly: a left-padded row's tokens count from its first real token, as when alone."""
     device = next(model.parameters()).device
-    context = torch.tensor([list(prompt_ids) + vocab.prefix], dtype=torch.long, device=device)
-    out = model(input_ids=context, use_cache=True, logits_to_keep=1)         # only the last position's logits
-    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)             # predicts each name's first token
-    k = len(vocab.names)
-    cache = copy.deepcopy(out.past_key_values)
-    cache.batch_repeat_interleave(k)
-    names, mask = _pad(vocab.names, pad_id)
-    names, mask = names.to(device), mask.to(device)
-    attention = torch.cat([torch.ones((k, context.shape[1]), dtype=torch.long, device=device), mask], dim=1)
-    logits = model(input_ids=names, attention_mask=attention, cache=cache, use_cache=False).logits
-    logp = torch.log_softmax(logits.float(), dim=-1)                       # [25, T, V]
+    contexts = [list(p) + vocab.prefix for p in prompts]
+    b, width, k = len(contexts), max(len(c) for c in contexts), len(vocab.names)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    ctx_mask = torch.zeros((b, width), dtype=torch.long)
+    for i, c in enumerate(contexts):
+        ids[i, width - len(c):], ctx_mask[i, width - len(c):] = torch.tensor(c, dtype=torch.long), 1
+    ids, ctx_mask = ids.to(device), ctx_mask.to(device)
+    out = model(input_ids=ids, attention_mask=ctx_mask, position_ids=(ctx_mask.cumsum(1) - 1).clamp(min=0),
+                use_cache=True, logits_to_keep=1)                       # only the last position's logits
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)           # [B, V]: each name's first token
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(k)                                       # row r: prompt r // k, name r % k
+    names, name_mask = _pad(vocab.names, pad_id)
+    names, name_mask = names.to(device).repeat(b, 1), name_mask.to(device).repeat(b, 1)
+    attention = torch.cat([ctx_mask.repeat_interleave(k, dim=0), name_mask], dim=1)
+    positions = ctx_mask.sum(1).repeat_interleave(k)[:, None] + torch.arange(names.shape[1], device=device)
+    logits = model(input_ids=names, attention_mask=attention, position_ids=positions, cache=cache,
+                   use_cache=False).logits
     token_lp = torch.empty(names.shape, dtype=torch.float32, device=device)
-    token_lp[:, 0] = first[names[:, 0]]
+    token_lp[:, 0] = first.repeat_interleave(k, dim=0).gather(-1, names[:, :1]).squeeze(-1)
     if names.shape[1] > 1:
-        token_lp[:, 1:] = logp[:, :-1].gather(-1, names[:, 1:].unsqueeze(-1)).squeeze(-1)
-    m = mask.float()
-    return ((token_lp * m).sum(1) / m.sum(1)).cpu().numpy()
+        # log-softmax at the name's own tokens only: logit - logsumexp, without writing out the
+        # [B x 25, T - 1, V] log-probabilities (the pass's largest tensor)
+        scored = logits[:, :-1].float()
+        token_lp[:, 1:] = scored.gather(-1, names[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scored, dim=-1)
+    m = name_mask.float()
+    return ((token_lp * m).sum(1) / m.sum(1)).reshape(b, k).cpu().numpy()
 
 
 @torch.inference_mode()
@@ -195,7 +216,9 @@ class GenerativeTeacher(torch.nn.Module):
         if labels is not None:
             return answer_loss(self.lm, input_ids, attention_mask, labels)
         rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), attention_mask.cpu())]
-        scores = np.stack([phenotype_scores(self.lm, r, self.vocab, self.pad_id) for r in rows])
+        # SCORE_PROMPTS prompts per pass: the name pass holds SCORE_PROMPTS x 25 rows of logits
+        scores = np.concatenate([phenotype_scores_batch(self.lm, rows[i: i + SCORE_PROMPTS], self.vocab, self.pad_id)
+                                 for i in range(0, len(rows), SCORE_PROMPTS)])
         out = self.calibration.logits(scores) if self.calibration is not None else scores
         return torch.as_tensor(out, dtype=torch.float32, device=input_ids.device)
 
