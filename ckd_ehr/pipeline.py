@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 from ckd_ehr import storage
 from ckd_ehr.config import PipelineConfig, config_hash, dump_yaml
 from ckd_ehr.contracts import RunLayout
-from ckd_ehr.stages import STAGE_NAMES, STAGES, Stage
+from ckd_ehr.stages import STAGES, Stage
+from ckd_ehr.stages import stage as stage_named
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,14 @@ def read_manifest(layout: RunLayout) -> dict:
 
 
 def select_stages(from_stage: str | None, to_stage: str | None) -> list[Stage]:
-    for name in (from_stage, to_stage):
-        if name is not None and name.replace("-", "_") not in STAGE_NAMES:
-            raise PipelineError(f"unknown stage '{name}'; stages are: {', '.join(STAGE_NAMES)}")
-    start = STAGE_NAMES.index(from_stage.replace("-", "_")) if from_stage else 0
-    stop = STAGE_NAMES.index(to_stage.replace("-", "_")) if to_stage else len(STAGES) - 1
+    def index(name: str) -> int:
+        try:
+            return STAGES.index(stage_named(name))
+        except KeyError as exc:
+            raise PipelineError(exc.args[0]) from None
+
+    start = index(from_stage) if from_stage else 0
+    stop = index(to_stage) if to_stage else len(STAGES) - 1
     if start > stop:
         raise PipelineError(f"--from {from_stage} comes after --to {to_stage}")
     return list(STAGES[start:stop + 1])
