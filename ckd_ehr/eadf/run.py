@@ -118,22 +118,27 @@ FUSE_COLUMNS = ["diagnosis_titles", "diagnosis_short_titles", "drugs", "procedur
 _FUSE_SCHEMA = pa.schema([SAMPLES.field(c) for c in FUSE_COLUMNS])
 
 
+def _visit_pieces(batch: pa.Table, top: Mapping[int, Sequence[str]], text: TextConfig, where: str):
+    """What every rendering of SAMPLES rows reads: (diagnosis titles, drugs, procedures, each
+    row's EADF clauses (phenotypes present at visit i, label order, with ranked drugs), the
+    ranked drugs by phenotype name)."""
+    names = phenotype_names()
+    by_name = {names[p]: list(drugs) for p, drugs in top.items()}
+    present = multi_hot_matrix(batch.column("phenotypes_current"), where, "phenotypes_current")
+    dx = batch.column(diagnosis_title_column(text)).to_pylist()
+    rx, px = batch.column("drugs").to_pylist(), batch.column("procedure_titles").to_pylist()
+    clauses = [efficacy_for(present[i], by_name) for i in range(batch.num_rows)]
+    return dx, rx, px, clauses, by_name
+
+
 def fused_texts(batch: pa.Table, top: Mapping[int, Sequence[str]], text: TextConfig,
                 where: str = "samples") -> pa.Array:
     """`text_eadf` of SAMPLES rows (only FUSE_COLUMNS are read): the visit re-rendered with
     efficacy clauses for the phenotypes present at visit i (label order) that have ranked drugs."""
     batch = check_schema(batch, _FUSE_SCHEMA, where)
-    names = phenotype_names()
-    by_name = {names[p]: drugs for p, drugs in top.items()}
-    present = multi_hot_matrix(batch.column("phenotypes_current"), where, "phenotypes_current")
-    dx_col = diagnosis_title_column(text)
-    dx = batch.column(dx_col).to_pylist()
-    rx = batch.column("drugs").to_pylist()
-    px = batch.column("procedure_titles").to_pylist()
-    out = []
-    for i in range(batch.num_rows):
-        out.append(render_input(dx[i], rx[i], px[i], efficacy=efficacy_for(present[i], by_name), cfg=text).text)
-    return pa.array(out, type=pa.string())
+    dx, rx, px, clauses, _ = _visit_pieces(batch, top, text, where)
+    return pa.array([render_input(dx[i], rx[i], px[i], efficacy=clauses[i], cfg=text).text
+                     for i in range(batch.num_rows)], type=pa.string())
 
 
 def control_texts(batch: pa.Table, top: Mapping[int, Sequence[str]], text: TextConfig,
@@ -141,19 +146,12 @@ def control_texts(batch: pa.Table, top: Mapping[int, Sequence[str]], text: TextC
     """The study's control texts of SAMPLES rows (FUSE_COLUMNS + sample_id read): the visit
     rendered with text.control_efficacy's clauses for the phenotypes EADF gives clauses to."""
     batch = check_schema(batch, pa.schema([*_FUSE_SCHEMA, SAMPLES.field("sample_id")]), where)
-    names = phenotype_names()
-    by_name = {names[p]: list(drugs) for p, drugs in top.items()}
-    present = multi_hot_matrix(batch.column("phenotypes_current"), where, "phenotypes_current")
-    dx = batch.column(diagnosis_title_column(text)).to_pylist()
-    rx, px = batch.column("drugs").to_pylist(), batch.column("procedure_titles").to_pylist()
+    dx, rx, px, clauses, by_name = _visit_pieces(batch, top, text, where)
     ids = batch.column("sample_id").to_pylist()
-    out = {}
-    for column, kind in CONTROL_KINDS.items():
-        out[column] = pa.array([
-            render_input(dx[i], rx[i], px[i], cfg=text,
-                         efficacy=control_efficacy(kind, ids[i], efficacy_for(present[i], by_name), by_name)).text
-            for i in range(batch.num_rows)], type=pa.string())
-    return out
+    return {column: pa.array([
+        render_input(dx[i], rx[i], px[i], cfg=text,
+                     efficacy=control_efficacy(kind, ids[i], clauses[i], by_name)).text
+        for i in range(batch.num_rows)], type=pa.string()) for column, kind in CONTROL_KINDS.items()}
 
 
 def _rendered(batch: pa.Table, top, text: TextConfig, where: str, controls: bool) -> dict[str, pa.Array]:
