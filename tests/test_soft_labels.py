@@ -160,3 +160,20 @@ def test_ray_data_soft_labels_equal_in_process_prediction(ray_local, run_with_te
     storage.write_parquet(small, layout.augmented("val"))
     run_soft_labels(cfg)
     assert storage.read_parquet(layout.soft_labels("val")).column("sample_id").to_pylist() == ["val-000", "val-001"]
+
+
+def test_scoring_input_comes_in_small_blocks(ray_local, tmp_path):
+    """Ray Data's default block size read three files as ONE block: one actor scored every row
+    and no progress showed until the end. The soft-label Dataset reads in blocks of a few rows,
+    so a pool's actors share the rows and scored batches stream back."""
+    from ckd_ehr.soft_labels.run import read_scoring_input
+
+    paths = {}
+    for split, n in (("train", 40), ("val", 10), ("test", 30)):
+        paths[split] = str(tmp_path / f"{split}.parquet")
+        storage.write_parquet(pa.table({"sample_id": [f"{split}-{i}" for i in range(n)],
+                                        "text_eadf": ["a visit with sepsis and heparin " * 40] * n}), paths[split])
+    ds, by_path = read_scoring_input(paths, "text_eadf")
+    blocks = ds.materialize()
+    assert sorted(by_path.values()) == sorted(paths)
+    assert blocks.count() == 80 and blocks.num_blocks() >= 20, blocks.num_blocks()

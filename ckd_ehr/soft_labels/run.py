@@ -198,6 +198,31 @@ def teacher_text_column(artifact_dir: str) -> str:
     return meta.get("text_column") or meta.get("config", {}).get("text_column", "text_eadf")
 
 
+SCORING_BLOCK_BYTES = 4096
+"""Ray Data's target block size for the soft-label Dataset (its default is 128 MiB). Why: with
+the default, the read put every input file into ONE block (the demo's 870 rows of three files:
+1.5 MiB), so one actor scored everything however many the pool had, and, Ray Data handing a
+task's output on only when a block is full, the stage showed no progress until the end (the
+demo: over 50 minutes without a progress line). At 4 KiB a block holds a row or two of text
+(Ray Data bundles them into batches of `batch_size` for the actors, who then share the work)
+and the output (~0.3 KiB a row: ids, 25 logits, 25 probabilities) comes back about one block per
+batch; one small object per row is nothing next to scoring it."""
+
+
+def read_scoring_input(input_paths: dict[str, str], text_column: str):
+    """(Dataset of sample_id, `text_column` and path over every input file, in blocks of
+    SCORING_BLOCK_BYTES; {path inside the filesystem: split})."""
+    import ray
+
+    paths, fs = {}, None
+    for split, path in input_paths.items():
+        fs, inner = storage.resolve(path)
+        paths[inner] = split
+    ds = ray.data.read_parquet(list(paths), filesystem=fs, columns=["sample_id", text_column], include_paths=True)
+    ds.context.target_max_block_size = SCORING_BLOCK_BYTES   # inherited by the operators after the read
+    return ds, paths
+
+
 def infer_soft_labels(input_paths: dict[str, str], artifact_dir: str, cfg) -> dict[str, pa.Table]:
     """Score every row of every input file with one actor pool; {split: SOFT_LABELS + path,
     n_tokens, n_computed}.
@@ -207,12 +232,7 @@ def infer_soft_labels(input_paths: dict[str, str], artifact_dir: str, cfg) -> di
     import ray
 
     text_column = teacher_text_column(artifact_dir)
-    paths = {}
-    fs = None
-    for split, path in input_paths.items():
-        fs, inner = storage.resolve(path)
-        paths[inner] = split
-    ds = ray.data.read_parquet(list(paths), filesystem=fs, columns=["sample_id", text_column], include_paths=True)
+    ds, paths = read_scoring_input(input_paths, text_column)
     use_gpu = cfg.use_gpu
     threads = cfg.torch_threads or max(1, math.ceil(cfg.cpus_per_actor))
     ds = ds.map_batches(
@@ -226,13 +246,6 @@ def infer_soft_labels(input_paths: dict[str, str], artifact_dir: str, cfg) -> di
     # 438-row block of the demo took longer than Ray Data's 30-minute no-progress window, which
     # then killed a healthy run. The scorer is legitimately slow, so this Dataset has no such window.
     ds.context.execution_no_progress_timeout_s = -1
-    # Scored rows stream back batch by batch. Ray Data buffers a task's output up to
-    # target_max_block_size (128 MiB by default) before handing it on, so each input file came
-    # back as one block: the demo's 450-row test split showed no progress for ~15 minutes. A
-    # batch's output is ~0.3 KiB a row (ids, 25 logits, 25 probabilities), so 4 KiB makes about
-    # one block per batch of 16; the cost, one small object per batch, is nothing next to
-    # scoring the batch.
-    ds.context.target_max_block_size = 4096
     # Streamed, not collected at the end: the driver logs progress with the time left (Ray
     # Data's own progress bars are off in this project: they garble logs of jobs and tests).
     total = sum(storage.parquet_num_rows(p) for p in input_paths.values())
