@@ -144,7 +144,7 @@ def test_generative_teacher_task_learns_and_scores_from_its_artifact(tmp_path, t
     from ckd_ehr.teacher.data import predict_logits
     from ckd_ehr.teacher.generative import GenerativeTeacher, fit_calibration
     from ckd_ehr.teacher.train import load_tokenizer, read_texts_and_labels, teacher_task
-    from ckd_ehr.training import LocalReporter, TrainLoop, WorkerContext
+    from local_training import fit_in_process
 
     # The shared tiny Qwen2's random embeddings (std 0.02, tied to the LM head) cap its logits
     # below 1: no adapter could make an answer likely. Scaled up, the LM head can express one.
@@ -160,11 +160,9 @@ def test_generative_teacher_task_learns_and_scores_from_its_artifact(tmp_path, t
                        instruction="none", lora={"rank": 8, "alpha": 16, "target_modules": [
                            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]})
     task = teacher_task(tc, layout.augmented("train"), layout.augmented("val"))
-    reporter = LocalReporter(str(tmp_path / "train"))
-    last = TrainLoop(tc, task, WorkerContext(), reporter).run()
+    last, best, best_dir = fit_in_process(tc, task, tmp_path / "train")
     assert last["train_loss"] < 0.6 * last["train_loss_first"], last
     assert not any(k.startswith("val_macro") for k in last)        # no head: val_loss only while training
-    best_dir, best = reporter.best("val_loss")
     tok = load_tokenizer(tc)
     texts, labels = read_texts_and_labels(layout.augmented("val"), "text_eadf")
     cal, val_metrics = fit_calibration(tc, best_dir, tok, texts, labels)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from local_training import fit_in_process
 
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
 
@@ -38,16 +39,6 @@ def marker_task(n: int, seed: int) -> tuple[list[str], np.ndarray]:
         texts.append(" ".join(words))
         labels[i, : len(MARKERS)] = present[i]
     return texts, labels
-
-
-def fit_in_process(cfg, task, directory) -> tuple[dict, dict, str]:
-    """TrainLoop behind a LocalReporter: (last metrics, best metrics, best checkpoint dir)."""
-    from ckd_ehr.training import LocalReporter, TrainLoop, WorkerContext
-
-    reporter = LocalReporter(str(directory))
-    last = TrainLoop(cfg, task, WorkerContext(), reporter).run()
-    best_dir, best = reporter.best(cfg.best_metric)
-    return last, best, best_dir
 
 
 def list_data(train: list[dict], val: list[dict]):

@@ -242,9 +242,9 @@ def infer_soft_labels(input_paths: dict[str, str], artifact_dir: str, cfg) -> di
                                    torch_threads=None if use_gpu else threads),
         batch_size=cfg.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None)
-    # A block moves on only when the teacher has scored all of it: on a loaded 2-core machine a
-    # 438-row block of the demo took longer than Ray Data's 30-minute no-progress window, which
-    # then killed a healthy run. The scorer is legitimately slow, so this Dataset has no such window.
+    # No no-progress window: a teacher on CPU is legitimately slow (before the small blocks, a
+    # 438-row block of the demo outlasted Ray Data's 30-minute window on a loaded 2-core machine
+    # and a healthy run was killed), and a slow batch is not a hang.
     ds.context.execution_no_progress_timeout_s = -1
     # Streamed, not collected at the end: the driver logs progress with the time left (Ray
     # Data's own progress bars are off in this project: they garble logs of jobs and tests).

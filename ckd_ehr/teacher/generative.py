@@ -135,7 +135,7 @@ def phenotype_scores_batch(model, prompts: Sequence[Sequence[int]], vocab: Answe
     logits = model(input_ids=names, attention_mask=attention, position_ids=positions, cache=cache,
                    use_cache=False).logits
     token_lp = torch.empty(names.shape, dtype=torch.float32, device=device)
-    token_lp[:, 0] = first.repeat_interleave(k, dim=0).gather(-1, names[:, :1]).squeeze(-1)
+    token_lp[:, 0] = first[torch.arange(b, device=device).repeat_interleave(k), names[:, 0]]
     if names.shape[1] > 1:
         # log-softmax at the name's own tokens only: logit - logsumexp, without writing out the
         # [B x 25, T - 1, V] log-probabilities (the pass's largest tensor)
