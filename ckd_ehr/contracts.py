@@ -18,6 +18,8 @@ own, as laid out here. Change a schema here and nowhere else.
       soft_labels/{split}.parquet      SOFT_LABELS
       soft_labels/oracle/{split}.parquet  SOFT_LABELS from the latent oracle (synthetic, oracle variants)
       soft_labels/teacher_plain/{split}.parquet  SOFT_LABELS of a plain-text teacher (`ckd-ehr study`)
+      soft_labels/units/{split}.parquet  UNIT_TARGETS: the teacher's unit attention and relations
+                                       (`soft_labels.unit_targets`, multi-granularity distillation)
       soft_labels/quality/             entropy, calibration, reliability diagram
       student/{variant}/artifact/      STUDENT ARTIFACT (below)
       student/{variant}/train/         Ray Train storage
@@ -70,6 +72,10 @@ class StudentVariant:
     synthetic generator's latent oracle: is distillation worth it when the teacher is good?)."""
     primary: bool = True
     """One of the paper's four arms (trained by default); False: a control the study adds."""
+    unit_terms: tuple[str, ...] | None = None
+    """Multi-granularity terms (docs/method.md) beside the soft labels: None = as configured
+    (student.distill.label_attention / relation, 0 by default); a tuple = exactly these terms
+    (`label_attention`, `relation`), each at its configured weight or UNIT_TERM_DEFAULT_WEIGHT when that is 0."""
 
 
 STUDENT_VARIANT_TABLE: tuple[StudentVariant, ...] = (
@@ -90,8 +96,23 @@ STUDENT_VARIANT_TABLE: tuple[StudentVariant, ...] = (
     StudentVariant("oracle_distill", "text_eadf", True,
                    "(d-oracle) control: distilled from the generator's latent oracle, EADF text",
                    soft_labels="oracle", primary=False),
+    StudentVariant("ckd_ehr_soft_only", "text_eadf", True,
+                   "(d-soft) CKD-EHR with the soft labels only (no unit terms, whatever the config): the "
+                   "reference of the multi-granularity rows", primary=False, unit_terms=()),
+    StudentVariant("ckd_ehr_label_attention", "text_eadf", True,
+                   "(d+label) CKD-EHR plus label-level attention distillation", primary=False,
+                   unit_terms=("label_attention",)),
+    StudentVariant("ckd_ehr_relation", "text_eadf", True,
+                   "(d+relation) CKD-EHR plus relation-level distillation", primary=False,
+                   unit_terms=("relation",)),
+    StudentVariant("ckd_ehr_multigrain", "text_eadf", True,
+                   "(d+all) CKD-EHR with all three granularities: label attention, soft labels, relations",
+                   primary=False, unit_terms=("label_attention", "relation")),
 )
 """The one definition of the student variants: config, data, training and evaluation derive theirs."""
+UNIT_TERMS = ("label_attention", "relation")
+UNIT_TERM_DEFAULT_WEIGHT = 1.0
+"""Weight of a unit term a study variant turns on when the config leaves it at 0."""
 STUDENT_VARIANTS = tuple(v.name for v in STUDENT_VARIANT_TABLE)
 PRIMARY_VARIANTS = tuple(v.name for v in STUDENT_VARIANT_TABLE if v.primary)
 SOFT_LABEL_SOURCES = ("teacher", "teacher_plain", "oracle")
@@ -220,6 +241,17 @@ SOFT_LABELS = pa.schema([
     ("teacher_id", pa.string()),
 ])
 
+UNIT_TARGETS = pa.schema([
+    ("sample_id", pa.string()),
+    ("units", STRINGS),                 # the teacher's units in text order (ckd_ehr.text.text_units keys: d0, m1, p0, c7)
+    ("unit_attention", pa.list_(pa.float16())),  # [25 x W] row-major: per phenotype, its label attention summed per
+                                        # unit, renormalised over the units; null unless the teacher pools by label attention
+    ("unit_relation", pa.list_(pa.float16())),   # [W x W] row-major: row-softmax of the scaled dot products of the
+                                        # units' mean hidden states (soft_labels.relation_layer); null when relation_layer is null
+])
+"""Multi-granularity distillation targets (docs/method.md), float16: the student restricts each
+to the units its own text shows and renormalises (ckd_ehr.modeling.units.restrict)."""
+
 PREDICTIONS = pa.schema([
     ("sample_id", pa.string()),
     ("subject_id", pa.int64()),
@@ -314,6 +346,7 @@ class RunLayout:
         if source != "teacher":
             return self.path("soft_labels", source, f"{split}.parquet")
         return self.path("soft_labels", f"{split}.parquet")
+    def unit_targets(self, split: str) -> str: return self.path("soft_labels", "units", f"{split}.parquet")
     @property
     def soft_label_quality(self) -> str: return self.path("soft_labels", "quality")
     def student_artifact(self, variant: str = "ckd_ehr") -> str: return self.path("student", variant, "artifact")

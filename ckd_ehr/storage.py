@@ -134,6 +134,12 @@ def remove(path: str | os.PathLike) -> None:
         fs.delete_file(inner)
 
 
+def size(path: str | os.PathLike) -> int:
+    """Bytes of one file, local or remote."""
+    fs, inner = resolve(path)
+    return int(fs.get_file_info(inner).size or 0)
+
+
 def parquet_num_rows(path: str | os.PathLike) -> int:
     """Rows of a parquet file, from its footer (no data read)."""
     import pyarrow.parquet as pq

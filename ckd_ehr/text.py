@@ -2,7 +2,9 @@
 renderer that samples (text_plain), EADF (text_eadf), the student's refitting and Serve use.
 
 `render_input` renders, `efficacy_for` picks the clauses of a visit (the phenotypes present at
-visit i, in label order, that have listed drugs), `diagnosis_title_column` the titles shown.
+visit i, in label order, that have listed drugs), `diagnosis_title_column` the titles shown,
+`text_units` finds the clinical items of a rendered text again (the units that multi-granularity
+distillation aligns teacher and student on).
 `render_input` takes options: which instruction (if any), and a character
 budget per section applied section by section, so a long diagnosis list can never push the
 efficacy clauses (added by EADF, rendered last) out of the text. Items that do not fit are
@@ -64,11 +66,20 @@ def _clean(items: Sequence[str] | None) -> list[str]:
     return [str(s).strip() for s in (items or []) if s is not None and str(s).strip()]
 
 
+SECTION_DIAGNOSES = "The patient-acquired disease is "
+SECTION_DRUGS = "The patient had used the following medication: "
+SECTION_PROCEDURES = "The surgical operation performed by the patient: "
+EMPTY_SECTION = "None"
+ITEM_SEP = ", "
+CLAUSE_OPENINGS = {"paper": "The medications that maybe have therapeutic effect on {p} are ",
+                   "short": "Effective for {p}: "}
+"""How a clause about phenotype {p} begins, per `text.clauses` style."""
+
+
 def efficacy_clause(phenotype: str, drugs: Sequence[str], style: str = "paper") -> str:
     """One EADF clause: the phenotype and its top drugs, in the release's wording or a short one."""
-    if style == "short":
-        return f"Effective for {phenotype}: {', '.join(drugs)};"
-    return f"The medications that maybe have therapeutic effect on {phenotype} are {', '.join(drugs)};"
+    opening = CLAUSE_OPENINGS["short" if style == "short" else "paper"]
+    return opening.format(p=phenotype) + ", ".join(drugs) + ";"
 
 
 def render_input(
@@ -85,9 +96,9 @@ def render_input(
     rx, n_rx = _fit(_clean(drugs), cfg.max_chars_drugs)
     px, n_px = _fit(_clean(procedures), cfg.max_chars_procedures)
     parts = [
-        f"The patient-acquired disease is {dx or 'None'}.",
-        f"The patient had used the following medication: {rx or 'None'}.",
-        f"The surgical operation performed by the patient: {px or 'None'}.",
+        f"{SECTION_DIAGNOSES}{dx or EMPTY_SECTION}.",
+        f"{SECTION_DRUGS}{rx or EMPTY_SECTION}.",
+        f"{SECTION_PROCEDURES}{px or EMPTY_SECTION}.",
     ]
     dropped = {"diagnoses": n_dx, "drugs": n_rx, "procedures": n_px, "efficacy": 0}
     if efficacy:
@@ -99,6 +110,67 @@ def render_input(
     if cfg.instruction != "none":
         text = instruction(cfg.instruction) + " " + text
     return Rendered(text=text, dropped=dropped)
+
+
+UNIT_KINDS = {"d": "diagnosis", "m": "medication", "p": "procedure", "c": "efficacy clause"}
+"""Unit keys are the kind's letter and an ordinal: `d0` the first diagnosis shown, `m2` the
+third drug, `p0` the first procedure, `c7` the clause about phenotype index 7 (label order)."""
+
+
+def text_units(text: str, diagnoses: Sequence[str] | None, drugs: Sequence[str] | None,
+               procedures: Sequence[str] | None) -> list[tuple[str, int, int]]:
+    """The clinical items of a text that `render_input` rendered from these lists: (unit key,
+    start, end) character spans, in text order, nothing of the instruction or the template.
+
+    Read, not searched: each section holds a prefix of its (cleaned) item list joined by ", "
+    (a budget drops whole items from the end), so the items are matched in order at known
+    positions and a title that itself contains ", " is still one unit. Clauses are found by
+    their opening (either wording) with one of the 25 phenotype names; each runs to the next
+    clause or the end. A text not rendered from these lists raises ValueError. (One ambiguity
+    remains: a first item literally named "None" whose section was emptied by its budget reads
+    as that item.)"""
+    units: list[tuple[str, int, int]] = []
+    pos = text.find(SECTION_DIAGNOSES)
+    if pos < 0:
+        raise ValueError(f"not a rendered visit (no {SECTION_DIAGNOSES!r}): {text[:80]!r}")
+    for letter, marker, items in (("d", SECTION_DIAGNOSES, diagnoses), ("m", SECTION_DRUGS, drugs),
+                                  ("p", SECTION_PROCEDURES, procedures)):
+        if not text.startswith(marker, pos):
+            raise ValueError(f"expected {marker!r} at character {pos} of {text[:80]!r}...")
+        pos += len(marker)
+        matched = 0
+        for item in _clean(items):
+            if not text.startswith(item, pos):
+                break
+            units.append((f"{letter}{matched}", pos, pos + len(item)))
+            matched += 1
+            pos += len(item)
+            if not text.startswith(ITEM_SEP, pos):
+                break
+            pos += len(ITEM_SEP)
+        if not matched:
+            if not text.startswith(EMPTY_SECTION, pos):
+                raise ValueError(f"section {marker.strip()!r} of {text[:80]!r}... matches none of its items")
+            pos += len(EMPTY_SECTION)
+        if not text.startswith(".", pos):
+            raise ValueError(f"section {marker.strip()!r} does not end after its items at character {pos}: "
+                             f"{text[pos:pos + 40]!r} (a text rendered from other lists?)")
+        pos += 1 + (text.startswith(" ", pos + 1))
+    names = phenotype_names()
+    openings = [(k, o.format(p=name)) for k, name in enumerate(names) for o in CLAUSE_OPENINGS.values()]
+    starts = []
+    while pos < len(text):
+        hit = next(((k, o) for k, o in openings if text.startswith(o, pos)), None)
+        if hit is None:
+            raise ValueError(f"expected an efficacy clause at character {pos}: {text[pos:pos + 40]!r}")
+        starts.append((hit[0], pos))
+        nxt = [text.find("; " + o, pos) for _, o in openings]
+        nxt = [i for i in nxt if i >= 0]
+        pos = min(nxt) + 2 if nxt else len(text)
+    for j, (k, start) in enumerate(starts):
+        end = starts[j + 1][1] - 1 if j + 1 < len(starts) else len(text)
+        units.append((f"c{k}", start, end))
+    return units
 
 
 def diagnosis_title_column(cfg: TextConfig) -> str:

@@ -23,7 +23,9 @@ def test_shipped_space_loads_and_converts(path):
     assert set(tune_space) == set(space.params)
     # A sampled point becomes a valid pipeline config.
     point = {k: (v.sample() if hasattr(v, "sample") else v["grid_search"][0]) for k, v in tune_space.items()}
-    cfg = apply_trial({}, point)
+    # the label-attention term needs a teacher that pools by label attention (its config's)
+    base = {"teacher": {"pooling": "label_attention"}} if "student.distill.label_attention" in space.params else {}
+    cfg = apply_trial(base, point)
     assert isinstance(cfg, PipelineConfig)
 
 

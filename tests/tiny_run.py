@@ -54,6 +54,11 @@ def submit_pipeline_job(head: RayHead, root: Path, teacher_dir: Path, student_di
     # remaining variants vary: hard_plain and distill_plain differ from them only in the column.
     cfg["eadf"] = {**cfg["eadf"], "control_texts": True}
     cfg["student"] = {**cfg["student"], "variants": list(TINY_RUN_VARIANTS)}
+    # Multi-granularity distillation (tests/test_multigranularity.py): a label-attention teacher
+    # (probe start: zero queries) whose soft-label stage also writes the unit targets, and a
+    # ckd_ehr student trained on all three terms; oracle_distill (oracle soft labels) has none.
+    cfg["teacher"] = {**cfg["teacher"], "pooling": "label_attention"}
+    cfg["student"]["distill"] = {"label_attention": 1.0, "relation": 1.0}
     cfg["evaluate"] = {**cfg["evaluate"], "baseline": "hard_eadf"}   # paired deltas against a model the run has
     cfg_file = root / "job.yaml"   # same machine: the job reads it by absolute path
     cfg_file.write_text(yaml.safe_dump(cfg))

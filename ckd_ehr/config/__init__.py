@@ -78,6 +78,24 @@ class PipelineConfig(Section):
                                  f"oracle): only a synthetic cohort has one (data.source is {self.data.source!r})")
         return self
 
+    @model_validator(mode="after")
+    def _unit_terms_have_their_targets(self):
+        """A student with multi-granularity terms needs the teacher's unit targets: asked of the
+        soft-label stage here, and the teacher must be able to give them."""
+        weights = {v: self.student.distill.unit_weights(v) for v in self.student.variants}
+        if any(label > 0 for label, _ in weights.values()):
+            if self.teacher.head != "mlaph" or self.teacher.pooling != "label_attention":
+                names = [v for v, (label, _) in weights.items() if label > 0]
+                raise ValueError(f"student variant(s) {', '.join(names)} distil label attention: set "
+                                 f"teacher.pooling: label_attention (it is {self.teacher.pooling!r}, head "
+                                 f"{self.teacher.head!r})")
+        if any(rel > 0 for _, rel in weights.values()) and self.soft_labels.relation_layer is None:
+            raise ValueError("a student variant distils unit relations: set soft_labels.relation_layer "
+                             "(the teacher layer they compare; -1 the last)")
+        if any(label > 0 or rel > 0 for label, rel in weights.values()) and not self.soft_labels.unit_targets:
+            self.soft_labels = self.soft_labels.model_copy(update={"unit_targets": True})
+        return self
+
 
 __all__ = [
     "ConfigError", "Section", "PipelineConfig", "DataConfig", "SplitConfig", "SynthConfig", "TextConfig",

@@ -35,6 +35,13 @@ class SoftLabelsConfig(Section):
     be scored whole when the student trains on a capped subset of it."""
     torch_threads: int | None = Field(None, ge=1)
     """torch intra-op threads per actor on CPU; None = max(1, round(cpus_per_actor))."""
+    unit_targets: bool = False
+    """Also write the teacher's multi-granularity targets (contracts.UNIT_TARGETS: label attention
+    per unit, unit relations; float16) for the student's `distill.label_attention` /
+    `distill.relation` terms. Turned on by the pipeline config when a student needs them."""
+    relation_layer: int | None = -1
+    """Teacher hidden-state layer whose unit vectors the relations compare (an index into the
+    backbone's hidden_states: 0 the embeddings, -1 the last layer); None: no relations."""
     ece_bins: int = Field(10, ge=2)
     """Equal-width probability bins of the calibration error and the reliability diagram."""
 

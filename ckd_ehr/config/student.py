@@ -27,10 +27,37 @@ class DistillConfig(Section):
     at temperature T, scaled by T^2."""
     temperature: float = Field(2.0, gt=0)
     """Temperature T of `bce_temperature`."""
+    label_attention: float = Field(0.0, ge=0.0)
+    """beta_label: weight of the label-level attention term (docs/method.md): per phenotype, the
+    KL divergence from the teacher's label attention over the text's clinical items to the
+    student's own (an auxiliary label-attention head), weighted by the teacher's probability.
+    Needs teacher.pooling: label_attention. 0 = off."""
+    relation: float = Field(0.0, ge=0.0)
+    """beta_relation: weight of the relation-level term: mean row KL from the teacher's item-by-item
+    relations (soft_labels.relation_layer) to the student's (relation_layer). 0 = off."""
+    relation_layer: int = -1
+    """Student hidden-state layer whose item vectors the relations compare (an index into the
+    encoder's hidden_states: 0 the embeddings, -1 the last layer)."""
     class_balanced: bool = False
     """Balance each phenotype's hard loss: BCE pos_weight = negatives / positives on the training
     labels, for every variant (hard-only included, so the (a)-(d) comparison is not confounded);
     the validation loss stays unweighted. Off by default: the paper trains unweighted."""
+
+
+    def unit_weights(self, variant: str) -> tuple[float, float]:
+        """(beta_label, beta_relation) of a student variant: its own unit terms (a study row) at
+        the configured weight or contracts.UNIT_TERM_DEFAULT_WEIGHT, else the configured weights;
+        (0, 0) for hard-label variants and for soft labels that are not the teacher's (the unit
+        targets are the teacher's)."""
+        from ckd_ehr.contracts import UNIT_TERM_DEFAULT_WEIGHT, student_variant
+
+        v = student_variant(variant)
+        if not v.distills or v.soft_labels != "teacher":
+            return 0.0, 0.0
+        if v.unit_terms is None:
+            return float(self.label_attention), float(self.relation)
+        return tuple(float(getattr(self, t) or UNIT_TERM_DEFAULT_WEIGHT) if t in v.unit_terms else 0.0
+                     for t in ("label_attention", "relation"))
 
 
 class StudentConfig(TrainerConfig):

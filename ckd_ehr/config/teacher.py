@@ -78,8 +78,10 @@ class TrainerConfig(Section):
     set to a logistic regression fitted on the frozen model's pooled features of the training
     samples (C chosen on validation), then head and backbone fine-tune together. Costs one
     forward pass over the training and validation samples; a short CPU run starts from what
-    the frozen model already separates instead of a random head. Needs last or mean pooling
-    and an unpartitioned model (ddp, or DeepSpeed ZeRO-1/2)."""
+    the frozen model already separates instead of a random head. Needs an unpartitioned model
+    (ddp, or DeepSpeed ZeRO-1/2); the student fits it on its pooling's features, the teacher on
+    `last` or `mean` as named and, for `label_attention`, on the mean, where zero queries start
+    the label attention (ckd_ehr.teacher.model.MLAPH.load_probe)."""
     checkpoint_every_steps: int | None = Field(None, ge=1)
     """Also report a checkpoint every N optimiser steps (always once per epoch)."""
     best_metric: Literal["val_macro_f1", "val_macro_auroc", "val_loss"] = "val_macro_auroc"

@@ -18,6 +18,11 @@ BCE(sigmoid(logits / T), sigmoid(teacher_logits / T)) * T^2 (the T^2 keeps the s
 gradient's scale independent of T, as in Hinton et al.). BCE against a probability
 target is computed with BCEWithLogits, which is the same function of the logits but
 does not lose precision where sigmoid saturates (torch's BCE clamps log at -100).
+
+Multi-granularity terms (docs/method.md), each 0 when the student's distributions equal the
+teacher's and positive otherwise, added on training batches that carry unit targets:
+
+    + beta_label * label_attention_kl + beta_relation * relation_kl
 """
 from __future__ import annotations
 
@@ -131,6 +136,30 @@ def distill_loss(
     return loss, parts
 
 
+def _kl_rows(target: torch.Tensor, pred: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KL(target || pred) along the last axis (0 * log 0 = 0; pred clamped away from 0)."""
+    target, pred = target.float(), pred.float()
+    return (torch.xlogy(target, target) - target * pred.clamp_min(eps).log()).sum(-1)
+
+
+def label_attention_kl(student: torch.Tensor, teacher: torch.Tensor, teacher_probs: torch.Tensor,
+                       unit_mask: torch.Tensor) -> torch.Tensor:
+    """Label level: per sample and phenotype, KL from the teacher's attention over the units
+    [B, K, W] to the student's, weighted by the teacher's probability of the phenotype [B, K]
+    (attention for a phenotype the teacher deems absent carries little); samples without
+    units weigh 0. Both distributions are over the same W units (ckd_ehr.modeling.units)."""
+    kl = _kl_rows(teacher, student)                                     # [B, K]
+    w = teacher_probs.float() * unit_mask.any(-1, keepdim=True).float()
+    return (kl * w).sum() / w.sum().clamp_min(1e-8)
+
+
+def relation_kl(student: torch.Tensor, teacher: torch.Tensor, unit_mask: torch.Tensor) -> torch.Tensor:
+    """Relation level: mean over the present units' rows of KL from the teacher's row of unit
+    relations [B, W, W] to the student's."""
+    rows = unit_mask.float()
+    return (_kl_rows(teacher, student) * rows).sum() / rows.sum().clamp_min(1.0)
+
+
 class DistillLoss:
     """The loss as the training loop calls it: (logits, targets, progress) -> scalar.
 
@@ -140,16 +169,34 @@ class DistillLoss:
     their loss is the hard term, with `pos_weight` when given. Picklable.
     """
 
-    def __init__(self, cfg: DistillConfig, hard_only: bool, pos_weight=None):
+    def __init__(self, cfg: DistillConfig, hard_only: bool, pos_weight=None,
+                 unit_weights: tuple[float, float] = (0.0, 0.0)):
         self.cfg, self.hard_only = cfg, hard_only
         self.pos_weight = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32)
+        self.beta_label, self.beta_relation = (0.0, 0.0) if hard_only else map(float, unit_weights)
 
-    def __call__(self, logits: torch.Tensor, targets: dict, progress: float = 0.0) -> torch.Tensor:
-        logits = logits.float()
+    def __call__(self, outputs, targets: dict, progress: float = 0.0) -> torch.Tensor:
+        return self.parts(outputs, targets, progress)[0]
+
+    def parts(self, outputs, targets: dict, progress: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss, its parts for logging). `outputs`: logits, or the student's dict on batches
+        with unit targets (ckd_ehr.student.model.StudentModel.forward)."""
+        logits = (outputs["logits"] if isinstance(outputs, dict) else outputs).float()
         if not targets.get("train", False):
-            return multilabel_bce(logits, targets["labels"])
+            return multilabel_bce(logits, targets["labels"]), {}
         pw = None if self.pos_weight is None else self.pos_weight.to(logits.device)
-        loss, _ = distill_loss(logits, targets["labels"], weights_at(progress, self.cfg, self.hard_only),
-                               targets.get("teacher_probs"), targets.get("teacher_logits"), self.cfg.soft_loss,
-                               self.cfg.temperature, pw)
-        return loss
+        loss, parts = distill_loss(logits, targets["labels"], weights_at(progress, self.cfg, self.hard_only),
+                                   targets.get("teacher_probs"), targets.get("teacher_logits"), self.cfg.soft_loss,
+                                   self.cfg.temperature, pw)
+        if self.beta_label > 0 or self.beta_relation > 0:
+            if not isinstance(outputs, dict) or "unit_mask" not in targets:
+                raise ValueError("the unit terms need unit targets in the batch and the student's unit outputs")
+            mask = targets["unit_mask"].to(logits.device)
+            if self.beta_label > 0:
+                term = label_attention_kl(outputs["unit_attention"], targets["unit_attention"].to(logits.device),
+                                          targets["teacher_probs"].to(logits.device), mask)
+                loss, parts["loss_label_attention"] = loss + self.beta_label * term, float(term.detach())
+            if self.beta_relation > 0:
+                term = relation_kl(outputs["unit_relation"], targets["unit_relation"].to(logits.device), mask)
+                loss, parts["loss_relation"] = loss + self.beta_relation * term, float(term.detach())
+        return loss, parts

@@ -54,11 +54,15 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.
     return _POOLS[how](hidden, attention_mask)
 
 
-def label_attention_pool(hidden: torch.Tensor, attention_mask: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] -> [B, K, H]: per label k, softmax(h . q_k / sqrt(H)) over the attended tokens,
-    then the attention-weighted mean of the token states."""
+def label_attention_weights(hidden: torch.Tensor, attention_mask: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """[B, T, K]: per label k, softmax(h . q_k / sqrt(H)) over the attended tokens (pads get 0).
+    Zero queries give uniform weights: label attention then computes the mean pool."""
     mask = attention_mask.to(hidden.device).bool()
     scores = torch.einsum("blh,kh->blk", hidden, queries) / math.sqrt(hidden.shape[-1])
     scores = scores.masked_fill(~mask.unsqueeze(-1), torch.finfo(scores.dtype).min)
-    attn = scores.softmax(dim=1)
-    return torch.einsum("blk,blh->bkh", attn, hidden)
+    return scores.softmax(dim=1)
+
+
+def label_attention_pool(hidden: torch.Tensor, attention_mask: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] -> [B, K, H]: the label_attention_weights-weighted mean of the token states."""
+    return torch.einsum("blk,blh->bkh", label_attention_weights(hidden, attention_mask, queries), hidden)

@@ -9,6 +9,10 @@ actor and not once per batch. Inside a batch, rows are sorted by token length an
 sub-batches, so each forward pass pads only to its own longest row (the authors padded
 every sample to max_length, one at a time).
 
+With `soft_labels.unit_targets` the same forward pass also gives the teacher's targets of
+multi-granularity distillation (`score_with_units`): its label attention summed per clinical
+item of the text and the relations between the items (RUN/soft_labels/units/, contracts.UNIT_TARGETS).
+
 The stage is complete or fails: every input sample_id appears exactly once in the output
 (`check_complete`), probabilities are finite and in [0, 1], and each split's file is written
 under a temporary name and renamed, so a rerun replaces it and never appends.
@@ -26,9 +30,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ckd_ehr import storage
-from ckd_ehr.contracts import SOFT_LABELS, SPLITS, ContractError, RunLayout
+from ckd_ehr.contracts import SOFT_LABELS, SPLITS, UNIT_TARGETS, ContractError, RunLayout
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
-from ckd_ehr.modeling.collate import length_sorted_batches, pad_id, padding_efficiency, predict_sorted
+from ckd_ehr.modeling.collate import length_sorted_batches, pad_batch, pad_id, padding_efficiency, predict_sorted
 from ckd_ehr.training import format_duration
 
 log = logging.getLogger(__name__)
@@ -69,6 +73,92 @@ def score_ids(model, tokenizer, ids: list[list[int]], sub_batch_size: int,
     """
     pred = predict_sorted(model, ids, pad_id(tokenizer), sub_batch_size, NUM_PHENOTYPES, device)
     return pred.outputs, pred.padded_length
+
+
+def unit_inputs(tokenizer, texts: Sequence[str], items: Sequence[tuple], use_chat_template: bool, max_length: int,
+                instruction_kind: str = "paper") -> tuple[list[list[int]], list[np.ndarray], list[list[str]]]:
+    """(token ids as `tokenize` gives them, the unit of each token, the unit keys) per text;
+    `items` holds each text's (diagnosis titles, drugs, procedure titles) it was rendered from.
+    Units the teacher never sees (cut by max_length) are left out of its keys."""
+    from ckd_ehr.modeling.units import token_units
+    from ckd_ehr.teacher.data import encode_texts_with_offsets
+    from ckd_ehr.text import text_units
+
+    ids, offsets = encode_texts_with_offsets(list(texts), tokenizer, max_length, use_chat_template, instruction_kind)
+    maps, keys = [], []
+    for text, (dx, rx, px), off in zip(texts, items, offsets):
+        units = text_units(text, dx, rx, px)
+        tok = token_units(off, [(a, b) for _, a, b in units])
+        seen = sorted(set(tok[tok >= 0].tolist()))
+        renumber = np.full(len(units) + 1, -1, dtype=np.int32)
+        renumber[seen] = np.arange(len(seen), dtype=np.int32)
+        maps.append(renumber[tok])   # -1 indexes the last slot: stays -1
+        keys.append([units[u][0] for u in seen])
+    return ids, maps, keys
+
+
+def score_with_units(model, tokenizer, ids: list[list[int]], maps: list[np.ndarray], keys: list[list[str]],
+                     sub_batch_size: int, relation_layer: int | None, device: str = "cpu") -> dict:
+    """score_ids plus the unit targets, from one forward pass per sub-batch: {'logits' [N, 25],
+    'padded' [N], 'unit_attention' / 'unit_relation': per row a flat float16 array (None where
+    the teacher has no label attention / relation_layer is None)}."""
+    import torch
+
+    n = len(ids)
+    res = {"logits": np.zeros((n, NUM_PHENOTYPES), np.float32), "padded": [0] * n,
+           "unit_attention": [None] * n, "unit_relation": [None] * n}
+    for idx in length_sorted_batches([len(x) for x in ids], sub_batch_size):
+        batch = pad_batch([ids[i] for i in idx], pad_id(tokenizer))
+        width = batch["input_ids"].shape[1]
+        units = torch.full((len(idx), width), -1, dtype=torch.long)
+        for j, i in enumerate(idx):
+            units[j, : len(maps[i])] = torch.as_tensor(maps[i], dtype=torch.long)
+        n_units = max(1, max(len(keys[i]) for i in idx))
+        with torch.inference_mode():
+            out = model.unit_targets(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                     units.to(device), n_units, relation_layer)
+        out = {k: v.float().cpu().numpy() for k, v in out.items()}
+        for j, i in enumerate(idx):
+            w = len(keys[i])
+            res["logits"][i], res["padded"][i] = out["logits"][j], width
+            if "unit_attention" in out:
+                res["unit_attention"][i] = out["unit_attention"][j, :, :w].astype(np.float16).ravel()
+            if "unit_relation" in out:
+                res["unit_relation"][i] = out["unit_relation"][j, :w, :w].astype(np.float16).ravel()
+    return res
+
+
+def unit_target_table(sample_ids: Sequence[str], keys: Sequence[Sequence[str]], attention: Sequence, relation: Sequence) -> pa.Table:
+    """A UNIT_TARGETS table."""
+    def halves(rows):
+        return pa.array([None if r is None else np.asarray(r, np.float16) for r in rows], pa.list_(pa.float16()))
+
+    return pa.Table.from_arrays([pa.array(list(sample_ids), pa.string()), pa.array([list(k) for k in keys],
+                                 pa.list_(pa.string())), halves(attention), halves(relation)], schema=UNIT_TARGETS)
+
+
+def check_unit_targets(table: pa.Table, input_ids: Sequence[str], where: str, attention: bool, relation: bool) -> None:
+    """Raise ContractError unless every input sample has one row whose targets have the shapes
+    its units say (25 x W attention, W x W relation, as asked), finite, each distribution
+    summing to 1 (0 for a text without units)."""
+    if sorted(table.column("sample_id").to_pylist()) != sorted(input_ids):
+        raise ContractError(f"{where}: unit targets do not cover the {len(input_ids)} input samples exactly once "
+                            f"({table.num_rows} rows)")
+    bad = []
+    for sid, units, att, rel in zip(*(table.column(c).to_pylist() for c in UNIT_TARGETS.names)):
+        w = len(units)
+        for name, wanted, rows, flat in (("unit_attention", attention, NUM_PHENOTYPES, att), ("unit_relation", relation, w, rel)):
+            if not wanted:
+                continue
+            arr = None if flat is None else np.asarray(flat, np.float64)
+            if arr is None or arr.size != rows * w or not np.isfinite(arr).all():
+                bad.append(f"{sid}: {name} has {None if arr is None else arr.size} values for {rows} x {w}")
+                continue
+            sums = arr.reshape(rows, w).sum(1) if w else np.zeros(0)
+            if w and name == "unit_attention" and not np.allclose(sums, 1.0, atol=2e-2):
+                bad.append(f"{sid}: {name} rows sum to {sums.min():.3f}..{sums.max():.3f}, not 1")
+    if bad:
+        raise ContractError(f"{where}: unit targets malformed: {len(bad)} problem(s), e.g. " + "; ".join(bad[:3]))
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -153,7 +243,8 @@ class TeacherScorer:
     """Ray Data callable class: loads the teacher once per actor, scores pyarrow batches."""
 
     def __init__(self, artifact_dir: str, text_column: str, max_length: int | None, sub_batch_size: int,
-                 use_gpu: bool, dtype: str, torch_threads: int | None):
+                 use_gpu: bool, dtype: str, torch_threads: int | None, unit_columns: tuple[str, str, str] | None = None,
+                 relation_layer: int | None = -1):
         import torch
 
         from ckd_ehr.teacher import load_teacher
@@ -169,12 +260,26 @@ class TeacherScorer:
         self.use_chat_template, self.max_length, self.instruction = teacher_text_options(meta, max_length)
         self.text_column = text_column
         self.sub_batch_size = sub_batch_size
+        self.unit_columns, self.relation_layer = unit_columns, relation_layer
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch.column(self.text_column).to_pylist()
-        ids = tokenize(self.tokenizer, texts, self.use_chat_template, self.max_length, self.instruction)
-        logits, padded = score_ids(self.model, self.tokenizer, ids, self.sub_batch_size, self.device)
-        table = soft_label_table(batch.column("sample_id").to_pylist(), logits, self.teacher_id)
+        sample_ids = batch.column("sample_id").to_pylist()
+        if self.unit_columns:
+            items = list(zip(*(batch.column(c).to_pylist() for c in self.unit_columns)))
+            ids, maps, keys = unit_inputs(self.tokenizer, texts, items, self.use_chat_template, self.max_length,
+                                          self.instruction)
+            out = score_with_units(self.model, self.tokenizer, ids, maps, keys, self.sub_batch_size,
+                                   self.relation_layer, self.device)
+            logits, padded = out["logits"], out["padded"]
+        else:
+            ids = tokenize(self.tokenizer, texts, self.use_chat_template, self.max_length, self.instruction)
+            logits, padded = score_ids(self.model, self.tokenizer, ids, self.sub_batch_size, self.device)
+        table = soft_label_table(sample_ids, logits, self.teacher_id)
+        if self.unit_columns:
+            units = unit_target_table(sample_ids, keys, out["unit_attention"], out["unit_relation"])
+            for name in UNIT_TARGETS.names[1:]:
+                table = table.append_column(name, units.column(name))
         # Carried through so the driver can tell the splits apart and count tokens; dropped
         # before writing.
         return (table.append_column("path", batch.column("path"))
@@ -209,37 +314,40 @@ and the output (~0.3 KiB a row: ids, 25 logits, 25 probabilities) comes back abo
 batch; one small object per row is nothing next to scoring it."""
 
 
-def read_scoring_input(input_paths: dict[str, str], text_column: str):
-    """(Dataset of sample_id, `text_column` and path over every input file, in blocks of
-    SCORING_BLOCK_BYTES; {path inside the filesystem: split})."""
+def read_scoring_input(input_paths: dict[str, str], text_column: str, extra_columns: Sequence[str] = ()):
+    """(Dataset of sample_id, `text_column`, `extra_columns` and path over every input file, in
+    blocks of SCORING_BLOCK_BYTES; {path inside the filesystem: split})."""
     import ray
 
     paths, fs = {}, None
     for split, path in input_paths.items():
         fs, inner = storage.resolve(path)
         paths[inner] = split
-    ds = ray.data.read_parquet(list(paths), filesystem=fs, columns=["sample_id", text_column], include_paths=True)
+    ds = ray.data.read_parquet(list(paths), filesystem=fs, columns=["sample_id", text_column, *extra_columns], include_paths=True)
     ds.context.target_max_block_size = SCORING_BLOCK_BYTES   # inherited by the operators after the read
     return ds, paths
 
 
-def infer_soft_labels(input_paths: dict[str, str], artifact_dir: str, cfg) -> dict[str, pa.Table]:
+def infer_soft_labels(input_paths: dict[str, str], artifact_dir: str, cfg,
+                      unit_columns: tuple[str, str, str] | None = None) -> dict[str, pa.Table]:
     """Score every row of every input file with one actor pool; {split: SOFT_LABELS + path,
-    n_tokens, n_computed}.
+    n_tokens, n_computed (+ UNIT_TARGETS' columns when `unit_columns`, the diagnosis title,
+    drug and procedure title columns the texts were rendered from, are given)}.
 
     `cfg` is a SoftLabelsConfig. Ray must already be initialised.
     """
     import ray
 
     text_column = teacher_text_column(artifact_dir)
-    ds, paths = read_scoring_input(input_paths, text_column)
+    ds, paths = read_scoring_input(input_paths, text_column, unit_columns or ())
     use_gpu = cfg.use_gpu
     threads = cfg.torch_threads or max(1, math.ceil(cfg.cpus_per_actor))
     ds = ds.map_batches(
         TeacherScorer,
         fn_constructor_kwargs=dict(artifact_dir=artifact_dir, text_column=text_column, max_length=cfg.max_length,
                                    sub_batch_size=cfg.sub_batch_size, use_gpu=use_gpu, dtype=cfg.dtype,
-                                   torch_threads=None if use_gpu else threads),
+                                   torch_threads=None if use_gpu else threads, unit_columns=unit_columns,
+                                   relation_layer=cfg.relation_layer),
         batch_size=cfg.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None)
     # No no-progress window: a teacher on CPU is legitimately slow (before the small blocks, a
@@ -259,7 +367,7 @@ def infer_soft_labels(input_paths: dict[str, str], artifact_dir: str, cfg) -> di
             log.info("soft labels: %d/%d samples scored (%.0f%%), about %s left", done, total,
                      100.0 * done / max(1, total), format_duration((total - done) / max(rate, 1e-9)))
     if not tables:
-        return {split: _empty() for split in input_paths}
+        return {split: _empty(unit_columns is not None) for split in input_paths}
     full = pa.concat_tables(tables)
     # include_paths gives the path inside the filesystem; match on the normalised form.
     by_norm = {posixpath.normpath(p): s for p, s in paths.items()}
@@ -271,9 +379,13 @@ def infer_soft_labels(input_paths: dict[str, str], artifact_dir: str, cfg) -> di
     return {split: full.filter(pa.array(split_of == split)) for split in input_paths}
 
 
-def _empty() -> pa.Table:
-    return (SOFT_LABELS.empty_table().append_column("path", pa.array([], pa.string()))
-            .append_column("n_tokens", pa.array([], pa.int32())).append_column("n_computed", pa.array([], pa.int32())))
+def _empty(units: bool = False) -> pa.Table:
+    table = (SOFT_LABELS.empty_table().append_column("path", pa.array([], pa.string()))
+             .append_column("n_tokens", pa.array([], pa.int32())).append_column("n_computed", pa.array([], pa.int32())))
+    for field in UNIT_TARGETS if units else ():
+        if field.name != "sample_id":
+            table = table.append_column(field, pa.array([], field.type))
+    return table
 
 
 def run_soft_labels(cfg) -> dict:
@@ -302,25 +414,46 @@ def run_soft_labels(cfg) -> dict:
                 inputs[split] = subsets[split]
     input_ids = {split: storage.read_parquet(p, columns=["sample_id"]).column("sample_id").to_pylist()
                  for split, p in inputs.items()}
+    unit_columns = None
+    if cfg.soft_labels.unit_targets:
+        from ckd_ehr.text import diagnosis_title_column
+
+        unit_columns = (diagnosis_title_column(cfg.text), "drugs", "procedure_titles")
+        meta = storage.read_json(layout.teacher_meta)
+        if meta.get("head", "mlaph") != "mlaph":
+            raise ValueError("soft_labels.unit_targets needs an MLAPH teacher (teacher.head: mlaph): a generative "
+                             "teacher has neither label attention nor a projection head's states")
+        unit_attention = meta.get("pooling") == "label_attention"
     init_ray(cfg.ray)
     try:
-        raw = infer_soft_labels(inputs, artifact, cfg.soft_labels)
+        raw = infer_soft_labels(inputs, artifact, cfg.soft_labels, unit_columns)
     finally:
         for path in subsets.values():
             storage.remove(path)
     # Every split is checked before any is written: the stage fails whole, not half-replaced.
-    tables = {}
+    tables, unit_tables = {}, {}
     for split in SPLITS:
         table = raw[split].select(SOFT_LABELS.names)
         check_complete(input_ids[split], table, layout.soft_labels(split))
         tables[split] = in_input_order(table, input_ids[split])
+        if unit_columns:
+            units = raw[split].select(UNIT_TARGETS.names)
+            check_unit_targets(units, input_ids[split], layout.unit_targets(split), unit_attention,
+                               cfg.soft_labels.relation_layer is not None)
+            unit_tables[split] = in_input_order(units, input_ids[split])
     summary = {}
     for split, table in tables.items():
         storage.write_parquet(table, layout.soft_labels(split))
+        if split in unit_tables:
+            storage.write_parquet(unit_tables[split], layout.unit_targets(split))
         real = int(pc.sum(raw[split].column("n_tokens")).as_py() or 0)
         computed = int(pc.sum(raw[split].column("n_computed")).as_py() or 0)
         summary[split] = {"rows": table.num_rows, "tokens": real, "computed_tokens": computed,
                           "padding_efficiency": padding_efficiency(real, computed)}
+        if split in unit_tables:
+            summary[split]["unit_targets_bytes"] = storage.size(layout.unit_targets(split))
+        elif storage.exists(layout.unit_targets(split)):   # another teacher's: never left to be read as this one's
+            storage.remove(layout.unit_targets(split))
         log.info("soft labels %s: %d rows -> %s (padding efficiency %.3f: %d real / %d computed tokens)", split,
                  table.num_rows, layout.soft_labels(split), summary[split]["padding_efficiency"], real, computed)
     quality = write_quality_report(layout, cfg.soft_labels.ece_bins)

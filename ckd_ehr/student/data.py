@@ -170,6 +170,18 @@ def fit_texts(samples: pa.Table, tokenizer, max_length: int, column: str,
 
 
 @dataclass
+class UnitTargets:
+    """Multi-granularity targets of one split, aligned to the student's own tokens: per row the
+    unit of each student token (-1 none; an index into the units both models see), and the
+    teacher's unit attention [25, W] / relations [W, W] restricted to those W units."""
+
+    token_units: list[np.ndarray]
+    unit_attention: list[np.ndarray] | None
+    unit_relation: list[np.ndarray] | None
+    stats: dict
+
+
+@dataclass
 class Encoded:
     """One split, tokenised: what the workers get (through the object store)."""
 
@@ -179,9 +191,70 @@ class Encoded:
     subject_ids: list[int]
     teacher_probs: np.ndarray | None = None   # [N, 25]
     teacher_logits: np.ndarray | None = None  # [N, 25]
+    units: UnitTargets | None = None          # training split of a variant with unit terms
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+
+def read_unit_targets(path: str, sample_ids: Sequence[str]) -> pa.Table:
+    """UNIT_TARGETS rows in the order of `sample_ids`; a missing row is an error naming the file."""
+    from ckd_ehr.contracts import UNIT_TARGETS
+
+    try:
+        table = check_schema(read_parquet(path), UNIT_TARGETS, path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{path}: no unit targets; the soft-label stage writes them with "
+                                f"soft_labels.unit_targets: true (re-run `ckd-ehr soft-labels`)") from exc
+    index = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
+    missing = [s for s in sample_ids if s not in index]
+    if missing:
+        raise ContractError(f"{path}: no unit targets for {len(missing)} of {len(sample_ids)} samples "
+                            f"(e.g. {missing[0]}); re-run `ckd-ehr soft-labels`")
+    return table.take(pa.array([index[s] for s in sample_ids], type=pa.int64()))
+
+
+def align_units(samples: pa.Table, texts: list[str], tokenizer, max_length: int, text_cfg: TextConfig,
+                targets: pa.Table, attention: bool, relation: bool) -> UnitTargets:
+    """The student's side of the unit alignment (docs/method.md): parse each (fitted) text's units,
+    map the student's tokens to them through the offset mapping (the same truncation as
+    `encode`), keep the units both models have tokens for, in the teacher's order, and restrict
+    the teacher's stored distributions to them (renormalised)."""
+    from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
+    from ckd_ehr.modeling.units import restrict, token_units
+    from ckd_ehr.text import text_units
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{type(tokenizer).__name__} is a slow tokenizer: without an offset mapping the student's "
+                         "tokens cannot be mapped to units; use the encoder's fast tokenizer")
+    enc = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length, return_offsets_mapping=True)
+    dx, rx, px = (samples.column(c).to_pylist() for c in (diagnosis_title_column(text_cfg), "drugs", "procedure_titles"))
+    t_keys = targets.column("units").to_pylist()
+    t_att = targets.column("unit_attention").to_pylist()
+    t_rel = targets.column("unit_relation").to_pylist()
+    if attention and any(a is None for a in t_att):
+        raise ContractError("the unit targets hold no label attention (the teacher does not pool by label "
+                            "attention): student.distill.label_attention needs teacher.pooling: label_attention")
+    maps, atts, rels, kept, teacher_units = [], [], [], [], []
+    for i, text in enumerate(texts):
+        units = text_units(text, dx[i], rx[i], px[i])
+        tok = token_units(enc["offset_mapping"][i], [(a, b) for _, a, b in units])
+        student_keys = {units[u][0] for u in set(tok[tok >= 0].tolist())}
+        common = [k for k in t_keys[i] if k in student_keys]          # the teacher's order
+        pos = {k: j for j, k in enumerate(common)}
+        lookup = np.asarray([pos.get(k, -1) for k, _, _ in units] + [-1], dtype=np.int32)
+        maps.append(lookup[tok])                                       # -1 stays -1 (the last slot)
+        w = len(t_keys[i])
+        if attention:
+            atts.append(restrict(np.asarray(t_att[i], np.float32).reshape(NUM_PHENOTYPES, w), t_keys[i], common))
+        if relation:
+            rels.append(restrict(np.asarray(t_rel[i], np.float32).reshape(w, w), t_keys[i], common, square=True))
+        kept.append(len(common))
+        teacher_units.append(w)
+    stats = {"mean_units_teacher": float(np.mean(teacher_units)) if texts else 0.0,
+             "mean_units_common": float(np.mean(kept)) if texts else 0.0,
+             "samples_without_common_units": int(sum(k == 0 for k in kept))}
+    return UnitTargets(maps, atts if attention else None, rels if relation else None, stats)
 
 
 def encode(samples: pa.Table, soft: pa.Table | None, texts: list[str], tokenizer, max_length: int) -> Encoded:

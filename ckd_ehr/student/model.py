@@ -26,18 +26,26 @@ HEAD_FILE = "head.safetensors"
 
 
 def encode_in_windows(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      window: int, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      window: int, token_type_ids: torch.Tensor | None = None,
+                      layer: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Last hidden states [B, T, H], also for T beyond the encoder's positions (BERT: 512).
 
     A longer row is cut into consecutive windows of `window` tokens, each encoded on its own
     (positions restart, no attention across windows) and put back in place, so mean pooling
     still covers every token: an EADF text keeps all its patient items and clauses instead of
     being cut. Windows holding only padding are not computed. Rows that fit take one pass,
-    exactly as before."""
+    exactly as before. With `layer` (an index into hidden_states), also that layer's states:
+    (last, layer)."""
     kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+    if layer is not None:
+        kw["output_hidden_states"] = True
+
+    def states(out):
+        return out.last_hidden_state if layer is None else (out.last_hidden_state, out.hidden_states[layer])
+
     batch, width = input_ids.shape
     if width <= window:
-        return encoder(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+        return states(encoder(input_ids=input_ids, attention_mask=attention_mask, **kw))
     n = -(-width // window)
     pad = n * window - width
 
@@ -46,15 +54,26 @@ def encode_in_windows(encoder: nn.Module, input_ids: torch.Tensor, attention_mas
 
     ids, mask = cut(input_ids), cut(attention_mask)
     live = mask.any(dim=1)
-    kw = {k: cut(v)[live] for k, v in kw.items()}
-    hidden = encoder(input_ids=ids[live], attention_mask=mask[live], **kw).last_hidden_state
-    out = hidden.new_zeros(batch * n, window, hidden.shape[-1])
-    out[live] = hidden
-    return out.reshape(batch, n * window, -1)[:, :width]
+    kw = {k: (cut(v)[live] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    got = states(encoder(input_ids=ids[live], attention_mask=mask[live], **kw))
+
+    def put_back(hidden: torch.Tensor) -> torch.Tensor:
+        out = hidden.new_zeros(batch * n, window, hidden.shape[-1])
+        out[live] = hidden
+        return out.reshape(batch, n * window, -1)[:, :width]
+
+    return put_back(got) if layer is None else tuple(put_back(h) for h in got)
 
 
 class StudentModel(nn.Module):
-    def __init__(self, encoder: nn.Module, pooling: str = "mean", num_labels: int = NUM_PHENOTYPES):
+    """encoder + pooling + linear head -> 25 logits. For multi-granularity distillation
+    (docs/method.md) it can also return, on training batches that carry `token_units`, its side
+    of the unit terms: `unit_attention` from an auxiliary label-attention head (`unit_queries`,
+    training only: the logits never read it, so the served model is the same architecture) and
+    `unit_relation` from the hidden states of `relation_layer`."""
+
+    def __init__(self, encoder: nn.Module, pooling: str = "mean", num_labels: int = NUM_PHENOTYPES,
+                 label_attention: bool = False, relation_layer: int | None = None):
         super().__init__()
         if pooling not in STUDENT_POOLINGS:
             raise ValueError(f"unknown pooling '{pooling}' ({' or '.join(STUDENT_POOLINGS)})")
@@ -65,6 +84,10 @@ class StudentModel(nn.Module):
         self.encoder = encoder
         self.pooling = pooling
         self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+        self.relation_layer = relation_layer
+        # Small init: the auxiliary label attention starts near uniform over the tokens.
+        self.unit_queries = nn.Parameter(torch.randn(num_labels, encoder.config.hidden_size) * 0.02) \
+            if label_attention else None
 
     @property
     def window(self) -> int:
@@ -76,8 +99,27 @@ class StudentModel(nn.Module):
         hidden = encode_in_windows(self.encoder, input_ids, attention_mask, self.window, extra.get("token_type_ids"))
         return pool(hidden, attention_mask, self.pooling)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
-        return self.head(self.features(input_ids, attention_mask, **extra))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_units: torch.Tensor | None = None,
+                **extra) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Logits [B, 25]; on a batch with `token_units` [B, T] (the unit of each token, -1 none),
+        {'logits', 'unit_attention' [B, 25, W], 'unit_relation' [B, W, W]} as the model has them."""
+        if token_units is None or (self.unit_queries is None and self.relation_layer is None):
+            return self.head(self.features(input_ids, attention_mask, **extra))
+        from ckd_ehr.modeling.pooling import label_attention_weights
+        from ckd_ehr.modeling.units import unit_attention, unit_relations, unit_vectors
+
+        got = encode_in_windows(self.encoder, input_ids, attention_mask, self.window, extra.get("token_type_ids"),
+                                layer=self.relation_layer)
+        last, chosen = got if self.relation_layer is not None else (got, None)
+        out = {"logits": self.head(pool(last, attention_mask, self.pooling))}
+        n_units = max(1, int(token_units.max()) + 1)
+        if self.unit_queries is not None:
+            attn = label_attention_weights(last, attention_mask, self.unit_queries)
+            out["unit_attention"] = unit_attention(attn, token_units, n_units)
+        if chosen is not None:
+            vectors, present = unit_vectors(chosen, token_units, n_units)
+            out["unit_relation"] = unit_relations(vectors, present)
+        return out
 
     def load_probe(self, probe) -> None:
         """Set the head to a ckd_ehr.modeling.probe.LinearProbe (linear probe, then fine-tune)."""
@@ -129,12 +171,14 @@ def quantize_int8(model: StudentModel) -> StudentModel:
     return model.eval()
 
 
-def build_student(model: str, pooling: str = "mean", seed: int = 0, dtype: torch.dtype = torch.float32) -> StudentModel:
-    """Pretrained encoder from `model` (directory, cached hub id or `pkg:NAME`), fresh head."""
+def build_student(model: str, pooling: str = "mean", seed: int = 0, dtype: torch.dtype = torch.float32,
+                  label_attention: bool = False, relation_layer: int | None = None) -> StudentModel:
+    """Pretrained encoder from `model` (directory, cached hub id or `pkg:NAME`), fresh head (and,
+    for the unit terms, the auxiliary label attention / relation layer, see StudentModel)."""
     path = resolve_model_path(model)
     encoder = load_encoder(path, dtype=dtype)
     torch.manual_seed(seed)  # the head's initialisation is the only random part
-    return StudentModel(encoder, pooling=pooling)
+    return StudentModel(encoder, pooling=pooling, label_attention=label_attention, relation_layer=relation_layer)
 
 
 def save_student(model: StudentModel, out_dir: str | os.PathLike) -> None:

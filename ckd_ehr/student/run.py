@@ -23,7 +23,8 @@ from ckd_ehr.contracts import PREDICTIONS, PROBE_HEAD, RunLayout, student_varian
 from ckd_ehr.modeling.paths import resolve_model_path
 from ckd_ehr.storage import exists, write_parquet
 from ckd_ehr.text import diagnosis_title_column
-from ckd_ehr.student.data import Encoded, FitStats, encode, fit_texts, load_efficacy, read_split, split_limit, variant_spec
+from ckd_ehr.student.data import (Encoded, FitStats, align_units, encode, fit_texts, load_efficacy, read_split,
+                                  read_unit_targets, split_limit, variant_spec)
 from ckd_ehr.modeling.losses import balanced_pos_weight
 from ckd_ehr.training import TrainTask
 
@@ -44,6 +45,7 @@ def prepare_variant(cfg: PipelineConfig, variant: str, tokenizer, efficacy: dict
     s = cfg.student
     layout = RunLayout(cfg.run_dir)
     column, distill = variant_spec(variant)
+    label, relation = s.distill.unit_weights(variant)
     splits, texts, fit = {}, {}, {}
     for split in ("train", "val", "test"):
         # soft labels are read only where they are used: the training loss
@@ -52,6 +54,14 @@ def prepare_variant(cfg: PipelineConfig, variant: str, tokenizer, efficacy: dict
         t, stats = fit_texts(samples, tokenizer, s.max_length, column, efficacy, cfg.text, s.fit_shrink)
         splits[split] = encode(samples, soft, t, tokenizer, s.max_length)
         texts[split], fit[split] = t, stats.as_dict()
+        if soft_path is not None and (label > 0 or relation > 0):   # the unit terms' targets, aligned
+            targets = read_unit_targets(layout.unit_targets(split), samples.column("sample_id").to_pylist())
+            splits[split].units = align_units(samples, t, tokenizer, s.max_length, cfg.text, targets,
+                                              attention=label > 0, relation=relation > 0)
+            fit[split]["units"] = splits[split].units.stats
+            log.info("student %s: unit terms (label %.3g, relation %.3g) on %s units per sample in common "
+                     "of the teacher's %.1f", variant, label, relation,
+                     f"{splits[split].units.stats['mean_units_common']:.1f}", splits[split].units.stats["mean_units_teacher"])
     return Prepared(column, distill, splits, texts, fit)
 
 
@@ -65,6 +75,10 @@ def data_fingerprint(prep: Prepared) -> str:
         for arr in (e.labels, e.teacher_probs):
             if arr is not None:
                 h.update(np.ascontiguousarray(arr).tobytes())
+        if e.units is not None:   # the unit terms' targets and alignment
+            for rows in (e.units.token_units, e.units.unit_attention or [], e.units.unit_relation or []):
+                for arr in rows:
+                    h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -134,7 +148,8 @@ def build_student_task(cfg: PipelineConfig, variant: str) -> StudentTraining:
     train = prep.splits["train"]
     pos_weight = balanced_pos_weight(train.labels).tolist() if s.distill.class_balanced else None
     pad_id = tokenizer.pad_token_id or 0
-    task = student_task(s, model_path, StudentData(train, prep.splits["val"]), pad_id, prep.distill, pos_weight)
+    task = student_task(s, model_path, StudentData(train, prep.splits["val"]), pad_id, prep.distill, pos_weight,
+                        unit_weights=s.distill.unit_weights(variant))
     return StudentTraining(task, prep, tokenizer, model_path, pad_id, eff_table)
 
 
@@ -186,6 +201,7 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
         "text": {"column": prep.column, "config": cfg.text.model_dump(mode="json"), "top_k": cfg.eadf.top_k},
         "thresholds": {"fixed": fixed, "tuned": [float(x) for x in tuned], "served": s.thresholds},
         "metrics": metrics, "fit": prep.fit, "train_run": result.path,
+        "unit_terms": dict(zip(("label_attention", "relation"), s.distill.unit_weights(variant))),
         # what the weights were trained on: `export-hf` marks credentialed (MIMIC) weights restricted
         "data": {"source": cfg.data.source, "split": cfg.split.model_dump(mode="json"),
                  "icd10_crosswalk": cfg.data.icd10_crosswalk},  # Serve maps ICD-10 records the same way

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 
 from ckd_ehr.modeling.collate import pad_batch, stack_rows
 from ckd_ehr.modeling.losses import DistillLoss
@@ -21,13 +22,16 @@ from ckd_ehr.student.data import Encoded
 
 
 class BuildStudent:
-    def __init__(self, model_path: str, pooling: str, seed: int):
+    def __init__(self, model_path: str, pooling: str, seed: int, label_attention: bool = False,
+                 relation_layer: int | None = None):
         self.model_path, self.pooling, self.seed = model_path, pooling, seed
+        self.label_attention, self.relation_layer = label_attention, relation_layer
 
     def __call__(self):
         from ckd_ehr.student.model import build_student
 
-        return build_student(self.model_path, self.pooling, seed=self.seed)
+        return build_student(self.model_path, self.pooling, seed=self.seed, label_attention=self.label_attention,
+                             relation_layer=self.relation_layer)
 
 
 def examples(data: Encoded, with_teacher: bool, train: bool = False) -> list[dict]:
@@ -39,8 +43,40 @@ def examples(data: Encoded, with_teacher: bool, train: bool = False) -> list[dic
         if with_teacher and data.teacher_probs is not None:
             e["teacher_probs"] = data.teacher_probs[i]
             e["teacher_logits"] = data.teacher_logits[i]
+        if with_teacher and data.units is not None:
+            e["token_units"] = data.units.token_units[i]
+            for k in ("unit_attention", "unit_relation"):
+                if getattr(data.units, k) is not None:
+                    e[k] = getattr(data.units, k)[i]
         out.append(e)
     return out
+
+
+def pad_unit_targets(batch: list[dict], width: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """token_units [B, width] (-1 padded) and the teacher's unit targets zero-padded to the
+    batch's most units W: unit_attention [B, 25, W], unit_relation [B, W, W], unit_mask [B, W]."""
+    n = max(1, max(e["unit_attention"].shape[-1] if "unit_attention" in e else len(e.get("unit_relation", []))
+                   for e in batch))
+    units = torch.full((len(batch), width), -1, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.bool)
+    out = {}
+    for j, e in enumerate(batch):
+        units[j, : len(e["token_units"])] = torch.as_tensor(e["token_units"], dtype=torch.long)
+        w = int(e["token_units"].max()) + 1 if len(e["token_units"]) else 0
+        mask[j, :w] = True
+    if "unit_attention" in batch[0]:
+        att = torch.zeros((len(batch), batch[0]["unit_attention"].shape[0], n))
+        for j, e in enumerate(batch):
+            att[j, :, : e["unit_attention"].shape[-1]] = torch.as_tensor(e["unit_attention"])
+        out["unit_attention"] = att
+    if "unit_relation" in batch[0]:
+        rel = torch.zeros((len(batch), n, n))
+        for j, e in enumerate(batch):
+            w = e["unit_relation"].shape[-1]
+            rel[j, :w, :w] = torch.as_tensor(e["unit_relation"])
+        out["unit_relation"] = rel
+    out["unit_mask"] = mask
+    return units, out
 
 
 class StudentData:
@@ -67,7 +103,11 @@ class StudentCollate:
         if "teacher_probs" in batch[0]:
             for k in ("teacher_probs", "teacher_logits"):
                 targets[k] = stack_rows([e[k] for e in batch])
-        return pad_batch([e["input_ids"] for e in batch], self.pad_id), targets
+        inputs = pad_batch([e["input_ids"] for e in batch], self.pad_id)
+        if "token_units" in batch[0]:   # multi-granularity terms: the model returns its unit outputs
+            inputs["token_units"], unit_targets = pad_unit_targets(batch, inputs["input_ids"].shape[1])
+            targets.update(unit_targets)
+        return inputs, targets
 
 
 class StudentParamGroups:
@@ -79,17 +119,22 @@ class StudentParamGroups:
     def __call__(self, model) -> list[dict]:
         return [{"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": self.lr,
                  "weight_decay": self.weight_decay, "name": "encoder"},
-                {"params": list(model.head.parameters()), "lr": self.head_lr or self.lr,
-                 "weight_decay": self.weight_decay, "name": "head"}]
+                {"params": list(model.head.parameters()) + ([model.unit_queries] if model.unit_queries is not None else []),
+                 "lr": self.head_lr or self.lr, "weight_decay": self.weight_decay, "name": "head"}]
 
 
-def student_task(cfg, model_path: str, load_data, pad_id: int, distill: bool, pos_weight=None) -> TrainTask:
+def student_task(cfg, model_path: str, load_data, pad_id: int, distill: bool, pos_weight=None,
+                 unit_weights: tuple[float, float] = (0.0, 0.0)) -> TrainTask:
     """cfg: StudentConfig; load_data: e.g. StudentData. `distill` False = hard-label variant
     (alpha 1, beta 0); pos_weight [25] (negatives / positives on training labels) balances the
-    hard term of training batches."""
-    return TrainTask(build_model=BuildStudent(model_path, cfg.pooling, cfg.seed),
+    hard term of training batches; unit_weights = (beta_label, beta_relation) of the
+    multi-granularity terms (DistillConfig.unit_weights)."""
+    label, relation = unit_weights if distill else (0.0, 0.0)
+    return TrainTask(build_model=BuildStudent(model_path, cfg.pooling, cfg.seed, label_attention=label > 0,
+                                              relation_layer=cfg.distill.relation_layer if relation > 0 else None),
                      load_data=load_data, collate=StudentCollate(pad_id),
-                     loss_fn=DistillLoss(cfg.distill, hard_only=not distill, pos_weight=pos_weight),
+                     loss_fn=DistillLoss(cfg.distill, hard_only=not distill, pos_weight=pos_weight,
+                                         unit_weights=(label, relation)),
                      param_groups=StudentParamGroups(cfg.lr, cfg.head_lr, cfg.weight_decay))
 
 
@@ -101,7 +146,9 @@ def student_from_checkpoint(ckpt_dir: str, model_path: str, pooling: str, device
     from ckd_ehr.student.model import build_student
 
     model = build_student(model_path, pooling)
-    missing, unexpected = model.load_state_dict(load_file(os.path.join(ckpt_dir, TRAINABLE)), strict=False)
+    # The unit terms' auxiliary label attention trains with the student but is no part of it.
+    weights = {k: v for k, v in load_file(os.path.join(ckpt_dir, TRAINABLE)).items() if k != "unit_queries"}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or [k for k in missing if not k.startswith("encoder.pooler")]:
         raise RuntimeError(f"{ckpt_dir}: checkpoint does not match the student "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
-from ckd_ehr.modeling.pooling import label_attention_pool, pool
+from ckd_ehr.modeling.pooling import label_attention_pool, label_attention_weights, pool
 
 POOLINGS = ("last", "mean", "label_attention")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,11 +61,29 @@ class MLAPH(nn.Module):
         return (pooled * self.weight).sum(-1) + self.bias
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[B, T, H] -> [B, H] for `last` and `mean` (label attention pools per label: no single vector)."""
-        if self.pooling not in ("last", "mean"):
-            raise ValueError(f"pooling {self.pooling!r} has no single pooled vector "
-                             "(a linear probe needs last or mean)")
-        return pool(hidden, mask, self.pooling)
+        """[B, H]: what a linear probe reads. `last` / `mean` as named; `label_attention`: the
+        mean, which is what label attention computes with zero queries (where load_probe starts it)."""
+        return pool(hidden, mask, "mean" if self.pooling == "label_attention" else self.pooling)
+
+    def attention(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, T, K] label attention over the tokens (pooling `label_attention` only)."""
+        if self.pooling != "label_attention":
+            raise ValueError(f"pooling {self.pooling!r} has no per-label attention (needs label_attention)")
+        return label_attention_weights(hidden.to(self.weight.dtype), mask, self.queries)
+
+    def load_probe(self, probe) -> None:
+        """Start at a ckd_ehr.modeling.probe.LinearProbe fitted on `pool`'s features. For label
+        attention: zero queries (uniform attention = the mean pool the probe saw) and the probe's
+        weights as the per-label projections, so the head starts at the probe's logits exactly."""
+        from ckd_ehr.modeling.probe import load_linear
+
+        if self.pooling != "label_attention":
+            load_linear(self.proj, probe)
+            return
+        with torch.no_grad():
+            self.queries.zero_()
+            self.weight.copy_(torch.as_tensor(probe.weight, dtype=self.weight.dtype))
+            self.bias.copy_(torch.as_tensor(probe.bias, dtype=self.bias.dtype))
 
 
 class TeacherModel(nn.Module):
@@ -86,10 +104,28 @@ class TeacherModel(nn.Module):
         return self.head.pool(out.last_hidden_state, attention_mask).float()
 
     def load_probe(self, probe) -> None:
-        """Set the projection to a ckd_ehr.modeling.probe.LinearProbe (linear probe, then fine-tune)."""
-        from ckd_ehr.modeling.probe import load_linear
+        """Set the head to a ckd_ehr.modeling.probe.LinearProbe (linear probe, then fine-tune)."""
+        self.head.load_probe(probe)
 
-        load_linear(self.head.proj, probe)
+    @torch.no_grad()
+    def unit_targets(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, units: torch.Tensor,
+                     n_units: int, relation_layer: int | None) -> dict[str, torch.Tensor]:
+        """The teacher's side of multi-granularity distillation for one padded batch, `units`
+        [B, T] the unit of each token (ckd_ehr.modeling.units): `logits` [B, K]; with label
+        attention pooling `unit_attention` [B, K, W]; with `relation_layer` (a hidden_states
+        index: -1 the last layer) `unit_relation` [B, W, W] and `unit_present` [B, W]."""
+        from ckd_ehr.modeling.units import unit_attention, unit_relations, unit_vectors
+
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                            output_hidden_states=relation_layer is not None)
+        last = out.last_hidden_state
+        res = {"logits": self.head(last, attention_mask)}
+        if self.head.pooling == "label_attention":
+            res["unit_attention"] = unit_attention(self.head.attention(last, attention_mask), units, n_units)
+        if relation_layer is not None:
+            vectors, present = unit_vectors(out.hidden_states[relation_layer], units, n_units)
+            res["unit_relation"], res["unit_present"] = unit_relations(vectors, present), present
+        return res
 
 
 def load_backbone(model: str, gguf_file: str | None = None, dtype: str | torch.dtype = "float32",

@@ -82,6 +82,12 @@ def _check_inputs(space: Space, layout: RunLayout) -> None:
     needed = [layout.augmented("train"), layout.augmented("val")]
     if space.target == "student":
         needed += [layout.efficacy_table, layout.soft_labels("train")]
+    if set(space.params) & {"student.distill.label_attention", "student.distill.relation"} \
+            and not storage.exists(layout.unit_targets("train")):
+        raise FileNotFoundError(
+            f"{space.source}: the unit terms need the teacher's unit targets ({layout.unit_targets('train')}): "
+            "run `ckd-ehr pipeline --to soft_labels` with soft_labels.unit_targets: true (and, for the label "
+            "term, teacher.pooling: label_attention) first")
     missing = [p for p in needed if not storage.exists(p)]
     if missing:
         raise FileNotFoundError(

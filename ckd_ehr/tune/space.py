@@ -74,10 +74,16 @@ def load_space(path: str | Path) -> Space:
         probe = args if kind in ("choice", "grid_search") else args[:2]
         for value in probe:
             try:
-                build(PipelineConfig, apply_overrides({}, [f"{key}={_yaml(value)}"]), source=f"{source}: params")
+                build(PipelineConfig, apply_overrides(dict(PROBE_CONTEXT.get(key, {})), [f"{key}={_yaml(value)}"]),
+                      source=f"{source}: params")
             except ConfigError as exc:
                 raise ConfigError(str(exc)) from None
     return Space(target=target, metric=data.get("metric"), params=params, source=source)
+
+
+PROBE_CONTEXT = {"student.distill.label_attention": {"teacher": {"pooling": "label_attention"}}}
+"""What a key's values are checked against besides the defaults: the label-attention term is
+only valid with a teacher that pools by label attention (the run's config says so, not the space)."""
 
 
 def _yaml(value: Any) -> str:
