@@ -5,6 +5,8 @@ Same teacher, same samples, three ways:
             the first NAIVE_SAMPLES samples (each costs the same)
   sorted    in-process, rows sorted by length, padded per sub-batch (`soft_labels.score_ids`)
   ray_data  the stage's path: Ray Data read + actor pool (includes actor start and model load)
+  units     `sorted` plus the multi-granularity targets (soft_labels.unit_targets: unit maps,
+            label attention when the teacher pools by it, relations), with their parquet bytes
 Achieved FLOP/s = 2 * non-embedding params * tokens computed / wall, against the measured
 fp32 matmul peak of this machine. Figures are printed (and written with --out), never asserted.
 """
@@ -51,11 +53,11 @@ def non_embedding_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in emb)
 
 
-def _samples(layout: RunLayout, n: int, text_column: str) -> pa.Table:
+def _samples(layout: RunLayout, n: int, text_column: str, extra: tuple[str, ...] = ()) -> pa.Table:
     for split in ("test", "val", "train"):
         path = layout.augmented(split)
         if storage.exists(path):
-            t = storage.read_parquet(path, columns=["sample_id", text_column])
+            t = storage.read_parquet(path, columns=["sample_id", text_column, *extra])
             if t.num_rows:
                 return t.slice(0, n)
     raise FileNotFoundError(f"{layout.root}: no samples under eadf/samples/ (run the pipeline up to eadf first)")
@@ -117,7 +119,10 @@ def _bench(cfg, args, tmp_dir: str) -> dict:
         artifact = untrained_artifact(cfg.teacher, os.path.join(tmp_dir, "artifact"))
     n = args.samples or 64
     text_column = teacher_text_column(artifact)
-    table = _samples(layout, n, text_column)
+    from ckd_ehr.text import diagnosis_title_column
+
+    unit_columns = (diagnosis_title_column(cfg.text), "drugs", "procedure_titles")
+    table = _samples(layout, n, text_column, unit_columns)
     texts = table.column(text_column).to_pylist()
     sl = cfg.soft_labels
     cores = os.cpu_count() or 1
@@ -151,6 +156,8 @@ def _bench(cfg, args, tmp_dir: str) -> dict:
         sorted_logits, sorted_padded = score_ids(model, tok, ids, sl.sub_batch_size)
     # Sorted batches must not change the answer; only the time.
     res["max_abs_diff_naive_vs_sorted"] = float(np.abs(naive_logits - sorted_logits[:n_naive]).max())
+    res["unit_targets"] = _unit_targets(model, tok, table, texts, unit_columns, (chat, max_length, instr), sl,
+                                        timings, sorted_logits)
     del model
 
     init_ray(cfg.ray)
@@ -168,9 +175,10 @@ def _bench(cfg, args, tmp_dir: str) -> dict:
         raise RuntimeError(f"ray_data path returned {out.num_rows} rows for {len(texts)} samples")
 
     computed = {"naive": naive_tokens, "sorted": int(sorted_padded.sum()),
-                "ray_data": int(np.sum(out.column("n_computed").to_numpy()))}
-    samples = {"naive": n_naive, "sorted": len(texts), "ray_data": len(texts)}
-    useful = {"naive": sum(len(x) for x in naive_ids), "sorted": real_tokens, "ray_data": real_tokens}
+                "ray_data": int(np.sum(out.column("n_computed").to_numpy())), "units": int(sorted_padded.sum())}
+    samples = {"naive": n_naive, "sorted": len(texts), "ray_data": len(texts), "units": len(texts)}
+    useful = {"naive": sum(len(x) for x in naive_ids), "sorted": real_tokens, "ray_data": real_tokens,
+              "units": real_tokens}
     for name, t in timings.items():
         wall = t["wall_s"]
         t["samples"] = samples[name]
@@ -189,8 +197,31 @@ def _bench(cfg, args, tmp_dir: str) -> dict:
     rate = {k: v["samples_per_s"] for k, v in timings.items()}
     res["speedup_sorted_vs_naive"] = round(rate["sorted"] / rate["naive"], 2)
     res["speedup_ray_data_vs_naive"] = round(rate["ray_data"] / rate["naive"], 2)
+    res["unit_targets"]["time_vs_sorted"] = round(rate["sorted"] / rate["units"], 3)
     res["note"] = "ray_data wall includes actor start and teacher load; naive and sorted exclude the load"
     res["ray_data_config"] = ray_cfg.model_dump()
     emit(res, getattr(args, "out", None))
     return res
 
+
+def _unit_targets(model, tok, table: pa.Table, texts: list[str], unit_columns, text_options, sl, timings: dict,
+                  sorted_logits: np.ndarray) -> dict:
+    """Time the in-process scoring with the unit targets (the `sorted` path plus unit maps,
+    label attention and relations) and measure the targets' parquet bytes per sample."""
+    from ckd_ehr.bench.common import measure as timed
+    from ckd_ehr.soft_labels.run import score_with_units, unit_inputs, unit_target_table
+
+    chat, max_length, instr = text_options
+    items = list(zip(*(table.column(c).to_pylist() for c in unit_columns)))
+    with timed("units", timings):
+        ids, maps, keys = unit_inputs(tok, texts, items, chat, max_length, instr)
+        out = score_with_units(model, tok, ids, maps, keys, sl.sub_batch_size, sl.relation_layer)
+    units = unit_target_table(table.column("sample_id").to_pylist(), keys, out["unit_attention"], out["unit_relation"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "units.parquet")
+        storage.write_parquet(units, path)
+        nbytes = os.path.getsize(path)
+    return {"label_attention": out["unit_attention"][0] is not None, "relation_layer": sl.relation_layer,
+            "mean_units": round(float(np.mean([len(k) for k in keys])), 1),
+            "parquet_bytes_per_sample": round(nbytes / max(1, len(texts)), 1),
+            "max_abs_logit_diff_vs_sorted": float(np.abs(out["logits"] - sorted_logits).max())}
