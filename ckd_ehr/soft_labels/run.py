@@ -354,6 +354,11 @@ def infer_soft_labels(input_paths: dict[str, str], artifact_dir: str, cfg,
     # 438-row block of the demo outlasted Ray Data's 30-minute window on a loaded 2-core machine
     # and a healthy run was killed), and a slow batch is not a hang.
     ds.context.execution_no_progress_timeout_s = -1
+    # Ray Data's high-memory detector repeats a warning every 30 s for the whole stage when an
+    # actor holds more than it requested (each actor holds a whole teacher: ~1.3 GiB for the
+    # demo's SmolLM2 on CPU). The pool's size is explicit (num_actors), not autoscaled onto a
+    # node by a memory estimate, so the advice does not apply: switched off for this Dataset.
+    ds.context.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
     # Streamed, not collected at the end: the driver logs progress with the time left (Ray
     # Data's own progress bars are off in this project: they garble logs of jobs and tests).
     total = sum(storage.parquet_num_rows(p) for p in input_paths.values())
