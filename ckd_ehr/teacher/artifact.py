@@ -45,13 +45,15 @@ def write_weights(model, state_dict: dict[str, torch.Tensor], out_dir: str | os.
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(model, GenerativeTeacher):   # no head: the LM reads its answer from its vocabulary
         adapter = {k[len("lm."):]: v for k, v in state_dict.items() if k.startswith("lm.")}
-        model.lm.save_pretrained(str(out / TEACHER_ADAPTER), state_dict=adapter)
+        model.lm.save_pretrained(str(out / TEACHER_ADAPTER), state_dict=adapter, save_embedding_layers=False)
         return
     adapter = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     head = {k[len("head."):]: v.detach().float().cpu().contiguous() for k, v in state_dict.items()
             if k.startswith("head.")}
-    # peft filters the given state dict down to LoRA keys and strips the adapter name.
-    model.backbone.save_pretrained(str(out / TEACHER_ADAPTER), state_dict=adapter)
+    # peft filters the given state dict down to LoRA keys and strips the adapter name. LoRA never
+    # trains the embeddings: save_embedding_layers=False also skips peft's look for the base's
+    # config.json, which warns for a GGUF or pkg: base ("Could not find a config file ...").
+    model.backbone.save_pretrained(str(out / TEACHER_ADAPTER), state_dict=adapter, save_embedding_layers=False)
     save_file(head, str(out / ARTIFACT_HEAD))
 
 
