@@ -179,3 +179,38 @@ def test_teacher_predictions_come_from_test_soft_labels(tmp_path):
     for m in M.ALL_METRICS:
         assert entry["modes"]["fixed"]["metrics"][m] == pytest.approx(direct[m])
     assert result["deltas"]["teacher"]["n_samples"] == 55
+
+
+def test_identical_models_and_step0_probes_are_named_not_called_equal(tmp_path):
+    """Two students that both kept their step-0 probe on the same text give the same test
+    predictions (the demo of 2026-12-01: distill_plain = hard_plain). A delta of 0 [0, 0] between
+    them is no evidence about distillation: metrics.json and the report must say so. A third
+    model with other predictions, trained past step 0, is neither marked nor grouped."""
+    layout = RunLayout(str(tmp_path))
+    rng = np.random.default_rng(4)
+    n = 80
+    y = (rng.random((n, 25)) < 0.3).astype(np.int8)
+    subjects = np.arange(n) // 2
+    same = rng.random((n, 25))
+    write_predictions(layout, "hard_plain", y, same, subjects)
+    write_predictions(layout, "distill_plain", y, same, subjects)
+    write_predictions(layout, "ckd_ehr", y, rng.random((n, 25)), subjects)
+    write_predictions(layout, "teacher", y, rng.random((n, 25)), subjects)
+    for variant, step in (("hard_plain", 0), ("distill_plain", 0), ("ckd_ehr", 20)):
+        storage.write_json(layout.student_meta(variant), {"metrics": {"best_checkpoint": {"step": step}}})
+    # the teacher's artifact keeps its kept step flat, and best_checkpoint is the checkpoint's path
+    storage.write_json(layout.teacher_meta, {"metrics": {"step": 0, "best_checkpoint": "/ckpt/checkpoint_0"}})
+    cfg = load_config(PipelineConfig, None, [f"run_dir={tmp_path}", "evaluate.bootstrap=20",
+                                             "evaluate.allow_small=true", "evaluate.baselines=false",
+                                             "evaluate.probes=false"])
+    metrics = run_evaluate(cfg)
+    assert {n: e["kept_step"] for n, e in metrics["models"].items()} == {
+        "hard_plain": 0, "distill_plain": 0, "ckd_ehr": 20, "teacher": 0}
+    assert metrics["identical_predictions"] == [["hard_plain", "distill_plain"]]
+    assert metrics["deltas"]["distill_plain"]["identical"] is True
+    assert metrics["deltas"]["ckd_ehr"]["identical"] is False
+    assert any("hard_plain = distill_plain" in n for n in metrics["notes"])
+    md = open(run_report(cfg)["report_md"]).read()
+    assert "identical predictions: nothing compared" in md
+    assert "kept step 0 for hard_plain, distill_plain, teacher" in md
+    assert md.count("[kept step 0: its probe, no training update]") == 6   # three models x two threshold tables

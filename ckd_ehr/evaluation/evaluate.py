@@ -127,6 +127,36 @@ def read_thresholds(layout: RunLayout, name: str) -> tuple[dict[str, list[float]
     return thresholds, source
 
 
+def kept_step(layout: RunLayout, name: str) -> int | None:
+    """The training step of the checkpoint a model's artifact holds, or None when unknown.
+    0 means checkpoint selection kept the probe (head_init: probe validates it as step 0):
+    no fine-tuning or distillation update is in that model's predictions."""
+    path = _artifact_json(layout, name)
+    if not storage.exists(path):
+        return None
+    metrics = storage.read_json(path).get("metrics") or {}
+    best = metrics.get("best_checkpoint")  # student: a dict of the kept checkpoint's metrics
+    step = (best if isinstance(best, dict) else metrics).get("step")  # teacher: flat (best_checkpoint is its path)
+    return int(step) if isinstance(step, (int, float)) and np.isfinite(step) else None
+
+
+def identical_groups(frames: dict[str, pd.DataFrame], atol: float = 1e-6) -> list[list[str]]:
+    """Groups of models whose test predictions are the same (same samples, probabilities equal
+    within `atol`). A delta inside a group measures nothing: e.g. hard labels vs distillation
+    when both students kept their step-0 probe."""
+    groups: list[list[str]] = []
+    for name, df in frames.items():
+        for group in groups:
+            ref = frames[group[0]]
+            if (len(ref) == len(df) and np.array_equal(ref["sample_id"].to_numpy(), df["sample_id"].to_numpy())
+                    and np.allclose(to_matrix(ref["probs"]), to_matrix(df["probs"]), rtol=0, atol=atol)):
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+    return [g for g in groups if len(g) > 1]
+
+
 def score_model(df: pd.DataFrame, thresholds: dict[str, list[float]], resamples: int, seed: int,
                 label_set: np.ndarray | None = None) -> tuple[dict, dict[str, dict[str, np.ndarray]] | None]:
     """Point metrics and intervals at every threshold mode; also the bootstrap distributions
@@ -151,7 +181,8 @@ def model_delta(base: pd.DataFrame, other: pd.DataFrame, base_entry: dict, other
     if np.array_equal(base["sample_id"].to_numpy(), other["sample_id"].to_numpy()):
         if not np.array_equal(to_matrix(base["labels"], np.int8), to_matrix(other["labels"], np.int8)):
             raise ContractError("the same test samples carry different labels in two prediction files")
-        out = {"paired_on": "all samples", "n_samples": len(base)}
+        out = {"paired_on": "all samples", "n_samples": len(base),
+               "identical": bool(np.allclose(to_matrix(base["probs"]), to_matrix(other["probs"]), rtol=0, atol=1e-6))}
         for mode in MODES:
             out[mode] = delta_summary(base_entry["modes"][mode]["metrics"], other_entry["modes"][mode]["metrics"],
                                       base_dists and base_dists[mode], other_dists and other_dists[mode])
@@ -333,11 +364,19 @@ def run_evaluate(cfg) -> dict:
         thresholds[name], source = read_thresholds(layout, name)
         entry, dists[name] = score(df, thresholds[name])
         role = ROLES.get(name) or ROLES[base_variant(name)] + ", served at int8 (serve.precision)"
-        models[name] = {"role": role, "predictions": sources[name],
+        models[name] = {"role": role, "predictions": sources[name], "kept_step": kept_step(layout, name),
                         "threshold_source": source, **entry}
         m = entry["modes"]["fixed"]["metrics"]
         log.info("%s: accuracy %.4f, macro-F1 %.4f, macro AUROC %.4f (n=%d, %d patients)", name,
                  m["accuracy"], m["macro_f1"], m["macro_auroc"], entry["n_samples"], entry["n_patients"])
+
+    at_probe = [n for n, e in models.items() if e["kept_step"] == 0]
+    if at_probe:
+        notes.append(f"kept step 0 (checkpoint selection on validation kept the probe; no fine-tuning or "
+                     f"distillation update is in these rows): {', '.join(at_probe)}")
+    same = identical_groups(frames)
+    for group in same:
+        notes.append(f"identical test predictions: {' = '.join(group)}; a delta between them measures nothing")
 
     deltas = {}
     if baseline in frames:
@@ -373,6 +412,7 @@ def run_evaluate(cfg) -> dict:
         "baselines": baselines,
         "models": models,
         "deltas": deltas,
+        "identical_predictions": same,
         "paper_claims": PAPER_CLAIMS,
         "skipped": skipped,
         "notes": notes,

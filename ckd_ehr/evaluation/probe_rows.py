@@ -123,11 +123,23 @@ def student_probe_row(cfg, layout: RunLayout, variant: str | None = None):
     s = cfg.student
     with storage.local_dir(art) as d:
         probe = LinearProbe.load(str(d / PROBE_HEAD))
+    column = student_variant(variant).text_column
+    details = {"model": s.model, "pooling": s.pooling, "C": probe.c_value, "variant": variant,
+               "probe_val_macro_auroc": probe.val_macro_auroc, "train_samples": probe.train_samples, "text": column}
+    from ckd_ehr.evaluation.evaluate import kept_step, read_predictions, read_thresholds
+
+    if kept_step(layout, variant) == 0 and storage.exists(layout.predictions(variant)):
+        # Checkpoint selection kept step 0: no update was applied, so the student IS its probe and
+        # its test predictions (and thresholds tuned on its validation predictions) already exist;
+        # scoring val and test again would cost ~2.5 min on the demo for the same numbers.
+        thresholds, source = read_thresholds(layout, variant)
+        return (read_predictions(layout.predictions(variant)), thresholds,
+                {**details, "threshold_source": source,
+                 "predictions": f"{variant}'s test predictions: it kept its probe (step 0)"}), None
     model = build_student(s.model, s.pooling, s.seed)
     model.load_probe(probe)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(s.model), model_max_length=s.max_length)
     _, efficacy = load_efficacy(layout.efficacy_table, cfg.eadf.top_k)
-    column = student_variant(variant).text_column
     out = {}
     for split in ("val", "test"):
         samples, _ = read_split(layout.augmented(split), None, split_limit(s, split), seed=s.seed)
@@ -137,9 +149,7 @@ def student_probe_row(cfg, layout: RunLayout, variant: str | None = None):
         out[split] = (samples.select(["sample_id", "subject_id", "labels"]).to_pandas(), probs)
     thresholds, source = _thresholds(to_matrix(out["val"][0]["labels"], np.int8), out["val"][1])
     return (_frame(out["test"][0], out["test"][1]), thresholds,
-            {"model": s.model, "pooling": s.pooling, "C": probe.c_value, "variant": variant,
-             "probe_val_macro_auroc": probe.val_macro_auroc, "train_samples": probe.train_samples,
-             "text": column, "threshold_source": source}), None
+            {**details, "threshold_source": source, "predictions": "frozen encoder + probe, scored here"}), None
 
 
 def probe_rows(cfg, layout: RunLayout) -> tuple[dict, list[str]]:

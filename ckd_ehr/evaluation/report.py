@@ -284,7 +284,7 @@ def build_blocks(metrics: dict, run_dir: str, images: dict[str, str], quality: d
         rows = []
         for name, entry in models.items():
             m = entry["modes"][mode]
-            rows.append([name, entry["role"], str(entry["n_samples"]), str(entry["n_patients"])]
+            rows.append([name, role_with_step(entry), str(entry["n_samples"]), str(entry["n_patients"])]
                         + [fmt_ci(m["metrics"][k], m["intervals"].get(k)) for k, _ in TABLE_METRICS])
         blocks.append(("table", ["Model", "Role", "Samples", "Patients"] + [lab for _, lab in TABLE_METRICS], rows))
         blocks.append(("img", images[f"variants_{mode}"], f"headline metrics, thresholds {mode}"))
@@ -301,7 +301,8 @@ def build_blocks(metrics: dict, run_dir: str, images: dict[str, str], quality: d
                     continue
                 acc, f1, auc = d[mode]["accuracy"], d[mode]["macro_f1"], d[mode]["macro_auroc"]
                 rows.append([name, mode, fmt_points(acc), fmt_relative(acc), fmt_points(f1), fmt_relative(f1),
-                             fmt_points(auc), verdict(f1)])
+                             fmt_points(auc), "identical predictions: nothing compared" if d.get("identical")
+                             else verdict(f1)])
         blocks.append(("table", ["Model", "Thresholds", "Δ accuracy (pts)", "Δ accuracy (rel.)",
                                  "Δ macro-F1 (pts)", "Δ macro-F1 (rel.)", "Δ macro AUROC (pts)",
                                  "Macro-F1 verdict"], rows))
@@ -314,6 +315,7 @@ def build_blocks(metrics: dict, run_dir: str, images: dict[str, str], quality: d
                                 f"({fmt_relative(f1)}): {verdict(f1)}."))
     else:
         blocks.append(("p", "No deltas: the baseline has no predictions."))
+    blocks += what_rows_can_tell(metrics)
     blocks.append(("p", f"Speed: the paper claims {claims['speedup']}x faster inference than the teacher; "
                         "measure it with `ckd-ehr bench speedup` (figures are printed, not stored here)."))
 
@@ -336,6 +338,33 @@ def build_blocks(metrics: dict, run_dir: str, images: dict[str, str], quality: d
         blocks += soft_label_quality_blocks(quality)
 
     return blocks + _notes_blocks(metrics, models)
+
+
+def role_with_step(entry: dict) -> str:
+    """The model's role, marked when its checkpoint is the step-0 probe (no update applied)."""
+    if entry.get("kept_step") == 0:
+        return entry["role"] + " [kept step 0: its probe, no training update]"
+    return entry["role"]
+
+
+def what_rows_can_tell(metrics: dict) -> list[tuple]:
+    """Say which comparisons measure nothing: models that kept their step-0 probe, and models
+    whose test predictions are identical (a delta of exactly 0 with a [0, 0] interval is not
+    evidence that two methods are equal; it is the same model twice)."""
+    models = metrics.get("models") or {}
+    at_probe = [n for n, e in models.items() if e.get("kept_step") == 0]
+    same = metrics.get("identical_predictions") or []
+    if not at_probe and not same:
+        return []
+    text = "What these rows can tell. "
+    if at_probe:
+        text += (f"Checkpoint selection on validation kept step 0 for {', '.join(at_probe)}: each is its probe "
+                 "(a head fitted on the frozen model's features), with no fine-tuning or distillation update; "
+                 "differences between them come from the text and the frozen model, not from training. ")
+    if same:
+        text += ("Identical test predictions: " + "; ".join(" = ".join(g) for g in same)
+                 + ". The deltas between them are 0 by construction and say nothing about the methods they name.")
+    return [("p", text.strip())]
 
 
 def soft_label_quality_blocks(quality: dict) -> list[tuple]:
