@@ -99,7 +99,7 @@ def test_logistic_regression_row_equals_an_independent_sklearn_fit():
     x = {s: mlb.transform(items(d[s])) for s in ("train", "val", "test")}
     best, best_auc = None, -1.0
     for c in grid:
-        clf = OneVsRestClassifier(LogisticRegression(C=c, solver="liblinear", max_iter=1000)).fit(x["train"], d["train"]["labels"])
+        clf = OneVsRestClassifier(LogisticRegression(C=c, solver="lbfgs", max_iter=1000)).fit(x["train"], d["train"]["labels"])
         auc = np.mean([roc_auc_score(d["val"]["labels"][:, j], clf.predict_proba(x["val"])[:, j]) for j in range(25)])
         if auc > best_auc:
             best, best_auc = (c, clf), auc
@@ -154,7 +154,7 @@ def test_evaluate_after_prepare_scores_reference_rows_and_refuses_small_splits(t
     from ckd_ehr.data.prepare import run_prepare
     from ckd_ehr.evaluation.report import run_report
 
-    sets = [f"run_dir={tmp_path}", "data.synth.patients=150", "data.synth.seed=3", "evaluate.bootstrap=30"]
+    sets = [f"run_dir={tmp_path}", "data.synth.patients=100", "data.synth.seed=3", "evaluate.bootstrap=30"]
     cfg = load_config(PipelineConfig, None, sets)
     run_prepare(cfg)
     with pytest.raises(TooSmallToJudge, match=r"too small to judge: .*(phenotypes have at least 5 positives|"
