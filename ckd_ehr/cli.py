@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eadf: precision / recall of the listed drugs on synthetic cohorts, null control, PNG")
     p.add_argument("--artifact", help="serve: student artifact (default RUN/student/ckd_ehr/artifact)")
     p.add_argument("--url", help="serve: measure this running endpoint instead of deploying one")
+    p.add_argument("--records", choices=["long", "short"], default="long",
+                   help="serve: record shape: long (full stay: ~20 drugs, 6-15 codes) or short (4 diagnoses, 2 drugs, 1 procedure)")
     p.add_argument("--precisions", default="fp32,int8", help="serve: serve.precision values to measure")
     p.add_argument("--client-nice", type=int, default=19,
                    help="serve: niceness added to the load generator (CPU share; Ray workers run at nice 15)")

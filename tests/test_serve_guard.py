@@ -285,3 +285,35 @@ def test_admission_limit_follows_the_measured_rate():
     fast = deque(now - RATE_WINDOW_S + i * 0.01 for i in range(1, 1001))     # 100 per second
     assert admission_limit(fast, now, 48, 1.0) == 48                         # never above the fixed limit
     assert admission_limit(fast, now, 48, None) == 48
+
+
+def test_retry_after_grows_with_the_crowd_waiting_to_retry():
+    """Little's law on the back-off pool: 400 clients told 2 s each (200 503s/s) at 10 answers/s
+    are ~400 waiting; to come back at RETRY_SPREAD x 10/s they are told 400 / (RETRY_SPREAD x 10)
+    seconds, jittered by +-50%, within [minimum, cap]."""
+    import random
+    from collections import deque
+
+    from ckd_ehr.serve.guard import RATE_WINDOW_S, RETRY_SPREAD, retry_after
+
+    now, rng = 1000.0, random.Random(0)
+    answers = lambda per_s: deque(now - RATE_WINDOW_S + (i + 1) / per_s for i in range(int(per_s * RATE_WINDOW_S)))
+    crowd = lambda per_s, told: deque((now - RATE_WINDOW_S + (i + 1) / per_s, told)
+                                      for i in range(int(per_s * RATE_WINDOW_S)))
+    # no crowd, too few answers to judge, or adaptation off: the configured minimum
+    assert retry_after(deque(), answers(10), now, 2, 30, rng) == 2
+    assert retry_after(crowd(200, 2), deque([now - 1.0] * 3), now, 2, 30, rng) == 2
+    assert retry_after(crowd(200, 2), answers(10), now, 2, 2, rng) == 2
+    # a flood: 400 waiting at 10 answers/s
+    want = 400 / (RETRY_SPREAD * 10)
+    told = [retry_after(crowd(200, 2), answers(10), now, 2, 1000, rng) for _ in range(300)]
+    assert 0.5 * want - 1 <= min(told) and max(told) <= 1.5 * want + 1 and abs(np.mean(told) - want) < 0.1 * want
+    assert len(set(told)) > 5                                              # jitter: not all in step
+    assert retry_after(crowd(200, 2), answers(10), now, 2, 8, rng) == 8   # never over the cap
+    # the crowd, told `want` s, comes back at 400 / want per s: still 400 waiting, so the answer is stable
+    stable = [retry_after(crowd(400 / want, want), answers(10), now, 2, 1000, rng) for _ in range(300)]
+    assert abs(np.mean(stable) - want) < 0.1 * want
+    # a small crowd (10 503s/s told 2 s: 20 waiting, at 16 answers/s) is told the minimum
+    assert all(retry_after(crowd(10, 2), answers(16), now, 2, 30, rng) == 2 for _ in range(50))
+    old = deque([(now - RATE_WINDOW_S - 1, 30)] * 100)
+    assert retry_after(old, answers(10), now, 2, 30, rng) == 2 and not old  # stale 503s are dropped

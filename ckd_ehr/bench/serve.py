@@ -79,21 +79,32 @@ def make_untrained_artifact(model: str, dest: str | os.PathLike, max_length: int
     return meta
 
 
-def bench_records(n: int, seed: int = 0) -> tuple[list[dict], dict[str, str]]:
-    """n structured records (codes of 2-5 phenotypes plus others, ~25 drugs, a few
-    procedures) and placeholder titles of realistic length for their codes."""
+RECORD_SHAPES = {
+    # (phenotypes drawn, codes per phenotype, drugs, procedures) as [low, high) ranges
+    "long": ((2, 6), 3, (15, 25), (0, 4)),   # a full inpatient stay: often past 512 tokens with clauses
+    "short": ((4, 5), 1, (2, 3), (1, 2)),    # issue 21's records: 4 diagnoses, 2 drugs, 1 procedure
+}
+
+
+def bench_records(n: int, seed: int = 0, shape: str = "long") -> tuple[list[dict], dict[str, str]]:
+    """n structured records and placeholder titles of realistic length for their codes.
+    `long`: codes of 2-5 phenotypes (up to 3 each), 15-24 drugs, 0-3 procedures; `short`: 4
+    diagnosis codes of 4 phenotypes, 2 drugs, 1 procedure."""
+    if shape not in RECORD_SHAPES:
+        raise ValueError(f"record shape '{shape}': one of {sorted(RECORD_SHAPES)}")
+    (ph_lo, ph_hi), per_ph, (d_lo, d_hi), (p_lo, p_hi) = RECORD_SHAPES[shape]
     rng = np.random.default_rng(seed)
     ph = phenotypes()
     titles: dict[str, str] = {}
     records = []
     for _ in range(n):
         codes = []
-        for p in rng.choice(len(ph), size=int(rng.integers(2, 6)), replace=False):
-            codes += [str(c) for c in rng.choice(ph[p].codes, size=min(3, len(ph[p].codes)), replace=False)]
+        for p in rng.choice(len(ph), size=int(rng.integers(ph_lo, ph_hi)), replace=False):
+            codes += [str(c) for c in rng.choice(ph[p].codes, size=min(per_ph, len(ph[p].codes)), replace=False)]
         for c in codes:
             titles.setdefault(c, f"{ph[phenotypes_of_code(c)[0]].name.split(';')[0]}, unspecified ({c})")
-        drugs = [str(d) for d in rng.choice(_DRUGS, size=int(rng.integers(15, 25)), replace=False)]
-        procs = [str(p) for p in rng.choice(_PROCS, size=int(rng.integers(0, 4)), replace=False)]
+        drugs = [str(d) for d in rng.choice(_DRUGS, size=int(rng.integers(d_lo, d_hi)), replace=False)]
+        procs = [str(p) for p in rng.choice(_PROCS, size=int(rng.integers(p_lo, p_hi)), replace=False)]
         records.append({"diagnoses": codes, "medications": drugs, "procedures": procs})
     return records, titles
 
@@ -195,7 +206,8 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
     nice = int(getattr(args, "client_nice", None) if getattr(args, "client_nice", None) is not None else 19)
     url_given = getattr(args, "url", None)
     precisions = [p for p in (getattr(args, "precisions", None) or "fp32,int8").split(",") if p]
-    records, titles = bench_records(n)
+    shape = getattr(args, "records", None) or "long"
+    records, titles = bench_records(n, shape=shape)
     tmp = tempfile.TemporaryDirectory(prefix="ckd-ehr-bench-serve-")
     artifact = getattr(args, "artifact", None) or RunLayout(cfg.run_dir).student_artifact("ckd_ehr")
     trained = exists(str(Path(artifact) / STUDENT_META)) if "://" not in artifact else exists(artifact)
@@ -203,7 +215,7 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
         artifact = str(Path(tmp.name) / "artifact")
         make_untrained_artifact(cfg.student.model, artifact, cfg.student.max_length, titles)
     token = os.environ.get(cfg.serve.auth_token_env)
-    results: dict = {"artifact": artifact, "trained_student": trained, "records": n, "levels": list(LEVELS),
+    results: dict = {"artifact": artifact, "trained_student": trained, "records": n, "record_shape": shape, "levels": list(LEVELS),
                      "duration_s_per_level": duration, "auth": bool(token), "machine": machine(),
                      "load_generator": {"process": "python -m ckd_ehr.bench.load (aiohttp), one per level",
                                         "nice": nice, "retry_after": "honoured"},
