@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="serve: measure this running endpoint instead of deploying one")
     p.add_argument("--records", choices=["long", "short"], default="long",
                    help="serve: record shape: long (full stay: ~20 drugs, 6-15 codes) or short (4 diagnoses, 2 drugs, 1 procedure)")
+    p.add_argument("--replicas", type=int,
+                   help="serve: replicas of the endpoint, each with cores/replicas torch threads (default: one per core)")
     p.add_argument("--precisions", default="fp32,int8", help="serve: serve.precision values to measure")
     p.add_argument("--client-nice", type=int, default=19,
                    help="serve: niceness added to the load generator (CPU share; Ray workers run at nice 15)")

@@ -13,10 +13,12 @@ class ServeConfig(Section):
     """Bind address of the HTTP proxy; loopback by default (patient data)."""
     port: int = Field(8000, ge=1, le=65535)
     """HTTP port."""
-    max_batch_size: int = Field(16, ge=1)
-    """Largest batch `@serve.batch` forms. 16, not 32: with the admission limit derived from it
-    (24 pending), admitted requests wait about a second on a 2-core machine (measured: p99
-    1.4 s at 64 clients vs 2.7 s at batch 32, records/s within 10%); raise it on a GPU."""
+    max_batch_size: int = Field(8, ge=1)
+    """Largest batch `@serve.batch` forms. 8: with the admission limit derived from it (12
+    pending per replica) admitted requests wait well under 2 s on a 2-core machine, and batches
+    past 8 short records buy little on CPU (measured, README "Serving": two replicas, 400
+    clients, p99 1.5-1.6 s at batch 8 against 3.0-3.6 s at 16, records/s within 10%); raise
+    it on a GPU."""
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     """How long a batch waits to fill."""
     max_ongoing_requests: int | None = Field(None, ge=1)
@@ -25,9 +27,9 @@ class ServeConfig(Section):
     """Autoscaling floor."""
     max_replicas: int = Field(2, ge=1)
     """Autoscaling ceiling."""
-    target_ongoing_requests: float = Field(12, gt=0)
+    target_ongoing_requests: float = Field(6, gt=0)
     """Autoscaling target of ongoing requests per replica: half the default admission limit
-    (24), so a replica is added before one sheds."""
+    (12), so a replica is added before one sheds."""
     num_cpus: float = Field(1.0, gt=0)
     """CPUs per replica."""
     num_gpus: float = Field(0.0, ge=0)
