@@ -317,3 +317,16 @@ def test_retry_after_grows_with_the_crowd_waiting_to_retry():
     assert all(retry_after(crowd(10, 2), answers(16), now, 2, 30, rng) == 2 for _ in range(50))
     old = deque([(now - RATE_WINDOW_S - 1, 30)] * 100)
     assert retry_after(old, answers(10), now, 2, 30, rng) == 2 and not old  # stale 503s are dropped
+
+
+def test_bench_record_shapes():
+    """`bench serve --records short` is the issue's record: 4 diagnoses, 2 drugs, 1 procedure."""
+    from ckd_ehr.bench.serve import bench_records
+
+    short, titles = bench_records(50, shape="short")
+    assert all(len(r["diagnoses"]) == 4 and len(r["medications"]) == 2 and len(r["procedures"]) == 1 for r in short)
+    assert all(c in titles for r in short for c in r["diagnoses"])
+    long, _ = bench_records(50, shape="long")
+    assert min(len(r["medications"]) for r in long) >= 15
+    with pytest.raises(ValueError, match="record shape 'huge'"):
+        bench_records(1, shape="huge")
