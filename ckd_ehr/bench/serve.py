@@ -1,8 +1,9 @@
 """`ckd-ehr bench serve`: HTTP throughput and latency of the served student on 127.0.0.1.
 
 Per serve.precision (fp32, int8): (1) the ceiling, in-process render + tokenise + batched
-forward of the same records; (2) the endpoint (`--replicas`, default one per core with one torch thread each, `@serve.batch`) at 1, 16, 64 and
-400 closed-loop clients, one record per request (the online case), in a separate niced
+forward of the same records; (2) the endpoint (`--replicas`, by default one per core with one
+torch thread each; `@serve.batch`) at 1, 16, 64 and 400 closed-loop clients, one record per
+request (the online case), `--records long|short`, in a separate niced
 load-generator process (ckd_ehr.bench.load), with a /healthz probe throughout: records/s
 answered, p50/p99 of answered requests, share shed (503), other errors. (3) The largest
 probability difference between int8 and fp32 on at least 1,000 samples. `--url` measures
@@ -218,7 +219,8 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
         artifact = str(Path(tmp.name) / "artifact")
         make_untrained_artifact(cfg.student.model, artifact, cfg.student.max_length, titles)
     token = os.environ.get(cfg.serve.auth_token_env)
-    results: dict = {"artifact": artifact, "trained_student": trained, "records": n, "record_shape": shape, "replicas": replicas, "levels": list(LEVELS),
+    results: dict = {"artifact": artifact, "trained_student": trained, "records": n, "record_shape": shape,
+                     "replicas": replicas, "levels": list(LEVELS),
                      "duration_s_per_level": duration, "auth": bool(token), "machine": machine(),
                      "load_generator": {"process": "python -m ckd_ehr.bench.load (aiohttp), one per level",
                                         "nice": nice, "retry_after": "honoured"},
