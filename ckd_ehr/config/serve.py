@@ -16,7 +16,7 @@ class ServeConfig(Section):
     max_batch_size: int = Field(8, ge=1)
     """Largest batch `@serve.batch` forms. 8: with the admission limit derived from it (12
     pending per replica) admitted requests wait well under 2 s on a 2-core machine, and batches
-    past 8 short records buy little on CPU (measured, README "Serving": two replicas, 400
+    past 8 short records buy little on CPU (measured, README "Serve": two replicas, 400
     clients, p99 1.5-1.6 s at batch 8 against 3.0-3.6 s at 16, records/s within 10%); raise
     it on a GPU."""
     batch_wait_timeout_s: float = Field(0.01, ge=0)
