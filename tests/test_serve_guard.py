@@ -294,14 +294,14 @@ def test_retry_after_grows_with_the_crowd_waiting_to_retry():
     import random
     from collections import deque
 
-    from ckd_ehr.serve.guard import RATE_WINDOW_S, RETRY_SPREAD, retry_after
+    from ckd_ehr.serve.guard import RATE_WINDOW_S, RETRY_SPREAD, ShedLog, retry_after
 
     now, rng = 1000.0, random.Random(0)
     answers = lambda per_s: deque(now - RATE_WINDOW_S + (i + 1) / per_s for i in range(int(per_s * RATE_WINDOW_S)))
-    crowd = lambda per_s, told: deque((now - RATE_WINDOW_S + (i + 1) / per_s, told)
-                                      for i in range(int(per_s * RATE_WINDOW_S)))
+    crowd = lambda per_s, told: ShedLog((now - RATE_WINDOW_S + (i + 1) / per_s, told)
+                                        for i in range(int(per_s * RATE_WINDOW_S)))
     # no crowd, too few answers to judge, or adaptation off: the configured minimum
-    assert retry_after(deque(), answers(10), now, 2, 30, rng) == 2
+    assert retry_after(ShedLog(), answers(10), now, 2, 30, rng) == 2
     assert retry_after(crowd(200, 2), deque([now - 1.0] * 3), now, 2, 30, rng) == 2
     assert retry_after(crowd(200, 2), answers(10), now, 2, 2, rng) == 2
     # a flood: 400 waiting at 10 answers/s
@@ -315,8 +315,8 @@ def test_retry_after_grows_with_the_crowd_waiting_to_retry():
     assert abs(np.mean(stable) - want) < 0.1 * want
     # a small crowd (10 503s/s told 2 s: 20 waiting, at 16 answers/s) is told the minimum
     assert all(retry_after(crowd(10, 2), answers(16), now, 2, 30, rng) == 2 for _ in range(50))
-    old = deque([(now - RATE_WINDOW_S - 1, 30)] * 100)
-    assert retry_after(old, answers(10), now, 2, 30, rng) == 2 and not old  # stale 503s are dropped
+    old = ShedLog([(now - RATE_WINDOW_S - 1, 30)] * 100)
+    assert retry_after(old, answers(10), now, 2, 30, rng) == 2 and not old and old.told == 0  # stale 503s dropped
 
 
 def test_bench_record_shapes():

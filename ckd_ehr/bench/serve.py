@@ -220,7 +220,7 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
         make_untrained_artifact(cfg.student.model, artifact, cfg.student.max_length, titles)
     token = os.environ.get(cfg.serve.auth_token_env)
     results: dict = {"artifact": artifact, "trained_student": trained, "records": n, "record_shape": shape,
-                     "replicas": replicas, "levels": list(LEVELS),
+                     "replicas": None if url_given else replicas, "levels": list(LEVELS),
                      "duration_s_per_level": duration, "auth": bool(token), "machine": machine(),
                      "load_generator": {"process": "python -m ckd_ehr.bench.load (aiohttp), one per level",
                                         "nice": nice, "retry_after": "honoured"},

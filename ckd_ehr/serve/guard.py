@@ -207,16 +207,35 @@ the cores: at 400 clients on 2 cores a fixed 2 s Retry-After meant ~190 rejectio
 goodput fell to about half of the 64-client figure."""
 
 
-def retry_after(shed: deque, completions: deque, now: float, base_s: int, max_s: int,
+class ShedLog(deque):
+    """(monotonic time, seconds told) of recent 503s, with the sum of the seconds told kept as
+    entries come and go: retry_after reads it once per 503 instead of summing a flood's worth of
+    entries (clients that ignore Retry-After can make thousands a second)."""
+
+    def __init__(self, entries=()):
+        super().__init__(entries)
+        self.told = sum(t for _, t in self)
+
+    def append(self, entry: tuple[float, int]) -> None:
+        super().append(entry)
+        self.told += entry[1]
+
+    def popleft(self) -> tuple[float, int]:
+        entry = super().popleft()
+        self.told -= entry[1]
+        return entry
+
+
+def retry_after(shed: ShedLog, completions: deque, now: float, base_s: int, max_s: int,
                 rng: random.Random | None = None) -> int:
     """Retry-After (whole seconds) for the next 503: the clients now waiting to retry, divided
     by RETRY_SPREAD times the replica's rate, jittered by +-50% so they do not return in step;
     never under `base_s` nor over `max_s`.
 
-    `shed` holds (time, seconds told) of recent 503s, `completions` the times of answered
-    predictions (both pruned to the last RATE_WINDOW_S seconds here). The clients waiting to
-    retry are counted by Little's law: 503s per second times the mean wait they were told,
-    i.e. the sum of the waits told in the window divided by the window.
+    `shed` (a ShedLog) holds (time, seconds told) of recent 503s, `completions` the times of
+    answered predictions (both pruned to the last RATE_WINDOW_S seconds here). The clients
+    waiting to retry are counted by Little's law: 503s per second times the mean wait they were
+    told, i.e. the sum of the waits told in the window divided by the window.
     """
     while shed and now - shed[0][0] > RATE_WINDOW_S:
         shed.popleft()
@@ -224,7 +243,7 @@ def retry_after(shed: deque, completions: deque, now: float, base_s: int, max_s:
         completions.popleft()
     if max_s <= base_s or len(completions) < MIN_EVIDENCE or not shed:
         return base_s
-    waiting = sum(told for _, told in shed) / RATE_WINDOW_S
+    waiting = shed.told / RATE_WINDOW_S
     rate = len(completions) / RATE_WINDOW_S
     target = waiting / (RETRY_SPREAD * rate) * (rng or random).uniform(0.5, 1.5)
     return int(min(max_s, max(base_s, round(target))))
@@ -239,7 +258,7 @@ class RequestGuard:
         self.pending = 0
         self.limit = cfg.pending_requests
         self.completions: deque[float] = deque()  # monotonic times of answered predictions
-        self.shed: deque[tuple[float, int]] = deque()  # (monotonic time, Retry-After told) of 503s
+        self.shed = ShedLog()
         self.rng = random.Random()
 
     def _reject(self, reason: str) -> None:
