@@ -178,3 +178,35 @@ def test_over_long_prompts_keep_text_and_turn_start(tiny_qwen_dir):
     assert short[0][-5:] == full[0][-5:]                     # template end: the assistant turn start
     assert "gout" in tok.decode(short[0])                    # the sample's text survives ...
     assert len(tok.decode(short[0])) < len(tok.decode(full[0]))  # ... the instruction is what got cut
+
+
+def test_num_layers_keeps_the_first_layers_everywhere(tiny_qwen_dir, tmp_path):
+    """teacher.num_layers: the cut decoder returns (the final norm of) layer k's states, its
+    artifact loads cut the same way (soft labels, probe rows), and an impossible cut is an error."""
+    from ckd_ehr.teacher.model import load_backbone
+
+    full = load_backbone(str(tiny_qwen_dir)).eval()
+    cut = load_backbone(str(tiny_qwen_dir), num_layers=1).eval()
+    assert len(full.layers) == 2 and len(cut.layers) == 1 and cut.config.num_hidden_layers == 1
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        states = full(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        got = cut(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(got, full.norm(states[1]))
+        assert not torch.allclose(got, states[-1])
+    with pytest.raises(ValueError, match="num_layers: 3 is not between 1 and the model's 2 layers"):
+        load_backbone(str(tiny_qwen_dir), num_layers=3)
+    with pytest.raises(ValueError, match="generative"):
+        _cfg(tiny_qwen_dir, head="generative", head_init="random", best_metric="val_loss", num_layers=1)
+
+    cfg = _cfg(tiny_qwen_dir, pooling="mean", num_layers=1)
+    model, tok, _, _ = _train_in_process(cfg, steps=2)
+    assert len(model.backbone.base_model.model.layers) == 1
+    texts, _ = toy_samples(4, seed=3)
+    expected = predict_logits(model, tok, texts, max_length=64)
+    write_weights(model, {n: p.detach().clone() for n, p in trainable_parameters(model).items()}, tmp_path / "ckpt")
+    write_artifact(tmp_path / "ckpt", tok, cfg, {"val_macro_auroc": 0.5}, str(tmp_path / "artifact"))
+    loaded, tok2, meta = load_teacher(str(tmp_path / "artifact"))
+    assert meta["config"]["num_layers"] == 1 and loaded.backbone.config.num_hidden_layers == 1
+    np.testing.assert_allclose(predict_logits(loaded, tok2, texts, max_length=64), expected, atol=1e-4)

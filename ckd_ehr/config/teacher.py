@@ -123,6 +123,10 @@ class TeacherConfig(TrainerConfig):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype; `auto` = bfloat16 on GPU workers (half the memory, the tensor cores'
     dtype), float32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    num_layers: int | None = Field(None, ge=1)
+    """Keep only the first this many decoder layers (None: all of them). For CPU runs: the cost
+    is per layer, and a probe on a middle layer of a small LLM reads the phenotypes about as
+    well as the last (the demo's choice and its layer sweep: README, "The demo")."""
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
     """Attention kernel of the backbone; SDPA picks a fused (flash / memory-efficient) kernel
     on GPUs and never materialises the L x L attention matrix there."""
@@ -156,6 +160,9 @@ class TeacherConfig(TrainerConfig):
     @model_validator(mode="after")
     def _generative_head(self):
         if self.head == "generative":
+            if self.num_layers is not None:
+                raise ValueError("teacher.head: generative reads the LM head, which expects the last layer's "
+                                 "states: leave teacher.num_layers unset")
             if self.head_init != "random":
                 raise ValueError("teacher.head: generative has no projection head to start from a probe: "
                                  "set teacher.head_init: random")

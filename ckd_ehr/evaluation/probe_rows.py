@@ -81,7 +81,8 @@ def teacher_probe_row(cfg, layout: RunLayout):
 
         tokenizer = AutoTokenizer.from_pretrained(str(d / ARTIFACT_TOKENIZER))
     backbone = load_backbone(meta["base_model"], meta.get("gguf_file"), "float32",
-                             meta.get("config", {}).get("attn_implementation", "sdpa"))
+                             meta.get("config", {}).get("attn_implementation", "sdpa"),
+                             num_layers=meta.get("config", {}).get("num_layers"))
     model = TeacherModel(backbone, MLAPH(backbone.config.hidden_size, NUM_PHENOTYPES, meta["pooling"]))
     model.load_probe(probe)
     model.eval()

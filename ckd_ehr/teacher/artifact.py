@@ -133,7 +133,8 @@ def load_teacher(artifact_dir: str, device: str = "cpu", dtype=None, merge_lora:
                 dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
         generative = meta.get("head", "mlaph") == "generative"
         backbone = load_backbone(meta["base_model"], meta.get("gguf_file"), dtype,
-                                 cfg.get("attn_implementation", "sdpa"), lm_head=generative)
+                                 cfg.get("attn_implementation", "sdpa"), lm_head=generative,
+                                 num_layers=cfg.get("num_layers"))
         with quiet_peft_deprecation():
             backbone = PeftModel.from_pretrained(backbone, str(d / TEACHER_ADAPTER))
         if merge_lora:

@@ -129,11 +129,12 @@ class TeacherModel(nn.Module):
 
 
 def load_backbone(model: str, gguf_file: str | None = None, dtype: str | torch.dtype = "float32",
-                  attn_implementation: str = "sdpa", lm_head: bool = False) -> nn.Module:
+                  attn_implementation: str = "sdpa", lm_head: bool = False, num_layers: int | None = None) -> nn.Module:
     """The base decoder (no LM head; with `lm_head`, the causal LM the generative teacher needs)
     from a local dir, cached hub id, `pkg:NAME`, or a GGUF file. Under an active transformers
     HfDeepSpeedConfig with ZeRO-3 (ckd_ehr.training sets one for `zero3_partitioned_init`) the
-    decoder is built inside deepspeed.zero.Init: partitioned as it loads."""
+    decoder is built inside deepspeed.zero.Init: partitioned as it loads. `num_layers` keeps
+    only the first that many decoder layers (keep_first_layers)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     from ckd_ehr.modeling.paths import resolve_model_path
@@ -143,10 +144,32 @@ def load_backbone(model: str, gguf_file: str | None = None, dtype: str | torch.d
     kwargs = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
     path = resolve_model_path(model)
     if not lm_head and not gguf_file and _zero3_active() and _safetensors_files(path):
-        return load_partitioned(path, torch_dtype, attn_implementation)
+        return keep_first_layers(load_partitioned(path, torch_dtype, attn_implementation), num_layers)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file  # dequantised to `dtype` on load
-    return (AutoModelForCausalLM if lm_head else AutoModel).from_pretrained(path, **kwargs)
+    return keep_first_layers((AutoModelForCausalLM if lm_head else AutoModel).from_pretrained(path, **kwargs),
+                             num_layers)
+
+
+def keep_first_layers(model: nn.Module, num_layers: int | None) -> nn.Module:
+    """The decoder cut to its first `num_layers` layers (None: all), config included, so the
+    hidden states it returns are those of layer `num_layers`. Why a teacher would: a CPU run
+    pays per layer, and a linear probe on a middle layer of a small LLM reads the phenotypes
+    about as well as on the last (README, "The demo": the layer sweep of SmolLM2-135M)."""
+    if num_layers is None:
+        return model
+    decoder = model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
+    if not hasattr(decoder, "layers"):
+        raise ValueError(f"teacher.num_layers: {type(model).__name__} has no decoder layers to cut")
+    have = len(decoder.layers)
+    if not 1 <= num_layers <= have:
+        raise ValueError(f"teacher.num_layers: {num_layers} is not between 1 and the model's {have} layers")
+    decoder.layers = decoder.layers[:num_layers]
+    conf = model.config
+    conf.num_hidden_layers = num_layers
+    if isinstance(getattr(conf, "layer_types", None), list):
+        conf.layer_types = conf.layer_types[:num_layers]
+    return model
 
 
 def _zero3_active() -> bool:
@@ -263,7 +286,8 @@ def build_teacher(cfg, seed: int | None = None) -> TeacherModel:
     """A fresh trainable teacher from a TeacherConfig: backbone + LoRA + randomly initialised head."""
     if seed is not None:
         torch.manual_seed(seed)
-    backbone = load_backbone(cfg.model, cfg.gguf_file, cfg.train_dtype(), cfg.attn_implementation)
+    backbone = load_backbone(cfg.model, cfg.gguf_file, cfg.train_dtype(), cfg.attn_implementation,
+                             num_layers=cfg.num_layers)
     if cfg.use_gradient_checkpointing():
         # Non-reentrant checkpointing needs no input grads, so the frozen embeddings stay frozen.
         if hasattr(backbone, "activation_checkpointing_enable"):  # transformers 5's name (the old one warns)
@@ -289,6 +313,10 @@ def teacher_model_size(cfg):
 
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
     conf = AutoConfig.from_pretrained(resolve_model_path(cfg.model), **kwargs)
+    if cfg.num_layers is not None:
+        conf.num_hidden_layers = min(cfg.num_layers, conf.num_hidden_layers)
+        if isinstance(getattr(conf, "layer_types", None), list):
+            conf.layer_types = conf.layer_types[:conf.num_hidden_layers]
     with torch.device("meta"):
         backbone = AutoModel.from_config(conf)
     total = sum(p.numel() for p in backbone.parameters())
