@@ -152,3 +152,20 @@ def test_class_balanced_changes_hard_only_training_loss_but_not_validation_loss(
     full = {**train, "teacher_probs": _t(TEACHER_P), "teacher_logits": _t(TEACHER_Z)}
     assert DistillLoss(cfg, hard_only=False, pos_weight=pw)(_t(LOGITS), full).item() == pytest.approx(
         _hand(0.9, 0.1, pos_weight=pw), rel=1e-5)
+
+
+def test_probe_target_is_the_minimiser_of_the_paper_loss():
+    """head_init probe for a distilled variant fits the head to t = (a y + b p) / (a + b), a and b
+    averaged over the schedule: for the `bce` loss the loss is (a + b) BCE(z, t) + const, so its
+    gradient in the logits vanishes exactly at logit(t). Hard-only variants get the labels."""
+    targets = {"labels": torch.tensor(HARD), "teacher_probs": torch.tensor(TEACHER_P), "train": True}
+    cfg = DistillConfig(alpha=0.7)
+    t = DistillLoss(cfg, hard_only=False).probe_targets(targets)
+    torch.testing.assert_close(t, 0.7 * torch.tensor(HARD) + 0.3 * torch.tensor(TEACHER_P))
+    z = torch.logit(t.clamp(1e-6, 1 - 1e-6)).requires_grad_(True)
+    DistillLoss(cfg, hard_only=False)(z, targets).backward()
+    assert z.grad.abs().max() < 1e-6
+    torch.testing.assert_close(DistillLoss(cfg, hard_only=True).probe_targets(targets), torch.tensor(HARD))
+    # A schedule: the run's mean weights (linear 0.5 -> 0.9: mean alpha 0.7, beta 0.3).
+    sched = DistillLoss(DistillConfig(schedule="linear", alpha_start=0.5, alpha=0.9), hard_only=False)
+    torch.testing.assert_close(sched.probe_targets(targets), t, atol=1e-5, rtol=0)

@@ -114,3 +114,20 @@ def test_teacher_at_step_zero_is_its_probe(tiny_qwen_dir):
             if "lora_B" in name:
                 p.add_(0.5)
         assert not torch.allclose(frozen(ids, mask), wrapped(ids, mask))
+
+
+def test_probe_fits_probability_targets():
+    """A distillation target (probabilities, not 0/1) is fitted as BCE against it: with the
+    teacher's own probabilities sigmoid(2 x0) as target and weak regularisation, the logistic
+    regression recovers the teacher's weights; mixed with labels it lies between."""
+    from ckd_ehr.evaluation.baselines import fit_one_vs_rest
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 3))
+    teacher = 1.0 / (1.0 + np.exp(-2.0 * x[:, :1]))
+    models = fit_one_vs_rest(x, teacher, c_value=1e4)
+    np.testing.assert_allclose(models[0].coef_[0], [2.0, 0.0, 0.0], atol=0.02)
+    labels = (rng.random((400, 1)) < teacher).astype(np.int8)
+    hard = fit_one_vs_rest(x, labels, c_value=1e4)[0].coef_[0, 0]
+    mixed = fit_one_vs_rest(x, 0.5 * labels + 0.5 * teacher, c_value=1e4)[0].coef_[0, 0]
+    assert min(hard, 2.0) < mixed < max(hard, 2.0), (hard, mixed)

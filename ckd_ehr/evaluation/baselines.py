@@ -63,7 +63,9 @@ class MultiHot:
 
 def fit_one_vs_rest(x_train, y_train: np.ndarray, c_value: float, seed: int = 0) -> list:
     """One LogisticRegression per phenotype; a phenotype with one class in training gets a
-    constant (its training rate) instead.
+    constant (its training rate) instead. `y_train` may hold probabilities (a distillation
+    target, ckd_ehr.modeling.losses.DistillLoss.probe_targets): each row then counts as a
+    positive of weight t and a negative of weight 1 - t, which is BCE against t.
 
     lbfgs, not liblinear: liblinear penalises the intercept like any weight, so at the strong
     regularisation the probes choose (C=0.003) every intercept shrinks towards 0 and every
@@ -72,14 +74,22 @@ def fit_one_vs_rest(x_train, y_train: np.ndarray, c_value: float, seed: int = 0)
     loss near ln 2, and the first steps spend the backbone on shifting every logit down."""
     from sklearn.linear_model import LogisticRegression
 
+    y_train = np.asarray(y_train)
+    soft = not np.isin(y_train, (0, 1)).all()
+    if soft:
+        x_twice = np.concatenate([x_train, x_train])
+        y_twice = np.concatenate([np.ones(len(y_train)), np.zeros(len(y_train))])
     models = []
     for j in range(y_train.shape[1]):
         yj = y_train[:, j]
         if yj.min() == yj.max():
             models.append(float(yj.mean()))
             continue
-        models.append(LogisticRegression(C=c_value, solver="lbfgs", max_iter=1000,
-                                         random_state=seed).fit(x_train, yj))
+        model = LogisticRegression(C=c_value, solver="lbfgs", max_iter=1000, random_state=seed)
+        if soft:
+            models.append(model.fit(x_twice, y_twice, sample_weight=np.concatenate([yj, 1.0 - yj])))
+        else:
+            models.append(model.fit(x_train, yj))
     return models
 
 

@@ -178,6 +178,25 @@ class DistillLoss:
     def __call__(self, outputs, targets: dict, progress: float = 0.0) -> torch.Tensor:
         return self.parts(outputs, targets, progress)[0]
 
+    def probe_targets(self, targets: dict) -> torch.Tensor:
+        """What a linear head on frozen features is fitted to under head_init probe, so the
+        probe solves this variant's objective, not the hard one: alpha * BCE(z, y) + beta *
+        BCE(z, p) = (alpha + beta) * BCE(z, t) + const with t = (alpha y + beta p) / (alpha +
+        beta), alpha and beta averaged over the run's schedule. Without it every distilled
+        variant starts at its hard twin's probe, and a run that keeps step 0 compares nothing.
+        `bce_temperature` uses the teacher's probabilities (its T = 1 case); the hard-only
+        variants, and batches without teacher outputs, get the labels."""
+        labels = targets["labels"].float()
+        probs = targets.get("teacher_probs")
+        if self.hard_only or probs is None:
+            return labels
+        grid = [weights_at(p, self.cfg) for p in np.linspace(0.0, 1.0, 101)]
+        alpha = float(np.mean([w.alpha for w in grid]))
+        beta = float(np.mean([w.beta for w in grid]))
+        if alpha + beta <= 0:
+            return labels
+        return (alpha * labels + beta * probs.float()) / (alpha + beta)
+
     def parts(self, outputs, targets: dict, progress: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
         """(loss, its parts for logging). `outputs`: logits, or the student's dict on batches
         with unit targets (ckd_ehr.student.model.StudentModel.forward)."""

@@ -87,7 +87,7 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
     logit of its (clipped) training rate as bias."""
     x_train = np.asarray(x_train, dtype=np.float64)
     x_val = np.asarray(x_val, dtype=np.float64)
-    y_train = np.asarray(y_train, dtype=np.int8)
+    y_train = np.asarray(y_train, dtype=np.float64)  # 0/1 labels, or a distillation target in [0, 1]
     mu = x_train.mean(axis=0)
     sd = x_train.std(axis=0) + 1e-6
     z_train, z_val = (x_train - mu) / sd, (x_val - mu) / sd

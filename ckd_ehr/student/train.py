@@ -130,12 +130,12 @@ def student_task(cfg, model_path: str, load_data, pad_id: int, distill: bool, po
     hard term of training batches; unit_weights = (beta_label, beta_relation) of the
     multi-granularity terms (DistillConfig.unit_weights)."""
     label, relation = unit_weights if distill else (0.0, 0.0)
+    loss = DistillLoss(cfg.distill, hard_only=not distill, pos_weight=pos_weight, unit_weights=(label, relation))
     return TrainTask(build_model=BuildStudent(model_path, cfg.pooling, cfg.seed, label_attention=label > 0,
                                               relation_layer=cfg.distill.relation_layer if relation > 0 else None),
-                     load_data=load_data, collate=StudentCollate(pad_id),
-                     loss_fn=DistillLoss(cfg.distill, hard_only=not distill, pos_weight=pos_weight,
-                                         unit_weights=(label, relation)),
-                     param_groups=StudentParamGroups(cfg.lr, cfg.head_lr, cfg.weight_decay))
+                     load_data=load_data, collate=StudentCollate(pad_id), loss_fn=loss,
+                     param_groups=StudentParamGroups(cfg.lr, cfg.head_lr, cfg.weight_decay),
+                     probe_targets_of=loss.probe_targets)
 
 
 def student_from_checkpoint(ckpt_dir: str, model_path: str, pooling: str, device: str = "cpu"):

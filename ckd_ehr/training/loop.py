@@ -219,12 +219,17 @@ class TrainLoop:
         was = model.training
         model.eval()
 
-        def features(inputs, targets, n):
-            feats = model.features(**inputs).float().cpu().numpy()
-            return (feats, self.task.labels(targets).float().cpu().numpy()), 0.0
+        def features(target_fn):
+            def batch_fn(inputs, targets, n):
+                feats = model.features(**inputs).float().cpu().numpy()
+                return (feats, target_fn(targets).float().cpu().numpy()), 0.0
+            return batch_fn
 
-        train = self._over_eval_batches(self.train, self.train_len, features, "head_init probe: features")
-        val = self._over_eval_batches(self.val, self.val_len, features, "head_init probe: features")
+        # Training rows: the task's probe targets (a distilled student's mix with the teacher);
+        # validation: the labels, which the probe's C is chosen on.
+        train = self._over_eval_batches(self.train, self.train_len, features(self.task.probe_targets),
+                                        "head_init probe: features")
+        val = self._over_eval_batches(self.val, self.val_len, features(self.task.labels), "head_init probe: features")
         model.train(was)
         probe = fit_probe(train.scores, train.labels, val.scores, val.labels, seed=self.cfg.seed)
         model.load_probe(probe)

@@ -68,6 +68,9 @@ class TrainTask:
     model_size: Callable[[], ModelSize] | None = None
     scores_of: Callable[[Any], torch.Tensor] | None = None
     """Model outputs -> the per-row scores eval_fn reads (default: the outputs themselves, logits)."""
+    probe_targets_of: Callable[[Any], torch.Tensor] | None = None
+    """Training targets -> what head_init probe fits the head to (default: the labels); a
+    distilled student's mix of labels and teacher probabilities."""
 
     def loss(self, outputs: Any, targets: Any, progress: float) -> torch.Tensor:
         """The training objective at `progress` (0..1 of the run) of one batch."""
@@ -81,3 +84,6 @@ class TrainTask:
 
     def labels(self, targets: Any) -> torch.Tensor:
         return (self.labels_of or default_labels_of)(targets)
+
+    def probe_targets(self, targets: Any) -> torch.Tensor:
+        return self.probe_targets_of(targets) if self.probe_targets_of else self.labels(targets)
