@@ -23,6 +23,8 @@ own, as laid out here. Change a schema here and nowhere else.
       soft_labels/quality/             entropy, calibration, reliability diagram
       student/{variant}/artifact/      STUDENT ARTIFACT (below)
       student/{variant}/train/         Ray Train storage
+      student/probe_features/{key}.npz the frozen encoder's pooled features of the probe's rows,
+                                       shared by variants reading the same texts (head_init probe)
       evaluate/predictions/{name}.parquet  PREDICTIONS on the test split
       evaluate/metrics.json            all metrics with bootstrap intervals
       report/report.md, report.html, *.png
@@ -352,6 +354,8 @@ class RunLayout:
     def student_artifact(self, variant: str = "ckd_ehr") -> str: return self.path("student", variant, "artifact")
     def student_train(self, variant: str = "ckd_ehr") -> str: return self.path("student", variant, "train")
     def student_meta(self, variant: str = "ckd_ehr") -> str: return self.path("student", variant, "artifact", STUDENT_META)
+    @property
+    def probe_features(self) -> str: return self.path("student", "probe_features")
     def predictions(self, name: str) -> str: return self.path("evaluate", "predictions", f"{name}.parquet")
     @property
     def metrics(self) -> str: return self.path("evaluate", "metrics.json")

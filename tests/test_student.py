@@ -257,3 +257,24 @@ def test_student_rows_are_the_rows_the_student_reads(tmp_path):
         assert len(rows) == n and read.column("sample_id").to_pylist() == \
             samples.take(rows).column("sample_id").to_pylist()
     assert len(student_rows(s, "test", samples.num_rows)) == 30   # test: every row
+
+
+def test_attention_dropout_reaches_the_encoder(tiny_bert_dir):
+    """student.attention_dropout (0 by default: with it on, CPU SDPA materialises every attention
+    matrix) is set in the encoder's config and its attention modules; None keeps the model's."""
+    import torch
+
+    from ckd_ehr.config import StudentConfig
+    from ckd_ehr.student.model import build_student
+    from ckd_ehr.student.train import BuildStudent
+
+    def attention_dropouts(model):
+        return {round(m.p, 3) for name, m in model.encoder.named_modules()
+                if isinstance(m, torch.nn.Dropout) and ".attention.self" in name}
+
+    kept = build_student(str(tiny_bert_dir), attention_dropout=None)
+    assert kept.encoder.config.attention_probs_dropout_prob == 0.1 and attention_dropouts(kept) == {0.1}
+    assert StudentConfig().attention_dropout == 0.0
+    built = BuildStudent(str(tiny_bert_dir), "mean", 0, attention_dropout=StudentConfig().attention_dropout)()
+    assert built.encoder.config.attention_probs_dropout_prob == 0.0 and attention_dropouts(built) == {0.0}
+    assert built.encoder.config.hidden_dropout_prob == kept.encoder.config.hidden_dropout_prob

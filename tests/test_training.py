@@ -254,6 +254,58 @@ def test_loop_in_process_probe_is_step_zero(tmp_path):
     assert os.path.exists(os.path.join(rep.checkpoints[0][0], PROBE_HEAD))
 
 
+class _CountingBagOfTokens(_BagOfTokens):
+    """_BagOfTokens whose features() calls are counted in a file (the loop builds its own model)."""
+
+    def __init__(self, counter):
+        self.counter = counter
+
+    def __call__(self):
+        model = super().__call__()
+        plain, counter = model.features, self.counter
+
+        def features(input_ids, attention_mask):
+            counter.write_text(str(int(counter.read_text() or 0) + 1) if counter.exists() else "1")
+            return plain(input_ids, attention_mask)
+
+        model.features = features
+        return model
+
+
+def test_probe_features_are_computed_once_per_rows(tmp_path):
+    """task.feature_cache: a second run over the same rows with the same feature_key reads the
+    frozen features instead of computing them, and fits the same probe; other rows or another
+    key compute their own. The cached run still fits its own targets (probe_targets)."""
+    import numpy as np
+
+    from ckd_ehr.training import LocalReporter, TrainLoop, TrainTask, WorkerContext
+
+    train, val = _marker_examples(96, 0), _marker_examples(32, 1)
+    cfg = TrainerConfig(num_workers=1, epochs=1, max_steps=1, batch_size=16, lr=1e-3, warmup_ratio=0.0,
+                        max_length=16, strategy="ddp", head_init="probe", best_metric="val_macro_auroc")
+    cache = str(tmp_path / "features")
+
+    def run(name, rows, key="bag", probe_targets_of=None):
+        counter = tmp_path / f"{name}.count"
+        task = TrainTask(build_model=_CountingBagOfTokens(counter), load_data=lambda: (rows, val), collate=_collate,
+                         loss_fn=_bce, feature_cache=cache, feature_key=key, probe_targets_of=probe_targets_of)
+        loop = TrainLoop(cfg, task, WorkerContext(), LocalReporter(str(tmp_path / name)))
+        return loop.probe, int(counter.read_text()) if counter.exists() else 0
+
+    first, calls = run("first", train)
+    assert calls > 0
+    again, calls = run("again", train)
+    assert calls == 0
+    np.testing.assert_allclose(again.weight, first.weight, rtol=1e-6, atol=1e-7)
+    _, calls = run("other_rows", train[:80])
+    assert calls > 0
+    _, calls = run("other_key", train, key="another model")
+    assert calls > 0
+    # Same rows and key, other targets (a distilled variant): no forward, a different probe.
+    soft, calls = run("soft", train, probe_targets_of=lambda t: 0.5 * t.float() + 0.25)
+    assert calls == 0 and not np.allclose(soft.weight, first.weight)
+
+
 class _TinyLM:
     """Factory of a tiny causal language model: next-token logits from the current token."""
 

@@ -154,6 +154,9 @@ def _without_pooler(base: type) -> type:
     return globals()[qualname]
 
 
+# what encoder configs call the dropout on attention probabilities (BERT, RoBERTa, MPNet...; DistilBERT)
+ATTENTION_DROPOUT_NAMES = ("attention_probs_dropout_prob", "attention_dropout")
+
 # encoder families whose AutoModel takes add_pooling_layer (they build a pooler by default)
 _POOLED_ENCODERS = {"bert", "roberta", "xlm-roberta", "camembert", "ernie", "mpnet"}
 
@@ -172,11 +175,20 @@ def quantize_int8(model: StudentModel) -> StudentModel:
 
 
 def build_student(model: str, pooling: str = "mean", seed: int = 0, dtype: torch.dtype = torch.float32,
-                  label_attention: bool = False, relation_layer: int | None = None) -> StudentModel:
+                  label_attention: bool = False, relation_layer: int | None = None,
+                  attention_dropout: float | None = None) -> StudentModel:
     """Pretrained encoder from `model` (directory, cached hub id or `pkg:NAME`), fresh head (and,
-    for the unit terms, the auxiliary label attention / relation layer, see StudentModel)."""
+    for the unit terms, the auxiliary label attention / relation layer, see StudentModel).
+    `attention_dropout` (None: the model's) sets the encoder config's attention-probability
+    dropout, whatever the family calls it (StudentConfig.attention_dropout says why)."""
+    from transformers import AutoConfig
+
     path = resolve_model_path(model)
-    encoder = load_encoder(path, dtype=dtype)
+    kwargs = {}
+    if attention_dropout is not None:
+        config = AutoConfig.from_pretrained(path)
+        kwargs = {name: attention_dropout for name in ATTENTION_DROPOUT_NAMES if hasattr(config, name)}
+    encoder = load_encoder(path, dtype=dtype, **kwargs)
     torch.manual_seed(seed)  # the head's initialisation is the only random part
     return StudentModel(encoder, pooling=pooling, label_attention=label_attention, relation_layer=relation_layer)
 

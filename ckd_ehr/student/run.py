@@ -150,6 +150,9 @@ def build_student_task(cfg: PipelineConfig, variant: str) -> StudentTraining:
     pad_id = tokenizer.pad_token_id or 0
     task = student_task(s, model_path, StudentData(train, prep.splits["val"]), pad_id, prep.distill, pos_weight,
                         unit_weights=s.distill.unit_weights(variant))
+    # Variants reading the same text (hard_plain / distill_plain, hard_eadf / ckd_ehr) share the
+    # frozen encoder's features: the probe's feature pass runs once per text, not per variant.
+    task.feature_cache, task.feature_key = layout.probe_features, f"{s.model}|{s.pooling}"
     return StudentTraining(task, prep, tokenizer, model_path, pad_id, eff_table)
 
 

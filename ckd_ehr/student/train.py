@@ -23,15 +23,16 @@ from ckd_ehr.student.data import Encoded
 
 class BuildStudent:
     def __init__(self, model_path: str, pooling: str, seed: int, label_attention: bool = False,
-                 relation_layer: int | None = None):
+                 relation_layer: int | None = None, attention_dropout: float | None = None):
         self.model_path, self.pooling, self.seed = model_path, pooling, seed
         self.label_attention, self.relation_layer = label_attention, relation_layer
+        self.attention_dropout = attention_dropout
 
     def __call__(self):
         from ckd_ehr.student.model import build_student
 
         return build_student(self.model_path, self.pooling, seed=self.seed, label_attention=self.label_attention,
-                             relation_layer=self.relation_layer)
+                             relation_layer=self.relation_layer, attention_dropout=self.attention_dropout)
 
 
 def examples(data: Encoded, with_teacher: bool, train: bool = False) -> list[dict]:
@@ -132,7 +133,8 @@ def student_task(cfg, model_path: str, load_data, pad_id: int, distill: bool, po
     label, relation = unit_weights if distill else (0.0, 0.0)
     loss = DistillLoss(cfg.distill, hard_only=not distill, pos_weight=pos_weight, unit_weights=(label, relation))
     return TrainTask(build_model=BuildStudent(model_path, cfg.pooling, cfg.seed, label_attention=label > 0,
-                                              relation_layer=cfg.distill.relation_layer if relation > 0 else None),
+                                              relation_layer=cfg.distill.relation_layer if relation > 0 else None,
+                                              attention_dropout=cfg.attention_dropout),
                      load_data=load_data, collate=StudentCollate(pad_id), loss_fn=loss,
                      param_groups=StudentParamGroups(cfg.lr, cfg.head_lr, cfg.weight_decay),
                      probe_targets_of=loss.probe_targets)

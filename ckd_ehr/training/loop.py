@@ -31,6 +31,8 @@ auto_device_gib under `auto`, probe_* under head_init probe) and at validations 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import logging
 import math
@@ -44,6 +46,7 @@ from typing import Any, Callable, ContextManager, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
+from ckd_ehr import storage
 from ckd_ehr.contracts import PROBE_HEAD
 from ckd_ehr.training.batching import (batch_tokens, eval_batches, length_grouped_batches, padding_efficiency,
                                        subset_indices, to_device)
@@ -215,23 +218,38 @@ class TrainLoop:
         if not hasattr(model, "features") or not hasattr(model, "load_probe"):
             raise ValueError(f"head_init: probe: {type(model).__name__} has no features()/load_probe()")
         start = time.time()
-        model.to(self.device)
-        was = model.training
-        model.eval()
+        cache = self._feature_cache_file()
+        cached = self._read_features(cache)
+        if cached is not None:
+            train_x, val_x = cached
+            train_t = self._targets(self.train, self.task.probe_targets)
+            val_y = self._targets(self.val, self.task.labels)
+            if self.rank == 0:
+                log.info("head_init probe: frozen features of %d + %d rows read from %s", len(train_x), len(val_x), cache)
+        else:
+            model.to(self.device)
+            was = model.training
+            model.eval()
 
-        def features(target_fn):
-            def batch_fn(inputs, targets, n):
-                feats = model.features(**inputs).float().cpu().numpy()
-                return (feats, target_fn(targets).float().cpu().numpy()), 0.0
-            return batch_fn
+            def features(target_fn):
+                def batch_fn(inputs, targets, n):
+                    feats = model.features(**inputs).float().cpu().numpy()
+                    return (feats, target_fn(targets).float().cpu().numpy()), 0.0
+                return batch_fn
 
-        # Training rows: the task's probe targets (a distilled student's mix with the teacher);
-        # validation: the labels, which the probe's C is chosen on.
-        train = self._over_eval_batches(self.train, self.train_len, features(self.task.probe_targets),
-                                        "head_init probe: features")
-        val = self._over_eval_batches(self.val, self.val_len, features(self.task.labels), "head_init probe: features")
-        model.train(was)
-        probe = fit_probe(train.scores, train.labels, val.scores, val.labels, seed=self.cfg.seed)
+            # Training rows: the task's probe targets (a distilled student's mix with the teacher);
+            # validation: the labels, which the probe's C is chosen on.
+            train = self._over_eval_batches(self.train, self.train_len, features(self.task.probe_targets),
+                                            "head_init probe: features")
+            val = self._over_eval_batches(self.val, self.val_len, features(self.task.labels),
+                                          "head_init probe: features")
+            model.train(was)
+            train_x, train_t, val_x, val_y = train.scores, train.labels, val.scores, val.labels
+            if cache and self.rank == 0:
+                buf = io.BytesIO()
+                np.savez(buf, train=train_x, val=val_x)
+                storage.write_bytes(cache, buf.getvalue())  # atomic: a temporary name, then renamed
+        probe = fit_probe(train_x, train_t, val_x, val_y, seed=self.cfg.seed)
         model.load_probe(probe)
         self.probe_metrics = {"probe_val_macro_auroc": probe.val_macro_auroc, "probe_c": probe.c_value,
                               "probe_s": round(time.time() - start, 1)}
@@ -239,6 +257,34 @@ class TrainLoop:
             log.info("head_init probe: head set to the linear probe (C=%s, validation macro AUROC %.4f) in %.0f s",
                      probe.c_value, probe.val_macro_auroc, time.time() - start)
         return probe
+
+    def _feature_cache_file(self) -> str | None:
+        """task.feature_cache/{key}.npz, the key a hash of task.feature_key and every training and
+        validation row's token ids (in order): same model, same rows, same features."""
+        if not self.task.feature_cache:
+            return None
+        h = hashlib.sha256(self.task.feature_key.encode())
+        for examples in (self.train, self.val):
+            h.update(f"{len(examples)};".encode())
+            for e in examples:
+                h.update(np.asarray(e["input_ids"], dtype=np.int64).tobytes() + b";")
+        return storage.join(self.task.feature_cache, h.hexdigest()[:20] + ".npz")
+
+    def _read_features(self, path: str | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """(train, val) features from a cache file that exists and matches the rows; else None."""
+        if not path or not storage.exists(path):
+            return None
+        with np.load(io.BytesIO(storage.read_bytes(path))) as f:
+            train_x, val_x = f["train"], f["val"]
+        if len(train_x) != len(self.train) or len(val_x) != len(self.val):
+            return None
+        return train_x, val_x
+
+    def _targets(self, examples: Sequence[dict], target_fn: Callable) -> np.ndarray:
+        """target_fn over the collated targets of `examples`, in order, without a forward pass."""
+        out = [target_fn(self.task.collate(list(examples[i:i + 64]))[1]).float().cpu().numpy()
+               for i in range(0, len(examples), 64)]
+        return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
     # validation -----------------------------------------------------------------------------
 

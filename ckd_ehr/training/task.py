@@ -68,6 +68,13 @@ class TrainTask:
     model_size: Callable[[], ModelSize] | None = None
     scores_of: Callable[[Any], torch.Tensor] | None = None
     """Model outputs -> the per-row scores eval_fn reads (default: the outputs themselves, logits)."""
+    feature_cache: str | None = None
+    """Directory (local or URI) where head_init probe keeps the frozen model's pooled features of
+    its training and validation rows, keyed by `feature_key` and the rows' token ids: runs that
+    read the same texts with the same frozen model (a student's hard and distilled variants,
+    Tune trials) compute them once. None: no cache."""
+    feature_key: str = ""
+    """What, besides the token ids, decides the features: the model and its pooling."""
     probe_targets_of: Callable[[Any], torch.Tensor] | None = None
     """Training targets -> what head_init probe fits the head to (default: the labels); a
     distilled student's mix of labels and teacher probabilities."""
