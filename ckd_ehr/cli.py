@@ -228,9 +228,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_cpu_deepspeed() -> None:
+    """DeepSpeed, imported by transformers and peft even where it never runs, logs a WARNING
+    ("Setting accelerator to CPU. If you have GPU ... unable to detect it") on every machine
+    without CUDA. Naming the CPU accelerator, as that message asks, is the same choice without
+    the warning; it is made only without CUDA and never over a DS_ACCELERATOR already set. Set
+    before Ray starts, so Ray's workers inherit it."""
+    if "DS_ACCELERATOR" in os.environ:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_cpu_deepspeed()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     start = time.time()

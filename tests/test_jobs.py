@@ -44,3 +44,24 @@ def test_tiny_run_has_probe_rows_and_text_fit(tiny_run):
     assert storage.read_parquet(layout.soft_labels("train")).num_rows == 48
     assert storage.read_parquet(layout.soft_labels("test")).num_rows == \
         storage.read_parquet(layout.augmented("test")).num_rows
+
+
+def test_cli_names_the_cpu_accelerator_for_deepspeed_only_without_cuda(monkeypatch):
+    """Without CUDA the CLI sets DS_ACCELERATOR=cpu (DeepSpeed's own warning asks for it) before
+    Ray starts; a value already set, or a machine with CUDA, is left alone."""
+    import os
+
+    import torch
+
+    from ckd_ehr.cli import quiet_cpu_deepspeed
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    quiet_cpu_deepspeed()
+    assert "DS_ACCELERATOR" not in os.environ
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    quiet_cpu_deepspeed()
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    quiet_cpu_deepspeed()
+    assert os.environ["DS_ACCELERATOR"] == "cuda"

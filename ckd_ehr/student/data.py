@@ -103,7 +103,9 @@ class FitStats:
 
 
 def _n_tokens(tokenizer, texts: list[str]) -> list[int]:
-    return [len(x) for x in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+    # verbose=False: measuring an over-long text is the point here (fit_texts then fits it), not
+    # the "sequence length is longer than the specified maximum" mistake transformers warns of.
+    return [len(x) for x in tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]]
 
 
 def fit_text(tokenizer, max_length: int, text: str, diagnoses, drugs, procedures,
