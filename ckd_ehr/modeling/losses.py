@@ -174,6 +174,9 @@ class DistillLoss:
         self.cfg, self.hard_only = cfg, hard_only
         self.pos_weight = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32)
         self.beta_label, self.beta_relation = (0.0, 0.0) if hard_only else map(float, unit_weights)
+        # The schedule's mean weights over the run, which probe_targets mixes by: fixed per loss.
+        grid = [weights_at(p, cfg, hard_only) for p in np.linspace(0.0, 1.0, 101)]
+        self.mean_weights = LossWeights(float(np.mean([w.alpha for w in grid])), float(np.mean([w.beta for w in grid])))
 
     def __call__(self, outputs, targets: dict, progress: float = 0.0) -> torch.Tensor:
         return self.parts(outputs, targets, progress)[0]
@@ -188,12 +191,8 @@ class DistillLoss:
         variants, and batches without teacher outputs, get the labels."""
         labels = targets["labels"].float()
         probs = targets.get("teacher_probs")
-        if self.hard_only or probs is None:
-            return labels
-        grid = [weights_at(p, self.cfg) for p in np.linspace(0.0, 1.0, 101)]
-        alpha = float(np.mean([w.alpha for w in grid]))
-        beta = float(np.mean([w.beta for w in grid]))
-        if alpha + beta <= 0:
+        alpha, beta = self.mean_weights.alpha, self.mean_weights.beta
+        if self.hard_only or probs is None or alpha + beta <= 0:
             return labels
         return (alpha * labels + beta * probs.float()) / (alpha + beta)
 

@@ -165,11 +165,15 @@ def keep_first_layers(model: nn.Module, num_layers: int | None) -> nn.Module:
     if not 1 <= num_layers <= have:
         raise ValueError(f"teacher.num_layers: {num_layers} is not between 1 and the model's {have} layers")
     decoder.layers = decoder.layers[:num_layers]
-    conf = model.config
+    cut_config(model.config, num_layers)
+    return model
+
+
+def cut_config(conf, num_layers: int) -> None:
+    """A decoder config told it has its first `num_layers` layers (per-layer lists included)."""
     conf.num_hidden_layers = num_layers
     if isinstance(getattr(conf, "layer_types", None), list):
         conf.layer_types = conf.layer_types[:num_layers]
-    return model
 
 
 def _zero3_active() -> bool:
@@ -314,9 +318,7 @@ def teacher_model_size(cfg):
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
     conf = AutoConfig.from_pretrained(resolve_model_path(cfg.model), **kwargs)
     if cfg.num_layers is not None:
-        conf.num_hidden_layers = min(cfg.num_layers, conf.num_hidden_layers)
-        if isinstance(getattr(conf, "layer_types", None), list):
-            conf.layer_types = conf.layer_types[:conf.num_hidden_layers]
+        cut_config(conf, min(cfg.num_layers, conf.num_hidden_layers))
     with torch.device("meta"):
         backbone = AutoModel.from_config(conf)
     total = sum(p.numel() for p in backbone.parameters())

@@ -270,15 +270,14 @@ class TrainLoop:
                 h.update(np.asarray(e["input_ids"], dtype=np.int64).tobytes() + b";")
         return storage.join(self.task.feature_cache, h.hexdigest()[:20] + ".npz")
 
-    def _read_features(self, path: str | None) -> tuple[np.ndarray, np.ndarray] | None:
-        """(train, val) features from a cache file that exists and matches the rows; else None."""
+    @staticmethod
+    def _read_features(path: str | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """(train, val) features from a cache file, None if there is none (its key already
+        covers the rows, so a file found is for these rows)."""
         if not path or not storage.exists(path):
             return None
         with np.load(io.BytesIO(storage.read_bytes(path))) as f:
-            train_x, val_x = f["train"], f["val"]
-        if len(train_x) != len(self.train) or len(val_x) != len(self.val):
-            return None
-        return train_x, val_x
+            return f["train"], f["val"]
 
     def _targets(self, examples: Sequence[dict], target_fn: Callable) -> np.ndarray:
         """target_fn over the collated targets of `examples`, in order, without a forward pass."""
