@@ -112,10 +112,27 @@ def _test_predictions(seed_dir: str, row: str) -> pd.DataFrame:
     return read_predictions(layout.predictions(row))
 
 
+def _stage_seconds(run_dir: str, skip: tuple[str, ...] = ("prepare", "eadf")) -> float | None:
+    """Seconds the run's own stages took (manifest.json), the base run's `skip` left out (a seed's
+    manifest starts as a copy of the base's); None without a manifest."""
+    path = RunLayout(run_dir).path("manifest.json")
+    if not storage.exists(path):
+        return None
+    stages = storage.read_json(path).get("stages", {})
+    return round(sum(float(v.get("seconds") or 0.0) for k, v in stages.items() if k not in skip), 1)
+
+
+def seed_wall_seconds(root: RunLayout, seed: int) -> float | None:
+    """A seed's training cost: its run's stages plus its plain-text teacher's, when it has one."""
+    own = _stage_seconds(root.study_seed(seed))
+    plain = _stage_seconds(root.study_plain_teacher(seed))
+    return None if own is None else round(own + (plain or 0.0), 1)
+
+
 def summarise(cfg: PipelineConfig, wall_s: float | None = None) -> dict:
     """The contrasts over the finished seeds -> RUN/study/{results.json, forest.png, study.md}."""
     from ckd_ehr.evaluation.contrasts import seed_averaged_contrasts
-    from ckd_ehr.evaluation.metrics import to_matrix
+    from ckd_ehr.evaluation.metrics import macro_label_set, to_matrix
     from ckd_ehr.evaluation.report import contrast_blocks, plot_contrasts, render_markdown
 
     root, st = RunLayout(cfg.run_dir), cfg.study
@@ -133,11 +150,15 @@ def summarise(cfg: PipelineConfig, wall_s: float | None = None) -> dict:
             probs[r].append(to_matrix(df["probs"]))
     y = to_matrix(reference["labels"], np.int8)
     result = seed_averaged_contrasts(y, reference["subject_id"].to_numpy(), probs, [tuple(c) for c in st.contrasts],
-                                     resamples=st.bootstrap, seed=cfg.evaluate.seed, level=st.level, alpha=st.alpha)
+                                     resamples=st.bootstrap, seed=cfg.evaluate.seed, level=st.level, alpha=st.alpha,
+                                     label_set=macro_label_set(y, cfg.evaluate.min_test_positives))
     seed0 = storage.read_json(RunLayout(root.study_seed(st.seeds[0])).metrics)
+    base_s = _stage_seconds(root.study_base, skip=())
     result.update({
         "test_samples": int(len(y)), "test_patients": int(reference["subject_id"].nunique()),
         "seeds": st.seeds, "commit": _commit(), "wall_s": wall_s,
+        # from the stage timings in each run's manifest, so a resumed study still reports them
+        "base_wall_s": base_s, "seed_wall_s": {str(k): seed_wall_seconds(root, k) for k in st.seeds},
         "config": cfg.model_dump(mode="json"),
         "references": {name: {"role": e["role"], "macro_auroc": e["modes"]["fixed"]["metrics"].get("macro_auroc"),
                               "interval": (e["modes"]["fixed"]["intervals"] or {}).get("macro_auroc")}
@@ -146,20 +167,48 @@ def summarise(cfg: PipelineConfig, wall_s: float | None = None) -> dict:
     })
     storage.write_json(root.study_results, result)
     storage.write_bytes(storage.join(root.study_dir, "forest.png"), plot_contrasts(result))
-    table = [("h1", "CKD-EHR study"),
-             ("p", f"{result['test_samples']} test pairs of {result['test_patients']} patients, seeds "
-                   f"{', '.join(map(str, st.seeds))}, commit {result['commit']}, wall time "
-                   f"{'-' if wall_s is None else f'{wall_s / 60:.0f} min'}."),
-             ("h2", "Rows: test macro AUROC, mean over seeds"),
-             ("table", ["row", "role", "macro AUROC"],
-              [[r, result["roles"][r], f"{result['rows'][r]:.3f}"] for r in rows]
-              + [[n, e["role"], f"{e['macro_auroc']:.3f}" if e["macro_auroc"] is not None else "-"]
-                 for n, e in result["references"].items()]),
+    table = [("h1", "CKD-EHR study"), ("p", study_summary_line(result)),
+             ("h2", "Rows: test macro AUROC, mean over seeds"), ("table", *row_table(result)),
+             ("h2", f"Reference and probe rows (seed {st.seeds[0]})"), ("table", *reference_table(result)),
              ("h2", "Contrasts"), *contrast_blocks(result), ("img", "forest.png", "contrasts")]
     storage.write_text(storage.join(root.study_dir, "study.md"), render_markdown(table))
     log.info("study: %s", ", ".join(f"{c['name']} {c['delta']:+.3f} [{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}] "
                                     f"p_holm={c['p_holm']:.3g}" for c in result["contrasts"]))
     return result
+
+
+def _minutes(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds / 60:.0f} min"
+
+
+def _interval(iv) -> str:
+    return "-" if not iv or iv[0] is None else f"[{iv[0]:.3f}, {iv[1]:.3f}]"
+
+
+def study_summary_line(result: dict) -> str:
+    """Test split, seeds, commit and times of a results.json, in one sentence."""
+    per_seed = ", ".join(f"seed {k} {_minutes(v)}" for k, v in result.get("seed_wall_s", {}).items())
+    return (f"{result['test_samples']} test pairs of {result['test_patients']} patients, seeds "
+            f"{', '.join(map(str, result['seeds']))}, commit {result['commit']}. Wall time of this invocation "
+            f"{_minutes(result.get('wall_s'))}; stage time of the base run {_minutes(result.get('base_wall_s'))}, "
+            f"per seed: {per_seed or '-'}. Intervals: {result['level']:.0%} patient bootstrap "
+            f"({result['resamples_used']} draws), seeds averaged within each draw.")
+
+
+def row_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): each study row's seed-averaged macro AUROC, interval and per-seed values."""
+    header = ["row", "role", "macro AUROC", "interval", "per seed"]
+    rows = [[r, role, f"{result['rows'][r]:.3f}", _interval(result.get("row_intervals", {}).get(r)),
+             ", ".join(f"{v:.3f}" for v in result.get("per_seed_rows", {}).get(r, []))]
+            for r, role in result["roles"].items()]   # the study's order
+    return header, rows
+
+
+def reference_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): the floors, ceilings and probe rows of the first seed's evaluate."""
+    return ["row", "role", "macro AUROC", "interval"], [
+        [n, e["role"], "-" if e["macro_auroc"] is None else f"{e['macro_auroc']:.3f}", _interval(e["interval"])]
+        for n, e in result["references"].items()]
 
 
 def run_study(cfg: PipelineConfig) -> dict:

@@ -47,10 +47,16 @@ def test_null_rows_are_rejected_at_the_nominal_rate_and_a_real_difference_is_fou
 def test_contrasts_report_per_seed_spread_and_reject_bad_shapes():
     rng = np.random.default_rng(1)
     y, subjects, latent = _cohort(rng)
-    probs = {"a": _row(rng, latent, 0.5, seeds=3), "b": _row(rng, latent, 2.0, seeds=1)}
+    probs = {"a": _row(rng, latent, 0.5, seeds=3), "b": _row(rng, latent, 2.0, seeds=1),
+             "in_no_contrast": _row(rng, latent, 1.0, seeds=2)}
     out = seed_averaged_contrasts(y, subjects, probs, [("a", "b")], resamples=50)
     c = out["contrasts"][0]
-    assert out["seeds_per_row"] == {"a": 3, "b": 1} and len(c["per_seed"]) == 1
+    assert out["seeds_per_row"] == {"a": 3, "b": 1, "in_no_contrast": 2} and len(c["per_seed"]) == 1
+    # every row, in a contrast or not, gets its seed-averaged value, an interval around it, its seeds
+    for r, (lo, hi) in out["row_intervals"].items():
+        assert lo < out["rows"][r] < hi and len(out["per_seed_rows"][r]) == out["seeds_per_row"][r]
+    assert out["rows"]["a"] == pytest.approx(np.mean(out["per_seed_rows"]["a"]))
+    assert out["row_intervals"]["a"][0] > out["row_intervals"]["b"][1]   # less noise: clearly better
     assert c["delta"] > 0 and c["interval"][0] < c["delta"] < c["interval"][1]
     assert c["detectable"] > 2 * c["se"]   # (1.96 + 0.84) * se for one contrast
     with pytest.raises(ValueError, match="no predictions: c"):
@@ -101,6 +107,9 @@ def test_study_summary_over_seed_runs(tmp_path):
                               layout.soft_labels("test"))
         storage.write_parquet(pa.table({"sample_id": ids, "subject_id": subjects.astype(np.int64),
                                         "labels": y.tolist()}), layout.augmented("test"))
+        storage.write_json(layout.path("manifest.json"), {"stages": {   # prepare/eadf: the base run's, not the seed's
+            "prepare": {"seconds": 5.0}, "eadf": {"seconds": 20.0}, "teacher": {"seconds": 100.0 + seed},
+            "student": {"seconds": 200.0}}})
         storage.write_json(layout.metrics, {"baselines": {"copy_forward": {
             "role": "floor", "modes": {"fixed": {"metrics": {"macro_auroc": 0.6}, "intervals": None}}}}})
     cfg_file = tmp_path / "study.yaml"
@@ -113,6 +122,10 @@ def test_study_summary_over_seed_runs(tmp_path):
     assert c["name"] == "ckd_ehr - hard_plain" and c["delta"] > 0 and c["p_holm"] < 0.05 and len(c["per_seed"]) == 2
     assert t["name"] == "teacher - hard_plain"
     assert out["references"]["copy_forward"]["macro_auroc"] == 0.6
+    assert out["seed_wall_s"] == {"0": 300.0, "1": 301.0}
+    assert set(out["row_intervals"]) == {"hard_plain", "ckd_ehr", "teacher"}
     assert (tmp_path / "study" / "study" / "forest.png").exists()
     md = (tmp_path / "study" / "study" / "study.md").read_text()
-    assert "copy_forward" in md and "ckd_ehr - hard_plain" in md
+    assert "copy_forward" in md and "ckd_ehr - hard_plain" in md and "seed 0 5 min" in md
+    lo, hi = out["row_intervals"]["ckd_ehr"]
+    assert f"[{lo:.3f}, {hi:.3f}]" in md

@@ -87,10 +87,11 @@ def seed_averaged_contrasts(y: np.ndarray, subject_ids: Sequence, probs: Mapping
     if label_set is None:
         label_set = macro_label_set(y)
     label_set = np.asarray(label_set, dtype=bool)
-    rows = sorted({r for c in contrasts for r in c})
-    missing = [r for r in rows if not probs.get(r)]
+    missing = sorted({r for c in contrasts for r in c if not probs.get(r)})
     if missing:
         raise ValueError(f"contrasts name rows with no predictions: {', '.join(missing)}")
+    # every row with predictions is scored (a row in no contrast still gets its interval)
+    rows = sorted(r for r in probs if probs[r])
     for r in rows:
         for s, p in enumerate(probs[r]):
             if np.shape(p) != y.shape:
@@ -103,12 +104,15 @@ def seed_averaged_contrasts(y: np.ndarray, subject_ids: Sequence, probs: Mapping
 
     point = row_means(None)
     draws = np.full((resamples, len(contrasts)), np.nan)
+    row_draws = np.full((resamples, len(rows)), np.nan)
     for b, idx in enumerate(patient_resamples(subject_ids, resamples, seed)):
         m = row_means(idx)
         draws[b] = [m[new] - m[base] for new, base in contrasts]
+        row_draws[b] = [m[r] for r in rows]
     delta = np.array([point[new] - point[base] for new, base in contrasts])
     ok = ~np.isnan(draws).any(axis=1)          # a draw where a phenotype lost a class: dropped
     draws = draws[ok]
+    row_draws = row_draws[ok]
     se = draws.std(axis=0, ddof=1) if len(draws) > 1 else np.full(len(contrasts), np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.abs(delta) / se
@@ -135,6 +139,10 @@ def seed_averaged_contrasts(y: np.ndarray, subject_ids: Sequence, probs: Mapping
     return {"metric": "macro_auroc", "level": level, "alpha": alpha, "resamples": int(resamples),
             "resamples_used": int(len(draws)), "max_t_quantile": q,
             "label_set": np.flatnonzero(label_set).tolist(), "rows": point,
+            # each row's seed-averaged metric: its marginal percentile interval over the same draws
+            "row_intervals": {r: [float(np.quantile(row_draws[:, i], tail)), float(np.quantile(row_draws[:, i], 1 - tail))]
+                              if len(row_draws) else [float("nan")] * 2 for i, r in enumerate(rows)},
+            "per_seed_rows": {r: [macro_auroc(y, p, label_set) for p in probs[r]] for r in rows},
             "seeds_per_row": {r: len(probs[r]) for r in rows},
             "contrasts": [asdict(c) for c in out],
             "method": "patient bootstrap, seeds averaged within each draw; two-sided normal p-values, "
