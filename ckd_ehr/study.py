@@ -13,7 +13,8 @@ Every run directory is a normal pipeline run resumed with `--resume` semantics, 
 interrupted study picks up where it stopped. Finally the contrasts stated in the config
 (ckd_ehr.evaluation.contrasts: patient bootstrap with seeds averaged in each draw, Holm,
 max-T simultaneous intervals) -> RUN/study/results.json (with the commit, the config and the
-wall time), forest.png and study.md, which also lists every baseline and probe row of seed 0.
+wall time), forest.png and study.md: every row with its interval, per-seed values, kept step and the
+paper's secondary metrics, and every baseline and probe row of seed 0.
 """
 from __future__ import annotations
 
@@ -161,10 +162,12 @@ def summarise(cfg: PipelineConfig, wall_s: float | None = None) -> dict:
         "base_wall_s": base_s, "seed_wall_s": {str(k): seed_wall_seconds(root, k) for k in st.seeds},
         "config": cfg.model_dump(mode="json"),
         "references": {name: {"role": e["role"], "macro_auroc": e["modes"]["fixed"]["metrics"].get("macro_auroc"),
-                              "interval": (e["modes"]["fixed"]["intervals"] or {}).get("macro_auroc")}
+                              "interval": (e["modes"]["fixed"]["intervals"] or {}).get("macro_auroc"),
+                              "accuracy": e["modes"]["fixed"]["metrics"].get("accuracy")}
                        for name, e in (seed0.get("baselines") or {}).items()},
         "roles": {r: student_variant(r).role if r != "teacher" else "teacher" for r in rows},
     })
+    result["secondary"] = secondary_metrics(root, st.seeds, rows)
     storage.write_json(root.study_results, result)
     storage.write_bytes(storage.join(root.study_dir, "forest.png"), plot_contrasts(result))
     table = [("h1", "CKD-EHR study"), ("p", study_summary_line(result)),
@@ -175,6 +178,26 @@ def summarise(cfg: PipelineConfig, wall_s: float | None = None) -> dict:
     log.info("study: %s", ", ".join(f"{c['name']} {c['delta']:+.3f} [{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}] "
                                     f"p_holm={c['p_holm']:.3g}" for c in result["contrasts"]))
     return result
+
+
+def secondary_metrics(root: RunLayout, seeds, rows) -> dict:
+    """Per row, from each seed's evaluate (metrics.json): the paper's element-wise accuracy at 0.5
+    (never the headline: all-negative scores about 0.84 on it), macro-F1 at the thresholds tuned
+    on validation, and the checkpoint step each seed kept (0: the probe, no update applied)."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        acc, f1, kept = [], [], []
+        for seed in seeds:
+            path = RunLayout(root.study_seed(seed)).metrics
+            entry = ((storage.read_json(path) if storage.exists(path) else {}).get("models") or {}).get(r)
+            if not entry:
+                continue
+            acc.append(entry["modes"]["fixed"]["metrics"].get("accuracy"))
+            f1.append(entry["modes"]["tuned"]["metrics"].get("macro_f1"))
+            kept.append(entry.get("kept_step"))
+        out[r] = {"accuracy_fixed": float(np.mean(acc)) if acc and None not in acc else None,
+                  "macro_f1_tuned": float(np.mean(f1)) if f1 and None not in f1 else None, "kept_step": kept}
+    return out
 
 
 def _minutes(seconds: float | None) -> str:
@@ -197,17 +220,26 @@ def study_summary_line(result: dict) -> str:
 
 def row_table(result: dict) -> tuple[list[str], list[list[str]]]:
     """(header, rows): each study row's seed-averaged macro AUROC, interval and per-seed values."""
-    header = ["row", "role", "macro AUROC", "interval", "per seed"]
-    rows = [[r, role, f"{result['rows'][r]:.3f}", _interval(result.get("row_intervals", {}).get(r)),
-             ", ".join(f"{v:.3f}" for v in result.get("per_seed_rows", {}).get(r, []))]
-            for r, role in result["roles"].items()]   # the study's order
+    header = ["row", "role", "macro AUROC", "interval", "per seed", "kept step", "accuracy (0.5)",
+              "macro-F1 (tuned)"]
+    rows = []
+    for r, role in result["roles"].items():   # the study's order
+        sec = result.get("secondary", {}).get(r, {})
+        rows.append([r, role, f"{result['rows'][r]:.3f}", _interval(result.get("row_intervals", {}).get(r)),
+                     ", ".join(f"{v:.3f}" for v in result.get("per_seed_rows", {}).get(r, [])),
+                     ", ".join(str(k) for k in sec.get("kept_step", [])) or "-",
+                     _fixed3(sec.get("accuracy_fixed")), _fixed3(sec.get("macro_f1_tuned"))])
     return header, rows
+
+
+def _fixed3(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def reference_table(result: dict) -> tuple[list[str], list[list[str]]]:
     """(header, rows): the floors, ceilings and probe rows of the first seed's evaluate."""
-    return ["row", "role", "macro AUROC", "interval"], [
-        [n, e["role"], "-" if e["macro_auroc"] is None else f"{e['macro_auroc']:.3f}", _interval(e["interval"])]
+    return ["row", "role", "macro AUROC", "interval", "accuracy (0.5)"], [
+        [n, e["role"], _fixed3(e["macro_auroc"]), _interval(e["interval"]), _fixed3(e.get("accuracy"))]
         for n, e in result["references"].items()]
 
 

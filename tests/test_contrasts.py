@@ -111,7 +111,9 @@ def test_study_summary_over_seed_runs(tmp_path):
             "prepare": {"seconds": 5.0}, "eadf": {"seconds": 20.0}, "teacher": {"seconds": 100.0 + seed},
             "student": {"seconds": 200.0}}})
         storage.write_json(layout.metrics, {"baselines": {"copy_forward": {
-            "role": "floor", "modes": {"fixed": {"metrics": {"macro_auroc": 0.6}, "intervals": None}}}}})
+            "role": "floor", "modes": {"fixed": {"metrics": {"macro_auroc": 0.6}, "intervals": None}}}},
+            "models": {"hard_plain": {"kept_step": 12 * seed, "modes": {
+                "fixed": {"metrics": {"accuracy": 0.8 + 0.02 * seed}}, "tuned": {"metrics": {"macro_f1": 0.4}}}}}})
     cfg_file = tmp_path / "study.yaml"
     cfg_file.write_text(f"run_dir: {root.root}\nstudy:\n  seeds: [0, 1]\n  rows: [hard_plain, ckd_ehr]\n"
                         "  contrasts: [[ckd_ehr, hard_plain], [teacher, hard_plain]]\n  bootstrap: 40\n")
@@ -124,8 +126,11 @@ def test_study_summary_over_seed_runs(tmp_path):
     assert out["references"]["copy_forward"]["macro_auroc"] == 0.6
     assert out["seed_wall_s"] == {"0": 300.0, "1": 301.0}
     assert set(out["row_intervals"]) == {"hard_plain", "ckd_ehr", "teacher"}
+    assert out["secondary"]["hard_plain"] == {"accuracy_fixed": pytest.approx(0.81), "macro_f1_tuned": 0.4,
+                                              "kept_step": [0, 12]}
+    assert out["secondary"]["ckd_ehr"]["accuracy_fixed"] is None   # no evaluate entry: said, not invented
     assert (tmp_path / "study" / "study" / "forest.png").exists()
     md = (tmp_path / "study" / "study" / "study.md").read_text()
     assert "copy_forward" in md and "ckd_ehr - hard_plain" in md and "seed 0 5 min" in md
     lo, hi = out["row_intervals"]["ckd_ehr"]
-    assert f"[{lo:.3f}, {hi:.3f}]" in md
+    assert f"[{lo:.3f}, {hi:.3f}]" in md and "| 0, 12 | 0.810 | 0.400 |" in md
