@@ -173,7 +173,8 @@ def summarise(cfg: PipelineConfig, wall_s: float | None = None) -> dict:
     table = [("h1", "CKD-EHR study"), ("p", study_summary_line(result)),
              ("h2", "Rows: test macro AUROC, mean over seeds"), ("table", *row_table(result)),
              ("h2", f"Reference and probe rows (seed {st.seeds[0]})"), ("table", *reference_table(result)),
-             ("h2", "Contrasts"), *contrast_blocks(result), ("img", "forest.png", "contrasts")]
+             ("h2", "Contrasts"), *contrast_blocks(result), ("img", "forest.png", "contrasts"),
+             ("h2", "The paper's claim beside this study"), ("table", *paper_claim_table(result))]
     storage.write_text(storage.join(root.study_dir, "study.md"), render_markdown(table))
     log.info("study: %s", ", ".join(f"{c['name']} {c['delta']:+.3f} [{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}] "
                                     f"p_holm={c['p_holm']:.3g}" for c in result["contrasts"]))
@@ -181,27 +182,50 @@ def summarise(cfg: PipelineConfig, wall_s: float | None = None) -> dict:
 
 
 def secondary_metrics(root: RunLayout, seeds, rows) -> dict:
-    """Per row, from each seed's evaluate (metrics.json): the paper's element-wise accuracy at 0.5
-    (never the headline: all-negative scores about 0.84 on it), macro-F1 at the thresholds tuned
-    on validation, and the checkpoint step each seed kept (0: the probe, no update applied)."""
+    """Per row, from each seed's evaluate (metrics.json): the paper's element-wise accuracy and
+    macro-F1 at 0.5 (never the headline: all-negative scores about 0.84 on that accuracy),
+    macro-F1 at the thresholds tuned on validation, and the checkpoint step each seed kept (0:
+    the probe, no update applied). A row a seed's evaluate lacks gets None, not a guess."""
+    models = []
+    for seed in seeds:
+        path = RunLayout(root.study_seed(seed)).metrics
+        models.append((storage.read_json(path) if storage.exists(path) else {}).get("models") or {})
+    picks = {"accuracy_fixed": ("fixed", "accuracy"), "macro_f1_fixed": ("fixed", "macro_f1"),
+             "macro_f1_tuned": ("tuned", "macro_f1")}
     out: dict[str, dict] = {}
     for r in rows:
-        acc, f1, kept = [], [], []
-        for seed in seeds:
-            path = RunLayout(root.study_seed(seed)).metrics
-            entry = ((storage.read_json(path) if storage.exists(path) else {}).get("models") or {}).get(r)
-            if not entry:
-                continue
-            acc.append(entry["modes"]["fixed"]["metrics"].get("accuracy"))
-            f1.append(entry["modes"]["tuned"]["metrics"].get("macro_f1"))
-            kept.append(entry.get("kept_step"))
-        out[r] = {"accuracy_fixed": float(np.mean(acc)) if acc and None not in acc else None,
-                  "macro_f1_tuned": float(np.mean(f1)) if f1 and None not in f1 else None, "kept_step": kept}
+        entries = [m[r] for m in models if m.get(r)]
+        out[r] = {"kept_step": [e.get("kept_step") for e in entries]}
+        for key, (mode, metric) in picks.items():
+            vals = [e["modes"][mode]["metrics"].get(metric) for e in entries]
+            out[r][key] = float(np.mean(vals)) if len(entries) == len(seeds) and None not in vals else None
     return out
 
 
+def paper_claim_table(result: dict, new: str = "ckd_ehr", base: str = "hard_plain") -> tuple[list[str], list]:
+    """(header, rows): the paper's claimed gains of CKD-EHR over plain BERT next to this study's
+    (d) - (a) on the same metrics, in points and relative (the paper does not say which it means)."""
+    from ckd_ehr.evaluation.evaluate import PAPER_CLAIMS
+
+    sec = result.get("secondary", {})
+    rows = []
+    for label, key, claim in (("element-wise accuracy at 0.5", "accuracy_fixed", PAPER_CLAIMS["accuracy_gain"]),
+                              ("macro-F1 at 0.5", "macro_f1_fixed", PAPER_CLAIMS["f1_gain"]),
+                              ("macro-F1, thresholds tuned on validation", "macro_f1_tuned", None)):
+        a, d = sec.get(base, {}).get(key), sec.get(new, {}).get(key)
+        ours = "-" if a is None or d is None else \
+            f"{d - a:+.3f} points ({'-' if not a else f'{(d - a) / a:+.1%}'} relative)"
+        rows.append([label, "-" if claim is None else f"+{claim:.0%}", ours])
+    a, d = result["rows"].get(base), result["rows"].get(new)
+    rows.append(["macro AUROC (this study's primary metric)", "not reported",
+                 "-" if a is None or d is None else f"{d - a:+.3f}"])
+    return ["metric", f"paper: {new} vs BERT", f"this study: {new} - {base}, mean over seeds"], rows
+
+
 def _minutes(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds / 60:.0f} min"
+    if seconds is None:
+        return "-"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _interval(iv) -> str:

@@ -110,10 +110,15 @@ def test_study_summary_over_seed_runs(tmp_path):
         storage.write_json(layout.path("manifest.json"), {"stages": {   # prepare/eadf: the base run's, not the seed's
             "prepare": {"seconds": 5.0}, "eadf": {"seconds": 20.0}, "teacher": {"seconds": 100.0 + seed},
             "student": {"seconds": 200.0}}})
+        models = {"hard_plain": {"kept_step": 12 * seed, "modes": {
+            "fixed": {"metrics": {"accuracy": 0.8 + 0.02 * seed, "macro_f1": 0.1}},
+            "tuned": {"metrics": {"macro_f1": 0.4}}}}}
+        if seed == 0:   # only seed 0's evaluate has ckd_ehr
+            models["ckd_ehr"] = {"kept_step": 0, "modes": {"fixed": {"metrics": {"accuracy": 0.9, "macro_f1": 0.2}},
+                                                           "tuned": {"metrics": {"macro_f1": 0.5}}}}
         storage.write_json(layout.metrics, {"baselines": {"copy_forward": {
             "role": "floor", "modes": {"fixed": {"metrics": {"macro_auroc": 0.6}, "intervals": None}}}},
-            "models": {"hard_plain": {"kept_step": 12 * seed, "modes": {
-                "fixed": {"metrics": {"accuracy": 0.8 + 0.02 * seed}}, "tuned": {"metrics": {"macro_f1": 0.4}}}}}})
+            "models": models})
     cfg_file = tmp_path / "study.yaml"
     cfg_file.write_text(f"run_dir: {root.root}\nstudy:\n  seeds: [0, 1]\n  rows: [hard_plain, ckd_ehr]\n"
                         "  contrasts: [[ckd_ehr, hard_plain], [teacher, hard_plain]]\n  bootstrap: 40\n")
@@ -126,11 +131,14 @@ def test_study_summary_over_seed_runs(tmp_path):
     assert out["references"]["copy_forward"]["macro_auroc"] == 0.6
     assert out["seed_wall_s"] == {"0": 300.0, "1": 301.0}
     assert set(out["row_intervals"]) == {"hard_plain", "ckd_ehr", "teacher"}
-    assert out["secondary"]["hard_plain"] == {"accuracy_fixed": pytest.approx(0.81), "macro_f1_tuned": 0.4,
-                                              "kept_step": [0, 12]}
-    assert out["secondary"]["ckd_ehr"]["accuracy_fixed"] is None   # no evaluate entry: said, not invented
+    assert out["secondary"]["hard_plain"] == {"accuracy_fixed": pytest.approx(0.81), "macro_f1_fixed": 0.1,
+                                              "macro_f1_tuned": 0.4, "kept_step": [0, 12]}
+    # a seed's evaluate lacks the row: no mean over the other seed alone, said, not invented
+    assert out["secondary"]["ckd_ehr"] == {"accuracy_fixed": None, "macro_f1_fixed": None, "macro_f1_tuned": None,
+                                           "kept_step": [0]}
     assert (tmp_path / "study" / "study" / "forest.png").exists()
     md = (tmp_path / "study" / "study" / "study.md").read_text()
     assert "copy_forward" in md and "ckd_ehr - hard_plain" in md and "seed 0 5 min" in md
     lo, hi = out["row_intervals"]["ckd_ehr"]
     assert f"[{lo:.3f}, {hi:.3f}]" in md and "| 0, 12 | 0.810 | 0.400 |" in md
+    assert "| element-wise accuracy at 0.5 | +9% | - |" in md   # (d)'s accuracy is missing in seed 1
