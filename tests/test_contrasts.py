@@ -76,6 +76,9 @@ def test_forest_plot_and_table_render():
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     md = render_markdown(contrast_blocks(study))
     assert "a - b" in md and "c - b" in md and "Holm" in md
+    from ckd_ehr.evaluation.report import fmt_p
+
+    assert fmt_p(0.0) == "< 1e-15" and fmt_p(0.0131) == "0.0131"   # an underflowed p is not printed as 0
 
 
 def test_study_summary_over_seed_runs(tmp_path):
