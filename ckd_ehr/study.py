@@ -29,6 +29,7 @@ import pandas as pd
 from ckd_ehr import storage
 from ckd_ehr.config import PipelineConfig, build
 from ckd_ehr.contracts import CONTROL_TEXTS, SPLITS, RunLayout, student_variant
+from ckd_ehr.evaluation.report import fmt
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +117,12 @@ def _test_predictions(seed_dir: str, row: str) -> pd.DataFrame:
 def _stage_seconds(run_dir: str, skip: tuple[str, ...] = ("prepare", "eadf")) -> float | None:
     """Seconds the run's own stages took (manifest.json), the base run's `skip` left out (a seed's
     manifest starts as a copy of the base's); None without a manifest."""
-    path = RunLayout(run_dir).path("manifest.json")
-    if not storage.exists(path):
+    from ckd_ehr.pipeline import read_manifest
+
+    layout = RunLayout(run_dir)
+    if not storage.exists(layout.manifest):
         return None
-    stages = storage.read_json(path).get("stages", {})
+    stages = read_manifest(layout)["stages"]
     return round(sum(float(v.get("seconds") or 0.0) for k, v in stages.items() if k not in skip), 1)
 
 
@@ -153,7 +156,10 @@ def summarise(cfg: PipelineConfig, wall_s: float | None = None) -> dict:
     result = seed_averaged_contrasts(y, reference["subject_id"].to_numpy(), probs, [tuple(c) for c in st.contrasts],
                                      resamples=st.bootstrap, seed=cfg.evaluate.seed, level=st.level, alpha=st.alpha,
                                      label_set=macro_label_set(y, cfg.evaluate.min_test_positives))
-    seed0 = storage.read_json(RunLayout(root.study_seed(st.seeds[0])).metrics)
+    # each seed's evaluate, read once: seed 0's references, every seed's secondary metrics
+    evaluated = [storage.read_json(path) if storage.exists(path := RunLayout(root.study_seed(k)).metrics) else {}
+                 for k in st.seeds]
+    seed0 = evaluated[0]
     base_s = _stage_seconds(root.study_base, skip=())
     result.update({
         "test_samples": int(len(y)), "test_patients": int(reference["subject_id"].nunique()),
@@ -167,7 +173,7 @@ def summarise(cfg: PipelineConfig, wall_s: float | None = None) -> dict:
                        for name, e in (seed0.get("baselines") or {}).items()},
         "roles": {r: student_variant(r).role if r != "teacher" else "teacher" for r in rows},
     })
-    result["secondary"] = secondary_metrics(root, st.seeds, rows)
+    result["secondary"] = secondary_metrics([e.get("models") or {} for e in evaluated], rows)
     storage.write_json(root.study_results, result)
     storage.write_bytes(storage.join(root.study_dir, "forest.png"), plot_contrasts(result))
     table = [("h1", "CKD-EHR study"), ("p", study_summary_line(result)),
@@ -181,15 +187,12 @@ def summarise(cfg: PipelineConfig, wall_s: float | None = None) -> dict:
     return result
 
 
-def secondary_metrics(root: RunLayout, seeds, rows) -> dict:
-    """Per row, from each seed's evaluate (metrics.json): the paper's element-wise accuracy and
-    macro-F1 at 0.5 (never the headline: all-negative scores about 0.84 on that accuracy),
-    macro-F1 at the thresholds tuned on validation, and the checkpoint step each seed kept (0:
-    the probe, no update applied). A row a seed's evaluate lacks gets None, not a guess."""
-    models = []
-    for seed in seeds:
-        path = RunLayout(root.study_seed(seed)).metrics
-        models.append((storage.read_json(path) if storage.exists(path) else {}).get("models") or {})
+def secondary_metrics(models: list[dict], rows) -> dict:
+    """Per row, from each seed's evaluate (`models` of its metrics.json, one per seed): the paper's
+    element-wise accuracy and macro-F1 at 0.5 (never the headline: all-negative scores about 0.84
+    on that accuracy), macro-F1 at the thresholds tuned on validation, and the checkpoint step
+    each seed kept (0: the probe, no update applied). A row a seed's evaluate lacks gets None,
+    not a guess."""
     picks = {"accuracy_fixed": ("fixed", "accuracy"), "macro_f1_fixed": ("fixed", "macro_f1"),
              "macro_f1_tuned": ("tuned", "macro_f1")}
     out: dict[str, dict] = {}
@@ -198,7 +201,7 @@ def secondary_metrics(root: RunLayout, seeds, rows) -> dict:
         out[r] = {"kept_step": [e.get("kept_step") for e in entries]}
         for key, (mode, metric) in picks.items():
             vals = [e["modes"][mode]["metrics"].get(metric) for e in entries]
-            out[r][key] = float(np.mean(vals)) if len(entries) == len(seeds) and None not in vals else None
+            out[r][key] = float(np.mean(vals)) if len(entries) == len(models) and None not in vals else None
     return out
 
 
@@ -252,18 +255,14 @@ def row_table(result: dict) -> tuple[list[str], list[list[str]]]:
         rows.append([r, role, f"{result['rows'][r]:.3f}", _interval(result.get("row_intervals", {}).get(r)),
                      ", ".join(f"{v:.3f}" for v in result.get("per_seed_rows", {}).get(r, [])),
                      ", ".join(str(k) for k in sec.get("kept_step", [])) or "-",
-                     _fixed3(sec.get("accuracy_fixed")), _fixed3(sec.get("macro_f1_tuned"))])
+                     fmt(sec.get("accuracy_fixed")), fmt(sec.get("macro_f1_tuned"))])
     return header, rows
-
-
-def _fixed3(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
 
 
 def reference_table(result: dict) -> tuple[list[str], list[list[str]]]:
     """(header, rows): the floors, ceilings and probe rows of the first seed's evaluate."""
     return ["row", "role", "macro AUROC", "interval", "accuracy (0.5)"], [
-        [n, e["role"], _fixed3(e["macro_auroc"]), _interval(e["interval"]), _fixed3(e.get("accuracy"))]
+        [n, e["role"], fmt(e["macro_auroc"]), _interval(e["interval"]), fmt(e.get("accuracy"))]
         for n, e in result["references"].items()]
 
 

@@ -121,12 +121,9 @@ def seed_averaged_contrasts(y: np.ndarray, subject_ids: Sequence, probs: Mapping
     p_holm = holm(p)
     q = float(np.quantile(max_t, level)) if len(draws) else float("nan")
     z_bonf = _NORMAL.inv_cdf(1 - alpha / (2 * max(len(contrasts), 1)))
-    per_seed = {}
-    for new, base in contrasts:
-        n = min(len(probs[new]), len(probs[base]))
-        new_s = [macro_auroc(y, probs[new][min(s, len(probs[new]) - 1)], label_set) for s in range(max(n, 1))]
-        base_s = [macro_auroc(y, probs[base][min(s, len(probs[base]) - 1)], label_set) for s in range(max(n, 1))]
-        per_seed[(new, base)] = [a - b for a, b in zip(new_s, base_s)]
+    seed_scores = {r: [macro_auroc(y, p, label_set) for p in probs[r]] for r in rows}
+    # per seed: seed k of new against seed k of base, over the seeds both have
+    per_seed = {(new, base): [a - b for a, b in zip(seed_scores[new], seed_scores[base])] for new, base in contrasts}
     tail = (1 - level) / 2
     out = []
     for c, (new, base) in enumerate(contrasts):
@@ -142,7 +139,7 @@ def seed_averaged_contrasts(y: np.ndarray, subject_ids: Sequence, probs: Mapping
             # each row's seed-averaged metric: its marginal percentile interval over the same draws
             "row_intervals": {r: [float(np.quantile(row_draws[:, i], tail)), float(np.quantile(row_draws[:, i], 1 - tail))]
                               if len(row_draws) else [float("nan")] * 2 for i, r in enumerate(rows)},
-            "per_seed_rows": {r: [macro_auroc(y, p, label_set) for p in probs[r]] for r in rows},
+            "per_seed_rows": seed_scores,
             "seeds_per_row": {r: len(probs[r]) for r in rows},
             "contrasts": [asdict(c) for c in out],
             "method": "patient bootstrap, seeds averaged within each draw; two-sided normal p-values, "
