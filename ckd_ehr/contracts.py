@@ -15,6 +15,8 @@ own, as laid out here. Change a schema here and nowhere else.
       eadf/validity.json               precision@k against the synthetic ground truth
       teacher/artifact/                TEACHER ARTIFACT (below)
       teacher/train/                   Ray Train storage (checkpoints)
+      teacher/probe_features/*.npz     the frozen backbone's pooled features of the probe's rows
+                                       (head_init probe; ckd_ehr.modeling.feature_cache)
       soft_labels/{split}.parquet      SOFT_LABELS
       soft_labels/oracle/{split}.parquet  SOFT_LABELS from the latent oracle (synthetic, oracle variants)
       soft_labels/teacher_plain/{split}.parquet  SOFT_LABELS of a plain-text teacher (`ckd-ehr study`)
@@ -23,8 +25,8 @@ own, as laid out here. Change a schema here and nowhere else.
       soft_labels/quality/             entropy, calibration, reliability diagram
       student/{variant}/artifact/      STUDENT ARTIFACT (below)
       student/{variant}/train/         Ray Train storage
-      student/probe_features/{key}.npz the frozen encoder's pooled features of the probe's rows,
-                                       shared by variants reading the same texts (head_init probe)
+      student/probe_features/*.npz     the frozen encoder's pooled features per row (head_init
+                                       probe): shared by variants reading the same texts
       evaluate/predictions/{name}.parquet  PREDICTIONS on the test split
       evaluate/metrics.json            all metrics with bootstrap intervals
       report/report.md, report.html, *.png
@@ -339,6 +341,8 @@ class RunLayout:
     def teacher_artifact(self) -> str: return self.path("teacher", "artifact")
     @property
     def teacher_train(self) -> str: return self.path("teacher", "train")
+    @property
+    def teacher_probe_features(self) -> str: return self.path("teacher", "probe_features")
     @property
     def teacher_meta(self) -> str: return self.path("teacher", "artifact", TEACHER_META)
     def soft_labels(self, split: str, source: str = "teacher") -> str:

@@ -140,6 +140,18 @@ def size(path: str | os.PathLike) -> int:
     return int(fs.get_file_info(inner).size or 0)
 
 
+def list_files(directory: str | os.PathLike, suffix: str = "") -> list[str]:
+    """Paths (as `join` builds them) of the files directly in `directory` whose names end with
+    `suffix`, sorted; [] when the directory does not exist. Temporary names (`.name.tmp-*`,
+    files being written) are never listed."""
+    fs, inner = resolve(directory)
+    if fs.get_file_info(inner).type != pafs.FileType.Directory:
+        return []
+    names = sorted(posixpath.basename(f.path) for f in fs.get_file_info(pafs.FileSelector(inner))
+                   if f.type == pafs.FileType.File)
+    return [join(directory, n) for n in names if n.endswith(suffix) and not n.startswith(".")]
+
+
 def parquet_num_rows(path: str | os.PathLike) -> int:
     """Rows of a parquet file, from its footer (no data read)."""
     import pyarrow.parquet as pq

@@ -9,6 +9,8 @@ truncates the longest ones.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -160,6 +162,57 @@ def test_ray_data_soft_labels_equal_in_process_prediction(ray_local, run_with_te
     storage.write_parquet(small, layout.augmented("val"))
     run_soft_labels(cfg)
     assert storage.read_parquet(layout.soft_labels("val")).column("sample_id").to_pylist() == ["val-000", "val-001"]
+
+
+@pytest.mark.parametrize("kept_step", [0, 1])
+def test_a_teacher_that_kept_its_probe_scores_its_probe_rows_from_their_features(ray_local, run_with_teacher,
+                                                                                 tiny_qwen_dir, tmp_path, kept_step):
+    """A teacher whose checkpoint selection kept step 0 IS its frozen backbone plus the probe:
+    the rows whose features the probe cached (its training and validation rows, tokenised by
+    the training path) get their soft labels from those features, the rest (test) from Ray
+    Data, and every row equals the loaded teacher's own forward pass. Null control: the same
+    weights reported as a later step reuse nothing."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from ckd_ehr.config import PipelineConfig, TeacherConfig
+    from ckd_ehr.soft_labels.run import run_soft_labels
+    from ckd_ehr.teacher import load_teacher, predict_logits, write_artifact
+    from ckd_ehr.teacher.train import teacher_task
+    from ckd_ehr.training import LocalReporter, TrainLoop, WorkerContext
+
+    layout = RunLayout(str(tmp_path / "run"))
+    for split in SPLITS:
+        os.makedirs(os.path.dirname(layout.augmented(split)), exist_ok=True)
+        shutil.copy(run_with_teacher.augmented(split), layout.augmented(split))
+    tc = TeacherConfig(model=str(tiny_qwen_dir), gguf_file=None, max_length=320, pooling="mean", head_init="probe",
+                       epochs=1, max_steps=1, batch_size=2, num_workers=1, strategy="ddp", cpus_per_worker=1)
+    task = teacher_task(tc, layout.augmented("train"), layout.augmented("val"),
+                        feature_cache=layout.teacher_probe_features)
+    reporter = LocalReporter(str(tmp_path / "train"))
+    loop = TrainLoop(tc, task, WorkerContext(), reporter)   # fits the probe, caching its rows' features
+    loop.save_and_report({"step": 0}, None)   # the step-0 checkpoint: backbone, LoRA at init, the probe as head
+    step0 = reporter.checkpoints[0][0]
+    write_artifact(step0, AutoTokenizer.from_pretrained(tiny_qwen_dir), tc, {"step": kept_step},
+                   layout.teacher_artifact)
+
+    cfg = PipelineConfig(run_dir=layout.root, soft_labels={"batch_size": 4, "sub_batch_size": 3,
+                                                           "cpus_per_actor": 0.5, "num_actors": 1})
+    summary = run_soft_labels(cfg)
+    reused = {split: summary["splits"][split]["rows_from_probe_features"] for split in SPLITS}
+    rows = {split: storage.parquet_num_rows(layout.augmented(split)) for split in SPLITS}   # (an earlier test cuts val)
+    assert reused == ({"train": rows["train"], "val": rows["val"], "test": 0} if kept_step == 0 else
+                      {"train": 0, "val": 0, "test": 0})
+    model, tok, _ = load_teacher(layout.teacher_artifact)
+    for split in SPLITS:
+        inp = storage.read_parquet(layout.augmented(split))
+        out = storage.read_parquet(layout.soft_labels(split))
+        assert out.column("sample_id").to_pylist() == inp.column("sample_id").to_pylist()
+        ref = predict_logits(model, tok, inp.column("text_eadf").to_pylist(), batch_size=16, max_length=320)
+        np.testing.assert_allclose(np.asarray(out.column("logits").to_pylist(), np.float32), ref, rtol=0, atol=2e-5)
+        # rows differ by far more than the tolerance: a row mix-up could not pass
+        assert np.std(ref, axis=0).max() > 1e-3
 
 
 def test_scoring_input_comes_in_small_blocks(ray_local, tmp_path):

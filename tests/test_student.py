@@ -278,3 +278,45 @@ def test_attention_dropout_reaches_the_encoder(tiny_bert_dir):
     built = BuildStudent(str(tiny_bert_dir), "mean", 0, attention_dropout=StudentConfig().attention_dropout)()
     assert built.encoder.config.attention_probs_dropout_prob == 0.0 and attention_dropouts(built) == {0.0}
     assert built.encoder.config.hidden_dropout_prob == kept.encoder.config.hidden_dropout_prob
+
+
+def test_a_student_that_kept_its_probe_scores_test_from_frozen_features(tmp_path, tiny_bert_dir, ray_local):
+    """A step-0 checkpoint (head_init probe, no update) is the frozen encoder with the probe as
+    head: probe_test_probs gives the checkpoint model's own test probabilities from frozen
+    features, computing missing rows once and adding them to the variants' cache (a sibling
+    variant then computes nothing); a later step, or a run without the cache, gets None (the
+    stage then predicts with the model)."""
+    from ray.train import Checkpoint
+
+    from ckd_ehr.modeling.feature_cache import FeatureCache
+    from ckd_ehr.student.model import predict_ids
+    from ckd_ehr.student.run import build_student_task, probe_test_probs
+    from ckd_ehr.student.train import student_from_checkpoint
+    from ckd_ehr.training import LocalReporter, TrainLoop, WorkerContext
+
+    layout = build_run_dir(tmp_path)
+    cfg = PipelineConfig.model_validate({"run_dir": str(tmp_path), "student": {
+        "model": str(tiny_bert_dir), "variants": ["hard_eadf", "ckd_ehr"], "num_workers": 1, "batch_size": 4,
+        "max_length": 128, "head_init": "probe", "cpus_per_worker": 1}})
+    built = build_student_task(cfg, "hard_eadf")
+    reporter = LocalReporter(str(tmp_path / "train"))
+    TrainLoop(cfg.student, built.task, WorkerContext(), reporter).save_and_report({"step": 0}, None)
+    step0 = reporter.checkpoints[0][0]
+    test = built.prep.splits["test"]
+    model = student_from_checkpoint(step0, built.model_path, "mean", "cpu")
+    expect = predict_ids(model, test.input_ids, built.pad_id)
+    cache = FeatureCache(built.task.feature_cache, built.task.feature_key)
+    assert not cache.lookup(test.input_ids)[1].all()   # the probe cached train and val rows (a few test texts repeat them)
+
+    def probs(metrics, task=built.task):
+        return probe_test_probs(Checkpoint.from_directory(step0), metrics, task, built.model_path, "mean",
+                                built.pad_id, test, 8)
+
+    got = probs({"step": 0})
+    np.testing.assert_allclose(got, expect, rtol=0, atol=1e-5)
+    assert np.std(expect, axis=0).max() > 1e-3        # rows differ by far more than the tolerance
+    assert cache.lookup(test.input_ids)[1].all()        # added for the sibling variant
+    np.testing.assert_allclose(probs({"step": 0}), got, rtol=0, atol=1e-7)   # now from the cache alone
+    assert probs({"step": 3}) is None
+    built.task.feature_cache = None
+    assert probs({"step": 0}) is None

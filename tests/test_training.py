@@ -273,9 +273,10 @@ class _CountingBagOfTokens(_BagOfTokens):
 
 
 def test_probe_features_are_computed_once_per_rows(tmp_path):
-    """task.feature_cache: a second run over the same rows with the same feature_key reads the
-    frozen features instead of computing them, and fits the same probe; other rows or another
-    key compute their own. The cached run still fits its own targets (probe_targets)."""
+    """task.feature_cache (per row): a second run over the same rows with the same feature_key
+    reads the frozen features instead of computing them, and fits the same probe; a subset of
+    cached rows computes nothing, new rows compute only themselves, another key computes all.
+    The cached run still fits its own targets (probe_targets)."""
     import numpy as np
 
     from ckd_ehr.training import LocalReporter, TrainLoop, TrainTask, WorkerContext
@@ -292,15 +293,23 @@ def test_probe_features_are_computed_once_per_rows(tmp_path):
         loop = TrainLoop(cfg, task, WorkerContext(), LocalReporter(str(tmp_path / name)))
         return loop.probe, int(counter.read_text()) if counter.exists() else 0
 
+    def cached_rows(key="bag"):
+        from ckd_ehr.modeling.feature_cache import FeatureCache
+
+        return int(FeatureCache(cache, key).lookup([e["input_ids"] for e in train + val + new])[1].sum())
+
+    new = _marker_examples(40, 2)
     first, calls = run("first", train)
-    assert calls > 0
+    assert calls > 0 and cached_rows() == len(train) + len(val)
     again, calls = run("again", train)
     assert calls == 0
     np.testing.assert_allclose(again.weight, first.weight, rtol=1e-6, atol=1e-7)
-    _, calls = run("other_rows", train[:80])
-    assert calls > 0
+    _, calls = run("subset", train[:80])
+    assert calls == 0
+    _, calls = run("new_rows", train[:56] + new)
+    assert calls > 0 and cached_rows() == len(train) + len(val) + len(new)
     _, calls = run("other_key", train, key="another model")
-    assert calls > 0
+    assert calls > 0 and cached_rows("another model") == len(train) + len(val)
     # Same rows and key, other targets (a distilled variant): no forward, a different probe.
     soft, calls = run("soft", train, probe_targets_of=lambda t: 0.5 * t.float() + 0.25)
     assert calls == 0 and not np.allclose(soft.weight, first.weight)

@@ -237,6 +237,50 @@ def in_input_order(table: pa.Table, input_ids: Sequence[str]) -> pa.Table:
     return table.take(pa.array([pos[sid] for sid in input_ids], pa.int64()))
 
 
+def soft_labels_from_probe(layout: RunLayout, sl_cfg, inputs: dict[str, str]) -> dict[str, pa.Table]:
+    """{split: SOFT_LABELS rows + n_tokens, n_computed (0)} of the input rows whose frozen
+    features the teacher's probe cached (RUN/teacher/probe_features), when the teacher kept its
+    probe: checkpoint selection kept step 0, so no update was ever applied (LoRA's B starts at
+    zero, the head is the probe) and the teacher's logits of a row ARE the probe's on the frozen
+    backbone's pooled features. The demo's teacher keeps step 0; scoring the student's training
+    rows again would cost a teacher pass over rows whose features exist. {} in every other case
+    (a fine-tuned teacher, label attention, another dtype or max_length than the probe's:
+    nothing in the cache matches), and the stage scores every row as before."""
+    from transformers import AutoTokenizer
+
+    from ckd_ehr.contracts import ARTIFACT_TOKENIZER, PROBE_HEAD
+    from ckd_ehr.modeling.feature_cache import FeatureCache
+    from ckd_ehr.modeling.probe import LinearProbe
+    from ckd_ehr.teacher.train import teacher_feature_key
+
+    art = layout.teacher_artifact
+    meta = storage.read_json(layout.teacher_meta)
+    if ((meta.get("metrics") or {}).get("step") != 0 or meta.get("head", "mlaph") != "mlaph"
+            or meta.get("pooling") not in ("last", "mean") or not storage.exists(storage.join(art, PROBE_HEAD))
+            or not storage.exists(layout.teacher_probe_features)):
+        return {}
+    dtype = str(resolve_dtype(sl_cfg.dtype, sl_cfg.use_gpu)).replace("torch.", "")
+    cache = FeatureCache(layout.teacher_probe_features, teacher_feature_key(meta.get("config", {}), dtype))
+    with storage.local_dir(art) as d:
+        probe = LinearProbe.load(str(d / PROBE_HEAD))
+        tokenizer = AutoTokenizer.from_pretrained(str(d / ARTIFACT_TOKENIZER))
+    chat, max_length, instruction = teacher_text_options(meta, sl_cfg.max_length)
+    column = teacher_text_column(art)
+    out = {}
+    for split, path in inputs.items():
+        table = storage.read_parquet(path, columns=["sample_id", column])
+        ids = tokenize(tokenizer, [t or "" for t in table.column(column).to_pylist()], chat, max_length, instruction)
+        features, found = cache.lookup(ids)
+        if not found.any():
+            continue
+        rows = np.flatnonzero(found)
+        sample_ids = table.column("sample_id").to_pylist()
+        got = soft_label_table([sample_ids[i] for i in rows], probe.logits(features[rows]), meta["artifact_id"])
+        out[split] = (got.append_column("n_tokens", pa.array([len(ids[i]) for i in rows], pa.int32()))
+                      .append_column("n_computed", pa.array(np.zeros(len(rows), np.int32))))
+    return out
+
+
 # --- Ray edge -----------------------------------------------------------------------------
 
 class TeacherScorer:
@@ -429,12 +473,32 @@ def run_soft_labels(cfg) -> dict:
             raise ValueError("soft_labels.unit_targets needs an MLAPH teacher (teacher.head: mlaph): a generative "
                              "teacher has neither label attention nor a projection head's states")
         unit_attention = meta.get("pooling") == "label_attention"
-    init_ray(cfg.ray)
+    # A teacher that kept its probe: rows whose frozen features the probe cached need no pass.
+    from_probe = {} if unit_columns else soft_labels_from_probe(layout, cfg.soft_labels, inputs)
+    to_score = dict(inputs)
     try:
-        raw = infer_soft_labels(inputs, artifact, cfg.soft_labels, unit_columns)
+        for split, got in from_probe.items():
+            done = set(got.column("sample_id").to_pylist())
+            keep = [i for i, sid in enumerate(input_ids[split]) if sid not in done]
+            log.info("soft labels %s: %d of %d rows from the teacher's probe features (it kept its probe, step 0)",
+                     split, got.num_rows, len(input_ids[split]))
+            if not keep:
+                del to_score[split]
+                continue
+            path = storage.join(layout.root, "soft_labels", f"to_score_{split}.parquet")
+            storage.write_parquet(storage.read_parquet(inputs[split]).take(pa.array(keep)), path)
+            subsets[f"to_score_{split}"] = to_score[split] = path
+        raw = {}
+        if to_score:
+            init_ray(cfg.ray)
+            raw = infer_soft_labels(to_score, artifact, cfg.soft_labels, unit_columns)
     finally:
         for path in subsets.values():
             storage.remove(path)
+    for split in SPLITS:
+        parts = [t.select([*SOFT_LABELS.names, "n_tokens", "n_computed"]) for t in (raw.get(split), from_probe.get(split))
+                 if t is not None] if not unit_columns else [raw[split]]
+        raw[split] = pa.concat_tables(parts) if parts else _empty(False)
     # Every split is checked before any is written: the stage fails whole, not half-replaced.
     tables, unit_tables = {}, {}
     for split in SPLITS:
@@ -451,15 +515,18 @@ def run_soft_labels(cfg) -> dict:
         storage.write_parquet(table, layout.soft_labels(split))
         if split in unit_tables:
             storage.write_parquet(unit_tables[split], layout.unit_targets(split))
-        real = int(pc.sum(raw[split].column("n_tokens")).as_py() or 0)
+        scored = raw[split].filter(pc.greater(raw[split].column("n_computed"), 0))   # not from the probe's cache
+        real = int(pc.sum(scored.column("n_tokens")).as_py() or 0)
         computed = int(pc.sum(raw[split].column("n_computed")).as_py() or 0)
         summary[split] = {"rows": table.num_rows, "tokens": real, "computed_tokens": computed,
-                          "padding_efficiency": padding_efficiency(real, computed)}
+                          "padding_efficiency": padding_efficiency(real, computed),
+                          "rows_from_probe_features": from_probe[split].num_rows if split in from_probe else 0}
         if split in unit_tables:
             summary[split]["unit_targets_bytes"] = storage.size(layout.unit_targets(split))
         elif storage.exists(layout.unit_targets(split)):   # another teacher's: never left to be read as this one's
             storage.remove(layout.unit_targets(split))
-        log.info("soft labels %s: %d rows -> %s (padding efficiency %.3f: %d real / %d computed tokens)", split,
-                 table.num_rows, layout.soft_labels(split), summary[split]["padding_efficiency"], real, computed)
+        log.info("soft labels %s: %d rows -> %s (%d from the probe's features; scored: padding efficiency %.3f, "
+                 "%d real / %d computed tokens)", split, table.num_rows, layout.soft_labels(split),
+                 summary[split]["rows_from_probe_features"], summary[split]["padding_efficiency"], real, computed)
     quality = write_quality_report(layout, cfg.soft_labels.ece_bins)
     return {"splits": summary, "quality": quality}

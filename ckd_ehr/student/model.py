@@ -214,6 +214,24 @@ def load_student_model(in_dir: str | os.PathLike, pooling: str = "mean", device:
     return model.to(device).eval()
 
 
+class _PooledFeatures(nn.Module):
+    """A student seen through its pooled features (what the head reads), for predict_sorted."""
+
+    def __init__(self, model: StudentModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.features(input_ids, attention_mask)
+
+
+def features_ids(model: StudentModel, input_ids: list[list[int]], pad_id: int, batch_size: int = 32,
+                 device: str = "cpu") -> np.ndarray:
+    """[N, H] pooled features of token id lists, in input order (batched as predict_ids)."""
+    return predict_sorted(_PooledFeatures(model), input_ids, pad_id, batch_size, model.head.in_features,
+                          device).outputs
+
+
 def predict_ids(model: StudentModel, input_ids: list[list[int]], pad_id: int, batch_size: int = 32,
                 device: str = "cpu") -> np.ndarray:
     """[N, 25] probabilities of token id lists, in input order. Sorted by length and padded per

@@ -102,6 +102,52 @@ def _predict_remote(checkpoint, model_path: str, pooling: str, pad_id: int, data
     return ray.get(ray.remote(num_cpus=1, num_gpus=1)(predict).remote(checkpoint, data))
 
 
+def checkpoint_val_probs(checkpoint, n_val: int) -> np.ndarray | None:
+    """Probabilities of the validation rows the training loop saved with a validated checkpoint
+    (`val_logits.npy`, rows in load_data's order), or None when it saved none or another number of
+    rows (then the caller predicts them)."""
+    with checkpoint.as_directory() as d:
+        path = os.path.join(d, "val_logits.npy")
+        if not os.path.exists(path):
+            return None
+        logits = np.load(path).astype(np.float64)
+    if logits.shape[0] != n_val:
+        return None
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+def probe_test_probs(checkpoint, metrics: dict, task: TrainTask, model_path: str, pooling: str, pad_id: int,
+                     test: Encoded, batch_size: int) -> np.ndarray | None:
+    """Test probabilities of a checkpoint that is its probe, or None. Checkpoint selection kept
+    step 0 (head_init probe): no update was applied, so the model is the frozen encoder with the
+    probe as head, and its probabilities are the probe's on the frozen features. Those come from
+    the variants' feature cache (a sibling variant reading the same text and keeping its probe
+    scored them already); rows not there are computed once and added, for the next variant."""
+    from ckd_ehr.modeling.feature_cache import FeatureCache
+    from ckd_ehr.modeling.probe import LinearProbe
+    from ckd_ehr.student.model import features_ids
+    from ckd_ehr.student.train import student_from_checkpoint
+
+    if metrics.get("step") != 0 or not task.feature_cache:
+        return None
+    with checkpoint.as_directory() as d:
+        if not os.path.exists(os.path.join(d, PROBE_HEAD)):
+            return None
+        probe = LinearProbe.load(os.path.join(d, PROBE_HEAD))
+        cache = FeatureCache(task.feature_cache, task.feature_key)
+        features, found = cache.lookup(test.input_ids)
+        missing = np.flatnonzero(~found)
+        if len(missing):
+            model = student_from_checkpoint(d, model_path, pooling, "cpu")
+            computed = features_ids(model, [test.input_ids[i] for i in missing], pad_id, batch_size)
+            cache.add([test.input_ids[i] for i in missing], computed)
+            features = np.zeros((len(test), computed.shape[1]), np.float32) if features is None else features
+            features[missing] = computed
+    log.info("student: test probabilities from the probe on frozen features (kept step 0; %d of %d rows cached)",
+             int(found.sum()), len(test))
+    return probe.probs(features)
+
+
 def diagnosis_title_map(cfg: PipelineConfig) -> dict[str, str]:
     """ICD-9 code -> the title the sample text used (cfg.text.titles), from the run's visits:
     the dictionary Serve needs to render a record's codes exactly as training did."""
@@ -186,9 +232,16 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
         raise RuntimeError(f"student {variant}: training reported no checkpoint ({storage}/{name})")
     train_s = time.perf_counter() - t0
 
-    probs = _predict_remote(best, model_path, s.pooling, pad_id, {k: prep.splits[k] for k in ("val", "test")},
-                            s.batch_size * 4, s.use_gpu)
     val = prep.splits["val"]
+    # Validation probabilities come with the checkpoint (the loop validated it on these rows, in
+    # this order): only the test split needs a pass.
+    val_probs = checkpoint_val_probs(best, len(val))
+    test_probs = None if s.use_gpu else probe_test_probs(best, best_metrics, built.task, model_path, s.pooling,
+                                                          pad_id, prep.splits["test"], s.batch_size * 4)
+    wanted = tuple(k for k, got in (("val", val_probs), ("test", test_probs)) if got is None)
+    probs = _predict_remote(best, model_path, s.pooling, pad_id, {k: prep.splits[k] for k in wanted},
+                            s.batch_size * 4, s.use_gpu) if wanted else {}
+    probs.update({k: got for k, got in (("val", val_probs), ("test", test_probs)) if got is not None})
     fixed = [0.5] * val.labels.shape[1]
     tuned = tune_thresholds(val.labels, probs["val"], "f1")
     metrics = {

@@ -114,7 +114,16 @@ class TeacherParamGroups:
         return param_groups(model, self.tc.lr, self.tc.head_lr, self.tc.weight_decay)
 
 
-def teacher_task(tc, train_path: str, val_path: str, tokenizer=None) -> TrainTask:
+def teacher_feature_key(config: dict, dtype: str) -> str:
+    """What besides the token ids decides the frozen teacher's pooled features (the probe's
+    feature cache, ckd_ehr.modeling.feature_cache): backbone, layers kept, pooling, and the
+    dtype and attention kernel the pass runs in. `config` is a TeacherConfig as a dict (as
+    teacher.json holds it); `dtype` the resolved one (float32 on a CPU)."""
+    return "teacher|" + "|".join(str(config.get(k)) for k in ("model", "gguf_file", "num_layers", "pooling",
+                                                             "attn_implementation")) + f"|{dtype}"
+
+
+def teacher_task(tc, train_path: str, val_path: str, tokenizer=None, feature_cache: str | None = None) -> TrainTask:
     tokenizer = tokenizer or load_tokenizer(tc)
     if tc.head == "generative":   # the language-model loss on the answer; validation reports val_loss
         from ckd_ehr.teacher.generative import GenerativeCollate, generative_loss
@@ -127,18 +136,22 @@ def teacher_task(tc, train_path: str, val_path: str, tokenizer=None) -> TrainTas
     if tc.pos_weight == "balanced":
         _, labels = read_texts_and_labels(train_path, tc.text_column)
         pos_weight = balanced_pos_weight(labels)
+    # The frozen backbone's features of the probe's rows are kept: a teacher that keeps its probe
+    # (step 0) gets its soft labels of those rows from them (ckd_ehr.soft_labels.run).
     return TrainTask(build_model=BuildTeacher(tc), load_data=TeacherData(tc, train_path, val_path),
                      collate=Collate(pad_id(tokenizer)), loss_fn=BCELoss(pos_weight),
                      param_groups=TeacherParamGroups(tc), save_weights=SaveTeacherWeights(),
-                     model_size=TeacherSize(tc))
+                     model_size=TeacherSize(tc), feature_cache=feature_cache,
+                     feature_key=teacher_feature_key(tc.model_dump(mode="json"), tc.train_dtype()))
 
 
 def train_teacher(tc, train_path: str, val_path: str, storage_path: str, name: str,
-                  artifact_dest: str) -> tuple[TrainResult, dict]:
+                  artifact_dest: str, feature_cache: str | None = None) -> tuple[TrainResult, dict]:
     """Train on Ray Train and write the artifact from the best checkpoint. Returns
-    (TrainResult, teacher.json)."""
+    (TrainResult, teacher.json). `feature_cache`: where head_init probe keeps the frozen
+    backbone's features (None: nowhere)."""
     tokenizer = load_tokenizer(tc)
-    task = teacher_task(tc, train_path, val_path, tokenizer)
+    task = teacher_task(tc, train_path, val_path, tokenizer, feature_cache)
     start = time.time()
     result = fit(tc, task, storage_path=storage_path, name=name)
     wall = time.time() - start
@@ -179,5 +192,6 @@ def run_teacher(cfg) -> dict:
     init_ray(cfg.ray)
     # Same config -> same run name: rerunning after a crash resumes from the last checkpoint.
     name = f"teacher-{config_hash(cfg.teacher)}"
-    _, meta = train_teacher(cfg.teacher, train_path, val_path, layout.teacher_train, name, layout.teacher_artifact)
+    _, meta = train_teacher(cfg.teacher, train_path, val_path, layout.teacher_train, name, layout.teacher_artifact,
+                            feature_cache=layout.teacher_probe_features)
     return meta

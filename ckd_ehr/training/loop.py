@@ -31,8 +31,6 @@ auto_device_gib under `auto`, probe_* under head_init probe) and at validations 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import json
 import logging
 import math
@@ -48,6 +46,7 @@ import torch
 
 from ckd_ehr import storage
 from ckd_ehr.contracts import PROBE_HEAD
+from ckd_ehr.modeling.feature_cache import FeatureCache
 from ckd_ehr.training.batching import (batch_tokens, eval_batches, length_grouped_batches, padding_efficiency,
                                        subset_indices, to_device)
 from ckd_ehr.training.engines import TRAINABLE, make_engine
@@ -218,37 +217,42 @@ class TrainLoop:
         if not hasattr(model, "features") or not hasattr(model, "load_probe"):
             raise ValueError(f"head_init: probe: {type(model).__name__} has no features()/load_probe()")
         start = time.time()
-        cache = self._feature_cache_file()
-        cached = self._read_features(cache)
-        if cached is not None:
-            train_x, val_x = cached
-            train_t = self._targets(self.train, self.task.probe_targets)
-            val_y = self._targets(self.val, self.task.labels)
-            if self.rank == 0:
-                log.info("head_init probe: frozen features of %d + %d rows read from %s", len(train_x), len(val_x), cache)
-        else:
+        rows = self.train + self.val
+        feats, found = self._cached_features(rows)
+        missing = np.flatnonzero(~found)
+        if len(missing):
             model.to(self.device)
             was = model.training
             model.eval()
 
-            def features(target_fn):
-                def batch_fn(inputs, targets, n):
-                    feats = model.features(**inputs).float().cpu().numpy()
-                    return (feats, target_fn(targets).float().cpu().numpy()), 0.0
-                return batch_fn
+            def batch_fn(inputs, targets, n):
+                x = model.features(**inputs).float().cpu().numpy()
+                return (x, np.zeros((len(x), 1), np.float32)), 0.0
 
-            # Training rows: the task's probe targets (a distilled student's mix with the teacher);
-            # validation: the labels, which the probe's C is chosen on.
-            train = self._over_eval_batches(self.train, self.train_len, features(self.task.probe_targets),
-                                            "head_init probe: features")
-            val = self._over_eval_batches(self.val, self.val_len, features(self.task.labels),
-                                          "head_init probe: features")
+            # Training and validation rows in separate passes: a batch collates rows of one kind
+            # (a distilled student's training rows carry teacher probabilities, its validation rows not).
+            parts = []
+            for part in (missing[missing < len(self.train)], missing[missing >= len(self.train)]):
+                sub = [rows[i] for i in part]
+                if sub:
+                    parts.append(self._over_eval_batches(sub, [int(e.get("length", 1)) for e in sub], batch_fn,
+                                                         "head_init probe: features").scores)
+            computed = np.concatenate(parts)
+            sub = [rows[i] for i in missing]
             model.train(was)
-            train_x, train_t, val_x, val_y = train.scores, train.labels, val.scores, val.labels
-            if cache and self.rank == 0:
-                buf = io.BytesIO()
-                np.savez(buf, train=train_x, val=val_x)
-                storage.write_bytes(cache, buf.getvalue())  # atomic: a temporary name, then renamed
+            if self.task.feature_cache and self.rank == 0:
+                FeatureCache(self.task.feature_cache, self.task.feature_key).add([e["input_ids"] for e in sub],
+                                                                                   computed)
+            feats = np.zeros((len(rows), computed.shape[1]), np.float32) if feats is None else feats
+            feats[missing] = computed
+        if self.rank == 0 and found.any():
+            log.info("head_init probe: frozen features of %d of %d rows read from %s", int(found.sum()), len(rows),
+                     self.task.feature_cache)
+        train_x, val_x = feats[: len(self.train)], feats[len(self.train):]
+        # Training rows: the task's probe targets (a distilled student's mix with the teacher);
+        # validation: the labels, which the probe's C is chosen on.
+        train_t = self._targets(self.train, self.task.probe_targets)
+        val_y = self._targets(self.val, self.task.labels)
         probe = fit_probe(train_x, train_t, val_x, val_y, seed=self.cfg.seed)
         model.load_probe(probe)
         self.probe_metrics = {"probe_val_macro_auroc": probe.val_macro_auroc, "probe_c": probe.c_value,
@@ -258,26 +262,12 @@ class TrainLoop:
                      probe.c_value, probe.val_macro_auroc, time.time() - start)
         return probe
 
-    def _feature_cache_file(self) -> str | None:
-        """task.feature_cache/{key}.npz, the key a hash of task.feature_key and every training and
-        validation row's token ids (in order): same model, same rows, same features."""
+    def _cached_features(self, rows: Sequence[dict]) -> tuple[np.ndarray | None, np.ndarray]:
+        """task.feature_cache's features of `rows` (ckd_ehr.modeling.feature_cache: per row, keyed
+        by task.feature_key and the row's token ids) and which rows it had."""
         if not self.task.feature_cache:
-            return None
-        h = hashlib.sha256(self.task.feature_key.encode())
-        for examples in (self.train, self.val):
-            h.update(f"{len(examples)};".encode())
-            for e in examples:
-                h.update(np.asarray(e["input_ids"], dtype=np.int64).tobytes() + b";")
-        return storage.join(self.task.feature_cache, h.hexdigest()[:20] + ".npz")
-
-    @staticmethod
-    def _read_features(path: str | None) -> tuple[np.ndarray, np.ndarray] | None:
-        """(train, val) features from a cache file, None if there is none (its key already
-        covers the rows, so a file found is for these rows)."""
-        if not path or not storage.exists(path):
-            return None
-        with np.load(io.BytesIO(storage.read_bytes(path))) as f:
-            return f["train"], f["val"]
+            return None, np.zeros(len(rows), dtype=bool)
+        return FeatureCache(self.task.feature_cache, self.task.feature_key).lookup([e["input_ids"] for e in rows])
 
     def _targets(self, examples: Sequence[dict], target_fn: Callable) -> np.ndarray:
         """target_fn over the collated targets of `examples`, in order, without a forward pass."""

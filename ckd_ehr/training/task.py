@@ -70,9 +70,10 @@ class TrainTask:
     """Model outputs -> the per-row scores eval_fn reads (default: the outputs themselves, logits)."""
     feature_cache: str | None = None
     """Directory (local or URI) where head_init probe keeps the frozen model's pooled features of
-    its training and validation rows, keyed by `feature_key` and the rows' token ids: runs that
-    read the same texts with the same frozen model (a student's hard and distilled variants,
-    Tune trials) compute them once. None: no cache."""
+    its training and validation rows, per row, keyed by `feature_key` and the row's token ids
+    (ckd_ehr.modeling.feature_cache): runs that read the same rows with the same frozen model (a
+    student's hard and distilled variants, Tune trials, a step-0 model scoring them later)
+    compute them once. None: no cache."""
     feature_key: str = ""
     """What, besides the token ids, decides the features: the model and its pooling."""
     probe_targets_of: Callable[[Any], torch.Tensor] | None = None

@@ -70,7 +70,9 @@ def _train_trial(params: dict, base: dict, target: str, metric: str, train_root:
     if target == "teacher":
         from ckd_ehr.teacher.train import teacher_task
 
-        section, task = cfg.teacher, teacher_task(cfg.teacher, layout.augmented("train"), layout.augmented("val"))
+        # trials share the frozen backbone's probe features (LoRA rank does not change them)
+        section, task = cfg.teacher, teacher_task(cfg.teacher, layout.augmented("train"), layout.augmented("val"),
+                                                  feature_cache=layout.teacher_probe_features)
     else:
         from ckd_ehr.student.run import build_student_task
 
