@@ -45,6 +45,10 @@ def test_student_search_report_best_config_and_restore(tiny_run_copy, tmp_path):
     trials = pd.read_csv(Path(exp) / "report" / "trials.csv")
     assert len(trials) == 2
     assert trials["best_val_macro_auroc"].notna().all()
+    # The noise floor: each trial against the best on the same validation rows (0 for the best).
+    assert trials["vs_best_auroc_delta"].notna().all() and (trials["vs_best_auroc_delta"] <= 1e-12).all()
+    assert (trials["vs_best_auroc_low"] <= trials["vs_best_auroc_delta"]).all()
+    assert "other trials cannot be told from the best" in report["noise_floor"]
     # Early stopping is recorded: a trial stopped by ASHA ran fewer iterations than max_t (2).
     assert (trials["stopped_early"] == ((trials["status"] == "TERMINATED") & (trials["iterations"] < 2))).all()
     assert report["stopped_early"] == int(trials["stopped_early"].sum())
@@ -122,3 +126,37 @@ def test_teacher_lora_search_trains_the_sampled_rank(tiny_run_copy, tmp_path):
     best = load_config(PipelineConfig, exp / "report" / "best_config.yaml")
     assert best.teacher.lora.rank in (2, 4)
     assert best.teacher.lora.alpha == 3 * best.teacher.lora.rank
+
+
+def test_noise_floor_tells_trials_apart_only_beyond_validation_noise(tmp_path):
+    """tune-report's noise floor: each trial's validation macro AUROC against the best trial's,
+    from the scores its checkpoints keep, with a paired bootstrap interval. A copy of the best
+    is indistinguishable (delta 0); a trial scoring noise is clearly worse; a trial that
+    validated other rows voids the comparison (it would compare different things)."""
+    import numpy as np
+
+    from ckd_ehr.tune.run import noise_floor
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((120, 25)) < 0.3).astype(np.int8)
+    signal = np.where(y == 1, 1.5, -1.5) + rng.normal(0, 1.0, y.shape)
+
+    def trial(name, logits, labels=y, step=0):
+        d = tmp_path / "exp" / "train" / name / "train" / f"checkpoint_{step}"
+        d.mkdir(parents=True)
+        np.save(d / "val_logits.npy", logits.astype(np.float32))
+        np.save(d / "val_labels.npy", labels.astype(np.float32))
+
+    trial("best", signal)
+    trial("best", signal - 10 * rng.random(y.shape), step=1)   # a worse later checkpoint: the best one counts
+    trial("copy", signal)
+    trial("noise", rng.normal(0, 1, y.shape))
+    floor, note = noise_floor(str(tmp_path / "exp"), ["best", "copy", "noise", "never_validated"], resamples=100)
+    assert set(floor) == {"best", "copy", "noise"}
+    assert floor["copy"]["delta"] == 0 and floor["copy"]["low"] <= 0 <= floor["copy"]["high"]
+    assert floor["noise"]["delta"] < -0.3 and floor["noise"]["high"] < 0
+    assert "1 of 2 other trials cannot be told from the best" in note
+
+    trial("other_rows", signal[::-1], labels=y[::-1])
+    floor, note = noise_floor(str(tmp_path / "exp"), ["best", "other_rows"], resamples=10)
+    assert floor == {} and "different rows" in note

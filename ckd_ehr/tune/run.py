@@ -18,10 +18,13 @@ The experiment directory holds `search.json` (base config, space, metric) so tha
 """
 from __future__ import annotations
 
+import glob
 import logging
 import math
 import os
 from pathlib import Path
+
+import numpy as np
 
 from ckd_ehr import storage
 from ckd_ehr.config import PipelineConfig, dump_yaml
@@ -195,6 +198,62 @@ def _trial_rows(exp_dir: str) -> tuple[list[dict], dict]:
     return rows, search
 
 
+NOISE_FLOOR_RESAMPLES = 300
+"""Bootstrap draws of the validation rows for the noise floor (a 95% interval per trial)."""
+
+
+def _trial_validation(exp_dir: str, trial_id: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(labels, probabilities) of a trial's validated checkpoint with the best validation macro
+    AUROC (checkpoints keep `val_logits.npy` / `val_labels.npy`, ckd_ehr.training.loop), or None."""
+    from ckd_ehr.evaluation.baselines import macro_auroc
+
+    best = None
+    for d in sorted(glob.glob(os.path.join(exp_dir, "train", trial_id, "**", "val_logits.npy"), recursive=True)):
+        labels_file = os.path.join(os.path.dirname(d), "val_labels.npy")
+        if not os.path.exists(labels_file):
+            continue
+        y = np.load(labels_file).astype(np.int8)
+        p = 1.0 / (1.0 + np.exp(-np.load(d).astype(np.float64)))
+        score = macro_auroc(y, p)
+        if best is None or score > best[0]:
+            best = (score, y, p)
+    return None if best is None else (best[1], best[2])
+
+
+def noise_floor(exp_dir: str, trial_ids: list[str], resamples: int = NOISE_FLOOR_RESAMPLES,
+                seed: int = 0) -> tuple[dict[str, dict], str]:
+    """Per trial, its validation macro AUROC minus the best trial's, with a paired 95% bootstrap
+    interval (the same resampled validation rows for both): a trial whose interval holds 0
+    cannot be told from the best on this validation set, so "what wins" is only what clears
+    it. Returns ({trial_id: {delta, low, high}}, note); {} and the reason when the checkpoints
+    hold no validation scores, the trials validated different rows, or the experiment is not
+    on a local disk. Rows are resampled, not patients: checkpoints keep no patient ids (the
+    demo's validation split has about 1.1 pairs per patient)."""
+    from ckd_ehr.evaluation.metrics import paired_bootstrap_delta
+
+    if storage.is_uri(exp_dir):
+        return {}, "noise floor: computed for a local experiment directory only"
+    scored = {t: v for t in trial_ids if (v := _trial_validation(exp_dir, t)) is not None}
+    if len(scored) < 2:
+        return {}, "noise floor: fewer than two trials have validation scores in their checkpoints"
+    labels = next(iter(scored.values()))[0]
+    if any(v[0].shape != labels.shape or not np.array_equal(v[0], labels) for v in scored.values()):
+        return {}, "noise floor: the trials validated different rows (a searched seed or sample count?)"
+    from ckd_ehr.evaluation.baselines import macro_auroc
+
+    best_id = max(scored, key=lambda t: macro_auroc(labels, scored[t][1]))
+    rows = np.arange(len(labels))
+    half = [0.5] * labels.shape[1]
+    out = {}
+    for t, (_, p) in scored.items():
+        d = paired_bootstrap_delta(labels, scored[best_id][1], half, p, half, rows, resamples, seed)["macro_auroc"]
+        out[t] = {"delta": d["delta"], "low": d["interval"][0], "high": d["interval"][1]}
+    clear = sum(1 for t, v in out.items() if t != best_id and v["high"] < 0)
+    return out, (f"noise floor: {len(scored) - 1 - clear} of {len(scored) - 1} other trials cannot be told from "
+                 f"the best ({best_id}) on {len(labels)} validation rows (paired 95% interval of the "
+                 f"difference holds 0; {resamples} row resamples)")
+
+
 def tune_report(experiment_dir: str, out_dir: str | None = None) -> dict:
     """trials.csv, best_config.yaml (a pipeline config) and PNG plots of an experiment."""
     import matplotlib
@@ -211,6 +270,9 @@ def tune_report(experiment_dir: str, out_dir: str | None = None) -> dict:
     out = out_dir or storage.join(experiment_dir, "report")
     metric = search["metric"]
     df = pd.DataFrame(rows)
+    floor, floor_note = noise_floor(experiment_dir, [r["trial_id"] for r in rows]) if len(df) else ({}, "")
+    for key in ("delta", "low", "high"):   # the validation macro AUROC against the best trial's
+        df[f"vs_best_auroc_{key}"] = [floor.get(t, {}).get(key, math.nan) for t in df["trial_id"]] if len(df) else []
     storage.write_text(storage.join(out, "trials.csv"), df.to_csv(index=False))
     scored = df[df[f"best_{metric}"].notna()] if len(df) else df
     if not len(scored):
@@ -247,10 +309,10 @@ def tune_report(experiment_dir: str, out_dir: str | None = None) -> dict:
         plots.append(_save(fig, out, f"{key.replace('.', '_')}.png"))
     summary = {"trials": len(df), "stopped_early": int(df["stopped_early"].sum()),
                "best": {"trial_id": best["trial_id"], metric: float(best[f"best_{metric}"]), "params": params},
-               "plots": plots, "out_dir": out}
+               "noise_floor": floor_note, "plots": plots, "out_dir": out}
     storage.write_json(storage.join(out, "summary.json"), summary)
     print(f"{len(df)} trials ({summary['stopped_early']} stopped early by the scheduler); best "
-          f"{metric}={best[f'best_{metric}']:.4f}: {params}\nreport: {out}")
+          f"{metric}={best[f'best_{metric}']:.4f}: {params}\n{floor_note}\nreport: {out}")
     return summary
 
 
