@@ -49,8 +49,13 @@ def test_student_search_report_best_config_and_restore(tiny_run_copy, tmp_path):
     assert trials["vs_best_auroc_delta"].notna().all() and (trials["vs_best_auroc_delta"] <= 1e-12).all()
     assert (trials["vs_best_auroc_low"] <= trials["vs_best_auroc_delta"]).all()
     assert "other trials cannot be told from the best" in report["noise_floor"]
-    # Early stopping is recorded: a trial stopped by ASHA ran fewer iterations than max_t (2).
-    assert (trials["stopped_early"] == ((trials["status"] == "TERMINATED") & (trials["iterations"] < 2))).all()
+    # Under head_init probe the probe's report (step 0) comes first: max_t counts it, so a trial
+    # trains its epochs instead of ending at its probe (it did: ASHA stopped every 1-epoch trial
+    # there). The best trial runs to the end; early stopping is recorded against max_t.
+    search = json.loads((Path(exp) / "search.json").read_text())
+    assert cfg.student.head_init == "probe" and search["max_t"] == 3
+    assert trials["iterations"].max() == 3
+    assert (trials["stopped_early"] == ((trials["status"] == "TERMINATED") & (trials["iterations"] < 3))).all()
     assert report["stopped_early"] == int(trials["stopped_early"].sum())
     assert (Path(exp) / "report" / "student_distill_alpha.png").exists()
     assert (Path(exp) / "report" / "student_distill_schedule.png").exists()

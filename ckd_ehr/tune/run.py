@@ -149,9 +149,14 @@ def run_tune(cfg: PipelineConfig, space_file: str, num_samples: int | None = Non
             raise FileExistsError(f"{exp_dir}: an experiment is already there; --resume it or "
                                   f"pass another --experiment-dir")
         section = getattr(cfg, space.target)
-        max_t = section.epochs
+        # One report per epoch, and under head_init probe one more before training: the probe,
+        # reported as step 0. Counted as an epoch, it ended every 1-epoch trial (the demo's
+        # recipe) before its first optimiser step; so the probe's report is iteration 1, an
+        # epoch's report iteration epoch + 1, and the grace period counts trained epochs.
+        probe = 1 if section.head_init == "probe" else 0
+        max_t = section.epochs + probe
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max_t,
-                                   grace_period=min(cfg.tune.grace_period, max_t), reduction_factor=2)
+                                   grace_period=min(cfg.tune.grace_period + probe, max_t), reduction_factor=2)
                      if cfg.tune.scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable,
