@@ -239,6 +239,25 @@ def test_int8_quantises_the_encoder_and_agrees_with_fp32(artifact, caplog):
         load_student(artifact, precision="int4")
 
 
+@pytest.mark.slow   # torch.compile: about 30 s of compiling on 2 cores
+def test_compiled_encoder_gives_the_eager_answers(artifact):
+    """serve.compile: the encoder runs through torch.compile (compiled at load), and every
+    batch shape a replica sees (1 row, several, short and long rows) gives the eager
+    model's probabilities."""
+    import torch
+
+    from ckd_ehr.student import load_student
+
+    eager = load_student(artifact)
+    compiled = load_student(artifact, compile=True)
+    assert isinstance(compiled.model.encoder, torch._dynamo.eval_frame.OptimizedModule)
+    assert not isinstance(eager.model.encoder, torch._dynamo.eval_frame.OptimizedModule)
+    texts = [f"{t} {i}" for i in range(7) for t in TEXTS]
+    for batch in (texts[:1], texts[:5], texts):
+        np.testing.assert_allclose(compiled.predict_proba(batch, batch_size=8), eager.predict_proba(batch, batch_size=8),
+                                   rtol=0, atol=1e-5)
+
+
 # --- the Hugging Face export ----------------------------------------------------------------
 
 def test_export_hf_loads_in_a_pipeline_with_the_artifacts_probabilities(artifact, tmp_path):

@@ -147,14 +147,15 @@ def run_levels(url: str, records: list[dict], duration: float, token: str | None
     return out
 
 
-def ceiling(artifact: str, records: list[dict], precision: str, batch_size: int, threads: int) -> dict:
+def ceiling(artifact: str, records: list[dict], precision: str, batch_size: int, threads: int,
+            compile: bool = False) -> dict:
     """In-process records/s of what a replica does per batch (render, tokenise, forward), same
     records, no HTTP: the most the endpoint can serve on these cores. bench_serve runs it in
     a Ray task, at the niceness of Ray's workers (15), like the replica."""
     from ckd_ehr.serve.api import Record, render_and_predict
     from ckd_ehr.serve.app import load_predictor
 
-    predictor, info = load_predictor(artifact, threads, precision)
+    predictor, info = load_predictor(artifact, threads, precision, compile)
     recs = [Record(**r) for r in records]
     m = min(len(recs), 2 * batch_size)
     run = lambda rs: render_and_predict(rs, info, lambda t: predictor.predict_proba(t, batch_size))  # noqa: E731
@@ -165,13 +166,15 @@ def ceiling(artifact: str, records: list[dict], precision: str, batch_size: int,
         for s in range(0, m, batch_size):
             run(recs[s:s + batch_size])
         rates.append(m / (time.perf_counter() - t))
-    return {"precision": precision, "records_per_s": round(max(rates), 2), "batch_size": batch_size,
+    return {"precision": precision, "compiled": compile, "records_per_s": round(max(rates), 2), "batch_size": batch_size,
             "torch_threads": threads, "load_avg_1m": round(os.getloadavg()[0], 1)}
 
 
-def precision_agreement(cfg: PipelineConfig, artifact: str, records: list[dict], min_samples: int = 1000) -> dict:
-    """Largest |p_int8 - p_fp32| over every phenotype: on the run's samples (every split, texts
-    fitted as training did) when the run has them, else on rendered bench records."""
+def precision_agreement(cfg: PipelineConfig, artifact: str, records: list[dict], min_samples: int = 1000,
+                        precision: str = "int8", compile: bool = False) -> dict:
+    """Largest |p - p_fp32| over every phenotype between the student at `precision` (compiled
+    or not) and the eager fp32 student: on the run's samples (every split, texts fitted as
+    training did) when the run has them, else on rendered bench records."""
     from ckd_ehr.serve.api import Record, render_record
     from ckd_ehr.student import load_student
     from ckd_ehr.student.quantized import run_texts
@@ -184,10 +187,11 @@ def precision_agreement(cfg: PipelineConfig, artifact: str, records: list[dict],
         info = model_info(fp32, artifact) if "://" not in artifact else None
         more = [render_record(Record(**r), info)[0] for r in records] if info else []
         texts, source = texts + more, f"{source} + {len(more)} bench records"
-    int8 = load_student(artifact, precision="int8")
-    p32, p8 = fp32.predict_proba(texts, 32), int8.predict_proba(texts, 32)
+    other = load_student(artifact, precision=precision, compile=compile)
+    p32, p8 = fp32.predict_proba(texts, 32), other.predict_proba(texts, 32)
     diff = np.abs(p8 - p32)
-    return {"samples": len(texts), "source": source, "max_abs_diff": round(float(diff.max()), 5),
+    return {"compared": f"{precision}{' compiled' if compile else ''} vs fp32", "samples": len(texts),
+            "source": source, "max_abs_diff": round(float(diff.max()), 7),
             "mean_abs_diff": round(float(diff.mean()), 6), "p99_abs_diff": round(float(np.quantile(diff, 0.99)), 5),
             "decisions_changed": int(((p8 >= fp32.thresholds) != (p32 >= fp32.thresholds)).sum()),
             "cells": int(diff.size)}
@@ -239,7 +243,7 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
             in_ray = ray.remote(num_cpus=1)(ceiling)
             port = _free_port()  # one port: Serve's proxy keeps the port it started with
             for precision in precisions:
-                c = ray.get(in_ray.remote(artifact, records, precision, bs, cores))
+                c = ray.get(in_ray.remote(artifact, records, precision, bs, cores, cfg.serve.compile))
                 results["runs"][precision] = run = {"ceiling": c}
                 print(f"in-process ceiling {precision}: {run['ceiling']}", flush=True)
                 s = cfg.serve.model_copy(update={"precision": precision, "min_replicas": replicas,
@@ -258,6 +262,8 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
             agree = int(getattr(args, "agreement_samples", None) if getattr(args, "agreement_samples", None) is not None else 1000)
             if {"fp32", "int8"} <= set(results["runs"]) and agree > 0:
                 results["precision_agreement"] = precision_agreement(cfg, artifact, records, agree)
+            if cfg.serve.compile and "fp32" in results["runs"] and agree > 0:   # compiled vs eager, same weights
+                results["compile_agreement"] = precision_agreement(cfg, artifact, records, agree, "fp32", True)
     finally:
         if not url_given:
             serve.shutdown()

@@ -69,6 +69,11 @@ class ServeConfig(Section):
     """`int8`: dynamic int8 quantisation of the encoder's linear layers (per-channel weights,
     activations quantised per batch) at load time, for CPU serving; the head stays fp32.
     `bench serve` measures both; the README gives the measured speed and largest difference."""
+    compile: bool = False
+    """torch.compile the encoder at load (dynamic shapes), compiled before the replica takes
+    traffic: the same answers as eager (largest difference in any probability 6e-7 on the demo
+    student), faster forward passes on CPU, about a minute more start-up per replica and a C++
+    compiler on the machine (inductor). Measured in the README ("Serving")."""
     max_body_bytes: int | None = Field(None, ge=1)
     """Largest request body, counted as it arrives (chunked or not); None = derived from
     max_records and max_text_chars (worst-case UTF-8 JSON)."""

@@ -72,8 +72,10 @@ def _own_tokenizer_render(predictor):
     return clone.render
 
 
-def load_predictor(artifact: str, torch_threads: int | None = None, precision: str = "fp32"):
-    """(StudentPredictor, ModelInfo) for a local path or URI (copied locally while loading)."""
+def load_predictor(artifact: str, torch_threads: int | None = None, precision: str = "fp32",
+                   compile: bool = False):
+    """(StudentPredictor, ModelInfo) for a local path or URI (copied locally while loading);
+    `compile`: serve.compile."""
     import torch
 
     from ckd_ehr.storage import local_dir
@@ -82,7 +84,7 @@ def load_predictor(artifact: str, torch_threads: int | None = None, precision: s
     if torch_threads:
         torch.set_num_threads(torch_threads)
     with local_dir(artifact) as d:
-        predictor = load_student(d, device="cpu", precision=precision)
+        predictor = load_student(d, device="cpu", precision=precision, compile=compile)
         return predictor, model_info(predictor, d)
 
 
@@ -92,15 +94,16 @@ class StudentDeployment:
     def __init__(self, artifact: str, serve_cfg: dict[str, Any], token_sha256: str | None = None):
         self.cfg = ServeConfig.model_validate(serve_cfg)
         threads = self.cfg.torch_threads or max(1, round(self.cfg.num_cpus))
-        self.predictor, self.info = load_predictor(artifact, threads, self.cfg.precision)
+        self.predictor, self.info = load_predictor(artifact, threads, self.cfg.precision, self.cfg.compile)
         self.metrics = RayServeMetrics(self.info.artifact_id, self.cfg.precision)
         if token_sha256 is None and os.environ.get(self.cfg.auth_token_env):
             token_sha256 = token_digest(os.environ[self.cfg.auth_token_env])
         self.token_sha256 = token_sha256
         self.predict_batch.set_max_batch_size(self.cfg.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
-        log.info("serving %s (%s, auth %s, batch %d, %d pending requests at most)", self.info.artifact_id,
-                 self.cfg.precision, "on" if token_sha256 else "off", self.cfg.max_batch_size,
+        log.info("serving %s (%s%s, auth %s, batch %d, %d pending requests at most)", self.info.artifact_id,
+                 self.cfg.precision, ", compiled" if self.cfg.compile else "", "on" if token_sha256 else "off",
+                 self.cfg.max_batch_size,
                  self.cfg.pending_requests)
 
     def __serve_build_asgi_app__(self):

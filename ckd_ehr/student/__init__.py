@@ -14,10 +14,10 @@ def run_student(cfg):
     return _run(cfg)
 
 
-def load_student(artifact_dir, device: str = "cpu", precision: str = "fp32"):
+def load_student(artifact_dir, device: str = "cpu", precision: str = "fp32", compile: bool = False):
     from ckd_ehr.student.artifact import load_student as _load
 
-    return _load(artifact_dir, device=device, precision=precision)
+    return _load(artifact_dir, device=device, precision=precision, compile=compile)
 
 
 def __getattr__(name):

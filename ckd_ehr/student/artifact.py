@@ -62,7 +62,8 @@ def write_artifact(dest: str, weights_dir: str | os.PathLike, tokenizer, meta: d
 class StudentPredictor:
     """A loaded student: texts -> [N, 25] probabilities, and what Serve needs to render text."""
 
-    def __init__(self, directory: str | os.PathLike, device: str = "cpu", precision: str = "fp32"):
+    def __init__(self, directory: str | os.PathLike, device: str = "cpu", precision: str = "fp32",
+                 compile: bool = False):
         from transformers import AutoTokenizer
 
         from ckd_ehr.storage import read_parquet
@@ -93,6 +94,20 @@ class StudentPredictor:
         # plain-text students were trained without efficacy clauses: they render none
         self.efficacy: dict[str, list[str]] = eff if self.text_column == "text_eadf" else {}
         self.pad_id = self.tokenizer.pad_token_id or 0
+        self.compiled = compile
+        if compile:
+            self._compile()
+
+    def _compile(self) -> None:
+        """torch.compile the encoder (dynamic shapes: one graph for every batch size above 1 and
+        every length) and compile it now, on batches of 1 and 2 rows of two lengths, so the
+        first request does not pay for it (about a minute on 2 cores for MiniLM-L6)."""
+        import torch
+
+        self.model.encoder = torch.compile(self.model.encoder, dynamic=True)
+        for n in (2, 1):
+            ids = [[self.pad_id + 1] * (8 + 24 * i) for i in range(n)]
+            predict_ids(self.model, ids, self.pad_id, 2, self.device)
 
     @property
     def artifact_id(self) -> str:
@@ -123,13 +138,15 @@ class StudentPredictor:
         return (self.predict_proba(texts, batch_size) >= self.thresholds).astype(np.int8)
 
 
-def load_student(artifact_dir: str | os.PathLike, device: str = "cpu", precision: str = "fp32") -> StudentPredictor:
+def load_student(artifact_dir: str | os.PathLike, device: str = "cpu", precision: str = "fp32",
+                 compile: bool = False) -> StudentPredictor:
     """Load a student artifact from a local path or a URI (copied to a temp dir first);
-    precision `int8` quantises the encoder's linear layers (CPU)."""
+    precision `int8` quantises the encoder's linear layers (CPU); `compile` runs the encoder
+    through torch.compile (compiled at load)."""
     if "://" in str(artifact_dir):
         with local_dir(artifact_dir) as d:
-            return StudentPredictor(d, device=device, precision=precision)  # all read in __init__
-    return StudentPredictor(artifact_dir, device=device, precision=precision)
+            return StudentPredictor(d, device=device, precision=precision, compile=compile)  # all read in __init__
+    return StudentPredictor(artifact_dir, device=device, precision=precision, compile=compile)
 
 
 __all__ = ["StudentPredictor", "load_student", "write_artifact", "save_student", "artifact_id"]
