@@ -188,12 +188,12 @@ def precision_agreement(cfg: PipelineConfig, artifact: str, records: list[dict],
         more = [render_record(Record(**r), info)[0] for r in records] if info else []
         texts, source = texts + more, f"{source} + {len(more)} bench records"
     other = load_student(artifact, precision=precision, compile=compile)
-    p32, p8 = fp32.predict_proba(texts, 32), other.predict_proba(texts, 32)
-    diff = np.abs(p8 - p32)
+    p32, p_other = fp32.predict_proba(texts, 32), other.predict_proba(texts, 32)
+    diff = np.abs(p_other - p32)
     return {"compared": f"{precision}{' compiled' if compile else ''} vs fp32", "samples": len(texts),
             "source": source, "max_abs_diff": round(float(diff.max()), 7),
             "mean_abs_diff": round(float(diff.mean()), 6), "p99_abs_diff": round(float(np.quantile(diff, 0.99)), 5),
-            "decisions_changed": int(((p8 >= fp32.thresholds) != (p32 >= fp32.thresholds)).sum()),
+            "decisions_changed": int(((p_other >= fp32.thresholds) != (p32 >= fp32.thresholds)).sum()),
             "cells": int(diff.size)}
 
 

@@ -237,8 +237,9 @@ def in_input_order(table: pa.Table, input_ids: Sequence[str]) -> pa.Table:
     return table.take(pa.array([pos[sid] for sid in input_ids], pa.int64()))
 
 
-def soft_labels_from_probe(layout: RunLayout, sl_cfg, inputs: dict[str, str]) -> dict[str, pa.Table]:
-    """{split: SOFT_LABELS rows + n_tokens, n_computed (0)} of the input rows whose frozen
+def soft_labels_from_probe(layout: RunLayout, meta: dict, sl_cfg, rows: dict[str, pa.Table]) -> dict[str, pa.Table]:
+    """{split: SOFT_LABELS rows + n_tokens, n_computed (0)} of the `rows` (sample_id and the
+    teacher's text column, per split) whose frozen
     features the teacher's probe cached (RUN/teacher/probe_features), when the teacher kept its
     probe: checkpoint selection kept step 0, so no update was ever applied (LoRA's B starts at
     zero, the head is the probe) and the teacher's logits of a row ARE the probe's on the frozen
@@ -254,7 +255,6 @@ def soft_labels_from_probe(layout: RunLayout, sl_cfg, inputs: dict[str, str]) ->
     from ckd_ehr.teacher.train import teacher_feature_key
 
     art = layout.teacher_artifact
-    meta = storage.read_json(layout.teacher_meta)
     if ((meta.get("metrics") or {}).get("step") != 0 or meta.get("head", "mlaph") != "mlaph"
             or meta.get("pooling") not in ("last", "mean") or not storage.exists(storage.join(art, PROBE_HEAD))
             or not storage.exists(layout.teacher_probe_features)):
@@ -265,19 +265,20 @@ def soft_labels_from_probe(layout: RunLayout, sl_cfg, inputs: dict[str, str]) ->
         probe = LinearProbe.load(str(d / PROBE_HEAD))
         tokenizer = AutoTokenizer.from_pretrained(str(d / ARTIFACT_TOKENIZER))
     chat, max_length, instruction = teacher_text_options(meta, sl_cfg.max_length)
-    column = teacher_text_column(art)
-    out = {}
-    for split, path in inputs.items():
-        table = storage.read_parquet(path, columns=["sample_id", column])
-        ids = tokenize(tokenizer, [t or "" for t in table.column(column).to_pylist()], chat, max_length, instruction)
-        features, found = cache.lookup(ids)
-        if not found.any():
-            continue
-        rows = np.flatnonzero(found)
-        sample_ids = table.column("sample_id").to_pylist()
-        got = soft_label_table([sample_ids[i] for i in rows], probe.logits(features[rows]), meta["artifact_id"])
-        out[split] = (got.append_column("n_tokens", pa.array([len(ids[i]) for i in rows], pa.int32()))
-                      .append_column("n_computed", pa.array(np.zeros(len(rows), np.int32))))
+    column = teacher_text_column(art, meta)
+    ids = {split: tokenize(tokenizer, [t or "" for t in table.column(column).to_pylist()], chat, max_length,
+                           instruction) for split, table in rows.items()}
+    features, found = cache.lookup([x for split in rows for x in ids[split]])   # one read of the cache
+    out, start = {}, 0
+    for split, table in rows.items():
+        n = table.num_rows
+        hit = np.flatnonzero(found[start:start + n])
+        if len(hit):
+            sample_ids = table.column("sample_id").to_pylist()
+            got = soft_label_table([sample_ids[i] for i in hit], probe.logits(features[start + hit]), meta["artifact_id"])
+            out[split] = (got.append_column("n_tokens", pa.array([len(ids[split][i]) for i in hit], pa.int32()))
+                          .append_column("n_computed", pa.array(np.zeros(len(hit), np.int32))))
+        start += n
     return out
 
 
@@ -341,9 +342,9 @@ def teacher_text_options(meta: dict, max_length: int | None = None) -> tuple[boo
             teacher_instruction(meta))
 
 
-def teacher_text_column(artifact_dir: str) -> str:
-    """The sample text column the teacher was trained on (teacher.json)."""
-    meta = storage.read_json(storage.join(artifact_dir, "teacher.json"))
+def teacher_text_column(artifact_dir: str, meta: dict | None = None) -> str:
+    """The sample text column the teacher was trained on (teacher.json, or its `meta` already read)."""
+    meta = meta if meta is not None else storage.read_json(storage.join(artifact_dir, "teacher.json"))
     return meta.get("text_column") or meta.get("config", {}).get("text_column", "text_eadf")
 
 
@@ -446,54 +447,56 @@ def run_soft_labels(cfg) -> dict:
     artifact = layout.teacher_artifact
     if not storage.exists(storage.join(artifact, "teacher.json")):
         raise FileNotFoundError(f"{artifact}: no teacher artifact (run `ckd-ehr teacher` first)")
-    inputs = {split: layout.augmented(split) for split in SPLITS}
-    subsets = {}
-    if cfg.soft_labels.rows == "student":
-        from ckd_ehr.student.data import student_rows
+    meta = storage.read_json(layout.teacher_meta)
+    # The rows this stage scores, per split: every row, or under `soft_labels.rows: student` the
+    # training / validation rows the student reads.
+    rows, totals = {}, {}
+    for split in SPLITS:
+        table = storage.read_parquet(layout.augmented(split))
+        totals[split] = table.num_rows
+        if cfg.soft_labels.rows == "student" and split in ("train", "val"):
+            from ckd_ehr.student.data import student_rows
 
-        for split in ("train", "val"):
-            table = storage.read_parquet(inputs[split])
             keep = student_rows(cfg.student, split, table.num_rows)
             if len(keep) < table.num_rows:
-                # Beside the run's other files (same filesystem for Ray Data), removed below.
-                subsets[split] = storage.join(layout.root, "soft_labels", f"student_rows_{split}.parquet")
-                storage.write_parquet(table.take(pa.array(keep)), subsets[split])
                 log.info("soft labels %s: the %d of %d rows the student reads (soft_labels.rows: student)",
                          split, len(keep), table.num_rows)
-                inputs[split] = subsets[split]
-    input_ids = {split: storage.read_parquet(p, columns=["sample_id"]).column("sample_id").to_pylist()
-                 for split, p in inputs.items()}
+                table = table.take(pa.array(keep))
+        rows[split] = table
+    input_ids = {split: t.column("sample_id").to_pylist() for split, t in rows.items()}
     unit_columns = None
     if cfg.soft_labels.unit_targets:
         from ckd_ehr.text import diagnosis_title_column
 
         unit_columns = (diagnosis_title_column(cfg.text), "drugs", "procedure_titles")
-        meta = storage.read_json(layout.teacher_meta)
         if meta.get("head", "mlaph") != "mlaph":
             raise ValueError("soft_labels.unit_targets needs an MLAPH teacher (teacher.head: mlaph): a generative "
                              "teacher has neither label attention nor a projection head's states")
         unit_attention = meta.get("pooling") == "label_attention"
     # A teacher that kept its probe: rows whose frozen features the probe cached need no pass.
-    from_probe = {} if unit_columns else soft_labels_from_probe(layout, cfg.soft_labels, inputs)
-    to_score = dict(inputs)
+    from_probe = {} if unit_columns else soft_labels_from_probe(layout, meta, cfg.soft_labels, rows)
+    to_score, subsets = {}, []
     try:
-        for split, got in from_probe.items():
-            done = set(got.column("sample_id").to_pylist())
-            keep = [i for i, sid in enumerate(input_ids[split]) if sid not in done]
-            log.info("soft labels %s: %d of %d rows from the teacher's probe features (it kept its probe, step 0)",
-                     split, got.num_rows, len(input_ids[split]))
-            if not keep:
-                del to_score[split]
+        for split, table in rows.items():
+            if split in from_probe:
+                done = set(from_probe[split].column("sample_id").to_pylist())
+                log.info("soft labels %s: %d of %d rows from the teacher's probe features (it kept its probe, step 0)",
+                         split, len(done), table.num_rows)
+                table = table.filter(pa.array([sid not in done for sid in input_ids[split]]))
+            if not table.num_rows:
                 continue
-            path = storage.join(layout.root, "soft_labels", f"to_score_{split}.parquet")
-            storage.write_parquet(storage.read_parquet(inputs[split]).take(pa.array(keep)), path)
-            subsets[f"to_score_{split}"] = to_score[split] = path
+            if table.num_rows == totals[split]:
+                to_score[split] = layout.augmented(split)
+            else:   # beside the run's other files (same filesystem for Ray Data), removed below
+                to_score[split] = storage.join(layout.root, "soft_labels", f"to_score_{split}.parquet")
+                storage.write_parquet(table, to_score[split])
+                subsets.append(to_score[split])
         raw = {}
         if to_score:
             init_ray(cfg.ray)
             raw = infer_soft_labels(to_score, artifact, cfg.soft_labels, unit_columns)
     finally:
-        for path in subsets.values():
+        for path in subsets:
             storage.remove(path)
     for split in SPLITS:
         parts = [t.select([*SOFT_LABELS.names, "n_tokens", "n_computed"]) for t in (raw.get(split), from_probe.get(split))

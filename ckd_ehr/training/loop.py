@@ -238,11 +238,10 @@ class TrainLoop:
                     parts.append(self._over_eval_batches(sub, [int(e.get("length", 1)) for e in sub], batch_fn,
                                                          "head_init probe: features").scores)
             computed = np.concatenate(parts)
-            sub = [rows[i] for i in missing]
             model.train(was)
             if self.task.feature_cache and self.rank == 0:
-                FeatureCache(self.task.feature_cache, self.task.feature_key).add([e["input_ids"] for e in sub],
-                                                                                   computed)
+                FeatureCache(self.task.feature_cache, self.task.feature_key).add(
+                    [rows[i]["input_ids"] for i in missing], computed)
             feats = np.zeros((len(rows), computed.shape[1]), np.float32) if feats is None else feats
             feats[missing] = computed
         if self.rank == 0 and found.any():

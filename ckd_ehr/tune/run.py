@@ -207,9 +207,10 @@ NOISE_FLOOR_RESAMPLES = 300
 """Bootstrap draws of the validation rows for the noise floor (a 95% interval per trial)."""
 
 
-def _trial_validation(exp_dir: str, trial_id: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(labels, probabilities) of a trial's validated checkpoint with the best validation macro
-    AUROC (checkpoints keep `val_logits.npy` / `val_labels.npy`, ckd_ehr.training.loop), or None."""
+def _trial_validation(exp_dir: str, trial_id: str) -> tuple[float, np.ndarray, np.ndarray] | None:
+    """(validation macro AUROC, labels, probabilities) of a trial's validated checkpoint with the
+    best validation macro AUROC (checkpoints keep `val_logits.npy` / `val_labels.npy`,
+    ckd_ehr.training.loop), or None."""
     from ckd_ehr.evaluation.baselines import macro_auroc
 
     best = None
@@ -222,7 +223,7 @@ def _trial_validation(exp_dir: str, trial_id: str) -> tuple[np.ndarray, np.ndarr
         score = macro_auroc(y, p)
         if best is None or score > best[0]:
             best = (score, y, p)
-    return None if best is None else (best[1], best[2])
+    return best
 
 
 def noise_floor(exp_dir: str, trial_ids: list[str], resamples: int = NOISE_FLOOR_RESAMPLES,
@@ -234,24 +235,28 @@ def noise_floor(exp_dir: str, trial_ids: list[str], resamples: int = NOISE_FLOOR
     hold no validation scores, the trials validated different rows, or the experiment is not
     on a local disk. Rows are resampled, not patients: checkpoints keep no patient ids (the
     demo's validation split has about 1.1 pairs per patient)."""
-    from ckd_ehr.evaluation.metrics import paired_bootstrap_delta
+    from ckd_ehr.evaluation.metrics import all_scores, bootstrap_scores, delta_summary
 
     if storage.is_uri(exp_dir):
         return {}, "noise floor: computed for a local experiment directory only"
     scored = {t: v for t in trial_ids if (v := _trial_validation(exp_dir, t)) is not None}
     if len(scored) < 2:
         return {}, "noise floor: fewer than two trials have validation scores in their checkpoints"
-    labels = next(iter(scored.values()))[0]
-    if any(v[0].shape != labels.shape or not np.array_equal(v[0], labels) for v in scored.values()):
+    labels = next(iter(scored.values()))[1]
+    if any(v[1].shape != labels.shape or not np.array_equal(v[1], labels) for v in scored.values()):
         return {}, "noise floor: the trials validated different rows (a searched seed or sample count?)"
-    from ckd_ehr.evaluation.baselines import macro_auroc
-
-    best_id = max(scored, key=lambda t: macro_auroc(labels, scored[t][1]))
+    best_id = max(scored, key=lambda t: scored[t][0])
     rows = np.arange(len(labels))
     half = [0.5] * labels.shape[1]
+
+    def point_and_draws(p):   # the same seed: the same resampled rows for every trial (paired)
+        return all_scores(labels, p, half), bootstrap_scores(labels, p, rows, {"m": half}, resamples, seed)["m"]
+
+    best = point_and_draws(scored[best_id][2])
     out = {}
-    for t, (_, p) in scored.items():
-        d = paired_bootstrap_delta(labels, scored[best_id][1], half, p, half, rows, resamples, seed)["macro_auroc"]
+    for t, (_, _, p) in scored.items():
+        point, draws = best if t == best_id else point_and_draws(p)
+        d = delta_summary(best[0], point, best[1], draws)["macro_auroc"]
         out[t] = {"delta": d["delta"], "low": d["interval"][0], "high": d["interval"][1]}
     clear = sum(1 for t, v in out.items() if t != best_id and v["high"] < 0)
     return out, (f"noise floor: {len(scored) - 1 - clear} of {len(scored) - 1} other trials cannot be told from "
