@@ -215,11 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve: record shape: long (full stay: ~20 drugs, 6-15 codes) or short (4 diagnoses, 2 drugs, 1 procedure)")
     p.add_argument("--replicas", type=int,
                    help="serve: replicas of the endpoint, each with cores/replicas torch threads (default: one per core)")
-    p.add_argument("--precisions", default="fp32,int8", help="serve: serve.precision values to measure")
+    p.add_argument("--precisions", default="fp32,int8,bf16", help="serve: serve.precision values to measure")
     p.add_argument("--client-nice", type=int, default=19,
                    help="serve: niceness added to the load generator (CPU share; Ray workers run at nice 15)")
     p.add_argument("--agreement-samples", type=int, default=1000,
-                   help="serve: samples for the int8 vs fp32 probability comparison (0: skip)")
+                   help="serve: samples for each precision's probability comparison with fp32 (0: skip)")
     p.add_argument("--repeats", type=int, help="eadf: alternating Ray Data / reference runs (medians; default 3)")
     p.add_argument("--out", help="write the figures as JSON here")
     p.add_argument("--no-check", action="store_true",

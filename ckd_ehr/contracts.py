@@ -124,7 +124,7 @@ TEACHER_ROLE = "(e) teacher LLM with the multi-label projection head"
 
 
 def student_variant(name: str) -> StudentVariant:
-    """The variant called `name` (an int8 row name maps to its base variant's spec)."""
+    """The variant called `name`."""
     for v in STUDENT_VARIANT_TABLE:
         if v.name == name:
             return v
@@ -155,15 +155,23 @@ GROUND_TRUTH = "ground_truth.json"
 """RUN/raw/: the synthetic generator's truth (planted drugs, parameters, ceilings)."""
 
 
-def quantized_name(variant: str) -> str:
-    """Name of a student variant served at int8 (serve.precision: int8): its evaluate row and
-    predictions file (RUN/evaluate/predictions/{variant}_int8.parquet)."""
-    return f"{variant}_int8"
+SERVE_PRECISIONS = ("fp32", "int8", "bf16")
+"""serve.precision: fp32 as trained; int8 dynamic quantisation of the encoder's linear layers
+(CPU); bf16 autocast of the encoder (fast on CPUs with AMX, and on GPUs). See ServeConfig."""
+
+
+def precision_name(variant: str, precision: str) -> str:
+    """Name of a student variant served at a reduced precision (serve.precision int8 or bf16):
+    its evaluate row and predictions file (RUN/evaluate/predictions/{variant}_{precision}.parquet)."""
+    return f"{variant}_{precision}"
 
 
 def base_variant(name: str) -> str:
-    """The student variant behind an evaluate row name (`ckd_ehr_int8` -> `ckd_ehr`)."""
-    return name[:-len("_int8")] if name.endswith("_int8") else name
+    """The student variant behind an evaluate row name (`ckd_ehr_int8`, `ckd_ehr_bf16` -> `ckd_ehr`)."""
+    for precision in SERVE_PRECISIONS[1:]:
+        if name.endswith(f"_{precision}"):
+            return name[:-len(precision) - 1]
+    return name
 
 MULTI_HOT = pa.list_(pa.int8(), NUM_PHENOTYPES)
 VECTOR25 = pa.list_(pa.float32(), NUM_PHENOTYPES)

@@ -6,9 +6,11 @@ the suite's one shared end-to-end run (the `tiny_run` fixture, tests/tiny_run.py
 tests that need trained artifacts reuse."""
 from __future__ import annotations
 
+import numpy as np
+
 from ckd_ehr import storage
 from ckd_ehr.contracts import RunLayout
-from tiny_run import TINY_RUN_VARIANTS
+from tiny_run import TINY_RUN_VARIANTS, TO_SOFT_LABELS, copy_run
 
 
 def test_pipeline_submitted_as_a_ray_job(tiny_run):
@@ -44,6 +46,28 @@ def test_tiny_run_has_probe_rows_and_text_fit(tiny_run):
     assert storage.read_parquet(layout.soft_labels("train")).num_rows == 48
     assert storage.read_parquet(layout.soft_labels("test")).num_rows == \
         storage.read_parquet(layout.augmented("test")).num_rows
+
+
+def test_evaluate_scores_each_served_student_at_bf16_as_its_own_row(tiny_run, tmp_path):
+    """serve.precision: bf16: evaluate scores every served student's artifact at bf16 on the
+    test split (`<variant>_bf16`), beside its fp32 row, with probabilities close to fp32's."""
+    from ckd_ehr.config import PipelineConfig, build
+    from ckd_ehr.evaluation.evaluate import run_evaluate
+    from ckd_ehr.evaluation.metrics import to_matrix
+
+    run_dir = copy_run(tiny_run.run_dir, tmp_path / "run", TO_SOFT_LABELS + ("student", "evaluate"))
+    cfg = build(PipelineConfig, {**tiny_run.config, "run_dir": str(run_dir), "serve": {"precision": "bf16"},
+                                 "evaluate": {**tiny_run.config["evaluate"], "baselines": False, "probes": False,
+                                              "bootstrap": 20}})
+    models = run_evaluate(cfg)["models"]
+    layout = RunLayout(str(run_dir))
+    assert {"hard_eadf_bf16", "ckd_ehr_bf16"} <= set(models)
+    assert not any(n.startswith(("hard_names", "oracle_distill")) and n.endswith("_bf16") for n in models)  # controls: not served
+    assert models["ckd_ehr_bf16"]["role"].endswith("served at bf16 (serve.precision)")
+    for v in ("hard_eadf", "ckd_ehr"):
+        p32, p16 = (to_matrix(storage.read_parquet(layout.predictions(n)).column("probs").to_pylist())
+                    for n in (v, f"{v}_bf16"))
+        assert p32.shape == p16.shape and np.abs(p32 - p16).max() <= 0.02
 
 
 def test_cli_names_the_cpu_accelerator_for_deepspeed_only_without_cuda(monkeypatch):

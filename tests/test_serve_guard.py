@@ -235,8 +235,33 @@ def test_int8_quantises_the_encoder_and_agrees_with_fp32(artifact, caplog):
     p32, p8 = fp32.predict_proba(texts), int8.predict_proba(texts)
     assert not np.array_equal(p32, p8)
     assert np.abs(p32 - p8).max() <= 0.02
-    with pytest.raises(ValueError, match="fp32 or int8"):
+    with pytest.raises(ValueError, match="precision 'int4': one of fp32, int8, bf16"):
         load_student(artifact, precision="int4")
+
+
+def test_bf16_runs_the_encoder_in_bf16_and_keeps_the_answers(artifact):
+    """serve.precision: bf16: the encoder's matrix products run in bf16 (its answers differ
+    from fp32), pooling and the head read fp32 states, and every probability stays within 0.02
+    of fp32, also for rows longer than the encoder's window (encoded in windows)."""
+    import torch
+
+    from ckd_ehr.student import load_student
+    from ckd_ehr.student.model import Bf16Encoder
+
+    fp32, bf16 = load_student(artifact), load_student(artifact, precision="bf16")
+    assert isinstance(bf16.model.encoder, Bf16Encoder) and bf16.precision == "bf16"
+    assert bf16.model.head.weight.dtype == torch.float32
+    ids = bf16.tokenizer(TEXTS + ["x " * 700], padding=True, return_tensors="pt")
+    assert ids["input_ids"].shape[1] > bf16.model.window   # the long row takes two windows
+    with torch.inference_mode():
+        states = bf16.model.encoder(input_ids=ids["input_ids"][:, :64], attention_mask=ids["attention_mask"][:, :64])
+        assert states.last_hidden_state.dtype == torch.float32
+        long32, long16 = (torch.sigmoid(p.model(ids["input_ids"], ids["attention_mask"])) for p in (fp32, bf16))
+    assert long16.dtype == torch.float32 and (long32 - long16).abs().max() <= 0.02
+    texts = [f"{t} {i}" for i in range(20) for t in TEXTS]
+    p32, p16 = fp32.predict_proba(texts), bf16.predict_proba(texts)
+    assert not np.array_equal(p32, p16)
+    assert np.abs(p32 - p16).max() <= 0.02
 
 
 @pytest.mark.slow   # torch.compile: about 30 s of compiling on 2 cores

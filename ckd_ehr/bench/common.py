@@ -23,6 +23,9 @@ def machine() -> dict:
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # bf16 serving is fast only with AMX (ckd_ehr.student.model.cpu_has_amx)
+        "cpu_amx": bool(torch.cpu._is_amx_tile_supported()),
+        "cpu_avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
     }
     return info
 

@@ -1,12 +1,12 @@
 """`ckd-ehr bench serve`: HTTP throughput and latency of the served student on 127.0.0.1.
 
-Per serve.precision (fp32, int8): (1) the ceiling, in-process render + tokenise + batched
+Per serve.precision (fp32, int8, bf16): (1) the ceiling, in-process render + tokenise + batched
 forward of the same records; (2) the endpoint (`--replicas`, by default one per core with one
 torch thread each; `@serve.batch`) at 1, 16, 64 and 400 closed-loop clients, one record per
 request (the online case), `--records long|short`, in a separate niced
 load-generator process (ckd_ehr.bench.load), with a /healthz probe throughout: records/s
 answered, p50/p99 of answered requests, share shed (503), other errors. (3) The largest
-probability difference between int8 and fp32 on at least 1,000 samples. `--url` measures
+probability difference between each other precision and fp32 on at least 1,000 samples. `--url` measures
 an endpoint already running instead (a before/after table against other code).
 
 Without a trained student in RUN/student/ckd_ehr/artifact, an artifact with an untrained
@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from ckd_ehr.config import PipelineConfig, TextConfig
-from ckd_ehr.contracts import EFFICACY, STUDENT_META, RunLayout
+from ckd_ehr.contracts import EFFICACY, SERVE_PRECISIONS, STUDENT_META, RunLayout
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotypes, phenotypes_of_code
 from ckd_ehr.storage import exists
 from ckd_ehr.bench.common import emit, machine
@@ -177,7 +177,7 @@ def precision_agreement(cfg: PipelineConfig, artifact: str, records: list[dict],
     training did) when the run has them, else on rendered bench records."""
     from ckd_ehr.serve.api import Record, render_record
     from ckd_ehr.student import load_student
-    from ckd_ehr.student.quantized import run_texts
+    from ckd_ehr.student.precision import run_texts
 
     fp32 = load_student(artifact, precision="fp32")
     texts, source = run_texts(cfg, fp32, min_samples)
@@ -199,7 +199,7 @@ def precision_agreement(cfg: PipelineConfig, artifact: str, records: list[dict],
 
 def bench_serve(cfg: PipelineConfig, args) -> dict:
     """Records/s, p50/p99 of answered requests and the share shed at 1/16/64/400 clients, for
-    each serve.precision (fp32, int8), next to the in-process ceiling; or, with --url, of an
+    each serve.precision (fp32, int8, bf16), next to the in-process ceiling; or, with --url, of an
     endpoint already running (e.g. another version of the code, for a before/after table)."""
     from ray import serve
 
@@ -210,7 +210,9 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
     duration = float(getattr(args, "duration", None) or 20.0)
     nice = int(getattr(args, "client_nice", None) if getattr(args, "client_nice", None) is not None else 19)
     url_given = getattr(args, "url", None)
-    precisions = [p for p in (getattr(args, "precisions", None) or "fp32,int8").split(",") if p]
+    precisions = [p for p in (getattr(args, "precisions", None) or ",".join(SERVE_PRECISIONS)).split(",") if p]
+    if unknown := [p for p in precisions if p not in SERVE_PRECISIONS]:
+        raise ValueError(f"--precisions: unknown {', '.join(unknown)} (one of {', '.join(SERVE_PRECISIONS)})")
     shape = getattr(args, "records", None) or "long"
     records, titles = bench_records(n, shape=shape)
     # one replica per core, one torch thread each, by default: measured on 2 cores (short
@@ -260,8 +262,10 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
                 run["best_vs_ceiling"] = round(best / max(run["ceiling"]["records_per_s"], 1e-9), 3)
                 serve.delete(s.app_name)
             agree = int(getattr(args, "agreement_samples", None) if getattr(args, "agreement_samples", None) is not None else 1000)
-            if {"fp32", "int8"} <= set(results["runs"]) and agree > 0:
-                results["precision_agreement"] = precision_agreement(cfg, artifact, records, agree)
+            for precision in (p for p in results["runs"] if p != "fp32" and agree > 0):
+                results.setdefault("precision_agreement", {})[precision] = precision_agreement(
+                    cfg, artifact, records, agree, precision)
+                print(f"{precision} vs fp32: {results['precision_agreement'][precision]}", flush=True)
             if cfg.serve.compile and "fp32" in results["runs"] and agree > 0:   # compiled vs eager, same weights
                 results["compile_agreement"] = precision_agreement(cfg, artifact, records, agree, "fp32", True)
     finally:

@@ -309,9 +309,9 @@ def run_evaluate(cfg) -> dict:
             skipped[name] = f"no predictions at {path}" + (
                 f" and no {layout.soft_labels('test')}" if name == "teacher" else "")
 
-    if cfg.serve.precision == "int8":  # each student as served at int8: its own row (issue 21)
-        from ckd_ehr.student.quantized import write_int8_predictions
-        for name in write_int8_predictions(cfg):
+    if cfg.serve.precision != "fp32":  # each student as served (int8, bf16): its own row (issue 21)
+        from ckd_ehr.student.precision import write_precision_predictions
+        for name in write_precision_predictions(cfg, cfg.serve.precision):
             frames[name], sources[name] = read_predictions(layout.predictions(name)), layout.predictions(name)
 
     notes = []
@@ -363,7 +363,7 @@ def run_evaluate(cfg) -> dict:
     for name, df in frames.items():
         thresholds[name], source = read_thresholds(layout, name)
         entry, dists[name] = score(df, thresholds[name])
-        role = ROLES.get(name) or ROLES[base_variant(name)] + ", served at int8 (serve.precision)"
+        role = ROLES.get(name) or f"{ROLES[base_variant(name)]}, served at {name.rsplit('_', 1)[1]} (serve.precision)"
         models[name] = {"role": role, "predictions": sources[name], "kept_step": kept_step(layout, name),
                         "threshold_source": source, **entry}
         m = entry["modes"]["fixed"]["metrics"]

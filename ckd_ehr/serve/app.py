@@ -7,7 +7,7 @@ HTTP. The batch size counts records, and `max_ongoing_requests` defaults to twic
 replica that admits fewer requests than a batch holds would wait out batch_wait_timeout_s on
 every call. Of those, `serve.pending_requests` (three quarters) may be predictions; the
 rest is kept for /healthz and fast 503s (guard.RequestGuard), so a flood is shed at once
-and health checks answer throughout. `serve.precision: int8` quantises the encoder.
+and health checks answer throughout. `serve.precision` int8 quantises the encoder, bf16 runs it under bf16 autocast.
 
 Local runs bind 127.0.0.1 (`serve.host`). The bearer token is read from the environment
 variable `serve.auth_token_env`: `run_serve` hands replicas only its sha256; replicas

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -21,11 +22,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from ckd_ehr.config import TextConfig
-from ckd_ehr.contracts import ARTIFACT_TOKENIZER, PROBE_HEAD, STUDENT_EFFICACY, STUDENT_ENCODER, STUDENT_META
+from ckd_ehr.contracts import (ARTIFACT_TOKENIZER, PROBE_HEAD, SERVE_PRECISIONS, STUDENT_EFFICACY, STUDENT_ENCODER,
+                               STUDENT_META)
 from ckd_ehr.data.phenotypes import phenotype_names
 from ckd_ehr.storage import local_dir, upload_dir, write_json, write_parquet
-from ckd_ehr.student.model import HEAD_FILE, load_student_model, predict_ids, quantize_int8, save_student
+from ckd_ehr.student.model import (HEAD_FILE, autocast_bf16, cpu_has_amx, load_student_model, predict_ids,
+                                   quantize_int8, save_student)
 
+log = logging.getLogger("ckd_ehr.student")
 
 
 def artifact_id(directory: str | os.PathLike) -> str:
@@ -69,6 +73,8 @@ class StudentPredictor:
         from ckd_ehr.storage import read_parquet
         from ckd_ehr.student.data import load_efficacy
 
+        if precision not in SERVE_PRECISIONS:
+            raise ValueError(f"precision '{precision}': one of {', '.join(SERVE_PRECISIONS)}")
         d = Path(directory)
         self.meta: dict[str, Any] = json.loads((d / STUDENT_META).read_text())
         self.device = device
@@ -78,12 +84,15 @@ class StudentPredictor:
         self.text_config = TextConfig.model_validate(self.meta["text"]["config"])
         self.tokenizer = AutoTokenizer.from_pretrained(d / ARTIFACT_TOKENIZER)
         self.model = load_student_model(d, pooling=self.meta.get("pooling", "mean"), device=device)
-        if precision not in ("fp32", "int8"):
-            raise ValueError(f"precision '{precision}': fp32 or int8")
         if precision == "int8":
             if device != "cpu":
                 raise ValueError(f"precision int8 is dynamic quantisation for CPU; device is {device}")
             quantize_int8(self.model)
+        elif precision == "bf16":
+            if device == "cpu" and not cpu_has_amx():
+                log.warning("precision bf16 on a CPU without AMX: measured slower than fp32 on such a "
+                            "CPU (README \"Serve\"); serve.precision fp32 or int8 may serve faster here")
+            autocast_bf16(self.model, device)
         self.precision = precision
         th = self.meta["thresholds"]
         self.thresholds_fixed = np.asarray(th["fixed"], dtype=np.float64)
@@ -141,7 +150,8 @@ class StudentPredictor:
 def load_student(artifact_dir: str | os.PathLike, device: str = "cpu", precision: str = "fp32",
                  compile: bool = False) -> StudentPredictor:
     """Load a student artifact from a local path or a URI (copied to a temp dir first);
-    precision `int8` quantises the encoder's linear layers (CPU); `compile` runs the encoder
+    precision `int8` quantises the encoder's linear layers (CPU), `bf16` runs it under bf16
+    autocast (serve.precision); `compile` runs the encoder
     through torch.compile (compiled at load)."""
     if "://" in str(artifact_dir):
         with local_dir(artifact_dir) as d:

@@ -1,12 +1,13 @@
-"""The served student at int8 (serve.precision: int8) scored like any other model.
+"""The served student at a reduced precision (serve.precision: int8 or bf16) scored like any other model.
 
-    write_int8_predictions(cfg)   RUN/evaluate/predictions/{variant}_int8.parquet for every
-                                  student variant with an artifact: the test split's texts
-                                  fitted exactly as training did, scored by the artifact
-                                  quantised at load (StudentPredictor(precision="int8")),
-                                  so `evaluate` reports the quantised model as its own row
+    write_precision_predictions(cfg, precision)
+                                  RUN/evaluate/predictions/{variant}_{precision}.parquet for
+                                  every student variant with an artifact: the test split's
+                                  texts fitted exactly as training did, scored by the artifact
+                                  loaded at that precision (StudentPredictor(precision=...)),
+                                  so `evaluate` reports the served model as its own row
     run_texts(cfg, predictor, n)  texts of the run's samples (every split) as the student saw
-                                  them: the int8 vs fp32 agreement check of `bench serve`
+                                  them: the precision vs fp32 agreement check of `bench serve`
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from ckd_ehr.config import PipelineConfig
-from ckd_ehr.contracts import PREDICTIONS, PRIMARY_VARIANTS, RunLayout, quantized_name
+from ckd_ehr.contracts import PREDICTIONS, PRIMARY_VARIANTS, RunLayout, precision_name
 from ckd_ehr.storage import exists, write_parquet
 
 log = logging.getLogger("ckd_ehr.student")
@@ -47,8 +48,8 @@ def run_texts(cfg: PipelineConfig, predictor, at_least: int) -> tuple[list[str],
     return texts, f"{len(texts)} samples of {cfg.run_dir} ({', '.join(used) or 'none'})"
 
 
-def write_int8_predictions(cfg: PipelineConfig) -> list[str]:
-    """Test predictions of every trained variant's artifact at int8; returns the row names."""
+def write_precision_predictions(cfg: PipelineConfig, precision: str) -> list[str]:
+    """Test predictions of every trained variant's artifact at `precision`; returns the row names."""
     from ckd_ehr.student.artifact import load_student
 
     layout = RunLayout(cfg.run_dir)
@@ -57,7 +58,7 @@ def write_int8_predictions(cfg: PipelineConfig) -> list[str]:
         artifact = layout.student_artifact(variant)
         if not exists(f"{artifact}/student.json") or not exists(layout.predictions(variant)):
             continue
-        predictor = load_student(artifact, precision="int8")
+        predictor = load_student(artifact, precision=precision)
         samples, texts = _fitted(cfg, predictor, "test")
         probs = predictor.predict_proba(texts, 32)
         labels = samples.column("labels").to_pylist()
@@ -65,11 +66,11 @@ def write_int8_predictions(cfg: PipelineConfig) -> list[str]:
             samples.column("sample_id"), samples.column("subject_id"),
             pa.array(labels, PREDICTIONS.field("labels").type),
             pa.array(probs.astype(np.float32).tolist(), PREDICTIONS.field("probs").type)], schema=PREDICTIONS)
-        name = quantized_name(variant)
+        name = precision_name(variant, precision)
         write_parquet(table, layout.predictions(name))
-        log.info("%s: int8 test predictions of %s (%d samples)", name, artifact, len(texts))
+        log.info("%s: %s test predictions of %s (%d samples)", name, precision, artifact, len(texts))
         names.append(name)
     return names
 
 
-__all__ = ["write_int8_predictions", "run_texts"]
+__all__ = ["write_precision_predictions", "run_texts"]
