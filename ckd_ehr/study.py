@@ -182,7 +182,8 @@ def summarise(cfg: PipelineConfig, wall_s: float | None = None) -> dict:
              ("h2", "Contrasts"), *contrast_blocks(result), ("img", "forest.png", "contrasts"),
              ("h2", "The paper's claim beside this study"), ("table", *paper_claim_table(result))]
     storage.write_text(storage.join(root.study_dir, "study.md"), render_markdown(table))
-    log.info("study: %s", ", ".join(f"{c['name']} {c['delta']:+.3f} [{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}] "
+    log.info("study: %s", ", ".join(f"{c['name']} identical predictions" if c.get("identical") else
+                                    f"{c['name']} {c['delta']:+.3f} [{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}] "
                                     f"p_holm={c['p_holm']:.3g}" for c in result["contrasts"]))
     return result
 

@@ -81,6 +81,25 @@ def test_forest_plot_and_table_render():
     assert fmt_p(0.0) == "< 1e-15" and fmt_p(0.0131) == "0.0131"   # an underflowed p is not printed as 0
 
 
+def test_rows_with_identical_predictions_are_named_not_given_a_nan_p():
+    """Two rows that kept the same step-0 probe give the same predictions in every seed (the
+    multi-granularity study of 2026-12-06): the contrast says so instead of printing p = nan;
+    a row equal in one seed only is still compared."""
+    from ckd_ehr.evaluation.report import contrast_blocks, plot_contrasts, render_markdown
+
+    rng = np.random.default_rng(3)
+    y, subjects, latent = _cohort(rng, patients=60)
+    a = _row(rng, latent, 0.5, seeds=2)
+    probs = {"a": a, "copy": [p.copy() for p in a], "half": [a[0].copy(), _row(rng, latent, 0.5)[0]]}
+    study = seed_averaged_contrasts(y, subjects, probs, [("copy", "a"), ("half", "a")], resamples=30)
+    same, half = study["contrasts"]
+    assert same["identical"] and same["delta"] == 0.0 and np.isnan(same["p_holm"])
+    assert not half["identical"] and np.isfinite(half["p_holm"])
+    md = render_markdown(contrast_blocks(study))
+    assert "identical predictions in every seed: nothing compared" in md and "nan" not in md
+    assert plot_contrasts(study)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_study_summary_over_seed_runs(tmp_path):
     """`ckd-ehr study --summarise-only` over finished seed runs: every row's test predictions per
     seed (students from evaluate/predictions, the teacher from its test soft labels), the

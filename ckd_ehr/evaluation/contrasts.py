@@ -73,6 +73,9 @@ class Contrast:
     """Smallest |delta| detected with 80% power at the Bonferroni-adjusted level."""
     per_seed: list[float]
     """The difference per seed on the whole test split (the seeds' spread)."""
+    identical: bool = False
+    """`new` and `base` gave the same predictions in every seed (e.g. both kept the same step-0
+    probe): nothing was compared, so there is no p-value (NaN) and no detectable effect."""
 
 
 def seed_averaged_contrasts(y: np.ndarray, subject_ids: Sequence, probs: Mapping[str, Sequence[np.ndarray]],
@@ -125,6 +128,8 @@ def seed_averaged_contrasts(y: np.ndarray, subject_ids: Sequence, probs: Mapping
     # per seed: seed k of new against seed k of base, over the seeds both have
     per_seed = {(new, base): [a - b for a, b in zip(seed_scores[new], seed_scores[base])] for new, base in contrasts}
     tail = (1 - level) / 2
+    same = {(new, base): len(probs[new]) == len(probs[base])
+            and all(np.array_equal(a, b) for a, b in zip(probs[new], probs[base])) for new, base in contrasts}
     out = []
     for c, (new, base) in enumerate(contrasts):
         out.append(Contrast(
@@ -132,7 +137,8 @@ def seed_averaged_contrasts(y: np.ndarray, subject_ids: Sequence, probs: Mapping
             p_holm=p_holm[c], interval=[float(delta[c] - q * se[c]), float(delta[c] + q * se[c])],
             marginal_interval=[float(np.quantile(draws[:, c], tail)), float(np.quantile(draws[:, c], 1 - tail))]
             if len(draws) else [float("nan")] * 2,
-            detectable=float((z_bonf + _NORMAL.inv_cdf(0.8)) * se[c]), per_seed=per_seed[(new, base)]))
+            detectable=float((z_bonf + _NORMAL.inv_cdf(0.8)) * se[c]), per_seed=per_seed[(new, base)],
+            identical=same[(new, base)]))
     return {"metric": "macro_auroc", "level": level, "alpha": alpha, "resamples": int(resamples),
             "resamples_used": int(len(draws)), "max_t_quantile": q,
             "label_set": np.flatnonzero(label_set).tolist(), "rows": point,

@@ -215,7 +215,7 @@ def plot_contrasts(study: dict) -> bytes:
         ax.plot(c["interval"], [i, i], color="#4C72B0", linewidth=4.0, alpha=0.6)
         ax.plot([c["delta"]], [i], "o", color="#4C72B0", markersize=6)
         ax.plot(c["per_seed"], [i] * len(c["per_seed"]), "x", color="#333333", markersize=5, alpha=0.7)
-        ax.annotate(f"p_holm {fmt_p(c['p_holm'])}", (max(c["interval"][1], c["marginal_interval"][1]), i),
+        ax.annotate("identical predictions" if c.get("identical") else f"p_holm {fmt_p(c['p_holm'])}", (max(c["interval"][1], c["marginal_interval"][1]), i),
                     xytext=(6, -3), textcoords="offset points", fontsize=7)
     ax.axvline(0.0, color="#999999", linestyle="--", linewidth=1)
     ax.set_yticks(range(len(rows)), [c["name"] for c in reversed(rows)], fontsize=8)
@@ -235,6 +235,9 @@ def contrast_blocks(study: dict) -> list[tuple]:
               "per seed"]
     rows = [[c["name"], fmt(c["delta"]), f"[{fmt(c['interval'][0])}, {fmt(c['interval'][1])}]",
              fmt_p(c["p_holm"]), fmt(c["detectable"]), ", ".join(fmt(d) for d in c["per_seed"])]
+            if not c.get("identical") else
+            [c["name"], "identical predictions in every seed: nothing compared", "-", "-", "-",
+             ", ".join(fmt(d) for d in c["per_seed"])]
             for c in study["contrasts"]]
     return [("table", header, rows),
             ("p", f"Method: {study['method']}. {study['resamples_used']} of {study['resamples']} "
