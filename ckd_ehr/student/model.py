@@ -203,7 +203,7 @@ class Bf16Encoder(nn.Module):
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), where oneDNN's bf16
     matrix products are fast. Without AMX bf16 autocast ran slower than fp32 (README "Serve":
-    0.61x on an AVX512-BF16 CPU without AMX; 2.6x on one with AMX)."""
+    0.61x on an AVX512-BF16 CPU without AMX; 1.7x in process on one with AMX)."""
     return bool(torch.cpu._is_amx_tile_supported())
 
 
