@@ -16,6 +16,8 @@ import psutil
 def machine() -> dict:
     import torch
 
+    from ckd_ehr.student.model import cpu_has_amx
+
     info = {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
@@ -23,8 +25,7 @@ def machine() -> dict:
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        # bf16 serving is fast only with AMX (ckd_ehr.student.model.cpu_has_amx)
-        "cpu_amx": bool(torch.cpu._is_amx_tile_supported()),
+        "cpu_amx": cpu_has_amx(),   # bf16 serving is fast only with AMX
         "cpu_avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
     }
     return info

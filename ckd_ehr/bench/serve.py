@@ -262,10 +262,10 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
                 run["best_vs_ceiling"] = round(best / max(run["ceiling"]["records_per_s"], 1e-9), 3)
                 serve.delete(s.app_name)
             agree = int(getattr(args, "agreement_samples", None) if getattr(args, "agreement_samples", None) is not None else 1000)
-            for precision in (p for p in results["runs"] if p != "fp32" and agree > 0):
-                results.setdefault("precision_agreement", {})[precision] = precision_agreement(
-                    cfg, artifact, records, agree, precision)
-                print(f"{precision} vs fp32: {results['precision_agreement'][precision]}", flush=True)
+            others = [p for p in results["runs"] if p != "fp32"] if agree > 0 else []
+            if others:
+                results["precision_agreement"] = {p: precision_agreement(cfg, artifact, records, agree, p) for p in others}
+                print(f"vs fp32: {results['precision_agreement']}", flush=True)
             if cfg.serve.compile and "fp32" in results["runs"] and agree > 0:   # compiled vs eager, same weights
                 results["compile_agreement"] = precision_agreement(cfg, artifact, records, agree, "fp32", True)
     finally:
