@@ -20,6 +20,8 @@ own, as laid out here. Change a schema here and nowhere else.
       soft_labels/{split}.parquet      SOFT_LABELS
       soft_labels/oracle/{split}.parquet  SOFT_LABELS from the latent oracle (synthetic, oracle variants)
       soft_labels/teacher_plain/{split}.parquet  SOFT_LABELS of a plain-text teacher (`ckd-ehr study`)
+      soft_labels/teacher_generative/{split}.parquet  SOFT_LABELS of a generative teacher (`ckd-ehr
+                                       study`), with its teacher.json and soft_labels.json beside them
       soft_labels/units/{split}.parquet  UNIT_TARGETS: the teacher's unit attention and relations
                                        (`soft_labels.unit_targets`, multi-granularity distillation)
       soft_labels/quality/             entropy, calibration, reliability diagram
@@ -33,8 +35,9 @@ own, as laid out here. Change a schema here and nowhere else.
       tune/                            Ray Tune experiments
 
 `ckd-ehr study` (RUN = the study's run_dir): base/ (prepare + EADF once), seed_{k}/ (a run from
-the teacher on, per seed), seed_{k}_plain_teacher/ (the plain-text teacher's soft labels), and
-study/results.json, forest.png, study.md (the contrasts).
+the teacher on, per seed), seed_{k}_plain_teacher/ (the plain-text teacher's soft labels),
+seed_{k}_generative_teacher/ (the generative teacher's), and study/results.json, forest.png,
+study.md (the contrasts).
 
 Teacher artifact: adapter/ (peft LoRA), head.safetensors, tokenizer/, teacher.json
   (config, label_names, metrics, artifact_id), probe_head.safetensors (head_init: probe).
@@ -100,6 +103,10 @@ STUDENT_VARIANT_TABLE: tuple[StudentVariant, ...] = (
     StudentVariant("oracle_distill", "text_eadf", True,
                    "(d-oracle) control: distilled from the generator's latent oracle, EADF text",
                    soft_labels="oracle", primary=False),
+    StudentVariant("ckd_ehr_generative", "text_eadf", True,
+                   "(d-gen) CKD-EHR distilled from the generative teacher (phenotypes read from the LLM's "
+                   "vocabulary, no MLAPH; written by `ckd-ehr study`)", soft_labels="teacher_generative",
+                   primary=False),
     StudentVariant("ckd_ehr_soft_only", "text_eadf", True,
                    "(d-soft) CKD-EHR with the soft labels only (no unit terms, whatever the config): the "
                    "reference of the multi-granularity rows", primary=False, unit_terms=()),
@@ -119,8 +126,17 @@ UNIT_TERM_DEFAULT_WEIGHT = 1.0
 """Weight of a unit term a study variant turns on when the config leaves it at 0."""
 STUDENT_VARIANTS = tuple(v.name for v in STUDENT_VARIANT_TABLE)
 PRIMARY_VARIANTS = tuple(v.name for v in STUDENT_VARIANT_TABLE if v.primary)
-SOFT_LABEL_SOURCES = ("teacher", "teacher_plain", "oracle")
+SOFT_LABEL_SOURCES = ("teacher", "teacher_plain", "teacher_generative", "oracle")
 TEACHER_ROLE = "(e) teacher LLM with the multi-label projection head"
+TEACHER_ROWS = {
+    "teacher": TEACHER_ROLE,
+    "teacher_generative": "(e-gen) the same LLM reading the phenotypes from its vocabulary (teacher.head: "
+                          "generative, calibrated on validation)",
+}
+"""Evaluate rows scored from a teacher's test soft labels: row name = soft-label source."""
+SIDE_TEACHERS = {"teacher_plain": "plain", "teacher_generative": "generative"}
+"""Soft-label sources `ckd-ehr study` trains a second teacher for, per seed, in
+RUN/seed_{k}_{suffix}_teacher/; its outputs are copied to RUN/seed_{k}/soft_labels/{source}/."""
 
 
 def student_variant(name: str) -> StudentVariant:
@@ -384,7 +400,13 @@ class RunLayout:
     @property
     def study_base(self) -> str: return self.path("base")
     def study_seed(self, seed: int) -> str: return self.path(f"seed_{seed}")
-    def study_plain_teacher(self, seed: int) -> str: return self.path(f"seed_{seed}_plain_teacher")
+    def study_plain_teacher(self, seed: int) -> str: return self.study_side_teacher(seed, "teacher_plain")
+    def study_side_teacher(self, seed: int, source: str) -> str:
+        """The run directory of a seed's second teacher for soft-label source `source` (SIDE_TEACHERS)."""
+        return self.path(f"seed_{seed}_{SIDE_TEACHERS[source]}_teacher")
+    def side_teacher_file(self, source: str, name: str) -> str:
+        """A file of a side teacher copied beside its soft labels (teacher.json, soft_labels.json)."""
+        return self.path("soft_labels", source, name)
     @property
     def study_results(self) -> str: return self.path("study", "results.json")
     @property

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ckd_ehr.config import PipelineConfig
-from ckd_ehr.contracts import SPLITS, RunLayout
+from ckd_ehr.contracts import SIDE_TEACHERS, SPLITS, TEACHER_ROWS, RunLayout
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,12 @@ STAGES: tuple[Stage, ...] = (
           "teacher probabilities for every sample (Ray Data batch inference)"),
     Stage("student", "student.run", "run_student", ("student",),
           lambda c, r: [r.efficacy_table] + [r.augmented(s) for s in SPLITS] + [r.soft_labels(s) for s in SPLITS]
-          + ([r.soft_labels("train", "teacher_plain")] if _needs(c, "teacher_plain") else []),
+          + [r.soft_labels("train", source) for source in SIDE_TEACHERS if _needs(c, source)],
           lambda c, r: [r.student_artifact(v) for v in _variants(c)] + [r.predictions(v) for v in _variants(c)],
           "train the student variants (Ray Train)"),
     Stage("evaluate", "evaluation.evaluate", "run_evaluate", ("evaluate",),
-          lambda c, r: [r.predictions(v) for v in _variants(c)] + [r.soft_labels("test")],
+          lambda c, r: [r.predictions(v) for v in _variants(c)] + [r.soft_labels("test")]
+          + [r.soft_labels("test", t) for t in TEACHER_ROWS if t in SIDE_TEACHERS and _needs(c, t)],
           lambda c, r: [r.metrics],
           "metrics of every student variant and the teacher on the test split"),
     Stage("report", "evaluation.report", "run_report", ("evaluate",),

@@ -3,9 +3,12 @@
 One cohort, one patient split and one EADF table (RUN/base: `prepare` and `eadf` once, with the
 control texts when a row reads them); then per seed k (training varies, the test split does not):
 
-1. when a row distils from a plain-text teacher (`distill_plain_ablation`, the study's (c)):
-   RUN/seed_k_plain_teacher trains a teacher on `text_plain` and scores the soft labels, which
-   are copied to RUN/seed_k/soft_labels/teacher_plain/;
+1. when a row distils from a second teacher (SIDE_TEACHER_SETTINGS): from a plain-text teacher
+   (`distill_plain_ablation`, the study's (c)), RUN/seed_k_plain_teacher trains a teacher on
+   `text_plain`; from a generative teacher (`ckd_ehr_generative`, the MLAPH claim of issue 19),
+   RUN/seed_k_generative_teacher trains the same LLM with `teacher.head: generative`. Either
+   scores its soft labels, which are copied to RUN/seed_k/soft_labels/<source>/ with its
+   teacher.json and its soft-label stage record (soft_labels.json: time, throughput);
 2. RUN/seed_k runs the pipeline from the teacher on (teacher.seed = student.seed = k) with
    student.variants = study.rows, through evaluate and report.
 
@@ -18,6 +21,7 @@ paper's secondary metrics, and every baseline and probe row of seed 0.
 """
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import time
@@ -28,13 +32,24 @@ import pandas as pd
 
 from ckd_ehr import storage
 from ckd_ehr.config import PipelineConfig, build
-from ckd_ehr.contracts import CONTROL_TEXTS, SPLITS, RunLayout, student_variant
+from ckd_ehr.contracts import (CONTROL_TEXTS, SIDE_TEACHERS, SPLITS, TEACHER_META, TEACHER_ROWS, RunLayout,
+                               student_variant)
 from ckd_ehr.evaluation.report import fmt
 
 log = logging.getLogger(__name__)
 
 BASE_PARTS = ("raw", "data", "eadf", "manifest.json")
 """What a seed's run directory takes from the base run: the cohort, the split, the EADF table."""
+
+SIDE_TEACHER_SETTINGS = {
+    "teacher_plain": {"text_column": "text_plain"},
+    # the baseline the MLAPH is claimed to beat: no head, the answer read from the vocabulary;
+    # everything else (backbone, LoRA, rows, token budget, steps) is the study's teacher section
+    "teacher_generative": {"head": "generative", "head_init": "random", "best_metric": "val_loss"},
+}
+"""Per side teacher (contracts.SIDE_TEACHERS): how its teacher section differs from the study's."""
+SOFT_LABEL_RECORD = "soft_labels.json"
+"""A side teacher's soft-label stage record (seconds, rows scored, rows/s), copied beside its soft labels."""
 
 
 def _with(cfg: PipelineConfig, run_dir: str, **sections) -> PipelineConfig:
@@ -106,10 +121,10 @@ def _test_predictions(seed_dir: str, row: str) -> pd.DataFrame:
     from ckd_ehr.evaluation.evaluate import read_predictions, teacher_predictions_from_soft_labels
 
     layout = RunLayout(seed_dir)
-    if row == "teacher":
-        df = teacher_predictions_from_soft_labels(layout, "test")
+    if row in TEACHER_ROWS:
+        df = teacher_predictions_from_soft_labels(layout, "test", row)
         if df is None:
-            raise FileNotFoundError(f"{layout.soft_labels('test')}: no teacher test predictions in {seed_dir}")
+            raise FileNotFoundError(f"{layout.soft_labels('test', row)}: no {row} test predictions in {seed_dir}")
         return df
     return read_predictions(layout.predictions(row))
 
@@ -127,10 +142,10 @@ def _stage_seconds(run_dir: str, skip: tuple[str, ...] = ("prepare", "eadf")) ->
 
 
 def seed_wall_seconds(root: RunLayout, seed: int) -> float | None:
-    """A seed's training cost: its run's stages plus its plain-text teacher's, when it has one."""
+    """A seed's training cost: its run's stages plus its side teachers', when it has them."""
     own = _stage_seconds(root.study_seed(seed))
-    plain = _stage_seconds(root.study_plain_teacher(seed))
-    return None if own is None else round(own + (plain or 0.0), 1)
+    sides = [_stage_seconds(root.study_side_teacher(seed, source)) for source in SIDE_TEACHERS]
+    return None if own is None else round(own + sum(s or 0.0 for s in sides), 1)
 
 
 def summarise(cfg: PipelineConfig, wall_s: float | None = None) -> dict:
@@ -140,7 +155,7 @@ def summarise(cfg: PipelineConfig, wall_s: float | None = None) -> dict:
     from ckd_ehr.evaluation.report import contrast_blocks, plot_contrasts, render_markdown
 
     root, st = RunLayout(cfg.run_dir), cfg.study
-    rows = [*st.rows, "teacher"]
+    rows = [*st.rows, *st.teacher_rows()]
     probs: dict[str, list[np.ndarray]] = {r: [] for r in rows}
     reference = None
     for seed in st.seeds:
@@ -171,8 +186,10 @@ def summarise(cfg: PipelineConfig, wall_s: float | None = None) -> dict:
                               "interval": (e["modes"]["fixed"]["intervals"] or {}).get("macro_auroc"),
                               "accuracy": e["modes"]["fixed"]["metrics"].get("accuracy")}
                        for name, e in (seed0.get("baselines") or {}).items()},
-        "roles": {r: student_variant(r).role if r != "teacher" else "teacher" for r in rows},
+        "roles": {r: TEACHER_ROWS[r] if r in TEACHER_ROWS else student_variant(r).role for r in rows},
     })
+    if len(st.teacher_rows()) > 1:   # teachers side by side (the MLAPH claim)
+        result["teachers"] = teacher_comparison(cfg, st.teacher_rows())
     result["secondary"] = secondary_metrics([e.get("models") or {} for e in evaluated], rows)
     storage.write_json(root.study_results, result)
     storage.write_bytes(storage.join(root.study_dir, "forest.png"), plot_contrasts(result))
@@ -180,12 +197,87 @@ def summarise(cfg: PipelineConfig, wall_s: float | None = None) -> dict:
              ("h2", "Rows: test macro AUROC, mean over seeds"), ("table", *row_table(result)),
              ("h2", f"Reference and probe rows (seed {st.seeds[0]})"), ("table", *reference_table(result)),
              ("h2", "Contrasts"), *contrast_blocks(result), ("img", "forest.png", "contrasts"),
+             *teacher_blocks(result, root),
              ("h2", "The paper's claim beside this study"), ("table", *paper_claim_table(result))]
     storage.write_text(storage.join(root.study_dir, "study.md"), render_markdown(table))
     log.info("study: %s", ", ".join(f"{c['name']} identical predictions" if c.get("identical") else
                                     f"{c['name']} {c['delta']:+.3f} [{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}] "
                                     f"p_holm={c['p_holm']:.3g}" for c in result["contrasts"]))
     return result
+
+
+TEACHER_METRICS = ("macro_auroc", "micro_auroc", "macro_auprc", "micro_auprc")
+"""The ranking metrics the teachers are compared on (issue 19), validation and test."""
+
+
+def teacher_comparison(cfg: PipelineConfig, teachers: list[str]) -> dict:
+    """Per teacher row and seed: validation metrics (its soft labels on the validation rows the
+    student reads, patient-bootstrap intervals), test metrics and calibration (the seed's
+    evaluate), soft-label throughput (rows the teacher computed per second, Ray Data's start-up
+    included) and training time. The reliability diagram is drawn by teacher_blocks."""
+    from ckd_ehr.evaluation.evaluate import teacher_predictions_from_soft_labels
+    from ckd_ehr.evaluation.metrics import evaluate_predictions, macro_label_set, to_matrix
+    from ckd_ehr.pipeline import read_manifest
+
+    root, st = RunLayout(cfg.run_dir), cfg.study
+    out: dict[str, dict] = {t: {"role": TEACHER_ROWS[t], "seeds": {}} for t in teachers}
+    for seed in st.seeds:
+        layout = RunLayout(root.study_seed(seed))
+        evaluated = storage.read_json(layout.metrics)
+        for t in teachers:
+            val = teacher_predictions_from_soft_labels(layout, "val", t)
+            y = to_matrix(val["labels"], np.int8)
+            v = evaluate_predictions(y, to_matrix(val["probs"]), val["subject_id"].to_numpy(), bootstrap=st.bootstrap,
+                                     seed=cfg.evaluate.seed, label_set=macro_label_set(y, 1))
+            test = evaluated["models"][t]
+            fixed = test["modes"]["fixed"]
+            if t == "teacher":
+                manifest = read_manifest(layout)["stages"]
+                scoring, train_s = manifest["soft_labels"]["summary"].get("scoring"), manifest["teacher"]["seconds"]
+            else:
+                scoring = storage.read_json(layout.side_teacher_file(t, SOFT_LABEL_RECORD))["summary"].get("scoring")
+                train_s = read_manifest(RunLayout(root.study_side_teacher(seed, t)))["stages"]["teacher"]["seconds"]
+            out[t]["seeds"][str(seed)] = {
+                "val": {"n_samples": v["n_samples"], **{m: v["metrics"][m] for m in TEACHER_METRICS},
+                        "intervals": {m: v["intervals"].get(m) for m in TEACHER_METRICS}},
+                "test": {"n_samples": test["n_samples"], **{m: fixed["metrics"][m] for m in TEACHER_METRICS},
+                         "intervals": {m: (fixed["intervals"] or {}).get(m) for m in TEACHER_METRICS},
+                         "ece": test["calibration"]["ece"]},
+                "calibration": test["calibration"], "kept_step": test.get("kept_step"),
+                "soft_labels": scoring, "teacher_train_s": train_s}
+    return out
+
+
+def teacher_blocks(result: dict, root: RunLayout) -> list[tuple]:
+    """The teachers side by side (validation and test with intervals, ECE, soft-label
+    throughput, training time) and their test reliability diagram (study/teachers_reliability.png)."""
+    from ckd_ehr.evaluation.report import plot_reliability_curves
+
+    teachers = result.get("teachers")
+    if not teachers:
+        return []
+    header = ["teacher", "seed", "split", *TEACHER_METRICS, "ECE", "soft labels: rows/s", "training"]
+    rows, curves = [], {}
+    for t, entry in teachers.items():
+        for seed, e in entry["seeds"].items():
+            sl = e["soft_labels"] or {}
+            for split in ("val", "test"):
+                m = e[split]
+                rows.append([t, seed, f"{split} ({m['n_samples']})",
+                             *[f"{fmt(m[k])} {_interval(m['intervals'].get(k))}" for k in TEACHER_METRICS],
+                             fmt(m.get("ece")) if split == "test" else "-",
+                             f"{fmt(sl.get('rows_per_s'))} ({sl.get('rows')} rows)" if split == "test" else "-",
+                             _minutes(e["teacher_train_s"]) if split == "test" else "-"])
+            curves.setdefault(t, e["calibration"])   # the first seed's curve per teacher
+    storage.write_bytes(storage.join(root.study_dir, "teachers_reliability.png"),
+                        plot_reliability_curves(curves, "Teachers: reliability on the test split", highlight="teacher"))
+    return [("h2", "Teachers side by side (the MLAPH claim)"), ("table", header, rows),
+            ("p", "Validation: each teacher's soft labels on the validation rows the student reads; a generative "
+                  "teacher's per-phenotype calibration is fitted on the first validation rows (its macro AUROC "
+                  "does not depend on it, its micro metrics do). Test: the seed's evaluate, thresholds at 0.5 for "
+                  "ECE. Soft labels: rows the teacher computed per second, Ray Data's start-up included. "
+                  "Intervals: 95% patient bootstrap."),
+            ("img", "teachers_reliability.png", "teachers' reliability diagram")]
 
 
 def secondary_metrics(models: list[dict], rows) -> dict:
@@ -267,6 +359,41 @@ def reference_table(result: dict) -> tuple[list[str], list[list[str]]]:
         for n, e in result["references"].items()]
 
 
+def _side_teacher_config(cfg: PipelineConfig, run_dir: str, seed: int, source: str) -> PipelineConfig:
+    """The pipeline config of a seed's side teacher: the study's, its teacher section changed
+    as SIDE_TEACHER_SETTINGS says (a ConfigError names what does not fit, e.g. teacher.num_layers
+    set for a generative teacher)."""
+    return _with(cfg, run_dir, teacher={"seed": seed, **SIDE_TEACHER_SETTINGS[source]},
+                 student={"seed": seed, "variants": list(cfg.study.rows)}, eadf={"control_texts": _control_texts(cfg)})
+
+
+def _control_texts(cfg: PipelineConfig) -> bool:
+    """eadf.control_texts for the study's runs: on when a row reads a control text."""
+    return cfg.eadf.control_texts or any(student_variant(r).text_column in CONTROL_TEXTS for r in cfg.study.rows)
+
+
+def run_side_teacher(cfg: PipelineConfig, base: RunLayout, root: RunLayout, seed: int, source: str) -> None:
+    """Train and score a seed's side teacher (resumable) and copy its soft labels, teacher.json
+    and soft-label stage record into the seed's run, each only when changed (a resumed study
+    keeps the seed's students)."""
+    from ckd_ehr.pipeline import read_manifest, run_pipeline
+
+    side_dir = root.study_side_teacher(seed, source)
+    _copy_base(base, RunLayout(side_dir))
+    log.info("study: seed %d, %s in %s", seed, source, side_dir)
+    run_pipeline(_side_teacher_config(cfg, side_dir, seed, source), resume=True, from_stage="teacher",
+                 to_stage="soft_labels")
+    side, dest = RunLayout(side_dir), RunLayout(root.study_seed(seed))
+    files = {dest.soft_labels(split, source): storage.read_bytes(side.soft_labels(split)) for split in SPLITS}
+    files[dest.side_teacher_file(source, TEACHER_META)] = storage.read_bytes(side.teacher_meta)
+    record = read_manifest(side)["stages"]["soft_labels"]
+    files[dest.side_teacher_file(source, SOFT_LABEL_RECORD)] = (json.dumps(
+        {k: record.get(k) for k in ("seconds", "finished", "summary")}, indent=2, default=str) + "\n").encode()
+    for dst, data in files.items():
+        if not storage.exists(dst) or storage.read_bytes(dst) != data:
+            storage.write_bytes(dst, data)
+
+
 def run_study(cfg: PipelineConfig) -> dict:
     """Base run, then every seed (resumable), then the contrasts; see the module docstring."""
     from ckd_ehr.pipeline import run_pipeline
@@ -274,28 +401,21 @@ def run_study(cfg: PipelineConfig) -> dict:
     started = time.time()
     root, st = RunLayout(cfg.run_dir), cfg.study
     specs = [student_variant(r) for r in st.rows]
-    controls = any(v.text_column in CONTROL_TEXTS for v in specs)
-    plain_teacher = any(v.soft_labels == "teacher_plain" for v in specs)
+    controls = _control_texts(cfg)
+    sides = [t for t in SIDE_TEACHERS if any(v.distills and v.soft_labels == t for v in specs)]
+    for source in sides:   # a side teacher's config that cannot be built fails now, not after the base run
+        _side_teacher_config(cfg, root.study_side_teacher(st.seeds[0], source), st.seeds[0], source)
     base = RunLayout(root.study_base)
     log.info("study: base run (cohort, split, EADF table) in %s", base.root)
-    run_pipeline(_with(cfg, base.root, eadf={"control_texts": controls or cfg.eadf.control_texts}),
+    run_pipeline(_with(cfg, base.root, eadf={"control_texts": controls}),
                  resume=True, to_stage="eadf")
     for seed in st.seeds:
         seed_cfg = dict(teacher={"seed": seed}, student={"seed": seed, "variants": list(st.rows)},
-                        eadf={"control_texts": controls or cfg.eadf.control_texts})
+                        eadf={"control_texts": controls})
         run_dir = root.study_seed(seed)
         _copy_base(base, RunLayout(run_dir))
-        if plain_teacher:
-            plain_dir = root.study_plain_teacher(seed)
-            _copy_base(base, RunLayout(plain_dir))
-            log.info("study: seed %d, plain-text teacher in %s", seed, plain_dir)
-            plain = _with(cfg, plain_dir, **{**seed_cfg, "teacher": {"seed": seed, "text_column": "text_plain"}})
-            run_pipeline(plain, resume=True, from_stage="teacher", to_stage="soft_labels")
-            for split in SPLITS:   # copied only when changed: a resumed study keeps the seed's student
-                data = storage.read_bytes(RunLayout(plain_dir).soft_labels(split))
-                dst = RunLayout(run_dir).soft_labels(split, "teacher_plain")
-                if not storage.exists(dst) or storage.read_bytes(dst) != data:
-                    storage.write_bytes(dst, data)
+        for source in sides:
+            run_side_teacher(cfg, base, root, seed, source)
         log.info("study: seed %d in %s", seed, run_dir)
         run_pipeline(_with(cfg, run_dir, **seed_cfg), resume=True, from_stage="teacher")
     return summarise(cfg, wall_s=round(time.time() - started, 1))

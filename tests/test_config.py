@@ -26,6 +26,9 @@ def test_shipped_config_loads_and_says_how_to_run(path):
 @pytest.mark.parametrize("name, own", [
     ("synthetic_study.yaml", {"eadf": {"control_texts"}}),
     ("multigranularity_study.yaml", {"teacher": {"pooling"}, "evaluate": {"baseline"}}),
+    # full depth for both heads, and fewer rows: what a generative teacher costs on 2 cores
+    ("teacher_heads_study.yaml", {"teacher": {"num_layers", "max_steps", "max_train_samples"},
+                                  "student": {"max_train_samples"}}),
 ])
 def test_studies_train_the_demo_recipe(name, own):
     """A study answers its question for the recipe the demo ships: the same cohort, split, texts

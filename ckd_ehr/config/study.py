@@ -4,9 +4,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from ckd_ehr.config.base import Section
-from ckd_ehr.contracts import STUDENT_VARIANTS
-
-ROW_NAMES = STUDENT_VARIANTS + ("teacher",)
+from ckd_ehr.contracts import STUDENT_VARIANTS, TEACHER_ROWS, student_variant
 
 
 class StudyConfig(Section):
@@ -17,7 +15,8 @@ class StudyConfig(Section):
     rows: list[str] = ["hard_plain", "hard_eadf", "hard_names", "hard_random", "distill_plain_ablation",
                        "ckd_ehr", "oracle_distill"]
     """Student variants trained per seed (the teacher is always a row): (a), (b), (b-names),
-    (b-random), (c) from a plain-text teacher, (d) CKD-EHR, (d-oracle)."""
+    (b-random), (c) from a plain-text teacher, (d) CKD-EHR, (d-oracle). A row distilled from a
+    generative teacher (ckd_ehr_generative) brings that teacher in as a row too (teacher_rows)."""
     contrasts: list[tuple[str, str]] = [
         ("hard_eadf", "hard_names"), ("ckd_ehr", "distill_plain_ablation"), ("distill_plain_ablation", "hard_plain"),
         ("ckd_ehr", "hard_plain"), ("oracle_distill", "hard_plain")]
@@ -32,6 +31,12 @@ class StudyConfig(Section):
     alpha: float = Field(0.05, gt=0.0, lt=0.5)
     """Family-wise error rate of the Holm-adjusted tests and of the detectable-effect figure."""
 
+    def teacher_rows(self) -> list[str]:
+        """The teachers scored as rows: always `teacher`, and each side teacher (TEACHER_ROWS) a
+        student row distils from."""
+        sides = [student_variant(r).soft_labels for r in self.rows if student_variant(r).distills]
+        return ["teacher", *[t for t in TEACHER_ROWS if t != "teacher" and t in sides]]
+
     @model_validator(mode="after")
     def _known_rows(self):
         unknown = [r for r in self.rows if r not in STUDENT_VARIANTS]
@@ -39,10 +44,12 @@ class StudyConfig(Section):
             raise ValueError(f"study.rows: unknown variant(s) {', '.join(unknown)} (one of {', '.join(STUDENT_VARIANTS)})")
         if "ckd_ehr" not in self.rows:
             raise ValueError("study.rows must include ckd_ehr")
+        teachers = self.teacher_rows()
         for new, base in self.contrasts:
             for r in (new, base):
-                if r not in self.rows and r != "teacher":
-                    raise ValueError(f"study.contrasts: '{r}' is not a row of the study (study.rows or teacher)")
+                if r not in self.rows and r not in teachers:
+                    raise ValueError(f"study.contrasts: '{r}' is not a row of the study (study.rows or "
+                                     f"{' / '.join(teachers)})")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"study.seeds must be distinct and non-empty, got {self.seeds}")
         return self

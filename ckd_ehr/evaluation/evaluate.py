@@ -29,17 +29,16 @@ import pandas as pd
 import pyarrow as pa
 
 from ckd_ehr import storage
-from ckd_ehr.contracts import (PREDICTIONS, PRIMARY_VARIANTS, STUDENT_VARIANT_TABLE, STUDENT_VARIANTS, TEACHER_ROLE,
-                               ContractError,
-                               RunLayout, base_variant, check_schema)
+from ckd_ehr.contracts import (PREDICTIONS, PRIMARY_VARIANTS, STUDENT_VARIANT_TABLE, STUDENT_VARIANTS, TEACHER_META,
+                               TEACHER_ROWS, ContractError, RunLayout, base_variant, check_schema)
 from ckd_ehr.evaluation.metrics import (ALL_METRICS, bootstrap_scores, delta_summary, evaluate_predictions, interval,
                       macro_label_set, paired_bootstrap_delta, to_matrix, tune_thresholds)
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
 
 log = logging.getLogger(__name__)
 
-MODELS = STUDENT_VARIANTS + ("teacher",)
-ROLES = {**{v.name: v.role for v in STUDENT_VARIANT_TABLE}, "teacher": TEACHER_ROLE}
+MODELS = STUDENT_VARIANTS + tuple(TEACHER_ROWS)
+ROLES = {**{v.name: v.role for v in STUDENT_VARIANT_TABLE}, **TEACHER_ROWS}
 from ckd_ehr.evaluation.probe_rows import PROBE_ROLES  # roles of the probe rows, beside the baselines
 
 BASELINE_ROLES = {
@@ -73,11 +72,13 @@ def read_predictions(path: str) -> pd.DataFrame:
     return df.sort_values("sample_id", kind="stable").reset_index(drop=True)
 
 
-def teacher_predictions_from_soft_labels(layout: RunLayout, split: str = "test") -> pd.DataFrame | None:
-    """The teacher's predictions on a split as PREDICTIONS rows, from the soft-labels stage's
-    output (its probabilities) joined by sample_id with the split's samples (patient and
-    labels). None when either file is missing."""
-    soft_path = layout.soft_labels(split)
+def teacher_predictions_from_soft_labels(layout: RunLayout, split: str = "test",
+                                         source: str = "teacher") -> pd.DataFrame | None:
+    """A teacher's predictions on a split as PREDICTIONS rows, from its soft labels (the
+    soft-labels stage's output, or a side teacher's copied by `ckd-ehr study`: TEACHER_ROWS)
+    joined by sample_id with the split's samples (patient and labels). None when either file
+    is missing."""
+    soft_path = layout.soft_labels(split, source)
     samples_path = next((p for p in (layout.augmented(split), layout.samples(split)) if storage.exists(p)), None)
     if not storage.exists(soft_path) or samples_path is None:
         return None
@@ -94,6 +95,8 @@ def teacher_predictions_from_soft_labels(layout: RunLayout, split: str = "test")
 def _artifact_json(layout: RunLayout, name: str) -> str:
     if name == "teacher":
         return layout.teacher_meta
+    if name in TEACHER_ROWS:   # a side teacher's teacher.json, copied beside its soft labels
+        return layout.side_teacher_file(name, TEACHER_META)
     return layout.student_meta(base_variant(name))
 
 
@@ -119,11 +122,11 @@ def read_thresholds(layout: RunLayout, name: str) -> tuple[dict[str, list[float]
             source[mode] = f"0.5 ({path}: thresholds.{mode} is not {NUM_PHENOTYPES} numbers)"
             continue
         thresholds[mode], source[mode] = [float(v) for v in values], f"{path}: thresholds.{mode}"
-    if name == "teacher" and not source["tuned"].startswith(path):
-        val = teacher_predictions_from_soft_labels(layout, "val")
+    if name in TEACHER_ROWS and not source["tuned"].startswith(path):
+        val = teacher_predictions_from_soft_labels(layout, "val", name)
         if val is not None:
             thresholds["tuned"] = tune_thresholds(to_matrix(val["labels"], np.int8), to_matrix(val["probs"]), "f1")
-            source["tuned"] = f"maximising F1 per phenotype on {layout.soft_labels('val')}"
+            source["tuned"] = f"maximising F1 per phenotype on {layout.soft_labels('val', name)}"
     return thresholds, source
 
 
@@ -301,10 +304,10 @@ def run_evaluate(cfg) -> dict:
         path = layout.predictions(name)
         if storage.exists(path):
             frames[name], sources[name] = read_predictions(path), path
-        elif name == "teacher" and (soft := teacher_predictions_from_soft_labels(layout)) is not None:
+        elif name in TEACHER_ROWS and (soft := teacher_predictions_from_soft_labels(layout, "test", name)) is not None:
             # Nobody has to write teacher.parquet: the soft labels of the test split are the
-            # teacher's test predictions.
-            frames[name], sources[name] = soft, layout.soft_labels("test")
+            # teacher's test predictions (a side teacher's only when the study copied them).
+            frames[name], sources[name] = soft, layout.soft_labels("test", name)
         elif name in expected:  # a study control nobody asked for is not "skipped"
             skipped[name] = f"no predictions at {path}" + (
                 f" and no {layout.soft_labels('test')}" if name == "teacher" else "")
