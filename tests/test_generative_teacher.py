@@ -6,7 +6,7 @@ import torch
 
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
 from ckd_ehr.teacher.generative import (IGNORE, AnswerVocabulary, ScoreCalibration, answer_loss, generative_example,
-                                        lm_loss, phenotype_scores, phenotype_scores_uncached)
+                                        lm_loss, phenotype_scores, phenotype_scores_batch, phenotype_scores_uncached)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,18 @@ def test_generative_teacher_scores_a_padded_batch_like_single_prompts(lm):
     assert out.shape == (2, NUM_PHENOTYPES)
     for i, p in enumerate(prompts):
         np.testing.assert_allclose(out[i].numpy(), phenotype_scores(model, p, vocab, tok.pad_token_id or 0), atol=1e-5)
+        np.testing.assert_allclose(out[i].numpy(), phenotype_scores_uncached(model, p, vocab), rtol=1e-4, atol=1e-4)
+    # the packed name pass (one row per prompt, 4D mask) equals 25 rows on the repeated cache,
+    # with the SDPA kernel's boolean mask and the eager kernel's additive one
+    repeated = phenotype_scores_batch(model, prompts, vocab, tok.pad_token_id or 0, packed=False)
+    np.testing.assert_allclose(out.numpy(), repeated, atol=1e-5)
+    impl = model.config._attn_implementation
+    try:
+        model.set_attn_implementation("eager")
+        eager = phenotype_scores_batch(model, prompts, vocab, tok.pad_token_id or 0, packed=True)
+    finally:
+        model.set_attn_implementation(impl)
+    np.testing.assert_allclose(eager, repeated, atol=1e-5)
     ids, lab = generative_example(prompts[0], vocab.answer(np.eye(NUM_PHENOTYPES, dtype=int)[3]))
     loss = teacher(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), torch.tensor([lab]))
     assert loss.ndim == 0 and loss.item() > 0

@@ -10,8 +10,9 @@ likelihood of a name in the answer's first place says whether it belongs to the 
 where its label index puts it.
 
 Scoring: per sample, one pass over prompt + answer prefix with the key-value cache kept, then
-the 25 phenotype names scored as continuations in one batched pass over the cache repeated 25
-times: score_j = mean log-probability of name j's tokens right after the prefix (mean, so long
+the 25 phenotype names scored as continuations in one pass on that cache, packed into one row
+with a mask that lets each name see the context and itself only (`_names_packed`; kernels
+without custom masks repeat the cache per name instead): score_j = mean log-probability of name j's tokens right after the prefix (mean, so long
 names are not penalised for their length). Scores become probabilities through a per-phenotype
 logistic calibration fitted on validation (`ScoreCalibration`); AUROC per phenotype does not
 depend on it (a monotone map per phenotype), the soft labels and thresholds do.
@@ -29,8 +30,8 @@ from ckd_ehr.data.phenotypes import phenotype_names
 
 ANSWER_PREFIX = "Disease that the patient may acquire:"
 SCORE_PROMPTS = 4
-"""Prompts scored together: their name pass holds 4 x 25 continuations, i.e. 100 rows of
-[name tokens, vocabulary] logits (~200 MB in fp32 for SmolLM2's 49k vocabulary)."""
+"""Prompts scored together: their name pass holds 4 packed rows of the 25 names' tokens, i.e.
+[4, ~135, vocabulary] logits (~110 MB in fp32 for SmolLM2's 49k vocabulary)."""
 IGNORE = -100
 
 
@@ -110,11 +111,13 @@ def phenotype_scores(model, prompt_ids: Sequence[int], vocab: AnswerVocabulary, 
 
 @torch.inference_mode()
 def phenotype_scores_batch(model, prompts: Sequence[Sequence[int]], vocab: AnswerVocabulary,
-                           pad_id: int = 0) -> np.ndarray:
+                           pad_id: int = 0, packed: bool | None = None) -> np.ndarray:
     """[B, 25] name scores of B prompts: one cached pass over the B contexts (prompt + answer
-    prefix, left-padded so that each ends at the last column), then one pass over the B x 25
-    names on the cache repeated 25 times (see the module docstring). Positions are given
-    explicitly: a left-padded row's tokens count from its first real token, as when alone."""
+    prefix, left-padded so that each ends at the last column), then one pass over the 25 names
+    of each prompt on that cache (see the module docstring). Positions are given
+    explicitly: a left-padded row's tokens count from its first real token, as when alone.
+    `packed`: None = the packed name pass where the attention kernel takes a custom mask (sdpa,
+    eager), else the repeated cache; True / False force one (tests)."""
     device = next(model.parameters()).device
     contexts = [list(p) + vocab.prefix for p in prompts]
     b, width, k = len(contexts), max(len(c) for c in contexts), len(vocab.names)
@@ -126,7 +129,56 @@ def phenotype_scores_batch(model, prompts: Sequence[Sequence[int]], vocab: Answe
     out = model(input_ids=ids, attention_mask=ctx_mask, position_ids=(ctx_mask.cumsum(1) - 1).clamp(min=0),
                 use_cache=True, logits_to_keep=1)                       # only the last position's logits
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)           # [B, V]: each name's first token
-    cache = out.past_key_values
+    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    if packed if packed is not None else impl in ("sdpa", "eager"):
+        token_lp, name_mask = _names_packed(model, out.past_key_values, ctx_mask, vocab, first, impl == "sdpa")
+    else:   # kernels without custom masks (flash attention): the cache repeated once per name
+        token_lp, name_mask = _names_by_repeated_cache(model, out.past_key_values, ctx_mask, vocab, first, pad_id)
+    m = name_mask.float()
+    return ((token_lp * m).sum(1) / m.sum(1)).reshape(b, k).cpu().numpy()
+
+
+def _names_packed(model, cache, ctx_mask: torch.Tensor, vocab: AnswerVocabulary, first: torch.Tensor,
+                  boolean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 25 names of each prompt as ONE packed row of sum(len(name)) tokens on the prompt's
+    cache: a 4D mask lets name j's tokens see the whole context and name j's own earlier tokens
+    only, and each name's positions start where the context ends, so every name is scored as if
+    it alone followed the prefix. Why: repeating the cache once per name copies it 25 times
+    (~1 GB per 900-token SmolLM2 prompt, most of the scoring time on a CPU); packed, the names
+    cost ~135 tokens per prompt. Returns ([B x 25, T] token log-probabilities, [B x 25, T] mask)."""
+    device, b, k = ctx_mask.device, ctx_mask.shape[0], len(vocab.names)
+    flat = [t for name in vocab.names for t in name]
+    owner = torch.tensor([j for j, name in enumerate(vocab.names) for _ in name], device=device)
+    offset = torch.tensor([i for name in vocab.names for i in range(len(name))], device=device)
+    n = len(flat)
+    own = (owner[:, None] == owner[None, :]) & (offset[None, :] <= offset[:, None])          # [N, N]
+    allowed = torch.cat([ctx_mask.bool()[:, None, :].expand(b, n, -1), own.expand(b, n, n)], dim=2)[:, None]
+    mask = allowed if boolean else \
+        torch.zeros(allowed.shape, dtype=first.dtype, device=device).masked_fill(~allowed, torch.finfo(first.dtype).min)
+    ids = torch.tensor(flat, device=device).repeat(b, 1)
+    positions = ctx_mask.sum(1)[:, None] + offset[None, :]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=False).logits
+    # back to [B x 25, T] (T = the longest name): name j's token i (i >= 1) is predicted at its
+    # own token i - 1; token 0 at the prefix's last position (`first`)
+    width = max(len(name) for name in vocab.names)
+    starts = np.cumsum([0] + [len(name) for name in vocab.names[:-1]])
+    token_lp = torch.zeros((b * k, width), dtype=torch.float32, device=device)
+    name_mask = torch.zeros((b * k, width), dtype=torch.long, device=device)
+    for j, (name, start) in enumerate(zip(vocab.names, starts)):
+        rows = torch.arange(b, device=device) * k + j
+        name_mask[rows, :len(name)] = 1
+        token_lp[rows, 0] = first[:, name[0]]
+        if len(name) > 1:
+            scored = logits[:, start:start + len(name) - 1].float()                          # [B, len - 1, V]
+            target = torch.tensor(name[1:], device=device)
+            token_lp[rows, 1:len(name)] = scored[:, torch.arange(len(name) - 1), target] - torch.logsumexp(scored, dim=-1)
+    return token_lp, name_mask
+
+
+def _names_by_repeated_cache(model, cache, ctx_mask: torch.Tensor, vocab: AnswerVocabulary, first: torch.Tensor,
+                             pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same scores from B x 25 rows, one per (prompt, name), on the cache repeated 25 times."""
+    device, b, k = ctx_mask.device, ctx_mask.shape[0], len(vocab.names)
     cache.batch_repeat_interleave(k)                                       # row r: prompt r // k, name r % k
     names, name_mask = _pad(vocab.names, pad_id)
     names, name_mask = names.to(device).repeat(b, 1), name_mask.to(device).repeat(b, 1)
@@ -141,8 +193,7 @@ def phenotype_scores_batch(model, prompts: Sequence[Sequence[int]], vocab: Answe
         # [B x 25, T - 1, V] log-probabilities (the pass's largest tensor)
         scored = logits[:, :-1].float()
         token_lp[:, 1:] = scored.gather(-1, names[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scored, dim=-1)
-    m = name_mask.float()
-    return ((token_lp * m).sum(1) / m.sum(1)).reshape(b, k).cpu().numpy()
+    return token_lp, name_mask
 
 
 @torch.inference_mode()
