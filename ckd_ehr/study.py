@@ -197,8 +197,9 @@ def summarise(cfg: PipelineConfig, wall_s: float | None = None) -> dict:
              ("h2", "Rows: test macro AUROC, mean over seeds"), ("table", *row_table(result)),
              ("h2", f"Reference and probe rows (seed {st.seeds[0]})"), ("table", *reference_table(result)),
              ("h2", "Contrasts"), *contrast_blocks(result), ("img", "forest.png", "contrasts"),
-             *teacher_blocks(result, root),
-             ("h2", "The paper's claim beside this study"), ("table", *paper_claim_table(result))]
+             *teacher_blocks(result, root)]
+    if {"ckd_ehr", "hard_plain"} <= set(st.rows):   # the paper's claim is (d) against plain BERT, (a)
+        table += [("h2", "The paper's claim beside this study"), ("table", *paper_claim_table(result))]
     storage.write_text(storage.join(root.study_dir, "study.md"), render_markdown(table))
     log.info("study: %s", ", ".join(f"{c['name']} identical predictions" if c.get("identical") else
                                     f"{c['name']} {c['delta']:+.3f} [{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}] "

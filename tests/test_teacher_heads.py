@@ -96,6 +96,7 @@ def test_generative_teacher_is_a_row_and_the_teachers_stand_side_by_side(tmp_pat
     assert mlaph["test"]["macro_auroc"] > side["test"]["macro_auroc"]
     md = (tmp_path / "study" / "study" / "study.md").read_text()
     assert "Teachers side by side" in md and "teacher_generative" in md and "0.500 (180 rows)" in md
+    assert "The paper's claim" not in md   # (a) hard_plain is not a row: nothing to set beside it
     assert (tmp_path / "study" / "study" / "teachers_reliability.png").read_bytes()[:4] == b"\x89PNG"
     json.dumps(out)   # plain JSON
 
