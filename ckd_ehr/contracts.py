@@ -21,7 +21,7 @@ own, as laid out here. Change a schema here and nowhere else.
       soft_labels/oracle/{split}.parquet  SOFT_LABELS from the latent oracle (synthetic, oracle variants)
       soft_labels/teacher_plain/{split}.parquet  SOFT_LABELS of a plain-text teacher (`ckd-ehr study`)
       soft_labels/teacher_generative/{split}.parquet  SOFT_LABELS of a generative teacher (`ckd-ehr
-                                       study`), with its teacher.json and soft_labels.json beside them
+                                       study`), with its teacher.json beside them
       soft_labels/units/{split}.parquet  UNIT_TARGETS: the teacher's unit attention and relations
                                        (`soft_labels.unit_targets`, multi-granularity distillation)
       soft_labels/quality/             entropy, calibration, reliability diagram
@@ -400,12 +400,11 @@ class RunLayout:
     @property
     def study_base(self) -> str: return self.path("base")
     def study_seed(self, seed: int) -> str: return self.path(f"seed_{seed}")
-    def study_plain_teacher(self, seed: int) -> str: return self.study_side_teacher(seed, "teacher_plain")
     def study_side_teacher(self, seed: int, source: str) -> str:
         """The run directory of a seed's second teacher for soft-label source `source` (SIDE_TEACHERS)."""
         return self.path(f"seed_{seed}_{SIDE_TEACHERS[source]}_teacher")
     def side_teacher_file(self, source: str, name: str) -> str:
-        """A file of a side teacher copied beside its soft labels (teacher.json, soft_labels.json)."""
+        """A file of a side teacher copied beside its soft labels (its teacher.json)."""
         return self.path("soft_labels", source, name)
     @property
     def study_results(self) -> str: return self.path("study", "results.json")

@@ -8,7 +8,7 @@ control texts when a row reads them); then per seed k (training varies, the test
    `text_plain`; from a generative teacher (`ckd_ehr_generative`, the MLAPH claim of issue 19),
    RUN/seed_k_generative_teacher trains the same LLM with `teacher.head: generative`. Either
    scores its soft labels, which are copied to RUN/seed_k/soft_labels/<source>/ with its
-   teacher.json and its soft-label stage record (soft_labels.json: time, throughput);
+   teacher.json;
 2. RUN/seed_k runs the pipeline from the teacher on (teacher.seed = student.seed = k) with
    student.variants = study.rows, through evaluate and report.
 
@@ -21,7 +21,6 @@ paper's secondary metrics, and every baseline and probe row of seed 0.
 """
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import time
@@ -48,8 +47,6 @@ SIDE_TEACHER_SETTINGS = {
     "teacher_generative": {"head": "generative", "head_init": "random", "best_metric": "val_loss"},
 }
 """Per side teacher (contracts.SIDE_TEACHERS): how its teacher section differs from the study's."""
-SOFT_LABEL_RECORD = "soft_labels.json"
-"""A side teacher's soft-label stage record (seconds, rows scored, rows/s), copied beside its soft labels."""
 
 
 def _with(cfg: PipelineConfig, run_dir: str, **sections) -> PipelineConfig:
@@ -232,12 +229,9 @@ def teacher_comparison(cfg: PipelineConfig, teachers: list[str]) -> dict:
                                      seed=cfg.evaluate.seed, label_set=macro_label_set(y, 1))
             test = evaluated["models"][t]
             fixed = test["modes"]["fixed"]
-            if t == "teacher":
-                manifest = read_manifest(layout)["stages"]
-                scoring, train_s = manifest["soft_labels"]["summary"].get("scoring"), manifest["teacher"]["seconds"]
-            else:
-                scoring = storage.read_json(layout.side_teacher_file(t, SOFT_LABEL_RECORD))["summary"].get("scoring")
-                train_s = read_manifest(RunLayout(root.study_side_teacher(seed, t)))["stages"]["teacher"]["seconds"]
+            # the run that trained and scored this teacher: the seed's own, or its side teacher's
+            stages = read_manifest(layout if t == "teacher" else RunLayout(root.study_side_teacher(seed, t)))["stages"]
+            scoring, train_s = (stages["soft_labels"].get("summary") or {}).get("scoring"), stages["teacher"]["seconds"]
             out[t]["seeds"][str(seed)] = {
                 "val": {"n_samples": v["n_samples"], **{m: v["metrics"][m] for m in TEACHER_METRICS},
                         "intervals": {m: v["intervals"].get(m) for m in TEACHER_METRICS}},
@@ -360,12 +354,18 @@ def reference_table(result: dict) -> tuple[list[str], list[list[str]]]:
         for n, e in result["references"].items()]
 
 
+def _seed_config(cfg: PipelineConfig, run_dir: str, seed: int, **teacher) -> PipelineConfig:
+    """The pipeline config of one of a seed's runs: seeded teacher (with `teacher` changes) and
+    student, the study's rows as the student variants, the control texts when a row reads them."""
+    return _with(cfg, run_dir, teacher={"seed": seed, **teacher}, student={"seed": seed, "variants": list(cfg.study.rows)},
+                 eadf={"control_texts": _control_texts(cfg)})
+
+
 def _side_teacher_config(cfg: PipelineConfig, run_dir: str, seed: int, source: str) -> PipelineConfig:
     """The pipeline config of a seed's side teacher: the study's, its teacher section changed
     as SIDE_TEACHER_SETTINGS says (a ConfigError names what does not fit, e.g. teacher.num_layers
     set for a generative teacher)."""
-    return _with(cfg, run_dir, teacher={"seed": seed, **SIDE_TEACHER_SETTINGS[source]},
-                 student={"seed": seed, "variants": list(cfg.study.rows)}, eadf={"control_texts": _control_texts(cfg)})
+    return _seed_config(cfg, run_dir, seed, **SIDE_TEACHER_SETTINGS[source])
 
 
 def _control_texts(cfg: PipelineConfig) -> bool:
@@ -374,10 +374,10 @@ def _control_texts(cfg: PipelineConfig) -> bool:
 
 
 def run_side_teacher(cfg: PipelineConfig, base: RunLayout, root: RunLayout, seed: int, source: str) -> None:
-    """Train and score a seed's side teacher (resumable) and copy its soft labels, teacher.json
-    and soft-label stage record into the seed's run, each only when changed (a resumed study
-    keeps the seed's students)."""
-    from ckd_ehr.pipeline import read_manifest, run_pipeline
+    """Train and score a seed's side teacher (resumable) and copy its soft labels and
+    teacher.json into the seed's run, each only when changed (a resumed study keeps the seed's
+    students)."""
+    from ckd_ehr.pipeline import run_pipeline
 
     side_dir = root.study_side_teacher(seed, source)
     _copy_base(base, RunLayout(side_dir))
@@ -387,9 +387,6 @@ def run_side_teacher(cfg: PipelineConfig, base: RunLayout, root: RunLayout, seed
     side, dest = RunLayout(side_dir), RunLayout(root.study_seed(seed))
     files = {dest.soft_labels(split, source): storage.read_bytes(side.soft_labels(split)) for split in SPLITS}
     files[dest.side_teacher_file(source, TEACHER_META)] = storage.read_bytes(side.teacher_meta)
-    record = read_manifest(side)["stages"]["soft_labels"]
-    files[dest.side_teacher_file(source, SOFT_LABEL_RECORD)] = (json.dumps(
-        {k: record.get(k) for k in ("seconds", "finished", "summary")}, indent=2, default=str) + "\n").encode()
     for dst, data in files.items():
         if not storage.exists(dst) or storage.read_bytes(dst) != data:
             storage.write_bytes(dst, data)
@@ -401,22 +398,17 @@ def run_study(cfg: PipelineConfig) -> dict:
 
     started = time.time()
     root, st = RunLayout(cfg.run_dir), cfg.study
-    specs = [student_variant(r) for r in st.rows]
-    controls = _control_texts(cfg)
-    sides = [t for t in SIDE_TEACHERS if any(v.distills and v.soft_labels == t for v in specs)]
+    sides = st.side_teachers()
     for source in sides:   # a side teacher's config that cannot be built fails now, not after the base run
         _side_teacher_config(cfg, root.study_side_teacher(st.seeds[0], source), st.seeds[0], source)
     base = RunLayout(root.study_base)
     log.info("study: base run (cohort, split, EADF table) in %s", base.root)
-    run_pipeline(_with(cfg, base.root, eadf={"control_texts": controls}),
-                 resume=True, to_stage="eadf")
+    run_pipeline(_with(cfg, base.root, eadf={"control_texts": _control_texts(cfg)}), resume=True, to_stage="eadf")
     for seed in st.seeds:
-        seed_cfg = dict(teacher={"seed": seed}, student={"seed": seed, "variants": list(st.rows)},
-                        eadf={"control_texts": controls})
         run_dir = root.study_seed(seed)
         _copy_base(base, RunLayout(run_dir))
         for source in sides:
             run_side_teacher(cfg, base, root, seed, source)
         log.info("study: seed %d in %s", seed, run_dir)
-        run_pipeline(_with(cfg, run_dir, **seed_cfg), resume=True, from_stage="teacher")
+        run_pipeline(_seed_config(cfg, run_dir, seed), resume=True, from_stage="teacher")
     return summarise(cfg, wall_s=round(time.time() - started, 1))

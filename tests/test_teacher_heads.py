@@ -53,13 +53,12 @@ def test_generative_teacher_is_a_row_and_the_teachers_stand_side_by_side(tmp_pat
         _soft(layout, "val", source, vids, p_val)
     storage.write_json(layout.side_teacher_file("teacher_generative", TEACHER_META),
                        {"head": "generative", "metrics": {"step": 30}})
-    storage.write_json(layout.side_teacher_file("teacher_generative", "soft_labels.json"),
-                       {"seconds": 400.0, "summary": {"scoring": {"rows": 180, "seconds": 360.0, "rows_per_s": 0.5}}})
     storage.write_json(layout.manifest, {"stages": {
         "teacher": {"seconds": 300.0}, "student": {"seconds": 50.0},
         "soft_labels": {"seconds": 100.0, "summary": {"scoring": {"rows": 180, "seconds": 90.0, "rows_per_s": 2.0}}}}})
     storage.write_json(RunLayout(root.study_side_teacher(0, "teacher_generative")).manifest,
-                       {"stages": {"teacher": {"seconds": 310.0}, "soft_labels": {"seconds": 400.0}}})
+                       {"stages": {"teacher": {"seconds": 310.0}, "soft_labels": {"seconds": 400.0, "summary": {
+                           "scoring": {"rows": 180, "seconds": 360.0, "rows_per_s": 0.5}}}}})
 
     rows = "[hard_eadf, ckd_ehr, ckd_ehr_generative]"
     cfg = load_config(PipelineConfig, None, [f"run_dir={layout.root}", "evaluate.bootstrap=20",

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from ckd_ehr.config.base import Section
-from ckd_ehr.contracts import STUDENT_VARIANTS, TEACHER_ROWS, student_variant
+from ckd_ehr.contracts import SIDE_TEACHERS, STUDENT_VARIANTS, TEACHER_ROWS, student_variant
 
 
 class StudyConfig(Section):
@@ -31,11 +31,15 @@ class StudyConfig(Section):
     alpha: float = Field(0.05, gt=0.0, lt=0.5)
     """Family-wise error rate of the Holm-adjusted tests and of the detectable-effect figure."""
 
+    def side_teachers(self) -> list[str]:
+        """The second teachers (contracts.SIDE_TEACHERS) a row distils from: trained per seed."""
+        sources = {student_variant(r).soft_labels for r in self.rows if student_variant(r).distills}
+        return [t for t in SIDE_TEACHERS if t in sources]
+
     def teacher_rows(self) -> list[str]:
-        """The teachers scored as rows: always `teacher`, and each side teacher (TEACHER_ROWS) a
-        student row distils from."""
-        sides = [student_variant(r).soft_labels for r in self.rows if student_variant(r).distills]
-        return ["teacher", *[t for t in TEACHER_ROWS if t != "teacher" and t in sides]]
+        """The teachers scored as rows: always `teacher`, and each side teacher with a row of
+        its own (TEACHER_ROWS)."""
+        return ["teacher", *[t for t in self.side_teachers() if t in TEACHER_ROWS]]
 
     @model_validator(mode="after")
     def _known_rows(self):
