@@ -25,7 +25,8 @@ def test_shipped_config_loads_and_says_how_to_run(path):
 
 @pytest.mark.parametrize("name, own", [
     ("synthetic_study.yaml", {"eadf": {"control_texts"}}),
-    ("multigranularity_study.yaml", {"teacher": {"pooling"}, "evaluate": {"baseline"}}),
+    ("multigranularity_study.yaml", {"teacher": {"pooling", "query_lr", "keep_checkpoint"}, "evaluate": {"baseline"},
+                                     "student": {"max_steps", "keep_checkpoint", "query_lr"}}),
     # full depth for both heads, and fewer rows: what a generative teacher costs on 2 cores
     ("teacher_heads_study.yaml", {"teacher": {"num_layers", "max_steps", "max_train_samples"},
                                   "student": {"max_train_samples"}}),

@@ -213,7 +213,8 @@ def test_config_asks_the_soft_label_stage_for_targets_and_checks_the_teacher():
 
 def test_tiny_run_trains_the_student_with_all_three_terms(tiny_run):
     """The shared run's ckd_ehr student distilled label attention, soft labels and relations on
-    Ray Train from a label-attention teacher's stored targets."""
+    Ray Train from a label-attention teacher's stored targets, and kept its last step
+    (student.keep_checkpoint: last), so the kept model carries the terms."""
     import json
 
     from safetensors.torch import load_file
@@ -229,6 +230,7 @@ def test_tiny_run_trains_the_student_with_all_three_terms(tiny_run):
     meta = json.loads(open(layout.student_meta("ckd_ehr")).read())
     units = meta["fit"]["train"]["units"]
     assert units["mean_units_common"] > 3
+    assert meta["metrics"]["best_checkpoint"]["step"] == tiny_run.config["student"]["max_steps"]
     weights = sorted((tiny_run.run_dir / "student" / "ckd_ehr" / "train").rglob("trainable.safetensors"))
     assert weights and "unit_queries" in load_file(str(weights[-1]))
 
@@ -253,3 +255,45 @@ def test_label_attention_teacher_starts_at_its_probe(tiny_qwen_dir):
         feats = model.features(**batch).numpy()
         logits = model(**batch).numpy()
     np.testing.assert_allclose(logits, feats @ probe.weight.T + probe.bias, atol=1e-4)
+
+
+def test_label_attention_queries_train_at_their_own_rate(tiny_qwen_dir, tiny_bert_dir):
+    """teacher.query_lr / student.query_lr put the label-attention queries in a group of their own
+    (the head's small rate left the probe-started queries at zero); every trainable parameter is
+    in exactly one group, and without query_lr the queries stay with the head."""
+    from ckd_ehr.student.model import build_student
+    from ckd_ehr.student.train import StudentParamGroups
+    from ckd_ehr.teacher.model import MLAPH, TeacherModel, load_backbone, param_groups
+
+    backbone = load_backbone(str(tiny_qwen_dir))
+    teacher = TeacherModel(backbone, MLAPH(backbone.config.hidden_size, 25, "label_attention"))
+    student = build_student(str(tiny_bert_dir), label_attention=True)
+    for model, groups_of in ((teacher, lambda q: param_groups(teacher, 1e-5, 1e-4, 0.0, q)),
+                             (student, lambda q: StudentParamGroups(3e-5, None, 0.0, q)(student))):
+        queries = model.head.queries if model is teacher else model.unit_queries
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        for query_lr, want in ((0.1, 0.1), (None, 1e-4 if model is teacher else 3e-5)):
+            groups = groups_of(query_lr)
+            ids = [id(p) for g in groups for p in g["params"]]
+            assert sorted(ids) == sorted(trainable) and len(ids) == len(set(ids))
+            (lr,) = [g["lr"] for g in groups if any(p is queries for p in g["params"])]
+            assert lr == want
+
+
+def test_label_attention_spread_tells_uniform_targets_from_specific_ones():
+    """The soft-label stage's check on the label-level targets: 0 when every phenotype has the
+    same distribution over the units (queries at zero), positive when they differ."""
+    from ckd_ehr.contracts import UNIT_TARGETS
+    from ckd_ehr.soft_labels.run import label_attention_spread
+
+    rng = np.random.default_rng(0)
+    same = np.tile(rng.dirichlet(np.ones(4)), (25, 1))
+    differ = rng.dirichlet(np.ones(4), size=25)
+
+    def table(att):
+        return pa.table({"sample_id": ["a"], "units": [["d:x", "d:y", "m:z", "p:w"]],
+                         "unit_attention": [att.astype(np.float16).ravel().tolist()], "unit_relation": [None]},
+                        schema=UNIT_TARGETS)
+
+    assert label_attention_spread(table(same)) == pytest.approx(0.0, abs=1e-6)
+    assert label_attention_spread(table(differ)) > 0.1

@@ -254,6 +254,21 @@ def test_loop_in_process_probe_is_step_zero(tmp_path):
     assert os.path.exists(os.path.join(rep.checkpoints[0][0], PROBE_HEAD))
 
 
+def test_kept_checkpoint_best_or_last():
+    """`best` keeps the probe (step 0) when fine-tuning scored lower on validation, and skips an
+    unvalidated (NaN) step checkpoint; `last` keeps the end of training whatever it scored (the
+    multi-granularity study's fixed-length recipe); a misspelt choice is an error."""
+    from ckd_ehr.training.loop import kept_checkpoint
+
+    scored = [("ckpt_0", {"step": 0, "val_macro_auroc": 0.75}), ("ckpt_8", {"step": 8, "val_macro_auroc": float("nan")}),
+              ("ckpt_48", {"step": 48, "val_macro_auroc": 0.74})]
+    assert kept_checkpoint(scored, scored[-1], "val_macro_auroc")[0] == "ckpt_0"
+    assert kept_checkpoint(scored, scored[-1], "val_macro_auroc", "last") == scored[-1]
+    assert kept_checkpoint(scored, scored[-1], "val_loss", "best")[0] == "ckpt_48"   # no val_loss: the latest
+    with pytest.raises(ValueError, match="'latest'"):
+        kept_checkpoint(scored, scored[-1], "val_macro_auroc", "latest")
+
+
 class _CountingBagOfTokens(_BagOfTokens):
     """_BagOfTokens whose features() calls are counted in a file (the loop builds its own model)."""
 

@@ -59,6 +59,9 @@ def submit_pipeline_job(head: RayHead, root: Path, teacher_dir: Path, student_di
     # ckd_ehr student trained on all three terms; oracle_distill (oracle soft labels) has none.
     cfg["teacher"] = {**cfg["teacher"], "pooling": "label_attention"}
     cfg["student"]["distill"] = {"label_attention": 1.0, "relation": 1.0}
+    # the students keep their last step, as the multi-granularity study's do: a kept probe would
+    # carry none of the terms (and leave checkpoint choice to chance on a tiny random model)
+    cfg["student"]["keep_checkpoint"] = "last"
     cfg["evaluate"] = {**cfg["evaluate"], "baseline": "hard_eadf"}   # paired deltas against a model the run has
     cfg_file = root / "job.yaml"   # same machine: the job reads it by absolute path
     cfg_file.write_text(yaml.safe_dump(cfg))

@@ -82,6 +82,17 @@ class TrainerConfig(Section):
     (ddp, or DeepSpeed ZeRO-1/2); the student fits it on its pooling's features, the teacher on
     `last` or `mean` as named and, for `label_attention`, on the mean, where zero queries start
     the label attention (ckd_ehr.teacher.model.MLAPH.load_probe)."""
+    query_lr: float | None = Field(None, gt=0)
+    """Learning rate of the label-attention queries (the teacher's `pooling: label_attention`, the
+    student's auxiliary head for `distill.label_attention`); None = head_lr. The queries start at
+    zero (the probe start) or near it, where a head's small rate leaves them: ten teacher steps at
+    1e-4 kept its label attention identical for all 25 phenotypes (measured, README), so a study of
+    the label-level term sets its own."""
+    keep_checkpoint: Literal["best", "last"] = "best"
+    """Which checkpoint the stage keeps: `best` on best_metric, the probe (step 0) included, so a
+    short run that does not beat its probe keeps the probe; `last`: the end of training, whatever
+    validation says (a fixed-length recipe: the multi-granularity study, since a kept probe
+    carries no fine-tuning, and so neither learned label attention nor any distillation term)."""
     checkpoint_every_steps: int | None = Field(None, ge=1)
     """Also report a checkpoint every N optimiser steps (always once per epoch)."""
     best_metric: Literal["val_macro_f1", "val_macro_auroc", "val_loss"] = "val_macro_auroc"

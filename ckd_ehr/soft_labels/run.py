@@ -161,6 +161,26 @@ def check_unit_targets(table: pa.Table, input_ids: Sequence[str], where: str, at
         raise ContractError(f"{where}: unit targets malformed: {len(bad)} problem(s), e.g. " + "; ".join(bad[:3]))
 
 
+def label_attention_spread(table: pa.Table) -> float | None:
+    """How much the teacher's label attention depends on the phenotype: per sample, the mean over
+    the 25 phenotypes of the total-variation distance between that phenotype's distribution over
+    the units and the phenotypes' mean one, averaged over samples with units (None without
+    attention targets). 0 means one distribution for every phenotype (queries that never moved
+    from zero: the label-level term then distils only how the tokens fall into units); 1 the most."""
+    spreads = []
+    for units, att in zip(table.column("units").to_pylist(), table.column("unit_attention").to_pylist()):
+        if att is None or not units:
+            continue
+        a = np.asarray(att, np.float64).reshape(NUM_PHENOTYPES, len(units))
+        spreads.append(0.5 * np.abs(a - a.mean(0, keepdims=True)).sum(1).mean())
+    return float(np.mean(spreads)) if spreads else None
+
+
+SPREAD_WARNING = 1e-3
+"""Below this label_attention_spread the soft-label stage warns that the label-level targets carry
+no phenotype-specific attention."""
+
+
 def sigmoid(x: np.ndarray) -> np.ndarray:
     # Split by sign so large |x| neither overflows exp nor loses precision.
     x = np.asarray(x, dtype=np.float64)
@@ -528,6 +548,13 @@ def run_soft_labels(cfg) -> dict:
                           "rows_from_probe_features": from_probe[split].num_rows if split in from_probe else 0}
         if split in unit_tables:
             summary[split]["unit_targets_bytes"] = storage.size(layout.unit_targets(split))
+            spread = label_attention_spread(unit_tables[split]) if unit_attention else None
+            summary[split]["label_attention_spread"] = spread
+            if spread is not None and spread < SPREAD_WARNING:
+                log.warning("soft labels %s: the teacher's label attention is the same for every phenotype (spread "
+                            "%.2g < %g): its queries never left their start (zero under head_init probe), so the "
+                            "label-level term would distil only how the tokens fall into units; train the queries at "
+                            "a rate of their own (teacher.query_lr, docs/method.md)", split, spread, SPREAD_WARNING)
         elif storage.exists(layout.unit_targets(split)):   # another teacher's: never left to be read as this one's
             storage.remove(layout.unit_targets(split))
         log.info("soft labels %s: %d rows -> %s (%d from the probe's features; scored: padding efficiency %.3f, "

@@ -112,16 +112,22 @@ class StudentCollate:
 
 
 class StudentParamGroups:
-    """AdamW groups: the encoder at `lr`, the head at `head_lr` (None: `lr`). Picklable."""
+    """AdamW groups: the encoder at `lr`, the head at `head_lr` (None: `lr`), the auxiliary
+    label-attention queries at `query_lr` (None: the head's rate). Picklable."""
 
-    def __init__(self, lr: float, head_lr: float | None, weight_decay: float):
-        self.lr, self.head_lr, self.weight_decay = lr, head_lr, weight_decay
+    def __init__(self, lr: float, head_lr: float | None, weight_decay: float, query_lr: float | None = None):
+        self.lr, self.head_lr, self.weight_decay, self.query_lr = lr, head_lr, weight_decay, query_lr
 
     def __call__(self, model) -> list[dict]:
-        return [{"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": self.lr,
-                 "weight_decay": self.weight_decay, "name": "encoder"},
-                {"params": list(model.head.parameters()) + ([model.unit_queries] if model.unit_queries is not None else []),
-                 "lr": self.head_lr or self.lr, "weight_decay": self.weight_decay, "name": "head"}]
+        head_lr = self.head_lr or self.lr
+        groups = [{"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": self.lr,
+                   "weight_decay": self.weight_decay, "name": "encoder"},
+                  {"params": list(model.head.parameters()), "lr": head_lr, "weight_decay": self.weight_decay,
+                   "name": "head"}]
+        if model.unit_queries is not None:
+            groups.append({"params": [model.unit_queries], "lr": self.query_lr or head_lr,
+                           "weight_decay": self.weight_decay, "name": "queries"})
+        return groups
 
 
 def student_task(cfg, model_path: str, load_data, pad_id: int, distill: bool, pos_weight=None,
@@ -136,7 +142,7 @@ def student_task(cfg, model_path: str, load_data, pad_id: int, distill: bool, po
                                               relation_layer=cfg.distill.relation_layer if relation > 0 else None,
                                               attention_dropout=cfg.attention_dropout),
                      load_data=load_data, collate=StudentCollate(pad_id), loss_fn=loss,
-                     param_groups=StudentParamGroups(cfg.lr, cfg.head_lr, cfg.weight_decay),
+                     param_groups=StudentParamGroups(cfg.lr, cfg.head_lr, cfg.weight_decay, cfg.query_lr),
                      probe_targets_of=loss.probe_targets)
 
 

@@ -336,9 +336,16 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def param_groups(model: TeacherModel, lr: float, head_lr: float | None, weight_decay: float = 0.0) -> list[dict]:
-    """AdamW groups: LoRA at `lr`, the head at `head_lr` (the release trains it at 1e-4)."""
+def param_groups(model: TeacherModel, lr: float, head_lr: float | None, weight_decay: float = 0.0,
+                 query_lr: float | None = None) -> list[dict]:
+    """AdamW groups: LoRA at `lr`, the head at `head_lr` (the release trains it at 1e-4); with
+    `query_lr`, the label-attention queries in a group of their own at that rate."""
     lora = [p for n, p in model.backbone.named_parameters() if p.requires_grad]
-    head = [p for p in model.head.parameters() if p.requires_grad]
-    return [{"params": lora, "lr": lr, "weight_decay": weight_decay, "name": "lora"},
-            {"params": head, "lr": head_lr or lr, "weight_decay": weight_decay, "name": "head"}]
+    queries = getattr(model.head, "queries", None)
+    own = query_lr is not None and queries is not None and queries.requires_grad
+    head = [p for p in model.head.parameters() if p.requires_grad and not (own and p is queries)]
+    groups = [{"params": lora, "lr": lr, "weight_decay": weight_decay, "name": "lora"},
+              {"params": head, "lr": head_lr or lr, "weight_decay": weight_decay, "name": "head"}]
+    if own:
+        groups.append({"params": [queries], "lr": query_lr, "weight_decay": weight_decay, "name": "queries"})
+    return groups

@@ -111,7 +111,7 @@ class TeacherParamGroups:
         if self.tc.head == "generative":   # no head: one group, the LoRA weights
             return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": self.tc.lr,
                      "weight_decay": self.tc.weight_decay}]
-        return param_groups(model, self.tc.lr, self.tc.head_lr, self.tc.weight_decay)
+        return param_groups(model, self.tc.lr, self.tc.head_lr, self.tc.weight_decay, self.tc.query_lr)
 
 
 def teacher_feature_key(config: dict, dtype: str) -> str:
@@ -153,7 +153,7 @@ def train_teacher(tc, train_path: str, val_path: str, storage_path: str, name: s
     tokenizer = load_tokenizer(tc)
     task = teacher_task(tc, train_path, val_path, tokenizer, feature_cache)
     start = time.time()
-    result = fit(tc, task, storage_path=storage_path, name=name)
+    result = fit(tc, task, storage_path=storage_path, name=name, keep=tc.keep_checkpoint)
     wall = time.time() - start
     metrics = {k: v for k, v in result.best_metrics.items() if isinstance(v, (int, float, str))}
     metrics.update({"train_wall_s": round(wall, 2), "final_step": result.metrics.get("step"),

@@ -103,6 +103,18 @@ def pick_best(scored: Sequence[tuple[Any, dict]], metric: str) -> tuple[Any, dic
     return pick(finite_ones, key=lambda cm: cm[1][metric])
 
 
+def kept_checkpoint(scored: Sequence[tuple[Any, dict]], latest: tuple[Any, dict], metric: str,
+                    keep: str = "best") -> tuple[Any, dict]:
+    """The checkpoint a stage uses: `best` = pick_best over the scored checkpoints (the latest
+    when none has a finite score); `last` = the latest, whatever validation says (a
+    fixed-length recipe, e.g. to measure what the training steps themselves do)."""
+    if keep not in ("best", "last"):
+        raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
+    if keep == "last":
+        return latest
+    return pick_best(scored, metric) or latest
+
+
 class LocalReporter:
     """A Reporter for running the loop in this process (tests, debugging): each checkpoint is
     copied to `directory`/checkpoint_NNNNNN with its metrics beside it (checkpoint_NNNNNN.json),
