@@ -226,7 +226,7 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
         "student": s.model_dump(mode="json"), "text": cfg.text.model_dump(mode="json"),
         "top_k": cfg.eadf.top_k, "data": data_fingerprint(prep)})
     storage = layout.student_train(variant)
-    result = fit(s, built.task, storage_path=storage, name=name, keep=s.keep_checkpoint)
+    result = fit(s, built.task, storage_path=storage, name=name)
     best, best_metrics = result.best_checkpoint, result.best_metrics
     if best is None:
         raise RuntimeError(f"student {variant}: training reported no checkpoint ({storage}/{name})")

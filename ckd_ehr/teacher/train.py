@@ -153,7 +153,7 @@ def train_teacher(tc, train_path: str, val_path: str, storage_path: str, name: s
     tokenizer = load_tokenizer(tc)
     task = teacher_task(tc, train_path, val_path, tokenizer, feature_cache)
     start = time.time()
-    result = fit(tc, task, storage_path=storage_path, name=name, keep=tc.keep_checkpoint)
+    result = fit(tc, task, storage_path=storage_path, name=name)
     wall = time.time() - start
     metrics = {k: v for k, v in result.best_metrics.items() if isinstance(v, (int, float, str))}
     metrics.update({"train_wall_s": round(wall, 2), "final_step": result.metrics.get("step"),

@@ -9,8 +9,8 @@ What fit adds to the loop (see training.loop for the loop itself):
 - TorchTrainer with cfg.num_workers workers (gloo on CPU, NCCL on GPU), cfg.cpus_per_worker /
   gpus_per_worker each;
 - Ray keeps cfg.num_checkpoints_to_keep checkpoints scored by cfg.best_metric (min for
-  val_loss, else max); the best finite one is the result's best_checkpoint (`keep="last"`:
-  the latest one, training.loop.kept_checkpoint);
+  val_loss, else max); the best finite one is the result's best_checkpoint (under
+  cfg.keep_checkpoint `last` the latest one, training.loop.kept_checkpoint);
 - resume: reusing (storage_path, name) resumes that run from its latest checkpoint; Ray
   restarts failed workers up to cfg.max_failures times;
 - cfg.fail_at_step's marker file lives in the run's storage (FAIL_MARKER).
@@ -30,8 +30,8 @@ from ckd_ehr.training.task import TrainTask
 @dataclass
 class TrainResult:
     best_checkpoint: Any
-    """ray.train.Checkpoint the run keeps: best on cfg.best_metric, or the latest under fit's
-    keep="last" (use .as_directory())."""
+    """ray.train.Checkpoint the run keeps: best on cfg.best_metric, or the latest under
+    cfg.keep_checkpoint `last` (use .as_directory())."""
     best_metrics: dict
     """Metrics reported with best_checkpoint."""
     latest_checkpoint: Any
@@ -97,12 +97,11 @@ def _train_loop_per_worker(config: dict) -> dict:
     return TrainLoop(config["cfg"], config["task"], worker_context(), RayReporter(), config.get("marker")).run()
 
 
-def fit(cfg, task: TrainTask, storage_path: str, name: str = "train", callbacks: list | None = None,
-        keep: str = "best") -> TrainResult:
+def fit(cfg, task: TrainTask, storage_path: str, name: str = "train", callbacks: list | None = None) -> TrainResult:
     """Train with Ray Train (see the module docstring). `cfg` is a TrainerConfig (or subclass);
     `storage_path` a local directory or URI; reusing (storage_path, name) resumes that run.
     `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback when a Tune trial runs this.
-    `keep`: which checkpoint is the result's best_checkpoint, `best` or `last` (kept_checkpoint)."""
+    The result's best_checkpoint is the one cfg.keep_checkpoint names (kept_checkpoint)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -131,7 +130,8 @@ def fit(cfg, task: TrainTask, storage_path: str, name: str = "train", callbacks:
     if result.error:
         raise result.error
     kept = result.best_checkpoints or []
-    best, best_metrics = kept_checkpoint(kept, (result.checkpoint, dict(result.metrics or {})), cfg.best_metric, keep)
+    best, best_metrics = kept_checkpoint(kept, (result.checkpoint, dict(result.metrics or {})), cfg.best_metric,
+                                         cfg.keep_checkpoint)
     history = [dict(m) for _, m in kept]
     return TrainResult(best_checkpoint=best, best_metrics=dict(best_metrics), latest_checkpoint=result.checkpoint,
                        metrics=dict(result.metrics or {}), path=str(result.path), history=history)
