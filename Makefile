@@ -2,6 +2,7 @@
 #   make demo   install into .venv, then run the whole pipeline on the embedded default
 #   make test   install into .venv, then run the whole test suite
 #   make test-fast  the same without the Ray integration tests (edit-test loop)
+#   make lint   ruff over the code (rules in pyproject.toml); CI runs it before the tests
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,7 +20,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test test-fast lint clean bench
+.PHONY: install demo test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +45,9 @@ test: install
 # The edit-test loop: no Ray cluster (tests needing one are marked slow in tests/conftest.py), no GPU.
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not gpu" tests
+
+lint: install
+	$(VENV)/bin/ruff check ckd_ehr tests jobs
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

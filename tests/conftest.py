@@ -64,7 +64,9 @@ for _k, _v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KE
     os.environ[_k] = _v
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CKD_EHR_SHARED", REPO.parent / "shared"))
+# The open MIMIC-III and MIMIC-IV demos (ODbL), vendored with their licence and checksums
+# (tests/data/README.md): a clean clone needs nothing beside it.
+DEMO_DATA = Path(__file__).resolve().parent / "data"
 
 
 RAY_FIXTURES = {"ray_cluster", "ray_local"}
@@ -88,17 +90,17 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def mimic_demo_dir() -> Path:
-    d = SHARED / "mimic3_demo"
+    d = DEMO_DATA / "mimic3_demo"
     if not (d / "ADMISSIONS.csv").exists():
-        pytest.fail(f"MIMIC-III demo not found at {d} (set CKD_EHR_SHARED to the shared/ folder)")
+        pytest.fail(f"MIMIC-III demo not found at {d}: it is part of the repository (tests/data/README.md)")
     return d
 
 
 @pytest.fixture(scope="session")
 def mimic4_demo_dir() -> Path:
-    d = SHARED / "mimic4_demo"
+    d = DEMO_DATA / "mimic4_demo"
     if not (d / "hosp" / "admissions.csv.gz").exists():
-        pytest.fail(f"MIMIC-IV demo not found at {d} (set CKD_EHR_SHARED to the shared/ folder)")
+        pytest.fail(f"MIMIC-IV demo not found at {d}: it is part of the repository (tests/data/README.md)")
     return d
 
 

@@ -39,7 +39,8 @@ def test_studies_train_the_demo_recipe(name, own):
     study = load_config(PipelineConfig, REPO / "jobs" / "configs" / name).model_dump()
     own = {"student": {"variants"}, **own}
     for section in ("data", "split", "text", "eadf", "teacher", "soft_labels", "student", "evaluate"):
-        keep = lambda d: {k: v for k, v in d[section].items() if k not in own.get(section, set())}  # noqa: E731
+        def keep(d, section=section):
+            return {k: v for k, v in d[section].items() if k not in own.get(section, set())}
         assert keep(study) == keep(demo), f"{name}'s {section} drifted from demo.yaml"
 
 

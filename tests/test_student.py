@@ -294,7 +294,7 @@ def test_a_student_that_kept_its_probe_scores_test_from_frozen_features(tmp_path
     from ckd_ehr.student.train import student_from_checkpoint
     from ckd_ehr.training import LocalReporter, TrainLoop, WorkerContext
 
-    layout = build_run_dir(tmp_path)
+    build_run_dir(tmp_path)
     cfg = PipelineConfig.model_validate({"run_dir": str(tmp_path), "student": {
         "model": str(tiny_bert_dir), "variants": ["hard_eadf", "ckd_ehr"], "num_workers": 1, "batch_size": 4,
         "max_length": 128, "head_init": "probe", "cpus_per_worker": 1}})

@@ -210,7 +210,7 @@ def bench_arch_only(teachers: dict[str, dict] | None = None, student: dict | Non
 
         entry["throughput"] = time_batches(run_batch, batch_sizes, min_samples, max_measure_s, device)
         entry["best_batch_size"], entry["best_samples_per_s"] = best(entry["throughput"])
-        del model
+        model = None  # free it before the next size (run_batch is not called again)
         if device == "cuda":
             torch.cuda.empty_cache()
         return entry

@@ -3,7 +3,7 @@
 Reads ADMISSIONS, PATIENTS, DIAGNOSES_ICD, PROCEDURES_ICD, PRESCRIPTIONS, D_ICD_DIAGNOSES
 and D_ICD_PROCEDURES in either form MIMIC-III ships in:
 
-- demo form: `NAME.csv`, lowercase headers (the open demo, /work/shared/mimic3_demo);
+- demo form: `NAME.csv`, lowercase headers (the open demo, vendored in tests/data/mimic3_demo);
 - full-release form: `NAME.csv.gz`, UPPERCASE quoted headers, quoted string fields.
 
 Column names are matched case-insensitively after reading the header, and only the columns

@@ -34,12 +34,12 @@ from ckd_ehr.contracts import (PREDICTIONS, PRIMARY_VARIANTS, STUDENT_VARIANT_TA
 from ckd_ehr.evaluation.metrics import (ALL_METRICS, bootstrap_scores, delta_summary, evaluate_predictions, interval,
                       macro_label_set, paired_bootstrap_delta, to_matrix, tune_thresholds)
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
+from ckd_ehr.evaluation.probe_rows import PROBE_ROLES  # roles of the probe rows, beside the baselines
 
 log = logging.getLogger(__name__)
 
 MODELS = STUDENT_VARIANTS + tuple(TEACHER_ROWS)
 ROLES = {**{v.name: v.role for v in STUDENT_VARIANT_TABLE}, **TEACHER_ROWS}
-from ckd_ehr.evaluation.probe_rows import PROBE_ROLES  # roles of the probe rows, beside the baselines
 
 BASELINE_ROLES = {
     "all_negative": "floor: 0 for every phenotype",

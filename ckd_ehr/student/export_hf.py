@@ -76,7 +76,7 @@ def model_card(meta: dict[str, Any], source: str, restricted: bool, metrics_path
     data = meta.get("data") or {}
     split = data.get("split")
     header = ["---", "pipeline_tag: text-classification", "tags: [ckd-ehr, multi-label-classification, ehr]"]
-    header += ([f"license: other", f"license_name: {DATA_LICENSE.lower().replace(' ', '-')}",
+    header += (["license: other", f"license_name: {DATA_LICENSE.lower().replace(' ', '-')}",
                 "restricted: true"] if restricted else ["license: apache-2.0"])
     header.append("---")
     lines = header + [

@@ -423,7 +423,6 @@ class TrainLoop:
     # steps -------------------------------------------------------------------------------
 
     def maybe_fail(self) -> None:
-        from ckd_ehr import storage
 
         if self.cfg.fail_at_step is None or self.step != self.cfg.fail_at_step or not self.marker:
             return
