@@ -77,10 +77,10 @@ def cmd_pipeline(args):
 
 
 def cmd_study(args):
-    cfg = load_cfg(args)
-    if args.summarise_only:
-        return _call("study", "summarise", cfg)
-    return _call("study", "run_study", cfg)
+    if args.study_dir and not args.summarise_only:
+        raise SystemExit("--study-dir goes with --summarise-only")
+    return _call("study", "study_command", None if args.study_dir else load_cfg(args), study_dir=args.study_dir,
+                 summarise_only=args.summarise_only, allow_mixed_commits=args.allow_mixed_commits)
 
 
 def cmd_tune(args):
@@ -163,7 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="the study: every row over seeds on one split, contrasts with intervals")
     _common(p)
     p.add_argument("--summarise-only", action="store_true",
-                   help="recompute the contrasts from the finished seeds (no training)")
+                   help="no training: collect the finished runs into RUN/study and rebuild its tables "
+                        "(with --study-dir: from that directory alone)")
+    p.add_argument("--study-dir", help="a study directory (RUN/study or a copy, e.g. under docs/study/) to "
+                                       "summarise from alone, with --summarise-only")
+    p.add_argument("--allow-mixed-commits", action="store_true",
+                   help="summarise runs that trained at different code, naming each code state")
     p.set_defaults(handler=cmd_study)
 
     p = sub.add_parser("tune", help="Ray Tune search over a space in tune_spaces/")

@@ -36,8 +36,12 @@ own, as laid out here. Change a schema here and nowhere else.
 
 `ckd-ehr study` (RUN = the study's run_dir): base/ (prepare + EADF once), seed_{k}/ (a run from
 the teacher on, per seed), seed_{k}_plain_teacher/ (the plain-text teacher's soft labels),
-seed_{k}_generative_teacher/ (the generative teacher's), and study/results.json, forest.png,
-study.md (the contrasts).
+seed_{k}_generative_teacher/ (the generative teacher's); a further synthetic cohort (generator
+seed g) has the same layout under cohort_{g}/. study/ (StudyFiles) holds everything the tables
+are built from, so `ckd-ehr study --summarise-only --study-dir DIR` needs nothing else:
+config.json, cohorts/{cohort}/test_labels.csv.gz, seed_{k}_predictions.csv.gz (every row's test
+probabilities), seed_{k}.json (code provenance, stage times, evaluate's figures), base.json;
+and what it writes: results.json, study.md, forest.png.
 
 Teacher artifact: adapter/ (peft LoRA), head.safetensors, tokenizer/, teacher.json
   (config, label_names, metrics, artifact_id), probe_head.safetensors (head_init: probe).
@@ -406,7 +410,34 @@ class RunLayout:
     def side_teacher_file(self, source: str, name: str) -> str:
         """A file of a side teacher copied beside its soft labels (its teacher.json)."""
         return self.path("soft_labels", source, name)
+    def study_cohort(self, synth_seed: int) -> str:
+        """The study root of a further synthetic cohort (generator seed `synth_seed`)."""
+        return self.path(f"cohort_{synth_seed}")
     @property
     def study_results(self) -> str: return self.path("study", "results.json")
     @property
     def study_dir(self) -> str: return self.path("study")
+
+
+@dataclass(frozen=True)
+class StudyFiles:
+    """The files of a study's summary directory (RUN/study, or a copy under docs/): what
+    `ckd-ehr study` collects from its runs and what the summary is rebuilt from."""
+
+    root: str
+
+    def path(self, *parts: str) -> str:
+        return join(self.root, *parts)
+
+    @property
+    def config(self) -> str: return self.path("config.json")
+    @property
+    def results(self) -> str: return self.path("results.json")
+    @property
+    def markdown(self) -> str: return self.path("study.md")
+    def cohort_dir(self, cohort: str) -> str: return self.path("cohorts", cohort)
+    def labels(self, cohort: str) -> str: return self.path("cohorts", cohort, "test_labels.csv.gz")
+    def predictions(self, cohort: str, seed: int) -> str:
+        return self.path("cohorts", cohort, f"seed_{seed}_predictions.csv.gz")
+    def seed_record(self, cohort: str, seed: int) -> str: return self.path("cohorts", cohort, f"seed_{seed}.json")
+    def base_record(self, cohort: str) -> str: return self.path("cohorts", cohort, "base.json")

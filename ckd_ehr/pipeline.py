@@ -104,6 +104,7 @@ def _required_inputs(stage: Stage, cfg: PipelineConfig, layout: RunLayout) -> di
 def run_pipeline(cfg: PipelineConfig, resume: bool = False, from_stage: str | None = None,
                  to_stage: str | None = None) -> dict:
     """Run the selected stages in order; return the manifest."""
+    from ckd_ehr.provenance import code_state
     from ckd_ehr.ray_utils import init_ray
 
     layout = RunLayout(cfg.run_dir)
@@ -130,7 +131,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, from_stage: str | No
         log.info("[%d/%d] %s: running", i, len(stages), stage.name)
         started = time.time()
         record = {"status": "running", "config_hash": chash, "inputs": inputs,
-                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "code": code_state()}
         manifest["stages"][stage.name] = record
         storage.write_json(layout.manifest, manifest)
         try:

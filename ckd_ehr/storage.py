@@ -93,7 +93,8 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def read_bytes(path: str | os.PathLike) -> bytes:
     fs, inner = resolve(path)
-    with fs.open_input_stream(inner) as f:
+    # compression=None: the file's own bytes (pyarrow would otherwise decompress a `.gz` by its name)
+    with fs.open_input_stream(inner, compression=None) as f:
         return f.read()
 
 

@@ -1,14 +1,30 @@
-"""Study statistics (ckd_ehr.evaluation.contrasts): Holm, max-T, and a null control that can fail."""
+"""Study statistics (ckd_ehr.evaluation.contrasts): the weighted bootstrap AUROC, Holm, intervals
+that carry test patients and training seeds (checked by simulating whole studies at the shipped
+design), cohorts pooled, and the summary the study builds from its directory alone."""
 import numpy as np
 import pytest
 
-from ckd_ehr.evaluation.contrasts import holm, seed_averaged_contrasts
+from ckd_ehr.evaluation.contrasts import Cohort, holm, study_contrasts
+from ckd_ehr.evaluation.metrics import auroc_draws, auroc_per_label, patient_resamples, patient_weights
 
 
 def test_holm_matches_hand_computation():
     # sorted p 0.01, 0.02, 0.04 with m=3: 0.03, 0.04, 0.04 (monotone); NaN kept
     assert holm([0.04, 0.01, float("nan"), 0.02]) == pytest.approx([0.04, 0.03, float("nan"), 0.04], nan_ok=True)
     assert holm([0.5, 0.9]) == [1.0, 1.0]
+
+
+def test_weighted_draws_equal_the_auroc_of_resampled_rows():
+    """auroc_draws with patient_weights is the AUROC of patient_resamples' rows, ties included."""
+    rng = np.random.default_rng(0)
+    subjects = rng.integers(0, 100, 230)
+    y = (rng.random((230, 6)) < 0.2).astype(np.int8)
+    p = rng.random((230, 6))
+    p[:80, :3] = np.round(p[:80, :3], 1)            # ties
+    p[:, 5] = (y[:, 5] + rng.random(230) > 0.8)     # a 0/1 predictor (copy-forward): ties only
+    weights = patient_weights(subjects, 30, 7)
+    for b, idx in enumerate(patient_resamples(subjects, 30, 7)):
+        assert np.allclose(auroc_draws(y, p, weights[b:b + 1])[0], auroc_per_label(y[idx], p[idx]), equal_nan=True)
 
 
 def _cohort(rng, patients=120, k=5):
@@ -23,61 +39,162 @@ def _row(rng, latent, noise, seeds=2):
     return [latent + noise * rng.normal(size=latent.shape) for _ in range(seeds)]
 
 
+def _contrasts(y, subjects, probs, contrasts, **kw):
+    return study_contrasts([Cohort("c", y, subjects, probs)], contrasts, **kw)
+
+
+# --- the shipped design, simulated ------------------------------------------------------------
+# 3 training seeds, the demo test split's 231 patients (about 440 pairs), 8 phenotypes. Each row's
+# score is the truth plus noise shared by every row (what any model sees), noise of the row shared
+# by its seeds, and noise of the seed. Sized to the study's measured noise (docs/study/unverified/recipe_3seeds, (d)-(a)):
+# between-seed SD of a contrast about 0.008, test-patient standard error under 0.005.
+SIM = {"patients": 231, "labels": 8, "seeds": 3, "shared": 1.0, "row": 0.3, "seed": 1.5, "draws": 200}
+
+
+def _sim_study(rng, seed_noise_b=SIM["seed"]):
+    """One simulated study: rows a and b, b's seed noise `seed_noise_b` (a's: SIM's)."""
+    per = 1 + rng.poisson(0.9, SIM["patients"])
+    subjects = np.repeat(np.arange(SIM["patients"]), per)
+    n, k = len(subjects), SIM["labels"]
+    truth = rng.normal(size=(n, k)) + rng.normal(size=(SIM["patients"], 1))[subjects]
+    y = (rng.random((n, k)) < 1 / (1 + np.exp(-(1.5 * truth - 2.5)))).astype(np.int8)
+    shared = SIM["shared"] * rng.normal(size=(n, k))
+
+    def row(seed_noise):
+        own = SIM["row"] * rng.normal(size=(n, k))
+        return {s: truth + shared + own + seed_noise * rng.normal(size=(n, k)) for s in range(SIM["seeds"])}
+
+    out = _contrasts(y, subjects, {"a": row(SIM["seed"]), "b": row(seed_noise_b)}, [("b", "a")],
+                     resamples=SIM["draws"], seed=int(rng.integers(1 << 30)))
+    return out["contrasts"][0]
+
+
+def _true_difference(seed_noise_b, n=200_000, seed=11):
+    """The expected macro AUROC difference b - a of the simulation, from one very large cohort
+    (test sampling and seed noise both negligible at this size)."""
+    rng = np.random.default_rng(seed)
+    k = SIM["labels"]
+    truth = rng.normal(size=(n, k)) + rng.normal(size=(n, 1))
+    y = (rng.random((n, k)) < 1 / (1 + np.exp(-(1.5 * truth - 2.5)))).astype(np.int8)
+    base = truth + SIM["shared"] * rng.normal(size=(n, k))
+
+    def score(noise):
+        return np.nanmean(auroc_per_label(y, base + np.hypot(SIM["row"], noise) * rng.normal(size=(n, k))))
+
+    return score(seed_noise_b) - score(SIM["seed"])
+
+
+@pytest.mark.slow
+def test_intervals_cover_at_the_shipped_design_and_find_the_detectable_difference():
+    """Null control: 1,000 simulated studies with no true difference; the 95% intervals must cover
+    0 in 93-97% of them (intervals from the test-patient bootstrap alone covered far less, adding
+    the whole bootstrap variance to the seeds' far more). Then 1,000 studies with a true difference
+    of the median detectable size: found (Holm p < 0.05) at about the stated 80% power."""
+    rng = np.random.default_rng(2026)
+    null = [_sim_study(rng) for _ in range(1000)]
+    covered = np.mean([c["marginal_interval"][0] <= 0.0 <= c["marginal_interval"][1] for c in null])
+    print(f"null: coverage {covered:.3f}, median detectable {np.median([c['detectable'] for c in null]):.4f}, "
+          f"median df {np.median([c['df'] for c in null]):.1f}")
+    assert 0.93 <= covered <= 0.97, covered
+    assert np.mean([c["p_holm"] < 0.05 for c in null]) <= 0.07
+    assert all(c["seed_noise_estimated"] and np.isfinite(c["df"]) for c in null)
+    detectable = float(np.median([c["detectable"] for c in null]))
+    # the sizes the simulation stands for: seed spread and test-patient error as measured
+    assert 0.005 < np.sqrt(np.mean([np.var(c["per_seed"], ddof=1) for c in null])) < 0.012
+    assert np.median([c["se_test"] for c in null]) < 0.005
+
+    # a row with less seed noise, its true advantage within 5% of the detectable difference
+    lo, hi = 0.0, SIM["seed"]
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _true_difference(mid) > detectable else (lo, mid)
+    better = (lo + hi) / 2
+    assert _true_difference(better, seed=12) == pytest.approx(detectable, rel=0.05)
+    found = np.mean([(c["p_holm"] < 0.05) and c["delta"] > 0 for c in (_sim_study(rng, better) for _ in range(1000))])
+    print(f"true difference {detectable:.4f}: found in {found:.3f} of 1000 studies")
+    assert 0.70 <= found <= 0.90, found
+
+
 def test_null_rows_are_rejected_at_the_nominal_rate_and_a_real_difference_is_found():
-    """Null control: two rows drawn alike (same signal, same noise level, independent noise per
-    seed) differ only by chance; p < 0.05 must then occur about 5% of the time, not more.
-    The same machinery must find a real difference (a row with less noise) most of the time."""
+    """Null control with a real difference beside it: two rows drawn alike (same signal, same
+    noise level, independent noise per seed) are rejected about 5% of the time, not more; a row
+    with less noise is found most of the time."""
     rng = np.random.default_rng(0)
-    reps, rejected, found, covered = 40, 0, 0, 0
+    reps, rejected, found = 40, 0, 0
     for _ in range(reps):
         y, subjects, latent = _cohort(rng)
-        probs = {"a": _row(rng, latent, 1.5), "b": _row(rng, latent, 1.5), "better": _row(rng, latent, 0.6)}
-        out = seed_averaged_contrasts(y, subjects, probs, [("a", "b"), ("better", "b")], resamples=80,
-                                      seed=int(rng.integers(1 << 30)))
+        probs = {"a": _row(rng, latent, 1.5, 3), "b": _row(rng, latent, 1.5, 3), "better": _row(rng, latent, 0.6, 3)}
+        out = _contrasts(y, subjects, probs, [("a", "b"), ("better", "b")], resamples=80,
+                         seed=int(rng.integers(1 << 30)))
         null, real = out["contrasts"]
         rejected += null["p_holm"] < 0.05
         found += real["p_holm"] < 0.05
-        covered += null["interval"][0] <= 0.0 <= null["interval"][1]
-    # binomial(40, 0.05): P(X > 7) < 0.005; a procedure that ignored seed noise or pairing would exceed it
+    # binomial(40, 0.05): P(X > 7) < 0.005
     assert rejected <= 7, rejected
     assert found >= 0.8 * reps, found
-    assert covered >= reps - 7
 
 
-def test_contrasts_report_per_seed_spread_and_reject_bad_shapes():
+def test_rows_intervals_unpaired_contrasts_and_bad_input():
     rng = np.random.default_rng(1)
     y, subjects, latent = _cohort(rng)
     probs = {"a": _row(rng, latent, 0.5, seeds=3), "b": _row(rng, latent, 2.0, seeds=1),
              "in_no_contrast": _row(rng, latent, 1.0, seeds=2)}
-    out = seed_averaged_contrasts(y, subjects, probs, [("a", "b")], resamples=50)
+    out = _contrasts(y, subjects, probs, [("a", "b")], resamples=50)
     c = out["contrasts"][0]
-    assert out["seeds_per_row"] == {"a": 3, "b": 1, "in_no_contrast": 2} and len(c["per_seed"]) == 1
-    # every row, in a contrast or not, gets its seed-averaged value, an interval around it, its seeds
-    for r, (lo, hi) in out["row_intervals"].items():
-        assert lo < out["rows"][r] < hi and len(out["per_seed_rows"][r]) == out["seeds_per_row"][r]
-    assert out["rows"]["a"] == pytest.approx(np.mean(out["per_seed_rows"]["a"]))
-    assert out["row_intervals"]["a"][0] > out["row_intervals"]["b"][1]   # less noise: clearly better
-    assert c["delta"] > 0 and c["interval"][0] < c["delta"] < c["interval"][1]
-    assert c["detectable"] > 2 * c["se"]   # (1.96 + 0.84) * se for one contrast
-    with pytest.raises(ValueError, match="no predictions: c"):
-        seed_averaged_contrasts(y, subjects, probs, [("c", "a")], resamples=5)
+    assert out["cohorts"]["c"]["seeds_per_row"] == {"a": 3, "b": 1, "in_no_contrast": 2}
+    # every row, in a contrast or not, gets its seed mean, an interval around it, its per-seed values
+    for r, e in out["rows"].items():
+        assert e["interval"][0] < e["value"] < e["interval"][1] and len(e["per_seed"]) == len(probs[r])
+    assert out["rows"]["a"]["value"] == pytest.approx(np.mean(out["rows"]["a"]["per_seed"]))
+    # one seed: its seed noise cannot be estimated, and the interval says it carries test patients only
+    assert not out["rows"]["b"]["seed_noise_estimated"] and out["rows"]["b"]["df"] == float("inf")
+    assert out["rows"]["a"]["seed_noise_estimated"] and out["rows"]["a"]["df"] >= 2
+    assert out["rows"]["a"]["interval"][0] > out["rows"]["b"]["interval"][1]   # less noise: clearly better
+    # seeds differ (3 against 1): not paired, the difference of the seed means, b's seed noise unknown
+    assert c["per_seed"] == [] and not c["seed_noise_estimated"]
+    assert c["delta"] == pytest.approx(out["rows"]["a"]["value"] - out["rows"]["b"]["value"])
+    assert c["interval"][0] < c["marginal_interval"][0] < c["delta"] < c["marginal_interval"][1] < c["interval"][1] \
+        or len(out["contrasts"]) == 1   # one contrast: Bonferroni is the marginal interval
+    assert c["p"] >= out["p_floor"] == 1 / 50
+    with pytest.raises(ValueError, match="no predictions in any cohort: c"):
+        _contrasts(y, subjects, probs, [("c", "a")], resamples=5)
     with pytest.raises(ValueError, match="shape"):
-        seed_averaged_contrasts(y, subjects, {"a": [latent[:5]], "b": probs["b"]}, [("a", "b")], resamples=5)
+        _contrasts(y, subjects, {"a": [latent[:5]], "b": probs["b"]}, [("a", "b")], resamples=5)
+
+
+def test_cohorts_pool_with_fixed_effect_weights_and_borrow_seed_variance():
+    """Two cohorts, the second with one seed: per cohort and pooled; the second borrows the first's
+    seed variance (so its interval is not test patients only); the pooled value lies between the
+    cohorts' and its standard error is below both; a contrast missing from a cohort is read where
+    both rows exist."""
+    rng = np.random.default_rng(4)
+    y1, s1, l1 = _cohort(rng, patients=150)
+    y2, s2, l2 = _cohort(rng, patients=150)
+    c1 = Cohort("one", y1, s1, {"a": _row(rng, l1, 1.0, 3), "b": _row(rng, l1, 1.5, 3), "x": _row(rng, l1, 2.0, 1)})
+    c2 = Cohort("two", y2, s2, {"a": _row(rng, l2, 1.0, 1), "b": _row(rng, l2, 1.5, 1)})
+    out = study_contrasts([c1, c2], [("a", "b"), ("x", "a")], resamples=60)
+    one, two = (out["cohorts"][n]["contrasts"][0] for n in ("one", "two"))
+    pooled = out["contrasts"][0]
+    assert two["seed_noise_estimated"] and two["se_seed"] > 0   # borrowed from cohort one
+    assert min(one["delta"], two["delta"]) <= pooled["delta"] <= max(one["delta"], two["delta"])
+    assert pooled["se"] < min(one["se"], two["se"])
+    assert out["pooled_over"] == ["one", "two"]
+    assert [c["name"] for c in out["cohorts"]["two"]["contrasts"]] == ["a - b"]   # x is not in cohort two
+    assert out["contrasts"][1]["delta"] == pytest.approx(out["cohorts"]["one"]["contrasts"][1]["delta"])
 
 
 def test_forest_plot_and_table_render():
-    from ckd_ehr.evaluation.report import contrast_blocks, plot_contrasts, render_markdown
+    from ckd_ehr.evaluation.report import fmt_p, plot_contrasts, render_markdown
+    from ckd_ehr.study import contrast_blocks
 
     rng = np.random.default_rng(2)
     y, subjects, latent = _cohort(rng, patients=60)
     probs = {"a": _row(rng, latent, 0.5), "b": _row(rng, latent, 1.0), "c": _row(rng, latent, 1.0)}
-    study = seed_averaged_contrasts(y, subjects, probs, [("a", "b"), ("c", "b")], resamples=30)
+    study = _contrasts(y, subjects, probs, [("a", "b"), ("c", "b")], resamples=30)
     png = plot_contrasts(study)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     md = render_markdown(contrast_blocks(study))
-    assert "a - b" in md and "c - b" in md and "Holm" in md
-    from ckd_ehr.evaluation.report import fmt_p
-
+    assert "a - b" in md and "c - b" in md and "Holm" in md and "Satterthwaite" in md
     assert fmt_p(0.0) == "< 1e-15" and fmt_p(0.0131) == "0.0131"   # an underflowed p is not printed as 0
 
 
@@ -85,82 +202,17 @@ def test_rows_with_identical_predictions_are_named_not_given_a_nan_p():
     """Two rows that kept the same step-0 probe give the same predictions in every seed (the
     multi-granularity study of 2026-12-06): the contrast says so instead of printing p = nan;
     a row equal in one seed only is still compared."""
-    from ckd_ehr.evaluation.report import contrast_blocks, plot_contrasts, render_markdown
+    from ckd_ehr.evaluation.report import plot_contrasts, render_markdown
+    from ckd_ehr.study import contrast_blocks
 
     rng = np.random.default_rng(3)
     y, subjects, latent = _cohort(rng, patients=60)
     a = _row(rng, latent, 0.5, seeds=2)
     probs = {"a": a, "copy": [p.copy() for p in a], "half": [a[0].copy(), _row(rng, latent, 0.5)[0]]}
-    study = seed_averaged_contrasts(y, subjects, probs, [("copy", "a"), ("half", "a")], resamples=30)
+    study = _contrasts(y, subjects, probs, [("copy", "a"), ("half", "a")], resamples=30)
     same, half = study["contrasts"]
     assert same["identical"] and same["delta"] == 0.0 and np.isnan(same["p_holm"])
     assert not half["identical"] and np.isfinite(half["p_holm"])
     md = render_markdown(contrast_blocks(study))
     assert "identical predictions in every seed: nothing compared" in md and "nan" not in md
     assert plot_contrasts(study)[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_study_summary_over_seed_runs(tmp_path):
-    """`ckd-ehr study --summarise-only` over finished seed runs: every row's test predictions per
-    seed (students from evaluate/predictions, the teacher from its test soft labels), the
-    contrasts, results.json with the config, forest.png and study.md."""
-    import pyarrow as pa
-
-    from ckd_ehr import storage
-    from ckd_ehr.cli import main
-    from ckd_ehr.contracts import PREDICTIONS, SOFT_LABELS, RunLayout
-
-    rng = np.random.default_rng(3)
-    y, subjects, latent = _cohort(rng, patients=80, k=25)
-    ids = [f"s{i:04d}" for i in range(len(y))]
-    rows = ["hard_plain", "ckd_ehr"]
-    root = RunLayout(str(tmp_path / "study"))
-    for seed in (0, 1):
-        layout = RunLayout(root.study_seed(seed))
-        for row, noise in (("hard_plain", 2.0), ("ckd_ehr", 0.5)):
-            p = 1 / (1 + np.exp(-(latent + noise * rng.normal(size=latent.shape))))
-            storage.write_parquet(pa.table({"sample_id": ids, "subject_id": subjects.astype(np.int64),
-                                            "labels": y.tolist(), "probs": p.astype(np.float32).tolist()},
-                                           schema=PREDICTIONS), layout.predictions(row))
-        logits = latent + rng.normal(size=latent.shape)
-        storage.write_parquet(pa.table({"sample_id": ids, "logits": logits.astype(np.float32).tolist(),
-                                        "probs": (1 / (1 + np.exp(-logits))).astype(np.float32).tolist(),
-                                        "teacher_id": ["t"] * len(ids)}, schema=SOFT_LABELS),
-                              layout.soft_labels("test"))
-        storage.write_parquet(pa.table({"sample_id": ids, "subject_id": subjects.astype(np.int64),
-                                        "labels": y.tolist()}), layout.augmented("test"))
-        storage.write_json(layout.path("manifest.json"), {"stages": {   # prepare/eadf: the base run's, not the seed's
-            "prepare": {"seconds": 5.0}, "eadf": {"seconds": 20.0}, "teacher": {"seconds": 100.0 + seed},
-            "student": {"seconds": 200.0}}})
-        models = {"hard_plain": {"kept_step": 12 * seed, "modes": {
-            "fixed": {"metrics": {"accuracy": 0.8 + 0.02 * seed, "macro_f1": 0.1}},
-            "tuned": {"metrics": {"macro_f1": 0.4}}}}}
-        if seed == 0:   # only seed 0's evaluate has ckd_ehr
-            models["ckd_ehr"] = {"kept_step": 0, "modes": {"fixed": {"metrics": {"accuracy": 0.9, "macro_f1": 0.2}},
-                                                           "tuned": {"metrics": {"macro_f1": 0.5}}}}
-        storage.write_json(layout.metrics, {"baselines": {"copy_forward": {
-            "role": "floor", "modes": {"fixed": {"metrics": {"macro_auroc": 0.6}, "intervals": None}}}},
-            "models": models})
-    cfg_file = tmp_path / "study.yaml"
-    cfg_file.write_text(f"run_dir: {root.root}\nstudy:\n  seeds: [0, 1]\n  rows: [hard_plain, ckd_ehr]\n"
-                        "  contrasts: [[ckd_ehr, hard_plain], [teacher, hard_plain]]\n  bootstrap: 40\n")
-    assert main(["study", "--config", str(cfg_file), "--summarise-only"]) == 0
-    out = storage.read_json(root.study_results)
-    assert out["seeds"] == [0, 1] and out["test_samples"] == len(ids) and out["config"]["study"]["rows"] == rows
-    (c, t) = out["contrasts"]
-    assert c["name"] == "ckd_ehr - hard_plain" and c["delta"] > 0 and c["p_holm"] < 0.05 and len(c["per_seed"]) == 2
-    assert t["name"] == "teacher - hard_plain"
-    assert out["references"]["copy_forward"]["macro_auroc"] == 0.6
-    assert out["seed_wall_s"] == {"0": 300.0, "1": 301.0}
-    assert set(out["row_intervals"]) == {"hard_plain", "ckd_ehr", "teacher"}
-    assert out["secondary"]["hard_plain"] == {"accuracy_fixed": pytest.approx(0.81), "macro_f1_fixed": 0.1,
-                                              "macro_f1_tuned": 0.4, "kept_step": [0, 12]}
-    # a seed's evaluate lacks the row: no mean over the other seed alone, said, not invented
-    assert out["secondary"]["ckd_ehr"] == {"accuracy_fixed": None, "macro_f1_fixed": None, "macro_f1_tuned": None,
-                                           "kept_step": [0]}
-    assert (tmp_path / "study" / "study" / "forest.png").exists()
-    md = (tmp_path / "study" / "study" / "study.md").read_text()
-    assert "copy_forward" in md and "ckd_ehr - hard_plain" in md and "seed 0 5 min" in md
-    lo, hi = out["row_intervals"]["ckd_ehr"]
-    assert f"[{lo:.3f}, {hi:.3f}]" in md and "| 0, 12 | 0.810 | 0.400 |" in md
-    assert "| element-wise accuracy at 0.5 | +9% | - |" in md   # (d)'s accuracy is missing in seed 1

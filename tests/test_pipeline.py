@@ -28,6 +28,10 @@ def test_data_stages_resume_and_rerun_on_change(cfg_dict, ray_local):
     rows = stages["prepare"]["outputs"][layout.samples("train")]["rows"]
     assert rows == storage.read_parquet(layout.samples("train")).num_rows > 0
     assert manifest["versions"]["ray"].startswith("2.60")
+    # every stage records the code it ran at, read at run time (the study compares them)
+    from ckd_ehr.provenance import code_state
+
+    assert stages["eadf"]["code"] == code_state() and len(stages["prepare"]["code"]["commit"] or "x" * 40) == 40
 
     again = run_pipeline(cfg, resume=True, to_stage="eadf")
     assert again["stages"]["prepare"]["skipped"] and again["stages"]["eadf"]["skipped"]

@@ -80,10 +80,11 @@ def test_generative_teacher_is_a_row_and_the_teachers_stand_side_by_side(tmp_pat
     (teachers, students) = out["contrasts"]
     assert teachers["name"] == "teacher - teacher_generative" and teachers["delta"] > 0   # less noise, better ranks
     assert students["name"] == "ckd_ehr - ckd_ehr_generative"
-    assert set(out["row_intervals"]) == {"hard_eadf", "ckd_ehr", "ckd_ehr_generative", "teacher", "teacher_generative"}
-    assert out["seed_wall_s"] == {"0": 350.0 + 100.0 + 310.0 + 400.0}   # the seed's stages and its side teacher's
-    side = out["teachers"]["teacher_generative"]["seeds"]["0"]
-    mlaph = out["teachers"]["teacher"]["seeds"]["0"]
+    assert set(out["rows"]) == {"hard_eadf", "ckd_ehr", "ckd_ehr_generative", "teacher", "teacher_generative"}
+    # the seed's stages and its side teacher's
+    assert out["seed_wall_s"] == {"synth_0/seed_0": 350.0 + 100.0 + 310.0 + 400.0}
+    side = out["teachers"]["synth_0/seed_0"]["teacher_generative"]
+    mlaph = out["teachers"]["synth_0/seed_0"]["teacher"]
     val_direct = M.all_scores(yv, probs["teacher_generative"][1].astype(np.float32), 0.5, M.macro_label_set(yv, 1))
     assert side["val"]["macro_auroc"] == pytest.approx(val_direct["macro_auroc"]) and side["val"]["n_samples"] == nv
     lo, hi = side["val"]["intervals"]["macro_auroc"]

@@ -9,9 +9,23 @@ from ckd_ehr.contracts import SIDE_TEACHERS, STUDENT_VARIANTS, TEACHER_ROWS, stu
 
 class StudyConfig(Section):
     seeds: list[int] = [0, 1, 2]
-    """Training seeds: each seed trains its own teacher(s) and students (teacher.seed and
-    student.seed, which also draws the capped training subset); the cohort, the split and the
-    EADF table are fixed once, so the test split is the same for every seed."""
+    """Training seeds of the first cohort (the config's data): each seed trains its own
+    teacher(s) and students (teacher.seed and student.seed, which also draws the capped training
+    subset); within a cohort the split and the EADF table are fixed, so its test split is the same
+    for every seed."""
+    more_cohorts: list[int] = []
+    """Generator seeds (data.synth.seed) of further synthetic cohorts: each is its own cohort,
+    patient split and EADF table (RUN/cohort_{g}/), trained at `more_cohort_seeds`. Rows and
+    contrasts are reported per cohort and pooled over cohorts (fixed effect: one true value
+    assumed; two cohorts cannot estimate the variance between cohorts)."""
+    more_cohort_seeds: list[int] = [0]
+    """Training seeds of each further cohort."""
+    first_seed_rows: list[str] = []
+    """Rows trained only at the first cohort's first seed (controls whose one run is enough to
+    read; their contrasts carry test patients only and say so)."""
+    allow_mixed_commits: bool = False
+    """Summarise seeds that trained at different code (ckd_ehr's content hash differs between
+    their stages); the summary then names every code state. Off: such a study refuses."""
     rows: list[str] = ["hard_plain", "hard_eadf", "hard_names", "hard_random", "distill_plain_ablation",
                        "ckd_ehr", "oracle_distill"]
     """Student variants trained per seed (the teacher is always a row): (a), (b), (b-names),
@@ -31,19 +45,24 @@ class StudyConfig(Section):
     alpha: float = Field(0.05, gt=0.0, lt=0.5)
     """Family-wise error rate of the Holm-adjusted tests and of the detectable-effect figure."""
 
-    def side_teachers(self) -> list[str]:
-        """The second teachers (contracts.SIDE_TEACHERS) a row distils from: trained per seed."""
-        sources = {student_variant(r).soft_labels for r in self.rows if student_variant(r).distills}
+    def side_teachers(self, first: bool = True) -> list[str]:
+        """The second teachers (contracts.SIDE_TEACHERS) a row of a seed's run distils from,
+        trained in that seed (`first`: the study's first run, which also has first_seed_rows)."""
+        sources = {student_variant(r).soft_labels for r in self.rows_at(first) if student_variant(r).distills}
         return [t for t in SIDE_TEACHERS if t in sources]
 
-    def teacher_rows(self) -> list[str]:
-        """The teachers scored as rows: always `teacher`, and each side teacher with a row of
-        its own (TEACHER_ROWS)."""
-        return ["teacher", *[t for t in self.side_teachers() if t in TEACHER_ROWS]]
+    def rows_at(self, first: bool) -> list[str]:
+        """The student rows of one seed's run: `rows`, and `first_seed_rows` at the first seed."""
+        return [*self.rows, *(self.first_seed_rows if first else [])]
+
+    def teacher_rows(self, first: bool = True) -> list[str]:
+        """The teachers scored as rows of a seed's run: always `teacher`, and each side teacher
+        with a row of its own (TEACHER_ROWS)."""
+        return ["teacher", *[t for t in self.side_teachers(first) if t in TEACHER_ROWS]]
 
     @model_validator(mode="after")
     def _known_rows(self):
-        unknown = [r for r in self.rows if r not in STUDENT_VARIANTS]
+        unknown = [r for r in [*self.rows, *self.first_seed_rows] if r not in STUDENT_VARIANTS]
         if unknown:
             raise ValueError(f"study.rows: unknown variant(s) {', '.join(unknown)} (one of {', '.join(STUDENT_VARIANTS)})")
         if "ckd_ehr" not in self.rows:
@@ -51,9 +70,16 @@ class StudyConfig(Section):
         teachers = self.teacher_rows()
         for new, base in self.contrasts:
             for r in (new, base):
-                if r not in self.rows and r not in teachers:
+                if r not in self.rows and r not in self.first_seed_rows and r not in teachers:
                     raise ValueError(f"study.contrasts: '{r}' is not a row of the study (study.rows or "
                                      f"{' / '.join(teachers)})")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"study.seeds must be distinct and non-empty, got {self.seeds}")
+        for name in ("seeds", "more_cohort_seeds"):
+            seeds = getattr(self, name)
+            if not seeds or len(set(seeds)) != len(seeds):
+                raise ValueError(f"study.{name} must be distinct and non-empty, got {seeds}")
+        if len(set(self.more_cohorts)) != len(self.more_cohorts):
+            raise ValueError(f"study.more_cohorts must be distinct, got {self.more_cohorts}")
+        both = set(self.rows) & set(self.first_seed_rows)
+        if both:
+            raise ValueError(f"study.first_seed_rows repeats rows of study.rows: {', '.join(sorted(both))}")
         return self

@@ -304,6 +304,42 @@ def patient_resamples(subject_ids, resamples: int, seed: int) -> Iterator[np.nda
         yield order[first + offset]
 
 
+def patient_weights(subject_ids, resamples: int, seed: int) -> np.ndarray:
+    """[resamples, N] sample weights of patient_resamples' draws (the same draws for the same
+    subject_ids and seed): how many times each sample's patient was drawn. A metric computed
+    with these weights equals the metric on the resampled rows (auroc_draws)."""
+    subjects, inverse = np.unique(np.asarray(subject_ids), return_inverse=True)
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, len(subjects), len(subjects)), minlength=len(subjects))
+                       for _ in range(resamples)]) if resamples else np.zeros((0, len(subjects)), np.int64)
+    return counts[:, inverse].astype(np.float64)
+
+
+def auroc_draws(y: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """[B, K] AUROC of each column under each row of sample weights [B, N] (bootstrap counts):
+    the weighted Mann-Whitney statistic, ties counted one half, equal to auroc_per_label on the
+    rows repeated by their weights; NaN where a draw leaves a column with one class. One sort per
+    column serves every draw, so a thousand patient draws cost about as much as a few plain AUROCs."""
+    y = np.asarray(y) > 0
+    probs = np.asarray(probs, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    out = np.full((weights.shape[0], y.shape[1]), np.nan)
+    for j in range(y.shape[1]):
+        order = np.argsort(probs[:, j], kind="stable")
+        s, hit = probs[order, j], y[order, j]
+        starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])       # tie blocks of equal scores
+        w = weights[:, order]
+        pos, neg = w * hit, w * ~hit
+        if len(starts) < len(s):   # ties: one block per distinct score
+            pos, neg = np.add.reduceat(pos, starts, axis=1), np.add.reduceat(neg, starts, axis=1)
+        below = np.cumsum(neg, axis=1) - neg
+        n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[:, j] = (pos * (below + 0.5 * neg)).sum(axis=1) / (n_pos * n_neg)
+        out[(n_pos == 0) | (n_neg == 0), j] = np.nan
+    return out
+
+
 def bootstrap_scores(y: np.ndarray, probs: np.ndarray, subject_ids, thresholds: Mapping[str, Sequence[float]],
                      resamples: int, seed: int, label_set: np.ndarray | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Bootstrap distributions over patients: {mode: {metric: array(resamples)}} for each set of

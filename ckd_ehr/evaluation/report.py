@@ -229,22 +229,6 @@ def fmt_p(p: float) -> str:
     return "< 1e-15" if p < 1e-15 else f"{p:.3g}"
 
 
-def contrast_blocks(study: dict) -> list[tuple]:
-    """The contrasts as a table (and the method in one line) for the report."""
-    header = ["contrast", "difference", "simultaneous interval", "p (Holm)", "detectable at 80% power",
-              "per seed"]
-    rows = [[c["name"], fmt(c["delta"]), f"[{fmt(c['interval'][0])}, {fmt(c['interval'][1])}]",
-             fmt_p(c["p_holm"]), fmt(c["detectable"]), ", ".join(fmt(d) for d in c["per_seed"])]
-            if not c.get("identical") else
-            [c["name"], "identical predictions in every seed: nothing compared", "-", "-", "-",
-             ", ".join(fmt(d) for d in c["per_seed"])]
-            for c in study["contrasts"]]
-    return [("table", header, rows),
-            ("p", f"Method: {study['method']}. {study['resamples_used']} of {study['resamples']} "
-                  f"bootstrap draws used; seeds per row: "
-                  + ", ".join(f"{k} {v}" for k, v in study["seeds_per_row"].items()) + ".")]
-
-
 def build_blocks(metrics: dict, run_dir: str, images: dict[str, str], quality: dict | None) -> list[tuple]:
     """The report as blocks: ("h1"|"h2"|"p", text), ("table", header, rows), ("img", file, alt)."""
     models, deltas, base = metrics["models"], metrics["deltas"], metrics["baseline"]
