@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks that print figures")
     _common(p)
     p.add_argument("what", choices=["synth", "prepare", "eadf", "teacher", "soft-labels", "speedup", "serve",
-                                    "padding", "zero3-load", "ceiling", "synth-signal"])
+                                    "padding", "zero3-load", "ceiling", "synth-signal", "train"])
     p.add_argument("--arch-only", action="store_true", help="speedup: random models from configs (Qwen2.5 vs BERT)")
     p.add_argument("--train-run", action="store_true", help="teacher: also a short end-to-end Ray Train run")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patients", type=int, help="cohort size for data benchmarks")
     p.add_argument("--form", choices=["demo", "full", "mimic4"], help="synth/prepare: the cohort's table form")
     p.add_argument("--samples", type=int, help="samples for model benchmarks")
+    p.add_argument("--model", choices=["student", "teacher"], help="train: which model's training to time")
+    p.add_argument("--steps", type=int, help="train: optimiser steps timed per lever (default 20)")
+    p.add_argument("--levers", help="train: comma-separated levers (default all: today,compact,top_layers,bf16,all)")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per load level (serve)")
     p.add_argument("--validity", action="store_true",
                    help="eadf: precision / recall of the listed drugs on synthetic cohorts, null control, PNG")

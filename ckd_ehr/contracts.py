@@ -388,6 +388,10 @@ class RunLayout:
     def student_meta(self, variant: str = "ckd_ehr") -> str: return self.path("student", variant, "artifact", STUDENT_META)
     @property
     def probe_features(self) -> str: return self.path("student", "probe_features")
+    @property
+    def student_frozen_cache(self) -> str: return self.path("student", "frozen_cache")
+    @property
+    def teacher_frozen_cache(self) -> str: return self.path("teacher", "frozen_cache")
     def predictions(self, name: str) -> str: return self.path("evaluate", "predictions", f"{name}.parquet")
     @property
     def metrics(self) -> str: return self.path("evaluate", "metrics.json")

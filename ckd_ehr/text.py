@@ -66,19 +66,27 @@ def _clean(items: Sequence[str] | None) -> list[str]:
     return [str(s).strip() for s in (items or []) if s is not None and str(s).strip()]
 
 
-SECTION_DIAGNOSES = "The patient-acquired disease is "
-SECTION_DRUGS = "The patient had used the following medication: "
-SECTION_PROCEDURES = "The surgical operation performed by the patient: "
+SECTIONS = {
+    "paper": ("The patient-acquired disease is ", "The patient had used the following medication: ",
+              "The surgical operation performed by the patient: "),
+    "compact": ("Diagnoses: ", "Medications: ", "Procedures: "),
+}
+"""The three sections' openings (diagnoses, drugs, procedures) per `text.render`: the release's
+sentences, or one word each (the same items, about 13 fewer tokens)."""
+SECTION_DIAGNOSES, SECTION_DRUGS, SECTION_PROCEDURES = SECTIONS["paper"]
 EMPTY_SECTION = "None"
 ITEM_SEP = ", "
 CLAUSE_OPENINGS = {"paper": "The medications that maybe have therapeutic effect on {p} are ",
-                   "short": "Effective for {p}: "}
-"""How a clause about phenotype {p} begins, per `text.clauses` style."""
+                   "short": "Effective for {p}: ", "compact": "{p}: "}
+"""How a clause about phenotype {p} begins: per `text.clauses` style, and `compact` under
+`text.render: compact`, where one lead (COMPACT_CLAUSES_LEAD) opens all the clauses."""
+COMPACT_CLAUSES_LEAD = "Effective drugs: "
 
 
 def efficacy_clause(phenotype: str, drugs: Sequence[str], style: str = "paper") -> str:
-    """One EADF clause: the phenotype and its top drugs, in the release's wording or a short one."""
-    opening = CLAUSE_OPENINGS["short" if style == "short" else "paper"]
+    """One EADF clause: the phenotype and its top drugs, in the release's wording, a short one,
+    or the compact rendering's (`compact`)."""
+    opening = CLAUSE_OPENINGS[style if style in CLAUSE_OPENINGS else "paper"]
     return opening.format(p=phenotype) + ", ".join(drugs) + ";"
 
 
@@ -95,17 +103,14 @@ def render_input(
     dx, n_dx = _fit(_clean(diagnoses), cfg.max_chars_diagnoses)
     rx, n_rx = _fit(_clean(drugs), cfg.max_chars_drugs)
     px, n_px = _fit(_clean(procedures), cfg.max_chars_procedures)
-    parts = [
-        f"{SECTION_DIAGNOSES}{dx or EMPTY_SECTION}.",
-        f"{SECTION_DRUGS}{rx or EMPTY_SECTION}.",
-        f"{SECTION_PROCEDURES}{px or EMPTY_SECTION}.",
-    ]
+    compact = cfg.render == "compact"
+    parts = [f"{opening}{items or EMPTY_SECTION}." for opening, items in zip(SECTIONS[cfg.render], (dx, rx, px))]
     dropped = {"diagnoses": n_dx, "drugs": n_rx, "procedures": n_px, "efficacy": 0}
     if efficacy:
-        clauses = [efficacy_clause(p, d, cfg.clauses) for p, d in efficacy.items() if d]
+        clauses = [efficacy_clause(p, d, "compact" if compact else cfg.clauses) for p, d in efficacy.items() if d]
         ef, dropped["efficacy"] = _fit(clauses, cfg.max_chars_efficacy, sep=" ")
         if ef:
-            parts.append(ef[:-1] + ".")  # the release ends the clause list with '.'
+            parts.append((COMPACT_CLAUSES_LEAD if compact else "") + ef[:-1] + ".")  # the release ends with '.'
     text = " ".join(parts)
     if cfg.instruction != "none":
         text = instruction(cfg.instruction) + " " + text
@@ -130,11 +135,11 @@ def text_units(text: str, diagnoses: Sequence[str] | None, drugs: Sequence[str] 
     remains: a first item literally named "None" whose section was emptied by its budget reads
     as that item.)"""
     units: list[tuple[str, int, int]] = []
-    pos = text.find(SECTION_DIAGNOSES)
+    found = [(text.find(openings[0]), style) for style, openings in SECTIONS.items()]
+    pos, style = min(((p, s) for p, s in found if p >= 0), default=(-1, "paper"))
     if pos < 0:
         raise ValueError(f"not a rendered visit (no {SECTION_DIAGNOSES!r}): {text[:80]!r}")
-    for letter, marker, items in (("d", SECTION_DIAGNOSES, diagnoses), ("m", SECTION_DRUGS, drugs),
-                                  ("p", SECTION_PROCEDURES, procedures)):
+    for letter, marker, items in zip("dmp", SECTIONS[style], (diagnoses, drugs, procedures)):
         if not text.startswith(marker, pos):
             raise ValueError(f"expected {marker!r} at character {pos} of {text[:80]!r}...")
         pos += len(marker)
@@ -157,7 +162,10 @@ def text_units(text: str, diagnoses: Sequence[str] | None, drugs: Sequence[str] 
                              f"{text[pos:pos + 40]!r} (a text rendered from other lists?)")
         pos += 1 + (text.startswith(" ", pos + 1))
     names = phenotype_names()
-    openings = [(k, o.format(p=name)) for k, name in enumerate(names) for o in CLAUSE_OPENINGS.values()]
+    if style == "compact" and text.startswith(COMPACT_CLAUSES_LEAD, pos):
+        pos += len(COMPACT_CLAUSES_LEAD)
+    styles = ("compact",) if style == "compact" else ("paper", "short")
+    openings = [(k, CLAUSE_OPENINGS[s].format(p=name)) for k, name in enumerate(names) for s in styles]
     starts = []
     while pos < len(text):
         hit = next(((k, o) for k, o in openings if text.startswith(o, pos)), None)

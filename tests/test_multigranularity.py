@@ -35,6 +35,7 @@ def test_text_units_read_every_item_back_whatever_the_budgets():
     for _ in range(500):
         dx, rx, px, eff = _random_visit(rng)
         cfg = TextConfig(instruction=rng.choice(["none", "short", "paper"]), clauses=rng.choice(["paper", "short"]),
+                         render=rng.choice(["paper", "compact"]),
                          max_chars_diagnoses=rng.randint(1, 80), max_chars_drugs=rng.randint(1, 80),
                          max_chars_efficacy=rng.randint(1, 300))
         r = render_input(dx, rx, px, efficacy=eff, cfg=cfg)
@@ -49,6 +50,12 @@ def test_text_units_read_every_item_back_whatever_the_budgets():
                 "p": len(px) - r.dropped["procedures"], "c": len([d for d in eff.values() if d]) - r.dropped["efficacy"]}
         assert {k: sum(u[0][0] == k for u in units) for k in kept} == kept
         assert [u[1] for u in units] == sorted(u[1] for u in units)      # text order, no overlap
+    # the compact rendering: the same items and clauses in fewer characters
+    dx, rx, px, eff = ["Shock w exac", "Anemia NOS"], ["Heparin"], [], {names[3]: ["Furosemide"], names[9]: ["Insulin"]}
+    paper, compact = (render_input(dx, rx, px, efficacy=eff, cfg=TextConfig(render=r)).text for r in ("paper", "compact"))
+    assert len(compact) < len(paper) - 60
+    assert [compact[a:b] for k, a, b in text_units(compact, dx, rx, px) if k[0] != "c"] == dx + rx
+    assert all(f"{names[k]}: {', '.join(d)}" in compact for k, d in ((3, ["Furosemide"]), (9, ["Insulin"])))
     # a text rendered from other lists is an error, not a silent misalignment
     text = render_input(["Heparin"], [], []).text
     with pytest.raises(ValueError, match="matches none of its items"):

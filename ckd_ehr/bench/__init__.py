@@ -10,7 +10,7 @@ _WHERE = {
     "synth": "data", "prepare": "data", "eadf": "eadf", "teacher": "teacher",
     "soft_labels": "soft_labels", "speedup": "speedup", "serve": "serve",
     "padding": "padding", "zero3_load": "teacher",
-    "ceiling": "ceiling", "synth_signal": "ceiling",
+    "ceiling": "ceiling", "synth_signal": "ceiling", "train": "train",
 }
 
 

@@ -19,7 +19,7 @@ def machine() -> dict:
     from ckd_ehr.student.model import cpu_has_amx
 
     info = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model() or platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": sys.version.split()[0],
@@ -29,6 +29,18 @@ def machine() -> dict:
         "cpu_avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
     }
     return info
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name (/proc/cpuinfo on Linux), e.g. 'AMD EPYC 9R14' or 'Intel(R) Xeon(R) ...'."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 @contextmanager

@@ -70,6 +70,11 @@ class TextConfig(Section):
     reads pooled states, and the teacher adds its own (TeacherConfig.instruction)."""
     titles: Literal["short", "long"] = "long"
     """ICD-9 diagnosis titles: D_ICD_DIAGNOSES.short_title or long_title (the release uses long)."""
+    render: Literal["paper", "compact"] = "paper"
+    """How a visit is written: `paper` = the release's sentences ("The patient-acquired disease is
+    ..."); `compact` = the same items under one-word headings ("Diagnoses: ...; Medications:
+    ...; Procedures: ...", clauses as "Effective drugs: P: A, B; ..."): fewer tokens per text,
+    and (a) and (b) still differ by the clauses only."""
     clauses: Literal["paper", "short"] = "paper"
     """Wording of the EADF efficacy clauses: `paper` = the release's "The medications that
     maybe have therapeutic effect on P are A, B;" (about 12 tokens of wording per clause);

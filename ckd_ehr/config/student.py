@@ -86,6 +86,9 @@ class StudentConfig(TrainerConfig):
     """Training epochs (the paper: 10)."""
     distill: DistillConfig = DistillConfig()
     """Loss weights and their schedule."""
+    frozen_cache_dir: str | None = None
+    """Where train_top_layers keeps the frozen layers' states (None: RUN/student/frozen_cache);
+    a study points every seed at its cohort's base run, so seeds share them."""
     fit_shrink: float = Field(0.7, gt=0.0, lt=1.0)
     """When a sample exceeds max_length it is re-rendered with the diagnosis, drug and
     procedure budgets multiplied by this, repeatedly, until it fits (efficacy budget intact)."""

@@ -66,6 +66,17 @@ class TrainerConfig(Section):
     """Maximum tokens per sample; batches are padded to their own longest sample, not to this."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    train_top_layers: int | None = Field(None, ge=1)
+    """Fine-tune only the top this many layers (and the head); None: every layer. The frozen
+    layers' output is computed once per row and cached (ckd_ehr.modeling.frozen), so a step runs
+    only the top layers: on a CPU most of a full fine-tune's cost (docs: bench train)."""
+    frozen_cache_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype the frozen layers' states are kept in: float32 (exactly the uncached model's
+    inputs to the top layers) or bfloat16 (half the memory)."""
+    autocast: Literal["auto", "on", "off"] = "auto"
+    """bf16 autocast of training and validation on CPU workers: `auto` times a training step
+    both ways at start-up and takes bf16 when it is at least 5% faster (the log states the
+    choice and both times); `on`/`off` force it. Not used on GPUs or with DeepSpeed."""
 
     def train_dtype(self) -> str:
         """The dtype the model's weights train in (DeepSpeed's bf16 follows it on GPUs)."""
@@ -165,6 +176,9 @@ class TeacherConfig(TrainerConfig):
     MLAPH head reads pooled hidden states, never an answer, and the release's `paper`
     instruction (about 176 tokens) costs a 256-token budget most of its room; `paper`
     reproduces the release's prompt, `short` is one sentence."""
+    frozen_cache_dir: str | None = None
+    """Where train_top_layers keeps the frozen layers' states (None: RUN/teacher/frozen_cache);
+    a study points every seed at its cohort's base run, so seeds share them."""
     text_column: Literal["text_eadf", "text_plain"] = "text_eadf"
     """Which sample text the teacher reads."""
 

@@ -9,6 +9,11 @@ model gets from the same visit.
 - `logistic_regression`: scikit-learn LogisticRegression one-vs-rest (one per phenotype,
   lbfgs) on multi-hot current-visit diagnosis codes, drugs and procedures; vocabulary and
   fit on training patients only, C chosen on validation by macro AUROC.
+- `logistic_regression_phenotypes`: the same, also given the 25 phenotypes present at visit i
+  (what the EADF text names in its clauses): the floor for a model that reads EADF text.
+- `gradient_boosting`: scikit-learn HistGradientBoosting one-vs-rest on the logistic
+  regression's features (items seen at least GB_MIN_COUNT times in training), one of
+  GB_SETTINGS chosen on validation: the floor a data scientist tries first.
 
 Each returns probabilities for the validation and test samples, so evaluate tunes thresholds
 on validation and scores on test exactly as for the models.
@@ -16,6 +21,7 @@ on validation and scores on test exactly as for the models.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Sequence
 
 import numpy as np
@@ -25,7 +31,8 @@ from ckd_ehr.evaluation.metrics import auroc_per_label
 
 log = logging.getLogger(__name__)
 
-BASELINES = ("all_negative", "prevalence", "copy_forward", "logistic_regression")
+BASELINES = ("all_negative", "prevalence", "copy_forward", "logistic_regression", "logistic_regression_phenotypes",
+             "gradient_boosting")
 FEATURE_COLUMNS = ("diagnosis_codes", "drugs", "procedure_codes")
 C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 """Inverse regularisation strengths tried on validation (wide enough that the choice is
@@ -122,6 +129,52 @@ def logistic_regression(x_train, y_train, x_eval: dict, y_val: np.ndarray, c_gri
                    "features": f"multi-hot {', '.join(FEATURE_COLUMNS)} of visit i (training vocabulary)"}
 
 
+GB_SETTINGS = ({"max_iter": 100, "learning_rate": 0.1, "max_leaf_nodes": 15, "min_samples_leaf": 20},
+               {"max_iter": 200, "learning_rate": 0.05, "max_leaf_nodes": 15, "min_samples_leaf": 20},
+               {"max_iter": 100, "learning_rate": 0.1, "max_depth": 3, "min_samples_leaf": 40})
+"""The settings tried on validation: shallow trees, about 100-200 rounds; strong enough for a
+few thousand training pairs, few enough to fit in minutes on one core."""
+GB_MIN_COUNT = 5
+"""Items seen fewer times in training are left out of the boosting's features: a split on them
+cannot generalise, and each feature costs histogram time."""
+
+
+def gradient_boosting(x_train, y_train, x_eval: dict, y_val: np.ndarray, settings=GB_SETTINGS,
+                      seed: int = 0) -> tuple[dict[str, np.ndarray], dict]:
+    """HistGradientBoostingClassifier per phenotype for each setting, the setting with the best
+    validation macro AUROC kept (a phenotype with one class in training: its rate); returns
+    ({name: probs} for x_eval (must include "val"), details)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    keep = np.flatnonzero(np.asarray((x_train > 0).sum(axis=0)).ravel() >= GB_MIN_COUNT)
+    dense = {name: np.asarray(x[:, keep].todense() if sp.issparse(x) else x[:, keep], dtype=np.float32)
+             for name, x in {"train": x_train, **x_eval}.items()}
+    y_train = np.asarray(y_train)
+    scores, best = {}, None
+    for i, setting in enumerate(settings):
+        preds = {name: np.empty((len(x), y_train.shape[1])) for name, x in dense.items() if name != "train"}
+        for j in range(y_train.shape[1]):
+            if y_train[:, j].min() == y_train[:, j].max():
+                for p in preds.values():
+                    p[:, j] = y_train[:, j].mean()
+                continue
+            model = HistGradientBoostingClassifier(**setting, random_state=seed).fit(dense["train"], y_train[:, j])
+            for name, p in preds.items():
+                p[:, j] = model.predict_proba(dense[name])[:, 1]
+        scores[i] = macro_auroc(y_val, preds["val"])
+        if best is None or scores[i] > scores[best[0]]:
+            best = (i, preds)
+    chosen, probs = best
+    return probs, {"setting": settings[chosen], "val_macro_auroc": {json_key(s): scores[i] for i, s in enumerate(settings)},
+                   "model": "sklearn HistGradientBoostingClassifier per phenotype",
+                   "features": f"multi-hot {', '.join(FEATURE_COLUMNS)} of visit i seen >= {GB_MIN_COUNT} times "
+                               f"in training ({len(keep)})"}
+
+
+def json_key(setting: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in setting.items())
+
+
 def baseline_probabilities(train: dict, val: dict, test: dict, seed: int = 0, c_grid=C_GRID
                            ) -> dict[str, tuple[dict[str, np.ndarray], dict]]:
     """{baseline: ({"val": probs, "test": probs}, details)}. Each split is a dict of columns:
@@ -147,4 +200,19 @@ def baseline_probabilities(train: dict, val: dict, test: dict, seed: int = 0, c_
     log.info("logistic_regression: C=%g (validation macro AUROC %s), %d features", details["C"],
              details["val_macro_auroc"], len(encoder.index))
     out["logistic_regression"] = (probs, details)
+
+    # the same items and the phenotypes present at visit i (what the EADF clauses name)
+    xp = {name: sp.hstack([m, sp.csr_matrix(np.asarray(d["phenotypes_current"], dtype=np.float64))]).tocsr()
+          for (name, m), d in zip(x.items(), (train, val, test))}
+    probs, details = logistic_regression(xp["train"], y_train, {"val": xp["val"], "test": xp["test"]}, y_val,
+                                         c_grid, seed)
+    details.update(n_features=xp["train"].shape[1], features=details["features"] + " + the 25 phenotypes present")
+    out["logistic_regression_phenotypes"] = (probs, details)
+
+    start = time.time()
+    probs, details = gradient_boosting(x["train"], y_train, {"val": x["val"], "test": x["test"]}, y_val, seed=seed)
+    details["seconds"] = round(time.time() - start, 1)
+    log.info("gradient_boosting: %s (validation macro AUROC %s) in %.0f s", json_key(details["setting"]),
+             details["val_macro_auroc"], details["seconds"])
+    out["gradient_boosting"] = (probs, details)
     return out

@@ -46,6 +46,10 @@ BASELINE_ROLES = {
     "prevalence": "floor: training prevalence as the score",
     "copy_forward": "the phenotypes of visit i, copied to visit i+1",
     "logistic_regression": "logistic regression on multi-hot codes, drugs and procedures of visit i",
+    "logistic_regression_phenotypes": "the logistic regression also given the phenotypes present at visit i "
+                                      "(what the EADF text names)",
+    "gradient_boosting": "gradient boosting (HistGradientBoosting per phenotype) on the logistic regression's items, "
+                         "settings chosen on validation",
     "latent_oracle": "ceiling (unreachable): the generator's exact probabilities given the latent state",
     "observable_ceiling": "ceiling from what a visit shows (flexible model on independent synthetic patients)",
 }

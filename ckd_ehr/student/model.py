@@ -65,6 +65,40 @@ def encode_in_windows(encoder: nn.Module, input_ids: torch.Tensor, attention_mas
     return put_back(got) if layer is None else tuple(put_back(h) for h in got)
 
 
+def run_in_windows(run, x: torch.Tensor, attention_mask: torch.Tensor, window: int) -> torch.Tensor:
+    """`run(x_window, mask_window)` -> [b, w, H] over consecutive windows of `window` tokens of
+    x ([B, T] token ids or [B, T, H] hidden states), put back in place: [B, T, H]. The windows of
+    encode_in_windows (positions restart, no attention across windows, all-padding windows not
+    computed), for running a part of the encoder on its own (the frozen layers, the top layers).
+    Windows are run in two groups, each padded only to its own longest window: a row's last,
+    partial window (a 600-token row's 88 tokens) is not padded to a full window, which is about
+    a tenth of the tokens of EADF texts; the results are the same (pads are masked)."""
+    batch, width = attention_mask.shape
+    if width <= window:
+        return run(x, attention_mask)
+    n = -(-width // window)
+    pad = n * window - width
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 2:
+            return nn.functional.pad(t, (0, pad), value=0).reshape(batch * n, window)
+        return nn.functional.pad(t, (0, 0, 0, pad), value=0).reshape(batch * n, window, t.shape[-1])
+
+    mask = cut(attention_mask)
+    lengths = mask.sum(dim=1)
+    xs = cut(x)
+    out = None
+    for group in (lengths > window // 2, (lengths > 0) & (lengths <= window // 2)):
+        if not group.any():
+            continue
+        w = int(lengths[group].max())
+        got = run(xs[group][:, :w], mask[group][:, :w])
+        if out is None:
+            out = got.new_zeros(batch * n, window, got.shape[-1])
+        out[group, :w] = got
+    return out.reshape(batch, n * window, -1)[:, :width]
+
+
 class StudentModel(nn.Module):
     """encoder + pooling + linear head -> 25 logits. For multi-granularity distillation
     (docs/method.md) it can also return, on training batches that carry `token_units`, its side
@@ -85,6 +119,7 @@ class StudentModel(nn.Module):
         self.pooling = pooling
         self.head = nn.Linear(encoder.config.hidden_size, num_labels)
         self.relation_layer = relation_layer
+        self.split = 0   # layers below this index are frozen and cached (freeze_below)
         # Small init: the auxiliary label attention starts near uniform over the tokens.
         self.unit_queries = nn.Parameter(torch.randn(num_labels, encoder.config.hidden_size) * 0.02) \
             if label_attention else None
@@ -94,17 +129,65 @@ class StudentModel(nn.Module):
         """Tokens the encoder takes in one pass (its position embeddings)."""
         return int(getattr(self.encoder.config, "max_position_embeddings", 512) or 512)
 
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
-        """Pooled sentence vectors [B, H] (what the head reads)."""
-        hidden = encode_in_windows(self.encoder, input_ids, attention_mask, self.window, extra.get("token_type_ids"))
+    # training only the top layers (ckd_ehr.modeling.frozen): the layers below are run once per
+    # row and cached; `cached` hidden states then replace the input ids
+
+    def _layers(self) -> nn.ModuleList:
+        layers = getattr(getattr(self.encoder, "encoder", None), "layer", None)
+        if layers is None or not hasattr(self.encoder, "embeddings") or self.encoder.config.is_decoder:
+            raise ValueError(f"train_top_layers needs a BERT-like encoder (embeddings + encoder.layer), "
+                             f"not {type(self.encoder).__name__}")
+        return layers
+
+    def freeze_below(self, top: int) -> None:
+        """Freeze the embeddings and every layer below the top `top` (requires_grad False)."""
+        layers = self._layers()
+        if not 1 <= top <= len(layers):
+            raise ValueError(f"train_top_layers must be 1..{len(layers)} for this encoder, got {top}")
+        self.split = len(layers) - top
+        for module in (self.encoder.embeddings, *layers[: self.split]):
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    def _run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layers) -> torch.Tensor:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        mask = create_bidirectional_mask(config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        for layer in layers:
+            hidden = layer(hidden, mask)
+        return hidden
+
+    @torch.no_grad()
+    def bottom(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
+        """[B, T, H]: the frozen part's output (embeddings and the layers below the top), in windows."""
+        layers = self._layers()[: self.split]
+        return run_in_windows(lambda ids, m: self._run_layers(self.encoder.embeddings(input_ids=ids), m, layers),
+                              input_ids, attention_mask, self.window)
+
+    def top(self, cached: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T, H]: the top layers over the frozen part's cached output, in the same windows."""
+        layers = self._layers()[self.split:]
+        return run_in_windows(lambda h, m: self._run_layers(h, m, layers), cached, attention_mask, self.window)
+
+    def features(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 cached: torch.Tensor | None = None, **extra) -> torch.Tensor:
+        """Pooled sentence vectors [B, H] (what the head reads); from `cached` frozen-layer states
+        when given (train_top_layers), else from the token ids."""
+        if cached is not None:
+            hidden = self.top(cached.to(self.head.weight.dtype), attention_mask)
+        else:
+            hidden = encode_in_windows(self.encoder, input_ids, attention_mask, self.window, extra.get("token_type_ids"))
         return pool(hidden, attention_mask, self.pooling)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_units: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                token_units: torch.Tensor | None = None, cached: torch.Tensor | None = None,
                 **extra) -> torch.Tensor | dict[str, torch.Tensor]:
         """Logits [B, 25]; on a batch with `token_units` [B, T] (the unit of each token, -1 none),
         {'logits', 'unit_attention' [B, 25, W], 'unit_relation' [B, W, W]} as the model has them."""
         if token_units is None or (self.unit_queries is None and self.relation_layer is None):
-            return self.head(self.features(input_ids, attention_mask, **extra))
+            return self.head(self.features(input_ids, attention_mask, cached=cached, **extra))
+        if cached is not None:
+            raise ValueError("the multi-granularity unit terms need the whole encoder: leave train_top_layers unset")
         from ckd_ehr.modeling.pooling import label_attention_weights
         from ckd_ehr.modeling.units import unit_attention, unit_relations, unit_vectors
 

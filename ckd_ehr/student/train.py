@@ -147,17 +147,27 @@ def student_task(cfg, model_path: str, load_data, pad_id: int, distill: bool, po
 
 
 def student_from_checkpoint(ckpt_dir: str, model_path: str, pooling: str, device: str = "cpu"):
-    """The trained StudentModel from a checkpoint of ckd_ehr.training (trainable.safetensors
-    holds every parameter of the student: nothing is frozen)."""
+    """The trained StudentModel from a checkpoint of ckd_ehr.training: trainable.safetensors holds
+    every parameter that trained; under train_top_layers (train_state.json) the frozen ones are
+    the pretrained model's, loaded from `model_path`."""
+    import json
+
     from safetensors.torch import load_file
 
     from ckd_ehr.student.model import build_student
 
     model = build_student(model_path, pooling)
+    frozen: set[str] = set()
+    state_file = os.path.join(ckpt_dir, "train_state.json")
+    top = json.load(open(state_file)).get("train_top_layers") if os.path.exists(state_file) else None
+    if top:
+        model.freeze_below(top)
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        model.requires_grad_(True)
     # The unit terms' auxiliary label attention trains with the student but is no part of it.
     weights = {k: v for k, v in load_file(os.path.join(ckpt_dir, TRAINABLE)).items() if k != "unit_queries"}
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or [k for k in missing if not k.startswith("encoder.pooler")]:
+    if unexpected or [k for k in missing if not k.startswith("encoder.pooler") and k not in frozen]:
         raise RuntimeError(f"{ckpt_dir}: checkpoint does not match the student "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.to(device).eval()

@@ -48,6 +48,10 @@ def write_weights(model, state_dict: dict[str, torch.Tensor], out_dir: str | os.
         model.lm.save_pretrained(str(out / TEACHER_ADAPTER), state_dict=adapter, save_embedding_layers=False)
         return
     adapter = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+    # train_top_layers froze the LoRA weights of the layers below the top: not in the trainable
+    # state, still part of the adapter (at their initial values, B = 0: no change to those layers)
+    adapter.update({name: p.detach().cpu() for name, p in model.backbone.named_parameters()
+                    if "lora_" in name and not p.requires_grad and name not in adapter})
     head = {k[len("head."):]: v.detach().float().cpu().contiguous() for k, v in state_dict.items()
             if k.startswith("head.")}
     # peft filters the given state dict down to LoRA keys and strips the adapter name. LoRA never

@@ -93,15 +93,67 @@ class TeacherModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.split = 0   # decoder layers below this index are frozen and cached (freeze_below)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return self.head(out.last_hidden_state, attention_mask)
+    def _hidden(self, input_ids, attention_mask, cached) -> torch.Tensor:
+        if cached is not None:
+            return self.top(cached, attention_mask)
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                cached: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self._hidden(input_ids, attention_mask, cached), attention_mask)
+
+    def features(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 cached: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled hidden states [B, H] (float32): what the projection reads (last / mean pooling)."""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return self.head.pool(out.last_hidden_state, attention_mask).float()
+        return self.head.pool(self._hidden(input_ids, attention_mask, cached), attention_mask).float()
+
+    # training only the top layers (ckd_ehr.modeling.frozen): the decoder's forward run over a
+    # slice of its layers. With inputs_embeds it skips the embedding and builds the causal mask and
+    # the rotary positions for the slice exactly as for the whole stack (Llama, Qwen2, Mistral:
+    # decoders whose forward takes inputs_embeds as the embedding output, unscaled).
+
+    def _decoder(self) -> nn.Module:
+        inner = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+        if not (hasattr(inner, "layers") and hasattr(inner, "norm") and hasattr(inner, "embed_tokens")):
+            raise ValueError(f"train_top_layers needs a decoder with embed_tokens, layers and norm, "
+                             f"not {type(inner).__name__}")
+        return inner
+
+    @contextlib.contextmanager
+    def _slice(self, layers: nn.ModuleList, norm: nn.Module):
+        decoder = self._decoder()
+        saved = decoder.layers, decoder.norm
+        decoder.layers, decoder.norm = layers, norm
+        try:
+            yield decoder
+        finally:
+            decoder.layers, decoder.norm = saved
+
+    def freeze_below(self, top: int) -> None:
+        """Freeze the embeddings and every decoder layer below the top `top`, LoRA included."""
+        layers = self._decoder().layers
+        if not 1 <= top <= len(layers):
+            raise ValueError(f"train_top_layers must be 1..{len(layers)} for this teacher, got {top}")
+        self.split = len(layers) - top
+        for module in (self._decoder().embed_tokens, *layers[: self.split]):
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    @torch.no_grad()
+    def bottom(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T, H]: the output of the decoder layers below the top (before the final norm)."""
+        layers = self._decoder().layers
+        with self._slice(layers[: self.split], nn.Identity()) as decoder:
+            return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def top(self, cached: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T, H]: the top layers and the final norm over cached bottom states."""
+        decoder = self._decoder()
+        dtype = decoder.embed_tokens.weight.dtype
+        with self._slice(decoder.layers[self.split:], decoder.norm) as d:
+            return d(inputs_embeds=cached.to(dtype), attention_mask=attention_mask, use_cache=False).last_hidden_state
 
     def load_probe(self, probe) -> None:
         """Set the head to a ckd_ehr.modeling.probe.LinearProbe (linear probe, then fine-tune)."""

@@ -146,12 +146,15 @@ def teacher_task(tc, train_path: str, val_path: str, tokenizer=None, feature_cac
 
 
 def train_teacher(tc, train_path: str, val_path: str, storage_path: str, name: str,
-                  artifact_dest: str, feature_cache: str | None = None) -> tuple[TrainResult, dict]:
+                  artifact_dest: str, feature_cache: str | None = None,
+                  frozen_cache: str | None = None) -> tuple[TrainResult, dict]:
     """Train on Ray Train and write the artifact from the best checkpoint. Returns
     (TrainResult, teacher.json). `feature_cache`: where head_init probe keeps the frozen
-    backbone's features (None: nowhere)."""
+    backbone's features; `frozen_cache`: where train_top_layers keeps the frozen layers' states
+    (None: nowhere)."""
     tokenizer = load_tokenizer(tc)
     task = teacher_task(tc, train_path, val_path, tokenizer, feature_cache)
+    task.frozen_cache = frozen_cache
     start = time.time()
     result = fit(tc, task, storage_path=storage_path, name=name)
     wall = time.time() - start
@@ -193,5 +196,6 @@ def run_teacher(cfg) -> dict:
     # Same config -> same run name: rerunning after a crash resumes from the last checkpoint.
     name = f"teacher-{config_hash(cfg.teacher)}"
     _, meta = train_teacher(cfg.teacher, train_path, val_path, layout.teacher_train, name, layout.teacher_artifact,
-                            feature_cache=layout.teacher_probe_features)
+                            feature_cache=layout.teacher_probe_features,
+                            frozen_cache=cfg.teacher.frozen_cache_dir or layout.teacher_frozen_cache)
     return meta

@@ -90,6 +90,16 @@ def _trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
 
+def as_float(outputs: Any) -> Any:
+    """Model outputs under bf16 autocast -> float32 (a tensor, or a dict of them): the loss and
+    the metrics are computed in full precision outside the autocast region."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict):
+        return {k: as_float(v) for k, v in outputs.items()}
+    return outputs
+
+
 class DDPEngine:
     """torch DDP (or the bare model for one worker) + torch AdamW + LambdaLR."""
 
@@ -99,9 +109,16 @@ class DDPEngine:
     files_on_every_rank = False
     """Whether every rank writes checkpoint files (DeepSpeed's shards) or rank 0 alone."""
 
+    supports_autocast = True
+    """bf16 autocast of forward and backward on CPU workers (the loop decides: TrainerConfig.autocast)."""
+
     def __init__(self, cfg, ctx):
         self.cfg, self.ctx = cfg, ctx
         self.micro_batch, self.accum = cfg.batch_size, cfg.grad_accum
+        self.autocast = False
+
+    def _autocast(self):
+        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.autocast)
 
     def create_model(self, build_model: Callable[[], nn.Module]) -> nn.Module:
         return _build_on(self.ctx.device, build_model)
@@ -119,7 +136,9 @@ class DDPEngine:
             self.wrapped = model
 
     def forward(self, **inputs) -> Any:
-        return self.wrapped(**inputs)
+        with self._autocast():
+            out = self.wrapped(**inputs)
+        return as_float(out) if self.autocast else out
 
     def step(self, micro_batches: list[tuple[dict, Any]], loss_of: Callable[[Any, Any], torch.Tensor]) -> list[float]:
         """Forward + backward of each micro-batch (gradients synchronised on the last only),
@@ -129,7 +148,7 @@ class DDPEngine:
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if (last or self.ctx.world == 1) else self.wrapped.no_sync()
             with sync:
-                loss = loss_of(self.wrapped(**inputs), targets)
+                loss = loss_of(self.forward(**inputs), targets)
                 (loss / len(micro_batches)).backward()
             losses.append(float(loss.detach()))
         torch.nn.utils.clip_grad_norm_([p for _, p in _trainable(self.module)], 1.0)
@@ -166,6 +185,9 @@ class DeepSpeedEngine:
 
     strategy = "deepspeed"
     files_on_every_rank = True
+    supports_autocast = False
+    """DeepSpeed has its own mixed precision (its bf16 section), not torch autocast."""
+    autocast = False
 
     def __init__(self, cfg, ctx, zero_stage: int | None = None):
         self.cfg, self.ctx = cfg, ctx

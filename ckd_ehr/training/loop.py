@@ -47,9 +47,10 @@ import torch
 from ckd_ehr import storage
 from ckd_ehr.contracts import PROBE_HEAD
 from ckd_ehr.modeling.feature_cache import FeatureCache
+from ckd_ehr.modeling.frozen import pad_cached
 from ckd_ehr.training.batching import (batch_tokens, eval_batches, length_grouped_batches, padding_efficiency,
                                        subset_indices, to_device)
-from ckd_ehr.training.engines import TRAINABLE, make_engine
+from ckd_ehr.training.engines import TRAINABLE, as_float, make_engine
 from ckd_ehr.training.memory import local_param_fraction, peak_rss_bytes
 from ckd_ehr.training.task import TrainTask
 
@@ -205,6 +206,17 @@ class TrainLoop:
         if self.rank == 0:
             log.info("model built: this worker holds %.3f of its parameters' elements, peak RSS %.0f MiB",
                      self.build_local_fraction, self.build_peak_rss / 2**20)
+        self.frozen = bool(cfg.train_top_layers)
+        self.setup_metrics: dict = {}
+        if self.frozen:
+            if self.engine.zero3 or not hasattr(model, "freeze_below"):
+                raise ValueError(f"train_top_layers needs an unpartitioned model (ddp, or DeepSpeed ZeRO-1/2) that "
+                                 f"can run its top layers alone; {type(model).__name__} under "
+                                 f"{self.engine.strategy} stage {self.engine.zero_stage} cannot")
+            model.freeze_below(cfg.train_top_layers)
+        self.engine.autocast = self._choose_autocast(model)
+        if self.frozen:
+            self._cache_frozen(model)
         self.probe_metrics: dict = {}
         self.probe = self._fit_probe(model) if cfg.head_init == "probe" else None
         groups = self.task.param_groups(model) if self.task.param_groups else \
@@ -214,6 +226,100 @@ class TrainLoop:
         self.step, self.epoch, self.batches_done = 0, 0, 0
         self.resumed_from = -1          # step of the checkpoint this attempt started from
         self.first_loss = float("nan")  # train loss of step 1, reported so callers can see it fall
+
+    # the frozen part's cache and the autocast choice -----------------------------------------
+
+    def _collate(self, examples: Sequence[dict]) -> tuple[dict, Any]:
+        """The task's collate; under train_top_layers the rows' cached frozen-layer states replace
+        their token ids (padded to the batch's width, the attention mask kept)."""
+        inputs, targets = self.task.collate(list(examples))
+        if self.frozen and "cached" in examples[0]:
+            inputs["cached"] = pad_cached([e["cached"] for e in examples], inputs["attention_mask"].shape[1])
+            inputs.pop("input_ids")
+        return inputs, targets
+
+    def _cache_frozen(self, model: torch.nn.Module) -> None:
+        """train_top_layers: the frozen part's states of every training and validation row, read
+        from the task's frozen cache where it has them, computed once otherwise (and added)."""
+        from ckd_ehr.modeling.frozen import CACHE_DTYPES, LayerCache, compute_bottom
+
+        cfg, start = self.cfg, time.time()
+        rows = self.train + self.val
+        dtype = CACHE_DTYPES[cfg.frozen_cache_dtype]
+        key = f"{self.task.feature_key}|top{cfg.train_top_layers}|{cfg.frozen_cache_dtype}"
+        cache = LayerCache(self.task.frozen_cache, key, dtype) if self.task.frozen_cache else None
+        states = cache.lookup([e["input_ids"] for e in rows]) if cache else [None] * len(rows)
+        missing = [i for i, s in enumerate(states) if s is None]
+        last = [time.time()]
+
+        def progress(done, total):
+            if self.rank == 0 and time.time() - last[0] > 30:
+                last[0] = time.time()
+                log.info("train_top_layers: frozen layers of %d/%d rows, %s", done, total,
+                         format_duration(time.time() - start))
+
+        if missing:
+            model.to(self.device)
+            computed = compute_bottom(model, [rows[i]["input_ids"] for i in missing],
+                                      cfg.eval_batch_size or 2 * cfg.batch_size, dtype, self.device,
+                                      self.engine.autocast, progress)
+            for i, s in zip(missing, computed):
+                states[i] = s
+            if cache is not None and self.rank == 0:
+                cache.add([rows[i]["input_ids"] for i in missing], computed)
+        for e, s in zip(rows, states):
+            e["cached"] = s
+        gib = sum(s.numel() * s.element_size() for s in states) / 2**30
+        self.setup_metrics.update(frozen_cache_s=round(time.time() - start, 1), frozen_rows_computed=len(missing),
+                                  frozen_cache_gib=round(gib, 3))
+        if self.rank == 0:
+            log.info("train_top_layers %d: frozen-layer states of %d rows (%d computed, %d read from %s), %.2f GiB "
+                     "%s, in %s", cfg.train_top_layers, len(rows), len(missing), len(rows) - len(missing),
+                     self.task.frozen_cache, gib, cfg.frozen_cache_dtype, format_duration(time.time() - start))
+
+    def _choose_autocast(self, model: torch.nn.Module) -> bool:
+        """bf16 autocast on CPU: `on`/`off` as configured; `auto` times a training step (forward +
+        backward of one median-length batch, no update) both ways and takes bf16 when it is at
+        least 5% faster. Whether a CPU gains is a matter of measurement, not of its flags: AMX
+        CPUs gain most, AVX512-BF16 CPUs without AMX some, others lose. Stated in the log."""
+        cfg = self.cfg
+        if cfg.use_gpu or cfg.autocast == "off" or not self.engine.supports_autocast:
+            return False
+        if cfg.autocast == "on":
+            return True
+        order = np.argsort(self.train_len, kind="stable")
+        mid = len(order) // 2
+        batch = [self.train[i] for i in order[max(0, mid - self.micro_bs // 2): mid + (self.micro_bs + 1) // 2]]
+        inputs, targets = self.task.collate(batch)
+        model.to(self.device)
+        if self.frozen:
+            inputs["cached"] = model.bottom(**to_device(inputs, self.device)).float()
+            inputs.pop("input_ids")
+        inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+        was = model.training
+        model.train(True)
+
+        def step(on: bool) -> float:
+            t = time.perf_counter()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on):
+                outputs = model(**inputs)
+            loss = self.task.loss(as_float(outputs), targets, 0.0)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            return time.perf_counter() - t
+
+        times = {False: [], True: []}
+        for on in (False, True, False, True):
+            times[on].append(step(on))
+        model.train(was)
+        fp32, bf16 = min(times[False]), min(times[True])
+        chosen = bf16 < 0.95 * fp32
+        self.setup_metrics.update(autocast_bf16=chosen, autocast_step_s_fp32=round(fp32, 3),
+                                  autocast_step_s_bf16=round(bf16, 3))
+        if self.rank == 0:
+            log.info("autocast: bf16 %s (a training step of %d rows: %.2f s fp32, %.2f s bf16 autocast)",
+                     "ON" if chosen else "off", len(batch), fp32, bf16)
+        return chosen
 
     # linear probe, then fine-tune ---------------------------------------------------------
 
@@ -310,10 +416,10 @@ class TrainLoop:
                          format_duration(per * (len(batches) - b)))
             if idx is None:
                 if forward_empty is not None and len(examples):
-                    inputs, _ = self.task.collate([examples[0]])
+                    inputs, _ = self._collate([examples[0]])
                     forward_empty(to_device(inputs, self.device))
                 continue
-            inputs, targets = self.task.collate([examples[i] for i in idx])
+            inputs, targets = self._collate([examples[i] for i in idx])
             r, c = batch_tokens(inputs)
             real, computed = real + r, computed + c
             rows, batch_loss = batch_fn(to_device(inputs, self.device), to_device(targets, self.device), len(idx))
@@ -391,7 +497,7 @@ class TrainLoop:
                 with open(os.path.join(tmp, TRAIN_STATE), "w") as f:
                     json.dump({"epoch": self.epoch, "step": self.step, "batches_done": self.batches_done,
                                "total_steps": self.total_steps, "world": self.world,
-                               "first_loss": self.first_loss}, f)
+                               "first_loss": self.first_loss, "train_top_layers": self.cfg.train_top_layers}, f)
                 if val_out is not None:
                     np.save(os.path.join(tmp, "val_logits.npy"), val_out[0])
                     np.save(os.path.join(tmp, "val_labels.npy"), val_out[1])
@@ -436,7 +542,7 @@ class TrainLoop:
         progress = self.step / max(1, self.total_steps)
         micro = []
         for idx in batch_idx:
-            inputs, targets = self.task.collate([self.train[j] for j in idx])
+            inputs, targets = self._collate([self.train[j] for j in idx])
             real, computed = batch_tokens(inputs)
             self.train_tokens = [self.train_tokens[0] + real, self.train_tokens[1] + computed]
             micro.append((to_device(inputs, self.device), to_device(targets, self.device)))
@@ -459,7 +565,7 @@ class TrainLoop:
             # 0, so checkpoint selection keeps it when fine-tuning does not beat it on validation.
             metrics = {"step": 0, "epoch": 0.0, "train_loss": float("nan"), "train_loss_first": float("nan"),
                        "resumed_from_step": self.resumed_from, "lr": 0.0, "samples_per_s": 0.0,
-                       **self.probe_metrics, **self.run_stats()}
+                       **self.probe_metrics, **self.setup_metrics, **self.run_stats()}
             val, out = self.validate()
             metrics.update(val)
             self._log_validation(val)
@@ -483,7 +589,8 @@ class TrainLoop:
                 metrics = {"step": self.step, "epoch": self.epoch + self.batches_done / len(batches),
                            "train_loss": last_loss, "train_loss_first": self.first_loss,
                            "resumed_from_step": self.resumed_from, "lr": self.engine.lr(),
-                           "samples_per_s": seen / max(1e-9, time.time() - start), **self.probe_metrics}
+                           "samples_per_s": seen / max(1e-9, time.time() - start), **self.probe_metrics,
+                           **self.setup_metrics}
                 if self.rank == 0 and (self.step % 10 == 0 or epoch_end or done or self.step == 1):
                     per_step = (time.time() - start) / max(1, self.step - max(0, self.resumed_from))
                     log.info("step %d/%d epoch %.2f loss %.4f (%.1f s/step, about %s left)", self.step,
