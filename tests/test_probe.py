@@ -131,3 +131,32 @@ def test_probe_fits_probability_targets():
     hard = fit_one_vs_rest(x, labels, c_value=1e4)[0].coef_[0, 0]
     mixed = fit_one_vs_rest(x, 0.5 * labels + 0.5 * teacher, c_value=1e4)[0].coef_[0, 0]
     assert min(hard, 2.0) < mixed < max(hard, 2.0), (hard, mixed)
+
+
+def test_probe_fit_is_scikit_learns_logistic_regression_and_picks_c_on_training_folds():
+    """logistic_fit minimises scikit-learn's lbfgs objective (same coefficients), soft targets
+    as sample-weighted rows; fit_probe chooses C on training folds, never on validation: a
+    validation split whose labels are noise changes its reported score, not its choice."""
+    from sklearn.linear_model import LogisticRegression
+
+    from ckd_ehr.modeling.probe import logistic_fit
+
+    xt, yt = _features(300, 0)
+    z = ((xt - xt.mean(0)) / xt.std(0)).astype(np.float64)   # scikit-learn fits float32 input in float32
+    w, b = logistic_fit(z, yt, 0.05)
+    for j in (0, 7, 24):
+        ref = LogisticRegression(C=0.05, solver="lbfgs", max_iter=5000, tol=1e-10).fit(z, yt[:, j])
+        np.testing.assert_allclose(w[j], ref.coef_[0], atol=2e-4)
+        np.testing.assert_allclose(b[j], ref.intercept_[0], atol=2e-4)
+    soft = np.clip(yt * 0.8 + 0.1, 0, 1)
+    ws, bs = logistic_fit(z, soft, 0.05)
+    twice = np.concatenate([z, z])
+    ref = LogisticRegression(C=0.05, max_iter=5000, tol=1e-10).fit(
+        twice, np.r_[np.ones(300), np.zeros(300)], sample_weight=np.r_[soft[:, 3], 1 - soft[:, 3]])
+    np.testing.assert_allclose(ws[3], ref.coef_[0], atol=2e-4)
+
+    xv, yv = _features(150, 1)
+    good = fit_probe(xt, yt, xv, yv)
+    noise = fit_probe(xt, yt, xv, np.random.default_rng(4).permutation(yv))
+    assert good.c_value == noise.c_value and good.cv_macro_auroc == noise.cv_macro_auroc > 0.85
+    assert good.val_macro_auroc > 0.85 > 0.65 > noise.val_macro_auroc

@@ -222,8 +222,9 @@ def test_loop_trains_in_training_mode_and_validates_in_eval_mode(tmp_path, head_
 
     train, val = _marker_examples(32, 0), _marker_examples(16, 1)
     task = TrainTask(build_model=_ModeRecordingBag(), load_data=lambda: (train, val), collate=_collate, loss_fn=_bce)
+    # autocast off: `auto` would time four more training-mode passes at start-up (counted below)
     cfg = TrainerConfig(num_workers=1, epochs=1, batch_size=16, lr=1e-2, warmup_ratio=0.0, max_length=16,
-                        strategy="ddp", head_init=head_init, best_metric="val_loss")
+                        strategy="ddp", head_init=head_init, best_metric="val_loss", autocast="off")
     loop = TrainLoop(cfg, task, WorkerContext(), LocalReporter(str(tmp_path / "run")))
     loop.run()
     modes = loop.engine.module.modes
@@ -298,7 +299,8 @@ def test_probe_features_are_computed_once_per_rows(tmp_path):
 
     train, val = _marker_examples(96, 0), _marker_examples(32, 1)
     cfg = TrainerConfig(num_workers=1, epochs=1, max_steps=1, batch_size=16, lr=1e-3, warmup_ratio=0.0,
-                        max_length=16, strategy="ddp", head_init="probe", best_metric="val_macro_auroc")
+                        max_length=16, strategy="ddp", head_init="probe", best_metric="val_macro_auroc",
+                        autocast="off")   # `auto` times forwards at start-up: they would count below
     cache = str(tmp_path / "features")
 
     def run(name, rows, key="bag", probe_targets_of=None):

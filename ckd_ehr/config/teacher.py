@@ -104,6 +104,14 @@ class TrainerConfig(Section):
     short run that does not beat its probe keeps the probe; `last`: the end of training, whatever
     validation says (a fixed-length recipe: the multi-granularity study, since a kept probe
     carries no fine-tuning, and so neither learned label attention nor any distillation term)."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop when best_metric has not improved (by more than early_stopping_min_delta) for this
+    many validations in a row; None: train every epoch."""
+    early_stopping_min_delta: float = Field(0.0, ge=0.0)
+    """The improvement that counts for early stopping."""
+    eval_every_steps: int | None = Field(None, ge=1)
+    """Also validate (and checkpoint) every this many optimiser steps, for a finer learning curve
+    (validation on cached frozen states costs seconds); always at every epoch's end."""
     checkpoint_every_steps: int | None = Field(None, ge=1)
     """Also report a checkpoint every N optimiser steps (always once per epoch)."""
     best_metric: Literal["val_macro_f1", "val_macro_auroc", "val_loss"] = "val_macro_auroc"

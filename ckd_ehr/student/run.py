@@ -251,6 +251,8 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
         "best_checkpoint": {k: v for k, v in best_metrics.items() if isinstance(v, (int, float))},
         "train_samples": len(train), "wall_s": round(train_s, 1),
         "train_samples_per_s": result.metrics.get("samples_per_s"),
+        "curve": result.curve, "stopped_early": bool(result.metrics.get("stopped_early", False)),
+        "setup": {k: v for k, v in result.metrics.items() if k.startswith(("frozen_", "autocast_", "probe_"))},
     }
     meta = {
         "variant": variant, "config": s.model_dump(mode="json"), "pooling": s.pooling,

@@ -159,7 +159,8 @@ def train_teacher(tc, train_path: str, val_path: str, storage_path: str, name: s
     result = fit(tc, task, storage_path=storage_path, name=name)
     wall = time.time() - start
     metrics = {k: v for k, v in result.best_metrics.items() if isinstance(v, (int, float, str))}
-    metrics.update({"train_wall_s": round(wall, 2), "final_step": result.metrics.get("step"),
+    metrics.update({"train_wall_s": round(wall, 2), "final_step": result.metrics.get("step"), "curve": result.curve,
+                    "stopped_early": bool(result.metrics.get("stopped_early", False)),
                     "train_samples_per_s": result.metrics.get("samples_per_s"),
                     "best_checkpoint": str(result.best_checkpoint.path),
                     "strategy": result.metrics.get("strategy", tc.strategy), "num_workers": tc.num_workers})

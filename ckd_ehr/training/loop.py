@@ -224,6 +224,8 @@ class TrainLoop:
         self.engine.build(model, groups, cfg.lr, cfg.weight_decay, self.total_steps,
                           int(cfg.warmup_ratio * self.total_steps))
         self.step, self.epoch, self.batches_done = 0, 0, 0
+        self.curve: list[dict] = []     # every validation: step, epoch, samples seen, best_metric, val_loss
+        self.best_score, self.since_best, self.stopped_early = None, 0, False
         self.resumed_from = -1          # step of the checkpoint this attempt started from
         self.first_loss = float("nan")  # train loss of step 1, reported so callers can see it fall
 
@@ -373,6 +375,7 @@ class TrainLoop:
         probe = fit_probe(train_x, train_t, val_x, val_y, seed=self.cfg.seed)
         model.load_probe(probe)
         self.probe_metrics = {"probe_val_macro_auroc": probe.val_macro_auroc, "probe_c": probe.c_value,
+                              "probe_cv_macro_auroc": probe.cv_macro_auroc,
                               "probe_s": round(time.time() - start, 1)}
         if self.rank == 0:
             log.info("head_init probe: head set to the linear probe (C=%s, validation macro AUROC %.4f) in %.0f s",
@@ -497,7 +500,9 @@ class TrainLoop:
                 with open(os.path.join(tmp, TRAIN_STATE), "w") as f:
                     json.dump({"epoch": self.epoch, "step": self.step, "batches_done": self.batches_done,
                                "total_steps": self.total_steps, "world": self.world,
-                               "first_loss": self.first_loss, "train_top_layers": self.cfg.train_top_layers}, f)
+                               "first_loss": self.first_loss, "train_top_layers": self.cfg.train_top_layers,
+                               "curve": self.curve, "best_score": self.best_score, "since_best": self.since_best,
+                               "stopped_early": self.stopped_early}, f)
                 if val_out is not None:
                     np.save(os.path.join(tmp, "val_logits.npy"), val_out[0])
                     np.save(os.path.join(tmp, "val_labels.npy"), val_out[1])
@@ -519,6 +524,8 @@ class TrainLoop:
             self.engine.load(d)
         self.epoch, self.step, self.batches_done = st["epoch"], st["step"], st["batches_done"]
         self.first_loss = st.get("first_loss", float("nan"))
+        self.curve, self.best_score = list(st.get("curve", [])), st.get("best_score")
+        self.since_best, self.stopped_early = st.get("since_best", 0), st.get("stopped_early", False)
         self.resumed_from = self.step
         if self.batches_done >= self.steps_per_epoch * self.accum:  # saved at an epoch end
             self.epoch, self.batches_done = self.epoch + 1, 0
@@ -550,6 +557,29 @@ class TrainLoop:
         self.step += 1
         return float(np.mean(losses))
 
+    def _on_validation(self, metrics: dict) -> None:
+        """Add a validation to the learning curve (checkpointed with the run, so a resumed run
+        keeps it) and apply early stopping: `early_stopping_patience` validations in a row without
+        an improvement of more than `early_stopping_min_delta` on best_metric end training."""
+        cfg = self.cfg
+        score = metrics.get(cfg.best_metric)
+        self.curve.append({"step": self.step, "epoch": round(float(metrics.get("epoch", 0.0)), 4),
+                           "samples": self.step * self.micro_bs * self.accum * self.world,
+                           cfg.best_metric: score, "val_loss": metrics.get("val_loss")})
+        if not finite(score):
+            return
+        sign = -1.0 if cfg.best_metric == "val_loss" else 1.0
+        if self.best_score is None or sign * (score - self.best_score) > cfg.early_stopping_min_delta:
+            self.best_score, self.since_best = score, 0
+        else:
+            self.since_best += 1
+        if cfg.early_stopping_patience and self.since_best >= cfg.early_stopping_patience and self.step > 0:
+            self.stopped_early = True
+            if self.rank == 0:
+                log.info("early stopping at step %d: %s has not improved on %.4f for %d validations", self.step,
+                         cfg.best_metric, self.best_score, self.since_best)
+        metrics["stopped_early"] = self.stopped_early
+
     def _log_validation(self, val: dict) -> None:
         if self.rank == 0:
             log.info("validation at step %d: %s", self.step,
@@ -569,15 +599,16 @@ class TrainLoop:
             val, out = self.validate()
             metrics.update(val)
             self._log_validation(val)
+            self._on_validation(metrics)
             self.save_and_report(metrics, out)
         # Optimiser steps in training mode (dropout as the model's config sets it): from_pretrained,
         # the student builder and the probe fit all leave the model in eval mode, and validate()
         # restores the mode it found, so without this every step ran with dropout off.
         self.engine.train(True)
-        while self.epoch < cfg.epochs and self.step < self.total_steps:
+        while self.epoch < cfg.epochs and self.step < self.total_steps and not self.stopped_early:
             batches = length_grouped_batches(self.train_len, self.micro_bs, cfg.seed, self.epoch, self.world,
                                              self.rank)[: self.steps_per_epoch * self.accum]
-            while self.batches_done < len(batches) and self.step < self.total_steps:
+            while self.batches_done < len(batches) and self.step < self.total_steps and not self.stopped_early:
                 group = batches[self.batches_done: self.batches_done + self.accum]
                 last_loss = self.train_step(group)
                 if self.step == 1:
@@ -597,16 +628,18 @@ class TrainLoop:
                              self.total_steps, metrics["epoch"], last_loss, per_step,
                              format_duration(per_step * (self.total_steps - self.step)))
                 step_ckpt = bool(cfg.checkpoint_every_steps) and self.step % cfg.checkpoint_every_steps == 0
-                if epoch_end or done or step_ckpt:
+                step_eval = bool(cfg.eval_every_steps) and self.step % cfg.eval_every_steps == 0
+                if epoch_end or done or step_ckpt or step_eval:
                     metrics.update(self.run_stats())
                     if self.rank == 0:
                         log.info("step %d: train padding efficiency %.3f (real / computed tokens), worker peak RSS "
                                  "%.0f MiB", self.step, metrics["train_padding_efficiency"],
                                  metrics["worker_peak_rss_mib"])
-                if epoch_end or done:
+                if epoch_end or done or step_eval:
                     val, out = self.validate()
                     metrics.update(val)
                     self._log_validation(val)
+                    self._on_validation(metrics)
                     self.save_and_report(metrics, out)
                 elif step_ckpt:
                     # NaN score: ranked below every validated checkpoint, without an error log.

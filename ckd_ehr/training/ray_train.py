@@ -18,12 +18,13 @@ What fit adds to the loop (see training.loop for the loop itself):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from ckd_ehr.training.loop import FAIL_MARKER, TrainLoop, WorkerContext, kept_checkpoint
+from ckd_ehr.training.loop import FAIL_MARKER, TRAIN_STATE, TrainLoop, WorkerContext, kept_checkpoint
 from ckd_ehr.training.task import TrainTask
 
 
@@ -41,6 +42,9 @@ class TrainResult:
     """The run's storage directory."""
     history: list[dict] = field(default_factory=list)
     """Metrics of every kept checkpoint."""
+    curve: list[dict] = field(default_factory=list)
+    """The learning curve: every validation of the run (step, epoch, samples seen, best_metric,
+    val_loss), the probe's at step 0, from the last checkpoint's train_state.json."""
 
     @property
     def best_checkpoint_path(self) -> str:
@@ -133,5 +137,12 @@ def fit(cfg, task: TrainTask, storage_path: str, name: str = "train", callbacks:
     best, best_metrics = kept_checkpoint(kept, (result.checkpoint, dict(result.metrics or {})), cfg.best_metric,
                                          cfg.keep_checkpoint)
     history = [dict(m) for _, m in kept]
+    curve = []
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            state = os.path.join(d, TRAIN_STATE)
+            if os.path.exists(state):
+                with open(state) as f:
+                    curve = json.load(f).get("curve", [])
     return TrainResult(best_checkpoint=best, best_metrics=dict(best_metrics), latest_checkpoint=result.checkpoint,
-                       metrics=dict(result.metrics or {}), path=str(result.path), history=history)
+                       metrics=dict(result.metrics or {}), path=str(result.path), history=history, curve=curve)
