@@ -29,7 +29,8 @@ own, as laid out here. Change a schema here and nowhere else.
       student/{variant}/train/         Ray Train storage
       student/probe_features/*.npz     the frozen encoder's pooled features per row (head_init
                                        probe): shared by variants reading the same texts
-      evaluate/predictions/{name}.parquet  PREDICTIONS on the test split
+      evaluate/predictions/{name}.parquet  PREDICTIONS on the test split (models, reference and probe rows)
+      evaluate/references/             the reference rows' predictions and details, stamped (reused)
       evaluate/metrics.json            all metrics with bootstrap intervals
       report/report.md, report.html, *.png
       tune/                            Ray Tune experiments
@@ -139,6 +140,10 @@ TEACHER_ROWS = {
 }
 """Evaluate rows scored from a teacher's test soft labels: row name = soft-label source."""
 SIDE_TEACHERS = {"teacher_plain": "plain", "teacher_generative": "generative"}
+REFERENCE_ROWS = ("copy_forward", "logistic_regression", "logistic_regression_phenotypes", "gradient_boosting",
+                  "observable_ceiling", "latent_oracle", "probe_student", "probe_teacher")
+"""Evaluate's reference and probe rows a study collects per seed beside its models (floors,
+ceilings, each model's own probe): rows of its tables and of its contrasts."""
 """Soft-label sources `ckd-ehr study` trains a second teacher for, per seed, in
 RUN/seed_{k}_{suffix}_teacher/; its outputs are copied to RUN/seed_{k}/soft_labels/{source}/."""
 

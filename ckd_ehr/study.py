@@ -27,6 +27,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import posixpath
 import time
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ import pandas as pd
 
 from ckd_ehr import storage
 from ckd_ehr.config import PipelineConfig, build
-from ckd_ehr.contracts import (CONTROL_TEXTS, SPLITS, TEACHER_META, TEACHER_ROWS, RunLayout,
+from ckd_ehr.contracts import (CONTROL_TEXTS, REFERENCE_ROWS, SPLITS, TEACHER_META, TEACHER_ROWS, RunLayout,
                                StudyFiles, student_variant)
 from ckd_ehr.evaluation.report import fmt, fmt_p
 
@@ -156,9 +157,16 @@ def _remove_tree(path: str) -> None:
 
 def _seed_config(cfg: PipelineConfig, run_dir: str, seed: int, first: bool, **teacher) -> PipelineConfig:
     """The pipeline config of one of a seed's runs: seeded teacher (with `teacher` changes) and
-    student, the seed's rows as the student variants, the control texts when a row reads them."""
-    return _with(cfg, run_dir, teacher={"seed": seed, **teacher},
-                 student={"seed": seed, "variants": cfg.study.rows_at(first)},
+    student, the seed's rows as the student variants, the control texts when a row reads them.
+    What does not depend on the seed is kept once per cohort, in its base run (unless the config
+    names a place): the frozen layers' states of teacher and student, and evaluate's reference rows."""
+    base = RunLayout(RunLayout(posixpath.dirname(run_dir.rstrip("/"))).study_base)   # the cohort's base run
+    return _with(cfg, run_dir,
+                 teacher={"seed": seed, "frozen_cache_dir": cfg.teacher.frozen_cache_dir or base.teacher_frozen_cache,
+                          **teacher},
+                 student={"seed": seed, "variants": cfg.study.rows_at(first),
+                          "frozen_cache_dir": cfg.student.frozen_cache_dir or base.student_frozen_cache},
+                 evaluate={"reference_dir": cfg.evaluate.reference_dir or base.path("evaluate", "references")},
                  eadf={"control_texts": _control_texts(cfg)})
 
 
@@ -305,7 +313,9 @@ def collect(cfg: PipelineConfig, wall_s: float | None = None) -> StudyFiles:
         reference = None
         for seed in cohort.seeds:
             seed_dir = cohort.root.study_seed(seed)
-            rows = [*st.rows_at(cohort.first_seed(seed)), *st.teacher_rows(cohort.first_seed(seed))]
+            layout = RunLayout(seed_dir)
+            rows = [*st.rows_at(cohort.first_seed(seed)), *st.teacher_rows(cohort.first_seed(seed)),
+                    *[r for r in REFERENCE_ROWS if storage.exists(layout.predictions(r))]]
             frames = []
             for r in rows:
                 df = _test_predictions(seed_dir, r)
@@ -329,7 +339,6 @@ def collect(cfg: PipelineConfig, wall_s: float | None = None) -> StudyFiles:
             code = {name: rec.get("code") for name, rec in own.items() if name in TRAINING_STAGES}
             for s, recs in sides.items():
                 code.update({f"{s}/{name}": rec.get("code") for name, rec in recs.items() if name in TRAINING_STAGES})
-            layout = RunLayout(seed_dir)
             record = {"cohort": cohort.name, "seed": seed, "run_dir": seed_dir, "rows": rows, "code": code,
                       "seed_wall_s": None if not own else round(
                           _stage_seconds(own) + sum(_stage_seconds(r) or 0.0 for r in sides.values()), 1),
@@ -430,7 +439,8 @@ def summarise(files: StudyFiles, allow_mixed_commits: bool | None = None) -> dic
                          + "); rerun them at one commit, or summarise with --allow-mixed-commits")
     result = study_contrasts(cohorts, [tuple(c) for c in st.contrasts], resamples=st.bootstrap,
                              seed=cfg.evaluate.seed, level=st.level, alpha=st.alpha)
-    rows = [*st.rows, *st.first_seed_rows, *st.teacher_rows(True)]
+    rows = [*st.rows, *st.first_seed_rows, *st.teacher_rows(True),
+            *[r for r in REFERENCE_ROWS if any(r in c.probs for c in cohorts)]]
     result.update({
         "cohorts_trained": {c.name: c.seeds for c in study_cohorts(cfg)},
         "wall_s": saved.get("wall_s"),
@@ -440,7 +450,7 @@ def summarise(files: StudyFiles, allow_mixed_commits: bool | None = None) -> dic
                  "per_seed": {f"{c}/seed_{s}": r.get("code") for (c, s), r in records.items()}},
         "config": saved["config"],
         "references": {c.name: records[(c.name, c.seeds[0])].get("references") or {} for c in study_cohorts(cfg)},
-        "roles": {r: TEACHER_ROWS[r] if r in TEACHER_ROWS else student_variant(r).role for r in rows},
+        "roles": {r: _role(r) for r in rows},
         "secondary": secondary_metrics(records, rows),
     })
     teachers = {f"{c}/seed_{s}": r["teachers"] for (c, s), r in records.items() if r.get("teachers")}
@@ -460,6 +470,17 @@ def summarise(files: StudyFiles, allow_mixed_commits: bool | None = None) -> dic
                                     f"{c['name']} {c['delta']:+.3f} [{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}] "
                                     f"p_holm={fmt_p(c['p_holm'])}" for c in result["contrasts"]))
     return result
+
+
+def _role(row: str) -> str:
+    from ckd_ehr.evaluation.evaluate import BASELINE_ROLES
+    from ckd_ehr.evaluation.probe_rows import PROBE_ROLES
+
+    if row in TEACHER_ROWS:
+        return TEACHER_ROWS[row]
+    if row in REFERENCE_ROWS:
+        return {**BASELINE_ROLES, **PROBE_ROLES}[row]
+    return student_variant(row).role
 
 
 def secondary_metrics(records: dict, rows) -> dict:

@@ -172,6 +172,31 @@ def test_evaluate_after_prepare_scores_reference_rows_and_refuses_small_splits(t
     assert written["macro_label_set"]["included"] and isinstance(written["macro_label_set"]["left_out"], dict)
     md = open(run_report(cfg)["report_md"]).read()
     assert "TOO SMALL TO JUDGE" in md and "logistic_regression" in md
+    # the floors a data scientist tries first, beside the others
+    assert {"gradient_boosting", "logistic_regression_phenotypes"} <= set(result["baselines"])
+    assert result["baselines"]["gradient_boosting"]["details"]["setting"]
+    # kept with a stamp of the samples: a second evaluate reads them (the same figures), a changed
+    # sample file computes them anew
+    import ckd_ehr.evaluation.evaluate as ev
+
+    calls = []
+    real = ev.reference_rows
+    ev.reference_rows = lambda *a: calls.append(1) or real(*a)
+    try:
+        again = run_evaluate(cfg)
+        assert not calls and again["baselines"]["gradient_boosting"] == result["baselines"]["gradient_boosting"]
+        samples = tmp_path / "data" / "samples" / "val.parquet"
+        samples.write_bytes(samples.read_bytes())   # same bytes: still the same stamp
+        run_evaluate(cfg)
+        assert not calls
+        import pyarrow.parquet as pq
+
+        pq.write_table(pq.read_table(samples).slice(1), samples)   # one validation row fewer
+        run_evaluate(cfg)
+        assert calls == [1]
+    finally:
+        ev.reference_rows = real
+    assert (tmp_path / "evaluate" / "predictions" / "gradient_boosting.parquet").exists()
 
 
 def test_confounding_fools_a_crude_estimate_with_decoys_that_do_nothing():

@@ -124,5 +124,7 @@ def test_a_generative_side_teacher_needs_the_full_depth_backbone(tmp_path):
     full = build(PipelineConfig, {"run_dir": str(tmp_path / "s"), "teacher": {"head_init": "probe"}, "study": study})
     side = _side_teacher_config(full, str(tmp_path / "g"), 3, "teacher_generative").teacher
     assert (side.head, side.head_init, side.best_metric, side.seed) == ("generative", "random", "val_loss", 3)
-    assert side.model_dump(exclude={"head", "head_init", "best_metric", "seed"}) == \
-        full.teacher.model_dump(exclude={"head", "head_init", "best_metric", "seed"})
+    # the frozen cache is the cohort's (shared by seeds), everything else the study's teacher section
+    assert side.frozen_cache_dir == str(tmp_path / "base" / "teacher" / "frozen_cache")
+    assert side.model_dump(exclude={"head", "head_init", "best_metric", "seed", "frozen_cache_dir"}) == \
+        full.teacher.model_dump(exclude={"head", "head_init", "best_metric", "seed", "frozen_cache_dir"})

@@ -20,6 +20,11 @@ class EvaluateConfig(Section):
     """Score the reference rows (all_negative, prevalence, copy_forward, logistic_regression and,
     on synthetic cohorts, latent_oracle / observable_ceiling) beside the models: every model
     figure next to its floor and its ceiling."""
+    reference_dir: str | None = None
+    """Where the reference rows' test predictions, thresholds and details are kept, with a stamp
+    of the samples (content hash) and the settings they were computed from; a later evaluate on
+    the same samples reads them instead of refitting (gradient boosting costs minutes). None:
+    RUN/evaluate/references. A study points the seeds of a cohort at its base run."""
     probes: bool = True
     """Score the probe rows (ckd_ehr.evaluation.probe_rows): the frozen teacher backbone and the frozen
     student encoder, each with the linear probe its training started from (`head_init: probe`);

@@ -101,8 +101,15 @@ class StudentConfig(TrainerConfig):
     and `oracle_distill` (synthetic cohorts: soft labels from the generator's latent oracle).
     The variants are defined once, in ckd_ehr.contracts.STUDENT_VARIANT_TABLE."""
 
+    probe_only_variants: list[Literal[STUDENT_VARIANTS]] = []
+    """Variants that keep their linear probe (no fine-tuning step; needs head_init: probe): the
+    demo's plain-text arms, to spend a laptop's minutes on the EADF students. The study trains
+    every row."""
+
     @model_validator(mode="after")
     def _served_variant(self):
         if "ckd_ehr" not in self.variants:
             raise ValueError("student.variants must include 'ckd_ehr' (the served student)")
+        if self.probe_only_variants and self.head_init != "probe":
+            raise ValueError("student.probe_only_variants keep their probe: set student.head_init: probe")
         return self

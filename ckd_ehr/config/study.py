@@ -4,7 +4,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from ckd_ehr.config.base import Section
-from ckd_ehr.contracts import SIDE_TEACHERS, STUDENT_VARIANTS, TEACHER_ROWS, student_variant
+from ckd_ehr.contracts import REFERENCE_ROWS, SIDE_TEACHERS, STUDENT_VARIANTS, TEACHER_ROWS, student_variant
 
 
 class StudyConfig(Section):
@@ -70,9 +70,10 @@ class StudyConfig(Section):
         teachers = self.teacher_rows()
         for new, base in self.contrasts:
             for r in (new, base):
-                if r not in self.rows and r not in self.first_seed_rows and r not in teachers:
-                    raise ValueError(f"study.contrasts: '{r}' is not a row of the study (study.rows or "
-                                     f"{' / '.join(teachers)})")
+                if r not in self.rows and r not in self.first_seed_rows and r not in teachers \
+                        and r not in REFERENCE_ROWS:
+                    raise ValueError(f"study.contrasts: '{r}' is not a row of the study (study.rows, "
+                                     f"{' / '.join(teachers)} or a reference row: {', '.join(REFERENCE_ROWS)})")
         for name in ("seeds", "more_cohort_seeds"):
             seeds = getattr(self, name)
             if not seeds or len(set(seeds)) != len(seeds):

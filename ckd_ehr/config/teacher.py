@@ -50,8 +50,9 @@ class TrainerConfig(Section):
     comparison point of `ckd-ehr bench zero3-load`)."""
     epochs: int = Field(3, ge=1)
     """Training epochs (the paper: 3 for the teacher, 10 for the student)."""
-    max_steps: int | None = Field(None, ge=1)
-    """Stop after this many optimiser steps (for smoke runs); None trains all epochs."""
+    max_steps: int | None = Field(None, ge=0)
+    """Stop after this many optimiser steps (for smoke runs); None trains all epochs; 0 takes
+    no step: under head_init probe the model is its linear probe."""
     batch_size: int = Field(8, ge=1)
     """Per-worker micro-batch size."""
     grad_accum: int = Field(1, ge=1)
@@ -132,6 +133,12 @@ class TrainerConfig(Section):
     """Use at most this many training samples (for laptops and smoke runs)."""
     max_eval_samples: int | None = Field(None, ge=1)
     """Use at most this many validation samples per evaluation."""
+
+    @model_validator(mode="after")
+    def _probe_only(self):
+        if self.max_steps == 0 and self.head_init != "probe":
+            raise ValueError("max_steps: 0 trains nothing: it needs head_init: probe (the probe is then the model)")
+        return self
 
     @model_validator(mode="after")
     def _gpu_strategy(self):

@@ -147,6 +147,16 @@ def kept_step(layout: RunLayout, name: str) -> int | None:
     return int(step) if isinstance(step, (int, float)) and np.isfinite(step) else None
 
 
+def learning_curve(layout: RunLayout, name: str) -> list[dict]:
+    """A model's validations during training (ckd_ehr.training: step, epoch, samples seen, the
+    selection metric, val_loss; step 0 is its probe under head_init probe), from its artifact JSON;
+    [] when it recorded none."""
+    path = _artifact_json(layout, name)
+    if not storage.exists(path):
+        return []
+    return list((storage.read_json(path).get("metrics") or {}).get("curve") or [])
+
+
 def identical_groups(frames: dict[str, pd.DataFrame], atol: float = 1e-6) -> list[list[str]]:
     """Groups of models whose test predictions are the same (same samples, probabilities equal
     within `atol`). A delta inside a group measures nothing: e.g. hard labels vs distillation
@@ -227,6 +237,43 @@ def _read_split(layout: RunLayout, split: str, columns: list[str]) -> pd.DataFra
 def _as_predictions(df: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"sample_id": df["sample_id"].to_numpy(), "subject_id": df["subject_id"].to_numpy(),
                          "labels": list(to_matrix(df["labels"], np.int8)), "probs": list(probs)})
+
+
+def _predictions_table(df: pd.DataFrame, where: str) -> pa.Table:
+    return check_schema(pa.Table.from_pandas(df[["sample_id", "subject_id", "labels", "probs"]], preserve_index=False),
+                        PREDICTIONS, where)
+
+
+def _reference_stamp(cfg, layout: RunLayout) -> dict:
+    """What the reference rows depend on: the samples and (synthetic) ground truth by content,
+    the fitting seed and the model grids."""
+    import hashlib
+
+    from ckd_ehr.evaluation.baselines import C_GRID, GB_MIN_COUNT, GB_SETTINGS
+
+    paths = {**{f"samples/{s}": layout.samples(s) for s in ("train", "val", "test")},
+             "ground_truth": layout.path("raw", "ground_truth.json")}
+    files = {k: hashlib.sha256(storage.read_bytes(p)).hexdigest() if storage.exists(p) else None
+             for k, p in paths.items()}
+    return {"files": files, "seed": cfg.evaluate.seed, "c_grid": list(C_GRID), "gb": [GB_MIN_COUNT, *GB_SETTINGS]}
+
+
+def cached_reference_rows(cfg, layout: RunLayout) -> tuple[dict, list[str]]:
+    """reference_rows, kept in evaluate.reference_dir (default RUN/evaluate/references): read back
+    when the stamp (_reference_stamp) matches, computed and written otherwise."""
+    directory = cfg.evaluate.reference_dir or layout.path("evaluate", "references")
+    meta_path = storage.join(directory, "references.json")
+    stamp = _reference_stamp(cfg, layout)
+    if storage.exists(meta_path) and (meta := storage.read_json(meta_path)).get("stamp") == stamp:
+        log.info("reference rows read from %s (same samples and settings)", directory)
+        return {name: (read_predictions(storage.join(directory, f"{name}.parquet")), e["thresholds"], e["details"])
+                for name, e in meta["rows"].items()}, meta["notes"]
+    rows, notes = reference_rows(cfg, layout)
+    for name, (df, _, _) in rows.items():
+        storage.write_parquet(_predictions_table(df, name), storage.join(directory, f"{name}.parquet"))
+    storage.write_json(meta_path, {"stamp": stamp, "notes": notes,
+                                   "rows": {n: {"thresholds": t, "details": d} for n, (_, t, d) in rows.items()}})
+    return rows, notes
 
 
 def _reference_thresholds(y_val: np.ndarray, p_val: np.ndarray) -> tuple[dict, dict]:
@@ -324,7 +371,7 @@ def run_evaluate(cfg) -> dict:
     notes = []
     references = {}
     if cfg.evaluate.baselines:
-        references, ref_notes = reference_rows(cfg, layout)
+        references, ref_notes = cached_reference_rows(cfg, layout)
         notes += ref_notes
     if cfg.evaluate.probes:
         from ckd_ehr.evaluation.probe_rows import probe_rows
@@ -332,6 +379,8 @@ def run_evaluate(cfg) -> dict:
         probes, probe_notes = probe_rows(cfg, layout)
         references.update(probes)
         notes += probe_notes
+    for name, (df, _, _) in references.items():   # beside the models': what a study collects per seed
+        storage.write_parquet(_predictions_table(df, name), layout.predictions(name))
     if not frames and not references:
         raise FileNotFoundError(f"{pred_dir}: no prediction files for any of {', '.join(MODELS)} "
                                 "(have the student and teacher stages written their test predictions?) "
@@ -372,7 +421,7 @@ def run_evaluate(cfg) -> dict:
         entry, dists[name] = score(df, thresholds[name])
         role = ROLES.get(name) or f"{ROLES[base_variant(name)]}, served at {name.rsplit('_', 1)[1]} (serve.precision)"
         models[name] = {"role": role, "predictions": sources[name], "kept_step": kept_step(layout, name),
-                        "threshold_source": source, **entry}
+                        "curve": learning_curve(layout, name), "threshold_source": source, **entry}
         m = entry["modes"]["fixed"]["metrics"]
         log.info("%s: accuracy %.4f, macro-F1 %.4f, macro AUROC %.4f (n=%d, %d patients)", name,
                  m["accuracy"], m["macro_f1"], m["macro_auroc"], entry["n_samples"], entry["n_patients"])

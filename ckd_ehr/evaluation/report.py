@@ -199,6 +199,37 @@ def plot_reliability_curves(curves: dict[str, dict], title: str, highlight: str 
 
 # --- document ---------------------------------------------------------------------------------
 
+def plot_learning_curves(metrics: dict) -> bytes | None:
+    """Validation macro AUROC against training samples seen, one line per model that recorded a
+    learning curve (ckd_ehr.training), its probe (step 0) as a dotted line of the same colour and
+    its kept checkpoint circled; None when no model has a curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {n: e["curve"] for n, e in metrics["models"].items()
+              if len([p for p in e.get("curve") or [] if p.get("val_macro_auroc") is not None]) > 1}
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, (name, curve) in enumerate(curves.items()):
+        color = f"C{i}"
+        pts = [(p["samples"], p["val_macro_auroc"]) for p in curve if p.get("val_macro_auroc") is not None]
+        ax.plot(*zip(*pts), "-o", color=color, markersize=3, label=name)
+        if curve[0].get("step") == 0:
+            ax.axhline(pts[0][1], color=color, linestyle=":", linewidth=1)
+        kept = metrics["models"][name].get("kept_step")
+        for p in curve:
+            if p.get("step") == kept and p.get("val_macro_auroc") is not None:
+                ax.plot([p["samples"]], [p["val_macro_auroc"]], "o", markersize=9, markerfacecolor="none", color=color)
+    ax.set_xlabel("training samples seen")
+    ax.set_ylabel("validation macro AUROC")
+    ax.set_title("Learning curves (dotted: each model's probe, step 0; circle: the kept checkpoint)", fontsize=9)
+    ax.legend(fontsize=8)
+    return _figure_png(fig)
+
+
 def plot_contrasts(study: dict) -> bytes:
     """Forest plot of the study's contrasts (ckd_ehr.evaluation.contrasts): the seed-averaged
     difference with its simultaneous (max-T) interval as a thick bar, the unadjusted interval as
@@ -323,6 +354,12 @@ def build_blocks(metrics: dict, run_dir: str, images: dict[str, str], quality: d
 
     blocks.append(("h2", "Calibration"))
     blocks.append(("img", images["reliability"], "reliability diagram of every model"))
+    if "learning_curves" in images:
+        blocks += [("h2", "Learning curves"),
+                   ("p", "Validation macro AUROC at every validation during training against the training samples "
+                         "seen; step 0 is each model's linear probe (dotted). A model whose curve never rises above "
+                         "its probe kept the probe."),
+                   ("img", images["learning_curves"], "learning curves")]
     if "soft_label_reliability" in images:
         blocks.append(("p", "The teacher's soft labels, from the soft-labels stage's quality check:"))
         blocks.append(("img", images["soft_label_reliability"], "teacher soft-label reliability"))
@@ -457,6 +494,10 @@ def run_report(cfg) -> dict:
         images.update({"per_phenotype_f1": "per_phenotype_f1.png", "reliability": "reliability.png"})
         storage.write_bytes(storage.join(out, images["per_phenotype_f1"]), plot_per_phenotype_f1(metrics, "fixed"))
         storage.write_bytes(storage.join(out, images["reliability"]), plot_reliability(metrics))
+        curves = plot_learning_curves(metrics)
+        if curves is not None:
+            images["learning_curves"] = "learning_curves.png"
+            storage.write_bytes(storage.join(out, images["learning_curves"]), curves)
 
     # The soft-labels stage draws the teacher's reliability on the soft labels themselves;
     # copy it beside the report so the relative link works wherever the folder goes.

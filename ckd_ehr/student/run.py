@@ -227,6 +227,9 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
         "student": s.model_dump(mode="json"), "text": cfg.text.model_dump(mode="json"),
         "top_k": cfg.eadf.top_k, "data": data_fingerprint(prep)})
     storage = layout.student_train(variant)
+    if variant in s.probe_only_variants:   # no step: the frozen encoder and its probe, no states to cache
+        s = s.model_copy(update={"max_steps": 0, "train_top_layers": None})
+        log.info("student %s: probe only (student.probe_only_variants)", variant)
     result = fit(s, built.task, storage_path=storage, name=name)
     best, best_metrics = result.best_checkpoint, result.best_metrics
     if best is None:
