@@ -3,6 +3,7 @@ DDP Ray Train run on a tiny BERT over a hand-built run directory."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pyarrow as pa
 import pytest
 
@@ -124,7 +125,7 @@ def test_efficacy_clauses_too_long_alone_lose_whole_clauses(tiny_bert_dir):
     assert first in fitted and NAMES[7] not in fitted  # the first clauses kept whole, the last dropped
 
 
-@pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.parametrize("pooling", ["mean", "cls", "label_attention"])
 def test_pooling_ignores_padding(tiny_bert_dir, pooling):
     """A sample's probabilities do not depend on how much its batch pads it."""
     from transformers import AutoTokenizer
@@ -133,11 +134,44 @@ def test_pooling_ignores_padding(tiny_bert_dir, pooling):
 
     tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
     model = build_student(str(tiny_bert_dir), pooling, seed=0).eval()
+    if model.pool_queries is not None:
+        torch.nn.init.normal_(model.pool_queries, std=1.0)
     short, long = tok(["Cough.", "Sepsis marker finding, " * 20])["input_ids"]
     alone = predict_ids(model, [short], tok.pad_token_id)
     padded = predict_ids(model, [short, long], tok.pad_token_id, batch_size=2)
     np.testing.assert_allclose(alone[0], padded[0], atol=1e-5)
     assert not np.allclose(padded[0], padded[1], atol=1e-4)
+
+
+def test_label_attention_pooling_starts_at_the_mean_and_round_trips(tiny_bert_dir, tmp_path):
+    """Zero queries are the mean pool (a probe start is exact); learned queries change the
+    logits; save / load and the Hugging Face export class give the same logits."""
+    from ckd_ehr.student.hf_modeling import CkdEhrStudentConfig, CkdEhrStudentForSequenceClassification
+    from ckd_ehr.student.model import build_student, load_student_model, save_student
+
+    la, mean = build_student(str(tiny_bert_dir), "label_attention"), build_student(str(tiny_bert_dir), "mean")
+    mean.head.load_state_dict(la.head.state_dict())
+    la.eval()
+    mean.eval()
+    ids = torch.randint(5, 200, (3, 40))
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = 0
+    torch.testing.assert_close(la(ids, mask), mean(ids, mask), rtol=0, atol=1e-6)
+    torch.nn.init.normal_(la.pool_queries, std=2.0)
+    got = la(ids, mask)
+    assert not torch.allclose(got, mean(ids, mask), atol=1e-3)
+    save_student(la, tmp_path / "w")
+    torch.testing.assert_close(load_student_model(tmp_path / "w", "label_attention")(ids, mask), got)
+    with pytest.raises(ValueError, match="queries do not match"):
+        load_student_model(tmp_path / "w", "mean")
+    base = {k: v for k, v in la.encoder.config.to_dict().items() if k not in ("model_type", "architectures")}
+    hf = CkdEhrStudentForSequenceClassification(CkdEhrStudentConfig(**base, student_pooling="label_attention",
+                                                                    num_labels=25)).eval()
+    hf.bert.load_state_dict(la.encoder.state_dict(), strict=False)
+    hf.classifier.load_state_dict(la.head.state_dict())
+    with torch.no_grad():
+        hf.label_queries.copy_(la.pool_queries)
+    torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask).logits, got, rtol=1e-5, atol=1e-5)
 
 
 def test_missing_soft_labels_names_file_and_count(tmp_path):

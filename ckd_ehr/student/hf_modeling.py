@@ -18,6 +18,8 @@ changes only the pooling (no pooler layer at all); embeddings, encoder, classifi
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, BertModel
@@ -40,6 +42,10 @@ class CkdEhrStudentForSequenceClassification(BertForSequenceClassification):
     def __init__(self, config):
         super().__init__(config)
         self.bert = BertModel(config, add_pooling_layer=False)
+        # `label_attention` pooling: one query per label over the tokens, read by that label's row
+        # of the classifier (ckd_ehr.modeling.pooling.label_attention_pool)
+        self.label_queries = nn.Parameter(torch.zeros(config.num_labels, config.hidden_size)) \
+            if config.student_pooling == "label_attention" else None
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -68,14 +74,20 @@ class CkdEhrStudentForSequenceClassification(BertForSequenceClassification):
             out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                             position_ids=position_ids, inputs_embeds=inputs_embeds)
             hidden = out.last_hidden_state
-        if self.config.student_pooling == "cls":
-            pooled = hidden[:, 0]
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device)
+        if self.label_queries is not None:
+            scores = torch.einsum("blh,kh->blk", hidden, self.label_queries) / math.sqrt(hidden.shape[-1])
+            scores = scores.masked_fill(~attention_mask.bool().unsqueeze(-1), torch.finfo(scores.dtype).min)
+            pooled = torch.einsum("blk,blh->bkh", scores.softmax(dim=1), hidden)
+            logits = (self.dropout(pooled) * self.classifier.weight).sum(-1) + self.classifier.bias
         else:
-            if attention_mask is None:
-                attention_mask = torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device)
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        logits = self.classifier(self.dropout(pooled))
+            if self.config.student_pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:
             loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))

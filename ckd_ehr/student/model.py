@@ -20,7 +20,7 @@ from ckd_ehr.modeling.collate import predict_sorted
 from ckd_ehr.modeling.paths import resolve_model_path
 from ckd_ehr.modeling.pooling import pool
 
-STUDENT_POOLINGS = ("mean", "cls")
+STUDENT_POOLINGS = ("mean", "cls", "label_attention")
 
 HEAD_FILE = "head.safetensors"
 
@@ -118,6 +118,11 @@ class StudentModel(nn.Module):
         self.encoder = encoder
         self.pooling = pooling
         self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+        # `label_attention` pooling: one query per phenotype over the tokens (LAAT), each pooled
+        # vector read by that phenotype's row of the head. Zero queries attend uniformly, i.e. the
+        # mean pool: a probe fitted on mean-pooled features is then the model's exact start.
+        self.pool_queries = nn.Parameter(torch.zeros(num_labels, encoder.config.hidden_size)) \
+            if pooling == "label_attention" else None
         self.relation_layer = relation_layer
         self.split = 0   # layers below this index are frozen and cached (freeze_below)
         # Small init: the auxiliary label attention starts near uniform over the tokens.
@@ -169,15 +174,26 @@ class StudentModel(nn.Module):
         layers = self._layers()[self.split:]
         return run_in_windows(lambda h, m: self._run_layers(h, m, layers), cached, attention_mask, self.window)
 
+    def _hidden(self, input_ids, attention_mask, cached, extra) -> torch.Tensor:
+        if cached is not None:   # train_top_layers: the frozen layers' cached states
+            return self.top(cached.to(self.head.weight.dtype), attention_mask)
+        return encode_in_windows(self.encoder, input_ids, attention_mask, self.window, extra.get("token_type_ids"))
+
     def features(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  cached: torch.Tensor | None = None, **extra) -> torch.Tensor:
-        """Pooled sentence vectors [B, H] (what the head reads); from `cached` frozen-layer states
-        when given (train_top_layers), else from the token ids."""
-        if cached is not None:
-            hidden = self.top(cached.to(self.head.weight.dtype), attention_mask)
-        else:
-            hidden = encode_in_windows(self.encoder, input_ids, attention_mask, self.window, extra.get("token_type_ids"))
-        return pool(hidden, attention_mask, self.pooling)
+        """Pooled sentence vectors [B, H]: what a linear probe reads (the head itself under mean /
+        cls pooling; the mean, which zero label-attention queries compute, under label_attention)."""
+        hidden = self._hidden(input_ids, attention_mask, cached, extra)
+        return pool(hidden, attention_mask, "mean" if self.pool_queries is not None else self.pooling)
+
+    def logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] -> [B, 25]: pooling and head."""
+        if self.pool_queries is None:
+            return self.head(pool(hidden, attention_mask, self.pooling))
+        from ckd_ehr.modeling.pooling import label_attention_pool
+
+        pooled = label_attention_pool(hidden, attention_mask, self.pool_queries.to(hidden.dtype))   # [B, K, H]
+        return (pooled * self.head.weight.to(pooled.dtype)).sum(-1) + self.head.bias.to(pooled.dtype)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 token_units: torch.Tensor | None = None, cached: torch.Tensor | None = None,
@@ -185,7 +201,7 @@ class StudentModel(nn.Module):
         """Logits [B, 25]; on a batch with `token_units` [B, T] (the unit of each token, -1 none),
         {'logits', 'unit_attention' [B, 25, W], 'unit_relation' [B, W, W]} as the model has them."""
         if token_units is None or (self.unit_queries is None and self.relation_layer is None):
-            return self.head(self.features(input_ids, attention_mask, cached=cached, **extra))
+            return self.logits(self._hidden(input_ids, attention_mask, cached, extra), attention_mask)
         if cached is not None:
             raise ValueError("the multi-granularity unit terms need the whole encoder: leave train_top_layers unset")
         from ckd_ehr.modeling.pooling import label_attention_weights
@@ -194,7 +210,7 @@ class StudentModel(nn.Module):
         got = encode_in_windows(self.encoder, input_ids, attention_mask, self.window, extra.get("token_type_ids"),
                                 layer=self.relation_layer)
         last, chosen = got if self.relation_layer is not None else (got, None)
-        out = {"logits": self.head(pool(last, attention_mask, self.pooling))}
+        out = {"logits": self.logits(last, attention_mask)}
         n_units = max(1, int(token_units.max()) + 1)
         if self.unit_queries is not None:
             attn = label_attention_weights(last, attention_mask, self.unit_queries)
@@ -322,6 +338,8 @@ def save_student(model: StudentModel, out_dir: str | os.PathLike) -> None:
     out = Path(out_dir)
     model.encoder.save_pretrained(out / "model")
     head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
+    if model.pool_queries is not None:   # label_attention pooling: its queries are part of the head
+        head["queries"] = model.pool_queries.detach().cpu().contiguous()
     save_file(head, str(out / HEAD_FILE))
 
 
@@ -332,7 +350,14 @@ def load_student_model(in_dir: str | os.PathLike, pooling: str = "mean", device:
     in_dir = Path(in_dir)
     encoder = load_encoder(in_dir / "model")
     model = StudentModel(encoder, pooling=pooling)
-    model.head.load_state_dict(load_file(str(in_dir / HEAD_FILE)))
+    head = load_file(str(in_dir / HEAD_FILE))
+    queries = head.pop("queries", None)
+    if (queries is None) != (model.pool_queries is None):
+        raise ValueError(f"{in_dir / HEAD_FILE}: pooling {pooling!r} and the head's queries do not match")
+    model.head.load_state_dict(head)
+    if queries is not None:
+        with torch.no_grad():
+            model.pool_queries.copy_(queries)
     return model.to(device).eval()
 
 

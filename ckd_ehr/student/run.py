@@ -199,7 +199,7 @@ def build_student_task(cfg: PipelineConfig, variant: str) -> StudentTraining:
     # Variants reading the same text (hard_plain / distill_plain, hard_eadf / ckd_ehr) share the
     # frozen encoder's features: the probe's feature pass runs once per text, not per variant.
     task.feature_cache, task.feature_key = layout.probe_features, f"{s.model}|{s.pooling}"
-    task.frozen_cache = s.frozen_cache_dir or layout.student_frozen_cache
+    task.frozen_cache, task.frozen_key = s.frozen_cache_dir or layout.student_frozen_cache, s.model
     return StudentTraining(task, prep, tokenizer, model_path, pad_id, eff_table)
 
 

@@ -124,9 +124,10 @@ class StudentParamGroups:
                    "weight_decay": self.weight_decay, "name": "encoder"},
                   {"params": list(model.head.parameters()), "lr": head_lr, "weight_decay": self.weight_decay,
                    "name": "head"}]
-        if model.unit_queries is not None:
-            groups.append({"params": [model.unit_queries], "lr": self.query_lr or head_lr,
-                           "weight_decay": self.weight_decay, "name": "queries"})
+        queries = [q for q in (model.unit_queries, model.pool_queries) if q is not None]
+        if queries:
+            groups.append({"params": queries, "lr": self.query_lr or head_lr, "weight_decay": self.weight_decay,
+                           "name": "queries"})
         return groups
 
 

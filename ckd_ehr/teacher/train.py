@@ -155,6 +155,7 @@ def train_teacher(tc, train_path: str, val_path: str, storage_path: str, name: s
     tokenizer = load_tokenizer(tc)
     task = teacher_task(tc, train_path, val_path, tokenizer, feature_cache)
     task.frozen_cache = frozen_cache
+    task.frozen_key = teacher_feature_key({**tc.model_dump(mode="json"), "pooling": "any"}, tc.train_dtype())
     start = time.time()
     result = fit(tc, task, storage_path=storage_path, name=name)
     wall = time.time() - start

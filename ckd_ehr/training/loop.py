@@ -248,7 +248,7 @@ class TrainLoop:
         cfg, start = self.cfg, time.time()
         rows = self.train + self.val
         dtype = CACHE_DTYPES[cfg.frozen_cache_dtype]
-        key = f"{self.task.feature_key}|top{cfg.train_top_layers}|{cfg.frozen_cache_dtype}"
+        key = f"{self.task.frozen_key or self.task.feature_key}|top{cfg.train_top_layers}|{cfg.frozen_cache_dtype}"
         cache = LayerCache(self.task.frozen_cache, key, dtype) if self.task.frozen_cache else None
         states = cache.lookup([e["input_ids"] for e in rows]) if cache else [None] * len(rows)
         missing = [i for i, s in enumerate(states) if s is None]

@@ -78,8 +78,11 @@ class TrainTask:
     """What, besides the token ids, decides the features: the model and its pooling."""
     frozen_cache: str | None = None
     """Directory (local or URI) where train_top_layers keeps the frozen layers' states per row
-    (ckd_ehr.modeling.frozen.LayerCache, keyed by `feature_key`, the number of top layers and the
+    (ckd_ehr.modeling.frozen.LayerCache, keyed by `frozen_key`, the number of top layers and the
     dtype); None: computed in memory for this run only."""
+    frozen_key: str = ""
+    """What, besides the token ids, decides the frozen layers' states: the pretrained model (not
+    the pooling or head, which come after them)."""
     probe_targets_of: Callable[[Any], torch.Tensor] | None = None
     """Training targets -> what head_init probe fits the head to (default: the labels); a
     distilled student's mix of labels and teacher probabilities."""
