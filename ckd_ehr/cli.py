@@ -72,7 +72,12 @@ def cmd_stage(stage):
 
 
 def cmd_pipeline(args):
-    return _call("pipeline", "run_pipeline", load_cfg(args), resume=args.resume,
+    cfg = load_cfg(args)
+    if args.mimic_dir:   # as `prepare --mimic-dir`: the MIMIC tables at DIR, whatever the config's data source
+        from ckd_ehr.config import PipelineConfig, build
+        data = {**cfg.data.model_dump(), "source": "mimic", "mimic_dir": args.mimic_dir}
+        cfg = build(PipelineConfig, {**cfg.model_dump(), "data": data}, source="--mimic-dir")
+    return _call("pipeline", "run_pipeline", cfg, resume=args.resume,
                  from_stage=args.from_stage, to_stage=args.to_stage)
 
 
@@ -158,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="skip stages whose config and inputs are unchanged")
     p.add_argument("--from", dest="from_stage", help="first stage to run")
     p.add_argument("--to", dest="to_stage", help="last stage to run")
+    p.add_argument("--mimic-dir",
+                   help="directory with the MIMIC-III tables (.csv or .csv.gz) or MIMIC-IV's hosp/: "
+                        "same as --set data.source=mimic --set data.mimic_dir=DIR")
     p.set_defaults(handler=cmd_pipeline)
 
     p = sub.add_parser("study", help="the study: every row over seeds on one split, contrasts with intervals")
