@@ -20,7 +20,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint docs clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,15 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check ckd_ehr tests jobs
+
+# The documentation site (mkdocs.yml, pages in docs/): mkdocs into .venv if missing, the
+# configuration reference regenerated from the config classes' docstrings, then a strict build
+# into site/ (a broken link, a missing page or a stale anchor fails). CI runs it with
+# DOCS_CHECK=1: a stale docs/configuration.md then fails instead of being rewritten.
+docs: install
+	@$(PY) -c "import mkdocs" 2>/dev/null || $(PIP) install -q "mkdocs>=1.6,<2"
+	$(PY) -m ckd_ehr.config.reference $(if $(DOCS_CHECK),--check)
+	$(PY) -m mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
