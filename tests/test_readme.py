@@ -221,6 +221,8 @@ def _export_token(command, request):
     from ckd_ehr.config import ServeConfig
 
     assert ServeConfig().auth_token_env == "CKD_EHR_TOKEN"
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
     out = subprocess.run(["bash", "-c", f'{command}\nprintf %s "$CKD_EHR_TOKEN"'], capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 0 and re.fullmatch(r"[0-9a-f]{32}", out.stdout), (out.stdout, out.stderr)
@@ -245,6 +247,8 @@ def _serve(command, request):
 def _curl(command, request):
     """Real: the command through bash, against the API (ckd_ehr.serve.api) served in-process
     with a bearer token and a stand-in model; a wrong token gets 401."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
     port, token = request.getfixturevalue("served_api")
     local = command.replace("http://127.0.0.1:8000/", f"http://127.0.0.1:{port}/")
 
