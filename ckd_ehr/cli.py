@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve: samples for each precision's probability comparison with fp32 (0: skip)")
     p.add_argument("--repeats", type=int, help="eadf: alternating Ray Data / reference runs (medians; default 3)")
     p.add_argument("--out", help="write the figures as JSON here")
+    p.add_argument("--check-only", action="store_true",
+                   help="ceiling: only the HistGradientBoosting check of the stored ceiling's form, on --patients "
+                        "(default 50,000), recorded in the stored file")
     p.add_argument("--no-check", action="store_true",
                    help="ceiling: skip the HistGradientBoosting check of the model's form (faster)")
     p.set_defaults(handler=cmd_bench)

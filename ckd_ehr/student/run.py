@@ -198,7 +198,9 @@ def build_student_task(cfg: PipelineConfig, variant: str) -> StudentTraining:
                         unit_weights=s.distill.unit_weights(variant))
     # Variants reading the same text (hard_plain / distill_plain, hard_eadf / ckd_ehr) share the
     # frozen encoder's features: the probe's feature pass runs once per text, not per variant.
-    task.feature_cache, task.feature_key = layout.probe_features, f"{s.model}|{s.pooling}"
+    # label attention's probe reads the mean pool (what its zero queries compute)
+    task.feature_cache = layout.probe_features
+    task.feature_key = f"{s.model}|{'mean' if s.pooling == 'label_attention' else s.pooling}"
     task.frozen_cache, task.frozen_key = s.frozen_cache_dir or layout.student_frozen_cache, s.model
     return StudentTraining(task, prep, tokenizer, model_path, pad_id, eff_table)
 

@@ -346,7 +346,8 @@ class TrainLoop:
             model.eval()
 
             def batch_fn(inputs, targets, n):
-                x = model.features(**inputs).float().cpu().numpy()
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.engine.autocast):
+                    x = model.features(**inputs).float().cpu().numpy()
                 return (x, np.zeros((len(x), 1), np.float32)), 0.0
 
             # Training and validation rows in separate passes: a batch collates rows of one kind

@@ -7,8 +7,9 @@ visit i's items are summarised into counts that carry everything the generator m
 depend on them (codes of each phenotype, cluster marker codes, linked procedures, planted /
 indicated / decoy drugs of each phenotype), and for phenotype j these are crossed with "j is
 recorded at visit i" (drugs and procedures act through the present phenotype). Any fitted
-model only bounds the true observable ceiling from below; the benchmark also reports a
-HistGradientBoosting fit on the same features as a check of the functional form.
+model only bounds the true observable ceiling from below; the stored file's `form_check`
+holds a HistGradientBoosting fit on the same features and pairs beside it (`ckd-ehr bench
+ceiling --check-only`): a check that the functional form is not what limits the ceiling.
 
 `ckd-ehr bench ceiling` fits it once per set of knobs on >= 200,000 patients (pairs taken
 straight from the model, no tables written) and keeps the coefficients and held-out macro
