@@ -28,7 +28,7 @@ import numpy as np
 
 from ckd_ehr import storage
 from ckd_ehr.config import PipelineConfig, dump_yaml
-from ckd_ehr.contracts import RunLayout
+from ckd_ehr.contracts import RunLayout, student_variant
 from ckd_ehr.tune.space import Space, apply_trial, load_space, to_tune
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ def _trial_config(base: dict, params: dict, target: str, metric: str) -> Pipelin
     return cfg.model_copy(update={target: section})
 
 
-def _train_trial(params: dict, base: dict, target: str, metric: str, train_root: str) -> None:
+def _train_trial(params: dict, base: dict, target: str, metric: str, train_root: str,
+                 variant: str = "ckd_ehr") -> None:
     """One Tune trial: train the target with the sampled params; Train reports reach Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -79,14 +80,16 @@ def _train_trial(params: dict, base: dict, target: str, metric: str, train_root:
     else:
         from ckd_ehr.student.run import build_student_task
 
-        section, task = cfg.student, build_student_task(cfg, "ckd_ehr").task
+        section, task = cfg.student, build_student_task(cfg, variant).task
     fit(section, task, storage_path=storage_path, name="train", callbacks=[TuneReportCallback()])
 
 
 def _check_inputs(space: Space, layout: RunLayout) -> None:
     needed = [layout.augmented("train"), layout.augmented("val")]
     if space.target == "student":
-        needed += [layout.efficacy_table, layout.soft_labels("train")]
+        needed += [layout.efficacy_table]
+        if student_variant(space.variant).distills:
+            needed.append(layout.soft_labels("train", student_variant(space.variant).soft_labels))
     if set(space.params) & {"student.distill.label_attention", "student.distill.relation"} \
             and not storage.exists(layout.unit_targets("train")):
         raise FileNotFoundError(
@@ -134,7 +137,7 @@ def run_tune(cfg: PipelineConfig, space_file: str, num_samples: int | None = Non
     init_ray(cfg.ray)
 
     base = cfg.model_dump(mode="json")
-    trainable = tune.with_parameters(_train_trial, base=base, target=space.target, metric=metric,
+    trainable = tune.with_parameters(_train_trial, base=base, target=space.target, metric=metric, variant=space.variant,
                                      train_root=storage.join(exp_dir, "train"))
     # The trial process only waits on its TorchTrainer; the Train worker holds the rest of the
     # trial's CPUs (Tune needs a non-empty request, hence a token share; see TRIAL_PROCESS_CPU).

@@ -29,6 +29,9 @@ class Space:
     metric: str | None
     params: dict[str, dict[str, Any]]
     source: str
+    variant: str = "ckd_ehr"
+    """The student variant a student search trains (ckd_ehr: distilled, needs the run's soft
+    labels; hard_eadf: hard labels on EADF text, needs only the EADF stage)."""
 
 
 def _check_entry(key: str, entry: Any, source: str) -> tuple[str, Any]:
@@ -54,7 +57,7 @@ def load_space(path: str | Path) -> Space:
     """Read and validate a space file; every key must be a config path (or a derived key)."""
     data = load_yaml(path)
     source = str(path)
-    unknown = set(data) - {"target", "metric", "params"}
+    unknown = set(data) - {"target", "metric", "params", "variant"}
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}")
     target = data.get("target")
@@ -78,7 +81,13 @@ def load_space(path: str | Path) -> Space:
                       source=f"{source}: params")
             except ConfigError as exc:
                 raise ConfigError(str(exc)) from None
-    return Space(target=target, metric=data.get("metric"), params=params, source=source)
+    variant = data.get("variant", "ckd_ehr")
+    from ckd_ehr.contracts import STUDENT_VARIANTS
+
+    if target != "student" and "variant" in data or variant not in STUDENT_VARIANTS:
+        raise ConfigError(f"{source}: key 'variant' = {variant!r}: a student search's variant, one of "
+                          f"{', '.join(STUDENT_VARIANTS)}")
+    return Space(target=target, metric=data.get("metric"), params=params, source=source, variant=variant)
 
 
 PROBE_CONTEXT = {"student.distill.label_attention": {"teacher": {"pooling": "label_attention"}}}
