@@ -49,7 +49,8 @@ SIDE_TEACHER_SETTINGS = {
     "teacher_plain": {"text_column": "text_plain"},
     # the baseline the MLAPH is claimed to beat: no head, the answer read from the vocabulary;
     # everything else (backbone, LoRA, rows, token budget, steps) is the study's teacher section
-    "teacher_generative": {"head": "generative", "head_init": "random", "best_metric": "val_loss"},
+    "teacher_generative": {"head": "generative", "head_init": "random", "best_metric": "val_loss",
+                           "train_top_layers": None},   # the LM head reads the whole stack's output
 }
 """Per side teacher (contracts.SIDE_TEACHERS): how its teacher section differs from the study's."""
 

@@ -24,12 +24,15 @@ def test_shipped_config_loads_and_says_how_to_run(path):
 
 
 @pytest.mark.parametrize("name, own", [
-    ("synthetic_study.yaml", {"eadf": {"control_texts"}}),
+    # a study trains every row: no probe-only variants (the demo's plain-text students keep their probe)
+    ("synthetic_study.yaml", {"eadf": {"control_texts"}, "student": {"probe_only_variants"}}),
     ("multigranularity_study.yaml", {"teacher": {"pooling", "query_lr", "keep_checkpoint"}, "evaluate": {"baseline"},
-                                     "student": {"max_steps", "keep_checkpoint", "query_lr"}}),
+                                     "student": {"max_steps", "keep_checkpoint", "query_lr", "train_top_layers",
+                                                 "probe_only_variants"}}),
     # full depth for both heads, and fewer rows: what a generative teacher costs on 2 cores
-    ("teacher_heads_study.yaml", {"teacher": {"num_layers", "max_steps", "max_train_samples"},
-                                  "student": {"max_train_samples"}}),
+    ("teacher_heads_study.yaml", {"teacher": {"num_layers", "max_steps", "max_train_samples", "train_top_layers",
+                                              "batch_size"},
+                                  "student": {"max_train_samples", "probe_only_variants"}}),
 ])
 def test_studies_train_the_demo_recipe(name, own):
     """A study answers its question for the recipe the demo ships: the same cohort, split, texts
@@ -37,7 +40,7 @@ def test_studies_train_the_demo_recipe(name, own):
     extra rows need (`own`) may differ."""
     demo = load_config(PipelineConfig, REPO / "jobs" / "configs" / "demo.yaml").model_dump()
     study = load_config(PipelineConfig, REPO / "jobs" / "configs" / name).model_dump()
-    own = {"student": {"variants"}, **own}
+    own = {**own, "student": {"variants", *own.get("student", set())}}
     for section in ("data", "split", "text", "eadf", "teacher", "soft_labels", "student", "evaluate"):
         def keep(d, section=section):
             return {k: v for k, v in d[section].items() if k not in own.get(section, set())}
