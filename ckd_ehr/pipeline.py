@@ -150,6 +150,10 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, from_stage: str | No
         storage.write_json(layout.manifest, manifest)
 
     print(summary_table(manifest, [s.name for s in stages]))
+    if "evaluate" in {s.name for s in stages} and storage.exists(layout.metrics):
+        found = (storage.read_json(layout.metrics).get("summary") or {}).get("text")
+        if found:   # the run's last lines say what it found, not only where the report is
+            print(f"\nWhat this run found: {found}")
     report = layout.report_html
     if storage.exists(report):
         print(f"report: {report}")

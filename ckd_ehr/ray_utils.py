@@ -1,7 +1,10 @@
 """Ray at the edges: start or join a cluster, kept on 127.0.0.1 for local runs."""
 from __future__ import annotations
 
+import logging
 import os
+import re
+import sys
 
 from ckd_ehr.config import RayConfig
 
@@ -10,12 +13,41 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class _NoColour(logging.Filter):
+    """Drops terminal colour codes from a log record (Ray wraps the dashboard address in them
+    whatever the stream is): a log written to a file reads as plain text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = ANSI.sub("", record.msg)
+        if record.args and isinstance(record.args, tuple):
+            record.args = tuple(ANSI.sub("", a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def plain_logs_when_redirected() -> None:
+    """When stderr is not a terminal (a log file, CI, `ray job logs`): no colour codes from Ray,
+    neither in its workers' line prefixes (RAY_COLOR_PREFIX=0, inherited by the workers) nor in
+    its own messages."""
+    if sys.stderr.isatty():
+        return
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    for name in ("ray", "ray._private.worker"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoColour) for f in logger.filters):
+            logger.addFilter(_NoColour())
+
+
 def init_ray(cfg: RayConfig | None = None, **kwargs) -> None:
     """Start a local Ray on 127.0.0.1, or join `cfg.address` (`auto` inside `ray job submit`)."""
     import ray
 
     if ray.is_initialized():
         return
+    plain_logs_when_redirected()
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:

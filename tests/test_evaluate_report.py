@@ -214,3 +214,45 @@ def test_identical_models_and_step0_probes_are_named_not_called_equal(tmp_path):
     assert "identical predictions: nothing compared" in md
     assert "kept step 0 for hard_plain, distill_plain, teacher" in md
     assert md.count("[kept step 0: its probe, no training update]") == 6   # three models x two threshold tables
+
+
+def test_the_summary_says_in_words_whether_the_best_model_beats_the_best_floor():
+    """evaluate's summary (the report's first lines, the run's last): best model, best floor,
+    their paired difference with its interval and what it means, the models that kept their probe."""
+    import pandas as pd
+
+    from ckd_ehr.evaluation.evaluate import score_model, summarise_findings
+    from ckd_ehr.evaluation.metrics import macro_label_set
+
+    rng = np.random.default_rng(7)
+    subjects = rng.integers(0, 150, N)
+    y = (rng.random((N, 25)) < 0.3).astype(np.int8)
+
+    def frame(shift):
+        p = np.clip(y * shift + rng.random((N, 25)) * 0.7, 0, 1)
+        return pd.DataFrame({"sample_id": [f"s{i:04d}" for i in range(N)], "subject_id": subjects,
+                             "labels": list(y), "probs": list(p)})
+
+    label_set = macro_label_set(y)
+    thr = {"fixed": [0.5] * 25, "tuned": [0.5] * 25}
+    frames = {"ckd_ehr": frame(0.5), "hard_eadf": frame(0.05)}
+    references = {"logistic_regression": (frame(0.2), thr, {}), "copy_forward": (frame(0.1), thr, {})}
+    models, dists, baselines, bdists = {}, {}, {}, {}
+    for name, df in frames.items():
+        entry, dists[name] = score_model(df, thr, 60, 3, label_set)
+        models[name] = {**entry, "kept_step": 0 if name == "hard_eadf" else 40}
+    for name, (df, t, _) in references.items():
+        baselines[name], bdists[name] = score_model(df, t, 60, 3, label_set)
+    out = summarise_findings(models, baselines, frames, references, dists, bdists, {n: thr for n in frames}, 60, 3,
+                             label_set)
+    assert out["best_model"] == "ckd_ehr" and out["best_floor"] == "logistic_regression"
+    assert out["delta"] > 0 and out["interval"][0] > 0
+    text = out["text"]
+    assert "Best model: ckd_ehr" in text and "Best floor: logistic_regression" in text
+    assert "above it: the paired interval excludes 0" in text and "Kept their probe" in text and "hard_eadf" in text
+    # a model below the floor is said to be below it
+    frames = {"ckd_ehr": frame(0.02)}
+    entry, dists["ckd_ehr"] = score_model(frames["ckd_ehr"], thr, 60, 3, label_set)
+    out = summarise_findings({"ckd_ehr": {**entry, "kept_step": 40}}, baselines, frames, references, dists, bdists,
+                             {"ckd_ehr": thr}, 60, 3, label_set)
+    assert "below it" in out["text"] and "No model is above the best floor" in out["text"]

@@ -219,6 +219,48 @@ def model_delta(base: pd.DataFrame, other: pd.DataFrame, base_entry: dict, other
     return out
 
 
+FLOORS = ("copy_forward", "logistic_regression", "logistic_regression_phenotypes", "gradient_boosting")
+"""The reference rows a model must beat to be worth shipping (ceilings and probes are not floors)."""
+
+
+def summarise_findings(models: dict, baselines: dict, frames: dict, references: dict, dists: dict, base_dists: dict,
+                       thresholds: dict, resamples: int, seed: int, label_set) -> dict:
+    """What the evaluation found, for the report's first lines and the run's last: the best model
+    and the best floor on test macro AUROC, the paired difference between them with its interval
+    (the same resampled patients for both), which models kept their probe, and the sentence that
+    says it."""
+    def auroc(entry):
+        return entry["modes"]["fixed"]["metrics"]["macro_auroc"]
+
+    floors = {n: auroc(baselines[n]) for n in FLOORS if n in baselines}
+    ranked = {n: auroc(e) for n, e in models.items() if np.isfinite(auroc(e))}
+    out: dict = {"models": dict(sorted(ranked.items(), key=lambda kv: -kv[1])), "floors": floors,
+                 "kept_probe": sorted(n for n, e in models.items() if e.get("kept_step") == 0)}
+    if not ranked or not floors:
+        out["text"] = ("No model predictions to compare with the floors yet." if not ranked else
+                       "No floor rows (evaluate.baselines: false): nothing to judge the models against.")
+        return out
+    best, floor = max(ranked, key=ranked.get), max(floors, key=floors.get)
+    delta = model_delta(references[floor][0], frames[best], baselines[floor], models[best], base_dists.get(floor),
+                        dists.get(best), references[floor][1], thresholds[best], resamples, seed, label_set)
+    d = delta.get("fixed", {}).get("macro_auroc", {})
+    iv = d.get("interval")
+    out.update(best_model=best, best_floor=floor, delta=d.get("delta"), interval=iv)
+    verdict = ("above it: the paired interval excludes 0" if iv and iv[0] > 0 else
+               "below it: the paired interval excludes 0" if iv and iv[1] < 0 else
+               "not distinguishable from it (the paired interval holds 0)" if iv else "(no interval: bootstrap 0)")
+    above = [n for n, v in ranked.items() if v > floors[floor]]
+    text = (f"Best model: {best}, test macro AUROC {ranked[best]:.3f}. Best floor: {floor} {floors[floor]:.3f}. "
+            f"{best} - {floor} = {d.get('delta', float('nan')):+.3f}"
+            + (f" [{iv[0]:+.3f}, {iv[1]:+.3f}]" if iv else "") + f": {verdict}. "
+            + (f"Models above the best floor's point estimate: {', '.join(above)}. " if above else
+               "No model is above the best floor. ")
+            + (f"Kept their probe (no fine-tuning in their predictions): {', '.join(out['kept_probe'])}."
+               if out["kept_probe"] else "Every model moved past its probe."))
+    out["text"] = text
+    return out
+
+
 class TooSmallToJudge(ValueError):
     """The test split cannot tell models apart; the message gives the counts and widths."""
 
@@ -406,8 +448,9 @@ def run_evaluate(cfg) -> dict:
         entry, base_dists[name] = score(df, thr)
         baselines[name] = {"role": BASELINE_ROLES.get(name) or PROBE_ROLES[name], "details": details, **entry}
         m = entry["modes"]["fixed"]["metrics"]
-        log.info("baseline %s: macro AUROC %.4f %s (n=%d)", name, m["macro_auroc"],
-                 entry["modes"]["fixed"]["intervals"].get("macro_auroc"), entry["n_samples"])
+        iv = (entry["modes"]["fixed"]["intervals"] or {}).get("macro_auroc")
+        log.info("baseline %s: macro AUROC %.3f%s (n=%d)", name, m["macro_auroc"],
+                 f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "", entry["n_samples"])
     informative = ("copy_forward", "logistic_regression")
     reasons = judge_size(label_set, counts, {k: v for k, v in baselines.items() if k in informative}, cfg)
     if reasons and not cfg.evaluate.allow_small:
@@ -447,6 +490,8 @@ def run_evaluate(cfg) -> dict:
         notes.append("no model predictions yet: the reference rows alone")
     if resamples == 0:
         notes.append("evaluate.bootstrap = 0: no intervals")
+    summary = summarise_findings(models, baselines, frames, references, dists, base_dists, thresholds, resamples,
+                                 seed, label_set)
 
     result = {
         "split": "test",
@@ -464,6 +509,7 @@ def run_evaluate(cfg) -> dict:
                     "ranking intervals",
         },
         "too_small": {"allowed": bool(reasons), "reasons": reasons} if reasons else None,
+        "summary": summary,
         "baseline": baseline,
         "baselines": baselines,
         "models": models,

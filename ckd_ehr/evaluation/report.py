@@ -271,6 +271,8 @@ def build_blocks(metrics: dict, run_dir: str, images: dict[str, str], quality: d
         blocks.append(("p", "WARNING - TOO SMALL TO JUDGE (evaluated with --allow-small): "
                        + "; ".join(too_small["reasons"]) + ". No difference between rows below can be "
                        "trusted."))
+    if metrics.get("summary"):
+        blocks += [("h2", "What this run found"), ("p", metrics["summary"]["text"])]
     blocks.append(("p", f"Run directory: {run_dir}. Test split; 95% intervals from {boot['resamples']} bootstrap "
                         f"resamples over patients (seed {boot['seed']}). Accuracy is element-wise over N x 25 "
                         "cells (the paper's definition, 1 - Hamming loss); subset accuracy needs all 25 right. "
