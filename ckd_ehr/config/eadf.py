@@ -51,9 +51,9 @@ class EADFConfig(Section):
     """Split each severity stratum by whether visit i records one, or two and more, distinct
     ICD-9-CM codes of the phenotype itself (a complication, a second manifestation: what a
     visit shows of how severe THAT phenotype is, which the count of phenotypes present does
-    not). Measured on `synth.confounding=0.5` (README): the count of phenotypes alone leaves
-    the decoys' bias untouched, the codes reduce it. Dotted ICD-10-CM codes (MIMIC-IV) match
-    no code: those visits stay in the one-code stratum."""
+    not): on confounded synthetic cohorts the count alone left the decoys' bias untouched
+    (docs/benchmarks.md, "EADF validity"). Dotted ICD-10-CM codes (MIMIC-IV) match no code:
+    those visits stay in the one-code stratum."""
     severity_bins: list[int] = Field(default_factory=lambda: [3, 5, 7])
     """Lower edges of the severity strata above the first, in phenotypes present at visit i:
     [3, 5, 7] gives 1-2, 3-4, 5-6, 7+ (on synthetic cohorts about 25/30/25/20% of pairs with a

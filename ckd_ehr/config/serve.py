@@ -15,11 +15,9 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=1, le=65535)
     """HTTP port."""
     max_batch_size: int = Field(8, ge=1)
-    """Largest batch `@serve.batch` forms. 8: with the admission limit derived from it (12
-    pending per replica) admitted requests wait well under 2 s on a 2-core machine, and batches
-    past 8 short records buy little on CPU (measured, README "Serve": two replicas, 400
-    clients, p99 1.5-1.6 s at batch 8 against 3.0-3.6 s at 16, records/s within 10%); raise
-    it on a GPU."""
+    """Largest batch `@serve.batch` forms. 8: on a 2-core CPU larger batches bought little
+    throughput and doubled the tail latency (docs/benchmarks.md, "Serve under load"); raise it
+    on a GPU."""
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     """How long a batch waits to fill."""
     max_ongoing_requests: int | None = Field(None, ge=1)
@@ -47,8 +45,7 @@ class ServeConfig(Section):
     """Admission also shrinks to the predict requests the replica answered in this many seconds
     lately (its rate over the last 10 s), so on a slow or busy machine admitted requests wait
     about this long instead of max_pending_requests / rate; None = the fixed limit only. Off by
-    default: measured at 1 s on the 2-core machine, it shed 80-88% of 64 clients' requests,
-    kept batches small and cut goodput to 0.44x (fp32) / 0.75x (int8) of the unbounded server."""
+    default: at 1 s on a 2-core machine it shed most requests and cut goodput (docs/serving.md)."""
     shed_headroom: int = Field(512, ge=0)
     """Requests a replica accepts beyond max_ongoing_requests only to answer them at once (503
     over the admission limit; /healthz always). Ray Serve's max_ongoing_requests is set to
@@ -68,19 +65,15 @@ class ServeConfig(Section):
     a backstop while replicas start (it would also shed /healthz, hence off by default)."""
     precision: Literal[SERVE_PRECISIONS] = "fp32"
     """`bf16`: the encoder runs under bf16 autocast (matrix products in bf16, LayerNorm and
-    softmax in fp32; the head stays fp32): on a 2-core CPU with AMX 1.7x fp32's records/s in
-    process and 1.3x through HTTP (2.0x the code before issue 21), largest probability difference
-    0.0055; without AMX slower than fp32 (a warning at load). `int8`: dynamic int8 quantisation
-    of the encoder's linear layers (per-channel weights, activations quantised per batch), CPU
-    only: usually faster than fp32, but its
-    probabilities move by up to 0.1-0.26 on probe-headed students. `bench serve` measures each
-    with its largest difference from fp32; `evaluate` scores the chosen one as its own row."""
+    softmax in fp32; the head stays fp32): faster on CPUs with bf16 matrix units, probabilities
+    within about 0.01 of fp32. `int8`: dynamic int8 quantisation of the encoder's linear layers,
+    CPU only: usually faster, probabilities move more. `bench serve` measures each with its
+    largest difference from fp32 (figures: docs/serving.md); `evaluate` scores the chosen one as
+    its own row."""
     compile: bool = False
     """torch.compile the encoder at load (dynamic shapes), compiled before the replica takes
-    traffic: the same answers as eager (largest difference in any probability 1e-6 on 1,000 demo
-    samples), 5-8% more records/s on a 2-core CPU, about a minute more start-up per replica and
-    a C++ compiler on the machine (inductor). Off by default for that start-up; measured in the
-    README ("Serve")."""
+    traffic: the same answers as eager, a few percent more records/s, about a minute more
+    start-up and a C++ compiler on the machine. Off by default for that start-up (docs/serving.md)."""
     max_body_bytes: int | None = Field(None, ge=1)
     """Largest request body, counted as it arrives (chunked or not); None = derived from
     max_records and max_text_chars (worst-case UTF-8 JSON)."""

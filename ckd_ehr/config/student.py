@@ -78,9 +78,8 @@ class StudentConfig(TrainerConfig):
     attention_dropout: float | None = Field(0.0, ge=0.0, lt=1.0)
     """Dropout on the encoder's attention probabilities while fine-tuning (None: the model's own,
     0.1 for MiniLM / BERT). 0 by default because with it on, PyTorch's CPU SDPA leaves its fused
-    kernel for the one that materialises every attention matrix: measured on the demo's EADF
-    texts (MiniLM-L6, batch 16, 2 cores) 24 s a step and 12.7 GiB with 0.1, 7.7 s and 5.1 GiB
-    with 0. Hidden-state dropout is left as the model has it."""
+    kernel for one that materialises every attention matrix (about 3x the time and 2.5x the
+    memory of a step on the demo's texts). Hidden-state dropout is left as the model has it."""
     lr: float = Field(2e-5, gt=0)
     """Adam learning rate (the paper: 2e-5)."""
     head_lr: float | None = Field(None, gt=0)

@@ -98,7 +98,7 @@ class TrainerConfig(Section):
     """Learning rate of the label-attention queries (the teacher's `pooling: label_attention`, the
     student's auxiliary head for `distill.label_attention`); None = head_lr. The queries start at
     zero (the probe start) or near it, where a head's small rate leaves them: ten teacher steps at
-    1e-4 kept its label attention identical for all 25 phenotypes (measured, README), so a study of
+    1e-4 kept its label attention identical for all 25 phenotypes (docs/results.md), so a study of
     the label-level term sets its own."""
     keep_checkpoint: Literal["best", "last"] = "best"
     """Which checkpoint the stage keeps: `best` on best_metric, the probe (step 0) included, so a
@@ -163,7 +163,7 @@ class TeacherConfig(TrainerConfig):
     num_layers: int | None = Field(None, ge=1)
     """Keep only the first this many decoder layers (None: all of them). For CPU runs: the cost
     is per layer, and a probe on a middle layer of a small LLM reads the phenotypes about as
-    well as the last (the demo's choice and its layer sweep: README, "The demo")."""
+    well as the last (the demo's choice and its layer sweep: docs/results.md)."""
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
     """Attention kernel of the backbone; SDPA picks a fused (flash / memory-efficient) kernel
     on GPUs and never materialises the L x L attention matrix there."""

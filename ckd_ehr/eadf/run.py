@@ -62,10 +62,9 @@ def _check_columns(path: str, columns: list[str] | None = None) -> None:
 
 
 def _read_blocks() -> int:
-    """Blocks a read is cut into: one per CPU of the cluster. Ray Data's default (at least
-    `read_op_min_num_blocks`, 200) splits a 32,353-pair file of one row group into 95 blocks
-    in 8 map tasks, which on the shared 2-core machine took a median 7.2 s to count against
-    4.4 s with 2 blocks (and 4.5 s with 1)."""
+    """Blocks a read is cut into: one per CPU of the cluster. Ray Data's default cuts a
+    one-row-group file into dozens of blocks, which made counting slower on 2 cores
+    (docs/benchmarks.md, "EADF on Ray Data")."""
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
@@ -85,11 +84,8 @@ def counts_ray(path: str, batch_size: int = 4096, severity_bins=(3, 5, 7), code_
     split with a neighbour (eadf_stats carries those; sum_partials checks the ordering).
     Reading and counting run as ONE fused Ray Data task per read block (same resources, so
     Ray Data fuses them); the driver receives only the partial counts (at most drugs x 25 x
-    strata rows per batch, never the pairs) and sums them. Measured at 32,353 pairs on the
-    shared 2-core machine (README): a separate counting operator at 0.5 CPU, then
-    repartition(1) and a summing task took a median 7.6 s against 5.5 s this way (reference
-    3.2 s); a hash-shuffle groupby().sum() is slower still (its aggregator actors take
-    seconds to start).
+    strata rows per batch, never the pairs) and sums them: faster than a separate counting
+    operator with a summing task, and than a hash-shuffle groupby (docs/benchmarks.md).
     """
     n = _num_rows(path)
     _check_columns(path, COUNT_COLUMNS)
@@ -214,9 +210,8 @@ def _ordered_v1_reads() -> Iterator[None]:
     """Ray Data reads in file order (preserve_order) through the V1 parquet datasource.
 
     V1 because Ray 2.60's default V2 read (ListFiles -> ReadFiles) adds a listing task that
-    waits seconds for a worker and does not fuse with the next map_batches: measured at
-    32,353 pairs on the shared 2-core machine, counting took a median 20.2 s through V2
-    against 9.4 s through V1 (reference 5.6 s), fusion 15.9 s against 9.6 s (README)."""
+    waits seconds for a worker and does not fuse with the next map_batches: about twice the
+    time on 2 cores (docs/benchmarks.md, "EADF on Ray Data")."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

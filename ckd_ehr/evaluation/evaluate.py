@@ -405,7 +405,7 @@ def run_evaluate(cfg) -> dict:
             skipped[name] = f"no predictions at {path}" + (
                 f" and no {layout.soft_labels('test')}" if name == "teacher" else "")
 
-    if cfg.serve.precision != "fp32":  # each student as served (int8, bf16): its own row (issue 21)
+    if cfg.serve.precision != "fp32":  # each student as served (int8, bf16): its own row
         from ckd_ehr.student.precision import write_precision_predictions
         for name in write_precision_predictions(cfg, cfg.serve.precision):
             frames[name], sources[name] = read_predictions(layout.predictions(name)), layout.predictions(name)
