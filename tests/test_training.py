@@ -253,6 +253,12 @@ def test_loop_in_process_probe_is_step_zero(tmp_path):
     assert zero["probe_val_macro_auroc"] >= 0.9, zero
     assert abs(zero["val_macro_auroc"] - zero["probe_val_macro_auroc"]) < 1e-3, zero
     assert os.path.exists(os.path.join(rep.checkpoints[0][0], PROBE_HEAD))
+    # max_steps 0: the probe is the model, no step is taken (a demo's probe-only variant)
+    only = LocalReporter(str(tmp_path / "probe_only"))
+    loop = TrainLoop(cfg.model_copy(update={"max_steps": 0, "train_top_layers": 1}), task, WorkerContext(), only)
+    assert loop.total_steps == 0 and not loop.frozen   # nothing to train: nothing cached
+    loop.run()
+    assert [r["step"] for r in only.reports] == [0] and only.reports[0]["probe_val_macro_auroc"] >= 0.9
 
 
 def test_kept_checkpoint_best_or_last():

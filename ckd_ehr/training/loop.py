@@ -194,7 +194,7 @@ class TrainLoop:
             raise ValueError(f"{len(train)} training samples make no full optimiser step with batch {self.micro_bs}"
                              f" x accumulation {self.accum} x {self.world} workers")
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        if cfg.max_steps:
+        if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self._build()
 
@@ -206,7 +206,8 @@ class TrainLoop:
         if self.rank == 0:
             log.info("model built: this worker holds %.3f of its parameters' elements, peak RSS %.0f MiB",
                      self.build_local_fraction, self.build_peak_rss / 2**20)
-        self.frozen = bool(cfg.train_top_layers)
+        # no step to take (max_steps 0: the probe is the model): nothing to freeze or cache
+        self.frozen = bool(cfg.train_top_layers) and self.total_steps > 0
         self.setup_metrics: dict = {}
         if self.frozen:
             if self.engine.zero3 or not hasattr(model, "freeze_below"):
