@@ -109,3 +109,13 @@ def test_student_variants_come_from_one_table():
         student_variant("bogus")
     with pytest.raises(ConfigError, match="student.variants"):
         build(PipelineConfig, {"student": {"variants": ["hard_plain", "bogus"]}}, source="t")
+
+
+def test_probe_only_variants_must_be_trained_variants():
+    """A probe-only variant the run does not train is a typo, not a silent no-op (the demo once
+    named the study's distill_plain_ablation for the paper's distill_plain)."""
+    with pytest.raises(ConfigError, match="probe_only_variants names distill_plain_ablation, not among"):
+        build(PipelineConfig, {"student": {"head_init": "probe", "probe_only_variants": ["distill_plain_ablation"]}})
+    with pytest.raises(ConfigError, match="head_init: probe"):
+        build(PipelineConfig, {"student": {"probe_only_variants": ["hard_plain"]}})
+    assert build(PipelineConfig, {"student": {"head_init": "probe", "probe_only_variants": ["hard_plain"]}})

@@ -115,4 +115,8 @@ class StudentConfig(TrainerConfig):
             raise ValueError("student.variants must include 'ckd_ehr' (the served student)")
         if self.probe_only_variants and self.head_init != "probe":
             raise ValueError("student.probe_only_variants keep their probe: set student.head_init: probe")
+        stray = [v for v in self.probe_only_variants if v not in self.variants]
+        if stray:
+            raise ValueError(f"student.probe_only_variants names {', '.join(stray)}, not among student.variants "
+                             f"({', '.join(self.variants)})")
         return self
