@@ -33,6 +33,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import socket  # noqa: E402
+import sys  # noqa: E402
 
 
 def _ensure_ray_token() -> None:
@@ -70,6 +71,7 @@ DEMO_DATA = Path(__file__).resolve().parent / "data"
 
 
 RAY_FIXTURES = {"ray_cluster", "ray_local"}
+_RAY_BEFORE = pytest.StashKey[bool]()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -86,6 +88,28 @@ def pytest_collection_modifyitems(config, items):
         # a trained tiny run) is an integration test; `make test-fast` leaves them out.
         if RAY_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+def _ray_connected() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item.stash[_RAY_BEFORE] = _ray_connected()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """A test must not leave a Ray of its own connected in this process (a `ray.put` outside the
+    session's cluster starts one): every later test that needs the session cluster would fail at
+    set-up with "ray.init twice", far from the cause. Fail the test that did it instead."""
+    if item.stash.get(_RAY_BEFORE, True) or RAY_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        return
+    if _ray_connected():
+        sys.modules["ray"].shutdown()
+        pytest.fail(f"{item.nodeid} left Ray initialised in the test process (use the ray_cluster "
+                    "fixture, or shut it down)", pytrace=False)
 
 
 @pytest.fixture(scope="session")

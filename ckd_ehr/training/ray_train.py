@@ -53,17 +53,26 @@ class TrainResult:
 
 class ObjectStoreValue:
     """A value the driver puts in Ray's object store once; `get()` on any worker fetches it
-    (pickles as a reference, so a task holding it ships no data)."""
+    (pickles as a reference, so a task holding it ships no data). The put happens at the first
+    pickling, not at construction: a task built and trained in one process (a test, `bench
+    train`) never starts Ray."""
 
     def __init__(self, value: Any):
+        self._value, self._ref = value, None
+
+    def __getstate__(self) -> dict:
         import ray
 
-        self.ref = ray.put(value)
+        if self._ref is None:
+            self._ref = ray.put(self._value)
+        return {"_value": None, "_ref": self._ref}
 
     def get(self) -> Any:
+        if self._ref is None or self._value is not None:
+            return self._value
         import ray
 
-        return ray.get(self.ref)
+        return ray.get(self._ref)
 
 
 class RayReporter:
