@@ -3,8 +3,9 @@ that carry test patients and training seeds (checked by simulating whole studies
 design), cohorts pooled, and the summary the study builds from its directory alone."""
 import numpy as np
 import pytest
+from scipy import stats
 
-from ckd_ehr.evaluation.contrasts import Cohort, holm, study_contrasts
+from ckd_ehr.evaluation.contrasts import Cohort, detectable_noncentrality, holm, study_contrasts
 from ckd_ehr.evaluation.metrics import auroc_draws, auroc_per_label, patient_resamples, patient_weights
 
 
@@ -98,7 +99,13 @@ def test_intervals_cover_at_the_shipped_design_and_find_the_detectable_differenc
     assert 0.93 <= covered <= 0.97, covered
     assert np.mean([c["p_holm"] < 0.05 for c in null]) <= 0.07
     assert all(c["seed_noise_estimated"] and np.isfinite(c["df"]) for c in null)
-    detectable = float(np.median([c["detectable"] for c in null]))
+    # The design's detectable difference: the non-centrality that gives 80% power at the median
+    # degrees of freedom, times the estimate's true spread (the null studies' standard deviation).
+    # Each study reports the same with its own se in place of the true spread (a noisy estimate
+    # of it at 2-3 degrees of freedom); their median is printed beside it.
+    q = stats.t.ppf(0.975, np.median([c["df"] for c in null]))
+    detectable = detectable_noncentrality(q, np.median([c["df"] for c in null])) * np.std([c["delta"] for c in null])
+    print(f"design detectable {detectable:.4f}; studies report a median {np.median([c['detectable'] for c in null]):.4f}")
     # the sizes the simulation stands for: seed spread and test-patient error as measured
     assert 0.005 < np.sqrt(np.mean([np.var(c["per_seed"], ddof=1) for c in null])) < 0.012
     assert np.median([c["se_test"] for c in null]) < 0.005
@@ -112,7 +119,7 @@ def test_intervals_cover_at_the_shipped_design_and_find_the_detectable_differenc
     assert _true_difference(better, seed=12) == pytest.approx(detectable, rel=0.05)
     found = np.mean([(c["p_holm"] < 0.05) and c["delta"] > 0 for c in (_sim_study(rng, better) for _ in range(1000))])
     print(f"true difference {detectable:.4f}: found in {found:.3f} of 1000 studies")
-    assert 0.70 <= found <= 0.90, found
+    assert 0.74 <= found <= 0.86, found   # 80% +- 5 binomial standard errors
 
 
 def test_null_rows_are_rejected_at_the_nominal_rate_and_a_real_difference_is_found():
