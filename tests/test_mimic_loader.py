@@ -21,7 +21,7 @@ import yaml
 from ckd_ehr import cli
 from ckd_ehr.config import PipelineConfig, build
 from ckd_ehr.contracts import SAMPLES, SPLITS, VISITS, RunLayout, check_schema
-from ckd_ehr.data.mimic import TABLES, MimicError, TableReport, load_drugs, load_visits, unparseable_rows
+from ckd_ehr.data.mimic import TABLES, MimicError, Rules, TableReport, load_drugs, load_visits, unparseable_rows
 from ckd_ehr.data.prepare import PrepareError, run_prepare
 from ckd_ehr.data.samples import visit_pairs
 
@@ -233,10 +233,22 @@ def test_empty_table_is_an_error(mimic_demo_dir, tmp_path):
         load_visits(str(d))
 
 
-def test_duplicated_hadm_id_is_an_error(mimic_demo_dir, tmp_path):
-    d = copy_demo(mimic_demo_dir, tmp_path, lambda n, h, r: (h, r + [r[0]]) if n == "ADMISSIONS" else (h, r))
-    with pytest.raises(MimicError, match=r"ADMISSIONS\.csv: duplicated hadm_id 142345"):
+def test_duplicated_hadm_id_is_an_error_unless_the_rows_are_identical(mimic_demo_dir, demo_visits, tmp_path):
+    def differing(n, h, r):
+        if n != "ADMISSIONS":
+            return h, r
+        copy = list(r[0])
+        copy[h.index("dischtime")] = "2164-11-02 10:00:00"
+        return h, r + [copy]
+    d = copy_demo(mimic_demo_dir, tmp_path / "differ", differing)
+    with pytest.raises(MimicError, match=r"ADMISSIONS\.csv: column 'hadm_id': duplicated hadm_id 142345 .*differ"):
         load_visits(str(d))
+    # an exact copy of a row (row_id aside: it is not read) is dropped and counted
+    d = copy_demo(mimic_demo_dir, tmp_path / "same", lambda n, h, r: (h, r + [["999", *r[0][1:]]]) if n == "ADMISSIONS" else (h, r))
+    visits, report = load_visits(str(d))
+    assert visits.equals(demo_visits[0])
+    assert report["tables"]["ADMISSIONS"]["dropped"] == {
+        "exact duplicate rows (same subject_id, hadm_id, admittime, dischtime)": 1}
 
 
 def test_unparseable_values_are_counted_and_strict_fails(mimic_demo_dir, tmp_path):
@@ -250,12 +262,18 @@ def test_unparseable_values_are_counted_and_strict_fails(mimic_demo_dir, tmp_pat
     rep = json.loads((tmp_path / "lenient" / "data" / "prepare_report.json").read_text())
     adm = rep["load"]["tables"]["ADMISSIONS"]
     assert adm["unparseable"] == {"admittime": 1} and adm["examples"]["admittime"] == ["2164-13-45 25:00:00"]
-    assert rep["load"]["tables"]["DIAGNOSES_ICD"]["dropped"]["unparseable hadm_id"] == 1
+    assert rep["load"]["tables"]["DIAGNOSES_ICD"]["dropped"]["missing or unparseable hadm_id"] == 1
+    # the admission dropped takes its events with it: counted in each table
+    assert [(r["table"], r["column"], r["count"], r["example"]) for r in rep["repairs"]] == [
+        ("ADMISSIONS", "admittime", 1, "2164-13-45 25:00:00"), ("DIAGNOSES_ICD", "hadm_id", 1, "14x345"),
+        ("DIAGNOSES_ICD", "hadm_id", 20, "142345"), ("PROCEDURES_ICD", "hadm_id", 7, "142345"),
+        ("PRESCRIPTIONS", "hadm_id", 34, "142345")]
 
-    with pytest.raises(PrepareError, match=r"ADMISSIONS\.csv: column 'admittime' has 1 unparseable .*2164-13-45"):
+    with pytest.raises(PrepareError, match=r"ADMISSIONS\.csv: column 'admittime': 1 row\(s\) dropped .*2164-13-45.*"
+                                           r"5 repair\(s\) in all"):
         run_prepare(cfg_for(d, tmp_path / "strict", strict=True))
     rep = json.loads((tmp_path / "strict" / "data" / "prepare_report.json").read_text())
-    assert rep["status"].startswith("failed") and rep["unparseable_values"] == 2
+    assert rep["status"].startswith("failed") and rep["unparseable_values"] == 2 and len(rep["repairs"]) == 5
     assert not (tmp_path / "strict" / "data" / "visits.parquet").exists()
 
 
@@ -285,12 +303,12 @@ def test_drugs_keep_first_given_order_across_blocks(tmp_path):
                     "99,2100-01-01 00:00:00,A\n"
                     "x1,2100-01-01 00:00:00,A\n"
                     "2,2100-01-01 00:00:00,\n")
-    report = TableReport(file=str(path))
+    report = TableReport(file=str(path), rules=Rules(max_bad_fraction=1.0))
     drugs, names = load_drugs(str(path), report, np.array([1, 2]), block_size=64)
     named = names.to_pylist()
     assert [named[d] for d in drugs.loc[drugs["hadm_id"] == 1, "drug"]] == ["B", "A", "D", "C"]
     assert [named[d] for d in drugs.loc[drugs["hadm_id"] == 2, "drug"]] == ["A"]
     assert report.rows_read == 10
-    assert report.dropped == {"unparseable hadm_id": 1, "missing drug": 1,
-                              "unknown hadm_id (not in ADMISSIONS)": 1}
+    assert report.dropped == {"missing or unparseable hadm_id": 1, "missing drug (empty)": 1,
+                              "hadm_id not among the admissions (absent or dropped there)": 1}
     assert report.examples == {"hadm_id": ["x1"]}

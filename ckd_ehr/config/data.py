@@ -8,6 +8,11 @@ from pydantic import Field, model_validator
 from ckd_ehr.config.base import Section
 from ckd_ehr.config.synth import SynthConfig
 
+RELEASE_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+"""How MIMIC-III and MIMIC-IV write every timestamp the loaders read."""
+DATE_COLUMNS = ("admittime", "dischtime", "dob", "startdate", "starttime")
+"""The timestamp columns the loaders parse (MIMIC-III's dob and startdate, MIMIC-IV's starttime)."""
+
 
 class DataConfig(Section):
     source: Literal["synthetic", "mimic"] = "synthetic"
@@ -28,7 +33,18 @@ class DataConfig(Section):
     synth: SynthConfig = SynthConfig()
     """The synthetic cohort (used when source is `synthetic`)."""
     strict: bool = False
-    """Fail the run on any row with an unparseable id or timestamp (otherwise count and report)."""
+    """Turn every repair into an error: a duplicate row, a null-like code, an unparseable value,
+    an event of an unknown admission... (otherwise each is repaired, counted and listed in
+    data/prepare_report.json and the closing lines of `ckd-ehr prepare`; see docs/data.md)."""
+    date_formats: dict[str, str] = {}
+    """strptime format per timestamp column (admittime, dischtime, dob, startdate, starttime),
+    e.g. `{admittime: "%m/%d/%Y %H:%M"}`; a column not named uses the release's
+    `%Y-%m-%d %H:%M:%S`. One format per column: a value it does not parse is counted, and more
+    than max_bad_fraction of them stops the run. `%z` reads a timezone suffix (as UTC)."""
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    """Share of a column's rows that may be unparseable (or, for dischtime, before admittime)
+    and be repaired (dropped or set to null, counted); above it the run stops naming the file,
+    column, count and an example."""
     csv_block_mb: int = Field(16, ge=1, le=1024)
     """Size of the CSV blocks tables are streamed in (PRESCRIPTIONS is 4.2M rows in the full
     release and is never read whole); larger is a little faster and uses more memory."""
@@ -37,6 +53,13 @@ class DataConfig(Section):
     def _mimic_needs_dir(self):
         if self.source == "mimic" and not self.mimic_dir:
             raise ValueError("data.source is 'mimic' but data.mimic_dir is not set")
+        unknown = sorted(set(self.date_formats) - set(DATE_COLUMNS))
+        if unknown:
+            raise ValueError(f"data.date_formats: unknown column(s) {unknown}; the timestamp columns are "
+                             f"{', '.join(DATE_COLUMNS)}")
+        no_directive = {c: f for c, f in self.date_formats.items() if "%" not in f}
+        if no_directive:
+            raise ValueError(f"data.date_formats: {no_directive} is not a strptime format (no % directive)")
         if not self.icd_versions or len(set(self.icd_versions)) != len(self.icd_versions):
             raise ValueError(f"data.icd_versions must list 9 and/or 10 once each, got {self.icd_versions}")
         return self

@@ -11,16 +11,17 @@ needed are parsed (pyarrow.csv include_columns). Every table is streamed block b
 PRESCRIPTIONS (about 4.2M rows in the full release) never sits in memory whole: per block it
 is reduced to the first administration of each (admission, drug).
 
-Every field is read as a string and parsed here, so a malformed value is counted (and shown
-in the report) instead of failing the whole read inside pyarrow.
-
-Documented errors (`MimicError`, message names file, column and value):
-- a table file is missing, or has no header, or no data rows ("empty table");
-- a needed column is missing from a table's header;
-- ADMISSIONS has a hadm_id twice, or PATIENTS a subject_id twice;
-- no admission is left after dropping unparseable rows.
-Rows whose ids or timestamps cannot be parsed are dropped and counted per table and reason in
-the load report; `unparseable_rows(report)` sums them so a strict run can fail on them.
+Every field is read as a string and parsed here under the one rule of `ckd_ehr.data.rules`:
+refuse naming file, column, count and an example (`MimicError`), or repair and count in the
+load report. Refused: a missing table, two files for one table (plain and gzip, or two
+casings), a file that cannot be read or decompressed (its name in the message), a missing
+column, an empty table, a duplicated hadm_id / subject_id whose rows differ, more than
+`data.max_bad_fraction` unparseable values in a column (timestamps parse with one format per
+column, `data.date_formats`) or admissions discharged before admission, codes that lost their
+leading zeros. Repaired and counted: exact duplicate rows (in the columns read;
+PRESCRIPTIONS is reduced to one row per admission and drug anyway), null-like codes and ids,
+unparseable values under the threshold, events of unknown admissions, admissions discharged
+before admission (under the threshold), ids written as decimals, negative ages.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ import csv
 import io
 import logging
 import posixpath
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -40,7 +40,11 @@ import pyarrow.fs as pafs
 
 from ckd_ehr.contracts import VISITS, check_schema
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, code_to_phenotype_table
+from ckd_ehr.data.rules import (EXAMPLES_KEPT, MimicError, Rules, TableReport, as_array, check_leading_zeros,
+                                drop_exact_duplicates, duplicate_mask, first_null_like, nullify, repairs)
 from ckd_ehr.storage import resolve
+
+__all__ = ["EXAMPLES_KEPT", "MimicError", "Rules", "TableReport", "load_visits", "unparseable_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -55,50 +59,15 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "D_ICD_PROCEDURES": ("icd9_code", "short_title"),
 }
 TABLES = tuple(TABLE_COLUMNS)
+DICTIONARY_OF = {"DIAGNOSES_ICD": "D_ICD_DIAGNOSES", "PROCEDURES_ICD": "D_ICD_PROCEDURES"}
 
 # MIMIC-III shifts the date of birth of patients older than 89 about 300 years back; the
 # true age is unknown beyond "over 89", so ages are capped here.
 AGE_CAP = 90.0
 SECONDS_PER_YEAR = 365.2425 * 86400
 DEFAULT_BLOCK_SIZE = 16 << 20  # bytes of CSV per streamed block
-EXAMPLES_KEPT = 3
-_TIME_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d")
-
-
-class MimicError(ValueError):
-    """The MIMIC-III tables cannot be loaded; the message names file, column and value."""
-
-
-# --- the load report ------------------------------------------------------------------------
-
-@dataclass
-class TableReport:
-    file: str
-    rows_read: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-    """Rows left out, per reason ('unparseable hadm_id', 'unknown hadm_id', ...)."""
-    unparseable: dict[str, int] = field(default_factory=dict)
-    """Values that could not be parsed, per column (rows dropped or the value set to null)."""
-    examples: dict[str, list[str]] = field(default_factory=dict)
-    """A few offending values per column, to find them in the file."""
-
-    def count_bad(self, column: str, raw: pa.Array, bad: np.ndarray) -> None:
-        n = int(bad.sum())
-        if not n:
-            return
-        self.unparseable[column] = self.unparseable.get(column, 0) + n
-        shown = self.examples.setdefault(column, [])
-        if len(shown) < EXAMPLES_KEPT:
-            values = raw.filter(pa.array(bad)).slice(0, EXAMPLES_KEPT - len(shown)).to_pylist()
-            shown.extend("" if v is None else str(v) for v in values)
-
-    def drop(self, reason: str, n: int) -> None:
-        if n:
-            self.dropped[reason] = self.dropped.get(reason, 0) + int(n)
-
-    def as_dict(self) -> dict:
-        return {"file": self.file, "rows_read": self.rows_read, "dropped": self.dropped,
-                "unparseable": self.unparseable, "examples": self.examples}
+GZIP_MAGIC = b"\x1f\x8b"
+_as_array = as_array  # the name mimic4 imports
 
 
 def unparseable_rows(report: dict) -> int:
@@ -111,18 +80,23 @@ def unparseable_rows(report: dict) -> int:
 def find_table(mimic_dir: str, name: str) -> tuple[str, str]:
     """(path, form) of table `name` in `mimic_dir`; form is 'csv' or 'csv.gz'.
 
-    File names match case-insensitively; a plain .csv wins over .csv.gz when both exist
-    (same content, faster to read)."""
+    File names match case-insensitively; two files for one table (NAME.csv beside
+    NAME.csv.gz, or two casings) are an error naming both: which one is current cannot be
+    known (a stale plain copy beside the release's gzip is the usual case)."""
     fs, inner = resolve(mimic_dir)
     info = fs.get_file_info(inner)
     if info.type != pafs.FileType.Directory:
         raise MimicError(f"{mimic_dir}: not a directory (data.mimic_dir must hold the MIMIC tables)")
-    files = {posixpath.basename(f.path).lower(): f.path
-             for f in fs.get_file_info(pafs.FileSelector(inner)) if f.type == pafs.FileType.File}
-    for form in ("csv", "csv.gz"):
-        hit = files.get(f"{name.lower()}.{form}")
-        if hit:
-            return _outer_path(mimic_dir, inner, hit), form
+    wanted = {f"{name.lower()}.csv": "csv", f"{name.lower()}.csv.gz": "csv.gz"}
+    hits = sorted((f.path, wanted[posixpath.basename(f.path).lower()])
+                  for f in fs.get_file_info(pafs.FileSelector(inner))
+                  if f.type == pafs.FileType.File and posixpath.basename(f.path).lower() in wanted)
+    if len(hits) > 1:
+        names = " and ".join(posixpath.basename(h) for h, _ in hits)
+        raise MimicError(f"{mimic_dir}: {len(hits)} files for table {name}: {names}; which one is current "
+                         f"cannot be known: remove or move the others")
+    if hits:
+        return _outer_path(mimic_dir, inner, hits[0][0]), hits[0][1]
     raise MimicError(f"{mimic_dir}: table {name} not found (looked for {name}.csv and {name}.csv.gz)")
 
 
@@ -132,20 +106,52 @@ def _outer_path(mimic_dir: str, inner_dir: str, inner_file: str) -> str:
 
 
 def _open(path: str):
+    """An input stream of the file's text, decompressed if its name ends in .gz; a name that
+    does not match the bytes (gzip named .csv, plain text named .gz) is an error naming it."""
     fs, inner = resolve(path)
-    return fs.open_input_stream(inner, compression="gzip" if path.lower().endswith(".gz") else None)
+    gz_name = path.lower().endswith(".gz")
+    try:
+        with fs.open_input_stream(inner, compression=None) as f:
+            magic = f.read(2)
+    except OSError as exc:
+        raise MimicError(f"{path}: cannot be read ({exc})") from exc
+    if not magic:
+        raise MimicError(f"{path}: empty file (0 bytes, no header line)")
+    if gz_name and magic != GZIP_MAGIC:
+        raise MimicError(f"{path}: named .gz but not gzip-compressed (starts with {magic!r}); "
+                         f"rename it without .gz if it is plain CSV")
+    if not gz_name and magic == GZIP_MAGIC:
+        raise MimicError(f"{path}: holds gzip-compressed bytes but is named {posixpath.basename(path)}; "
+                         f"rename it to {posixpath.basename(path)}.gz")
+    return fs.open_input_stream(inner, compression="gzip" if gz_name else None)
+
+
+def _read_error(path: str, exc: Exception, rows: int) -> MimicError:
+    """A read or decompression error, with the file's name and how far the read got."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    where = f"after {rows} data row(s)" if rows else "in its first rows"
+    if isinstance(exc, (UnicodeDecodeError,)) or "UTF8" in text or "UTF-8" in text:
+        return MimicError(f"{path}: not UTF-8 text {where} (Latin-1 or another encoding?): {text}; "
+                          f"convert the file to UTF-8")
+    if path.lower().endswith(".gz") and isinstance(exc, (OSError, EOFError)):
+        return MimicError(f"{path}: gzip data corrupt or truncated {where}: {text}; "
+                          f"copy the file again from the release")
+    return MimicError(f"{path}: not a readable CSV table {where}: {text}")
 
 
 def read_header(path: str) -> list[str]:
     """Column names of a CSV file (quoted or not), as written."""
-    with _open(path) as stream:
-        head = b""
-        while b"\n" not in head:
-            chunk = stream.read(1 << 16)
-            if not chunk:
-                break
-            head += chunk
-    line = head.split(b"\n", 1)[0].decode("utf-8-sig").rstrip("\r")
+    try:
+        with _open(path) as stream:
+            head = b""
+            while b"\n" not in head:
+                chunk = stream.read(1 << 16)
+                if not chunk:
+                    break
+                head += chunk
+        line = head.split(b"\n", 1)[0].decode("utf-8-sig").rstrip("\r")
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise _read_error(path, exc, 0) from exc
     if not line.strip():
         raise MimicError(f"{path}: empty file (no header line)")
     return next(csv.reader(io.StringIO(line)))
@@ -156,29 +162,40 @@ def resolve_columns(path: str, header: list[str], wanted: tuple[str, ...]) -> di
     by_lower = {h.strip().lower(): h for h in header}
     missing = [w for w in wanted if w not in by_lower]
     if missing:
+        sep = ""
+        for c in (";", "\t", "|"):
+            if len(header) == 1 and c in header[0]:
+                sep = f" (one column: is the file separated by {c!r}, not ','?)"
+                break
         raise MimicError(f"{path}: missing column(s) {', '.join(missing)} "
-                         f"(header has: {', '.join(h.strip() for h in header)})")
+                         f"(header has: {', '.join(h.strip() for h in header)}){sep}")
     return {w: by_lower[w] for w in wanted}
 
 
 def stream_table(path: str, columns: tuple[str, ...], block_size: int = DEFAULT_BLOCK_SIZE,
                  ) -> Iterator[pa.RecordBatch]:
-    """Yield record batches of `columns` (lowercase names, all strings; '' -> null)."""
+    """Yield record batches of `columns` (lowercase names, all strings; '' -> null).
+
+    Quoted values may hold commas, quotes and line breaks; lines may end in CRLF."""
     spelled = resolve_columns(path, read_header(path), columns)
     convert = pacsv.ConvertOptions(
         include_columns=[spelled[c] for c in columns],
         column_types={spelled[c]: pa.string() for c in columns},
-        # Only an empty field is missing: a drug called 'NA' is still a drug.
+        # Only an empty field is missing here: a drug called 'NA' is still a drug (the
+        # parsers treat null-like ids, codes and dates as missing: rules.nullify).
         null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=True,
     )
+    rows = 0
     with _open(path) as stream:
         try:
             reader = pacsv.open_csv(stream, read_options=pacsv.ReadOptions(block_size=block_size),
+                                    parse_options=pacsv.ParseOptions(newlines_in_values=True),
                                     convert_options=convert)
             for batch in reader:
+                rows += batch.num_rows
                 yield pa.RecordBatch.from_arrays(batch.columns, names=list(columns))
-        except pa.ArrowInvalid as exc:
-            raise MimicError(f"{path}: not a readable CSV table ({exc})") from exc
+        except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError) as exc:
+            raise _read_error(path, exc, rows) from exc
 
 
 def read_small_table(path: str, name: str, report: TableReport,
@@ -196,42 +213,72 @@ def read_small_table(path: str, name: str, report: TableReport,
 
 # --- parsing --------------------------------------------------------------------------------
 
-def _as_array(col) -> pa.Array:
-    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-
-
 def parse_ints(raw, column: str, report: TableReport, required: bool) -> tuple[pa.Array, np.ndarray]:
-    """Parse integer strings; returns (int64 array with nulls, mask of rows to keep)."""
-    raw = _as_array(raw)
-    trimmed = pc.utf8_trim_whitespace(raw)
-    # ids are non-negative in MIMIC-III; ascii_is_decimal is much faster than a regex
-    ok = pc.fill_null(pc.ascii_is_decimal(trimmed), False)
-    values = pc.cast(pc.if_else(ok, trimmed, pa.scalar(None, pa.string())), pa.int64())
+    """Parse integer strings; returns (int64 array with nulls, mask of rows to keep).
+
+    Empty and null-like values are nulls; '123.0' (an id a spreadsheet or pandas wrote as a
+    float) is read as 123 and counted; anything else that is not an integer is unparseable
+    (counted; for a `required` column the caller drops the row, else the value is null)."""
+    raw = as_array(raw)
+    values_raw = nullify(raw)
+    present = values_raw.is_valid().to_numpy(zero_copy_only=False)
+    decimal = pc.fill_null(pc.match_substring_regex(values_raw, r"^\d+\.0*$"), False)
+    n_decimal = int(pc.sum(decimal).as_py() or 0)
+    if n_decimal:
+        report.repair(f"{column} written as a decimal ('123.0'): read as an integer", n_decimal, column,
+                      values_raw.filter(decimal)[0].as_py())
+        values_raw = pc.if_else(decimal, pc.replace_substring_regex(values_raw, r"\.0*$", ""), values_raw)
+    # ids are non-negative in MIMIC; ascii_is_decimal is much faster than a regex
+    ok = pc.fill_null(pc.ascii_is_decimal(values_raw), False)
+    values = pc.cast(pc.if_else(ok, values_raw, pa.scalar(None, pa.string())), pa.int64())
     ok_np = ok.to_numpy(zero_copy_only=False)
-    missing = raw.is_null().to_numpy(zero_copy_only=False)
-    report.count_bad(column, raw, ~ok_np if required else ~ok_np & ~missing)
+    bad = present & ~ok_np
+    report.count_bad(column, raw, bad)
+    if not required:
+        report.repair(f"unparseable {column}: set to null", int(bad.sum()), column,
+                      raw.filter(pa.array(bad))[0].as_py() if bad.any() else None)
     return values, ok_np if required else np.ones(len(raw), dtype=bool)
 
 
 def parse_times(raw, column: str, report: TableReport, required: bool) -> tuple[pa.Array, np.ndarray]:
-    """Parse 'YYYY-MM-DD HH:MM:SS' (or a bare date) into timestamp[s]; returns (values, keep)."""
-    raw = _as_array(raw)
-    trimmed = pc.utf8_trim_whitespace(raw)
-    values = None
-    for fmt in _TIME_FORMATS:
-        parsed = pc.strptime(trimmed, format=fmt, unit="s", error_is_null=True)
-        values = parsed if values is None else pc.coalesce(values, parsed)
-        if values.null_count == raw.null_count:
-            break  # everything present parsed: the other formats need not be tried
+    """Parse timestamps with the column's one format (`Rules.date_format`: the release's
+    'YYYY-MM-DD HH:MM:SS' unless `data.date_formats` names another) into timestamp[s].
+
+    Returns (values, keep). Empty and null-like values are nulls, not unparseable; a value
+    the format does not parse is counted (`TableReport.check_bad_fraction` stops the run
+    above `data.max_bad_fraction`)."""
+    raw = as_array(raw)
+    trimmed = nullify(raw)
+    values = pc.strptime(trimmed, format=report.rules.date_format(column), unit="s", error_is_null=True)
+    if values.type.tz is not None:   # a %z format: instants, kept as UTC wall time
+        values = values.cast(pa.int64()).view(pa.timestamp("s"))
     ok = values.is_valid().to_numpy(zero_copy_only=False)
-    missing = raw.is_null().to_numpy(zero_copy_only=False)
-    report.count_bad(column, raw, ~ok if required else ~ok & ~missing)
+    present = trimmed.is_valid().to_numpy(zero_copy_only=False)
+    bad = present & ~ok
+    report.count_bad(column, raw, bad)
+    if not required:
+        report.repair(f"unparseable {column}: set to null", int(bad.sum()), column,
+                      raw.filter(pa.array(bad))[0].as_py() if bad.any() else None)
     return values, ok if required else np.ones(len(raw), dtype=bool)
 
 
 def normalize_codes(raw) -> pa.Array:
-    """Vectorised phenotypes.normalize_icd9: no dots or spaces, upper case; null stays null."""
-    return pc.utf8_upper(pc.replace_substring_regex(_as_array(raw), r"[\s.]", ""))
+    """Vectorised phenotypes.normalize_icd9: no dots or spaces, upper case; empty and
+    null-like values ('NaN', 'NULL', 'NA', ...) are null."""
+    return pc.utf8_upper(pc.replace_substring_regex(nullify(raw), r"[\s.]", ""))
+
+
+def require(report: TableReport, raw: dict[str, pa.Array], ok: dict[str, np.ndarray]) -> np.ndarray:
+    """Rows where every column in `ok` parsed; the others are dropped, counted under the first
+    column that failed (in `ok`'s order) with one example value."""
+    keep = np.ones(len(next(iter(ok.values()))), dtype=bool)
+    for column, good in ok.items():
+        bad = keep & ~good
+        if bad.any():
+            example = as_array(raw[column])[int(np.flatnonzero(bad)[0])].as_py()
+            report.drop(f"missing or unparseable {column}", int(bad.sum()), column, example)
+        keep &= good
+    return keep
 
 
 def _check_unique(ids: np.ndarray, path: str, column: str) -> None:
@@ -239,21 +286,29 @@ def _check_unique(ids: np.ndarray, path: str, column: str) -> None:
     dup = uniq[counts > 1]
     if len(dup):
         shown = ", ".join(str(v) for v in dup[:5])
-        raise MimicError(f"{path}: duplicated {column} {shown}"
-                         f"{' ...' if len(dup) > 5 else ''} ({len(dup)} value(s) appear more than once; "
-                         f"each must appear once)")
+        raise MimicError(f"{path}: column '{column}': duplicated {column} {shown}"
+                         f"{' ...' if len(dup) > 5 else ''} ({len(dup)} value(s) in {int(counts[counts > 1].sum())} "
+                         f"row(s) that differ in other columns; each must appear once)")
 
 
 # --- the tables -----------------------------------------------------------------------------
 
 def load_admissions(path: str, report: TableReport) -> pd.DataFrame:
-    t = read_small_table(path, "ADMISSIONS", report)
+    """ADMISSIONS (MIMIC-III and MIMIC-IV alike) -> subject_id, hadm_id, admittime, dischtime
+    (float seconds) sorted by patient and admission time.
+
+    Exact duplicate rows are dropped and counted; a hadm_id twice with different values is an
+    error. Admissions discharged before they were admitted are dropped and counted (an error
+    above `data.max_bad_fraction`); overlapping admissions of one patient are counted."""
+    t = drop_exact_duplicates(read_small_table(path, "ADMISSIONS", report, TABLE_COLUMNS["ADMISSIONS"]),
+                              report, "hadm_id")
     subject, k1 = parse_ints(t["subject_id"], "subject_id", report, required=True)
     hadm, k2 = parse_ints(t["hadm_id"], "hadm_id", report, required=True)
     admit, k3 = parse_times(t["admittime"], "admittime", report, required=True)
     disch, _ = parse_times(t["dischtime"], "dischtime", report, required=False)
-    keep = k1 & k2 & k3
-    report.drop("unparseable subject_id, hadm_id or admittime", int((~keep).sum()))
+    report.check_bad_fraction()
+    keep = require(report, {c: t[c] for c in ("hadm_id", "subject_id", "admittime")},
+                   {"hadm_id": k2, "subject_id": k1, "admittime": k3})
     df = pd.DataFrame({
         "subject_id": subject.to_numpy(zero_copy_only=False),
         "hadm_id": hadm.to_numpy(zero_copy_only=False),
@@ -264,18 +319,42 @@ def load_admissions(path: str, report: TableReport) -> pd.DataFrame:
                          f"({report.dropped})")
     df = df.astype({"subject_id": "int64", "hadm_id": "int64"})
     _check_unique(df["hadm_id"].to_numpy(), path, "hadm_id")
-    return df.sort_values(["subject_id", "admittime", "hadm_id"], kind="stable").reset_index(drop=True)
+    backwards = (df["dischtime"] < df["admittime"]).to_numpy()
+    if backwards.any():
+        first = df[backwards].iloc[0]
+        example = f"hadm_id {first['hadm_id']}: admittime {_iso(first['admittime'])}, dischtime {_iso(first['dischtime'])}"
+        if backwards.sum() > report.rules.max_bad_fraction * report.rows_read:
+            report.refuse("dischtime", int(backwards.sum()), example, "are discharged before they are admitted")
+        report.drop("dischtime before admittime: admission dropped", int(backwards.sum()), "dischtime", example)
+        df = df[~backwards]
+    df = df.sort_values(["subject_id", "admittime", "hadm_id"], kind="stable").reset_index(drop=True)
+    same = df["subject_id"].to_numpy()[1:] == df["subject_id"].to_numpy()[:-1]
+    report.note("admissions overlapping the patient's previous one (kept)",
+                int((same & (df["admittime"].to_numpy()[1:] < df["dischtime"].to_numpy()[:-1])).sum()))
+    return df
+
+
+def _iso(seconds: float) -> str:
+    return "null" if np.isnan(seconds) else str(np.datetime64(int(seconds), "s")).replace("T", " ")
+
+
+def gender_values(raw, report: TableReport) -> pd.array:
+    """'M' / 'F' (trimmed, any case); anything else present is set to null and counted."""
+    gender = pc.utf8_upper(nullify(raw)).to_pylist()
+    odd = [g for g in gender if g is not None and g not in ("M", "F")]
+    report.repair("gender not M or F: set to null", len(odd), "gender", odd[0] if odd else None)
+    return pd.array([g if g in ("M", "F") else None for g in gender], dtype=object)
 
 
 def load_patients(path: str, report: TableReport) -> pd.DataFrame:
-    t = read_small_table(path, "PATIENTS", report)
+    t = drop_exact_duplicates(read_small_table(path, "PATIENTS", report), report, "subject_id")
     subject, keep = parse_ints(t["subject_id"], "subject_id", report, required=True)
-    report.drop("unparseable subject_id", int((~keep).sum()))
+    keep = require(report, {"subject_id": t["subject_id"]}, {"subject_id": keep})
     dob, _ = parse_times(t["dob"], "dob", report, required=False)
-    gender = pc.utf8_upper(pc.utf8_trim_whitespace(t["gender"])).to_pylist()
+    report.check_bad_fraction()
     df = pd.DataFrame({
         "subject_id": subject.to_numpy(zero_copy_only=False),
-        "gender": pd.array([g if g in ("M", "F") else None for g in gender], dtype=object),
+        "gender": gender_values(t["gender"], report),
         "dob": _seconds(dob),
     })[keep].astype({"subject_id": "int64"})
     _check_unique(df["subject_id"].to_numpy(), path, "subject_id")
@@ -287,19 +366,22 @@ def load_coded_events(path: str, name: str, report: TableReport, hadm_ids: np.nd
                       ) -> pd.DataFrame:
     """DIAGNOSES_ICD / PROCEDURES_ICD -> (hadm_id, code) in seq_num order, then file order.
 
-    With `version_column` (MIMIC-IV's icd_version) a `version` column is added (float, NaN
-    where unparseable: the caller decides what to do with those rows)."""
+    Null-like codes ('', NaN, NULL, NA...) are dropped and counted, never rendered; rows
+    identical in every column read are dropped and counted. With `version_column`
+    (MIMIC-IV's icd_version) a `version` column is added (float, NaN where unparseable: the
+    caller decides what to do with those rows)."""
     parts = []
     offset = 0
     columns = ("hadm_id", "seq_num", code_column) + ((version_column,) if version_column else ())
     for batch in stream_table(path, columns):
         report.rows_read += batch.num_rows
-        hadm, keep = parse_ints(batch.column("hadm_id"), "hadm_id", report, required=True)
-        report.drop("unparseable hadm_id", int((~keep).sum()))
+        hadm, ok = parse_ints(batch.column("hadm_id"), "hadm_id", report, required=True)
+        keep = require(report, {"hadm_id": batch.column("hadm_id")}, {"hadm_id": ok})
         seq, _ = parse_ints(batch.column("seq_num"), "seq_num", report, required=False)
         code = normalize_codes(batch.column(code_column))
         has_code = pc.fill_null(pc.not_equal(code, ""), False).to_numpy(zero_copy_only=False)
-        report.drop(f"missing {code_column}", int((keep & ~has_code).sum()))
+        report.drop(f"null-like {code_column} (empty, NaN, NULL, NA...)", int((keep & ~has_code).sum()),
+                    code_column, first_null_like(batch.column(code_column), code, keep))
         keep &= has_code
         part = {
             "hadm_id": hadm.to_numpy(zero_copy_only=False),
@@ -314,7 +396,14 @@ def load_coded_events(path: str, name: str, report: TableReport, hadm_ids: np.nd
         offset += batch.num_rows
     if report.rows_read == 0:
         raise MimicError(f"{path}: empty table (header only, no data rows)")
+    report.check_bad_fraction()
     df = pd.concat(parts, ignore_index=True).astype({"hadm_id": "int64", "seq_num": "float64"})
+    key = ["hadm_id", "seq_num", "code"] + (["version"] if version_column else [])
+    dup = duplicate_mask({k: df[k].to_numpy() for k in key})
+    if dup.any():
+        report.drop(f"exact duplicate rows (same {', '.join(columns)})", int(dup.sum()), "hadm_id",
+                    df["hadm_id"].to_numpy()[np.flatnonzero(dup)[0]])
+        df = df[~dup]
     df = _known_admissions(df, hadm_ids, report)
     # seq_num is the coded priority; rows without one go last, in file order.
     return df.sort_values(["hadm_id", "seq_num", "order"], na_position="last", kind="stable")
@@ -323,13 +412,16 @@ def load_coded_events(path: str, name: str, report: TableReport, hadm_ids: np.nd
 def load_dictionary(path: str, name: str, report: TableReport) -> pd.DataFrame:
     """D_ICD_* -> titles indexed by normalised code (first row wins on duplicates)."""
     t = read_small_table(path, name, report)
-    df = pd.DataFrame({c: _as_array(t[c]).to_numpy(zero_copy_only=False) for c in t.column_names})
-    df["icd9_code"] = normalize_codes(t["icd9_code"]).to_numpy(zero_copy_only=False)
-    missing = df["icd9_code"].isna() | (df["icd9_code"] == "")
-    report.drop("missing icd9_code", int(missing.sum()))
+    df = pd.DataFrame({c: as_array(t[c]).to_numpy(zero_copy_only=False) for c in t.column_names})
+    code = normalize_codes(t["icd9_code"])
+    df["icd9_code"] = code.to_numpy(zero_copy_only=False)
+    missing = (df["icd9_code"].isna() | (df["icd9_code"] == "")).to_numpy()
+    report.drop("null-like icd9_code (empty, NaN, NULL, NA...)", int(missing.sum()), "icd9_code",
+                first_null_like(t["icd9_code"], code))
     df = df[~missing]
     dup = df["icd9_code"].duplicated()
-    report.drop("duplicated icd9_code (first kept)", int(dup.sum()))
+    report.drop("duplicated icd9_code (first kept)", int(dup.sum()), "icd9_code",
+                df["icd9_code"][dup].iloc[0] if dup.any() else None)
     return df[~dup].set_index("icd9_code").fillna("")
 
 
@@ -350,12 +442,12 @@ def load_drugs(path: str, report: TableReport, hadm_ids: np.ndarray,
     offset = 0
     for i, batch in enumerate(stream_table(path, ("hadm_id", start_column, "drug"), block_size)):
         report.rows_read += batch.num_rows
-        hadm, keep = parse_ints(batch.column("hadm_id"), "hadm_id", report, required=True)
-        report.drop("unparseable hadm_id", int((~keep).sum()))
+        hadm, ok = parse_ints(batch.column("hadm_id"), "hadm_id", report, required=True)
+        keep = require(report, {"hadm_id": batch.column("hadm_id")}, {"hadm_id": ok})
         start, _ = parse_times(batch.column(start_column), start_column, report, required=False)
         drug = pc.utf8_trim_whitespace(batch.column("drug"))
         has_drug = pc.fill_null(pc.not_equal(drug, ""), False).to_numpy(zero_copy_only=False)
-        report.drop("missing drug", int((keep & ~has_drug).sum()))
+        report.drop("missing drug (empty)", int((keep & ~has_drug).sum()), "drug", "" if (keep & ~has_drug).any() else None)
         keep &= has_drug
         encoded = pc.dictionary_encode(drug)
         local_to_global = np.array([vocabulary.setdefault(d, len(vocabulary))
@@ -373,6 +465,7 @@ def load_drugs(path: str, report: TableReport, hadm_ids: np.ndarray,
             log.info("PRESCRIPTIONS: %d rows read", offset)
     if report.rows_read == 0:
         raise MimicError(f"{path}: empty table (header only, no data rows)")
+    report.check_bad_fraction()
     merged = _first_per_drug({k: np.concatenate([f[k] for f in firsts]) for k in firsts[0]})
     df = _known_admissions(pd.DataFrame(merged), hadm_ids, report)
     start = df["start"].to_numpy()
@@ -405,7 +498,8 @@ def _first_per_drug(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _known_admissions(df: pd.DataFrame, hadm_ids: np.ndarray, report: TableReport) -> pd.DataFrame:
     known = np.isin(df["hadm_id"].to_numpy(), hadm_ids)
-    report.drop("unknown hadm_id (not in ADMISSIONS)", int((~known).sum()))
+    report.drop("hadm_id not among the admissions (absent or dropped there)", int((~known).sum()), "hadm_id",
+                df["hadm_id"].to_numpy()[~known][0] if (~known).any() else None)
     return df[known]
 
 
@@ -475,16 +569,28 @@ def _titles(codes: np.ndarray, dictionary: pd.DataFrame, columns: tuple[str, ...
     return out.astype(object)
 
 
-def _demographics(adm: pd.DataFrame, patients: pd.DataFrame) -> tuple[np.ndarray, list, int]:
+def checked_ages(age: np.ndarray, adm: pd.DataFrame, report: TableReport, column: str) -> np.ndarray:
+    """Ages at admission in [0, AGE_CAP]: a negative age (admitted before birth) is set to
+    null and counted as a repair; older than AGE_CAP is capped and counted as a note (both
+    releases shift or cap the ages of patients over 89 on purpose)."""
+    negative = age < 0
+    if negative.any():
+        report.repair(f"age below 0 at admission ({column} after admittime): set to null", int(negative.sum()),
+                      column, f"hadm_id {adm['hadm_id'].to_numpy()[np.flatnonzero(negative)[0]]}")
+    report.note(f"ages over {AGE_CAP - 1:g} at admission capped at {AGE_CAP:g}", int((age > AGE_CAP - 1).sum()))
+    return np.where(negative, np.nan, np.minimum(age, AGE_CAP)).astype("float32")
+
+
+def _demographics(adm: pd.DataFrame, patients: pd.DataFrame, report: TableReport,
+                  ) -> tuple[np.ndarray, list, int]:
     """(age at admission, gender, admissions without a PATIENTS row) per admission."""
     pos = pd.Index(patients["subject_id"]).get_indexer(adm["subject_id"])
     known = pos >= 0
     dob = np.where(known, patients["dob"].to_numpy()[np.maximum(pos, 0)], np.nan)
     genders = patients["gender"].to_numpy(dtype=object)
     gender = [genders[p] if p >= 0 else None for p in pos]
-    age = (adm["admittime"].to_numpy() - dob) / SECONDS_PER_YEAR
-    age = np.where(age < 0, np.nan, np.minimum(age, AGE_CAP))
-    return age.astype("float32"), gender, int((~known).sum())
+    age = checked_ages((adm["admittime"].to_numpy() - dob) / SECONDS_PER_YEAR, adm, report, "dob")
+    return age, gender, int((~known).sum())
 
 
 def assemble_visits(adm: pd.DataFrame, age: np.ndarray, gender: list, dx: pd.DataFrame, px: pd.DataFrame,
@@ -522,12 +628,14 @@ def assemble_visits(adm: pd.DataFrame, age: np.ndarray, gender: list, dx: pd.Dat
     })
 
 
-def load_visits(mimic_dir: str, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[pa.Table, dict]:
+def load_visits(mimic_dir: str, block_size: int = DEFAULT_BLOCK_SIZE, rules: Rules | None = None,
+                ) -> tuple[pa.Table, dict]:
     """Read the seven tables in `mimic_dir`; return (VISITS table, load report dict)."""
+    rules = rules or Rules()
     paths, forms = {}, {}
     for name in TABLES:
         paths[name], forms[name] = find_table(mimic_dir, name)
-    reports = {name: TableReport(file=paths[name]) for name in TABLES}
+    reports = {name: TableReport(file=paths[name], rules=rules) for name in TABLES}
 
     adm = load_admissions(paths["ADMISSIONS"], reports["ADMISSIONS"])
     log.info("ADMISSIONS: %d admissions of %d patients", len(adm), adm["subject_id"].nunique())
@@ -538,16 +646,20 @@ def load_visits(mimic_dir: str, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[p
     px = load_coded_events(paths["PROCEDURES_ICD"], "PROCEDURES_ICD", reports["PROCEDURES_ICD"], sorted_ids)
     dx_dict = load_dictionary(paths["D_ICD_DIAGNOSES"], "D_ICD_DIAGNOSES", reports["D_ICD_DIAGNOSES"])
     px_dict = load_dictionary(paths["D_ICD_PROCEDURES"], "D_ICD_PROCEDURES", reports["D_ICD_PROCEDURES"])
+    for events, dictionary, name in ((dx, dx_dict, "DIAGNOSES_ICD"), (px, px_dict, "PROCEDURES_ICD")):
+        check_leading_zeros(events["code"].to_numpy(), dictionary.index, paths[name],
+                            paths[DICTIONARY_OF[name]], "icd9_code")
     drugs, drug_names = load_drugs(paths["PRESCRIPTIONS"], reports["PRESCRIPTIONS"], sorted_ids, block_size)
     log.info("events: %d diagnoses, %d procedures, %d distinct (admission, drug)", len(dx), len(px), len(drugs))
 
-    age, gender, without_patient = _demographics(adm, patients)
+    age, gender, without_patient = _demographics(adm, patients, reports["PATIENTS"])
     table = assemble_visits(adm, age, gender, dx=dx, px=px, dx_dict=dx_dict, px_dict=px_dict,
                             drugs=drugs, drug_names=drug_names)
     report = {
         "mimic_dir": mimic_dir,
         "forms": forms,
         "tables": {name: r.as_dict() for name, r in reports.items()},
+        "repairs": repairs(reports),
         "admissions": table.num_rows,
         "patients": int(adm["subject_id"].nunique()),
         "admissions_without_patient_row": without_patient,

@@ -39,9 +39,10 @@ import pyarrow.fs as pafs
 from ckd_ehr.data import mimic as mimic
 from ckd_ehr.contracts import VISITS, check_schema
 from ckd_ehr.data.icd10 import dotted_icd10, load_crosswalk
-from ckd_ehr.data.mimic import (AGE_CAP, DEFAULT_BLOCK_SIZE, MimicError, TableReport, _as_array, find_table,
-                    load_admissions, load_coded_events, load_drugs, parse_ints, read_header,
-                    read_small_table)
+from ckd_ehr.data.mimic import (DEFAULT_BLOCK_SIZE, MimicError, TableReport, _as_array, checked_ages, find_table,
+                                gender_values, load_admissions, load_coded_events, load_drugs, parse_ints,
+                                read_header, read_small_table, require)
+from ckd_ehr.data.rules import Rules, check_leading_zeros, drop_exact_duplicates, first_null_like, repairs
 from ckd_ehr.data.phenotypes import code_to_phenotype_table
 from ckd_ehr.storage import resolve
 
@@ -96,16 +97,17 @@ def tables_dir(mimic_dir: str) -> str:
 # --- tables ---------------------------------------------------------------------------------
 
 def load_patients(path: str, report: TableReport) -> pd.DataFrame:
-    t = read_small_table(path, "patients", report, TABLE_COLUMNS["patients"])
+    t = drop_exact_duplicates(read_small_table(path, "patients", report, TABLE_COLUMNS["patients"]),
+                              report, "subject_id")
     subject, keep = parse_ints(t["subject_id"], "subject_id", report, required=True)
-    report.drop("unparseable subject_id", int((~keep).sum()))
+    keep = require(report, {"subject_id": t["subject_id"]}, {"subject_id": keep})
     anchor_age, _ = parse_ints(t["anchor_age"], "anchor_age", report, required=False)
     anchor_year, _ = parse_ints(t["anchor_year"], "anchor_year", report, required=False)
-    gender = pc.utf8_upper(pc.utf8_trim_whitespace(t["gender"])).to_pylist()
+    report.check_bad_fraction()
     group = pc.utf8_trim_whitespace(_as_array(t["anchor_year_group"])).to_pylist()
     df = pd.DataFrame({
         "subject_id": subject.to_numpy(zero_copy_only=False),
-        "gender": pd.array([g if g in ("M", "F") else None for g in gender], dtype=object),
+        "gender": gender_values(t["gender"], report),
         "anchor_age": anchor_age.to_numpy(zero_copy_only=False).astype("float64"),
         "anchor_year": anchor_year.to_numpy(zero_copy_only=False).astype("float64"),
         "anchor_year_group": pd.array(group, dtype=object),
@@ -123,7 +125,9 @@ def _known_versions(df: pd.DataFrame, report: TableReport) -> pd.DataFrame:
         report.unparseable["icd_version"] = report.unparseable.get("icd_version", 0) + int(bad.sum())
         report.examples.setdefault("icd_version", []).extend(
             str(int(v)) for v in np.unique(version[bad])[:mimic.EXAMPLES_KEPT])
-    report.drop("icd_version missing or not 9/10", int(unknown.sum()))
+    report.drop("icd_version missing or not 9/10", int(unknown.sum()), "icd_version",
+                (report.examples.get("icd_version") or [""])[0] if unknown.any() else None)
+    report.check_bad_fraction()
     return df[~unknown].astype({"version": "int8"})
 
 
@@ -149,17 +153,25 @@ def load_dictionary(path: str, name: str, report: TableReport) -> pd.DataFrame:
     """d_icd_* -> long_title (and short_title = long_title) indexed by the code as VISITS writes it."""
     t = read_small_table(path, name, report, TABLE_COLUMNS[name])
     version, _ = parse_ints(t["icd_version"], "icd_version", report, required=False)
+    code = mimic.normalize_codes(t["icd_code"])
     df = pd.DataFrame({
-        "code": mimic.normalize_codes(t["icd_code"]).to_numpy(zero_copy_only=False),
+        "code": code.to_numpy(zero_copy_only=False),
         "version": version.to_numpy(zero_copy_only=False).astype("float64"),
         "long_title": _as_array(t["long_title"]).to_numpy(zero_copy_only=False),
     })
-    missing = df["code"].isna() | (df["code"] == "")
-    report.drop("missing icd_code", int(missing.sum()))
+    missing = (df["code"].isna() | (df["code"] == "")).to_numpy()
+    report.drop("null-like icd_code (empty, NaN, NULL, NA...)", int(missing.sum()), "icd_code",
+                first_null_like(t["icd_code"], code))
     df = _known_versions(df[~missing], report)
     df["code"] = written_codes(df["code"].to_numpy(), df["version"].to_numpy(), name == "d_icd_diagnoses")
+    same = df.duplicated(["code", "version"]).to_numpy()
+    report.drop("duplicated (icd_code, icd_version) (first kept)", int(same.sum()), "icd_code",
+                df["code"][same].iloc[0] if same.any() else None)
+    df = df[~same]
+    # A 3-character code of both versions is written alike in VISITS (ICD-9 'V51' and ICD-10
+    # 'V51'); the release lists both, so this is no defect of the file: counted, first kept.
     dup = df["code"].duplicated()
-    report.drop("duplicated (icd_code, icd_version) (first kept)", int(dup.sum()))
+    report.note("codes of both ICD versions written alike (the first listed title kept)", int(dup.sum()))
     df = df[~dup].set_index("code")[["long_title"]].fillna("")
     df["short_title"] = df["long_title"]
     return df
@@ -181,7 +193,8 @@ def admission_versions(hadm_ids: np.ndarray, dx: pd.DataFrame, px: pd.DataFrame)
     return out
 
 
-def _demographics(adm: pd.DataFrame, patients: pd.DataFrame) -> tuple[np.ndarray, list, int, np.ndarray]:
+def _demographics(adm: pd.DataFrame, patients: pd.DataFrame, report: TableReport,
+                  ) -> tuple[np.ndarray, list, int, np.ndarray]:
     """(age at admission, gender, admissions without a patients row, anchor_year_group)."""
     pos = pd.Index(patients["subject_id"]).get_indexer(adm["subject_id"])
     known = pos >= 0
@@ -189,7 +202,7 @@ def _demographics(adm: pd.DataFrame, patients: pd.DataFrame) -> tuple[np.ndarray
     admit_year = adm["admittime"].to_numpy().astype("int64").astype("datetime64[s]").astype("datetime64[Y]")
     admit_year = admit_year.astype("int64") + 1970
     age = patients["anchor_age"].to_numpy()[p] + (admit_year - patients["anchor_year"].to_numpy()[p])
-    age = np.where(known & (age >= 0), np.minimum(age, AGE_CAP), np.nan)
+    age = checked_ages(np.where(known, age, np.nan), adm, report, "anchor_age")
     genders = patients["gender"].to_numpy(dtype=object)
     groups = patients["anchor_year_group"].to_numpy(dtype=object)
     gender = [genders[i] if i >= 0 else None for i in pos]
@@ -205,7 +218,7 @@ def phenotype_keys(dx: pd.DataFrame) -> np.ndarray:
 
 
 def load_visits(mimic_dir: str, block_size: int = DEFAULT_BLOCK_SIZE, icd_versions=VERSIONS,
-                crosswalk: str = "hcup_ccs") -> tuple:
+                crosswalk: str = "hcup_ccs", rules: Rules | None = None) -> tuple:
     """Read the seven hosp/ tables under `mimic_dir`; return (VISITS table, load report dict)."""
     from ckd_ehr.data.mimic4_report import icd10_mapping, icd_report
 
@@ -213,7 +226,8 @@ def load_visits(mimic_dir: str, block_size: int = DEFAULT_BLOCK_SIZE, icd_versio
     paths, forms = {}, {}
     for name in TABLES:
         paths[name], forms[name] = find_table(where, name)
-    reports = {name: TableReport(file=paths[name]) for name in TABLES}
+    rules = rules or Rules()
+    reports = {name: TableReport(file=paths[name], rules=rules) for name in TABLES}
     xwalk = load_crosswalk(crosswalk)
 
     adm = load_admissions(paths["admissions"], reports["admissions"])
@@ -224,6 +238,9 @@ def load_visits(mimic_dir: str, block_size: int = DEFAULT_BLOCK_SIZE, icd_versio
     px = load_events(paths["procedures_icd"], "procedures_icd", reports["procedures_icd"], sorted_ids)
     dx_dict = load_dictionary(paths["d_icd_diagnoses"], "d_icd_diagnoses", reports["d_icd_diagnoses"])
     px_dict = load_dictionary(paths["d_icd_procedures"], "d_icd_procedures", reports["d_icd_procedures"])
+    for events, dictionary, name, dict_name in ((dx, dx_dict, "diagnoses_icd", "d_icd_diagnoses"),
+                                                (px, px_dict, "procedures_icd", "d_icd_procedures")):
+        check_leading_zeros(events["code"].to_numpy(), dictionary.index, paths[name], paths[dict_name], "icd_code")
     drugs, drug_names = load_drugs(paths["prescriptions"], reports["prescriptions"], sorted_ids,
                                    block_size, start_column="starttime")
     log.info("events: %d diagnoses, %d procedures, %d distinct (admission, drug)", len(dx), len(px), len(drugs))
@@ -245,7 +262,7 @@ def load_visits(mimic_dir: str, block_size: int = DEFAULT_BLOCK_SIZE, icd_versio
     mapping = icd10_mapping(dx, xwalk)
     table9 = code_to_phenotype_table()
     lookup = {**table9, **{f"10:{code}": hit for code, (hit, _route) in mapping.items()}}
-    age, gender, without_patient, group = _demographics(adm, patients)
+    age, gender, without_patient, group = _demographics(adm, patients, reports["patients"])
     table = mimic.assemble_visits(adm, age, gender, dx=dx, px=px, dx_dict=dx_dict, px_dict=px_dict,
                                   drugs=drugs, drug_names=drug_names, phenotype_keys=phenotype_keys(dx),
                                   phenotype_table=lookup)
@@ -254,6 +271,7 @@ def load_visits(mimic_dir: str, block_size: int = DEFAULT_BLOCK_SIZE, icd_versio
         "release": "mimic4",
         "forms": forms,
         "tables": {name: r.as_dict() for name, r in reports.items()},
+        "repairs": repairs(reports),
         "admissions": table.num_rows,
         "patients": int(adm["subject_id"].nunique()),
         "admissions_without_patient_row": without_patient,
