@@ -37,7 +37,41 @@ class Stage:
         return getattr(importlib.import_module(f"ckd_ehr.{self.module}"), self.function)
 
     def run(self, cfg: PipelineConfig):
+        check_inputs(self, cfg)
         return self.function_ref()(cfg)
+
+
+class StageInputError(ValueError):
+    """A stage's input is missing or empty; the message names the file and the stage that makes it."""
+
+
+def _made_by(path: str, cfg: PipelineConfig, layout: RunLayout) -> str:
+    for s in STAGES:
+        if path in s.outputs(cfg, layout):
+            return f"; it is made by stage {s.name} (`ckd-ehr {s.command}`)"
+    return ""
+
+
+def check_inputs(stage: Stage, cfg: PipelineConfig) -> None:
+    """StageInputError, in one line, when an input of `stage` is missing, or is a sample table
+    (prepare's or EADF's split of a fraction above 0) with no row: the stage would otherwise
+    fail later inside its workers, or succeed on nothing. prepare's own input (the MIMIC
+    directory) is checked by prepare."""
+    from ckd_ehr import storage
+
+    if stage.name == "prepare":
+        return
+    layout = RunLayout(cfg.run_dir)
+    needs_rows = {f(split) for split in SPLITS if getattr(cfg.split, split) > 0
+                  for f in (layout.samples, layout.augmented)}
+    for path in stage.inputs(cfg, layout):
+        if not path:
+            continue
+        if not storage.exists(path):
+            raise StageInputError(f"stage {stage.name}: input {path} is missing{_made_by(path, cfg, layout)}")
+        if path in needs_rows and storage.parquet_num_rows(path) == 0:
+            raise StageInputError(f"stage {stage.name}: input {path} is empty (0 rows){_made_by(path, cfg, layout)}: "
+                                  f"run it again and read its report")
 
 
 def _variants(cfg: PipelineConfig) -> list[str]:

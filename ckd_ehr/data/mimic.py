@@ -97,7 +97,11 @@ def find_table(mimic_dir: str, name: str) -> tuple[str, str]:
                          f"cannot be known: remove or move the others")
     if hits:
         return _outer_path(mimic_dir, inner, hits[0][0]), hits[0][1]
-    raise MimicError(f"{mimic_dir}: table {name} not found (looked for {name}.csv and {name}.csv.gz)")
+    raise TableNotFound(f"{mimic_dir}: table {name} not found (looked for {name}.csv and {name}.csv.gz)")
+
+
+class TableNotFound(MimicError):
+    """No file for a table (`find_table`)."""
 
 
 def _outer_path(mimic_dir: str, inner_dir: str, inner_file: str) -> str:
@@ -322,7 +326,7 @@ def load_admissions(path: str, report: TableReport) -> pd.DataFrame:
     backwards = (df["dischtime"] < df["admittime"]).to_numpy()
     if backwards.any():
         first = df[backwards].iloc[0]
-        example = f"hadm_id {first['hadm_id']}: admittime {_iso(first['admittime'])}, dischtime {_iso(first['dischtime'])}"
+        example = f"hadm_id {int(first['hadm_id'])}: admittime {_iso(first['admittime'])}, dischtime {_iso(first['dischtime'])}"
         if backwards.sum() > report.rules.max_bad_fraction * report.rows_read:
             report.refuse("dischtime", int(backwards.sum()), example, "are discharged before they are admitted")
         report.drop("dischtime before admittime: admission dropped", int(backwards.sum()), "dischtime", example)

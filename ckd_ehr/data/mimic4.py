@@ -39,7 +39,7 @@ import pyarrow.fs as pafs
 from ckd_ehr.data import mimic as mimic
 from ckd_ehr.contracts import VISITS, check_schema
 from ckd_ehr.data.icd10 import dotted_icd10, load_crosswalk
-from ckd_ehr.data.mimic import (DEFAULT_BLOCK_SIZE, MimicError, TableReport, _as_array, checked_ages, find_table,
+from ckd_ehr.data.mimic import (DEFAULT_BLOCK_SIZE, MimicError, TableNotFound, TableReport, _as_array, checked_ages, find_table,
                                 gender_values, load_admissions, load_coded_events, load_drugs, parse_ints,
                                 read_header, read_small_table, require)
 from ckd_ehr.data.rules import Rules, check_leading_zeros, drop_exact_duplicates, first_null_like, repairs
@@ -79,13 +79,13 @@ def detect_release(mimic_dir: str) -> str:
     if hosp_dir(mimic_dir):
         try:
             find_table(mimic_dir, "admissions")
-        except MimicError:
+        except TableNotFound:
             return "mimic4"
         raise MimicError(f"{mimic_dir}: has both MIMIC-III tables and a MIMIC-IV hosp/ directory; "
                          f"set data.release to mimic3 or mimic4")
     try:
         path, _ = find_table(mimic_dir, "diagnoses_icd")
-    except MimicError:
+    except TableNotFound:
         return "mimic3"  # the MIMIC-III loader names what is missing
     return "mimic4" if "icd_version" in {h.strip().lower() for h in read_header(path)} else "mimic3"
 

@@ -136,7 +136,8 @@ def _log_repairs(repairs: list[dict], notes: list[str], report_path: str) -> Non
         log.warning("prepare: %d repair(s), listed in %s (data.strict: true makes them errors):",
                     len(repairs), report_path)
         for r in repairs:
-            log.warning("  %s: %s %s: %s (e.g. %r)", r["file"], r["count"], r["kind"], r["repair"], r["example"])
+            log.warning("  %s: column %s: %s %s: %s (e.g. %r)", r["file"], r["column"], r["count"], r["kind"],
+                        r["repair"], r["example"])
     for line in notes:
         log.info("  noted: %s", line)
 

@@ -120,14 +120,15 @@ class TableReport:
         """MimicError if a column has more than `rules.max_bad_fraction` unparseable values."""
         for column, n in self.unparseable.items():
             if n > self.rules.max_bad_fraction * max(self.rows_read, 1):
-                self.refuse(column, n, self.examples.get(column, [""])[0], _what_parses(self.rules, column))
+                self.refuse(column, n, self.examples.get(column, [""])[0], *_what_parses(self.rules, column))
 
-    def refuse(self, column: str, n: int, example, what: str) -> None:
+    def refuse(self, column: str, n: int, example, what: str, hint: str = "") -> None:
+        """MimicError: `n` rows of `column` are `what` (more than the rules let be repaired)."""
         share = n / max(self.rows_read, 1)
         raise MimicError(
             f"{self.file}: column '{column}': {n} of {self.rows_read} row(s) ({share:.1%}) {what} "
             f"(e.g. {_shown(example)!r}); at most data.max_bad_fraction="
-            f"{self.rules.max_bad_fraction:g} of a column may be repaired")
+            f"{self.rules.max_bad_fraction:g} of a column may be repaired{hint}")
 
     def as_dict(self) -> dict:
         return {"file": self.file, "rows_read": self.rows_read, "dropped": self.dropped,
@@ -144,11 +145,11 @@ class TableReport:
         return out
 
 
-def _what_parses(rules: Rules, column: str) -> str:
+def _what_parses(rules: Rules, column: str) -> tuple[str, str]:
     if column in DATE_COLUMNS:
-        return (f"do not parse with the date format {rules.date_format(column)!r} "
-                f"(set data.date_formats.{column} to the file's format)")
-    return "do not parse"
+        return (f"do not parse with the date format {rules.date_format(column)!r}",
+                f"; if the file writes {column} another way, set data.date_formats.{column} to its format")
+    return "do not parse", ""
 
 
 def repairs(tables: Mapping[str, TableReport]) -> list[dict]:
