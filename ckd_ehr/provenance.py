@@ -6,7 +6,6 @@ at different code unless told.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import subprocess
 from pathlib import Path
@@ -34,7 +33,6 @@ def _git(*args: str) -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
-@functools.lru_cache(maxsize=1)
 def _git_state() -> tuple[str | None, bool | None]:
     commit = _git("rev-parse", "HEAD")
     if not commit:
@@ -45,8 +43,8 @@ def _git_state() -> tuple[str | None, bool | None]:
 
 def code_state() -> dict:
     """{"commit": HEAD or None without git, "dirty": tracked files changed (None without git),
-    "ckd_ehr_sha256": package_hash()}. The hash is computed anew on each call (code can change
-    between the stages of a long run); the git state once per process."""
+    "ckd_ehr_sha256": package_hash()}. Read anew on each call: code can change between the
+    stages of a long run (a study once recorded its start commit beside later hashes)."""
     commit, dirty = _git_state()
     return {"commit": commit, "dirty": dirty, "ckd_ehr_sha256": package_hash()}
 
