@@ -186,10 +186,74 @@ def test_too_large_gets_413(client):
 def test_openapi_and_phenotypes(client):
     spec = client.get("/openapi.json").json()
     assert {"/v1/predict", "/v1/phenotypes", "/healthz"} <= set(spec["paths"])
-    assert client.get("/docs").status_code == 200
+    # the /docs page loads its scripts from a CDN: off unless serve.api_docs
+    assert client.get("/docs").status_code == 404
     ph = client.get("/v1/phenotypes").json()["phenotypes"]
     assert [p["name"] for p in ph] == phenotype_names()
     assert ph[5]["name"] == "Essential hypertension" and len(ph[5]["efficacy_drugs"]) == 5
+
+
+def test_docs_page_when_asked_for(loaded):
+    from starlette.testclient import TestClient
+
+    from local_backend import LocalBackend
+
+    with TestClient(create_app(LocalBackend(*loaded), ServeConfig(api_docs=True, **LIMITS))) as c:
+        assert c.get("/docs").status_code == 200 and c.get("/openapi.json").status_code == 200
+
+
+VOCAB = {"drugs": ["Furosemide", "Heparin"], "procedures": ["Hemodialysis"]}
+
+
+@pytest.fixture(scope="module")
+def with_vocabulary(tiny_bert_dir, tmp_path_factory):
+    """A predictor and ModelInfo from an artifact that carries its training vocabulary."""
+    from ckd_ehr.bench.serve import make_untrained_artifact
+    from ckd_ehr.serve.app import load_predictor
+
+    dest = tmp_path_factory.mktemp("serve_vocab") / "artifact"
+    make_untrained_artifact(str(tiny_bert_dir), dest, titles=TITLES, vocabulary=VOCAB)
+    return load_predictor(str(dest))
+
+
+def test_records_the_model_knows_nothing_of_are_warned_and_counted(with_vocabulary):
+    """Null control beside each warning: the same kind of record naming one known item gets none."""
+    from starlette.testclient import TestClient
+
+    from ckd_ehr.serve.api import GUESSING, NO_DIAGNOSES
+    from local_backend import LocalBackend
+
+    predictor, info = with_vocabulary
+    assert {"furosemide", "hemodialysis", "unspecified essential hypertension", "4019"} <= info.vocabulary
+
+    def warned(rec):
+        return render_record(Record(**rec), info)[1]
+
+    assert warned({"diagnoses": [], "medications": ["Aspirin"]}) == [NO_DIAGNOSES, GUESSING]
+    assert warned({"diagnoses": [], "medications": ["furosemide "]}) == [NO_DIAGNOSES]
+    assert warned({"diagnoses": ["ZZZ99"], "medications": []})[-1] == GUESSING
+    assert GUESSING not in warned({"diagnoses": ["ZZZ99"], "procedures": ["Hemodialysis"]})
+    assert GUESSING not in warned({"diagnoses": ["4019"]})
+    # free text: a known item as whole words, or nothing known
+    assert warned({"text": "hypertension diabetes"}) == [GUESSING]
+    assert warned({"text": "Unspecified essential hypertension; heparin."}) == []
+    assert warned({"text": "heparinoid"}) == [GUESSING]
+    # an artifact without a vocabulary calls nothing a guess
+    assert GUESSING not in render_record(Record(text="hypertension diabetes"), loaded_info_without(info))[1]
+
+    backend = LocalBackend(predictor, info)
+    with TestClient(create_app(backend, ServeConfig(**LIMITS), metrics=backend.metrics)) as c:
+        r = c.post("/v1/predict", json={"records": [{"text": "hypertension diabetes"}, {"diagnoses": ["4019"]},
+                                                    {"diagnoses": [], "medications": ["Aspirin"]}]})
+        assert r.status_code == 200
+        assert [GUESSING in x["warnings"] for x in r.json()["results"]] == [True, False, True]
+        assert backend.metrics.snapshot()["guessed"] == 2
+
+
+def loaded_info_without(info):
+    import dataclasses
+
+    return dataclasses.replace(info, vocabulary=None)
 
 
 # hypothesis strategies: arbitrary JSON, and bodies close to valid requests

@@ -250,7 +250,10 @@ def test_artifact_reloads_with_identical_predictions(trained):
     assert stored.column("sample_id").to_pylist() == test.column("sample_id").to_pylist()
     probs = pred.predict_proba(test.column("text_eadf").to_pylist(), batch_size=16)
     np.testing.assert_array_equal(probs, np.asarray(stored.column("probs").to_pylist(), dtype=np.float32))
-    # Serve renders from structured fields exactly as training did
+    # Serve renders from structured fields exactly as training did, and knows training's items
+    train = read_parquet(layout.augmented("train"))
+    vocab = read_json(layout.path("student", "ckd_ehr", "artifact", "vocabulary.json"))
+    assert vocab["drugs"] == sorted({d for ds in train.column("drugs").to_pylist() for d in ds if d})
     row = test.slice(0, 1).to_pylist()[0]
     assert pred.render(row["diagnosis_titles"], row["drugs"], row["procedure_titles"],
                        row["phenotypes_current"]) == row["text_eadf"]

@@ -54,7 +54,8 @@ def efficacy_table_for_bench(top_k: int = 5) -> pa.Table:
 
 
 def make_untrained_artifact(model: str, dest: str | os.PathLike, max_length: int = 512,
-                            titles: dict[str, str] | None = None) -> dict:
+                            titles: dict[str, str] | None = None,
+                            vocabulary: dict[str, list[str]] | None = None) -> dict:
     """A student artifact (real layout, written by student.artifact.write_artifact) with an
     untrained head on encoder `model`: for benchmarks and tests of the serving path."""
     from transformers import AutoTokenizer
@@ -74,7 +75,7 @@ def make_untrained_artifact(model: str, dest: str | os.PathLike, max_length: int
     with tempfile.TemporaryDirectory(prefix="ckd-ehr-art-") as tmp:
         save_student(student, Path(tmp) / "weights")
         meta = write_artifact(str(dest), Path(tmp) / "weights", tok, meta, efficacy_table_for_bench(),
-                              Path(tmp) / "staging")
+                              Path(tmp) / "staging", vocabulary=vocabulary)
     if titles:
         (Path(dest) / "diagnosis_titles.json").write_text(json.dumps(titles))
     return meta

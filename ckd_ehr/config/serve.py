@@ -14,6 +14,10 @@ class ServeConfig(Section):
     """Bind address of the HTTP proxy; loopback by default (patient data)."""
     port: int = Field(8000, ge=1, le=65535)
     """HTTP port."""
+    api_docs: bool = False
+    """Serve FastAPI's interactive /docs page. Off by default: the page loads its scripts from a
+    public CDN, so on a hospital network without the internet it is blank. /openapi.json (the
+    API's schema) is served either way."""
     max_batch_size: int = Field(8, ge=1)
     """Largest batch `@serve.batch` forms. 8: on a 2-core CPU larger batches bought little
     throughput and doubled the tail latency (docs/benchmarks.md, "Serve under load"); raise it

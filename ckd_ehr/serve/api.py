@@ -44,6 +44,10 @@ _ICD9_DX = re.compile(r"^(\d{3,5}|V\d{2,4}|E\d{3,4})$")
 _ICD10_DX = re.compile(r"^[A-Z]\d[0-9A-Z](\.[0-9A-Z]{1,4})?$")
 _MAX_WARNINGS = 50       # per record: bounded, so a hostile record cannot blow up the response
 _MAX_ECHO = 40           # characters of an unknown code echoed back in a warning
+_MAX_NGRAM = 12          # words of the longest vocabulary item looked for in free text
+NO_DIAGNOSES = "no diagnosis codes: the prediction rests on the other items alone"
+GUESSING = ("nothing in this record is an item the model saw in training (diagnosis codes and titles, drugs, "
+            "procedures, phenotype names): its probabilities are a guess, not a reading of the record")
 
 
 # --- request / response schemas ----------------------------------------------------------
@@ -86,7 +90,8 @@ class PredictRequest(BaseModel):
 class RecordResult(BaseModel):
     probabilities: dict[str, float] = Field(..., description="Phenotype name -> probability at the next visit.")
     predicted: list[str] = Field(..., description="Phenotypes whose probability reaches the served threshold.")
-    warnings: list[str] = Field(default_factory=list, description="Unknown codes, items dropped by the text budget.")
+    warnings: list[str] = Field(default_factory=list, description="Unknown codes, items dropped by the text budget, "
+                                "no diagnoses, nothing known to the model (its answer is then a guess).")
     model_version: str = Field(..., description="artifact_id of the served student.")
 
 
@@ -130,6 +135,10 @@ class ModelInfo:
     carries a title map."""
     icd10_crosswalk: str = "hcup_ccs"
     """The ICD-10-CM -> phenotype crosswalk the training run used (data.icd10_crosswalk)."""
+    vocabulary: frozenset[str] | None = None
+    """item_key of every item training saw (drugs, procedures, diagnosis titles and codes,
+    phenotype names), from the artifact's vocabulary.json; None for an artifact without one
+    (then no record is called a guess)."""
     render: Callable[..., str] | None = None
     """The student's own renderer (StudentPredictor.render: render_input, then the same
     section-by-section shrinking to max_length tokens as training); None = render_input only."""
@@ -174,10 +183,26 @@ def check_limits(req: PredictRequest, cfg: ServeConfig) -> None:
             raise TooLarge(f"record {i}: {n} characters; at most {cfg.max_text_chars}", "record_too_long")
 
 
+def item_key(item: str) -> str:
+    """An item as the vocabulary check compares it: lower case, words of letters and digits."""
+    return " ".join(re.findall(r"[0-9a-z]+", item.casefold()))
+
+
+def text_knows(text: str, vocabulary: frozenset[str]) -> bool:
+    """Whether any vocabulary item appears in `text` as a run of whole words."""
+    words = item_key(text).split()
+    return any(" ".join(words[i:i + n]) in vocabulary
+               for n in range(1, _MAX_NGRAM + 1) for i in range(len(words) - n + 1))
+
+
 def render_record(rec: Record, info: ModelInfo) -> tuple[str, list[str]]:
-    """(model input text, warnings) for one record, rendered exactly as training did."""
+    """(model input text, warnings) for one record, rendered exactly as training did. Warned: an
+    unknown code, a structured record without diagnoses, and (when the artifact carries its
+    training vocabulary) a record in which nothing is known to the model."""
     if rec.text is not None:
-        return _clean(rec.text), []
+        text = _clean(rec.text)
+        guess = info.vocabulary is not None and not text_knows(text, info.vocabulary)
+        return text, [GUESSING] if guess else []
     warnings: list[str] = []
     if rec.icd_version == 10:
         codes, present = _icd10_codes(rec.diagnoses or [], info)
@@ -196,6 +221,13 @@ def render_record(rec: Record, info: ModelInfo) -> tuple[str, list[str]]:
     efficacy = efficacy_for(present, info.efficacy)   # the clauses as EADF rendered them in training
     drugs = [_clean(s) for s in rec.medications or []]
     procs = [_clean(s) for s in rec.procedures or []]
+    if not codes:
+        warnings.append(NO_DIAGNOSES)
+    if info.vocabulary is not None:
+        known = bool(present.any()) or any(c in info.diagnosis_titles for c in codes) or \
+            any(item_key(s) in info.vocabulary for s in drugs + procs)
+        if not known:
+            warnings.append(GUESSING)
     r = render_input(titles, drugs, procs, efficacy=efficacy or None, cfg=info.text_config)
     for section, n in r.dropped.items():
         if n:
@@ -268,7 +300,8 @@ def _validation_message(err: RequestValidationError) -> list[dict[str, Any]]:
 
 def create_app(backend: Backend | Callable[[], Backend], cfg: ServeConfig, token_sha256: str | None = None,
                metrics: ServeMetrics | None = None) -> FastAPI:
-    """The FastAPI app: POST /v1/predict, GET /v1/phenotypes, GET /healthz, docs at /docs.
+    """The FastAPI app: POST /v1/predict, GET /v1/phenotypes, GET /healthz, /openapi.json (and
+    the /docs page with serve.api_docs).
 
     `backend` may be a zero-argument callable returning the backend (Serve binds it late).
     `token_sha256`: digest of the bearer token; None = no authentication. `metrics` counts
@@ -276,7 +309,9 @@ def create_app(backend: Backend | Callable[[], Backend], cfg: ServeConfig, token
     """
     metrics = metrics if metrics is not None else ServeMetrics()
     get_backend: Callable[[], Backend] = backend if callable(backend) and not hasattr(backend, "predict") else (lambda: backend)
-    app = FastAPI(title="ckd-ehr student", version="1",
+    # FastAPI's /docs page loads its scripts from a public CDN: blank on a network without the
+    # internet, so it is off unless asked for; /openapi.json is always served.
+    app = FastAPI(title="ckd-ehr student", version="1", docs_url="/docs" if cfg.api_docs else None, redoc_url=None,
                   description="Next-visit phenotype prediction by the CKD-EHR student (arXiv 2506.15118).")
     app.add_middleware(RequestGuard, cfg=cfg, metrics=metrics)
     app.state.metrics = metrics
@@ -323,6 +358,7 @@ def create_app(backend: Backend | Callable[[], Backend], cfg: ServeConfig, token
             raise HTTPException(413, str(exc)) from None
         probs, warnings = await b.predict(req.records)
         results = [build_result(p, b.info, w) for p, w in zip(probs, warnings)]
+        metrics.guessed_records(sum(GUESSING in w for w in warnings))
         rid = request_id_var.get()
         log.info("predict %s: 200 (%d records)", rid, len(results))
         return PredictResponse(model_version=b.info.artifact_id, request_id=rid, results=results)

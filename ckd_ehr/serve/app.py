@@ -33,8 +33,9 @@ from ray.serve.schema import LoggingConfig
 from ckd_ehr.config import PipelineConfig, ServeConfig
 from ckd_ehr.contracts import RunLayout
 from ckd_ehr.data.phenotypes import normalize_icd9
-from ckd_ehr.serve.api import ModelInfo, Record, create_app, render_and_predict, token_digest
+from ckd_ehr.serve.api import ModelInfo, Record, create_app, item_key, render_and_predict, token_digest
 from ckd_ehr.serve.metrics import RayServeMetrics
+from ckd_ehr.student.artifact import VOCABULARY_FILE
 
 log = logging.getLogger("ckd_ehr.serve")
 
@@ -48,6 +49,12 @@ def model_info(predictor, artifact_dir: str | os.PathLike) -> ModelInfo:
     if titles_path.exists():
         # ICD-9 keys are stored normalised; ICD-10-CM keys dotted (MIMIC-IV runs), kept as they are.
         titles = {(k if "." in k else normalize_icd9(k)): str(v) for k, v in json.loads(titles_path.read_text()).items()}
+    vocab_path = Path(artifact_dir) / VOCABULARY_FILE
+    vocabulary = None
+    if vocab_path.exists():
+        items = json.loads(vocab_path.read_text())
+        vocabulary = frozenset(item_key(s) for s in [*items.get("drugs", []), *items.get("procedures", []),
+                                                      *titles, *titles.values(), *predictor.label_names]) - {""}
     return ModelInfo(
         artifact_id=str(predictor.meta["artifact_id"]),
         label_names=list(predictor.label_names),
@@ -55,6 +62,7 @@ def model_info(predictor, artifact_dir: str | os.PathLike) -> ModelInfo:
         text_config=predictor.text_config,
         efficacy={k: list(v) for k, v in (predictor.efficacy or {}).items()},
         diagnosis_titles=titles,
+        vocabulary=vocabulary,
         icd10_crosswalk=str((predictor.meta.get("data") or {}).get("icd10_crosswalk") or "hcup_ccs"),
         render=_own_tokenizer_render(predictor))
 
@@ -192,7 +200,8 @@ def start(cfg: PipelineConfig, artifact: str | None = None, token_sha256: str | 
 def run_serve(cfg: PipelineConfig, artifact: str | None = None, blocking: bool = True) -> str:
     """`ckd-ehr serve`: serve the student on 127.0.0.1 (by default) until Ctrl-C."""
     url = start(cfg, artifact)
-    print(f"ckd-ehr: serving at {url}/v1/predict (docs: {url}/docs); Ctrl-C stops", flush=True)
+    docs = f"{url}/docs" if cfg.serve.api_docs else f"{url}/openapi.json"
+    print(f"ckd-ehr: serving at {url}/v1/predict (API: {docs}); Ctrl-C stops", flush=True)
     if not blocking:
         return url
 

@@ -6,6 +6,8 @@ Prometheus endpoint, e.g. `ray_ckd_ehr_records_total`):
 
     ckd_ehr_records_total{model_version, precision}          records scored
     ckd_ehr_batch_size{model_version, precision}             records per forward pass (histogram)
+    ckd_ehr_guessed_records_total{model_version}             records answered with the warning that
+                                                             nothing in them is known to the model
     ckd_ehr_rejected_requests_total{reason, model_version}   overload, body_too_large,
                                                              too_many_records, record_too_long,
                                                              unauthorized, invalid
@@ -31,12 +33,17 @@ class ServeMetrics:
         self.batches = 0
         self.batch_sizes: Counter[int] = Counter()
         self.rejections: Counter[str] = Counter()
+        self.guessed = 0
 
     def scored(self, n_records: int) -> None:
         """One forward pass over n_records records."""
         self.records += n_records
         self.batches += 1
         self.batch_sizes[n_records] += 1
+
+    def guessed_records(self, n: int) -> None:
+        """n records answered although nothing in them is known to the model (a warning each)."""
+        self.guessed += n
 
     def rejected(self, reason: str) -> None:
         if reason not in REJECT_REASONS:
@@ -45,7 +52,8 @@ class ServeMetrics:
 
     def snapshot(self) -> dict:
         return {"model_version": self.model_version, "precision": self.precision, "records": self.records,
-                "batches": self.batches, "batch_sizes": dict(self.batch_sizes), "rejected": dict(self.rejections)}
+                "batches": self.batches, "batch_sizes": dict(self.batch_sizes), "rejected": dict(self.rejections),
+                "guessed": self.guessed}
 
 
 class RayServeMetrics(ServeMetrics):
@@ -65,6 +73,10 @@ class RayServeMetrics(ServeMetrics):
         self._rejected = m.Counter("ckd_ehr_rejected_requests_total", "Requests rejected by the replica, by reason.",
                                    tag_keys=("reason", "model_version"))
         self._rejected.set_default_tags({"model_version": model_version})
+        self._guessed = m.Counter("ckd_ehr_guessed_records_total",
+                                  "Records answered although nothing in them is known to the model.",
+                                  tag_keys=("model_version",))
+        self._guessed.set_default_tags({"model_version": model_version})
         info = m.Gauge("ckd_ehr_model_info", "1 for the served model version.", tag_keys=("model_version", "precision"))
         info.set(1, tags=tags)
         self._info = info
@@ -73,6 +85,11 @@ class RayServeMetrics(ServeMetrics):
         super().scored(n_records)
         self._records.inc(n_records)
         self._batch.observe(n_records)
+
+    def guessed_records(self, n: int) -> None:
+        super().guessed_records(n)
+        if n:
+            self._guessed.inc(n)
 
     def rejected(self, reason: str) -> None:
         super().rejected(reason)

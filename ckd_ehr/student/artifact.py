@@ -32,6 +32,10 @@ from ckd_ehr.student.model import (HEAD_FILE, autocast_bf16, cpu_has_amx, load_s
 log = logging.getLogger("ckd_ehr.student")
 
 
+VOCABULARY_FILE = "vocabulary.json"
+"""In a student artifact: {"drugs": [...], "procedures": [...]}, the items of the training split."""
+
+
 def artifact_id(directory: str | os.PathLike) -> str:
     """Content hash of the weights (head + encoder files): same weights, same id."""
     h = hashlib.sha256()
@@ -43,7 +47,8 @@ def artifact_id(directory: str | os.PathLike) -> str:
 
 def write_artifact(dest: str, weights_dir: str | os.PathLike, tokenizer, meta: dict[str, Any],
                    efficacy_table, staging: str | os.PathLike,
-                   diagnosis_titles: dict[str, str] | None = None) -> dict:
+                   diagnosis_titles: dict[str, str] | None = None,
+                   vocabulary: dict[str, list[str]] | None = None) -> dict:
     """Assemble the artifact in local `staging` from a checkpoint's `weights_dir` (model/ +
     head.safetensors) and upload it to `dest` (local or URI) in one move. Returns the meta."""
     staging = Path(staging)
@@ -57,6 +62,8 @@ def write_artifact(dest: str, weights_dir: str | os.PathLike, tokenizer, meta: d
     write_parquet(efficacy_table, staging / STUDENT_EFFICACY)
     if diagnosis_titles:  # Serve renders ICD-9 codes with the titles training saw
         write_json(staging / "diagnosis_titles.json", diagnosis_titles)
+    if vocabulary:  # Serve warns when a record names nothing the model saw in training
+        write_json(staging / VOCABULARY_FILE, vocabulary)
     meta = {"artifact_id": artifact_id(staging), "label_names": phenotype_names(), **meta}
     write_json(staging / STUDENT_META, meta)
     upload_dir(staging, dest)

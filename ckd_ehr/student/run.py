@@ -163,6 +163,22 @@ def diagnosis_title_map(cfg: PipelineConfig) -> dict[str, str]:
     return dict(sorted(zip(codes, titles)))
 
 
+def training_vocabulary(cfg: PipelineConfig) -> dict[str, list[str]]:
+    """The drugs and procedures (titles and codes) of the training samples' visits i: what Serve
+    checks a record against to say when the model is guessing."""
+    from ckd_ehr.storage import exists, read_parquet
+
+    path = RunLayout(cfg.run_dir).augmented("train")
+    if not exists(path):
+        return {}
+    t = read_parquet(path, columns=["drugs", "procedure_titles", "procedure_codes"])
+
+    def items(*cols: str) -> list[str]:
+        return sorted({str(v) for c in cols for v in t.column(c).combine_chunks().flatten().to_pylist() if v})
+
+    return {"drugs": items("drugs"), "procedures": items("procedure_titles", "procedure_codes")}
+
+
 @dataclass
 class StudentTraining:
     """A variant's training task and what its stage needs besides: the prepared splits, the
@@ -276,7 +292,8 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
             if os.path.exists(os.path.join(ckpt_dir, PROBE_HEAD)):  # head_init: probe (evaluate's probe row)
                 shutil.copy2(os.path.join(ckpt_dir, PROBE_HEAD), os.path.join(tmp, "weights", PROBE_HEAD))
         meta = write_artifact(layout.student_artifact(variant), f"{tmp}/weights", tokenizer, meta, eff_table,
-                              staging=f"{tmp}/artifact", diagnosis_titles=diagnosis_title_map(cfg))
+                              staging=f"{tmp}/artifact", diagnosis_titles=diagnosis_title_map(cfg),
+                              vocabulary=training_vocabulary(cfg))
 
     test = prep.splits["test"]
     table = pa.Table.from_arrays([
