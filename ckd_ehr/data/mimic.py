@@ -67,7 +67,6 @@ AGE_CAP = 90.0
 SECONDS_PER_YEAR = 365.2425 * 86400
 DEFAULT_BLOCK_SIZE = 16 << 20  # bytes of CSV per streamed block
 GZIP_MAGIC = b"\x1f\x8b"
-_as_array = as_array  # the name mimic4 imports
 
 
 def unparseable_rows(report: dict) -> int:
@@ -237,10 +236,7 @@ def parse_ints(raw, column: str, report: TableReport, required: bool) -> tuple[p
     values = pc.cast(pc.if_else(ok, values_raw, pa.scalar(None, pa.string())), pa.int64())
     ok_np = ok.to_numpy(zero_copy_only=False)
     bad = present & ~ok_np
-    report.count_bad(column, raw, bad)
-    if not required:
-        report.repair(f"unparseable {column}: set to null", int(bad.sum()), column,
-                      raw.filter(pa.array(bad))[0].as_py() if bad.any() else None)
+    report.unparseable_values(column, raw, bad, required)
     return values, ok_np if required else np.ones(len(raw), dtype=bool)
 
 
@@ -259,10 +255,7 @@ def parse_times(raw, column: str, report: TableReport, required: bool) -> tuple[
     ok = values.is_valid().to_numpy(zero_copy_only=False)
     present = trimmed.is_valid().to_numpy(zero_copy_only=False)
     bad = present & ~ok
-    report.count_bad(column, raw, bad)
-    if not required:
-        report.repair(f"unparseable {column}: set to null", int(bad.sum()), column,
-                      raw.filter(pa.array(bad))[0].as_py() if bad.any() else None)
+    report.unparseable_values(column, raw, bad, required)
     return values, ok if required else np.ones(len(raw), dtype=bool)
 
 

@@ -39,10 +39,10 @@ import pyarrow.fs as pafs
 from ckd_ehr.data import mimic as mimic
 from ckd_ehr.contracts import VISITS, check_schema
 from ckd_ehr.data.icd10 import dotted_icd10, load_crosswalk
-from ckd_ehr.data.mimic import (DEFAULT_BLOCK_SIZE, MimicError, TableNotFound, TableReport, _as_array, checked_ages, find_table,
+from ckd_ehr.data.mimic import (DEFAULT_BLOCK_SIZE, MimicError, TableNotFound, TableReport, checked_ages, find_table,
                                 gender_values, load_admissions, load_coded_events, load_drugs, parse_ints,
                                 read_header, read_small_table, require)
-from ckd_ehr.data.rules import Rules, check_leading_zeros, drop_exact_duplicates, first_null_like, repairs
+from ckd_ehr.data.rules import Rules, as_array, check_leading_zeros, drop_exact_duplicates, first_null_like, repairs
 from ckd_ehr.data.phenotypes import code_to_phenotype_table
 from ckd_ehr.storage import resolve
 
@@ -104,7 +104,7 @@ def load_patients(path: str, report: TableReport) -> pd.DataFrame:
     anchor_age, _ = parse_ints(t["anchor_age"], "anchor_age", report, required=False)
     anchor_year, _ = parse_ints(t["anchor_year"], "anchor_year", report, required=False)
     report.check_bad_fraction()
-    group = pc.utf8_trim_whitespace(_as_array(t["anchor_year_group"])).to_pylist()
+    group = pc.utf8_trim_whitespace(as_array(t["anchor_year_group"])).to_pylist()
     df = pd.DataFrame({
         "subject_id": subject.to_numpy(zero_copy_only=False),
         "gender": gender_values(t["gender"], report),
@@ -157,7 +157,7 @@ def load_dictionary(path: str, name: str, report: TableReport) -> pd.DataFrame:
     df = pd.DataFrame({
         "code": code.to_numpy(zero_copy_only=False),
         "version": version.to_numpy(zero_copy_only=False).astype("float64"),
-        "long_title": _as_array(t["long_title"]).to_numpy(zero_copy_only=False),
+        "long_title": as_array(t["long_title"]).to_numpy(zero_copy_only=False),
     })
     missing = (df["code"].isna() | (df["code"] == "")).to_numpy()
     report.drop("null-like icd_code (empty, NaN, NULL, NA...)", int(missing.sum()), "icd_code",

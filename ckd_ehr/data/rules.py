@@ -94,6 +94,14 @@ class TableReport:
             values = raw.filter(pa.array(bad)).slice(0, EXAMPLES_KEPT - len(shown)).to_pylist()
             shown.extend(_shown(v) for v in values)
 
+    def unparseable_values(self, column: str, raw: pa.Array, bad: np.ndarray, required: bool) -> None:
+        """Count a column's unparseable values; where the column is not required the values are
+        set to null (a repair; a required column's rows are dropped by the caller)."""
+        self.count_bad(column, raw, bad)
+        if not required:
+            self.repair(f"unparseable {column}: set to null", int(bad.sum()), column,
+                        raw.filter(pa.array(bad))[0].as_py() if bad.any() else None)
+
     def _count(self, into: dict, reason: str, n: int, column: str | None, example) -> None:
         if not n:
             return
