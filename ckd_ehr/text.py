@@ -83,6 +83,15 @@ CLAUSE_OPENINGS = {"paper": "The medications that maybe have therapeutic effect 
 COMPACT_CLAUSES_LEAD = "Effective drugs: "
 
 
+def knowledge_lead(cfg: TextConfig) -> str:
+    """The words that open EADF's clauses in texts rendered with `cfg`: the compact rendering's
+    one lead, else the first clause's opening up to its phenotype. The student's token bag
+    (ckd_ehr.modeling.token_bag) splits a text there."""
+    if cfg.render == "compact":
+        return COMPACT_CLAUSES_LEAD.strip()
+    return CLAUSE_OPENINGS[cfg.clauses if cfg.clauses in CLAUSE_OPENINGS else "paper"].split("{p}")[0].strip()
+
+
 def efficacy_clause(phenotype: str, drugs: Sequence[str], style: str = "paper") -> str:
     """One EADF clause: the phenotype and its top drugs, in the release's wording, a short one,
     or the compact rendering's (`compact`)."""

@@ -74,10 +74,12 @@ def test_layer_cache_round_trips_and_is_keyed(tmp_path):
 
 
 @pytest.mark.slow
-def test_loop_trains_only_the_top_layers_and_the_checkpoint_loads_back(tmp_path, tiny_bert_dir):
+@pytest.mark.parametrize("token_bag", [False, True])
+def test_loop_trains_only_the_top_layers_and_the_checkpoint_loads_back(tmp_path, tiny_bert_dir, token_bag):
     """In-process TrainLoop with train_top_layers 1 on a 2-layer BERT: the embeddings and layer 0
-    never move, the top layer and head do; the validation the loop reports is the checkpoint's
-    (loaded with student_from_checkpoint); a second run reads every row from the frozen cache."""
+    never move, the top layer and head do (and the bag head, with student.token_bag); the
+    validation the loop reports is the checkpoint's (loaded with student_from_checkpoint); a
+    second run reads every row from the frozen cache."""
     from ckd_ehr.student.model import predict_ids
     from ckd_ehr.student.run import build_student_task
     from ckd_ehr.student.train import student_from_checkpoint
@@ -87,7 +89,7 @@ def test_loop_trains_only_the_top_layers_and_the_checkpoint_loads_back(tmp_path,
     cfg = PipelineConfig.model_validate({"run_dir": str(tmp_path), "student": {
         "model": str(tiny_bert_dir), "variants": ["hard_eadf", "ckd_ehr"], "num_workers": 1, "batch_size": 4,
         "max_length": 128, "cpus_per_worker": 1, "epochs": 2, "lr": 1e-2, "train_top_layers": 1,
-        "autocast": "auto"}})
+        "autocast": "auto", "token_bag": token_bag}})
     built = build_student_task(cfg, "hard_eadf")
     loop = TrainLoop(cfg.student, built.task, WorkerContext(), LocalReporter(str(tmp_path / "train")))
     before = {n: p.detach().clone() for n, p in loop.engine.module.named_parameters()} if hasattr(
@@ -95,12 +97,13 @@ def test_loop_trains_only_the_top_layers_and_the_checkpoint_loads_back(tmp_path,
     metrics = loop.run()
     model = loop.engine.module
     moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
-    assert moved and all(n.startswith(("encoder.encoder.layer.1.", "head.")) for n in moved), moved
+    assert moved and all(n.startswith(("encoder.encoder.layer.1.", "head.", "bag_head.")) for n in moved), moved
+    assert ("bag_head.weight" in moved) == token_bag
     assert metrics["frozen_rows_computed"] == len(loop.train) + len(loop.val) and metrics["frozen_cache_s"] >= 0
     assert isinstance(metrics["autocast_bf16"], bool) and metrics["autocast_step_s_fp32"] > 0
 
     last = loop.reporter.checkpoints[-1][0]
-    loaded = student_from_checkpoint(last, built.model_path, "mean")
+    loaded = student_from_checkpoint(last, built.model_path, "mean", token_bag=built.token_bag)
     val = built.prep.splits["val"]
     logits = np.load(f"{last}/val_logits.npy")
     probs = predict_ids(loaded, val.input_ids, built.pad_id)

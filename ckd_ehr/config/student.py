@@ -70,6 +70,12 @@ class StudentConfig(TrainerConfig):
     phenotype's head row reads the result (LAAT, established for ICD coding): a phenotype's
     evidence is a few items of a 500-token text, which a mean dilutes. Its queries start at zero
     (the mean pool, so a probe start is exact) and learn at query_lr (default: head_lr)."""
+    token_bag: bool = False
+    """A linear path from the set of wordpieces in the text to the logits, beside the encoder's
+    head (ckd_ehr.modeling.token_bag: two segments, before and after EADF's knowledge lead).
+    Mean-pooled hidden states keep little of which items a text names; the bag keeps it. Fitted
+    with the head in the probe (step 0), then trained at head_lr. A deviation from the paper's
+    student (an encoder and one linear head): docs/paper.md. Needs mean or cls pooling."""
     max_length: int = Field(512, ge=16)
     """Maximum tokens. Beyond the encoder's positions (BERT: 512) a text is encoded in
     consecutive 512-token windows, mean-pooled together (student.model.encode_in_windows), so
@@ -111,6 +117,9 @@ class StudentConfig(TrainerConfig):
 
     @model_validator(mode="after")
     def _served_variant(self):
+        if self.token_bag and self.pooling == "label_attention":
+            raise ValueError("student.token_bag adds to one head over the pooled vector: pooling mean or cls, "
+                             "not label_attention")
         if "ckd_ehr" not in self.variants:
             raise ValueError("student.variants must include 'ckd_ehr' (the served student)")
         if self.probe_only_variants and self.head_init != "probe":

@@ -127,18 +127,24 @@ def _fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
 
 
 def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-              c_grid=PROBE_C_GRID, seed: int = 0, folds: int = PROBE_FOLDS) -> LinearProbe:
+              c_grid=PROBE_C_GRID, seed: int = 0, folds: int = PROBE_FOLDS,
+              standardize: np.ndarray | None = None) -> LinearProbe:
     """The probe of the module doc: C chosen by `folds`-fold cross-validation on the TRAINING
     rows (mean held-out macro AUROC against the fold's labels: rows whose target is a mix with
     teacher probabilities are scored against that target rounded to 0/1), refitted on all of
     them; `val_macro_auroc` is the refitted probe's on the validation rows, which tuned nothing,
     so checkpoint selection compares the probe and the fine-tuned steps on equal terms. A
-    phenotype with one class in training gets weight 0 and the logit of its (clipped) rate."""
+    phenotype with one class in training gets weight 0 and the logit of its (clipped) rate.
+    `standardize` (bool per column, default all): columns left False are fitted as they are (0/1
+    indicators: standardising would weaken the penalty on the rarest)."""
     x_train = np.asarray(x_train, dtype=np.float64)
     x_val = np.asarray(x_val, dtype=np.float64)
     y_train = np.asarray(y_train, dtype=np.float64)  # 0/1 labels, or a distillation target in [0, 1]
     mu = x_train.mean(axis=0)
     sd = x_train.std(axis=0) + 1e-6
+    if standardize is not None:
+        keep = ~np.asarray(standardize, dtype=bool)
+        mu[keep], sd[keep] = 0.0, 1.0
     z_train, z_val = (x_train - mu) / sd, (x_val - mu) / sd
     constant = y_train.min(axis=0) == y_train.max(axis=0)
     fold = _fold_ids(len(z_train), folds, seed)
@@ -165,3 +171,34 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
              {c: round(v, 4) for c, v in cv.items()}, score)
     return LinearProbe(weight=weight.astype(np.float32), bias=bias.astype(np.float32), c_value=float(c_value),
                        val_macro_auroc=float(score), train_samples=len(x_train), cv_macro_auroc=cv[c_value])
+
+
+def fit_probe_with_bag(x_train: np.ndarray, x_val: np.ndarray, ids_train, ids_val, bag, y_train: np.ndarray,
+                       y_val: np.ndarray, seed: int = 0) -> LinearProbe:
+    """fit_probe on the pooled features and a token bag (ckd_ehr.modeling.token_bag) together: the
+    bag's columns that vary over the training rows join the features unstandardised; the probe's
+    weight comes back over every column, [K, H + 2V] (zeros on the columns no training row varies)."""
+    from ckd_ehr.modeling.token_bag import bag_columns
+
+    def dense(rows, columns):
+        out = np.zeros((len(rows), len(columns)), dtype=np.float32)
+        index = {c: j for j, c in enumerate(columns)}
+        for i, ids in enumerate(rows):
+            for c in bag_columns(ids, bag):
+                if c in index:
+                    out[i, index[c]] = 1.0
+        return out
+
+    per_row = [bag_columns(ids, bag) for ids in ids_train]
+    counts = np.bincount(np.concatenate(per_row), minlength=bag.width) if per_row else np.zeros(bag.width, int)
+    used = np.flatnonzero((counts > 0) & (counts < len(ids_train)))
+    b_train, b_val = dense(ids_train, used), dense(ids_val, used)
+    hidden = x_train.shape[1]
+    probe = fit_probe(np.hstack([x_train, b_train]), y_train, np.hstack([x_val, b_val]), y_val, seed=seed,
+                      standardize=np.r_[np.ones(hidden, bool), np.zeros(len(used), bool)])
+    weight = np.zeros((probe.weight.shape[0], hidden + bag.width), dtype=np.float32)
+    weight[:, :hidden] = probe.weight[:, :hidden]
+    weight[:, hidden + used] = probe.weight[:, hidden:]
+    log.info("linear probe with token bag: %d of %d bag columns vary over the training rows", len(used), bag.width)
+    return LinearProbe(weight=weight, bias=probe.bias, c_value=probe.c_value, val_macro_auroc=probe.val_macro_auroc,
+                       train_samples=probe.train_samples, cv_macro_auroc=probe.cv_macro_auroc)

@@ -161,6 +161,9 @@ def export_hf(artifact: str, out: str, metrics_path: str | None = None, data_sou
         if encoder.config.model_type != "bert":
             raise ValueError(f"{d / 'model'}: encoder model_type '{encoder.config.model_type}'; the export "
                              "supports BERT-family encoders (bert, e.g. MiniLM)")
+        if meta.get("config", {}).get("token_bag"):
+            raise ValueError(f"{d / STUDENT_META}: student trained with token_bag; the Hugging Face export has "
+                             "no token-bag path (serve the artifact with `ckd-ehr serve`)")
         names = list(meta["label_names"])
         if names != phenotype_names():
             raise ValueError(f"{d / STUDENT_META}: label_names are not the 25 phenotypes in label order")

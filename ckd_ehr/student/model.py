@@ -19,6 +19,7 @@ from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
 from ckd_ehr.modeling.collate import predict_sorted
 from ckd_ehr.modeling.paths import resolve_model_path
 from ckd_ehr.modeling.pooling import pool
+from ckd_ehr.modeling.token_bag import TokenBag, multi_hot
 
 STUDENT_POOLINGS = ("mean", "cls", "label_attention")
 
@@ -104,13 +105,17 @@ class StudentModel(nn.Module):
     (docs/method.md) it can also return, on training batches that carry `token_units`, its side
     of the unit terms: `unit_attention` from an auxiliary label-attention head (`unit_queries`,
     training only: the logits never read it, so the served model is the same architecture) and
-    `unit_relation` from the hidden states of `relation_layer`."""
+    `unit_relation` from the hidden states of `relation_layer`. With a `token_bag`
+    (ckd_ehr.modeling.token_bag) the logits add `bag_head` over the text's wordpiece set."""
 
     def __init__(self, encoder: nn.Module, pooling: str = "mean", num_labels: int = NUM_PHENOTYPES,
-                 label_attention: bool = False, relation_layer: int | None = None):
+                 label_attention: bool = False, relation_layer: int | None = None,
+                 token_bag: TokenBag | None = None):
         super().__init__()
         if pooling not in STUDENT_POOLINGS:
             raise ValueError(f"unknown pooling '{pooling}' ({' or '.join(STUDENT_POOLINGS)})")
+        if token_bag is not None and pooling == "label_attention":
+            raise ValueError("token_bag needs mean or cls pooling, not label_attention")
         # BERT's pooler (tanh layer over [CLS], trained for next-sentence prediction) is not
         # used by our pooling: dropped, so DDP sees no parameters without gradients.
         if getattr(encoder, "pooler", None) is not None:
@@ -118,6 +123,12 @@ class StudentModel(nn.Module):
         self.encoder = encoder
         self.pooling = pooling
         self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+        # zero: the bag adds nothing until the probe (or training) sets it
+        self.token_bag = token_bag
+        self.bag_head = nn.Linear(token_bag.width, num_labels, bias=False) if token_bag is not None else None
+        if self.bag_head is not None:
+            nn.init.zeros_(self.bag_head.weight)
+            self.register_buffer("bag_lead", torch.tensor(token_bag.lead, dtype=torch.long), persistent=False)
         # `label_attention` pooling: one query per phenotype over the tokens (LAAT), each pooled
         # vector read by that phenotype's row of the head. Zero queries attend uniformly, i.e. the
         # mean pool: a probe fitted on mean-pooled features is then the model's exact start.
@@ -186,10 +197,21 @@ class StudentModel(nn.Module):
         hidden = self._hidden(input_ids, attention_mask, cached, extra)
         return pool(hidden, attention_mask, "mean" if self.pool_queries is not None else self.pooling)
 
-    def logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B, T, H] -> [B, 25]: pooling and head."""
+    def bag(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, 2V] 0/1: the token bag of the rows (token_bag only)."""
+        return multi_hot(input_ids, attention_mask, self.bag_lead, self.token_bag.vocab_size,
+                         self.bag_head.weight.dtype)
+
+    def logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+               input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, H] -> [B, 25]: pooling and head (plus the bag head over `input_ids`, with a token bag)."""
         if self.pool_queries is None:
-            return self.head(pool(hidden, attention_mask, self.pooling))
+            out = self.head(pool(hidden, attention_mask, self.pooling))
+            if self.bag_head is None:
+                return out
+            if input_ids is None:
+                raise ValueError("a student with a token bag needs the token ids, also beside cached states")
+            return out + self.bag_head(self.bag(input_ids, attention_mask)).to(out.dtype)
         from ckd_ehr.modeling.pooling import label_attention_pool
 
         pooled = label_attention_pool(hidden, attention_mask, self.pool_queries.to(hidden.dtype))   # [B, K, H]
@@ -201,7 +223,7 @@ class StudentModel(nn.Module):
         """Logits [B, 25]; on a batch with `token_units` [B, T] (the unit of each token, -1 none),
         {'logits', 'unit_attention' [B, 25, W], 'unit_relation' [B, W, W]} as the model has them."""
         if token_units is None or (self.unit_queries is None and self.relation_layer is None):
-            return self.logits(self._hidden(input_ids, attention_mask, cached, extra), attention_mask)
+            return self.logits(self._hidden(input_ids, attention_mask, cached, extra), attention_mask, input_ids)
         if cached is not None:
             raise ValueError("the multi-granularity unit terms need the whole encoder: leave train_top_layers unset")
         from ckd_ehr.modeling.pooling import label_attention_weights
@@ -210,7 +232,7 @@ class StudentModel(nn.Module):
         got = encode_in_windows(self.encoder, input_ids, attention_mask, self.window, extra.get("token_type_ids"),
                                 layer=self.relation_layer)
         last, chosen = got if self.relation_layer is not None else (got, None)
-        out = {"logits": self.logits(last, attention_mask)}
+        out = {"logits": self.logits(last, attention_mask, input_ids)}
         n_units = max(1, int(token_units.max()) + 1)
         if self.unit_queries is not None:
             attn = label_attention_weights(last, attention_mask, self.unit_queries)
@@ -221,10 +243,19 @@ class StudentModel(nn.Module):
         return out
 
     def load_probe(self, probe) -> None:
-        """Set the head to a ckd_ehr.modeling.probe.LinearProbe (linear probe, then fine-tune)."""
-        from ckd_ehr.modeling.probe import load_linear
+        """Set the head to a ckd_ehr.modeling.probe.LinearProbe (linear probe, then fine-tune); with a
+        token bag the probe's weight is [25, H + 2V]: the pooled features', then the bag's."""
+        from ckd_ehr.modeling.probe import LinearProbe, load_linear
 
-        load_linear(self.head, probe)
+        hidden = self.head.in_features
+        width = hidden + (self.bag_head.in_features if self.bag_head is not None else 0)
+        if probe.weight.shape[1] != width:
+            raise ValueError(f"probe of {probe.weight.shape[1]} features for a student reading {width}")
+        load_linear(self.head, LinearProbe(probe.weight[:, :hidden], probe.bias, probe.c_value,
+                                           probe.val_macro_auroc, probe.train_samples))
+        if self.bag_head is not None:
+            with torch.no_grad():
+                self.bag_head.weight.copy_(torch.as_tensor(probe.weight[:, hidden:], dtype=self.bag_head.weight.dtype))
 
 
 def load_encoder(path: str | os.PathLike, **kwargs) -> nn.Module:
@@ -314,7 +345,7 @@ def autocast_bf16(model: StudentModel, device: str = "cpu") -> StudentModel:
 
 def build_student(model: str, pooling: str = "mean", seed: int = 0, dtype: torch.dtype = torch.float32,
                   label_attention: bool = False, relation_layer: int | None = None,
-                  attention_dropout: float | None = None) -> StudentModel:
+                  attention_dropout: float | None = None, token_bag: TokenBag | None = None) -> StudentModel:
     """Pretrained encoder from `model` (directory, cached hub id or `pkg:NAME`), fresh head (and,
     for the unit terms, the auxiliary label attention / relation layer, see StudentModel).
     `attention_dropout` (None: the model's) sets the encoder config's attention-probability
@@ -328,7 +359,8 @@ def build_student(model: str, pooling: str = "mean", seed: int = 0, dtype: torch
         kwargs = {name: attention_dropout for name in ATTENTION_DROPOUT_NAMES if hasattr(config, name)}
     encoder = load_encoder(path, dtype=dtype, **kwargs)
     torch.manual_seed(seed)  # the head's initialisation is the only random part
-    return StudentModel(encoder, pooling=pooling, label_attention=label_attention, relation_layer=relation_layer)
+    return StudentModel(encoder, pooling=pooling, label_attention=label_attention, relation_layer=relation_layer,
+                        token_bag=token_bag)
 
 
 def save_student(model: StudentModel, out_dir: str | os.PathLike) -> None:
@@ -340,6 +372,10 @@ def save_student(model: StudentModel, out_dir: str | os.PathLike) -> None:
     head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
     if model.pool_queries is not None:   # label_attention pooling: its queries are part of the head
         head["queries"] = model.pool_queries.detach().cpu().contiguous()
+    if model.bag_head is not None:   # token bag: its weights and what it needs from the tokenizer
+        head["bag_weight"] = model.bag_head.weight.detach().cpu().contiguous()
+        head["bag_lead"] = torch.tensor(model.token_bag.lead, dtype=torch.long)
+        head["bag_vocab"] = torch.tensor([model.token_bag.vocab_size], dtype=torch.long)
     save_file(head, str(out / HEAD_FILE))
 
 
@@ -349,15 +385,20 @@ def load_student_model(in_dir: str | os.PathLike, pooling: str = "mean", device:
 
     in_dir = Path(in_dir)
     encoder = load_encoder(in_dir / "model")
-    model = StudentModel(encoder, pooling=pooling)
     head = load_file(str(in_dir / HEAD_FILE))
+    bag_weight = head.pop("bag_weight", None)
+    bag = TokenBag(tuple(head.pop("bag_lead").tolist()), int(head.pop("bag_vocab")[0])) if bag_weight is not None \
+        else None
+    model = StudentModel(encoder, pooling=pooling, token_bag=bag)
     queries = head.pop("queries", None)
     if (queries is None) != (model.pool_queries is None):
         raise ValueError(f"{in_dir / HEAD_FILE}: pooling {pooling!r} and the head's queries do not match")
     model.head.load_state_dict(head)
-    if queries is not None:
-        with torch.no_grad():
+    with torch.no_grad():
+        if queries is not None:
             model.pool_queries.copy_(queries)
+        if bag_weight is not None:
+            model.bag_head.weight.copy_(bag_weight)
     return model.to(device).eval()
 
 

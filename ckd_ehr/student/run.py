@@ -22,7 +22,8 @@ from ckd_ehr.config import PipelineConfig, config_hash
 from ckd_ehr.contracts import PREDICTIONS, PROBE_HEAD, RunLayout, student_variant
 from ckd_ehr.modeling.paths import resolve_model_path
 from ckd_ehr.storage import exists, write_parquet
-from ckd_ehr.text import diagnosis_title_column
+from ckd_ehr.modeling.token_bag import token_bag_of
+from ckd_ehr.text import diagnosis_title_column, knowledge_lead
 from ckd_ehr.student.data import (Encoded, FitStats, align_units, encode, fit_texts, load_efficacy, read_split,
                                   read_unit_targets, split_limit, variant_spec)
 from ckd_ehr.modeling.losses import balanced_pos_weight
@@ -83,7 +84,7 @@ def data_fingerprint(prep: Prepared) -> str:
 
 
 def _predict_remote(checkpoint, model_path: str, pooling: str, pad_id: int, data: dict,
-                    batch_size: int, use_gpu: bool) -> dict[str, np.ndarray]:
+                    batch_size: int, use_gpu: bool, token_bag=None) -> dict[str, np.ndarray]:
     """Probabilities of several splits from a checkpoint; in a Ray task on a GPU when training
     had them (the driver of a cluster job may have none), else in this process."""
     import ray
@@ -94,7 +95,7 @@ def _predict_remote(checkpoint, model_path: str, pooling: str, pad_id: int, data
 
         device = "cuda" if use_gpu else "cpu"
         with ckpt.as_directory() as d:
-            model = student_from_checkpoint(d, model_path, pooling, device)
+            model = student_from_checkpoint(d, model_path, pooling, device, token_bag)
         return {k: predict_ids(model, v.input_ids, pad_id, batch_size, device) for k, v in splits.items()}
 
     if not use_gpu:  # CPU: here, sparing a worker process start
@@ -128,8 +129,8 @@ def probe_test_probs(checkpoint, metrics: dict, task: TrainTask, model_path: str
     from ckd_ehr.student.model import features_ids
     from ckd_ehr.student.train import student_from_checkpoint
 
-    if metrics.get("step") != 0 or not task.feature_cache:
-        return None
+    if metrics.get("step") != 0 or not task.feature_cache or getattr(task.build_model, "token_bag", None) is not None:
+        return None   # (a token bag's probe also reads the bag, which the feature cache does not hold)
     with checkpoint.as_directory() as d:
         if not os.path.exists(os.path.join(d, PROBE_HEAD)):
             return None
@@ -190,6 +191,8 @@ class StudentTraining:
     model_path: str
     pad_id: int
     efficacy_table: Any
+    token_bag: Any = None
+    """ckd_ehr.modeling.token_bag.TokenBag with student.token_bag, else None."""
 
 
 def build_student_task(cfg: PipelineConfig, variant: str) -> StudentTraining:
@@ -210,15 +213,16 @@ def build_student_task(cfg: PipelineConfig, variant: str) -> StudentTraining:
     train = prep.splits["train"]
     pos_weight = balanced_pos_weight(train.labels).tolist() if s.distill.class_balanced else None
     pad_id = tokenizer.pad_token_id or 0
+    bag = token_bag_of(tokenizer, knowledge_lead(cfg.text)) if s.token_bag else None
     task = student_task(s, model_path, StudentData(train, prep.splits["val"]), pad_id, prep.distill, pos_weight,
-                        unit_weights=s.distill.unit_weights(variant))
+                        unit_weights=s.distill.unit_weights(variant), token_bag=bag)
     # Variants reading the same text (hard_plain / distill_plain, hard_eadf / ckd_ehr) share the
     # frozen encoder's features: the probe's feature pass runs once per text, not per variant.
     # label attention's probe reads the mean pool (what its zero queries compute)
     task.feature_cache = layout.probe_features
     task.feature_key = f"{s.model}|{'mean' if s.pooling == 'label_attention' else s.pooling}"
     task.frozen_cache, task.frozen_key = s.frozen_cache_dir or layout.student_frozen_cache, s.model
-    return StudentTraining(task, prep, tokenizer, model_path, pad_id, eff_table)
+    return StudentTraining(task, prep, tokenizer, model_path, pad_id, eff_table, bag)
 
 
 def train_variant(cfg: PipelineConfig, variant: str) -> dict:
@@ -262,7 +266,7 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
                                                           pad_id, prep.splits["test"], s.batch_size * 4)
     wanted = tuple(k for k, got in (("val", val_probs), ("test", test_probs)) if got is None)
     probs = _predict_remote(best, model_path, s.pooling, pad_id, {k: prep.splits[k] for k in wanted},
-                            s.batch_size * 4, s.use_gpu) if wanted else {}
+                            s.batch_size * 4, s.use_gpu, built.token_bag) if wanted else {}
     probs.update({k: got for k, got in (("val", val_probs), ("test", test_probs)) if got is not None})
     fixed = [0.5] * val.labels.shape[1]
     tuned = tune_thresholds(val.labels, probs["val"], "f1")
@@ -288,7 +292,8 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
     }
     with tempfile.TemporaryDirectory(prefix="ckd-student-") as tmp:
         with best.as_directory() as ckpt_dir:
-            save_student(student_from_checkpoint(ckpt_dir, model_path, s.pooling), f"{tmp}/weights")
+            save_student(student_from_checkpoint(ckpt_dir, model_path, s.pooling, token_bag=built.token_bag),
+                         f"{tmp}/weights")
             if os.path.exists(os.path.join(ckpt_dir, PROBE_HEAD)):  # head_init: probe (evaluate's probe row)
                 shutil.copy2(os.path.join(ckpt_dir, PROBE_HEAD), os.path.join(tmp, "weights", PROBE_HEAD))
         meta = write_artifact(layout.student_artifact(variant), f"{tmp}/weights", tokenizer, meta, eff_table,

@@ -23,8 +23,9 @@ from ckd_ehr.student.data import Encoded
 
 class BuildStudent:
     def __init__(self, model_path: str, pooling: str, seed: int, label_attention: bool = False,
-                 relation_layer: int | None = None, attention_dropout: float | None = None):
+                 relation_layer: int | None = None, attention_dropout: float | None = None, token_bag=None):
         self.model_path, self.pooling, self.seed = model_path, pooling, seed
+        self.token_bag = token_bag   # ckd_ehr.modeling.token_bag.TokenBag or None
         self.label_attention, self.relation_layer = label_attention, relation_layer
         self.attention_dropout = attention_dropout
 
@@ -32,7 +33,8 @@ class BuildStudent:
         from ckd_ehr.student.model import build_student
 
         return build_student(self.model_path, self.pooling, seed=self.seed, label_attention=self.label_attention,
-                             relation_layer=self.relation_layer, attention_dropout=self.attention_dropout)
+                             relation_layer=self.relation_layer, attention_dropout=self.attention_dropout,
+                             token_bag=self.token_bag)
 
 
 def examples(data: Encoded, with_teacher: bool, train: bool = False) -> list[dict]:
@@ -122,8 +124,9 @@ class StudentParamGroups:
         head_lr = self.head_lr or self.lr
         groups = [{"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": self.lr,
                    "weight_decay": self.weight_decay, "name": "encoder"},
-                  {"params": list(model.head.parameters()), "lr": head_lr, "weight_decay": self.weight_decay,
-                   "name": "head"}]
+                  {"params": list(model.head.parameters()) + ([] if getattr(model, "bag_head", None) is None
+                                                              else list(model.bag_head.parameters())),
+                   "lr": head_lr, "weight_decay": self.weight_decay, "name": "head"}]
         queries = [q for q in (model.unit_queries, model.pool_queries) if q is not None]
         if queries:
             groups.append({"params": queries, "lr": self.query_lr or head_lr, "weight_decay": self.weight_decay,
@@ -132,7 +135,7 @@ class StudentParamGroups:
 
 
 def student_task(cfg, model_path: str, load_data, pad_id: int, distill: bool, pos_weight=None,
-                 unit_weights: tuple[float, float] = (0.0, 0.0)) -> TrainTask:
+                 unit_weights: tuple[float, float] = (0.0, 0.0), token_bag=None) -> TrainTask:
     """cfg: StudentConfig; load_data: e.g. StudentData. `distill` False = hard-label variant
     (alpha 1, beta 0); pos_weight [25] (negatives / positives on training labels) balances the
     hard term of training batches; unit_weights = (beta_label, beta_relation) of the
@@ -141,23 +144,23 @@ def student_task(cfg, model_path: str, load_data, pad_id: int, distill: bool, po
     loss = DistillLoss(cfg.distill, hard_only=not distill, pos_weight=pos_weight, unit_weights=(label, relation))
     return TrainTask(build_model=BuildStudent(model_path, cfg.pooling, cfg.seed, label_attention=label > 0,
                                               relation_layer=cfg.distill.relation_layer if relation > 0 else None,
-                                              attention_dropout=cfg.attention_dropout),
+                                              attention_dropout=cfg.attention_dropout, token_bag=token_bag),
                      load_data=load_data, collate=StudentCollate(pad_id), loss_fn=loss,
                      param_groups=StudentParamGroups(cfg.lr, cfg.head_lr, cfg.weight_decay, cfg.query_lr),
                      probe_targets_of=loss.probe_targets)
 
 
-def student_from_checkpoint(ckpt_dir: str, model_path: str, pooling: str, device: str = "cpu"):
+def student_from_checkpoint(ckpt_dir: str, model_path: str, pooling: str, device: str = "cpu", token_bag=None):
     """The trained StudentModel from a checkpoint of ckd_ehr.training: trainable.safetensors holds
     every parameter that trained; under train_top_layers (train_state.json) the frozen ones are
-    the pretrained model's, loaded from `model_path`."""
+    the pretrained model's, loaded from `model_path`. `token_bag`: the TokenBag it trained with."""
     import json
 
     from safetensors.torch import load_file
 
     from ckd_ehr.student.model import build_student
 
-    model = build_student(model_path, pooling)
+    model = build_student(model_path, pooling, token_bag=token_bag)
     frozen: set[str] = set()
     state_file = os.path.join(ckpt_dir, "train_state.json")
     top = json.load(open(state_file)).get("train_top_layers") if os.path.exists(state_file) else None

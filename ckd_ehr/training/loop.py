@@ -233,12 +233,12 @@ class TrainLoop:
     # the frozen part's cache and the autocast choice -----------------------------------------
 
     def _collate(self, examples: Sequence[dict]) -> tuple[dict, Any]:
-        """The task's collate; under train_top_layers the rows' cached frozen-layer states replace
-        their token ids (padded to the batch's width, the attention mask kept)."""
+        """The task's collate; under train_top_layers the rows' cached frozen-layer states are added
+        (padded to the batch's width); the token ids stay for a model that reads them beside the
+        states (a student's token bag), the others ignore them."""
         inputs, targets = self.task.collate(list(examples))
         if self.frozen and "cached" in examples[0]:
             inputs["cached"] = pad_cached([e["cached"] for e in examples], inputs["attention_mask"].shape[1])
-            inputs.pop("input_ids")
         return inputs, targets
 
     def _cache_frozen(self, model: torch.nn.Module) -> None:
@@ -297,7 +297,6 @@ class TrainLoop:
         model.to(self.device)
         if self.frozen:
             inputs["cached"] = model.bottom(**to_device(inputs, self.device)).float()
-            inputs.pop("input_ids")
         inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
         was = model.training
         model.train(True)
@@ -330,7 +329,7 @@ class TrainLoop:
         """head_init `probe`: fit ckd_ehr.modeling.probe's logistic regression on the frozen model's
         pooled features of every training and validation sample (all ranks' shares gathered,
         the same deterministic fit on each rank) and load it into the model's head."""
-        from ckd_ehr.modeling.probe import fit_probe
+        from ckd_ehr.modeling.probe import fit_probe, fit_probe_with_bag
 
         if self.engine.zero3:
             raise ValueError("head_init: probe needs an unpartitioned model (ddp or DeepSpeed ZeRO-1/2), "
@@ -374,7 +373,12 @@ class TrainLoop:
         # validation: the labels, which the probe's C is chosen on.
         train_t = self._targets(self.train, self.task.probe_targets)
         val_y = self._targets(self.val, self.task.labels)
-        probe = fit_probe(train_x, train_t, val_x, val_y, seed=self.cfg.seed)
+        bag = getattr(model, "token_bag", None)
+        if bag is not None:   # the probe also fits the bag head: one logistic regression on both
+            probe = fit_probe_with_bag(train_x, val_x, [e["input_ids"] for e in self.train],
+                                       [e["input_ids"] for e in self.val], bag, train_t, val_y, self.cfg.seed)
+        else:
+            probe = fit_probe(train_x, train_t, val_x, val_y, seed=self.cfg.seed)
         model.load_probe(probe)
         self.probe_metrics = {"probe_val_macro_auroc": probe.val_macro_auroc, "probe_c": probe.c_value,
                               "probe_cv_macro_auroc": probe.cv_macro_auroc,
