@@ -31,7 +31,7 @@ class PipelineError(RuntimeError):
 
 
 
-def _fingerprint(path: str) -> str | None:
+def file_fingerprint(path: str) -> str | None:
     """Size and mtime of a file, or of every file under a directory; None if absent."""
     fs, inner = storage.resolve(path)
     info = fs.get_file_info(inner)
@@ -93,7 +93,7 @@ def select_stages(from_stage: str | None, to_stage: str | None) -> list[Stage]:
 
 def _required_inputs(stage: Stage, cfg: PipelineConfig, layout: RunLayout) -> dict[str, str]:
     """The stage's input fingerprints; PipelineError naming those that are missing."""
-    inputs = {p: _fingerprint(p) for p in stage.inputs(cfg, layout) if p}
+    inputs = {p: file_fingerprint(p) for p in stage.inputs(cfg, layout) if p}
     missing = [p for p, fp in inputs.items() if fp is None]
     if missing:
         raise PipelineError(f"stage {stage.name}: input(s) missing: {', '.join(missing)} "
@@ -124,7 +124,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, from_stage: str | No
         chash = stage_hash(stage, cfg)
         if (resume and record.get("status") == "done" and record.get("config_hash") == chash
                 and record.get("inputs") == inputs
-                and all(_fingerprint(p) is not None for p in record.get("outputs", {}))):
+                and all(file_fingerprint(p) is not None for p in record.get("outputs", {}))):
             log.info("[%d/%d] %s: unchanged, skipped (--resume)", i, len(stages), stage.name)
             record["skipped"] = True
             continue
@@ -144,7 +144,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, from_stage: str | No
         record.update(
             status="done", seconds=round(time.time() - started, 1), skipped=False,
             finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            outputs={p: {"rows": _rows(p), "fingerprint": _fingerprint(p)} for p in stage.outputs(cfg, layout)},
+            outputs={p: {"rows": _rows(p), "fingerprint": file_fingerprint(p)} for p in stage.outputs(cfg, layout)},
             summary=result if isinstance(result, dict) else None,
         )
         storage.write_json(layout.manifest, manifest)

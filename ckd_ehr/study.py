@@ -109,7 +109,7 @@ def study_cohorts(cfg: PipelineConfig) -> list[StudyCohort]:
 # running ------------------------------------------------------------------------------------
 
 def _fingerprint(layout: RunLayout) -> str | None:
-    from ckd_ehr.pipeline import _fingerprint as fp
+    from ckd_ehr.pipeline import file_fingerprint as fp
 
     return fp(layout.efficacy_table)
 
@@ -261,7 +261,7 @@ def _read_csv_gz(path: str) -> pd.DataFrame:
 
 def _test_predictions(seed_dir: str, row: str) -> pd.DataFrame:
     """A row's test predictions in one seed's run (PREDICTIONS rows, sorted by sample_id)."""
-    from ckd_ehr.evaluation.evaluate import read_predictions, teacher_predictions_from_soft_labels
+    from ckd_ehr.evaluation.predictions import read_predictions, teacher_predictions_from_soft_labels
 
     layout = RunLayout(seed_dir)
     if row in TEACHER_ROWS:
@@ -366,7 +366,7 @@ def teacher_comparison(cfg: PipelineConfig, layout: RunLayout, seed: int, teache
     rows the student reads, patient-bootstrap intervals), test metrics and calibration (the
     seed's evaluate), soft-label throughput (rows the teacher computed per second, Ray Data's
     start-up included) and training time (from the manifest of the run that trained it)."""
-    from ckd_ehr.evaluation.evaluate import teacher_predictions_from_soft_labels
+    from ckd_ehr.evaluation.predictions import teacher_predictions_from_soft_labels
     from ckd_ehr.evaluation.metrics import evaluate_predictions, macro_label_set, to_matrix
 
     evaluated = storage.read_json(layout.metrics)

@@ -69,7 +69,7 @@ def test_probe_with_bag_finds_a_token_and_loads_into_the_student_exactly(bag_ber
 
     g = np.random.default_rng(1)
     rows, y = [], []
-    for i in range(240):
+    for _ in range(240):
         r = g.integers(60, 300, size=14).tolist() + [7, 8] + g.integers(60, 300, size=4).tolist()
         pos = g.random() < 0.4
         # every row holds 50 and 51 once: the label is which one comes after the lead

@@ -21,6 +21,8 @@ import pandas as pd
 from ckd_ehr import storage
 from ckd_ehr.contracts import ARTIFACT_TOKENIZER, PROBE_HEAD, RunLayout, student_variant
 from ckd_ehr.evaluation.metrics import to_matrix
+from ckd_ehr.evaluation.predictions import (as_predictions, kept_step, read_predictions, read_thresholds,
+                                            reference_thresholds, teacher_predictions_from_soft_labels)
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
 
 log = logging.getLogger(__name__)
@@ -34,16 +36,12 @@ PROBE_ROLES = {
 
 def _frame(samples: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
     """PREDICTIONS-shaped rows (evaluate's), sorted by sample_id as evaluate's other rows."""
-    from ckd_ehr.evaluation.evaluate import _as_predictions
-
     order = np.argsort(samples["sample_id"].to_numpy(), kind="stable")
-    return _as_predictions(samples.iloc[order].reset_index(drop=True), np.asarray(probs)[order])
+    return as_predictions(samples.iloc[order].reset_index(drop=True), np.asarray(probs)[order])
 
 
 def _thresholds(y_val: np.ndarray, p_val: np.ndarray) -> tuple[dict, dict]:
-    from ckd_ehr.evaluation.evaluate import _reference_thresholds  # the reference rows' thresholds, the same for probes
-
-    return _reference_thresholds(y_val, p_val)
+    return reference_thresholds(y_val, p_val)   # the reference rows' thresholds, the same for probes
 
 
 def teacher_probe_row(cfg, layout: RunLayout):
@@ -69,7 +67,6 @@ def teacher_probe_row(cfg, layout: RunLayout):
         # Checkpoint selection kept step 0: no update was ever applied (LoRA's B starts at zero),
         # so the teacher IS its probe and the soft labels already hold these predictions; scoring
         # the test split again would cost a whole teacher pass (~8 min on the demo) for the same numbers.
-        from ckd_ehr.evaluation.evaluate import teacher_predictions_from_soft_labels
 
         test, val = (teacher_predictions_from_soft_labels(layout, s) for s in ("test", "val"))
         if test is not None and val is not None:
@@ -129,7 +126,6 @@ def student_probe_row(cfg, layout: RunLayout, variant: str | None = None):
     column = student_variant(variant).text_column
     details = {"model": s.model, "pooling": s.pooling, "C": probe.c_value, "variant": variant,
                "probe_val_macro_auroc": probe.val_macro_auroc, "train_samples": probe.train_samples, "text": column}
-    from ckd_ehr.evaluation.evaluate import kept_step, read_predictions, read_thresholds
 
     if kept_step(layout, variant) == 0 and storage.exists(layout.predictions(variant)):
         # Checkpoint selection kept step 0: no update was applied, so the student IS its probe and

@@ -365,7 +365,7 @@ def teacher_model_size(cfg):
     from transformers import AutoConfig, AutoModel
 
     from ckd_ehr.modeling.paths import resolve_model_path
-    from ckd_ehr.training import _DTYPE_BYTES, ModelSize
+    from ckd_ehr.training import DTYPE_BYTES, ModelSize
 
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
     conf = AutoConfig.from_pretrained(resolve_model_path(cfg.model), **kwargs)
@@ -380,7 +380,7 @@ def teacher_model_size(cfg):
     head = MLAPH(conf.hidden_size, NUM_PHENOTYPES, cfg.pooling)
     head_n = sum(p.numel() for p in head.parameters())
     return ModelSize(total_params=total + lora + head_n, trainable_params=lora + head_n,
-                     param_bytes=_DTYPE_BYTES[cfg.train_dtype()], hidden_size=conf.hidden_size,
+                     param_bytes=DTYPE_BYTES[cfg.train_dtype()], hidden_size=conf.hidden_size,
                      num_layers=conf.num_hidden_layers)
 
 

@@ -20,13 +20,13 @@ from ckd_ehr.training.engines import (DS_DIR, DS_TAG, OPTIM, TRAINABLE, DDPEngin
                                       cosine_with_warmup, deepspeed_config, make_engine)
 from ckd_ehr.training.loop import (FAIL_MARKER, TRAIN_STATE, LocalReporter, Reporter, TrainLoop, WorkerContext,
                                    format_duration, pick_best)
-from ckd_ehr.training.memory import (_DTYPE_BYTES, ModelSize, choose_strategy, device_memory_bytes, estimate_train_memory,
+from ckd_ehr.training.memory import (DTYPE_BYTES, ModelSize, choose_strategy, device_memory_bytes, estimate_train_memory,
                                      local_param_fraction, peak_rss_bytes, return_freed_memory)
 from ckd_ehr.training.ray_train import ObjectStoreValue, TrainResult, fit
 from ckd_ehr.training.task import TrainTask, default_labels_of, multilabel_metrics
 
 __all__ = [
-    "_DTYPE_BYTES",  # read by ckd_ehr.teacher.model.teacher_model_size
+    "DTYPE_BYTES",  # read by ckd_ehr.teacher.model.teacher_model_size
     "DDPEngine", "DS_DIR", "DS_TAG", "DeepSpeedEngine", "FAIL_MARKER", "LocalReporter", "ModelSize", "OPTIM",
     "ObjectStoreValue", "Reporter", "TRAINABLE", "TRAIN_STATE", "TrainLoop", "TrainResult", "TrainTask",
     "WorkerContext", "batch_tokens", "choose_strategy", "cosine_with_warmup", "deepspeed_config",

@@ -11,7 +11,7 @@ from torch import nn
 
 log = logging.getLogger("ckd_ehr.training")
 
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)

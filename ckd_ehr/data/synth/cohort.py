@@ -35,6 +35,7 @@ from ckd_ehr.contracts import GROUND_TRUTH
 from ckd_ehr.config import SynthConfig
 from ckd_ehr.data.phenotypes import phenotype_names
 from ckd_ehr.storage import exists, join, makedirs, resolve, write_json, write_parquet
+from ckd_ehr.data.synth.mimic4 import write_mimic4
 from ckd_ehr.data.synth.model import constants_dict, simulate
 from ckd_ehr.data.synth.oracle import ORACLE_FILE, next_visit_probabilities, oracle_table, planted_effects
 from ckd_ehr.data.synth.tables import (TABLES, admissions_table, d_icd_diagnoses_table, d_icd_procedures_table,
@@ -47,9 +48,8 @@ log = logging.getLogger("ckd_ehr.data.synth.cohort")
 
 def write_cohort(out_dir: str, cfg: SynthConfig) -> dict[str, int]:
     """Generate the cohort described by `cfg` into `out_dir`; return rows per table."""
-    if cfg.form == "mimic4":  # a layer over this generator: see synth_mimic4
-        from ckd_ehr.data.synth.mimic4 import write_mimic4
-        return write_mimic4(out_dir, cfg)
+    if cfg.form == "mimic4":  # a layer over this generator: its MIMIC-III form, converted
+        return write_mimic4(out_dir, cfg, write_cohort)
     start = time.perf_counter()
     makedirs(out_dir)
     _remove_other_form(out_dir, cfg.form)

@@ -29,6 +29,7 @@ import gzip
 import logging
 import shutil
 import tempfile
+from typing import Callable
 from datetime import date
 
 import numpy as np
@@ -37,9 +38,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from ckd_ehr.config import SynthConfig
+from ckd_ehr.contracts import GROUND_TRUTH
 from ckd_ehr.data.icd10 import icd9_to_icd10_gem, icd10cm_titles, icd10pcs_titles, load_crosswalk
 from ckd_ehr.data.mimic import find_table, read_header, stream_table
 from ckd_ehr.data.phenotypes import code_to_phenotype_table
+from ckd_ehr.data.synth.tables import TABLES, file_name
 from ckd_ehr.storage import atomic_output_stream, exists, join, makedirs, read_json, resolve, write_json
 
 log = logging.getLogger("ckd_ehr.data.synth.cohort")
@@ -207,16 +210,15 @@ class _Timeline:
         return self.icd10[pos]
 
 
-def write_mimic4(out_dir: str, cfg: SynthConfig) -> dict[str, int]:
-    """Generate the cohort of `cfg` (form 'mimic4') into out_dir/hosp; return rows per table."""
-    from ckd_ehr.contracts import GROUND_TRUTH
-    from ckd_ehr.data.synth.cohort import write_cohort
-
+def write_mimic4(out_dir: str, cfg: SynthConfig, write_mimic3_form: Callable[[str, SynthConfig], dict]) -> dict[str, int]:
+    """Generate the cohort of `cfg` (form 'mimic4') into out_dir/hosp; return rows per table.
+    `write_mimic3_form(dir, cfg)` writes the same cohort in MIMIC-III form (the generator's own,
+    ckd_ehr.data.synth.cohort), which is converted here."""
     makedirs(out_dir)
-    _remove_mimic3_form(out_dir)
+    remove_mimic3_form(out_dir)
     scratch = tempfile.mkdtemp(prefix="ckd-ehr-synth-mimic3-form-")
     try:
-        write_cohort(scratch, cfg.model_copy(update={"form": "demo"}))
+        write_mimic3_form(scratch, cfg.model_copy(update={"form": "demo"}))
         counts, recoded = convert(scratch, out_dir, cfg.seed)
         truth = read_json(join(scratch, GROUND_TRUTH))
     finally:
@@ -235,10 +237,8 @@ def _batches(src: str, name: str):
     return stream_table(path, tuple(h.strip().lower() for h in read_header(path)))
 
 
-def _remove_mimic3_form(out_dir: str) -> None:
+def remove_mimic3_form(out_dir: str) -> None:
     """A MIMIC-III-form cohort left in out_dir would make the release ambiguous."""
-    from ckd_ehr.data.synth.tables import TABLES, file_name
-
     for table in TABLES:
         for form in ("demo", "full"):
             path = join(out_dir, file_name(table, form))

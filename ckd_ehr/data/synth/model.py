@@ -170,7 +170,7 @@ def _streams(seed: int, n: int) -> list[np.random.Generator]:
     return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(n)]
 
 
-def _persistence(cfg: SynthConfig, c: GeneratorConstants) -> np.ndarray:
+def persistence_per_phenotype(cfg: SynthConfig, c: GeneratorConstants) -> np.ndarray:
     out = np.array([cfg.chronic_persistence if p.kind == "chronic" else cfg.acute_persistence
                     for p in phenotypes()])
     chf = [p.index for p in phenotypes() if p.name.startswith("Congestive heart failure")]
@@ -230,7 +230,7 @@ def simulate(cfg: SynthConfig, c: GeneratorConstants = CONSTANTS) -> Cohort:
     # --- phenotype dynamics and the drugs that act on them --------------------------
     k = cfg.drugs_per_phenotype
     propensity = r_dyn.lognormal(-c.cluster_sigma ** 2 / 2, c.cluster_sigma, (n, len(CLUSTERS)))
-    persistence = _persistence(cfg, c)
+    persistence = persistence_per_phenotype(cfg, c)
     onset_scale = np.where(kinds, c.chronic_onset_scale, c.acute_onset_scale)
     true_state = np.zeros((a_total, NUM_PHENOTYPES), dtype=bool)
     planted_given = np.zeros((a_total, NUM_PHENOTYPES, k), dtype=bool)

@@ -28,7 +28,7 @@ from ckd_ehr.config import SynthConfig
 from ckd_ehr.contracts import VECTOR25, RunLayout
 from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names, phenotypes
 from ckd_ehr.data.synth.model import (CLUSTER_EVENTS, CLUSTER_OF, CLUSTERS, CONSTANTS, PREVALENCE, Cohort, GeneratorConstants,
-                          _persistence)
+                          persistence_per_phenotype)
 
 ORACLE_FILE = "latent_oracle.parquet"
 ORACLE_SCHEMA = pa.schema([
@@ -59,7 +59,7 @@ def next_visit_probabilities(cohort: Cohort, cfg: SynthConfig, first: np.ndarray
     onset_scale = np.where(kinds, c.chronic_onset_scale, c.acute_onset_scale)
     onset = np.minimum(0.95, onset_scale * PREVALENCE * prop[:, CLUSTER_OF])
     event = _event_probability(prop, c)
-    persistence = _persistence(cfg, c)
+    persistence = persistence_per_phenotype(cfg, c)
     state = cohort.true_state[first]
     flare = np.where(cohort.flare[first], 1.0 - cfg.confounding, 1.0)
     if drugs:
