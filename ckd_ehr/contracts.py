@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
+from ckd_ehr.phenotypes import NUM_PHENOTYPES
 from ckd_ehr.storage import join
 
 SPLITS = ("train", "val", "test")

@@ -367,7 +367,7 @@ def teacher_comparison(cfg: PipelineConfig, layout: RunLayout, seed: int, teache
     seed's evaluate), soft-label throughput (rows the teacher computed per second, Ray Data's
     start-up included) and training time (from the manifest of the run that trained it)."""
     from ckd_ehr.evaluation.predictions import teacher_predictions_from_soft_labels
-    from ckd_ehr.evaluation.metrics import evaluate_predictions, macro_label_set, to_matrix
+    from ckd_ehr.metrics import evaluate_predictions, macro_label_set, to_matrix
 
     evaluated = storage.read_json(layout.metrics)
     out = {}

@@ -19,7 +19,7 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 
 from ckd_ehr.config import TextConfig
-from ckd_ehr.data.phenotypes import phenotype_names
+from ckd_ehr.phenotypes import phenotype_names
 
 INSTRUCTION_PREFIX = "Determine that the patient has one or more of the following diseases at the next visit: "
 

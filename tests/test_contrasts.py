@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 
 from ckd_ehr.evaluation.contrasts import Cohort, detectable_noncentrality, holm, study_contrasts
-from ckd_ehr.evaluation.metrics import auroc_draws, auroc_per_label, patient_resamples, patient_weights
+from ckd_ehr.metrics import auroc_draws, auroc_per_label, patient_resamples, patient_weights
 
 
 def test_holm_matches_hand_computation():

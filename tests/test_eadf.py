@@ -15,7 +15,7 @@ from ckd_ehr.contracts import (AUGMENTED_SAMPLES, EFFICACY, SAMPLES, ContractErr
 from ckd_ehr.eadf.stats import (efficacy_from_counts, efficacy_table_reference, newcombe, partial_counts,
                                 precision_at_k, reference_counts, split_counts, sum_partials, top_drugs,
                                 z_value)
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
+from ckd_ehr.phenotypes import NUM_PHENOTYPES, phenotype_names
 from ckd_ehr.text import render_input
 
 NAMES = phenotype_names()

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ckd_ehr.evaluation import metrics as M
+from ckd_ehr import metrics as M
 from ckd_ehr import storage
 from ckd_ehr.config import PipelineConfig, load_config
 from ckd_ehr.contracts import PREDICTIONS, ContractError, RunLayout
@@ -222,7 +222,7 @@ def test_the_summary_says_in_words_whether_the_best_model_beats_the_best_floor()
     import pandas as pd
 
     from ckd_ehr.evaluation.evaluate import score_model, summarise_findings
-    from ckd_ehr.evaluation.metrics import macro_label_set
+    from ckd_ehr.metrics import macro_label_set
 
     rng = np.random.default_rng(7)
     subjects = rng.integers(0, 150, N)

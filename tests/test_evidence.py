@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from ckd_ehr.evaluation import metrics as M
+from ckd_ehr import metrics as M
 from ckd_ehr.evaluation.baselines import baseline_probabilities
 from ckd_ehr.config import SynthConfig
 from ckd_ehr.data.synth.model import simulate

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
+from ckd_ehr.phenotypes import NUM_PHENOTYPES
 from ckd_ehr.teacher.generative import (IGNORE, AnswerVocabulary, ScoreCalibration, answer_loss, generative_example,
                                         lm_loss, phenotype_scores, phenotype_scores_batch, phenotype_scores_uncached)
 
@@ -151,7 +151,7 @@ def test_generative_teacher_task_learns_and_scores_from_its_artifact(tmp_path, t
 
     from ckd_ehr.bench.toy_samples import write_toy_samples
     from ckd_ehr.config import TeacherConfig
-    from ckd_ehr.evaluation.metrics import auroc_per_label
+    from ckd_ehr.metrics import auroc_per_label
     from ckd_ehr.teacher.artifact import load_teacher, write_artifact
     from ckd_ehr.teacher.data import predict_logits
     from ckd_ehr.teacher.generative import GenerativeTeacher, fit_calibration

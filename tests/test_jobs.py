@@ -53,7 +53,7 @@ def test_evaluate_scores_each_served_student_at_bf16_as_its_own_row(tiny_run, tm
     test split (`<variant>_bf16`), beside its fp32 row, with probabilities close to fp32's."""
     from ckd_ehr.config import PipelineConfig, build
     from ckd_ehr.evaluation.evaluate import run_evaluate
-    from ckd_ehr.evaluation.metrics import to_matrix
+    from ckd_ehr.metrics import to_matrix
 
     run_dir = copy_run(tiny_run.run_dir, tmp_path / "run", TO_SOFT_LABELS + ("student", "evaluate"))
     cfg = build(PipelineConfig, {**tiny_run.config, "run_dir": str(run_dir), "serve": {"precision": "bf16"},

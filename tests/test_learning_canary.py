@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from local_training import fit_in_process
 
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
+from ckd_ehr.phenotypes import NUM_PHENOTYPES
 
 # Single-token words in both WordPiece (MiniLM) and SmolLM2's BPE, so each marker is one unit.
 MARKERS = ["apple", "river", "orange", "window", "garden", "yellow"]

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from ckd_ehr.evaluation import metrics as M
-from ckd_ehr.data.phenotypes import phenotype_names
+from ckd_ehr import metrics as M
+from ckd_ehr.phenotypes import phenotype_names
 
 
 def random_case(n=300, k=25, seed=0, all_positive=True):

@@ -18,7 +18,7 @@ from ckd_ehr.contracts import SPLITS, RunLayout
 from ckd_ehr.data.icd10 import ROUTES, load_crosswalk, normalize_icd10
 from ckd_ehr.data.mimic import MimicError
 from ckd_ehr.data.mimic4 import detect_release
-from ckd_ehr.data.phenotypes import phenotype_names
+from ckd_ehr.phenotypes import phenotype_names
 from ckd_ehr.data.prepare import run_prepare
 
 # (ICD-10-CM family prefix, phenotype) a clinician would check first

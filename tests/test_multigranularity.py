@@ -13,7 +13,7 @@ import torch
 
 from ckd_ehr.config import PipelineConfig, TextConfig, build
 from ckd_ehr.contracts import ContractError
-from ckd_ehr.data.phenotypes import phenotype_names
+from ckd_ehr.phenotypes import phenotype_names
 from ckd_ehr.modeling.losses import DistillLoss, label_attention_kl, relation_kl
 from ckd_ehr.modeling.units import restrict, token_units, unit_attention, unit_relations, unit_vectors
 from ckd_ehr.text import render_input, text_units

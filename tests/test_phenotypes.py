@@ -1,12 +1,12 @@
 """The 25 benchmark phenotypes and the ICD-9-CM code map, checked against the CCS YAML read
-here with plain yaml (not through ckd_ehr.data.phenotypes)."""
+here with plain yaml (not through ckd_ehr.phenotypes)."""
 from importlib import resources
 
 import numpy as np
 import pytest
 import yaml
 
-from ckd_ehr.data.phenotypes import (NUM_PHENOTYPES, multi_hot, normalize_icd9, phenotype_names,
+from ckd_ehr.phenotypes import (NUM_PHENOTYPES, multi_hot, normalize_icd9, phenotype_names,
                                 phenotypes_of_code)
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from ckd_ehr.evaluation.baselines import macro_auroc
+from ckd_ehr.metrics import macro_auroc
 from ckd_ehr.modeling.probe import LinearProbe, fit_probe
 
 

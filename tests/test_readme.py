@@ -304,7 +304,7 @@ class _StandInModel:
 
     def __init__(self):
         from ckd_ehr.config import TextConfig
-        from ckd_ehr.data.phenotypes import phenotype_names
+        from ckd_ehr.phenotypes import phenotype_names
         from ckd_ehr.serve.api import ModelInfo
 
         self.info = ModelInfo(artifact_id="readme-test", label_names=phenotype_names(), thresholds=[0.5] * 25,

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckd_ehr.config import PipelineConfig, ServeConfig
-from ckd_ehr.data.phenotypes import multi_hot, phenotype_names, phenotypes
+from ckd_ehr.phenotypes import multi_hot, phenotype_names, phenotypes
 from ckd_ehr.serve.api import (PredictResponse, Record, PredictRequest, TooLarge, check_limits, create_app,
                                render_record, token_digest, token_ok)
 

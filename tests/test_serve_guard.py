@@ -288,7 +288,7 @@ def test_compiled_encoder_gives_the_eager_answers(artifact):
 def test_export_hf_loads_in_a_pipeline_with_the_artifacts_probabilities(artifact, tmp_path):
     from transformers import pipeline
 
-    from ckd_ehr.data.phenotypes import phenotype_names
+    from ckd_ehr.phenotypes import phenotype_names
     from ckd_ehr.student import load_student
     from ckd_ehr.student.export_hf import RestrictedModelError, export_hf, push_to_hub
 

@@ -17,7 +17,7 @@ import pytest
 
 from ckd_ehr import storage
 from ckd_ehr.contracts import SOFT_LABELS, SPLITS, ContractError, RunLayout
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
+from ckd_ehr.phenotypes import NUM_PHENOTYPES
 
 SIZES = {"train": 7, "val": 3, "test": 5}
 

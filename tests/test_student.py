@@ -9,7 +9,7 @@ import pytest
 
 from ckd_ehr.config import PipelineConfig, TextConfig
 from ckd_ehr.contracts import AUGMENTED_SAMPLES, EFFICACY, SOFT_LABELS, ContractError, RunLayout
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
+from ckd_ehr.phenotypes import NUM_PHENOTYPES, phenotype_names
 from ckd_ehr.storage import read_json, read_parquet, write_parquet
 from ckd_ehr.text import render_input
 
@@ -260,7 +260,7 @@ def test_artifact_reloads_with_identical_predictions(trained):
 
 
 def test_tuned_thresholds_are_stored(trained):
-    from ckd_ehr.evaluation.metrics import tune_thresholds
+    from ckd_ehr.metrics import tune_thresholds
     from ckd_ehr.student import load_student
 
     cfg, layout, _ = trained

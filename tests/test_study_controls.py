@@ -9,7 +9,7 @@ import pytest
 
 from ckd_ehr import storage
 from ckd_ehr.contracts import RunLayout
-from ckd_ehr.evaluation.metrics import to_matrix
+from ckd_ehr.metrics import to_matrix
 
 pytestmark = pytest.mark.slow
 

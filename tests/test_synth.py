@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from ckd_ehr.config import ConfigError, SynthConfig, build
-from ckd_ehr.data.phenotypes import code_to_phenotype_table, phenotypes
+from ckd_ehr.phenotypes import code_to_phenotype_table, phenotypes
 from ckd_ehr.contracts import GROUND_TRUTH
 from ckd_ehr.data.synth.cohort import write_cohort
 from ckd_ehr.data.synth.model import simulate

@@ -9,7 +9,7 @@ import pytest
 from ckd_ehr import storage
 from ckd_ehr.config import ConfigError, PipelineConfig, build, load_config
 from ckd_ehr.contracts import PREDICTIONS, SOFT_LABELS, TEACHER_META, RunLayout
-from ckd_ehr.evaluation import metrics as M
+from ckd_ehr import metrics as M
 
 
 def _soft(layout: RunLayout, split: str, source: str, ids, probs):

@@ -106,7 +106,7 @@ class _BagOfTokens:
         import torch
         from torch import nn
 
-        from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
+        from ckd_ehr.phenotypes import NUM_PHENOTYPES
 
         class Model(nn.Module):
             def __init__(self):
@@ -144,7 +144,7 @@ def _collate(batch):
 
 def _marker_examples(n: int, seed: int) -> list[dict]:
     """Phenotype j present iff token 1 + j appears (filler tokens above the markers)."""
-    from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
+    from ckd_ehr.phenotypes import NUM_PHENOTYPES
 
     rng = np.random.default_rng(seed)
     out = []

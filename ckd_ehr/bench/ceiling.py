@@ -34,7 +34,7 @@ def bench_ceiling(cfg, args) -> dict:
     from ckd_ehr.data.synth.model import simulate
     from ckd_ehr.data.synth.oracle import next_visit_probabilities
     from ckd_ehr.data.synth.pairs import admission_features, cohort_pairs
-    from ckd_ehr.evaluation.metrics import auroc_per_label, macro_label_set
+    from ckd_ehr.metrics import auroc_per_label, macro_label_set
 
     check_only = getattr(args, "check_only", False)
     patients = args.patients or (50_000 if check_only else 200_000)
@@ -118,7 +118,8 @@ def bench_synth_signal(cfg, args) -> dict:
     planted_effect=1.0 twin (same seed: the same drugs given the same way, doing nothing). The
     target (issue 14): with drugs in [0.70, 0.85], and the drug gain on the cohort at least 0.03
     above the twin's (drugs also mark the disease state: the twin's gain is that part)."""
-    from ckd_ehr.evaluation.baselines import logistic_regression, macro_auroc
+    from ckd_ehr.evaluation.baselines import logistic_regression
+    from ckd_ehr.metrics import macro_auroc
     from ckd_ehr.data.synth.model import simulate
     from ckd_ehr.data.synth.pairs import admission_features, cohort_pairs
 

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from ckd_ehr.contracts import SAMPLES
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
+from ckd_ehr.phenotypes import NUM_PHENOTYPES, phenotype_names
 from ckd_ehr.bench.common import emit, measure
 
 log = logging.getLogger(__name__)

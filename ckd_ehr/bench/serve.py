@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from ckd_ehr.config import PipelineConfig, TextConfig
 from ckd_ehr.contracts import EFFICACY, SERVE_PRECISIONS, STUDENT_META, RunLayout
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotypes, phenotypes_of_code
+from ckd_ehr.phenotypes import NUM_PHENOTYPES, phenotypes, phenotypes_of_code
 from ckd_ehr.storage import exists
 from ckd_ehr.bench.common import emit, machine
 

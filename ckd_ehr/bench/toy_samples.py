@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from ckd_ehr import storage
 from ckd_ehr.contracts import RunLayout
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
+from ckd_ehr.phenotypes import NUM_PHENOTYPES, phenotype_names
 
 MARKERS = ["sepsis", "pneumonia", "fracture", "asthma", "anemia", "stroke", "ulcer", "gout"]
 FILLER = ["headache", "nausea", "rash", "fatigue", "dizziness", "insomnia", "backache", "cold"]

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata, resources
 
-from ckd_ehr.data.phenotypes import code_to_phenotype_table, phenotypes
+from ckd_ehr.phenotypes import code_to_phenotype_table, phenotypes
 
 CROSSWALKS = ("hcup_ccs", "cms_gem")
 ROUTES = ("exact", "ancestor", "descendants", "unlisted")

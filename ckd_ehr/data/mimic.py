@@ -39,7 +39,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 
 from ckd_ehr.contracts import VISITS, check_schema
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, code_to_phenotype_table
+from ckd_ehr.phenotypes import NUM_PHENOTYPES, code_to_phenotype_table
 from ckd_ehr.data.rules import (EXAMPLES_KEPT, MimicError, Rules, TableReport, as_array, check_leading_zeros,
                                 drop_exact_duplicates, duplicate_mask, first_null_like, nullify, repairs)
 from ckd_ehr.storage import resolve

@@ -36,14 +36,15 @@ import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from ckd_ehr.data import mimic as mimic
+import ckd_ehr.data.mimic as mimic
 from ckd_ehr.contracts import VISITS, check_schema
 from ckd_ehr.data.icd10 import dotted_icd10, load_crosswalk
 from ckd_ehr.data.mimic import (DEFAULT_BLOCK_SIZE, MimicError, TableNotFound, TableReport, checked_ages, find_table,
                                 gender_values, load_admissions, load_coded_events, load_drugs, parse_ints,
                                 read_header, read_small_table, require)
 from ckd_ehr.data.rules import Rules, as_array, check_leading_zeros, drop_exact_duplicates, first_null_like, repairs
-from ckd_ehr.data.phenotypes import code_to_phenotype_table
+from ckd_ehr.data.mimic4_report import MIXED, NONE, VERSION_LABELS, VERSIONS, icd10_mapping, icd_report
+from ckd_ehr.phenotypes import code_to_phenotype_table
 from ckd_ehr.storage import resolve
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,6 @@ TABLE_COLUMNS = {
     "d_icd_procedures": ("icd_code", "icd_version", "long_title"),
 }
 TABLES = tuple(TABLE_COLUMNS)
-VERSIONS = (9, 10)
-MIXED, NONE = 19, 0  # admission_versions() codes besides 9 and 10
-VERSION_LABELS = {9: "9", 10: "10", MIXED: "mixed", NONE: "none"}
 
 
 # --- where the tables are -------------------------------------------------------------------
@@ -220,8 +218,6 @@ def phenotype_keys(dx: pd.DataFrame) -> np.ndarray:
 def load_visits(mimic_dir: str, block_size: int = DEFAULT_BLOCK_SIZE, icd_versions=VERSIONS,
                 crosswalk: str = "hcup_ccs", rules: Rules | None = None) -> tuple:
     """Read the seven hosp/ tables under `mimic_dir`; return (VISITS table, load report dict)."""
-    from ckd_ehr.data.mimic4_report import icd10_mapping, icd_report
-
     where = tables_dir(mimic_dir)
     paths, forms = {}, {}
     for name in TABLES:

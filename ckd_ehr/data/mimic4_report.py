@@ -21,10 +21,12 @@ import pandas as pd
 import pyarrow as pa
 
 from ckd_ehr.data.icd10 import ROUTES, Crosswalk
-from ckd_ehr.data.mimic4 import VERSION_LABELS
 from ckd_ehr.contracts import to_matrix
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, code_to_phenotype_table, phenotype_names
+from ckd_ehr.phenotypes import NUM_PHENOTYPES, code_to_phenotype_table, phenotype_names
 
+VERSIONS = (9, 10)
+MIXED, NONE = 19, 0  # admission_versions() codes besides 9 and 10 (ckd_ehr.data.mimic4)
+VERSION_LABELS = {9: "9", 10: "10", MIXED: "mixed", NONE: "none"}
 UNMAPPED_LISTED = 2000  # codes listed by name in the report; the count is always complete
 
 

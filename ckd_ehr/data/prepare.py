@@ -87,7 +87,7 @@ def _strict_failure(repairs: list[dict], report_path: str) -> str:
 
 def load_release(source_dir: str, data: DataConfig) -> tuple:
     """(VISITS table, load report) of the MIMIC-III or MIMIC-IV tables in `source_dir`."""
-    from ckd_ehr.data import mimic4 as mimic4
+    import ckd_ehr.data.mimic4 as mimic4
 
     release = mimic4.detect_release(source_dir) if data.release == "auto" else data.release
     block_size = data.csv_block_mb << 20

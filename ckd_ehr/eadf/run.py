@@ -35,7 +35,7 @@ from ckd_ehr.eadf.stats import (COUNT_COLUMNS, PARTIAL_SCHEMA, Counts, efficacy_
                          multi_hot_matrix, partial_counts, precision_at_k, split_counts, sum_partials,
                          top_drugs)
 from ckd_ehr.eadf.validity import listing_validity
-from ckd_ehr.data.phenotypes import phenotype_names
+from ckd_ehr.phenotypes import phenotype_names
 from ckd_ehr.text import CONTROL_KINDS, control_efficacy, diagnosis_title_column, efficacy_for, render_input
 
 log = logging.getLogger(__name__)

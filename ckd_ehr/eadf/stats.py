@@ -42,7 +42,7 @@ from ckd_ehr.config import EADFConfig
 from ckd_ehr.contracts import EFFICACY, ContractError
 from ckd_ehr.eadf.inference import (benjamini_hochberg, cmh_score_p, design_effect, mantel_haenszel_rd, newcombe,
                              wilson, z_value)
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, code_to_phenotype_table, phenotype_names
+from ckd_ehr.phenotypes import NUM_PHENOTYPES, code_to_phenotype_table, phenotype_names
 
 __all__ = ["COUNT_COLUMNS", "PARTIAL_SCHEMA", "Counts", "partial_counts", "sum_partials", "split_counts",
            "reference_counts", "efficacy_from_counts", "efficacy_table_reference", "top_drugs",

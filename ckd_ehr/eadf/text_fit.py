@@ -18,7 +18,7 @@ import numpy as np
 
 from ckd_ehr import storage
 from ckd_ehr.contracts import SPLITS, RunLayout
-from ckd_ehr.data.phenotypes import phenotype_names
+from ckd_ehr.phenotypes import phenotype_names
 
 log = logging.getLogger(__name__)
 

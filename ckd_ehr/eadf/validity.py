@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from ckd_ehr.config import EADFConfig
 from ckd_ehr.eadf.inference import power_one_sided
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
+from ckd_ehr.phenotypes import NUM_PHENOTYPES
 
 POWER_TARGET = 0.8
 SIMULATION_PATIENTS = 60_000
@@ -59,7 +59,7 @@ def true_effects_by_simulation(params: dict, patients: int = SIMULATION_PATIENTS
     Monte Carlo error at 60,000 patients: about 0.01 on each rate.
     """
     from ckd_ehr.config import SynthConfig
-    from ckd_ehr.data.phenotypes import phenotype_names
+    from ckd_ehr.phenotypes import phenotype_names
     from ckd_ehr.data.synth.model import simulate
 
     fields = {k: v for k, v in params.items() if k in SynthConfig.model_fields}

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from ckd_ehr.evaluation.metrics import auroc_per_label
+from ckd_ehr.metrics import macro_auroc
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +105,6 @@ def predict_one_vs_rest(models: list, x) -> np.ndarray:
     for j, m in enumerate(models):
         out[:, j] = m if isinstance(m, float) else m.predict_proba(x)[:, 1]
     return out
-
-
-def macro_auroc(y: np.ndarray, probs: np.ndarray) -> float:
-    auc = auroc_per_label(y, probs)
-    return float(np.nanmean(auc)) if np.any(~np.isnan(auc)) else float("nan")
 
 
 def logistic_regression(x_train, y_train, x_eval: dict, y_val: np.ndarray, c_grid=C_GRID,

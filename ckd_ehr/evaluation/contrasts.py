@@ -8,7 +8,7 @@ positives, fixed once per cohort on its full test split.
 Two sources of noise enter every interval (each study.md states the method beside the figures):
 
 - test patients: a patient bootstrap. Each draw resamples the cohort's test PATIENTS (all their
-  samples come along, as sample weights: ckd_ehr.evaluation.metrics.auroc_draws); within a draw
+  samples come along, as sample weights: ckd_ehr.metrics.auroc_draws); within a draw
   every row and seed is scored on the same resampled samples, so the pairing of rows on the same
   patients is kept. V_test = the bootstrap variance of the seed-averaged quantity.
 - training seeds: the spread of the quantity between seeds on the whole test split (for a
@@ -43,7 +43,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import stats
 
-from ckd_ehr.evaluation.metrics import auroc_draws, macro_label_set, patient_weights
+from ckd_ehr.metrics import auroc_draws, macro_label_set, patient_weights
 
 METHOD = ("per cohort: seed mean of the paired per-seed differences; variance = patient-bootstrap variance of "
           "the seed mean + between-seed variance / seeds (seed variance pooled over cohorts); cohorts pooled "

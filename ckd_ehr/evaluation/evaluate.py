@@ -30,9 +30,9 @@ import pyarrow as pa
 
 from ckd_ehr import storage
 from ckd_ehr.contracts import (PREDICTIONS, PRIMARY_VARIANTS, STUDENT_VARIANT_TABLE, STUDENT_VARIANTS, TEACHER_ROWS, ContractError, RunLayout, base_variant, check_schema)
-from ckd_ehr.evaluation.metrics import (ALL_METRICS, bootstrap_scores, delta_summary, evaluate_predictions, interval,
+from ckd_ehr.metrics import (ALL_METRICS, bootstrap_scores, delta_summary, evaluate_predictions, interval,
                       macro_label_set, paired_bootstrap_delta, to_matrix)
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
+from ckd_ehr.phenotypes import NUM_PHENOTYPES, phenotype_names
 from ckd_ehr.evaluation.predictions import (as_predictions, kept_step, learning_curve,
                                             read_predictions, read_thresholds, reference_thresholds,
                                             teacher_predictions_from_soft_labels)

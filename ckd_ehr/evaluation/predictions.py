@@ -10,8 +10,8 @@ import pyarrow as pa
 from ckd_ehr import storage
 from ckd_ehr.contracts import (PREDICTIONS, TEACHER_META, TEACHER_ROWS, ContractError, RunLayout, base_variant,
                                check_schema)
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
-from ckd_ehr.evaluation.metrics import to_matrix, tune_thresholds
+from ckd_ehr.phenotypes import NUM_PHENOTYPES
+from ckd_ehr.metrics import to_matrix, tune_thresholds
 
 
 def read_predictions(path: str) -> pd.DataFrame:

@@ -20,10 +20,10 @@ import pandas as pd
 
 from ckd_ehr import storage
 from ckd_ehr.contracts import ARTIFACT_TOKENIZER, PROBE_HEAD, RunLayout, student_variant
-from ckd_ehr.evaluation.metrics import to_matrix
+from ckd_ehr.metrics import to_matrix
 from ckd_ehr.evaluation.predictions import (as_predictions, kept_step, read_predictions, read_thresholds,
                                             reference_thresholds, teacher_predictions_from_soft_labels)
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
+from ckd_ehr.phenotypes import NUM_PHENOTYPES
 
 log = logging.getLogger(__name__)
 

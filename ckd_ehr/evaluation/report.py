@@ -175,7 +175,7 @@ def plot_reliability(metrics: dict) -> bytes:
 
 def plot_reliability_curves(curves: dict[str, dict], title: str, highlight: str | None = None) -> bytes:
     """Reliability diagram (PNG bytes), one line per named set of calibration bins
-    (ckd_ehr.evaluation.metrics.reliability_bins: mean_prob, positive_rate, ece); the diagonal
+    (ckd_ehr.metrics.reliability_bins: mean_prob, positive_rate, ece); the diagonal
     is perfect calibration. Used by this report and the soft-label quality report."""
     import matplotlib
     matplotlib.use("Agg")

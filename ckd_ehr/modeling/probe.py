@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ckd_ehr.evaluation.baselines import macro_auroc
+from ckd_ehr.metrics import macro_auroc
 
 log = logging.getLogger(__name__)
 

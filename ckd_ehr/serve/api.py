@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ckd_ehr.config import ServeConfig, TextConfig
-from ckd_ehr.data.phenotypes import multi_hot, normalize_icd9, phenotype_names, phenotypes_of_code
+from ckd_ehr.phenotypes import multi_hot, normalize_icd9, phenotype_names, phenotypes_of_code
 from ckd_ehr.text import efficacy_for, render_input
 from ckd_ehr.serve.guard import RequestGuard, request_id_var
 from ckd_ehr.serve.metrics import ServeMetrics

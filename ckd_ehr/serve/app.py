@@ -32,7 +32,7 @@ from ray.serve.schema import LoggingConfig
 
 from ckd_ehr.config import PipelineConfig, ServeConfig
 from ckd_ehr.contracts import RunLayout
-from ckd_ehr.data.phenotypes import normalize_icd9
+from ckd_ehr.phenotypes import normalize_icd9
 from ckd_ehr.serve.api import ModelInfo, Record, create_app, item_key, render_and_predict, token_digest
 from ckd_ehr.serve.metrics import RayServeMetrics
 from ckd_ehr.student.artifact import VOCABULARY_FILE

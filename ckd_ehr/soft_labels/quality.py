@@ -15,8 +15,8 @@ import pyarrow as pa
 
 from ckd_ehr import storage
 from ckd_ehr.contracts import SPLITS, RunLayout
-from ckd_ehr.data.phenotypes import phenotype_names
-from ckd_ehr.evaluation.metrics import to_matrix
+from ckd_ehr.phenotypes import phenotype_names
+from ckd_ehr.metrics import to_matrix
 
 
 def binary_entropy_bits(p: np.ndarray) -> np.ndarray:
@@ -27,8 +27,8 @@ def binary_entropy_bits(p: np.ndarray) -> np.ndarray:
 
 def reliability(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> dict:
     """Reliability-diagram data and ECE over all cells (the project's one definition:
-    ckd_ehr.evaluation.metrics.reliability_bins, also used by evaluate)."""
-    from ckd_ehr.evaluation.metrics import reliability_bins
+    ckd_ehr.metrics.reliability_bins, also used by evaluate)."""
+    from ckd_ehr.metrics import reliability_bins
 
     return reliability_bins(np.asarray(labels), np.asarray(probs), n_bins)
 
@@ -40,12 +40,12 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
 
 
 def teacher_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
-    """Macro-F1 at threshold 0.5 and macro AUROC on probabilities (ckd_ehr.evaluation.metrics).
+    """Macro-F1 at threshold 0.5 and macro AUROC on probabilities (ckd_ehr.metrics).
 
     Macro AUROC averages the phenotypes with both classes present in `labels` (others have
     no AUROC); how many were used is reported beside it.
     """
-    from ckd_ehr.evaluation.metrics import binarize, f1_scores, ranking_scores, single_class_labels
+    from ckd_ehr.metrics import binarize, f1_scores, ranking_scores, single_class_labels
 
     y = np.asarray(labels, dtype=np.int64)
     p = np.asarray(probs, dtype=np.float64)

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from ckd_ehr import storage
 from ckd_ehr.contracts import SOFT_LABELS, SPLITS, UNIT_TARGETS, ContractError, RunLayout
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
+from ckd_ehr.phenotypes import NUM_PHENOTYPES
 from ckd_ehr.modeling.collate import length_sorted_batches, pad_batch, pad_id, padding_efficiency, predict_sorted
 from ckd_ehr.training import format_duration
 

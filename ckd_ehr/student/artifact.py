@@ -24,7 +24,7 @@ import numpy as np
 from ckd_ehr.config import TextConfig
 from ckd_ehr.contracts import (ARTIFACT_TOKENIZER, PROBE_HEAD, SERVE_PRECISIONS, STUDENT_EFFICACY, STUDENT_ENCODER,
                                STUDENT_META)
-from ckd_ehr.data.phenotypes import phenotype_names
+from ckd_ehr.phenotypes import phenotype_names
 from ckd_ehr.storage import local_dir, upload_dir, write_json, write_parquet
 from ckd_ehr.student.model import (HEAD_FILE, autocast_bf16, cpu_has_amx, load_student_model, predict_ids,
                                    quantize_int8, save_student)

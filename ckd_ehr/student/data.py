@@ -21,7 +21,7 @@ from ckd_ehr.config import TextConfig
 from ckd_ehr.contracts import (AUGMENTED_SAMPLES, CONTROL_TEXTS, EFFICACY, SOFT_LABELS, ContractError, check_schema,
                                student_variant, to_matrix)
 from ckd_ehr.eadf.stats import top_drugs
-from ckd_ehr.data.phenotypes import phenotype_names
+from ckd_ehr.phenotypes import phenotype_names
 from ckd_ehr.storage import read_parquet
 from ckd_ehr.text import CONTROL_KINDS, control_efficacy, diagnosis_title_column, efficacy_for, render_input
 
@@ -222,7 +222,7 @@ def align_units(samples: pa.Table, texts: list[str], tokenizer, max_length: int,
     map the student's tokens to them through the offset mapping (the same truncation as
     `encode`), keep the units both models have tokens for, in the teacher's order, and restrict
     the teacher's stored distributions to them (renormalised)."""
-    from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
+    from ckd_ehr.phenotypes import NUM_PHENOTYPES
     from ckd_ehr.modeling.units import restrict, token_units
     from ckd_ehr.text import text_units
 

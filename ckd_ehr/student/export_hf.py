@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ckd_ehr.data.phenotypes import phenotype_names
+from ckd_ehr.phenotypes import phenotype_names
 from ckd_ehr.storage import exists, local_dir, read_json, upload_dir, write_json, write_text
 from ckd_ehr.contracts import ARTIFACT_TOKENIZER, STUDENT_ENCODER, STUDENT_META
 from ckd_ehr.student.model import HEAD_FILE, load_encoder

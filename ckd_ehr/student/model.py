@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
+from ckd_ehr.phenotypes import NUM_PHENOTYPES
 from ckd_ehr.modeling.collate import predict_sorted
 from ckd_ehr.modeling.paths import resolve_model_path
 from ckd_ehr.modeling.pooling import pool

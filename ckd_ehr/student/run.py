@@ -226,7 +226,7 @@ def build_student_task(cfg: PipelineConfig, variant: str) -> StudentTraining:
 
 
 def train_variant(cfg: PipelineConfig, variant: str) -> dict:
-    from ckd_ehr.evaluation.metrics import all_scores, tune_thresholds
+    from ckd_ehr.metrics import all_scores, tune_thresholds
     from ckd_ehr.student.artifact import write_artifact
     from ckd_ehr.student.model import save_student
     from ckd_ehr.student.train import student_from_checkpoint

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from ckd_ehr import storage
 from ckd_ehr.contracts import (ARTIFACT_HEAD, ARTIFACT_TOKENIZER, PROBE_HEAD, TEACHER_ADAPTER, TEACHER_CALIBRATION,
                                TEACHER_META)
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
+from ckd_ehr.phenotypes import NUM_PHENOTYPES, phenotype_names
 from ckd_ehr.teacher.generative import AnswerVocabulary, GenerativeTeacher, ScoreCalibration
 from ckd_ehr.teacher.model import MLAPH, TeacherModel, load_backbone, quiet_peft_deprecation
 

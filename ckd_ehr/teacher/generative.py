@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ckd_ehr.data.phenotypes import phenotype_names
+from ckd_ehr.phenotypes import phenotype_names
 
 ANSWER_PREFIX = "Disease that the patient may acquire:"
 SCORE_PROMPTS = 4

@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch import nn
 
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES
+from ckd_ehr.phenotypes import NUM_PHENOTYPES
 from ckd_ehr.modeling.pooling import label_attention_pool, label_attention_weights, pool
 
 POOLINGS = ("last", "mean", "label_attention")

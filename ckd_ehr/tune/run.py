@@ -214,7 +214,7 @@ def _trial_validation(exp_dir: str, trial_id: str) -> tuple[float, np.ndarray, n
     """(validation macro AUROC, labels, probabilities) of a trial's validated checkpoint with the
     best validation macro AUROC (checkpoints keep `val_logits.npy` / `val_labels.npy`,
     ckd_ehr.training.loop), or None."""
-    from ckd_ehr.evaluation.baselines import macro_auroc
+    from ckd_ehr.metrics import macro_auroc
 
     best = None
     for d in sorted(glob.glob(os.path.join(exp_dir, "train", trial_id, "**", "val_logits.npy"), recursive=True)):
@@ -238,7 +238,7 @@ def noise_floor(exp_dir: str, trial_ids: list[str], resamples: int = NOISE_FLOOR
     hold no validation scores, the trials validated different rows, or the experiment is not
     on a local disk. Rows are resampled, not patients: checkpoints keep no patient ids (the
     demo's validation split has about 1.1 pairs per patient)."""
-    from ckd_ehr.evaluation.metrics import all_scores, bootstrap_scores, delta_summary
+    from ckd_ehr.metrics import all_scores, bootstrap_scores, delta_summary
 
     if storage.is_uri(exp_dir):
         return {}, "noise floor: computed for a local experiment directory only"

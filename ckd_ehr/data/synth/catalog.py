@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, code_to_phenotype_table, phenotypes
+from ckd_ehr.phenotypes import NUM_PHENOTYPES, code_to_phenotype_table, phenotypes
 
 # --- phenotypes ---------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from ckd_ehr import storage
 from ckd_ehr.data.synth import catalog as cat
 from ckd_ehr.config import SynthConfig, config_hash
 from ckd_ehr.contracts import RunLayout
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, code_to_phenotype_table
+from ckd_ehr.phenotypes import NUM_PHENOTYPES, code_to_phenotype_table
 from ckd_ehr.data.synth.model import CLUSTER_OF, CLUSTERS, constants_dict
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def design(summary: np.ndarray, j: int, drugs: bool) -> np.ndarray:
 
 
 def roles_from_truth(truth: dict) -> dict[str, dict[int, list[str]]]:
-    from ckd_ehr.data.phenotypes import phenotype_names
+    from ckd_ehr.phenotypes import phenotype_names
 
     index = {n: j for j, n in enumerate(phenotype_names())}
     return {role: {index[p]: list(ds) for p, ds in (truth.get(key) or {}).items()}

@@ -33,7 +33,7 @@ import numpy as np
 
 from ckd_ehr.contracts import GROUND_TRUTH
 from ckd_ehr.config import SynthConfig
-from ckd_ehr.data.phenotypes import phenotype_names
+from ckd_ehr.phenotypes import phenotype_names
 from ckd_ehr.storage import exists, join, makedirs, resolve, write_json, write_parquet
 from ckd_ehr.data.synth.mimic4 import write_mimic4
 from ckd_ehr.data.synth.model import constants_dict, simulate
@@ -97,7 +97,7 @@ def ground_truth(cohort, cfg: SynthConfig, counts: dict[str, int]) -> dict:
 
 def oracle_truth(cohort, cfg: SynthConfig, first: np.ndarray, truth: dict) -> dict:
     """planted_effects and the ceilings' macro AUROC (see the module docstring)."""
-    from ckd_ehr.evaluation.metrics import auroc_per_label, macro_label_set
+    from ckd_ehr.metrics import auroc_per_label, macro_label_set
     from ckd_ehr.data.synth.ceiling import read_ceiling
 
     probs = next_visit_probabilities(cohort, cfg, first, drugs=True)

@@ -41,7 +41,7 @@ from ckd_ehr.config import SynthConfig
 from ckd_ehr.contracts import GROUND_TRUTH
 from ckd_ehr.data.icd10 import icd9_to_icd10_gem, icd10cm_titles, icd10pcs_titles, load_crosswalk
 from ckd_ehr.data.mimic import find_table, read_header, stream_table
-from ckd_ehr.data.phenotypes import code_to_phenotype_table
+from ckd_ehr.phenotypes import code_to_phenotype_table
 from ckd_ehr.data.synth.tables import TABLES, file_name
 from ckd_ehr.storage import atomic_output_stream, exists, join, makedirs, read_json, resolve, write_json
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from ckd_ehr.data.synth import catalog as cat
 from ckd_ehr.config import SynthConfig
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotypes
+from ckd_ehr.phenotypes import NUM_PHENOTYPES, phenotypes
 
 DAY = 86_400
 EPOCH_2100 = int(np.datetime64("2100-01-01T00:00:00", "s").astype(np.int64))

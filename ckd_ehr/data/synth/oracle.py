@@ -26,7 +26,7 @@ import pyarrow as pa
 from ckd_ehr import storage
 from ckd_ehr.config import SynthConfig
 from ckd_ehr.contracts import VECTOR25, RunLayout
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names, phenotypes
+from ckd_ehr.phenotypes import NUM_PHENOTYPES, phenotype_names, phenotypes
 from ckd_ehr.data.synth.model import (CLUSTER_EVENTS, CLUSTER_OF, CLUSTERS, CONSTANTS, PREVALENCE, Cohort, GeneratorConstants,
                           persistence_per_phenotype)
 

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from ckd_ehr.data.synth import catalog as cat
-from ckd_ehr.data.phenotypes import phenotypes
+from ckd_ehr.phenotypes import phenotypes
 from ckd_ehr.storage import atomic_output_stream, join
 from ckd_ehr.data.synth.model import DAY, PATIENT_CATEGORIES, Cohort
 

@@ -24,7 +24,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from ckd_ehr.contracts import to_matrix  # noqa: F401  (the one conversion; metrics' callers use it from here too)
-from ckd_ehr.data.phenotypes import NUM_PHENOTYPES, phenotype_names
+from ckd_ehr.phenotypes import NUM_PHENOTYPES, phenotype_names
 
 THRESHOLDED = ("accuracy", "subset_accuracy", "macro_f1", "micro_f1", "weighted_f1", "samples_f1")
 """Metrics of 0/1 predictions: they change with the thresholds."""
@@ -173,6 +173,12 @@ def auroc_and_ap_per_label(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray
 def auroc_per_label(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """AUROC of each column (as scikit-learn's roc_auc_score); NaN where single-class."""
     return auroc_and_ap_per_label(y, probs)[0]
+
+
+def macro_auroc(y: np.ndarray, probs: np.ndarray) -> float:
+    """Mean AUROC over the labels that have both classes in `y` (nan if none has)."""
+    auc = auroc_per_label(y, probs)
+    return float(np.nanmean(auc)) if np.any(~np.isnan(auc)) else float("nan")
 
 
 def ranking_scores(y: np.ndarray, probs: np.ndarray, label_set: np.ndarray | None = None) -> dict[str, float]:
