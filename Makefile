@@ -2,7 +2,7 @@
 #   make demo   install into .venv, then run the whole pipeline on the embedded default
 #   make test   install into .venv, then run the whole test suite
 #   make test-fast  the same without the Ray integration tests (edit-test loop)
-#   make lint   ruff over the code (rules in pyproject.toml); CI runs it before the tests
+#   make lint   ruff and the import layers (import-linter; rules in pyproject.toml); CI runs it first
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -48,6 +48,7 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check ckd_ehr tests jobs
+	$(VENV)/bin/lint-imports
 
 # The documentation site (mkdocs.yml, pages in docs/): mkdocs into .venv if missing, the
 # configuration reference regenerated from the config classes' docstrings, then a strict build

@@ -619,7 +619,7 @@ def contrast_blocks(result: dict) -> list[tuple]:
 def teacher_blocks(result: dict, files: StudyFiles) -> list[tuple]:
     """The teachers side by side (validation and test with intervals, ECE, soft-label
     throughput, training time) and their test reliability diagram (teachers_reliability.png)."""
-    from ckd_ehr.evaluation.report import plot_reliability_curves
+    from ckd_ehr.plots import plot_reliability_curves
 
     teachers = result.get("teachers")
     if not teachers:

@@ -78,7 +78,7 @@ def _covered(text, spans, offsets, units):
 def test_both_tokenizers_map_onto_the_same_units(decoder_tokenizer_dir, tiny_bert_dir):
     from transformers import AutoTokenizer
 
-    from ckd_ehr.teacher.data import encode_texts, encode_texts_with_offsets
+    from ckd_ehr.modeling.prompts import encode_texts, encode_texts_with_offsets
 
     text, (dx, rx, px) = _visit_text()
     spans = [(a, b) for _, a, b in text_units(text, dx, rx, px)]

@@ -282,7 +282,8 @@ def test_student_rows_are_the_rows_the_student_reads(tmp_path):
     """soft_labels.rows: student scores exactly the training / validation rows read_split keeps."""
     from ckd_ehr.config import StudentConfig
     from ckd_ehr.storage import write_parquet
-    from ckd_ehr.student.data import read_split, split_limit, student_rows
+    from ckd_ehr.student.data import read_split
+    from ckd_ehr.training.batching import split_limit, trainer_rows
 
     samples = _samples("train", 30, seed=5)
     path = str(tmp_path / "train.parquet")
@@ -290,10 +291,10 @@ def test_student_rows_are_the_rows_the_student_reads(tmp_path):
     s = StudentConfig(max_train_samples=12, max_eval_samples=7, seed=3)
     for split, n in (("train", 12), ("val", 7)):
         read, _ = read_split(path, None, split_limit(s, split), seed=s.seed)
-        rows = student_rows(s, split, samples.num_rows)
+        rows = trainer_rows(s, split, samples.num_rows)
         assert len(rows) == n and read.column("sample_id").to_pylist() == \
             samples.take(rows).column("sample_id").to_pylist()
-    assert len(student_rows(s, "test", samples.num_rows)) == 30   # test: every row
+    assert len(trainer_rows(s, "test", samples.num_rows)) == 30   # test: every row
 
 
 def test_attention_dropout_reaches_the_encoder(tiny_bert_dir):

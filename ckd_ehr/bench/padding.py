@@ -79,7 +79,7 @@ def bench_padding(cfg, args) -> dict:
     from transformers import AutoTokenizer
 
     from ckd_ehr.modeling.paths import resolve_model_path
-    from ckd_ehr.teacher.data import encode_texts
+    from ckd_ehr.modeling.prompts import encode_texts
     from ckd_ehr.teacher.train import load_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="bench-padding-") as tmp:

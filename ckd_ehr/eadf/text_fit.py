@@ -49,8 +49,7 @@ def text_fit_report(cfg, layout: RunLayout, top: dict) -> dict:
     from transformers import AutoTokenizer
 
     from ckd_ehr.modeling.paths import resolve_model_path
-    from ckd_ehr.teacher.data import encode_texts
-    from ckd_ehr.teacher.train import load_tokenizer
+    from ckd_ehr.modeling.prompts import encode_texts, load_tokenizer
 
     tc, sc = cfg.teacher, cfg.student
     # Counting, never truncating: tokenizers told no limit, so they do not warn that a text is

@@ -112,7 +112,8 @@ def student_probe_row(cfg, layout: RunLayout, variant: str | None = None):
     from ckd_ehr.modeling.paths import resolve_model_path
     from ckd_ehr.modeling.probe import LinearProbe
     from ckd_ehr.modeling.token_bag import token_bag_of
-    from ckd_ehr.student.data import encode, fit_texts, load_efficacy, read_split, split_limit
+    from ckd_ehr.student.data import encode, fit_texts, load_efficacy, read_split
+    from ckd_ehr.training.batching import split_limit
     from ckd_ehr.student.model import build_student, predict_ids
     from ckd_ehr.text import knowledge_lead
 

@@ -15,13 +15,13 @@ split evaluated with --allow-small carries a banner at the top.
 from __future__ import annotations
 
 import html
-import io
 import logging
 
 import numpy as np
 
 from ckd_ehr import storage
 from ckd_ehr.contracts import RunLayout
+from ckd_ehr.plots import figure_png, plot_reliability_curves
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +68,6 @@ def verdict(delta: dict) -> str:
 
 
 # --- plots ------------------------------------------------------------------------------------
-
-def _figure_png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
 
 REFERENCE_STYLE = {
     "all_negative": ("#999999", ":"), "prevalence": ("#777777", "-."), "copy_forward": ("#DD8452", "--"),
@@ -141,7 +132,7 @@ def plot_variants(metrics: dict, mode: str) -> bytes:
         axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), title="reference rows")
     fig.suptitle(f"Test split, thresholds: {mode} (points: 95% patient bootstrap intervals; lines and bands: "
                  "reference rows and their intervals)")
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def plot_per_phenotype_f1(metrics: dict, mode: str) -> bytes:
@@ -162,7 +153,7 @@ def plot_per_phenotype_f1(metrics: dict, mode: str) -> bytes:
     ax.set_ylabel("F1")
     ax.set_title(f"Per-phenotype F1 on the test split (thresholds: {mode})")
     ax.legend(fontsize=8, ncol=len(names))
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def plot_reliability(metrics: dict) -> bytes:
@@ -171,30 +162,6 @@ def plot_reliability(metrics: dict) -> bytes:
     names = sorted(metrics["models"], key=lambda n: n != "teacher")
     return plot_reliability_curves({n: metrics["models"][n]["calibration"] for n in names},
                                    "Reliability on the test split", highlight="teacher")
-
-
-def plot_reliability_curves(curves: dict[str, dict], title: str, highlight: str | None = None) -> bytes:
-    """Reliability diagram (PNG bytes), one line per named set of calibration bins
-    (ckd_ehr.metrics.reliability_bins: mean_prob, positive_rate, ece); the diagonal
-    is perfect calibration. Used by this report and the soft-label quality report."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
-    for name, cal in curves.items():
-        pts = [(p, r) for p, r in zip(cal["mean_prob"], cal["positive_rate"]) if p is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", linewidth=2.5 if name == highlight else 1,
-                    label=f"{name} (ECE {cal['ece']:.3f})")
-    ax.set_xlabel("mean predicted probability")
-    ax.set_ylabel("observed positive rate")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return _figure_png(fig)
 
 
 # --- document ---------------------------------------------------------------------------------
@@ -227,7 +194,7 @@ def plot_learning_curves(metrics: dict) -> bytes | None:
     ax.set_ylabel("validation macro AUROC")
     ax.set_title("Learning curves (dotted: each model's probe, step 0; circle: the kept checkpoint)", fontsize=9)
     ax.legend(fontsize=8)
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def plot_contrasts(study: dict) -> bytes:
@@ -252,7 +219,7 @@ def plot_contrasts(study: dict) -> bytes:
     ax.set_yticks(range(len(rows)), [c["name"] for c in reversed(rows)], fontsize=8)
     ax.set_xlabel(f"difference in test {study['metric'].replace('_', ' ')} "
                   f"(thick: {study['level']:.0%} simultaneous, thin: unadjusted; x: per seed)")
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def fmt_p(p: float) -> str:

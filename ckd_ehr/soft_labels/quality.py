@@ -80,7 +80,7 @@ def load_split(layout: RunLayout, split: str) -> tuple[np.ndarray, np.ndarray, s
 
 def write_quality_report(layout: RunLayout, n_bins: int = 10, splits=SPLITS) -> dict:
     """quality.json + reliability.png under RUN/soft_labels/quality/; returns the JSON dict."""
-    from ckd_ehr.evaluation.report import plot_reliability_curves
+    from ckd_ehr.plots import plot_reliability_curves
 
     per_split, all_p, all_y, teacher_id = {}, [], [], None
     for split in splits:

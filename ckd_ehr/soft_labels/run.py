@@ -34,6 +34,7 @@ from ckd_ehr.contracts import SOFT_LABELS, SPLITS, UNIT_TARGETS, ContractError, 
 from ckd_ehr.phenotypes import NUM_PHENOTYPES
 from ckd_ehr.modeling.collate import length_sorted_batches, pad_batch, pad_id, padding_efficiency, predict_sorted
 from ckd_ehr.training import format_duration
+from ckd_ehr.training.batching import trainer_rows
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def resolve_dtype(name: str, on_gpu: bool):
 def tokenize(tokenizer, texts: Sequence[str], use_chat_template: bool, max_length: int,
              instruction_kind: str = "paper") -> list[list[int]]:
     """Token ids per text (unpadded), built and truncated exactly as the teacher was trained."""
-    from ckd_ehr.teacher.data import encode_texts
+    from ckd_ehr.modeling.prompts import encode_texts
 
     return encode_texts(list(texts), tokenizer, max_length, use_chat_template, instruction_kind)
 
@@ -81,7 +82,7 @@ def unit_inputs(tokenizer, texts: Sequence[str], items: Sequence[tuple], use_cha
     `items` holds each text's (diagnosis titles, drugs, procedure titles) it was rendered from.
     Units the teacher never sees (cut by max_length) are left out of its keys."""
     from ckd_ehr.modeling.units import token_units
-    from ckd_ehr.teacher.data import encode_texts_with_offsets
+    from ckd_ehr.modeling.prompts import encode_texts_with_offsets
     from ckd_ehr.text import text_units
 
     ids, offsets = encode_texts_with_offsets(list(texts), tokenizer, max_length, use_chat_template, instruction_kind)
@@ -475,9 +476,7 @@ def run_soft_labels(cfg) -> dict:
         table = storage.read_parquet(layout.augmented(split))
         totals[split] = table.num_rows
         if cfg.soft_labels.rows == "student" and split in ("train", "val"):
-            from ckd_ehr.student.data import student_rows
-
-            keep = student_rows(cfg.student, split, table.num_rows)
+            keep = trainer_rows(cfg.student, split, table.num_rows)
             if len(keep) < table.num_rows:
                 log.info("soft labels %s: the %d of %d rows the student reads (soft_labels.rows: student)",
                          split, len(keep), table.num_rows)

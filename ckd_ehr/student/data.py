@@ -41,19 +41,6 @@ def load_efficacy(path: str, top_k: int) -> tuple[pa.Table, dict[str, list[str]]
     return table, {names[p]: d for p, d in top_drugs(table, top_k).items()}
 
 
-def split_limit(student_cfg, split: str) -> int | None:
-    """Rows of a split the student uses: max_train_samples / max_eval_samples, all of test."""
-    return {"train": student_cfg.max_train_samples, "val": student_cfg.max_eval_samples}.get(split)
-
-
-def student_rows(student_cfg, split: str, n_rows: int) -> np.ndarray:
-    """Indices of the rows of a split the student reads (a seeded subset, in file order); the
-    soft-label stage scores exactly these when `soft_labels.rows: student`."""
-    from ckd_ehr.training import subset_indices
-
-    return subset_indices(n_rows, split_limit(student_cfg, split), student_cfg.seed)
-
-
 def read_split(samples_path: str, soft_path: str | None, max_rows: int | None = None,
                seed: int = 0) -> tuple[pa.Table, pa.Table | None]:
     """AUGMENTED_SAMPLES rows (optionally a seeded subset, training.subset_indices) and their

@@ -25,9 +25,10 @@ from ckd_ehr.storage import exists, write_parquet
 from ckd_ehr.modeling.token_bag import token_bag_of
 from ckd_ehr.text import diagnosis_title_column, knowledge_lead
 from ckd_ehr.student.data import (Encoded, FitStats, align_units, encode, fit_texts, load_efficacy, read_split,
-                                  read_unit_targets, split_limit, variant_spec)
+                                  read_unit_targets, variant_spec)
 from ckd_ehr.modeling.losses import balanced_pos_weight
 from ckd_ehr.training import TrainTask
+from ckd_ehr.training.batching import split_limit
 
 log = logging.getLogger("ckd_ehr.student")
 

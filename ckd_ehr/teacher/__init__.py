@@ -19,7 +19,8 @@ from __future__ import annotations
 import importlib
 
 _WHERE = {"load_teacher": "artifact", "write_artifact": "artifact", "predict_logits": "data",
-          "build_prompts": "data", "encode_texts": "data", "TeacherModel": "model", "MLAPH": "model",
+          "build_prompts": "ckd_ehr.modeling.prompts", "encode_texts": "ckd_ehr.modeling.prompts",
+          "TeacherModel": "model", "MLAPH": "model",
           "build_teacher": "model"}
 
 
@@ -31,7 +32,8 @@ def run_teacher(cfg):
 
 def __getattr__(name: str):
     if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+        where = _WHERE[name]
+        return getattr(importlib.import_module(where if "." in where else f"{__name__}.{where}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

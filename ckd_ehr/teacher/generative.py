@@ -280,7 +280,7 @@ def make_generative_examples(texts: Sequence[str], labels, tokenizer, max_length
                              instruction_kind: str, seed: int = 0) -> list[dict]:
     """Prompt (exactly as the MLAPH teacher's, within the same `max_length`) + answer: the
     answer comes on top of the prompt's budget, so both teachers read the same prompt tokens."""
-    from ckd_ehr.teacher.data import encode_texts
+    from ckd_ehr.modeling.prompts import encode_texts
 
     vocab = AnswerVocabulary.build(tokenizer)
     prompts = encode_texts(list(texts), tokenizer, max_length, use_chat_template, instruction_kind)

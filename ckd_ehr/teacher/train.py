@@ -20,21 +20,11 @@ from ckd_ehr.contracts import AUGMENTED_SAMPLES, ContractError, RunLayout, check
 from ckd_ehr.modeling.losses import BCELoss, balanced_pos_weight  # noqa: F401  (re-exported for callers)
 from ckd_ehr.training import TrainResult, TrainTask, fit, subset_indices
 from ckd_ehr.teacher.artifact import SaveTeacherWeights, write_artifact
+from ckd_ehr.modeling.prompts import load_tokenizer
 from ckd_ehr.teacher.data import Collate, make_examples, pad_id
 from ckd_ehr.teacher.model import build_teacher, param_groups, teacher_model_size
 
 log = logging.getLogger("ckd_ehr.teacher")
-
-
-def load_tokenizer(tc):
-    from transformers import AutoTokenizer
-
-    from ckd_ehr.modeling.paths import resolve_model_path
-
-    kwargs = {"gguf_file": tc.gguf_file} if tc.gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(tc.model), **kwargs)
-    tok.padding_side = "right"  # our collate pads itself; kept consistent for anyone else
-    return tok
 
 
 def read_texts_and_labels(path: str, text_column: str) -> tuple[list[str], np.ndarray]:

@@ -56,6 +56,17 @@ def subset_indices(n_total: int, max_n: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n_total)[:max_n])
 
 
+def split_limit(trainer_cfg, split: str) -> int | None:
+    """Rows of a split a trainer (TrainerConfig) uses: max_train_samples / max_eval_samples, all of test."""
+    return {"train": trainer_cfg.max_train_samples, "val": trainer_cfg.max_eval_samples}.get(split)
+
+
+def trainer_rows(trainer_cfg, split: str, n_rows: int) -> np.ndarray:
+    """Indices of the rows of a split a trainer reads (a seeded subset, in file order); the
+    soft-label stage scores exactly the student's when `soft_labels.rows: student`."""
+    return subset_indices(n_rows, split_limit(trainer_cfg, split), trainer_cfg.seed)
+
+
 def batch_tokens(inputs: dict) -> tuple[int, int]:
     """(real, computed) tokens of a collated batch, from its attention_mask ((0, 0) without one)."""
     mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None

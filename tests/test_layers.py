@@ -1,0 +1,87 @@
+"""The package's layers hold: the import-linter contract in pyproject.toml (also run by `make
+lint`), no import cycle between modules (function-level imports included) and no private name
+imported from another module."""
+import ast
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "ckd_ehr"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        out[name.removesuffix(".__init__")] = path
+    return out
+
+
+def _imports(modules: dict[str, Path]):
+    """(importer, imported module, imported names) for every ckd_ehr import, at any depth."""
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ckd_ehr"):
+                yield name, node.module, [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith("ckd_ehr"):
+                        yield name, a.name, []
+
+
+def test_the_layer_contract_holds():
+    exe = shutil.which("lint-imports") or str(Path(sys.executable).with_name("lint-imports"))
+    if not Path(exe).exists():
+        pytest.fail("lint-imports not installed: `make install` installs the test extras (import-linter)")
+    done = subprocess.run([exe], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_no_module_imports_another_modules_private_names():
+    modules = _modules()
+    crossing = [(a, b, n) for a, b, names in _imports(modules) for n in names
+                if n.startswith("_") and not n.startswith("__") and b != a]
+    assert not crossing, crossing
+
+
+def test_no_import_cycle_between_modules():
+    modules = _modules()
+    edges = defaultdict(set)
+    for a, b, names in _imports(modules):
+        targets = [f"{b}.{n}" for n in names if f"{b}.{n}" in modules] or [b]
+        edges[a].update(t for t in targets if t in modules and t != a)
+    # Tarjan's strongly connected components
+    index, low, stack, on, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
+    for v in list(modules):
+        if v not in index:
+            visit(v)
+    assert not cycles, cycles
