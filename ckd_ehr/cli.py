@@ -78,7 +78,7 @@ def cmd_pipeline(args):
         data = {**cfg.data.model_dump(), "source": "mimic", "mimic_dir": args.mimic_dir}
         cfg = build(PipelineConfig, {**cfg.model_dump(), "data": data}, source="--mimic-dir")
     return _call("pipeline", "run_pipeline", cfg, resume=args.resume,
-                 from_stage=args.from_stage, to_stage=args.to_stage)
+                 from_stage=args.from_stage, to_stage=args.to_stage, dry_run=args.dry_run)
 
 
 def cmd_study(args):
@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="skip stages whose config and inputs are unchanged")
     p.add_argument("--from", dest="from_stage", help="first stage to run")
     p.add_argument("--to", dest="to_stage", help="last stage to run")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print which stages would run and why (with --resume: what changed), run nothing")
     p.add_argument("--mimic-dir",
                    help="directory with the MIMIC-III tables (.csv or .csv.gz) or MIMIC-IV's hosp/: "
                         "same as --set data.source=mimic --set data.mimic_dir=DIR")

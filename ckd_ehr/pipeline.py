@@ -67,8 +67,16 @@ def _versions() -> dict[str, str]:
 
 
 def stage_hash(stage: Stage, cfg: PipelineConfig) -> str:
+    """Hash of the config a stage declares (Stage.sections: sections, or `section.field`)."""
     data = cfg.model_dump(mode="json")
-    return config_hash({k: data[k] for k in stage.sections})
+
+    def value(entry: str):
+        out = data
+        for part in entry.split("."):
+            out = out[part]
+        return out
+
+    return config_hash({k: value(k) for k in stage.sections})
 
 
 def read_manifest(layout: RunLayout) -> dict:
@@ -91,6 +99,32 @@ def select_stages(from_stage: str | None, to_stage: str | None) -> list[Stage]:
     return list(STAGES[start:stop + 1])
 
 
+def plan_resume(cfg: PipelineConfig, manifest: dict, stages: list[Stage] | None = None) -> dict[str, str]:
+    """What `--resume` would rerun, without running anything: {stage: why} for each stage that is
+    not done, whose declared config sections changed (stage_hash), or that reads an output of a
+    stage planned before it (its input will be rewritten). Stages not named are skipped as
+    unchanged (their input files, if touched by hand, are checked when the pipeline runs)."""
+    stages = list(STAGES) if stages is None else stages
+    layout = RunLayout(cfg.run_dir)
+    plan: dict[str, str] = {}
+    rewritten: dict[str, str] = {}   # output path -> the planned stage that writes it
+    for stage in stages:
+        record = manifest.get("stages", {}).get(stage.name, {})
+        why = None
+        if record.get("status") != "done":
+            why = f"status {record.get('status', 'never run')}"
+        elif record.get("config_hash") != stage_hash(stage, cfg):
+            why = f"config changed in its sections ({', '.join(stage.sections)})"
+        else:
+            upstream = sorted({rewritten[p] for p in stage.inputs(cfg, layout) if p in rewritten})
+            if upstream:
+                why = f"reads the output of {', '.join(upstream)}"
+        if why:
+            plan[stage.name] = why
+            rewritten.update({p: stage.name for p in stage.outputs(cfg, layout)})
+    return plan
+
+
 def _required_inputs(stage: Stage, cfg: PipelineConfig, layout: RunLayout) -> dict[str, str]:
     """The stage's input fingerprints; PipelineError naming those that are missing."""
     inputs = {p: file_fingerprint(p) for p in stage.inputs(cfg, layout) if p}
@@ -102,13 +136,19 @@ def _required_inputs(stage: Stage, cfg: PipelineConfig, layout: RunLayout) -> di
 
 
 def run_pipeline(cfg: PipelineConfig, resume: bool = False, from_stage: str | None = None,
-                 to_stage: str | None = None) -> dict:
-    """Run the selected stages in order; return the manifest."""
+                 to_stage: str | None = None, dry_run: bool = False) -> dict:
+    """Run the selected stages in order; return the manifest. `dry_run`: print and return what
+    would run ({"plan": {stage: why}}, plan_resume under `resume`), touching nothing."""
     from ckd_ehr.provenance import code_state
     from ckd_ehr.ray_utils import init_ray
 
     layout = RunLayout(cfg.run_dir)
     stages = select_stages(from_stage, to_stage)
+    if dry_run:
+        plan = plan_resume(cfg, read_manifest(layout), stages) if resume else {s.name: "selected" for s in stages}
+        for s in stages:
+            print(f"{s.name:<12} {'run: ' + plan[s.name] if s.name in plan else 'skip: unchanged'}")
+        return {"plan": plan}
     storage.makedirs(cfg.run_dir)
     manifest = read_manifest(layout)
     manifest["versions"] = _versions()

@@ -23,7 +23,8 @@ class Stage:
     function: str
     """`run_<stage>(cfg: PipelineConfig) -> dict`."""
     sections: tuple[str, ...]
-    """Config sections the stage reads: a change in any of them reruns it under --resume."""
+    """Config sections the stage reads (`student`), or single fields of one (`student.seed`): a
+    change in any of them reruns it under --resume, and reading anything else fails (stage_config)."""
     inputs: Callable[[PipelineConfig, RunLayout], list[str]]
     outputs: Callable[[PipelineConfig, RunLayout], list[str]]
     help: str
@@ -38,7 +39,70 @@ class Stage:
 
     def run(self, cfg: PipelineConfig):
         check_inputs(self, cfg)
-        return self.function_ref()(cfg)
+        return self.function_ref()(stage_config(cfg, self))
+
+
+ALWAYS_READABLE = ("run_dir", "ray")
+"""Fields every stage may read: where the run lives and how to reach Ray (neither changes a result)."""
+
+
+class UndeclaredSectionError(AttributeError):
+    """A stage read a config section it does not declare (Stage.sections)."""
+
+
+class _Undeclared:
+    """Stands in a stage's config for a section the stage did not declare: any read raises."""
+
+    def __init__(self, section: str, stage: str):
+        object.__setattr__(self, "_where", (section, stage))
+
+    def __getattr__(self, name: str):
+        section, stage = object.__getattribute__(self, "_where")
+        raise UndeclaredSectionError(
+            f"stage {stage} read config section '{section}' ({section}.{name}), which it does not declare: "
+            f"add '{section}' to its sections in ckd_ehr/stages.py, so --resume reruns it when {section} changes")
+
+    def __repr__(self) -> str:
+        section, stage = object.__getattribute__(self, "_where")
+        return f"<config section {section!r}: not declared by stage {stage}>"
+
+
+class _Partial:
+    """A section of which a stage declares some fields: those read through, the others raise."""
+
+    def __init__(self, section, name: str, fields: set[str], stage: str):
+        object.__setattr__(self, "_parts", (section, name, fields, stage))
+
+    def __getattr__(self, field: str):
+        section, name, fields, stage = object.__getattribute__(self, "_parts")
+        if field in fields:
+            return getattr(section, field)
+        raise UndeclaredSectionError(
+            f"stage {stage} read {name}.{field}, which it does not declare (it declares "
+            f"{', '.join(sorted(name + '.' + f for f in fields))}): add it to its sections in ckd_ehr/stages.py")
+
+
+def stage_config(cfg: PipelineConfig, stage: Stage) -> PipelineConfig:
+    """`cfg` as `stage` may see it: its declared sections and fields (and ALWAYS_READABLE); every
+    other section is a stand-in whose reads raise UndeclaredSectionError naming it and the stage."""
+    from pydantic import BaseModel
+
+    whole = set(stage.sections) | set(ALWAYS_READABLE)
+    fields: dict[str, set[str]] = {}
+    for entry in stage.sections:
+        if "." in entry:
+            section, field = entry.split(".", 1)
+            fields.setdefault(section, set()).add(field)
+    values = {}
+    for name in type(cfg).model_fields:
+        value = getattr(cfg, name)
+        if name in whole or not isinstance(value, BaseModel):
+            values[name] = value
+        elif name in fields:
+            values[name] = _Partial(value, name, fields[name], stage.name)
+        else:
+            values[name] = _Undeclared(name, stage.name)
+    return type(cfg).model_construct(**values)
 
 
 class StageInputError(ValueError):
@@ -98,19 +162,22 @@ STAGES: tuple[Stage, ...] = (
           lambda c, r: [r.augmented("train"), r.augmented("val")],
           lambda c, r: [r.teacher_artifact],
           "train the teacher LLM with LoRA + MLAPH (Ray Train, ddp or DeepSpeed)"),
-    Stage("soft_labels", "soft_labels.run", "run_soft_labels", ("soft_labels",),
+    Stage("soft_labels", "soft_labels.run", "run_soft_labels",
+          # the student's fields that say which rows it reads (soft_labels.rows: student)
+          ("soft_labels", "text", "student.max_train_samples", "student.max_eval_samples", "student.seed"),
           lambda c, r: [r.teacher_artifact] + [r.augmented(s) for s in SPLITS],
           lambda c, r: [r.soft_labels(s) for s in SPLITS],
           "teacher probabilities for every sample (Ray Data batch inference)"),
-    Stage("student", "student.run", "run_student", ("student",),
+    Stage("student", "student.run", "run_student", ("student", "text", "eadf", "data", "split"),
           lambda c, r: [r.efficacy_table] + [r.augmented(s) for s in SPLITS] + [r.soft_labels(s) for s in SPLITS]
           + [r.soft_labels("train", source) for source in SIDE_TEACHERS if _needs(c, source)],
           lambda c, r: [r.student_artifact(v) for v in _variants(c)] + [r.predictions(v) for v in _variants(c)],
           "train the student variants (Ray Train)"),
-    Stage("evaluate", "evaluation.evaluate", "run_evaluate", ("evaluate",),
+    Stage("evaluate", "evaluation.evaluate", "run_evaluate",
+          ("evaluate", "serve", "student", "teacher", "eadf", "text", "data", "split"),
           lambda c, r: [r.predictions(v) for v in _variants(c)] + [r.soft_labels("test")]
           + [r.soft_labels("test", t) for t in TEACHER_ROWS if t in SIDE_TEACHERS and _needs(c, t)],
-          lambda c, r: [r.metrics],
+          lambda c, r: [r.metrics] + ([r.text_fit] if c.eadf.text_fit_report else []),
           "metrics of every student variant and the teacher on the test split"),
     Stage("report", "evaluation.report", "run_report", ("evaluate",),
           lambda c, r: [r.metrics],

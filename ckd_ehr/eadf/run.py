@@ -371,11 +371,5 @@ def run_eadf(cfg: PipelineConfig) -> dict:
         log.info("eadf: mean precision@%d efficacy %.3f, frequency %.3f -> %s", cfg.eadf.top_k,
                  v["rankings"]["efficacy"]["mean_precision_at_k"] or 0.0,
                  v["rankings"]["frequency"]["mean_precision_at_k"] or 0.0, layout.eadf_validity)
-    if cfg.eadf.text_fit_report:  # what of each text the models will see (ckd_ehr.eadf.text_fit)
-        from ckd_ehr.eadf.text_fit import text_fit_report
-
-        fit = text_fit_report(cfg, layout, top)
-        summary["text_fit"] = {s: {m: fit["splits"][s][m]["share_whole"] for m in ("teacher", "student")}
-                               for s in fit["splits"]}
     summary["total_s"] = round(time.perf_counter() - t0, 3)
     return summary

@@ -1,4 +1,6 @@
-"""How much of each sample's text the models see: `eadf/text_fit.json`, written by the EADF stage.
+"""How much of each sample's text the models see: `eadf/text_fit.json`, written by the evaluate
+stage (it reads the teacher's and the student's tokenizers and budgets, which EADF does not
+declare: a student setting must not rerun EADF and the teacher).
 
 Per split and per model (teacher, student), the share of samples whose EADF text keeps every
 patient item (diagnoses, drugs, procedures) and every efficacy clause:
@@ -44,8 +46,11 @@ def _within_chars(df, top: dict, text_cfg) -> np.ndarray:
     return out
 
 
-def text_fit_report(cfg, layout: RunLayout, top: dict) -> dict:
-    """text_fit.json's content (see module doc); `top` = phenotype index -> listed drugs."""
+def text_fit_report(cfg, layout: RunLayout) -> dict:
+    """text_fit.json's content (see module doc), written to layout.text_fit."""
+    from ckd_ehr.eadf.stats import top_drugs
+
+    top = top_drugs(storage.read_parquet(layout.efficacy_table), cfg.eadf.top_k)
     from transformers import AutoTokenizer
 
     from ckd_ehr.modeling.paths import resolve_model_path

@@ -421,6 +421,13 @@ def run_evaluate(cfg) -> dict:
         "skipped": skipped,
         "notes": notes,
     }
+    if cfg.eadf.text_fit_report and storage.exists(layout.efficacy_table):
+        # what of each text the models saw (ckd_ehr.eadf.text_fit): the trained models' budgets
+        from ckd_ehr.eadf.text_fit import text_fit_report
+
+        fit = text_fit_report(cfg, layout)
+        result["text_fit"] = {s: {m: fit["splits"][s][m]["share_whole"] for m in ("teacher", "student")}
+                              for s in fit["splits"]}
     storage.write_json(layout.metrics, _json_safe(result))
     log.info("wrote %s (%d models, %d reference rows, %d skipped)", layout.metrics, len(models),
              len(baselines), len(skipped))

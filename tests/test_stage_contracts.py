@@ -1,0 +1,168 @@
+"""Stages see only the config they declare, and --resume reruns exactly what a change touches.
+
+- Every leaf field of the config schema (about 230) is changed to another valid value and the
+  resume planner's dry run (ckd_ehr.pipeline.plan_resume) must plan exactly the stages that
+  declare the field (its section, or the field itself) and the stages downstream of them (that
+  read a planned stage's output). Fields that cannot change alone get the paired change in
+  PAIRED; none is skipped.
+- A stage's config view (ckd_ehr.stages.stage_config) raises on an undeclared section or field,
+  naming it and the stage; the tiny pipeline (tests/tiny_run.py) runs every stage through it.
+"""
+import typing
+from types import UnionType
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from ckd_ehr.config import PipelineConfig
+from ckd_ehr.contracts import RunLayout
+from ckd_ehr.pipeline import plan_resume, stage_hash
+from ckd_ehr.stages import ALWAYS_READABLE, STAGES, UndeclaredSectionError, stage, stage_config
+
+# field -> the other fields it must change with (the validators tie them), as {path: value}
+PAIRED = {
+    "run_dir": None,   # another run directory is another run: nothing there to resume
+    "split.train": {"split.train": 0.75, "split.test": 0.15},   # the fractions sum to 1
+    "split.val": {"split.val": 0.15, "split.test": 0.15},
+    "split.test": {"split.test": 0.15, "split.train": 0.75},
+    "data.source": {"data.source": "mimic", "data.mimic_dir": "/tmp/mimic"},
+    "data.synth.acute_persistence": {"data.synth.acute_persistence": 0.8, "data.synth.chronic_persistence": 0.99},
+    "teacher.head": {"teacher.head": "generative", "teacher.best_metric": "val_loss"},
+    "student.distill.label_attention": {"student.distill.label_attention": 0.1, "teacher.pooling": "label_attention"},
+    "student.variants": {"student.variants": ["hard_plain", "ckd_ehr"], "student.probe_only_variants": []},
+    "student.probe_only_variants": {"student.probe_only_variants": ["hard_plain"], "student.head_init": "probe"},
+    "serve.max_ongoing_requests": {"serve.max_ongoing_requests": 32},
+    "serve.max_pending_requests": {"serve.max_pending_requests": 12},
+    "study.first_seed_rows": {"study.first_seed_rows": ["distill_plain"]},
+}
+"""Fields that cannot change alone (or whose other valid values the generic candidates miss),
+with the change that makes a valid config: {path: value} including the field itself; `None`: a
+field no resume can follow (said why in its comment)."""
+
+
+def _leaves(model: BaseModel, prefix: str = ""):
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            yield from _leaves(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value, field.annotation
+
+
+def _set(data: dict, path: str, value) -> dict:
+    parts = path.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = value
+    return data
+
+
+def _candidates(value, annotation) -> list:
+    args = typing.get_args(annotation)
+    literals = [a for a in (args if typing.get_origin(annotation) in (typing.Union, UnionType) else (annotation,))
+                if typing.get_origin(a) is typing.Literal]
+    out = [x for lit in literals for x in typing.get_args(lit)]
+    if bool in args:
+        out += [True, False]
+    if isinstance(value, bool):
+        out.append(not value)
+    elif isinstance(value, int):
+        out += [value + 1, value - 1, value * 2, 1, 2]
+    elif isinstance(value, float):
+        out += [value * 2, value / 2, value + 0.1, min(0.99, value + 0.01), 0.5]
+    elif isinstance(value, str):
+        out += [value + "_other", "/tmp/other"]
+    elif isinstance(value, list):
+        out += [value[:-1], value[1:], [], value + value[:1], [1], [0, 1], ["hard_names"]]
+    elif isinstance(value, dict):
+        out += [{**value, "other": 1}, {}, {"zero_optimization": {"stage": 3}}, {"admittime": "%d/%m/%Y %H:%M"}]
+    elif value is None:
+        out += [2, 0.5, True, "/tmp/other", 1, "val_macro_f1", 0.1, 64]
+    return [c for c in out if c != value]
+
+
+def _changed(base: PipelineConfig, path: str, value, annotation) -> PipelineConfig | None:
+    dumped = base.model_dump(mode="json")
+    pairs = PAIRED.get(path) or {}
+    for candidate in [pairs[path]] if path in pairs else _candidates(value, annotation):
+        data = _set(base.model_dump(mode="json"), path, candidate)
+        for other, v in pairs.items():
+            _set(data, other, v)
+        try:
+            cfg = PipelineConfig.model_validate(data)
+        except (ValidationError, ValueError, TypeError):
+            continue
+        if cfg.model_dump(mode="json") != dumped:
+            return cfg
+    return None
+
+
+def _differing(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Leaf paths whose values differ: the field changed, its pair, and what validators derive
+    from them (e.g. the soft labels' unit targets follow the student's distillation terms)."""
+    out = []
+    for k in a:
+        if isinstance(a[k], dict) and isinstance(b[k], dict) and k not in ("deepspeed", "date_formats"):
+            out += _differing(a[k], b[k], f"{prefix}{k}.")
+        elif a[k] != b[k]:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _declares(s, path: str) -> bool:
+    return any(path == entry or path.startswith(entry + ".") for entry in s.sections)
+
+
+def _expected(cfg: PipelineConfig, paths: list[str]) -> set[str]:
+    """Stages declaring any of `paths`, then those reading an output of a stage already in."""
+    layout = RunLayout(cfg.run_dir)
+    out: set[str] = set()
+    written: set[str] = set()
+    for s in STAGES:
+        if any(_declares(s, p) for p in paths) or written & set(s.inputs(cfg, layout)):
+            out.add(s.name)
+            written |= set(s.outputs(cfg, layout))
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> PipelineConfig:
+    return PipelineConfig(run_dir=str(tmp_path_factory.mktemp("run")))
+
+
+def test_every_config_field_reruns_exactly_its_stages_and_downstream(base):
+    done = {"stages": {s.name: {"status": "done", "config_hash": stage_hash(s, base)} for s in STAGES}}
+    assert plan_resume(base, done) == {}
+    leaves = list(_leaves(base))
+    assert len(leaves) > 200
+    walked, unchangeable = 0, []
+    for path, value, annotation in leaves:
+        if path in PAIRED and PAIRED[path] is None:
+            continue
+        cfg = _changed(base, path, value, annotation)
+        if cfg is None:
+            unchangeable.append(path)
+            continue
+        paths = _differing(base.model_dump(mode="json"), cfg.model_dump(mode="json"))
+        assert path in paths or any(path.startswith(p + ".") for p in paths), (path, paths)
+        planned = set(plan_resume(cfg, done))
+        assert planned == _expected(cfg, paths), (path, sorted(planned))
+        walked += 1
+    assert not unchangeable, f"no valid other value found for {unchangeable}: add them to PAIRED"
+    assert walked == len(leaves) - sum(v is None for v in PAIRED.values())
+
+
+def test_a_stage_sees_only_what_it_declares(base):
+    view = stage_config(base, stage("soft_labels"))
+    assert view.soft_labels.batch_size == base.soft_labels.batch_size
+    assert view.student.seed == base.student.seed and view.run_dir == base.run_dir
+    with pytest.raises(UndeclaredSectionError, match="stage soft_labels read student.lr"):
+        view.student.lr
+    with pytest.raises(UndeclaredSectionError, match="stage soft_labels read config section 'serve'"):
+        view.serve.precision
+    evaluate = stage_config(base, stage("evaluate"))
+    assert evaluate.serve.precision == base.serve.precision   # declared: a precision change reruns it
+    with pytest.raises(UndeclaredSectionError, match="'tune'"):
+        evaluate.tune.metric
+    assert set(ALWAYS_READABLE) == {"run_dir", "ray"}
