@@ -369,7 +369,7 @@ class RunLayout:
     @property
     def eadf_validity(self) -> str: return self.path("eadf", "validity.json")
     @property
-    def text_fit(self) -> str: return self.path("eadf", "text_fit.json")
+    def text_fit(self) -> str: return self.path("evaluate", "text_fit.json")
     @property
     def teacher_artifact(self) -> str: return self.path("teacher", "artifact")
     @property

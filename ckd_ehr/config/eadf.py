@@ -71,7 +71,7 @@ class EADFConfig(Section):
     no drugs) and `text_random` (as many drugs drawn from those listed for other phenotypes), see
     ckd_ehr.text.control_efficacy; the `hard_names` / `hard_random` student variants read them."""
     text_fit_report: bool = True
-    """Write eadf/text_fit.json (ckd_ehr.eadf.text_fit): per split and model, the share of samples
+    """Write evaluate/text_fit.json in the evaluate stage (ckd_ehr.eadf.text_fit): per split and model, the share of samples
     whose EADF text keeps every patient item and clause. Loads both models' tokenizers."""
 
     @field_validator("severity_bins")

@@ -1,4 +1,4 @@
-"""How much of each sample's text the models see: `eadf/text_fit.json`, written by the evaluate
+"""How much of each sample's text the models see: `evaluate/text_fit.json`, written by the evaluate
 stage (it reads the teacher's and the student's tokenizers and budgets, which EADF does not
 declare: a student setting must not rerun EADF and the teacher).
 
