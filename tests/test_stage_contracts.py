@@ -158,11 +158,11 @@ def test_a_stage_sees_only_what_it_declares(base):
     assert view.soft_labels.batch_size == base.soft_labels.batch_size
     assert view.student.seed == base.student.seed and view.run_dir == base.run_dir
     with pytest.raises(UndeclaredSectionError, match="stage soft_labels read student.lr"):
-        view.student.lr
+        _ = view.student.lr
     with pytest.raises(UndeclaredSectionError, match="stage soft_labels read config section 'serve'"):
-        view.serve.precision
+        _ = view.serve.precision
     evaluate = stage_config(base, stage("evaluate"))
     assert evaluate.serve.precision == base.serve.precision   # declared: a precision change reruns it
     with pytest.raises(UndeclaredSectionError, match="'tune'"):
-        evaluate.tune.metric
+        _ = evaluate.tune.metric
     assert set(ALWAYS_READABLE) == {"run_dir", "ray"}

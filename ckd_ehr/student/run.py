@@ -254,7 +254,7 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
         s = s.model_copy(update={"max_steps": 0, "train_top_layers": None})
         log.info("student %s: probe only (student.probe_only_variants)", variant)
     result = fit(s, built.task, storage_path=storage, name=name)
-    best, best_metrics = result.best_checkpoint, result.best_metrics
+    best, best_metrics = result.kept_checkpoint, result.kept_metrics
     if best is None:
         raise RuntimeError(f"student {variant}: training reported no checkpoint ({storage}/{name})")
     train_s = time.perf_counter() - t0

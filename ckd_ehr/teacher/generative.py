@@ -1,8 +1,8 @@
-"""The generative teacher's pieces (issue 19, `teacher.head: generative`, not yet wired into the
-stages): the LLM reads its answer from its own vocabulary, as the authors' LLaMA-Factory run did,
-instead of through the MLAPH projection head.
+"""The generative teacher (`teacher.head: generative`; the teacher stage and soft labels build it
+through ckd_ehr.teacher.train and the teacher artifact): the LLM reads its answer from its own
+vocabulary, as the authors' LLaMA-Factory run did, instead of through the MLAPH projection head.
 
-Training example: the prompt exactly as the MLAPH teacher's (ckd_ehr.teacher.data.encode_texts)
+Training example: the prompt exactly as the MLAPH teacher's (ckd_ehr.modeling.prompts.encode_texts)
 followed by the answer "Disease that the patient may acquire: A, B" (or "... None") and EOS;
 the language-model loss counts the answer tokens only (the prompt's labels are -100). The
 answer lists the present phenotypes in an order shuffled per sample and seed, so that the

@@ -149,18 +149,18 @@ def train_teacher(tc, train_path: str, val_path: str, storage_path: str, name: s
     start = time.time()
     result = fit(tc, task, storage_path=storage_path, name=name)
     wall = time.time() - start
-    metrics = {k: v for k, v in result.best_metrics.items() if isinstance(v, (int, float, str))}
+    metrics = {k: v for k, v in result.kept_metrics.items() if isinstance(v, (int, float, str))}
     metrics.update({"train_wall_s": round(wall, 2), "final_step": result.metrics.get("step"), "curve": result.curve,
                     "stopped_early": bool(result.metrics.get("stopped_early", False)),
                     "train_samples_per_s": result.metrics.get("samples_per_s"),
-                    "best_checkpoint": str(result.best_checkpoint.path),
+                    "best_checkpoint": str(result.kept_checkpoint.path),
                     "strategy": result.metrics.get("strategy", tc.strategy), "num_workers": tc.num_workers})
     # Measurements of the whole run (the last report), whichever checkpoint was best.
     for key in ("train_padding_efficiency", "worker_peak_rss_mib", "worker_build_peak_rss_mib",
                 "worker_start_rss_mib", "local_param_fraction", "zero_stage", "auto_estimate_gib", "auto_device_gib"):
         if key in result.metrics:
             metrics[key] = result.metrics[key]
-    with result.best_checkpoint.as_directory() as d:
+    with result.kept_checkpoint.as_directory() as d:
         calibration = None
         if tc.head == "generative":   # scores -> probabilities, fitted on validation (driver, no Ray)
             from ckd_ehr.teacher.generative import fit_calibration

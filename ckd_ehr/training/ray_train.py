@@ -3,13 +3,13 @@ reporter that turns the loop's reports into ray.train.report calls, the per-work
 and `ObjectStoreValue` (data the driver puts in the object store once for every worker).
 
     result = fit(cfg.student, task, storage_path=layout.student_train(v), name="run")
-    with result.best_checkpoint.as_directory() as d: ...   # trainable.safetensors + the task's files
+    with result.kept_checkpoint.as_directory() as d: ...   # trainable.safetensors + the task's files
 
 What fit adds to the loop (see training.loop for the loop itself):
 - TorchTrainer with cfg.num_workers workers (gloo on CPU, NCCL on GPU), cfg.cpus_per_worker /
   gpus_per_worker each;
 - Ray keeps cfg.num_checkpoints_to_keep checkpoints scored by cfg.best_metric (min for
-  val_loss, else max); the best finite one is the result's best_checkpoint (under
+  val_loss, else max); the best finite one is the result's kept_checkpoint (under
   cfg.keep_checkpoint `last` the latest one, training.loop.kept_checkpoint);
 - resume: reusing (storage_path, name) resumes that run from its latest checkpoint; Ray
   restarts failed workers up to cfg.max_failures times;
@@ -30,11 +30,11 @@ from ckd_ehr.training.task import TrainTask
 
 @dataclass
 class TrainResult:
-    best_checkpoint: Any
-    """ray.train.Checkpoint the run keeps: best on cfg.best_metric, or the latest under
-    cfg.keep_checkpoint `last` (use .as_directory())."""
-    best_metrics: dict
-    """Metrics reported with best_checkpoint."""
+    kept_checkpoint: Any
+    """ray.train.Checkpoint the run keeps (training.loop.kept_checkpoint): the best on
+    cfg.best_metric, or the latest under cfg.keep_checkpoint `last` (use .as_directory())."""
+    kept_metrics: dict
+    """Metrics reported with kept_checkpoint."""
     latest_checkpoint: Any
     metrics: dict
     """The last reported metrics."""
@@ -47,8 +47,8 @@ class TrainResult:
     val_loss), the probe's at step 0, from the last checkpoint's train_state.json."""
 
     @property
-    def best_checkpoint_path(self) -> str:
-        return self.best_checkpoint.path
+    def kept_checkpoint_path(self) -> str:
+        return self.kept_checkpoint.path
 
 
 class ObjectStoreValue:
@@ -114,7 +114,7 @@ def fit(cfg, task: TrainTask, storage_path: str, name: str = "train", callbacks:
     """Train with Ray Train (see the module docstring). `cfg` is a TrainerConfig (or subclass);
     `storage_path` a local directory or URI; reusing (storage_path, name) resumes that run.
     `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback when a Tune trial runs this.
-    The result's best_checkpoint is the one cfg.keep_checkpoint names (kept_checkpoint)."""
+    The result's kept_checkpoint is the one cfg.keep_checkpoint names (kept_checkpoint)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -153,5 +153,5 @@ def fit(cfg, task: TrainTask, storage_path: str, name: str = "train", callbacks:
             if os.path.exists(state):
                 with open(state) as f:
                     curve = json.load(f).get("curve", [])
-    return TrainResult(best_checkpoint=best, best_metrics=dict(best_metrics), latest_checkpoint=result.checkpoint,
+    return TrainResult(kept_checkpoint=best, kept_metrics=dict(best_metrics), latest_checkpoint=result.checkpoint,
                        metrics=dict(result.metrics or {}), path=str(result.path), history=history, curve=curve)
