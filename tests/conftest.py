@@ -255,3 +255,16 @@ def tiny_run_copy(tiny_run, tmp_path) -> dict:
 
     run_dir = copy_run(tiny_run.run_dir, tmp_path / "tiny_run")
     return {**tiny_run.config, "run_dir": str(run_dir)}
+
+
+@pytest.fixture
+def windowed_bert(tmp_path):
+    """A random 3-layer BERT whose encoder reads 16 tokens at a time (rows of 37 take 3 windows)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                     max_position_embeddings=16)
+    BertModel(cfg).save_pretrained(tmp_path / "bert")
+    return str(tmp_path / "bert")

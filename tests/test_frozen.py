@@ -12,18 +12,6 @@ from ckd_ehr.modeling.frozen import LayerCache, compute_bottom, pad_cached
 from test_student import build_run_dir
 
 
-@pytest.fixture
-def windowed_bert(tmp_path):
-    """A random 3-layer BERT whose encoder reads 16 tokens at a time (rows of 37 take 3 windows)."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                     max_position_embeddings=16)
-    BertModel(cfg).save_pretrained(tmp_path / "bert")
-    return str(tmp_path / "bert")
-
-
 def _batch():
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(5, 300, (4, 37), generator=g)

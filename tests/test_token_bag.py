@@ -48,18 +48,7 @@ def test_knowledge_lead_is_what_opens_the_clauses():
         assert lead not in render_input(["Sepsis"], ["Heparin"], [], None, cfg).text
 
 
-@pytest.fixture
-def bag_bert(tmp_path):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     max_position_embeddings=16)
-    BertModel(cfg).save_pretrained(tmp_path / "bert")
-    return str(tmp_path / "bert")
-
-
-def test_probe_with_bag_finds_a_token_and_loads_into_the_student_exactly(bag_bert):
+def test_probe_with_bag_finds_a_token_and_loads_into_the_student_exactly(windowed_bert):
     """Label 0 is 'token 50 after the lead, 51 before it' (else the other way round): the probe's
     bag weights find it (validation AUROC near 1, far above the pooled features alone), and the student with the probe loaded gives
     the probe's logits on [features, bag]."""
@@ -78,7 +67,7 @@ def test_probe_with_bag_finds_a_token_and_loads_into_the_student_exactly(bag_ber
         rows.append(r)
         y.append(np.r_[float(pos), (g.random(24) < 0.3).astype(float)])
     y = np.array(y)
-    model = build_student(bag_bert, token_bag=BAG).eval()
+    model = build_student(windowed_bert, token_bag=BAG).eval()
     batch = pad_batch(rows, 0)
     with torch.no_grad():
         feats = model.features(**batch).numpy()
@@ -99,14 +88,14 @@ def test_probe_with_bag_finds_a_token_and_loads_into_the_student_exactly(bag_ber
         model.load_probe(plain)
 
 
-def test_cached_student_with_bag_reads_the_ids_and_a_saved_one_keeps_the_bag(bag_bert, tmp_path):
+def test_cached_student_with_bag_reads_the_ids_and_a_saved_one_keeps_the_bag(windowed_bert, tmp_path):
     from ckd_ehr.modeling.collate import pad_batch
     from ckd_ehr.modeling.frozen import compute_bottom, pad_cached
     from ckd_ehr.student.model import build_student, load_student_model, save_student
 
     rows = _rows()
     batch = pad_batch(rows, 0)
-    model = build_student(bag_bert, token_bag=BAG).eval()
+    model = build_student(windowed_bert, token_bag=BAG).eval()
     with torch.no_grad():
         model.bag_head.weight.copy_(torch.randn_like(model.bag_head.weight))
     want = model(**batch)
