@@ -48,13 +48,13 @@ def _within_chars(df, top: dict, text_cfg) -> np.ndarray:
 
 def text_fit_report(cfg, layout: RunLayout) -> dict:
     """text_fit.json's content (see module doc), written to layout.text_fit."""
-    from ckd_ehr.eadf.stats import top_drugs
-
-    top = top_drugs(storage.read_parquet(layout.efficacy_table), cfg.eadf.top_k)
     from transformers import AutoTokenizer
 
+    from ckd_ehr.eadf.stats import top_drugs
     from ckd_ehr.modeling.paths import resolve_model_path
     from ckd_ehr.modeling.prompts import encode_texts, load_tokenizer
+
+    top = top_drugs(storage.read_parquet(layout.efficacy_table), cfg.eadf.top_k)
 
     tc, sc = cfg.teacher, cfg.student
     # Counting, never truncating: tokenizers told no limit, so they do not warn that a text is
