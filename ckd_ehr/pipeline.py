@@ -99,6 +99,11 @@ def select_stages(from_stage: str | None, to_stage: str | None) -> list[Stage]:
     return list(STAGES[start:stop + 1])
 
 
+def _same_config(record: dict, stage: Stage, cfg: PipelineConfig) -> bool:
+    """Whether a stage's manifest record finished at the config it declares now."""
+    return record.get("status") == "done" and record.get("config_hash") == stage_hash(stage, cfg)
+
+
 def plan_resume(cfg: PipelineConfig, manifest: dict, stages: list[Stage] | None = None) -> dict[str, str]:
     """What `--resume` would rerun, without running anything: {stage: why} for each stage that is
     not done, whose declared config sections changed (stage_hash), or that reads an output of a
@@ -113,7 +118,7 @@ def plan_resume(cfg: PipelineConfig, manifest: dict, stages: list[Stage] | None 
         why = None
         if record.get("status") != "done":
             why = f"status {record.get('status', 'never run')}"
-        elif record.get("config_hash") != stage_hash(stage, cfg):
+        elif not _same_config(record, stage, cfg):
             why = f"config changed in its sections ({', '.join(stage.sections)})"
         else:
             upstream = sorted({rewritten[p] for p in stage.inputs(cfg, layout) if p in rewritten})
@@ -162,8 +167,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, from_stage: str | No
         record = manifest["stages"].get(stage.name, {})
         inputs = _required_inputs(stage, cfg, layout)
         chash = stage_hash(stage, cfg)
-        if (resume and record.get("status") == "done" and record.get("config_hash") == chash
-                and record.get("inputs") == inputs
+        if (resume and _same_config(record, stage, cfg) and record.get("inputs") == inputs
                 and all(file_fingerprint(p) is not None for p in record.get("outputs", {}))):
             log.info("[%d/%d] %s: unchanged, skipped (--resume)", i, len(stages), stage.name)
             record["skipped"] = True

@@ -111,11 +111,10 @@ def student_probe_row(cfg, layout: RunLayout, variant: str | None = None):
 
     from ckd_ehr.modeling.paths import resolve_model_path
     from ckd_ehr.modeling.probe import LinearProbe
-    from ckd_ehr.modeling.token_bag import token_bag_of
+    from ckd_ehr.modeling.token_bag import token_bag_for
     from ckd_ehr.student.data import encode, fit_texts, load_efficacy, read_split
     from ckd_ehr.training.batching import split_limit
     from ckd_ehr.student.model import build_student, predict_ids
-    from ckd_ehr.text import knowledge_lead
 
     art = layout.student_artifact(variant)
     path = storage.join(art, PROBE_HEAD)
@@ -137,7 +136,7 @@ def student_probe_row(cfg, layout: RunLayout, variant: str | None = None):
                 {**details, "threshold_source": source,
                  "predictions": f"{variant}'s test predictions: it kept its probe (step 0)"}), None
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(s.model), model_max_length=s.max_length)
-    bag = token_bag_of(tokenizer, knowledge_lead(cfg.text)) if s.token_bag else None
+    bag = token_bag_for(tokenizer, cfg.text) if s.token_bag else None
     model = build_student(s.model, s.pooling, s.seed, token_bag=bag)
     model.load_probe(probe)
     _, efficacy = load_efficacy(layout.efficacy_table, cfg.eadf.top_k)

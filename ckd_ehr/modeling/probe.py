@@ -180,19 +180,18 @@ def fit_probe_with_bag(x_train: np.ndarray, x_val: np.ndarray, ids_train, ids_va
     weight comes back over every column, [K, H + 2V] (zeros on the columns no training row varies)."""
     from ckd_ehr.modeling.token_bag import bag_columns
 
-    def dense(rows, columns):
-        out = np.zeros((len(rows), len(columns)), dtype=np.float32)
-        index = {c: j for j, c in enumerate(columns)}
-        for i, ids in enumerate(rows):
-            for c in bag_columns(ids, bag):
-                if c in index:
-                    out[i, index[c]] = 1.0
+    def dense(per_row, columns):
+        out = np.zeros((len(per_row), len(columns)), dtype=np.float32)
+        for i, cols in enumerate(per_row):
+            cols = cols[np.isin(cols, columns)]
+            out[i, np.searchsorted(columns, cols)] = 1.0
         return out
 
-    per_row = [bag_columns(ids, bag) for ids in ids_train]
-    counts = np.bincount(np.concatenate(per_row), minlength=bag.width) if per_row else np.zeros(bag.width, int)
+    cols_train = [bag_columns(ids, bag) for ids in ids_train]
+    cols_val = [bag_columns(ids, bag) for ids in ids_val]
+    counts = np.bincount(np.concatenate(cols_train), minlength=bag.width) if cols_train else np.zeros(bag.width, int)
     used = np.flatnonzero((counts > 0) & (counts < len(ids_train)))
-    b_train, b_val = dense(ids_train, used), dense(ids_val, used)
+    b_train, b_val = dense(cols_train, used), dense(cols_val, used)
     hidden = x_train.shape[1]
     probe = fit_probe(np.hstack([x_train, b_train]), y_train, np.hstack([x_val, b_val]), y_val, seed=seed,
                       standardize=np.r_[np.ones(hidden, bool), np.zeros(len(used), bool)])

@@ -44,6 +44,13 @@ def token_bag_of(tokenizer, lead_text: str) -> TokenBag:
     return TokenBag(lead=lead, vocab_size=len(tokenizer))
 
 
+def token_bag_for(tokenizer, text_cfg) -> TokenBag:
+    """The TokenBag of texts rendered with `text_cfg` (its knowledge lead, text.knowledge_lead)."""
+    from ckd_ehr.text import knowledge_lead
+
+    return token_bag_of(tokenizer, knowledge_lead(text_cfg))
+
+
 def lead_position(ids: Sequence[int], lead: Sequence[int]) -> int:
     """Index of the first occurrence of `lead` in `ids`, len(ids) if none."""
     n, k = len(ids), len(lead)

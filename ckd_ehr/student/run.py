@@ -22,8 +22,8 @@ from ckd_ehr.config import PipelineConfig, config_hash
 from ckd_ehr.contracts import PREDICTIONS, PROBE_HEAD, RunLayout, student_variant
 from ckd_ehr.modeling.paths import resolve_model_path
 from ckd_ehr.storage import exists, write_parquet
-from ckd_ehr.modeling.token_bag import token_bag_of
-from ckd_ehr.text import diagnosis_title_column, knowledge_lead
+from ckd_ehr.modeling.token_bag import token_bag_for
+from ckd_ehr.text import diagnosis_title_column
 from ckd_ehr.student.data import (Encoded, FitStats, align_units, encode, fit_texts, load_efficacy, read_split,
                                   read_unit_targets, variant_spec)
 from ckd_ehr.modeling.losses import balanced_pos_weight
@@ -192,8 +192,11 @@ class StudentTraining:
     model_path: str
     pad_id: int
     efficacy_table: Any
-    token_bag: Any = None
-    """ckd_ehr.modeling.token_bag.TokenBag with student.token_bag, else None."""
+
+    @property
+    def token_bag(self):
+        """ckd_ehr.modeling.token_bag.TokenBag with student.token_bag (the model builder's), else None."""
+        return self.task.build_model.token_bag
 
 
 def build_student_task(cfg: PipelineConfig, variant: str) -> StudentTraining:
@@ -214,7 +217,7 @@ def build_student_task(cfg: PipelineConfig, variant: str) -> StudentTraining:
     train = prep.splits["train"]
     pos_weight = balanced_pos_weight(train.labels).tolist() if s.distill.class_balanced else None
     pad_id = tokenizer.pad_token_id or 0
-    bag = token_bag_of(tokenizer, knowledge_lead(cfg.text)) if s.token_bag else None
+    bag = token_bag_for(tokenizer, cfg.text) if s.token_bag else None
     task = student_task(s, model_path, StudentData(train, prep.splits["val"]), pad_id, prep.distill, pos_weight,
                         unit_weights=s.distill.unit_weights(variant), token_bag=bag)
     # Variants reading the same text (hard_plain / distill_plain, hard_eadf / ckd_ehr) share the
@@ -223,7 +226,7 @@ def build_student_task(cfg: PipelineConfig, variant: str) -> StudentTraining:
     task.feature_cache = layout.probe_features
     task.feature_key = f"{s.model}|{'mean' if s.pooling == 'label_attention' else s.pooling}"
     task.frozen_cache, task.frozen_key = s.frozen_cache_dir or layout.student_frozen_cache, s.model
-    return StudentTraining(task, prep, tokenizer, model_path, pad_id, eff_table, bag)
+    return StudentTraining(task, prep, tokenizer, model_path, pad_id, eff_table)
 
 
 def train_variant(cfg: PipelineConfig, variant: str) -> dict:
