@@ -94,11 +94,14 @@ def logistic_fit(z: np.ndarray, t: np.ndarray, c_value: float, init: tuple | Non
     """One L2-penalised logistic regression per column of `t`, all columns at once: minimises
     C * sum(BCE(z w_j + b_j, t_j)) + |w_j|^2 / 2 for every j (scikit-learn's lbfgs objective,
     intercept not penalised); `t` holds 0/1 labels or probabilities (a distillation target).
-    Full-batch L-BFGS in float64 over the [n, d] x [d, K] product: the 25 phenotypes of a
+    Full-batch L-BFGS over the [n, d] x [d, K] product: the 25 phenotypes of a
     probe cost one fit, which makes a cross-validated choice of C affordable. Returns (W [K, d], b [K])."""
     import torch
 
-    zt = torch.as_tensor(z, dtype=torch.float64)
+    # The [n, d] x [d, K] products (nearly all of the time) in float32, 3x faster than float64 on
+    # a CPU; the loss, the parameters and L-BFGS's history stay float64, so the line search
+    # compares objectives at full precision (coefficients agree with float64 to ~1e-5).
+    zt = torch.as_tensor(z, dtype=torch.float32)
     tt = torch.as_tensor(t, dtype=torch.float64)
     n, d = zt.shape
     w = torch.zeros((d, tt.shape[1]), dtype=torch.float64) if init is None else \
@@ -113,7 +116,7 @@ def logistic_fit(z: np.ndarray, t: np.ndarray, c_value: float, init: tuple | Non
     def closure():
         opt.zero_grad()
         # scaled by 1 / (C n): the same minimiser, better conditioned numbers for L-BFGS
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(zt @ w + b, tt, reduction="sum") / n + \
+        loss = torch.nn.functional.binary_cross_entropy_with_logits((zt @ w.float()).double() + b, tt, reduction="sum") / n + \
             (w * w).sum() / (2 * c_value * n)
         loss.backward()
         return loss
