@@ -195,6 +195,26 @@ def test_loop_in_process_learns_checkpoints_fails_once_and_resumes(tmp_path):
                                   np.stack([e["labels"] for e in val]))
 
 
+def test_loop_validates_evals_per_epoch_times_and_early_stopping_counts_them(tmp_path):
+    """evals_per_epoch 2: validated checkpoints at half and whole epochs; patience counts
+    validations, so a run whose best is step 5 stops two validations later (step 15)."""
+    from ckd_ehr.training import LocalReporter, TrainLoop, TrainTask, WorkerContext
+
+    train, val = _marker_examples(160, 0), _marker_examples(48, 1)
+    task = TrainTask(build_model=_BagOfTokens(), load_data=lambda: (train, val), collate=_collate, loss_fn=_bce)
+    cfg = TrainerConfig(num_workers=1, epochs=2, batch_size=16, lr=3e-2, warmup_ratio=0.0, max_length=16,
+                        strategy="ddp", best_metric="val_macro_auroc", evals_per_epoch=2, autocast="off")
+    rep = LocalReporter(str(tmp_path / "halves"))
+    TrainLoop(cfg, task, WorkerContext(), rep).run()
+    assert [r["step"] for r in rep.reports] == [5, 10, 15, 20]
+    assert [r["epoch"] for r in rep.reports] == [0.5, 1.0, 1.5, 2.0]
+    # min_delta 1: nothing after the first validation counts as better
+    stop = LocalReporter(str(tmp_path / "stop"))
+    last = TrainLoop(cfg.model_copy(update={"early_stopping_patience": 2, "early_stopping_min_delta": 1.0}),
+                     task, WorkerContext(), stop).run()
+    assert [r["step"] for r in stop.reports] == [5, 10, 15] and last["stopped_early"]
+
+
 class _ModeRecordingBag(_BagOfTokens):
     """_BagOfTokens built in eval mode (as from_pretrained leaves a model) that records, per
     forward, whether it ran in training mode and with gradients."""

@@ -110,6 +110,10 @@ class TrainerConfig(Section):
     many validations in a row; None: train every epoch."""
     early_stopping_min_delta: float = Field(0.0, ge=0.0)
     """The improvement that counts for early stopping."""
+    evals_per_epoch: int = Field(1, ge=1)
+    """Validate (and checkpoint) this many times per epoch, evenly spaced, the last at the
+    epoch's end. Early stopping counts validations, so with 2 a patience of 2 ends training one
+    epoch after the best: a curve that peaks after one epoch stops after two, not three."""
     eval_every_steps: int | None = Field(None, ge=1)
     """Also validate (and checkpoint) every this many optimiser steps, for a finer learning curve
     (validation on cached frozen states costs seconds); always at every epoch's end."""

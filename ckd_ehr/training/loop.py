@@ -244,12 +244,13 @@ class TrainLoop:
     def _cache_frozen(self, model: torch.nn.Module) -> None:
         """train_top_layers: the frozen part's states of every training and validation row, read
         from the task's frozen cache where it has them, computed once otherwise (and added)."""
-        from ckd_ehr.modeling.frozen import CACHE_DTYPES, LayerCache, compute_bottom
+        from ckd_ehr.modeling.frozen import CACHE_DTYPES, LayerCache, compute_bottom, layer_cache_key
 
         cfg, start = self.cfg, time.time()
         rows = self.train + self.val
         dtype = CACHE_DTYPES[cfg.frozen_cache_dtype]
-        key = f"{self.task.frozen_key or self.task.feature_key}|top{cfg.train_top_layers}|{cfg.frozen_cache_dtype}"
+        key = layer_cache_key(self.task.frozen_key or self.task.feature_key, cfg.train_top_layers,
+                              cfg.frozen_cache_dtype)
         cache = LayerCache(self.task.frozen_cache, key, dtype) if self.task.frozen_cache else None
         states = cache.lookup([e["input_ids"] for e in rows]) if cache else [None] * len(rows)
         missing = [i for i, s in enumerate(states) if s is None]
@@ -622,6 +623,9 @@ class TrainLoop:
                 self.batches_done += len(group)
                 seen += sum(len(b) for b in group) * self.world
                 epoch_end = self.batches_done >= len(batches)
+                # crossed one of the epoch's evals_per_epoch evenly spaced validation points
+                part_end = (self.batches_done * cfg.evals_per_epoch // len(batches) >
+                            (self.batches_done - len(group)) * cfg.evals_per_epoch // len(batches))
                 done = self.step >= self.total_steps
                 metrics = {"step": self.step, "epoch": self.epoch + self.batches_done / len(batches),
                            "train_loss": last_loss, "train_loss_first": self.first_loss,
@@ -634,7 +638,7 @@ class TrainLoop:
                              self.total_steps, metrics["epoch"], last_loss, per_step,
                              format_duration(per_step * (self.total_steps - self.step)))
                 step_ckpt = bool(cfg.checkpoint_every_steps) and self.step % cfg.checkpoint_every_steps == 0
-                step_eval = bool(cfg.eval_every_steps) and self.step % cfg.eval_every_steps == 0
+                step_eval = part_end or (bool(cfg.eval_every_steps) and self.step % cfg.eval_every_steps == 0)
                 if epoch_end or done or step_ckpt or step_eval:
                     metrics.update(self.run_stats())
                     if self.rank == 0:
