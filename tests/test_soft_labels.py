@@ -230,3 +230,55 @@ def test_scoring_input_comes_in_small_blocks(ray_local, tmp_path):
     blocks = ds.materialize()
     assert sorted(by_path.values()) == sorted(paths)
     assert blocks.count() == 80 and blocks.num_blocks() >= 20, blocks.num_blocks()
+
+
+def test_a_teacher_trained_on_its_top_layers_scores_its_cached_rows_through_them(ray_local, run_with_teacher,
+                                                                                tiny_qwen_dir, tmp_path):
+    """teacher.train_top_layers: the frozen layers' states the training cached for its training
+    and validation rows give those rows' soft labels through the top layers only; test rows go
+    through the whole teacher; every row equals the loaded (merged) teacher's own forward pass.
+    Null control: without the cache directory nothing is read from it, and the numbers agree."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from ckd_ehr.config import PipelineConfig, TeacherConfig
+    from ckd_ehr.soft_labels.run import run_soft_labels
+    from ckd_ehr.teacher import load_teacher, predict_logits, write_artifact
+    from ckd_ehr.teacher.train import teacher_feature_key, teacher_task
+    from ckd_ehr.training import LocalReporter, TrainLoop, WorkerContext
+
+    layout = RunLayout(str(tmp_path / "run"))
+    for split in SPLITS:
+        os.makedirs(os.path.dirname(layout.augmented(split)), exist_ok=True)
+        shutil.copy(run_with_teacher.augmented(split), layout.augmented(split))
+    tc = TeacherConfig(model=str(tiny_qwen_dir), gguf_file=None, max_length=320, pooling="mean", epochs=1,
+                       max_steps=3, batch_size=2, num_workers=1, strategy="ddp", cpus_per_worker=1, lr=5e-2,
+                       head_lr=5e-2, warmup_ratio=0.0, train_top_layers=1, keep_checkpoint="last", autocast="off")
+    task = teacher_task(tc, layout.augmented("train"), layout.augmented("val"))
+    task.frozen_cache = layout.teacher_frozen_cache
+    task.frozen_key = teacher_feature_key({**tc.model_dump(mode="json"), "pooling": "any"}, tc.train_dtype())
+    reporter = LocalReporter(str(tmp_path / "train"))
+    last = TrainLoop(tc, task, WorkerContext(), reporter).run()
+    assert last["step"] == 3 and last["frozen_rows_computed"] > 0
+    write_artifact(reporter.checkpoints[-1][0], AutoTokenizer.from_pretrained(tiny_qwen_dir), tc, {"step": 3},
+                   layout.teacher_artifact)
+
+    cfg = PipelineConfig(run_dir=layout.root, soft_labels={"batch_size": 4, "sub_batch_size": 3,
+                                                           "cpus_per_actor": 0.5, "num_actors": 1})
+    model, tok, _ = load_teacher(layout.teacher_artifact)
+    rows = {split: storage.parquet_num_rows(layout.augmented(split)) for split in SPLITS}
+    for with_cache in (True, False):
+        if not with_cache:
+            shutil.rmtree(layout.teacher_frozen_cache)
+        summary = run_soft_labels(cfg)
+        from_cache = {split: summary["splits"][split]["rows_from_frozen_cache"] for split in SPLITS}
+        assert from_cache == ({"train": rows["train"], "val": rows["val"], "test": 0} if with_cache else
+                              {"train": 0, "val": 0, "test": 0})
+        for split in SPLITS:
+            inp = storage.read_parquet(layout.augmented(split))
+            out = storage.read_parquet(layout.soft_labels(split))
+            assert out.column("sample_id").to_pylist() == inp.column("sample_id").to_pylist()
+            ref = predict_logits(model, tok, inp.column("text_eadf").to_pylist(), batch_size=16, max_length=320)
+            np.testing.assert_allclose(np.asarray(out.column("logits").to_pylist(), np.float32), ref, atol=1e-4)
+            assert np.std(ref, axis=0).max() > 1e-3

@@ -46,6 +46,12 @@ def _from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
+def layer_cache_key(model_key: str, top: int, cache_dtype: str) -> str:
+    """The key of a frozen model's states: the model (what decides its bottom layers' output),
+    the number of top layers left to train, and the dtype the states are stored in."""
+    return f"{model_key}|top{top}|{cache_dtype}"
+
+
 class LayerCache:
     """Per-row frozen-layer states of one frozen model (`key`) under `directory` (local or URI)."""
 
@@ -72,6 +78,22 @@ class LayerCache:
                         out[i] = states[a:b].clone()
         return out
 
+    def load_all(self) -> dict[str, torch.Tensor]:
+        """{row digest: states [t, H]} of every row cached under this key (one read of the
+        directory, for a reader that does not know its rows in advance: a Ray Data actor)."""
+        out: dict[str, torch.Tensor] = {}
+        if not storage.exists(self.directory):
+            return out
+        for path in storage.list_files(self.directory, ".npz"):
+            with np.load(io.BytesIO(storage.read_bytes(path))) as f:
+                if str(f["key"]) != self.key:
+                    continue
+                states = _from_numpy(f["states"], self.dtype)
+                starts = np.concatenate([[0], np.cumsum(f["lengths"])])
+                for d, a, b in zip(f["rows"].tolist(), starts[:-1], starts[1:]):
+                    out[d] = states[a:b].clone()
+        return out
+
     def add(self, rows: Sequence[Sequence[int]], states: Sequence[torch.Tensor]) -> None:
         """Store the states of `rows` (one new file)."""
         if not len(rows):
@@ -90,6 +112,32 @@ def pad_cached(states: Sequence[torch.Tensor], width: int, dtype: torch.dtype = 
     for i, s in enumerate(states):
         out[i, : s.shape[0]] = s.to(dtype)
     return out
+
+
+def predict_cached(model, states: Sequence[torch.Tensor], batch_size: int, num_outputs: int,
+                   device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(outputs [N, num_outputs] float32, padded length per row) of `model(cached=..., attention_mask=...)`
+    over per-row frozen states, in batches sorted by length and padded per batch (as
+    ckd_ehr.modeling.collate.predict_sorted over token ids); eval mode, inference_mode."""
+    from ckd_ehr.modeling.collate import length_sorted_batches
+
+    out = np.zeros((len(states), num_outputs), dtype=np.float32)
+    padded = np.zeros(len(states), dtype=np.int32)
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for idx in length_sorted_batches([s.shape[0] for s in states], batch_size):
+                width = max(states[i].shape[0] for i in idx)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for j, i in enumerate(idx):
+                    mask[j, : states[i].shape[0]] = 1
+                batch = pad_cached([states[i] for i in idx], width)
+                out[idx] = model(cached=batch.to(device), attention_mask=mask.to(device)).float().cpu().numpy()
+                padded[idx] = width
+    finally:
+        model.train(was)
+    return out, padded
 
 
 def compute_bottom(model, rows: Sequence[Sequence[int]], batch_size: int, dtype: torch.dtype,

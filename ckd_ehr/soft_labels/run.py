@@ -303,6 +303,21 @@ def soft_labels_from_probe(layout: RunLayout, meta: dict, sl_cfg, rows: dict[str
     return out
 
 
+def teacher_frozen_cache(layout: RunLayout, meta: dict, units: bool) -> tuple[str, str, int, str] | None:
+    """(directory, key, top layers, dtype) of the frozen-layer states the teacher cached in
+    training (teacher.train_top_layers), for TeacherScorer; None when it trained no such cache
+    or when the stage needs more than the logits (unit targets read every layer)."""
+    from ckd_ehr.teacher.train import teacher_frozen_key
+
+    tcfg = meta.get("config", {})
+    if units or meta.get("head", "mlaph") != "mlaph" or not tcfg.get("train_top_layers"):
+        return None
+    directory = tcfg.get("frozen_cache_dir") or layout.teacher_frozen_cache
+    if not storage.exists(directory):
+        return None
+    return directory, teacher_frozen_key(tcfg), int(tcfg["train_top_layers"]), tcfg.get("frozen_cache_dtype", "float32")
+
+
 # --- Ray edge -----------------------------------------------------------------------------
 
 class TeacherScorer:
@@ -310,9 +325,10 @@ class TeacherScorer:
 
     def __init__(self, artifact_dir: str, text_column: str, max_length: int | None, sub_batch_size: int,
                  use_gpu: bool, dtype: str, torch_threads: int | None, unit_columns: tuple[str, str, str] | None = None,
-                 relation_layer: int | None = -1):
+                 relation_layer: int | None = -1, frozen_cache: tuple[str, str, int, str] | None = None):
         import torch
 
+        from ckd_ehr.modeling.frozen import CACHE_DTYPES, LayerCache
         from ckd_ehr.teacher import load_teacher
 
         if torch_threads:
@@ -327,6 +343,34 @@ class TeacherScorer:
         self.text_column = text_column
         self.sub_batch_size = sub_batch_size
         self.unit_columns, self.relation_layer = unit_columns, relation_layer
+        # frozen_cache (directory, key, top layers, dtype): the teacher trained only its top layers
+        # (train_top_layers) and cached its frozen layers' states of every training and
+        # validation row; those rows need only the top layers here (LoRA below them never left
+        # its zero start, so the merged teacher's frozen part is the cached one's).
+        self.frozen_states: dict = {}
+        if frozen_cache and not unit_columns:
+            directory, key, top, cache_dtype = frozen_cache
+            self.model.freeze_below(top)
+            self.frozen_states = LayerCache(directory, key, CACHE_DTYPES[cache_dtype]).load_all()
+
+    def _score(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(logits, padded length, from the frozen cache) per row: cached rows through the top
+        layers only, the others through the whole teacher."""
+        from ckd_ehr.modeling.feature_cache import row_digest
+        from ckd_ehr.modeling.frozen import predict_cached
+
+        found = [self.frozen_states.get(row_digest(x)) for x in ids] if self.frozen_states else [None] * len(ids)
+        cached = np.array([f is not None for f in found], dtype=bool)
+        logits = np.zeros((len(ids), NUM_PHENOTYPES), dtype=np.float32)
+        padded = np.zeros(len(ids), dtype=np.int32)
+        hit, miss = np.flatnonzero(cached), np.flatnonzero(~cached)
+        if len(hit):
+            logits[hit], padded[hit] = predict_cached(self.model, [found[i] for i in hit], self.sub_batch_size,
+                                                      NUM_PHENOTYPES, self.device)
+        if len(miss):
+            logits[miss], padded[miss] = score_ids(self.model, self.tokenizer, [ids[i] for i in miss],
+                                                   self.sub_batch_size, self.device)
+        return logits, padded, cached
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch.column(self.text_column).to_pylist()
@@ -338,9 +382,10 @@ class TeacherScorer:
             out = score_with_units(self.model, self.tokenizer, ids, maps, keys, self.sub_batch_size,
                                    self.relation_layer, self.device)
             logits, padded = out["logits"], out["padded"]
+            cached = np.zeros(len(ids), dtype=bool)
         else:
             ids = tokenize(self.tokenizer, texts, self.use_chat_template, self.max_length, self.instruction)
-            logits, padded = score_ids(self.model, self.tokenizer, ids, self.sub_batch_size, self.device)
+            logits, padded, cached = self._score(ids)
         table = soft_label_table(sample_ids, logits, self.teacher_id)
         if self.unit_columns:
             units = unit_target_table(sample_ids, keys, out["unit_attention"], out["unit_relation"])
@@ -350,7 +395,8 @@ class TeacherScorer:
         # before writing.
         return (table.append_column("path", batch.column("path"))
                 .append_column("n_tokens", pa.array([len(x) for x in ids], pa.int32()))
-                .append_column("n_computed", pa.array(padded, pa.int32())))
+                .append_column("n_computed", pa.array(padded, pa.int32()))
+                .append_column("frozen_cached", pa.array(cached, pa.bool_())))
 
 
 def teacher_text_options(meta: dict, max_length: int | None = None) -> tuple[bool, int, str]:
@@ -395,7 +441,8 @@ def read_scoring_input(input_paths: dict[str, str], text_column: str, extra_colu
 
 
 def infer_soft_labels(input_paths: dict[str, str], artifact_dir: str, cfg,
-                      unit_columns: tuple[str, str, str] | None = None) -> dict[str, pa.Table]:
+                      unit_columns: tuple[str, str, str] | None = None,
+                      frozen_cache: tuple[str, str, int, str] | None = None) -> dict[str, pa.Table]:
     """Score every row of every input file with one actor pool; {split: SOFT_LABELS + path,
     n_tokens, n_computed (+ UNIT_TARGETS' columns when `unit_columns`, the diagnosis title,
     drug and procedure title columns the texts were rendered from, are given)}.
@@ -413,7 +460,7 @@ def infer_soft_labels(input_paths: dict[str, str], artifact_dir: str, cfg,
         fn_constructor_kwargs=dict(artifact_dir=artifact_dir, text_column=text_column, max_length=cfg.max_length,
                                    sub_batch_size=cfg.sub_batch_size, use_gpu=use_gpu, dtype=cfg.dtype,
                                    torch_threads=None if use_gpu else threads, unit_columns=unit_columns,
-                                   relation_layer=cfg.relation_layer),
+                                   relation_layer=cfg.relation_layer, frozen_cache=frozen_cache),
         batch_size=cfg.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None)
     # No no-progress window: a teacher on CPU is legitimately slow (before the small blocks, a
@@ -452,7 +499,8 @@ def infer_soft_labels(input_paths: dict[str, str], artifact_dir: str, cfg,
 
 def _empty(units: bool = False) -> pa.Table:
     table = (SOFT_LABELS.empty_table().append_column("path", pa.array([], pa.string()))
-             .append_column("n_tokens", pa.array([], pa.int32())).append_column("n_computed", pa.array([], pa.int32())))
+             .append_column("n_tokens", pa.array([], pa.int32())).append_column("n_computed", pa.array([], pa.int32()))
+             .append_column("frozen_cached", pa.array([], pa.bool_())))
     for field in UNIT_TARGETS if units else ():
         if field.name != "sample_id":
             table = table.append_column(field, pa.array([], field.type))
@@ -514,11 +562,14 @@ def run_soft_labels(cfg) -> dict:
         if to_score:
             init_ray(cfg.ray)
             started = time.time()
-            raw = infer_soft_labels(to_score, artifact, cfg.soft_labels, unit_columns)
+            raw = infer_soft_labels(to_score, artifact, cfg.soft_labels, unit_columns,
+                                    teacher_frozen_cache(layout, meta, unit_columns is not None))
             scoring_s = time.time() - started
     finally:
         for path in subsets:
             storage.remove(path)
+    from_frozen = {split: int(pc.sum(t.column("frozen_cached")).as_py() or 0) if "frozen_cached" in t.column_names
+                   else 0 for split, t in raw.items()}
     for split in SPLITS:
         parts = [t.select([*SOFT_LABELS.names, "n_tokens", "n_computed"]) for t in (raw.get(split), from_probe.get(split))
                  if t is not None] if not unit_columns else [raw[split]]
@@ -544,7 +595,8 @@ def run_soft_labels(cfg) -> dict:
         computed = int(pc.sum(raw[split].column("n_computed")).as_py() or 0)
         summary[split] = {"rows": table.num_rows, "tokens": real, "computed_tokens": computed,
                           "padding_efficiency": padding_efficiency(real, computed),
-                          "rows_from_probe_features": from_probe[split].num_rows if split in from_probe else 0}
+                          "rows_from_probe_features": from_probe[split].num_rows if split in from_probe else 0,
+                          "rows_from_frozen_cache": from_frozen.get(split, 0)}
         if split in unit_tables:
             summary[split]["unit_targets_bytes"] = storage.size(layout.unit_targets(split))
             spread = label_attention_spread(unit_tables[split]) if unit_attention else None
@@ -556,9 +608,10 @@ def run_soft_labels(cfg) -> dict:
                             "a rate of their own (teacher.query_lr, docs/method.md)", split, spread, SPREAD_WARNING)
         elif storage.exists(layout.unit_targets(split)):   # another teacher's: never left to be read as this one's
             storage.remove(layout.unit_targets(split))
-        log.info("soft labels %s: %d rows -> %s (%d from the probe's features; scored: padding efficiency %.3f, "
-                 "%d real / %d computed tokens)", split, table.num_rows, layout.soft_labels(split),
-                 summary[split]["rows_from_probe_features"], summary[split]["padding_efficiency"], real, computed)
+        log.info("soft labels %s: %d rows -> %s (%d from the probe's features, %d through the top layers only on the "
+                 "teacher's frozen cache; scored: padding efficiency %.3f, %d real / %d computed tokens)", split,
+                 table.num_rows, layout.soft_labels(split), summary[split]["rows_from_probe_features"],
+                 summary[split]["rows_from_frozen_cache"], summary[split]["padding_efficiency"], real, computed)
     quality = write_quality_report(layout, cfg.soft_labels.ece_bins)
     # Throughput of the rows the teacher computed (not those from its probe's cache), Ray Data's
     # start-up included: what a user waits for per row (the study compares teacher heads on it).

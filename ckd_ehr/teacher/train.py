@@ -14,8 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ckd_ehr import storage
-from ckd_ehr.config import config_hash
+from ckd_ehr.config import TeacherConfig, config_hash
 from ckd_ehr.contracts import AUGMENTED_SAMPLES, ContractError, RunLayout, check_schema
+from ckd_ehr.modeling.frozen import layer_cache_key
 # One definition of class balancing for both models; the teacher's loss beside the student's.
 from ckd_ehr.modeling.losses import BCELoss, balanced_pos_weight  # noqa: F401  (re-exported for callers)
 from ckd_ehr.training import TrainResult, TrainTask, fit, subset_indices
@@ -113,6 +114,15 @@ def teacher_feature_key(config: dict, dtype: str) -> str:
                                                              "attn_implementation")) + f"|{dtype}"
 
 
+def teacher_frozen_key(config: dict) -> str:
+    """The frozen-layer cache key (ckd_ehr.modeling.frozen) of a teacher trained with
+    `train_top_layers`: the backbone's states below its top layers do not depend on the pooling.
+    `config` is a TeacherConfig as a dict (as teacher.json holds it)."""
+    tc = TeacherConfig.model_validate(config)
+    return layer_cache_key(teacher_feature_key({**config, "pooling": "any"}, tc.train_dtype()),
+                           tc.train_top_layers or 0, tc.frozen_cache_dtype)
+
+
 def teacher_task(tc, train_path: str, val_path: str, tokenizer=None, feature_cache: str | None = None) -> TrainTask:
     tokenizer = tokenizer or load_tokenizer(tc)
     if tc.head == "generative":   # the language-model loss on the answer; validation reports val_loss
@@ -146,6 +156,7 @@ def train_teacher(tc, train_path: str, val_path: str, storage_path: str, name: s
     task = teacher_task(tc, train_path, val_path, tokenizer, feature_cache)
     task.frozen_cache = frozen_cache
     task.frozen_key = teacher_feature_key({**tc.model_dump(mode="json"), "pooling": "any"}, tc.train_dtype())
+    # (the loop adds the top layers and the cache dtype: teacher_frozen_key is the whole key)
     start = time.time()
     result = fit(tc, task, storage_path=storage_path, name=name)
     wall = time.time() - start
