@@ -141,3 +141,59 @@ def test_cached_teacher_gives_the_uncached_logits_and_gradients(tmp_path, family
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
         elif q.requires_grad:   # frozen by freeze_below: LoRA of layers 0-1
             assert p.grad is None and ("layers.0." in name or "layers.1." in name), name
+
+
+@pytest.mark.slow
+def test_test_rows_go_through_the_top_layers_on_cached_states(tmp_path, tiny_bert_dir):
+    """After training on its top layer, the student stage predicts the test rows through the
+    bottom once (added to the frozen cache) and the top: the same probabilities as the whole
+    checkpoint (1e-5, no autocast); a second pass finds every test row in the cache. Evaluate's
+    probe row then reads val and test from it, and agrees with the uncached frozen encoder."""
+    import shutil
+
+    from ckd_ehr.contracts import RunLayout
+    from ckd_ehr.evaluation.probe_rows import student_probe_row
+    from ckd_ehr.modeling.frozen import CACHE_DTYPES, LayerCache, layer_cache_key
+    from ckd_ehr.student.model import predict_ids
+    from ckd_ehr.student.run import _predict_remote, build_student_task
+    from ckd_ehr.student.train import student_from_checkpoint
+    from ckd_ehr.training import LocalReporter, TrainLoop, WorkerContext
+
+    build_run_dir(tmp_path)
+    cfg = PipelineConfig.model_validate({"run_dir": str(tmp_path), "student": {
+        "model": str(tiny_bert_dir), "variants": ["ckd_ehr"], "num_workers": 1, "batch_size": 4, "max_length": 128,
+        "cpus_per_worker": 1, "epochs": 1, "lr": 1e-2, "train_top_layers": 1, "autocast": "off",
+        "token_bag": True, "head_init": "probe"}})
+    built = build_student_task(cfg, "ckd_ehr")
+    reporter = LocalReporter(str(tmp_path / "train"))
+    TrainLoop(cfg.student, built.task, WorkerContext(), reporter).run()
+    last = reporter.checkpoints[-1][0]
+    s = cfg.student
+    cache = LayerCache(built.task.frozen_cache, layer_cache_key(s.model, 1, s.frozen_cache_dtype),
+                       CACHE_DTYPES[s.frozen_cache_dtype])
+    test = built.prep.splits["test"]
+
+    class Checkpoint:   # what Ray Train's Checkpoint offers the stage
+        @staticmethod
+        def as_directory():
+            import contextlib
+
+            return contextlib.nullcontext(last)
+
+    got = _predict_remote(Checkpoint, built.model_path, "mean", built.pad_id, {"test": test}, 8, False,
+                          built.token_bag, cache)["test"]
+    whole = predict_ids(student_from_checkpoint(last, built.model_path, "mean", token_bag=built.token_bag),
+                        test.input_ids, built.pad_id)
+    np.testing.assert_allclose(got, whole, rtol=0, atol=1e-5)
+    assert sum(st is not None for st in cache.lookup(test.input_ids)) == len(test.input_ids)
+
+    # evaluate's probe row: the artifact's probe over cached val + test states = over the frozen encoder
+    layout = RunLayout(str(tmp_path))
+    art = layout.student_artifact("ckd_ehr")
+    shutil.copytree(last, art)   # a stand-in artifact: the probe head is all the probe row reads
+    (frame, _, details), _ = student_probe_row(cfg, layout, "ckd_ehr")
+    assert details["rows_from_frozen_cache"] > len(test.input_ids)
+    shutil.rmtree(built.task.frozen_cache)
+    (plain, _, details), _ = student_probe_row(cfg, layout, "ckd_ehr")
+    assert details["rows_from_frozen_cache"] == 0
+    np.testing.assert_allclose(np.stack(frame["probs"]), np.stack(plain["probs"]), rtol=0, atol=1e-5)

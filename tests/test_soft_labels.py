@@ -71,7 +71,7 @@ def run_with_teacher(tmp_path_factory, tiny_qwen_dir):
 
 
 def _soft_table(ids, probs):
-    from ckd_ehr.soft_labels.run import soft_label_table
+    from ckd_ehr.soft_labels.scoring import soft_label_table
 
     t = soft_label_table(ids, np.zeros((len(ids), NUM_PHENOTYPES), np.float32), "t")
     return t.set_column(2, "probs", pa.FixedSizeListArray.from_arrays(
@@ -79,7 +79,7 @@ def _soft_table(ids, probs):
 
 
 def test_check_complete_catches_dropped_duplicated_and_bad_probs():
-    from ckd_ehr.soft_labels.run import check_complete
+    from ckd_ehr.soft_labels.scoring import check_complete
 
     ids = [f"s{i}" for i in range(10)]
     ok = _soft_table(ids, np.full((10, NUM_PHENOTYPES), 0.5))
@@ -219,7 +219,7 @@ def test_scoring_input_comes_in_small_blocks(ray_local, tmp_path):
     """Ray Data's default block size read three files as ONE block: one actor scored every row
     and no progress showed until the end. The soft-label Dataset reads in blocks of a few rows,
     so a pool's actors share the rows and scored batches stream back."""
-    from ckd_ehr.soft_labels.run import read_scoring_input
+    from ckd_ehr.soft_labels.ray_scoring import read_scoring_input
 
     paths = {}
     for split, n in (("train", 40), ("val", 10), ("test", 30)):
@@ -236,25 +236,29 @@ def test_a_teacher_trained_on_its_top_layers_scores_its_cached_rows_through_them
                                                                                 tiny_qwen_dir, tmp_path):
     """teacher.train_top_layers: the frozen layers' states the training cached for its training
     and validation rows give those rows' soft labels through the top layers only; test rows go
-    through the whole teacher; every row equals the loaded (merged) teacher's own forward pass.
+    through the bottom (added to the cache) and the top; every row equals the loaded (merged)
+    teacher's own forward pass. Evaluate's probe row then reads val and test from the cache.
     Null control: without the cache directory nothing is read from it, and the numbers agree."""
     import shutil
 
     from transformers import AutoTokenizer
 
     from ckd_ehr.config import PipelineConfig, TeacherConfig
+    from ckd_ehr.evaluation.probe_rows import teacher_probe_row
     from ckd_ehr.soft_labels.run import run_soft_labels
     from ckd_ehr.teacher import load_teacher, predict_logits, write_artifact
     from ckd_ehr.teacher.train import teacher_feature_key, teacher_task
     from ckd_ehr.training import LocalReporter, TrainLoop, WorkerContext
 
     layout = RunLayout(str(tmp_path / "run"))
-    for split in SPLITS:
-        os.makedirs(os.path.dirname(layout.augmented(split)), exist_ok=True)
-        shutil.copy(run_with_teacher.augmented(split), layout.augmented(split))
+    for split in SPLITS:   # with the patients' ids, which evaluate's probe row reads
+        table = storage.read_parquet(run_with_teacher.augmented(split))
+        storage.write_parquet(table.append_column("subject_id", pa.array(range(table.num_rows), pa.int64())),
+                              layout.augmented(split))
     tc = TeacherConfig(model=str(tiny_qwen_dir), gguf_file=None, max_length=320, pooling="mean", epochs=1,
                        max_steps=3, batch_size=2, num_workers=1, strategy="ddp", cpus_per_worker=1, lr=5e-2,
-                       head_lr=5e-2, warmup_ratio=0.0, train_top_layers=1, keep_checkpoint="last", autocast="off")
+                       head_lr=5e-2, warmup_ratio=0.0, train_top_layers=1, keep_checkpoint="last", autocast="off",
+                       head_init="probe")
     task = teacher_task(tc, layout.augmented("train"), layout.augmented("val"))
     task.frozen_cache = layout.teacher_frozen_cache
     task.frozen_key = teacher_feature_key({**tc.model_dump(mode="json"), "pooling": "any"}, tc.train_dtype())
@@ -268,10 +272,14 @@ def test_a_teacher_trained_on_its_top_layers_scores_its_cached_rows_through_them
                                                            "cpus_per_actor": 0.5, "num_actors": 1})
     model, tok, _ = load_teacher(layout.teacher_artifact)
     rows = {split: storage.parquet_num_rows(layout.augmented(split)) for split in SPLITS}
+    probe_rows = []
     for with_cache in (True, False):
         if not with_cache:
             shutil.rmtree(layout.teacher_frozen_cache)
         summary = run_soft_labels(cfg)
+        (frame, _, details), _ = teacher_probe_row(cfg, layout)
+        assert details["rows_from_frozen_cache"] == (rows["val"] + rows["test"] if with_cache else 0)
+        probe_rows.append(np.stack(frame["probs"]))
         from_cache = {split: summary["splits"][split]["rows_from_frozen_cache"] for split in SPLITS}
         assert from_cache == ({"train": rows["train"], "val": rows["val"], "test": 0} if with_cache else
                               {"train": 0, "val": 0, "test": 0})
@@ -282,3 +290,5 @@ def test_a_teacher_trained_on_its_top_layers_scores_its_cached_rows_through_them
             ref = predict_logits(model, tok, inp.column("text_eadf").to_pylist(), batch_size=16, max_length=320)
             np.testing.assert_allclose(np.asarray(out.column("logits").to_pylist(), np.float32), ref, atol=1e-4)
             assert np.std(ref, axis=0).max() > 1e-3
+    np.testing.assert_allclose(probe_rows[0], probe_rows[1], atol=1e-5)
+    assert np.std(probe_rows[0], axis=0).max() > 1e-4

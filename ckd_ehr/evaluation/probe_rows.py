@@ -24,6 +24,10 @@ from ckd_ehr.metrics import to_matrix
 from ckd_ehr.evaluation.predictions import (as_predictions, kept_step, read_predictions, read_thresholds,
                                             reference_thresholds, teacher_predictions_from_soft_labels)
 from ckd_ehr.phenotypes import NUM_PHENOTYPES
+from ckd_ehr.modeling.probe import LinearProbe
+from ckd_ehr.modeling.prompts import encode_texts
+from ckd_ehr.modeling.paths import resolve_model_path
+from ckd_ehr.student.data import encode, fit_texts, load_efficacy, read_split
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +50,12 @@ def _thresholds(y_val: np.ndarray, p_val: np.ndarray) -> tuple[dict, dict]:
 
 def teacher_probe_row(cfg, layout: RunLayout):
     """(test frame, thresholds, details) of `probe_teacher`, or a note saying why there is none."""
-    import torch
-
-    from ckd_ehr.modeling.probe import LinearProbe
+    # not at module level: torch, loaded only when this runs
+    from ckd_ehr.modeling.collate import pad_id
+    from ckd_ehr.modeling.frozen import CACHE_DTYPES, LayerCache, cached_states, predict_through_cache
     from ckd_ehr.teacher.artifact import teacher_instruction
-    from ckd_ehr.teacher.data import predict_logits
     from ckd_ehr.teacher.model import MLAPH, TeacherModel, load_backbone
+    from ckd_ehr.teacher.train import teacher_frozen_cache
 
     art = layout.teacher_artifact
     path = storage.join(art, PROBE_HEAD)
@@ -74,6 +78,7 @@ def teacher_probe_row(cfg, layout: RunLayout):
             return (test, thresholds, {**details, "threshold_source": source,
                                        "predictions": "the teacher's soft labels: it kept its probe (step 0)"}), None
     with storage.local_dir(art) as d:
+        # not at module level: imported only on this branch
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(d / ARTIFACT_TOKENIZER))
@@ -86,16 +91,22 @@ def teacher_probe_row(cfg, layout: RunLayout):
     column = meta.get("text_column", "text_eadf")
     chat = bool(meta.get("use_chat_template", True))
     max_eval = meta.get("config", {}).get("max_eval_samples")
-    out = {}
+    frozen = teacher_frozen_cache(layout, meta)
+    if frozen is not None:   # the frozen part's states the teacher (val) and the soft labels (test) cached
+        model.freeze_below(frozen[2])
+        cache = LayerCache(frozen[0], frozen[1], CACHE_DTYPES[frozen[3]])
+    out, found = {}, 0
     for split in ("val", "test"):
         df = storage.read_parquet(layout.augmented(split),
                                   columns=["sample_id", "subject_id", "labels", column]).to_pandas()
         if split == "val" and max_eval:
             df = df.iloc[:max_eval]
-        with torch.inference_mode():
-            logits = predict_logits(model, tokenizer, df[column].tolist(), max_length=int(meta["max_length"]),
-                                    use_chat_template=chat, instruction_kind=teacher_instruction(meta))
+        ids = encode_texts(df[column].tolist(), tokenizer, int(meta["max_length"]), chat, teacher_instruction(meta))
+        states = cached_states(cache, ids) if frozen else {}
+        logits, _, hit = predict_through_cache(model, ids, pad_id(tokenizer), 16, NUM_PHENOTYPES, states)
+        found += int(hit.sum())
         out[split] = (df, 1.0 / (1.0 + np.exp(-logits.astype(np.float64))))
+    details["rows_from_frozen_cache"] = found
     thresholds, source = _thresholds(to_matrix(out["val"][0]["labels"], np.int8), out["val"][1])
     return (_frame(out["test"][0], out["test"][1]), thresholds,
             {**details, "threshold_source": source, "predictions": "frozen backbone + probe, scored here"}), None
@@ -107,12 +118,11 @@ def student_probe_row(cfg, layout: RunLayout, variant: str | None = None):
     if variant is None:
         variant = next((v for v in ("ckd_ehr", "hard_eadf")
                         if storage.exists(storage.join(layout.student_artifact(v), PROBE_HEAD))), "ckd_ehr")
+    # not at module level: transformers, loaded only when this runs
     from transformers import AutoTokenizer
 
-    from ckd_ehr.modeling.paths import resolve_model_path
-    from ckd_ehr.modeling.probe import LinearProbe
+    from ckd_ehr.modeling.frozen import CACHE_DTYPES, LayerCache, cached_states, layer_cache_key, predict_through_cache
     from ckd_ehr.modeling.token_bag import token_bag_for
-    from ckd_ehr.student.data import encode, fit_texts, load_efficacy, read_split
     from ckd_ehr.training.batching import split_limit
     from ckd_ehr.student.model import build_student, predict_ids
 
@@ -139,14 +149,27 @@ def student_probe_row(cfg, layout: RunLayout, variant: str | None = None):
     bag = token_bag_for(tokenizer, cfg.text) if s.token_bag else None
     model = build_student(s.model, s.pooling, s.seed, token_bag=bag)
     model.load_probe(probe)
+    model.eval()
+    cache = None
+    directory = s.frozen_cache_dir or layout.student_frozen_cache
+    if s.train_top_layers and storage.exists(directory):   # the states the student stage cached
+        model.freeze_below(s.train_top_layers)
+        cache = LayerCache(directory, layer_cache_key(s.model, s.train_top_layers, s.frozen_cache_dtype),
+                           CACHE_DTYPES[s.frozen_cache_dtype])
     _, efficacy = load_efficacy(layout.efficacy_table, cfg.eadf.top_k)
-    out = {}
+    out, found = {}, 0
     for split in ("val", "test"):
         samples, _ = read_split(layout.augmented(split), None, split_limit(s, split), seed=s.seed)
         texts, _ = fit_texts(samples, tokenizer, s.max_length, column, efficacy, cfg.text, s.fit_shrink)
         enc = encode(samples, None, texts, tokenizer, s.max_length)
-        probs = predict_ids(model, enc.input_ids, tokenizer.pad_token_id or 0)
+        if cache is None:
+            probs = predict_ids(model, enc.input_ids, tokenizer.pad_token_id or 0)
+        else:
+            logits, _, hit = predict_through_cache(model, enc.input_ids, tokenizer.pad_token_id or 0, 32,
+                                                   NUM_PHENOTYPES, cached_states(cache, enc.input_ids))
+            probs, found = 1.0 / (1.0 + np.exp(-logits.astype(np.float64))), found + int(hit.sum())
         out[split] = (samples.select(["sample_id", "subject_id", "labels"]).to_pandas(), probs)
+    details["rows_from_frozen_cache"] = found
     thresholds, source = _thresholds(to_matrix(out["val"][0]["labels"], np.int8), out["val"][1])
     return (_frame(out["test"][0], out["test"][1]), thresholds,
             {**details, "threshold_source": source, "predictions": "frozen encoder + probe, scored here"}), None

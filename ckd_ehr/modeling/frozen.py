@@ -31,6 +31,7 @@ import torch
 
 from ckd_ehr import storage
 from ckd_ehr.modeling.feature_cache import row_digest
+from ckd_ehr.modeling.collate import length_sorted_batches, predict_sorted, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +116,11 @@ def pad_cached(states: Sequence[torch.Tensor], width: int, dtype: torch.dtype = 
 
 
 def predict_cached(model, states: Sequence[torch.Tensor], batch_size: int, num_outputs: int,
-                   device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+                   device: str = "cpu", ids: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(outputs [N, num_outputs] float32, padded length per row) of `model(cached=..., attention_mask=...)`
     over per-row frozen states, in batches sorted by length and padded per batch (as
-    ckd_ehr.modeling.collate.predict_sorted over token ids); eval mode, inference_mode."""
-    from ckd_ehr.modeling.collate import length_sorted_batches
+    ckd_ehr.modeling.collate.predict_sorted over token ids); eval mode, inference_mode. `ids`:
+    the rows' token ids, passed beside the states (a student's token bag reads them)."""
 
     out = np.zeros((len(states), num_outputs), dtype=np.float32)
     padded = np.zeros(len(states), dtype=np.int32)
@@ -133,18 +134,56 @@ def predict_cached(model, states: Sequence[torch.Tensor], batch_size: int, num_o
                 for j, i in enumerate(idx):
                     mask[j, : states[i].shape[0]] = 1
                 batch = pad_cached([states[i] for i in idx], width)
-                out[idx] = model(cached=batch.to(device), attention_mask=mask.to(device)).float().cpu().numpy()
+                extra = {}
+                if ids is not None:
+                    extra["input_ids"] = torch.zeros((len(idx), width), dtype=torch.long)
+                    for j, i in enumerate(idx):
+                        extra["input_ids"][j, : len(ids[i])] = torch.as_tensor(list(ids[i]), dtype=torch.long)
+                    extra["input_ids"] = extra["input_ids"].to(device)
+                out[idx] = model(cached=batch.to(device), attention_mask=mask.to(device), **extra).float().cpu().numpy()
                 padded[idx] = width
     finally:
         model.train(was)
     return out, padded
 
 
+def cached_states(cache: LayerCache, ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    """{row digest: states} of the rows of `ids` the cache holds (for predict_through_cache)."""
+    return {row_digest(x): st for x, st in zip(ids, cache.lookup(ids)) if st is not None}
+
+
+def predict_through_cache(model, ids: Sequence[Sequence[int]], pad_token_id: int, batch_size: int,
+                          num_outputs: int, states: dict[str, torch.Tensor], cache: LayerCache | None = None,
+                          device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(outputs, padded length, from the cache) per token-id row of a model whose bottom is
+    frozen (`freeze_below`): rows in `states` ({row digest: states}, LayerCache.load_all) run
+    through the top layers only; the others through the whole model, or, given `cache`, through
+    the bottom once, whose states are added to it (a later reader of the same rows, evaluate's
+    probe row, then needs only the top layers), and the top."""
+
+    found = [states.get(row_digest(x)) for x in ids]
+    hit = np.array([f is not None for f in found], dtype=bool)
+    out = np.zeros((len(ids), num_outputs), dtype=np.float32)
+    padded = np.zeros(len(ids), dtype=np.int32)
+    on, off = np.flatnonzero(hit), np.flatnonzero(~hit)
+    if len(on):
+        out[on], padded[on] = predict_cached(model, [found[i] for i in on], batch_size, num_outputs, device,
+                                             [ids[i] for i in on])
+    if len(off) and cache is not None:
+        rows = [ids[i] for i in off]
+        bottom = compute_bottom(model, rows, batch_size, cache.dtype, torch.device(device))
+        cache.add(rows, bottom)
+        out[off], padded[off] = predict_cached(model, bottom, batch_size, num_outputs, device, rows)
+    elif len(off):
+        pred = predict_sorted(model, [ids[i] for i in off], pad_token_id, batch_size, num_outputs, device)
+        out[off], padded[off] = pred.outputs, pred.padded_length
+    return out, padded, hit
+
+
 def compute_bottom(model, rows: Sequence[Sequence[int]], batch_size: int, dtype: torch.dtype,
                    device: torch.device, autocast: bool = False, progress=None) -> list[torch.Tensor]:
     """The frozen part's states of each row (token id lists), in input order: rows sorted by
     length and padded per batch, each row's states cut to its own tokens, stored in `dtype`."""
-    from ckd_ehr.modeling.collate import pad_batch
 
     out: list[torch.Tensor | None] = [None] * len(rows)
     order = np.argsort([len(r) for r in rows], kind="stable")
