@@ -12,6 +12,7 @@ import logging
 import platform
 import time
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -21,14 +22,14 @@ from ckd_ehr.config import PipelineConfig, config_hash, dump_yaml
 from ckd_ehr.contracts import RunLayout
 from ckd_ehr.stages import STAGES, Stage
 from ckd_ehr.stages import stage as stage_named
+from ckd_ehr.provenance import code_state
+from ckd_ehr.ray_utils import init_ray
 
 log = logging.getLogger(__name__)
 
 
 class PipelineError(RuntimeError):
     """A stage failed; the message names it."""
-
-
 
 
 def file_fingerprint(path: str) -> str | None:
@@ -55,7 +56,6 @@ def _rows(path: str) -> int | None:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
     for pkg in ("ckd-ehr", "ray", "torch", "transformers", "peft", "deepspeed", "pyarrow"):
@@ -106,8 +106,8 @@ def _same_config(record: dict, stage: Stage, cfg: PipelineConfig) -> bool:
 
 def plan_resume(cfg: PipelineConfig, manifest: dict, stages: list[Stage] | None = None) -> dict[str, str]:
     """What `--resume` would rerun, without running anything: {stage: why} for each stage that is
-    not done, whose declared config sections changed (stage_hash), or that reads an output of a
-    stage planned before it (its input will be rewritten). Stages not named are skipped as
+    not done, whose declared config sections changed (stage_hash), or that reads an output or a
+    cache of a stage planned before it (its input will be rewritten). Stages not named are skipped as
     unchanged (their input files, if touched by hand, are checked when the pipeline runs)."""
     stages = list(STAGES) if stages is None else stages
     layout = RunLayout(cfg.run_dir)
@@ -121,12 +121,16 @@ def plan_resume(cfg: PipelineConfig, manifest: dict, stages: list[Stage] | None 
         elif not _same_config(record, stage, cfg):
             why = f"config changed in its sections ({', '.join(stage.sections)})"
         else:
-            upstream = sorted({rewritten[p] for p in stage.inputs(cfg, layout) if p in rewritten})
+            upstream = sorted({rewritten[p] for p in (*stage.inputs(cfg, layout), *stage.optional_inputs(cfg, layout),
+                                                      *stage.caches(cfg, layout)) if p in rewritten})
             if upstream:
                 why = f"reads the output of {', '.join(upstream)}"
         if why:
             plan[stage.name] = why
-            rewritten.update({p: stage.name for p in stage.outputs(cfg, layout)})
+            # a cache the stage writes is rewritten too (the teacher's frozen states, which the
+            # soft-label stage reads); a stage that only reads one adds nothing to it
+            rewritten.update({p: stage.name for p in (*stage.outputs(cfg, layout), *stage.caches(cfg, layout))
+                              if p not in rewritten})
     return plan
 
 
@@ -144,8 +148,6 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, from_stage: str | No
                  to_stage: str | None = None, dry_run: bool = False) -> dict:
     """Run the selected stages in order; return the manifest. `dry_run`: print and return what
     would run ({"plan": {stage: why}}, plan_resume under `resume`), touching nothing."""
-    from ckd_ehr.provenance import code_state
-    from ckd_ehr.ray_utils import init_ray
 
     layout = RunLayout(cfg.run_dir)
     stages = select_stages(from_stage, to_stage)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from typing import Callable
+from pydantic import BaseModel
 
+from ckd_ehr import storage
 from ckd_ehr.config import PipelineConfig
 from ckd_ehr.contracts import SIDE_TEACHERS, SPLITS, TEACHER_ROWS, RunLayout
+from ckd_ehr.contracts import student_variant
 
 
 @dataclass(frozen=True)
@@ -26,9 +29,20 @@ class Stage:
     """Config sections the stage reads (`student`), or single fields of one (`student.seed`): a
     change in any of them reruns it under --resume, and reading anything else fails (stage_config)."""
     inputs: Callable[[PipelineConfig, RunLayout], list[str]]
+    """Files and directories the stage reads: each must exist before it runs, and its
+    fingerprint decides whether --resume may skip the stage."""
     outputs: Callable[[PipelineConfig, RunLayout], list[str]]
+    """What the stage writes for later stages and the user (fingerprinted in the manifest)."""
     help: str
     """One line for `ckd-ehr --help`."""
+    optional_inputs: Callable[[PipelineConfig, RunLayout], list[str]] = lambda c, r: []
+    """What the stage reads where present (a report of an earlier stage it copies): neither
+    required nor fingerprinted; a planned stage that writes one reruns this one (plan_resume)."""
+    caches: Callable[[PipelineConfig, RunLayout], list[str]] = lambda c, r: []
+    """Directories the stage keeps beside its outputs, read where present and added to: per-row
+    caches keyed by their content (frozen features and states), Ray Train's checkpoints (a
+    rerun resumes from them), evaluate's reference rows. Not required to exist and not
+    fingerprinted; a planned stage that writes one reruns the stages that read it (plan_resume)."""
 
     @property
     def command(self) -> str:
@@ -38,8 +52,36 @@ class Stage:
         return getattr(importlib.import_module(f"ckd_ehr.{self.module}"), self.function)
 
     def run(self, cfg: PipelineConfig):
+        """Run the stage on the view of `cfg` it declares; UndeclaredFileError after it when it
+        touched (through ckd_ehr.storage, in this process) a path it does not declare."""
         check_inputs(self, cfg)
-        return self.function_ref()(stage_config(cfg, self))
+        with storage.recording() as touched:
+            result = self.function_ref()(stage_config(cfg, self))
+        undeclared = undeclared_files(self, cfg, touched)
+        if undeclared:
+            raise UndeclaredFileError(f"stage {self.name} touched {len(undeclared)} path(s) it does not declare "
+                                      f"(ckd_ehr/stages.py: inputs, optional inputs, outputs, caches): "
+                                      f"{', '.join(undeclared[:12])}")
+        return result
+
+    def declared(self, cfg: PipelineConfig) -> list[str]:
+        """Every path the stage declares (inputs, outputs, caches), as storage.canonical writes them."""
+        layout = RunLayout(cfg.run_dir)
+        return [storage.canonical(p) for p in (*self.inputs(cfg, layout), *self.optional_inputs(cfg, layout),
+                                               *self.outputs(cfg, layout), *self.caches(cfg, layout)) if p]
+
+
+class UndeclaredFileError(RuntimeError):
+    """A stage touched a path that is neither its input, its output nor its cache."""
+
+
+def undeclared_files(stage: Stage, cfg: PipelineConfig, touched: set[str]) -> list[str]:
+    """The `touched` paths (storage.canonical) neither declared by `stage` nor under a declared
+    directory; the run's manifest and config (the pipeline's, not the stage's) excepted."""
+    layout = RunLayout(cfg.run_dir)
+    allowed = stage.declared(cfg) + [storage.canonical(layout.manifest), storage.canonical(layout.path("config.yaml"))]
+    prefixes = tuple(d.rstrip("/") + "/" for d in allowed)
+    return sorted(p for p in touched if p not in allowed and not p.startswith(prefixes))
 
 
 ALWAYS_READABLE = ("run_dir", "ray")
@@ -85,7 +127,6 @@ class _Partial:
 def stage_config(cfg: PipelineConfig, stage: Stage) -> PipelineConfig:
     """`cfg` as `stage` may see it: its declared sections and fields (and ALWAYS_READABLE); every
     other section is a stand-in whose reads raise UndeclaredSectionError naming it and the stage."""
-    from pydantic import BaseModel
 
     whole = set(stage.sections) | set(ALWAYS_READABLE)
     fields: dict[str, set[str]] = {}
@@ -121,8 +162,6 @@ def check_inputs(stage: Stage, cfg: PipelineConfig) -> None:
     (prepare's or EADF's split of a fraction above 0) with no row: the stage would otherwise
     fail later inside its workers, or succeed on nothing. prepare's own input (the MIMIC
     directory) is checked by prepare."""
-    from ckd_ehr import storage
-
     if stage.name == "prepare":
         return
     layout = RunLayout(cfg.run_dir)
@@ -144,45 +183,71 @@ def _variants(cfg: PipelineConfig) -> list[str]:
 
 def _needs(cfg: PipelineConfig, source: str) -> bool:
     """Whether a trained variant distils from soft labels of `source` (contracts.SOFT_LABEL_SOURCES)."""
-    from ckd_ehr.contracts import student_variant
 
     return any(student_variant(v).distills and student_variant(v).soft_labels == source for v in cfg.student.variants)
+
+
+def _synthetic(c: PipelineConfig, paths: list[str]) -> list[str]:
+    """`paths` for a synthetic cohort (the generator's files under RUN/raw), none for MIMIC."""
+    return paths if c.data.source == "synthetic" else []
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", "data.prepare", "run_prepare", ("data", "split", "text", "seed"),
           lambda c, r: [c.data.mimic_dir] if c.data.source == "mimic" else [],
-          lambda c, r: [r.visits] + [r.samples(s) for s in SPLITS],
-          "MIMIC-III or MIMIC-IV tables -> visits, visit-pair samples, patient split"),
+          lambda c, r: [r.visits] + [r.samples(s) for s in SPLITS] + [r.prepare_report] + _synthetic(c, [r.raw_dir]),
+          "MIMIC-III or MIMIC-IV tables -> visits, visit-pair samples, patient split",
+          lambda c, r: [r.write_probe]),
     Stage("eadf", "eadf.run", "run_eadf", ("eadf", "text"),
-          lambda c, r: [r.samples(s) for s in SPLITS],
-          lambda c, r: [r.efficacy_table] + [r.augmented(s) for s in SPLITS],
+          lambda c, r: [r.samples(s) for s in SPLITS] + _synthetic(c, [r.ground_truth]),
+          lambda c, r: [r.efficacy_table] + [r.augmented(s) for s in SPLITS] + _synthetic(c, [r.eadf_validity]),
           "EADF: efficacy table on training pairs, fused into every split's text (Ray Data)"),
-    Stage("teacher", "teacher.train", "run_teacher", ("teacher",),
+    Stage("teacher", "teacher.run", "run_teacher", ("teacher",),
           lambda c, r: [r.augmented("train"), r.augmented("val")],
           lambda c, r: [r.teacher_artifact],
-          "train the teacher LLM with LoRA + MLAPH (Ray Train, ddp or DeepSpeed)"),
+          "train the teacher LLM with LoRA + MLAPH (Ray Train, ddp or DeepSpeed)",
+          lambda c, r: [r.teacher_train, r.teacher_probe_features, c.teacher.frozen_cache_dir or r.teacher_frozen_cache]),
     Stage("soft_labels", "soft_labels.run", "run_soft_labels",
           # the student's fields that say which rows it reads (soft_labels.rows: student)
           ("soft_labels", "text", "student.max_train_samples", "student.max_eval_samples", "student.seed"),
           lambda c, r: [r.teacher_artifact] + [r.augmented(s) for s in SPLITS],
-          lambda c, r: [r.soft_labels(s) for s in SPLITS],
-          "teacher probabilities for every sample (Ray Data batch inference)"),
+          lambda c, r: [r.soft_labels(s) for s in SPLITS] + [r.soft_label_quality]
+          + ([r.unit_targets(s) for s in SPLITS] if c.soft_labels.unit_targets else []),
+          "teacher probabilities for every sample (Ray Data batch inference)",
+          # what the teacher cached of its rows (its probe's features, its frozen layers' states);
+          # the subsets of rows it scores when not whole splits
+          lambda c, r: [r.teacher_probe_features, c.teacher.frozen_cache_dir or r.teacher_frozen_cache,
+                        r.scoring_subsets]),
     Stage("student", "student.run", "run_student", ("student", "text", "eadf", "data", "split"),
           lambda c, r: [r.efficacy_table] + [r.augmented(s) for s in SPLITS] + [r.soft_labels(s) for s in SPLITS]
-          + [r.soft_labels("train", source) for source in SIDE_TEACHERS if _needs(c, source)],
-          lambda c, r: [r.student_artifact(v) for v in _variants(c)] + [r.predictions(v) for v in _variants(c)],
-          "train the student variants (Ray Train)"),
+          + [r.soft_labels("train", source) for source in SIDE_TEACHERS if _needs(c, source)]
+          + ([r.raw_dir] if _needs(c, "oracle") else [])   # the generator's latent oracle
+          + ([r.unit_targets("train")] if c.soft_labels.unit_targets else [])   # the unit terms' targets
+          + [r.visits],   # the titles and items the artifact records for Serve
+          lambda c, r: [r.student_artifact(v) for v in _variants(c)] + [r.predictions(v) for v in _variants(c)]
+          + ([r.soft_labels(s, "oracle") for s in ("train", "val")] if _needs(c, "oracle") else []),
+          "train the student variants (Ray Train)",
+          lambda c, r: [r.student_train(v) for v in _variants(c)]
+          + [r.probe_features, c.student.frozen_cache_dir or r.student_frozen_cache]),
     Stage("evaluate", "evaluation.evaluate", "run_evaluate",
           ("evaluate", "serve", "student", "teacher", "eadf", "text", "data", "split"),
           lambda c, r: [r.predictions(v) for v in _variants(c)] + [r.soft_labels("test")]
-          + [r.soft_labels("test", t) for t in TEACHER_ROWS if t in SIDE_TEACHERS and _needs(c, t)],
+          + [r.soft_labels("test", t) for t in TEACHER_ROWS if t in SIDE_TEACHERS and _needs(c, t)]
+          + [r.path("soft_labels", t) for t in TEACHER_ROWS if t in SIDE_TEACHERS and _needs(c, t)]
+          # the probe rows' models and texts; the reference rows' samples; the ceilings' generator
+          + [r.teacher_artifact, r.efficacy_table] + [r.student_artifact(v) for v in _variants(c)]
+          + [r.samples(s) for s in SPLITS] + [r.augmented(s) for s in SPLITS] + [r.soft_labels("val")]
+          + _synthetic(c, [r.raw_dir]),
           lambda c, r: [r.metrics] + ([r.text_fit] if c.eadf.text_fit_report else []),
-          "metrics of every student variant and the teacher on the test split"),
+          "metrics of every student variant and the teacher on the test split",
+          # the reference rows kept between runs; the predictions directory, where it writes the
+          # reference, probe and served-precision rows beside the student stage's
+          lambda c, r: [c.evaluate.reference_dir or r.path("evaluate", "references"), r.predictions_dir]),
     Stage("report", "evaluation.report", "run_report", ("evaluate",),
           lambda c, r: [r.metrics],
-          lambda c, r: [r.report_md, r.report_html],
-          "Markdown/HTML report with plots from evaluate/metrics.json"),
+          lambda c, r: [r.report_md, r.report_html, r.report_dir],   # the figures beside them
+          "Markdown/HTML report with plots from evaluate/metrics.json",
+          optional_inputs=lambda c, r: [r.soft_label_quality]),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

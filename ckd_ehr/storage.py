@@ -21,17 +21,70 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 
+_RECORDINGS: list[set[str]] = []
+"""Open recordings (`recording`): every path resolved while one is open is added to each."""
+
+
 def is_uri(path: str) -> bool:
     return "://" in str(path)
 
 
-def resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URI (s3://, gs://, file://)."""
-    path = str(path)
+def canonical(path: str | os.PathLike) -> str:
+    """A path as recordings hold it: a URI as written, a local path made absolute."""
+    return str(path) if is_uri(str(path)) else os.path.abspath(str(path))
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[set[str]]:
+    """The set of every path this process reads, writes or looks up through this module (and
+    through `resolve`, which Ray Data readers are given) while the block runs, as `canonical`
+    gives them: ckd_ehr.stages checks a stage's against what it declares."""
+    touched: set[str] = set()
+    _RECORDINGS.append(touched)
+    try:
+        yield touched
+    finally:
+        _RECORDINGS.remove(touched)
+
+
+_SCRATCH: list[str] = []
+"""Open scratch directories (`scratch_dir`): nothing in them is a run's file."""
+
+
+def _note(path: str | os.PathLike) -> None:
+    if not _RECORDINGS:
+        return
+    where = canonical(path)
+    if any(where == d or where.startswith(d + os.sep) for d in _SCRATCH):
+        return
+    for touched in _RECORDINGS:
+        touched.add(where)
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[str]:
+    """A local temporary directory, removed afterwards. What is read and written in it is no
+    file of a run (an artifact staged before its upload), so recordings leave it out."""
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    _SCRATCH.append(canonical(tmp))
+    try:
+        yield tmp
+    finally:
+        _SCRATCH.remove(canonical(tmp))
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unrecorded(path: str) -> tuple[pafs.FileSystem, str]:
     if is_uri(path):
         fs, inner = pafs.FileSystem.from_uri(path)
         return fs, inner
     return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI (s3://, gs://, file://)."""
+    _note(path)
+    return _unrecorded(str(path))
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
@@ -43,12 +96,15 @@ def join(base: str | os.PathLike, *parts: str) -> str:
 
 
 def exists(path: str | os.PathLike) -> bool:
-    fs, inner = resolve(path)
+    """Whether `path` exists. Not recorded (`recording`): looking for an optional file that is
+    not there reads nothing, and reading one that is records it."""
+    fs, inner = _unrecorded(str(path))
     return fs.get_file_info(inner).type != pafs.FileType.NotFound
 
 
 def makedirs(path: str | os.PathLike) -> None:
-    fs, inner = resolve(path)
+    """Create `path` and its parents (not recorded: a directory holds nothing yet)."""
+    fs, inner = _unrecorded(str(path))
     fs.create_dir(inner, recursive=True)
 
 
@@ -155,7 +211,6 @@ def list_files(directory: str | os.PathLike, suffix: str = "") -> list[str]:
 
 def parquet_num_rows(path: str | os.PathLike) -> int:
     """Rows of a parquet file, from its footer (no data read)."""
-    import pyarrow.parquet as pq
 
     fs, inner = resolve(path)
     with fs.open_input_file(inner) as f:
@@ -200,7 +255,7 @@ def upload_dir(local_dir: str | os.PathLike, dest: str) -> None:
 @contextlib.contextmanager
 def local_dir(path: str | os.PathLike) -> Iterator[Path]:
     """A local directory holding the contents of `path` (itself when local, a copy for URIs)."""
-    if not is_uri(str(path)):
+    if not is_uri(str(path)):   # (not recorded: nothing is read here, and a local path may be a temporary one)
         yield Path(path)
         return
     fs, inner = resolve(path)

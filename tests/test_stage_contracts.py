@@ -6,7 +6,10 @@
   read a planned stage's output). Fields that cannot change alone get the paired change in
   PAIRED; none is skipped.
 - A stage's config view (ckd_ehr.stages.stage_config) raises on an undeclared section or field,
-  naming it and the stage; the tiny pipeline (tests/tiny_run.py) runs every stage through it.
+  naming it and the stage; a stage that touches a file it does not declare (input, output or
+  cache) fails naming it; the tiny pipeline (tests/tiny_run.py) runs every stage through both.
+- Three fields go end to end: changed after a whole run, `pipeline --resume` reruns exactly
+  the planned stages.
 """
 import typing
 from types import UnionType
@@ -120,9 +123,10 @@ def _expected(cfg: PipelineConfig, paths: list[str]) -> set[str]:
     out: set[str] = set()
     written: set[str] = set()
     for s in STAGES:
-        if any(_declares(s, p) for p in paths) or written & set(s.inputs(cfg, layout)):
+        if any(_declares(s, p) for p in paths) or written & {*s.inputs(cfg, layout), *s.optional_inputs(cfg, layout),
+                                                             *s.caches(cfg, layout)}:
             out.add(s.name)
-            written |= set(s.outputs(cfg, layout))
+            written |= {*s.outputs(cfg, layout), *s.caches(cfg, layout)}
     return out
 
 
@@ -166,3 +170,65 @@ def test_a_stage_sees_only_what_it_declares(base):
     with pytest.raises(UndeclaredSectionError, match="'tune'"):
         _ = evaluate.tune.metric
     assert set(ALWAYS_READABLE) == {"run_dir", "ray"}
+
+
+def test_a_stage_touching_a_file_it_does_not_declare_fails(tmp_path, monkeypatch):
+    """Stage.run records every path the stage resolves through ckd_ehr.storage (reads, writes,
+    listings; a look for an absent optional file is not a read) and fails naming any that is
+    neither an input, an output nor a cache of the stage, or under one of them."""
+    from ckd_ehr import storage
+    from ckd_ehr.stages import Stage, UndeclaredFileError
+
+    cfg = PipelineConfig(run_dir=str(tmp_path / "run"))
+    layout = RunLayout(cfg.run_dir)
+    storage.write_json(layout.metrics, {"models": {}})
+    stray = str(tmp_path / "run" / "soft_labels" / "stray.json")
+    storage.write_json(stray, {})
+    report = stage("report")
+
+    def reads(*paths):
+        def run(view):
+            for p in paths:
+                storage.read_json(p)
+            storage.exists(str(tmp_path / "run" / "absent.json"))   # an optional file not there: no read
+            storage.write_text(layout.report_md, "# report")
+            return {}
+        return run
+
+    monkeypatch.setattr(Stage, "function_ref", lambda self: reads(layout.metrics))
+    assert report.run(cfg) == {}
+    monkeypatch.setattr(Stage, "function_ref", lambda self: reads(layout.metrics, stray))
+    with pytest.raises(UndeclaredFileError, match="stage report touched 1 path.*stray.json"):
+        report.run(cfg)
+    with storage.recording() as outer:   # recordings nest: the stage's does not hide the file from an outer one
+        with pytest.raises(UndeclaredFileError):
+            report.run(cfg)
+    assert storage.canonical(stray) in outer and storage.canonical(str(tmp_path / "run" / "absent.json")) not in outer
+
+
+@pytest.mark.parametrize("field, value, reruns", [
+    ("evaluate.bootstrap", 10, {"evaluate", "report"}),
+    ("serve.precision", "int8", {"evaluate", "report"}),
+    ("student.lr", 2e-3, {"student", "evaluate", "report"}),
+])
+def test_a_changed_field_reruns_its_stages_end_to_end(tiny_run_copy, ray_local, field, value, reruns):
+    """Three fields through the tiny pipeline (student on, resumed): after one whole run, the
+    field changed and `pipeline --resume` reruns exactly what the dry run planned, and that is
+    the stages declaring the field and those downstream; the others are skipped."""
+    from ckd_ehr import storage
+    from ckd_ehr.pipeline import read_manifest, run_pipeline
+
+    base_dict = {**tiny_run_copy, "student": {**tiny_run_copy["student"], "variants": ["ckd_ehr"]}}
+    cfg = PipelineConfig(**base_dict)
+    run_pipeline(cfg, resume=True, from_stage="student")
+    section, name = field.split(".")
+    changed = PipelineConfig(**{**base_dict, section: {**base_dict.get(section, {}), name: value}})
+    layout = RunLayout(cfg.run_dir)
+    planned = set(plan_resume(changed, read_manifest(layout), [s for s in STAGES if s.name in
+                                                                 ("student", "evaluate", "report")]))
+    assert planned == reruns == _expected(changed, [field]) & {"student", "evaluate", "report"}
+    manifest = run_pipeline(changed, resume=True, from_stage="student")
+    ran = {s for s in ("student", "evaluate", "report") if not manifest["stages"][s].get("skipped")}
+    assert ran == reruns, (field, ran)
+    if field == "serve.precision":   # the row the change asked for is there
+        assert "ckd_ehr_int8" in storage.read_json(layout.metrics)["models"]

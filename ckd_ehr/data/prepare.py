@@ -28,6 +28,8 @@ from ckd_ehr.contracts import SPLITS, RunLayout, to_matrix
 from ckd_ehr.data.mimic import load_visits, unparseable_rows
 from ckd_ehr.data.rules import RELEASE_DATE_FORMAT, MimicError, Rules
 from ckd_ehr.data.samples import build_samples
+import ckd_ehr.data.mimic4 as mimic4
+from ckd_ehr.data.synth.cohort import write_cohort
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,6 @@ def ensure_synthetic(cfg: PipelineConfig, layout: RunLayout) -> str:
     if storage.exists(marker) and storage.read_json(marker).get("params") == _generator_params(cfg):
         log.info("synthetic cohort with the same parameters already in %s: kept", raw)
         return raw
-    from ckd_ehr.data.synth.cohort import write_cohort
 
     # Clear what another generation left: a demo-form .csv would shadow a new .csv.gz.
     fs, inner = storage.resolve(raw)
@@ -67,7 +68,7 @@ def ensure_synthetic(cfg: PipelineConfig, layout: RunLayout) -> str:
 def check_writable(run_dir: str, layout: RunLayout) -> None:
     """PrepareError unless RUN/data can be created and written (checked before any table is
     read, so an unwritable run directory does not cost a whole read of the tables)."""
-    probe = storage.join(layout.path("data"), ".write_check")
+    probe = layout.write_probe
     try:
         storage.makedirs(layout.path("data"))
         storage.write_text(probe, "ok")
@@ -87,7 +88,6 @@ def _strict_failure(repairs: list[dict], report_path: str) -> str:
 
 def load_release(source_dir: str, data: DataConfig) -> tuple:
     """(VISITS table, load report) of the MIMIC-III or MIMIC-IV tables in `source_dir`."""
-    import ckd_ehr.data.mimic4 as mimic4
 
     release = mimic4.detect_release(source_dir) if data.release == "auto" else data.release
     block_size = data.csv_block_mb << 20

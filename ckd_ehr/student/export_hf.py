@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+import torch
 
 from ckd_ehr.phenotypes import phenotype_names
-from ckd_ehr.storage import exists, local_dir, read_json, upload_dir, write_json, write_text
+from ckd_ehr.storage import exists, local_dir, read_json, scratch_dir, upload_dir, write_json, write_text
 from ckd_ehr.contracts import ARTIFACT_TOKENIZER, STUDENT_ENCODER, STUDENT_META
 from ckd_ehr.student.model import HEAD_FILE, load_encoder
 
@@ -147,7 +147,7 @@ def model_card(meta: dict[str, Any], source: str, restricted: bool, metrics_path
 
 def export_hf(artifact: str, out: str, metrics_path: str | None = None, data_source: str | None = None) -> dict:
     """Write the Hugging Face export of `artifact` (local path or URI) to `out` (local or URI)."""
-    import torch
+    # not at module level: safetensors, loaded only when this runs
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
@@ -192,7 +192,7 @@ def export_hf(artifact: str, out: str, metrics_path: str | None = None, data_sou
         info = {"artifact_id": meta["artifact_id"], "variant": meta.get("variant"), "data_source": source,
                 "restricted": restricted, "data_license": DATA_LICENSE if restricted else None,
                 "max_length": meta["max_length"], "pooling": cfg.student_pooling}
-        with tempfile.TemporaryDirectory(prefix="ckd-ehr-hf-") as tmp:
+        with scratch_dir("ckd-ehr-hf-") as tmp:
             with torch.no_grad():
                 model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -209,6 +209,7 @@ def push_to_hub(export_dir: str, repo_id: str, private: bool = True) -> str:
         raise RestrictedModelError(
             f"{export_dir}: trained on {info.get('data_source', 'unrecorded')} data under the {DATA_LICENSE}; "
             "its weights may not be shared publicly: refusing to push to a hub")
+    # not at module level: huggingface_hub, loaded only when this runs
     from huggingface_hub import HfApi
 
     api = HfApi()

@@ -15,9 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
+import shutil
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,7 +28,6 @@ from ckd_ehr.contracts import (ARTIFACT_HEAD, ARTIFACT_TOKENIZER, PROBE_HEAD, TE
 from ckd_ehr.phenotypes import NUM_PHENOTYPES, phenotype_names
 from ckd_ehr.teacher.generative import AnswerVocabulary, GenerativeTeacher, ScoreCalibration
 from ckd_ehr.teacher.model import MLAPH, TeacherModel, load_backbone, quiet_peft_deprecation
-
 
 
 class SaveTeacherWeights:
@@ -75,12 +74,11 @@ def write_artifact(weights_dir: str | os.PathLike, tokenizer, cfg, metrics: dict
     """Assemble the artifact from a checkpoint's adapter/ + head.safetensors (an MLAPH teacher)
     or adapter/ + the validation calibration (a generative one) and upload it to `dest` (local
     or URI) atomically. Returns teacher.json's contents."""
-    import shutil
 
     head = getattr(cfg, "head", "mlaph")
     if head == "generative" and calibration is None:
         raise ValueError("a generative teacher's artifact needs its score calibration (fitted on validation)")
-    with storage.local_dir(str(weights_dir)) as src, tempfile.TemporaryDirectory(prefix="teacher-art-") as tmp:
+    with storage.local_dir(str(weights_dir)) as src, storage.scratch_dir("teacher-art-") as tmp:
         local = Path(tmp) / "artifact"
         local.mkdir()
         shutil.copytree(src / TEACHER_ADAPTER, local / TEACHER_ADAPTER)
@@ -125,6 +123,7 @@ def load_teacher(artifact_dir: str, device: str = "cpu", dtype=None, merge_lora:
 
     `dtype` None uses the training dtype; `merge_lora` folds the adapters into the base
     weights (faster inference, same outputs up to rounding)."""
+    # not at module level: peft, loaded only when this runs
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -145,6 +144,7 @@ def load_teacher(artifact_dir: str, device: str = "cpu", dtype=None, merge_lora:
             backbone = backbone.merge_and_unload()
         tokenizer = AutoTokenizer.from_pretrained(str(d / ARTIFACT_TOKENIZER))
         if generative:
+            # not at module level: imported only on this branch
             from ckd_ehr.modeling.collate import pad_id
 
             model = GenerativeTeacher(backbone, AnswerVocabulary.build(tokenizer), pad_id(tokenizer),

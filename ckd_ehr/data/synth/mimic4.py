@@ -27,8 +27,6 @@ from __future__ import annotations
 import bisect
 import gzip
 import logging
-import shutil
-import tempfile
 from typing import Callable
 from datetime import date
 
@@ -40,10 +38,11 @@ import pyarrow.csv as pacsv
 from ckd_ehr.config import SynthConfig
 from ckd_ehr.contracts import GROUND_TRUTH
 from ckd_ehr.data.icd10 import icd9_to_icd10_gem, icd10cm_titles, icd10pcs_titles, load_crosswalk
-from ckd_ehr.data.mimic import find_table, read_header, stream_table
+from ckd_ehr.data.csv_tables import find_table, read_header, stream_table
 from ckd_ehr.phenotypes import code_to_phenotype_table
 from ckd_ehr.data.synth.tables import TABLES, file_name
-from ckd_ehr.storage import atomic_output_stream, exists, join, makedirs, read_json, resolve, write_json
+from ckd_ehr.storage import (atomic_output_stream, exists, join, makedirs, read_json, resolve, scratch_dir,
+                             write_json)
 
 log = logging.getLogger("ckd_ehr.data.synth.cohort")
 
@@ -216,13 +215,10 @@ def write_mimic4(out_dir: str, cfg: SynthConfig, write_mimic3_form: Callable[[st
     ckd_ehr.data.synth.cohort), which is converted here."""
     makedirs(out_dir)
     remove_mimic3_form(out_dir)
-    scratch = tempfile.mkdtemp(prefix="ckd-ehr-synth-mimic3-form-")
-    try:
+    with scratch_dir("ckd-ehr-synth-mimic3-form-") as scratch:
         write_mimic3_form(scratch, cfg.model_copy(update={"form": "demo"}))
         counts, recoded = convert(scratch, out_dir, cfg.seed)
         truth = read_json(join(scratch, GROUND_TRUTH))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     truth["params"]["form"] = "mimic4"
     truth["files"] = {name: f"hosp/{name}.csv.gz" for name in COLUMNS}
     truth["counts"] = counts
