@@ -30,6 +30,7 @@ def _common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
 
 
 def load_cfg(args):
+    # not at module level: `ckd-ehr --help` imports this module, and it stays light
     from ckd_ehr.config import PipelineConfig, load_config
 
     overrides = list(args.overrides)
@@ -53,6 +54,7 @@ def cmd_synth(args):
         synth = synth.model_copy(update={"form": args.form})
     if args.seed is not None:
         synth = synth.model_copy(update={"seed": args.seed})
+    # not at module level: `ckd-ehr --help` imports this module, and it stays light
     from ckd_ehr.config import SynthConfig, build
     synth = build(SynthConfig, synth.model_dump(), source="synth")
     return _call("data.synth.cohort", "write_cohort", args.out, synth)
@@ -74,6 +76,7 @@ def cmd_stage(stage):
 def cmd_pipeline(args):
     cfg = load_cfg(args)
     if args.mimic_dir:   # as `prepare --mimic-dir`: the MIMIC tables at DIR, whatever the config's data source
+        # not at module level: imported only on this branch
         from ckd_ehr.config import PipelineConfig, build
         data = {**cfg.data.model_dump(), "source": "mimic", "mimic_dir": args.mimic_dir}
         cfg = build(PipelineConfig, {**cfg.model_dump(), "data": data}, source="--mimic-dir")
@@ -104,6 +107,7 @@ def cmd_serve(args):
 
 
 def cmd_export_hf(args):
+    # not at module level: `ckd-ehr --help` imports this module, and it stays light
     from ckd_ehr.contracts import RunLayout
     from ckd_ehr.storage import exists
 
@@ -127,13 +131,86 @@ def cmd_bench(args):
     return _call("bench", f"bench_{args.what.replace('-', '_')}", cfg, args)
 
 
+def _add_model_commands(sub) -> None:
+    """Subcommands on trained models: tune, tune-report, serve, export-hf."""
+    p = sub.add_parser("tune", help="Ray Tune search over a space in tune_spaces/")
+    _common(p)
+    p.add_argument("--space", required=True, help="search space YAML (tune_spaces/*.yaml)")
+    p.add_argument("--num-samples", type=int, help="trials (default: tune.num_samples)")
+    p.add_argument("--experiment-dir", help="experiment directory (default RUN/tune/<space name>)")
+    p.add_argument("--resume", action="store_true", help="restore an interrupted experiment")
+    p.set_defaults(handler=cmd_tune)
+
+    p = sub.add_parser("tune-report", help="CSV, best config YAML and plots of a Tune experiment")
+    p.add_argument("experiment_dir", help="experiment directory")
+    p.add_argument("--out", help="output directory (default: EXPERIMENT_DIR/report)")
+    p.set_defaults(handler=cmd_tune_report)
+
+    p = sub.add_parser("serve", help="serve a student artifact over HTTP with Ray Serve")
+    _common(p)
+    p.add_argument("--artifact", help="student artifact (default RUN/student/ckd_ehr/artifact)")
+    p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser("export-hf", help="a student artifact as a Hugging Face text-classification model + card")
+    _common(p)
+    p.add_argument("--artifact", help="student artifact (default RUN/student/ckd_ehr/artifact)")
+    p.add_argument("--out", required=True, help="output directory (local or URI)")
+    p.add_argument("--metrics", help="evaluate metrics.json for the card (default RUN/evaluate/metrics.json)")
+    p.add_argument("--data-source", choices=["synthetic", "mimic"],
+                   help="data the student was trained on, for artifacts that do not record it (else: restricted)")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload after export (refused for credentialed data)")
+    p.set_defaults(handler=cmd_export_hf)
+
+
+def _add_bench_command(sub) -> None:
+    """`ckd-ehr bench WHAT`: every benchmark's options on one subcommand."""
+    p = sub.add_parser("bench", help="benchmarks that print figures")
+    _common(p)
+    p.add_argument("what", choices=["synth", "prepare", "eadf", "teacher", "soft-labels", "speedup", "serve",
+                                    "padding", "zero3-load", "ceiling", "synth-signal", "train"])
+    p.add_argument("--arch-only", action="store_true", help="speedup: random models from configs (Qwen2.5 vs BERT)")
+    p.add_argument("--train-run", action="store_true", help="teacher: also a short end-to-end Ray Train run")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="teacher: cuda = the full-size GPU check (MFU of 7B LoRA training and scoring, "
+                        "ckd_ehr.bench.deepspeed_gpu); cpu/auto = the in-process benchmark")
+    p.add_argument("--patients", type=int, help="cohort size for data benchmarks")
+    p.add_argument("--form", choices=["demo", "full", "mimic4"], help="synth/prepare: the cohort's table form")
+    p.add_argument("--samples", type=int, help="samples for model benchmarks")
+    p.add_argument("--model", choices=["student", "teacher"], help="train: which model's training to time")
+    p.add_argument("--steps", type=int, help="train: optimiser steps timed per lever (default 20)")
+    p.add_argument("--levers", help="train: comma-separated levers (default all: today,compact,top_layers,bf16,all)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per load level (serve)")
+    p.add_argument("--validity", action="store_true",
+                   help="eadf: precision / recall of the listed drugs on synthetic cohorts, null control, PNG")
+    p.add_argument("--artifact", help="serve: student artifact (default RUN/student/ckd_ehr/artifact)")
+    p.add_argument("--url", help="serve: measure this running endpoint instead of deploying one")
+    p.add_argument("--records", choices=["long", "short"], default="long",
+                   help="serve: record shape: long (full stay: ~20 drugs, 6-15 codes) or short (4 diagnoses, 2 drugs, 1 procedure)")
+    p.add_argument("--replicas", type=int,
+                   help="serve: replicas of the endpoint, each with cores/replicas torch threads (default: one per core)")
+    p.add_argument("--precisions", default="fp32,int8,bf16", help="serve: serve.precision values to measure")
+    p.add_argument("--client-nice", type=int, default=19,
+                   help="serve: niceness added to the load generator (CPU share; Ray workers run at nice 15)")
+    p.add_argument("--agreement-samples", type=int, default=1000,
+                   help="serve: samples for each precision's probability comparison with fp32 (0: skip)")
+    p.add_argument("--repeats", type=int, help="eadf: alternating Ray Data / reference runs (medians; default 3)")
+    p.add_argument("--out", help="write the figures as JSON here")
+    p.add_argument("--check-only", action="store_true",
+                   help="ceiling: only the HistGradientBoosting check of the stored ceiling's form, on --patients "
+                        "(default 50,000), recorded in the stored file")
+    p.add_argument("--no-check", action="store_true",
+                   help="ceiling: skip the HistGradientBoosting check of the model's form (faster)")
+    p.set_defaults(handler=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # not at module level: `ckd-ehr --help` imports this module, and it stays light
     from ckd_ehr.stages import STAGES
 
     parser = argparse.ArgumentParser(
         prog="ckd-ehr",
         description="CKD-EHR on Ray: next-visit phenotype prediction by clinical knowledge distillation.",
-        epilog="Every stage reads and writes a run directory laid out in ckd_ehr/contracts.py.")
+        epilog="Every stage reads and writes a run directory laid out in ckd_ehr/contracts/layout.py.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -181,71 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="summarise runs that trained at different code, naming each code state")
     p.set_defaults(handler=cmd_study)
 
-    p = sub.add_parser("tune", help="Ray Tune search over a space in tune_spaces/")
-    _common(p)
-    p.add_argument("--space", required=True, help="search space YAML (tune_spaces/*.yaml)")
-    p.add_argument("--num-samples", type=int, help="trials (default: tune.num_samples)")
-    p.add_argument("--experiment-dir", help="experiment directory (default RUN/tune/<space name>)")
-    p.add_argument("--resume", action="store_true", help="restore an interrupted experiment")
-    p.set_defaults(handler=cmd_tune)
-
-    p = sub.add_parser("tune-report", help="CSV, best config YAML and plots of a Tune experiment")
-    p.add_argument("experiment_dir", help="experiment directory")
-    p.add_argument("--out", help="output directory (default: EXPERIMENT_DIR/report)")
-    p.set_defaults(handler=cmd_tune_report)
-
-    p = sub.add_parser("serve", help="serve a student artifact over HTTP with Ray Serve")
-    _common(p)
-    p.add_argument("--artifact", help="student artifact (default RUN/student/ckd_ehr/artifact)")
-    p.set_defaults(handler=cmd_serve)
-
-    p = sub.add_parser("export-hf", help="a student artifact as a Hugging Face text-classification model + card")
-    _common(p)
-    p.add_argument("--artifact", help="student artifact (default RUN/student/ckd_ehr/artifact)")
-    p.add_argument("--out", required=True, help="output directory (local or URI)")
-    p.add_argument("--metrics", help="evaluate metrics.json for the card (default RUN/evaluate/metrics.json)")
-    p.add_argument("--data-source", choices=["synthetic", "mimic"],
-                   help="data the student was trained on, for artifacts that do not record it (else: restricted)")
-    p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload after export (refused for credentialed data)")
-    p.set_defaults(handler=cmd_export_hf)
-
-    p = sub.add_parser("bench", help="benchmarks that print figures")
-    _common(p)
-    p.add_argument("what", choices=["synth", "prepare", "eadf", "teacher", "soft-labels", "speedup", "serve",
-                                    "padding", "zero3-load", "ceiling", "synth-signal", "train"])
-    p.add_argument("--arch-only", action="store_true", help="speedup: random models from configs (Qwen2.5 vs BERT)")
-    p.add_argument("--train-run", action="store_true", help="teacher: also a short end-to-end Ray Train run")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="teacher: cuda = the full-size GPU check (MFU of 7B LoRA training and scoring, "
-                        "ckd_ehr.bench.deepspeed_gpu); cpu/auto = the in-process benchmark")
-    p.add_argument("--patients", type=int, help="cohort size for data benchmarks")
-    p.add_argument("--form", choices=["demo", "full", "mimic4"], help="synth/prepare: the cohort's table form")
-    p.add_argument("--samples", type=int, help="samples for model benchmarks")
-    p.add_argument("--model", choices=["student", "teacher"], help="train: which model's training to time")
-    p.add_argument("--steps", type=int, help="train: optimiser steps timed per lever (default 20)")
-    p.add_argument("--levers", help="train: comma-separated levers (default all: today,compact,top_layers,bf16,all)")
-    p.add_argument("--duration", type=float, default=20.0, help="seconds per load level (serve)")
-    p.add_argument("--validity", action="store_true",
-                   help="eadf: precision / recall of the listed drugs on synthetic cohorts, null control, PNG")
-    p.add_argument("--artifact", help="serve: student artifact (default RUN/student/ckd_ehr/artifact)")
-    p.add_argument("--url", help="serve: measure this running endpoint instead of deploying one")
-    p.add_argument("--records", choices=["long", "short"], default="long",
-                   help="serve: record shape: long (full stay: ~20 drugs, 6-15 codes) or short (4 diagnoses, 2 drugs, 1 procedure)")
-    p.add_argument("--replicas", type=int,
-                   help="serve: replicas of the endpoint, each with cores/replicas torch threads (default: one per core)")
-    p.add_argument("--precisions", default="fp32,int8,bf16", help="serve: serve.precision values to measure")
-    p.add_argument("--client-nice", type=int, default=19,
-                   help="serve: niceness added to the load generator (CPU share; Ray workers run at nice 15)")
-    p.add_argument("--agreement-samples", type=int, default=1000,
-                   help="serve: samples for each precision's probability comparison with fp32 (0: skip)")
-    p.add_argument("--repeats", type=int, help="eadf: alternating Ray Data / reference runs (medians; default 3)")
-    p.add_argument("--out", help="write the figures as JSON here")
-    p.add_argument("--check-only", action="store_true",
-                   help="ceiling: only the HistGradientBoosting check of the stored ceiling's form, on --patients "
-                        "(default 50,000), recorded in the stored file")
-    p.add_argument("--no-check", action="store_true",
-                   help="ceiling: skip the HistGradientBoosting check of the model's form (faster)")
-    p.set_defaults(handler=cmd_bench)
+    _add_model_commands(sub)
+    _add_bench_command(sub)
     return parser
 
 
@@ -257,6 +271,7 @@ def quiet_cpu_deepspeed() -> None:
     before Ray starts, so Ray's workers inherit it."""
     if "DS_ACCELERATOR" in os.environ:
         return
+    # not at module level: `ckd-ehr --help` imports this module, and it stays light
     import torch
 
     if not torch.cuda.is_available():

@@ -192,7 +192,7 @@ def test_cohorts_pool_with_fixed_effect_weights_and_borrow_seed_variance():
 
 def test_forest_plot_and_table_render():
     from ckd_ehr.evaluation.report import fmt_p, plot_contrasts, render_markdown
-    from ckd_ehr.study import contrast_blocks
+    from ckd_ehr.study.summary import contrast_blocks
 
     rng = np.random.default_rng(2)
     y, subjects, latent = _cohort(rng, patients=60)
@@ -210,7 +210,7 @@ def test_rows_with_identical_predictions_are_named_not_given_a_nan_p():
     multi-granularity study of 2026-12-06): the contrast says so instead of printing p = nan;
     a row equal in one seed only is still compared."""
     from ckd_ehr.evaluation.report import plot_contrasts, render_markdown
-    from ckd_ehr.study import contrast_blocks
+    from ckd_ehr.study.summary import contrast_blocks
 
     rng = np.random.default_rng(3)
     y, subjects, latent = _cohort(rng, patients=60)

@@ -146,7 +146,7 @@ def test_teacher_targets_round_trip_and_train_the_student(tiny_qwen_dir, tiny_be
     from transformers import AutoTokenizer
 
     from ckd_ehr import storage
-    from ckd_ehr.soft_labels.run import check_unit_targets, score_with_units, unit_inputs, unit_target_table
+    from ckd_ehr.soft_labels.scoring import check_unit_targets, score_with_units, unit_inputs, unit_target_table
     from ckd_ehr.student.data import align_units, read_unit_targets
     from ckd_ehr.student.model import build_student
     from ckd_ehr.student.train import StudentCollate, examples
@@ -164,7 +164,7 @@ def test_teacher_targets_round_trip_and_train_the_student(tiny_qwen_dir, tiny_be
     tok = AutoTokenizer.from_pretrained(tiny_qwen_dir)
     ids, maps, keys = unit_inputs(tok, texts, items, True, 1024, "none")
     out = score_with_units(teacher, tok, ids, maps, keys, sub_batch_size=4, relation_layer=-1)
-    from ckd_ehr.soft_labels.run import score_ids
+    from ckd_ehr.soft_labels.scoring import score_ids
     logits, _ = score_ids(teacher, tok, ids, 4)
     np.testing.assert_allclose(out["logits"], logits, atol=1e-4)   # one forward pass gives both
     sample_ids = [f"s{i}" for i in range(len(texts))]
@@ -227,7 +227,7 @@ def test_tiny_run_trains_the_student_with_all_three_terms(tiny_run):
     from safetensors.torch import load_file
 
     from ckd_ehr.contracts import SPLITS, RunLayout
-    from ckd_ehr.soft_labels.run import check_unit_targets
+    from ckd_ehr.soft_labels.scoring import check_unit_targets
 
     layout = RunLayout(str(tiny_run.run_dir))
     for split in SPLITS:
@@ -291,7 +291,7 @@ def test_label_attention_spread_tells_uniform_targets_from_specific_ones():
     """The soft-label stage's check on the label-level targets: 0 when every phenotype has the
     same distribution over the units (queries at zero), positive when they differ."""
     from ckd_ehr.contracts import UNIT_TARGETS
-    from ckd_ehr.soft_labels.run import label_attention_spread
+    from ckd_ehr.soft_labels.scoring import label_attention_spread
 
     rng = np.random.default_rng(0)
     same = np.tile(rng.dirichlet(np.ones(4)), (25, 1))

@@ -93,7 +93,7 @@ def test_batch_tokens_and_efficiency():
 
 def test_length_grouping_beats_its_random_floor():
     from ckd_ehr.bench.padding import stage_efficiencies
-    from ckd_ehr.soft_labels.run import sub_batches
+    from ckd_ehr.soft_labels.scoring import sub_batches
 
     lengths = np.random.default_rng(0).lognormal(5.5, 0.5, size=3000).astype(int) + 20
     eff = stage_efficiencies(lengths, batch_size=8, world=2, block=64)

@@ -114,7 +114,7 @@ def test_teacher_rows_and_contrasts_follow_the_study_rows():
 def test_a_generative_side_teacher_needs_the_full_depth_backbone(tmp_path):
     """The side-by-side is only fair at the same depth, and the generative head needs the last
     layer: a study with teacher.num_layers set fails before any run, naming the field."""
-    from ckd_ehr.study import _side_teacher_config, run_study
+    from ckd_ehr.study.run import run_study, side_teacher_config
 
     study = {"rows": ["ckd_ehr", "ckd_ehr_generative"], "contrasts": [["teacher", "teacher_generative"]], "seeds": [0]}
     cfg = build(PipelineConfig, {"run_dir": str(tmp_path / "s"), "teacher": {"num_layers": 4}, "study": study})
@@ -122,7 +122,7 @@ def test_a_generative_side_teacher_needs_the_full_depth_backbone(tmp_path):
         run_study(cfg)
     assert not (tmp_path / "s").exists()
     full = build(PipelineConfig, {"run_dir": str(tmp_path / "s"), "teacher": {"head_init": "probe"}, "study": study})
-    side = _side_teacher_config(full, str(tmp_path / "g"), 3, "teacher_generative").teacher
+    side = side_teacher_config(full, str(tmp_path / "g"), 3, "teacher_generative").teacher
     assert (side.head, side.head_init, side.best_metric, side.seed) == ("generative", "random", "val_loss", 3)
     # the frozen cache is the cohort's (shared by seeds), everything else the study's teacher section
     assert side.frozen_cache_dir == str(tmp_path / "base" / "teacher" / "frozen_cache")

@@ -285,7 +285,7 @@ def test_kept_checkpoint_best_or_last():
     """`best` keeps the probe (step 0) when fine-tuning scored lower on validation, and skips an
     unvalidated (NaN) step checkpoint; `last` keeps the end of training whatever it scored (the
     multi-granularity study's fixed-length recipe); a misspelt choice is an error."""
-    from ckd_ehr.training.loop import kept_checkpoint
+    from ckd_ehr.training import kept_checkpoint
 
     scored = [("ckpt_0", {"step": 0, "val_macro_auroc": 0.75}), ("ckpt_8", {"step": 8, "val_macro_auroc": float("nan")}),
               ("ckpt_48", {"step": 48, "val_macro_auroc": 0.74})]

@@ -20,21 +20,41 @@ import logging
 import numpy as np
 
 from ckd_ehr.bench.common import emit, measure
+from ckd_ehr.config.data import SplitConfig
+from ckd_ehr.data.synth.cohort import ground_truth
+from ckd_ehr.data.synth.model import simulate
+from ckd_ehr.data.synth.oracle import next_visit_probabilities
+from ckd_ehr.metrics import auroc_per_label, macro_label_set, macro_auroc
 
 log = logging.getLogger(__name__)
 
 SEED_OFFSET = 10_000_019
 
 
+def _record_form_check(synth, results: dict, out: dict, patients: int, fit_pairs: int, held_out: int) -> str:
+    """--check-only: the form check's figures recorded in the stored ceiling of these knobs."""
+    # not at module level: scipy, loaded only when this runs
+    from ckd_ehr.data.synth.ceiling import knob_params, read_ceiling, write_ceiling
+
+    stored = read_ceiling(knob_params(synth))
+    if stored is None:
+        raise SystemExit(f"no stored ceiling for these knobs ({results['knobs_key']}): run bench ceiling first")
+    stored.pop("hist_gradient_boosting_macro_auroc", None)
+    stored["form_check"] = {
+        "patients": patients, "fit_pairs": fit_pairs, "held_out_pairs": held_out,
+        "logistic_regression_with_interactions": out,
+        "hist_gradient_boosting": {k[len("hist_gradient_boosting_"):]: v for k, v in results.items()
+                                   if k.startswith("hist_gradient_boosting_")},
+        "note": "both fitted on the same pairs of an independent cohort of this size: is the ceiling's "
+                "functional form what limits it?"}
+    return write_ceiling(stored)
+
+
 def bench_ceiling(cfg, args) -> dict:
-    from ckd_ehr.config.data import SplitConfig
-    from ckd_ehr.data.synth.cohort import ground_truth
+    # not at module level: scipy, loaded only when this runs
     from ckd_ehr.data.synth.ceiling import (MODEL, ceiling_key, cohort_items, design, fit, knob_params, knobs, predict,
                                  projection, roles_from_truth, write_ceiling)
-    from ckd_ehr.data.synth.model import simulate
-    from ckd_ehr.data.synth.oracle import next_visit_probabilities
     from ckd_ehr.data.synth.pairs import admission_features, cohort_pairs
-    from ckd_ehr.metrics import auroc_per_label, macro_label_set
 
     check_only = getattr(args, "check_only", False)
     patients = args.patients or (50_000 if check_only else 200_000)
@@ -62,6 +82,7 @@ def bench_ceiling(cfg, args) -> dict:
         out[tag] = macro(predict(summary[eval_rows], coef, intercept, drugs))
         models[tag] = {"coef": coef.round(6).tolist(), "intercept": intercept.round(6).tolist()}
         if not getattr(args, "no_check", False):
+            # not at module level: imported only on this branch
             from sklearn.ensemble import HistGradientBoostingClassifier
 
             with measure(f"hgb_{tag}", results):
@@ -73,20 +94,8 @@ def bench_ceiling(cfg, args) -> dict:
         log.info("observable ceiling %s: macro AUROC %.4f", tag, out[tag])
     first_eval = pairs.first[eval_rows]
     if check_only:
-        from ckd_ehr.data.synth.ceiling import read_ceiling, write_ceiling as write
-
-        stored = read_ceiling(knob_params(synth))
-        if stored is None:
-            raise SystemExit(f"no stored ceiling for these knobs ({results['knobs_key']}): run bench ceiling first")
-        stored.pop("hist_gradient_boosting_macro_auroc", None)
-        stored["form_check"] = {
-            "patients": patients, "fit_pairs": int(fit_rows.sum()), "held_out_pairs": int(eval_rows.sum()),
-            "logistic_regression_with_interactions": out,
-            "hist_gradient_boosting": {k[len("hist_gradient_boosting_"):]: v for k, v in results.items()
-                                       if k.startswith("hist_gradient_boosting_")},
-            "note": "both fitted on the same pairs of an independent cohort of this size: is the ceiling's "
-                    "functional form what limits it?"}
-        results["written"] = write(stored)
+        results["written"] = _record_form_check(synth, results, out, patients, int(fit_rows.sum()),
+                                                int(eval_rows.sum()))
         emit(results, args.out)
         return results
     results["latent_oracle"] = {
@@ -118,9 +127,8 @@ def bench_synth_signal(cfg, args) -> dict:
     planted_effect=1.0 twin (same seed: the same drugs given the same way, doing nothing). The
     target (issue 14): with drugs in [0.70, 0.85], and the drug gain on the cohort at least 0.03
     above the twin's (drugs also mark the disease state: the twin's gain is that part)."""
+    # not at module level: scipy, loaded only when this runs
     from ckd_ehr.evaluation.baselines import logistic_regression
-    from ckd_ehr.metrics import macro_auroc
-    from ckd_ehr.data.synth.model import simulate
     from ckd_ehr.data.synth.pairs import admission_features, cohort_pairs
 
     synth = cfg.data.synth.model_copy(update={"patients": args.patients or cfg.data.synth.patients})

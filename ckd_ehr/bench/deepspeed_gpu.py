@@ -46,6 +46,8 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
+from ckd_ehr.teacher.model import MLAPH, TeacherModel, add_lora
 
 # Qwen2.5-7B-Instruct's published architecture (config.json of the hub model).
 QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -84,9 +86,9 @@ def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int, tra
 def random_teacher(arch: dict, device: str, dtype: torch.dtype, attn: str = "sdpa", lora_rank: int = 16,
                    checkpointing: bool = False, pooling: str = "last"):
     """Qwen2 backbone of `arch` with random weights + LoRA (q, k, v) + MLAPH, built on `device`."""
+    # not at module level: transformers, loaded only when this runs
     from transformers import AutoModel, Qwen2Config
 
-    from ckd_ehr.teacher.model import MLAPH, TeacherModel, add_lora
 
     conf = Qwen2Config(**arch)
     with torch.device(device):
@@ -104,7 +106,6 @@ def _free_port() -> int:
 
 
 def _init_dist(device: str) -> None:
-    import torch.distributed as dist
 
     if dist.is_initialized():
         return
@@ -203,7 +204,7 @@ def _sweep(name: str, batch_sizes, run_one, fpt: float, peak: float, device: str
     return rows, best
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--arch", choices=sorted(ARCHS), default="7b")
@@ -216,41 +217,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--peak-tflops", type=float, help="the device's peak FLOP/s (default: table, else measured)")
     ap.add_argument("--out", help="also write the JSON here")
-    args = ap.parse_args(argv)
-    device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU on this machine (use --device cpu --arch tiny for a smoke run)")
-    if device == "cuda":
-        torch.cuda.set_device(0)
-        torch.backends.cuda.matmul.allow_tf32 = True
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    arch = ARCHS[args.arch]
-    train_bs = [int(x) for x in args.train_batch_sizes.split(",")]
-    score_bs = [int(x) for x in args.score_batch_sizes.split(",")]
-    ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.gradient_checkpointing]
-    seq, vocab = args.seq_len, arch["vocab_size"]
+    return ap.parse_args(argv)
 
-    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-    measured = matmul_peak_tflops(device, dtype, n=8192 if device == "cuda" else 1024)
-    peak = args.peak_tflops or (peak_tflops_of(gpu) if device == "cuda" else None) or measured
-    res: dict = {"device": gpu, "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
-                 "arch": args.arch, "seq_len": seq, "peak_tflops_used": round(peak, 1),
-                 "peak_source": "--peak-tflops" if args.peak_tflops else
-                 ("data sheet" if peak != measured else "measured matmul"),
-                 "matmul_tflops_measured": round(measured, 1)}
+
+def _train_sweep(model, args, ckpts: list[bool], vocab: int, seq: int, fpt: float, peak: float, device: str) -> dict:
+    """1. plain torch LoRA training over the batch sizes, with and without checkpointing."""
     loss_fn = torch.nn.BCEWithLogitsLoss()
-
-    # 1. plain torch LoRA training sweep ---------------------------------------------------
-    t0 = time.perf_counter()
-    model = random_teacher(arch, device, dtype, lora_rank=args.lora_rank)
-    res["build_s"] = round(time.perf_counter() - t0, 1)
-    n_params = non_embedding_params(model.backbone)
-    res.update(params_total=sum(p.numel() for p in model.parameters()),
-               params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
-               params_non_embedding=n_params)
-    fpt_train = flops_per_token(n_params, arch["num_hidden_layers"], arch["hidden_size"], seq, training=True)
-    fpt_score = flops_per_token(n_params, arch["num_hidden_layers"], arch["hidden_size"], seq, training=False)
-    res["flops_per_token"] = {"train_lora": fpt_train, "score": fpt_score}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def torch_step(ids, mask, y):
@@ -267,18 +239,19 @@ def main(argv: list[str] | None = None) -> dict:
             model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.backbone.gradient_checkpointing_disable()
-        rows, b = _sweep(f"train ckpt={ck}", train_bs,
-                         lambda bs: train_rate(torch_step, vocab, bs, seq, args.steps, device), fpt_train, peak, device)
+        rows, b = _sweep(f"train ckpt={ck}", [int(x) for x in args.train_batch_sizes.split(",")],
+                         lambda bs: train_rate(torch_step, vocab, bs, seq, args.steps, device), fpt, peak, device)
         train_rows += [{"gradient_checkpointing": ck, **r} for r in rows]
         if b and (best is None or b["mfu"] > best["mfu"]):
             best = {"gradient_checkpointing": ck, **b}
-    res["train"] = {"engine": "torch (DDP-equivalent at world size 1)", "sweep": train_rows, "best": best}
+    return {"engine": "torch (DDP-equivalent at world size 1)", "sweep": train_rows, "best": best}
 
-    # 3. scoring (merged LoRA, inference) ---------------------------------------------------
+
+def _score_sweep(model, args, vocab: int, seq: int, fpt: float, peak: float, device: str) -> dict:
+    """3. scoring with the LoRA merged, in inference mode, over the batch sizes."""
     model.backbone.gradient_checkpointing_disable()
     model.backbone = model.backbone.merge_and_unload()
     model.eval()
-    del opt
 
     def score_one(bs):
         clock, g = _Clock(device), torch.Generator(device=device).manual_seed(1)
@@ -296,39 +269,79 @@ def main(argv: list[str] | None = None) -> dict:
         return {"tokens_per_s": args.steps * bs * seq / wall, "step_s": wall / args.steps,
                 "peak_gpu_mem_gib": clock.peak_gib(), "logits_finite": bool(torch.isfinite(out).all())}
 
-    rows, sbest = _sweep("score", score_bs, score_one, fpt_score, peak, device)
-    res["score"] = {"engine": "torch inference_mode, LoRA merged", "sweep": rows, "best": sbest}
+    rows, sbest = _sweep("score", [int(x) for x in args.score_batch_sizes.split(",")], score_one, fpt, peak, device)
+    return {"engine": "torch inference_mode, LoRA merged", "sweep": rows, "best": sbest}
+
+
+def _zero3(args, arch: dict, best: dict, dtype, vocab: int, seq: int, fpt: float, peak: float, device: str) -> dict:
+    """2. the best training configuration under DeepSpeed ZeRO-3 (world size 1)."""
+    # not at module level: deepspeed, loaded only when this runs
+    import deepspeed
+
+    _init_dist(device)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    model = random_teacher(arch, device, dtype, lora_rank=args.lora_rank, checkpointing=best["gradient_checkpointing"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    ds_config = {"train_micro_batch_size_per_gpu": best["batch_size"], "gradient_accumulation_steps": 1,
+                 "zero_optimization": {"stage": 3, "overlap_comm": True}, "bf16": {"enabled": device == "cuda"},
+                 "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
+                 "zero_force_ds_cpu_optimizer": False}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+
+    def ds_step(ids, mask, y):
+        loss = loss_fn(engine(input_ids=ids, attention_mask=mask).float(), y)
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+
+    engine.train()
+    rows, _ = _sweep("zero3", [best["batch_size"]],
+                     lambda bs: train_rate(ds_step, vocab, bs, seq, args.steps, device), fpt, peak, device)
+    dist.destroy_process_group()
+    return {"engine": f"DeepSpeed {deepspeed.__version__} ZeRO-3, world size 1",
+            "gradient_checkpointing": best["gradient_checkpointing"], "result": rows[0]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parse(argv)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU on this machine (use --device cpu --arch tiny for a smoke run)")
+    if device == "cuda":
+        torch.cuda.set_device(0)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    arch = ARCHS[args.arch]
+    ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.gradient_checkpointing]
+    seq, vocab = args.seq_len, arch["vocab_size"]
+
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    measured = matmul_peak_tflops(device, dtype, n=8192 if device == "cuda" else 1024)
+    peak = args.peak_tflops or (peak_tflops_of(gpu) if device == "cuda" else None) or measured
+    res: dict = {"device": gpu, "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
+                 "arch": args.arch, "seq_len": seq, "peak_tflops_used": round(peak, 1),
+                 "peak_source": "--peak-tflops" if args.peak_tflops else
+                 ("data sheet" if peak != measured else "measured matmul"),
+                 "matmul_tflops_measured": round(measured, 1)}
+
+    t0 = time.perf_counter()
+    model = random_teacher(arch, device, dtype, lora_rank=args.lora_rank)
+    res["build_s"] = round(time.perf_counter() - t0, 1)
+    n_params = non_embedding_params(model.backbone)
+    res.update(params_total=sum(p.numel() for p in model.parameters()),
+               params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+               params_non_embedding=n_params)
+    fpt_train = flops_per_token(n_params, arch["num_hidden_layers"], arch["hidden_size"], seq, training=True)
+    fpt_score = flops_per_token(n_params, arch["num_hidden_layers"], arch["hidden_size"], seq, training=False)
+    res["flops_per_token"] = {"train_lora": fpt_train, "score": fpt_score}
+    res["train"] = _train_sweep(model, args, ckpts, vocab, seq, fpt_train, peak, device)
+    res["score"] = _score_sweep(model, args, vocab, seq, fpt_score, peak, device)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
-
-    # 2. the best training configuration under DeepSpeed ZeRO-3 ------------------------------
+    best = res["train"]["best"]
     if not args.no_zero3 and best:
-        import deepspeed
-
-        _init_dist(device)
-        model = random_teacher(arch, device, dtype, lora_rank=args.lora_rank, checkpointing=best["gradient_checkpointing"])
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        ds_config = {"train_micro_batch_size_per_gpu": best["batch_size"], "gradient_accumulation_steps": 1,
-                     "zero_optimization": {"stage": 3, "overlap_comm": True}, "bf16": {"enabled": device == "cuda"},
-                     "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
-                     "zero_force_ds_cpu_optimizer": False}
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
-
-        def ds_step(ids, mask, y):
-            loss = loss_fn(engine(input_ids=ids, attention_mask=mask).float(), y)
-            engine.backward(loss)
-            engine.step()
-            return loss.detach()
-
-        engine.train()
-        rows, zbest = _sweep("zero3", [best["batch_size"]],
-                             lambda bs: train_rate(ds_step, vocab, bs, seq, args.steps, device), fpt_train, peak, device)
-        res["zero3"] = {"engine": f"DeepSpeed {deepspeed.__version__} ZeRO-3, world size 1",
-                        "gradient_checkpointing": best["gradient_checkpointing"], "result": rows[0]}
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+        res["zero3"] = _zero3(args, arch, best, dtype, vocab, seq, fpt_train, peak, device)
 
     res["targets"] = {"train_mfu": 0.35, "score_mfu": 0.50}
     res["ray_imported"] = any(m == "ray" or m.startswith("ray.") for m in sys.modules)

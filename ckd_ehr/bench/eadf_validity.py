@@ -33,6 +33,11 @@ import tempfile
 import time
 
 import numpy as np
+from ckd_ehr.config.base import parse_override
+from ckd_ehr import storage
+from ckd_ehr.config import SynthConfig, build
+from ckd_ehr.contracts import RunLayout
+from ckd_ehr.eadf.validity import POWER_TARGET, listing_validity, true_effects_by_simulation, true_effects_from_truth
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +68,6 @@ METRICS = ("precision", "recall_powered", "recall", "listed", "listed_per_phenot
 
 def synth_overrides(texts: list[str]) -> dict:
     """`synth.KEY=VALUE` -> {KEY: value} (values read as YAML, as every --set)."""
-    from ckd_ehr.config.base import parse_override
 
     out = {}
     for text in texts:
@@ -76,9 +80,7 @@ def synth_overrides(texts: list[str]) -> dict:
 
 def _cohort(cfg, patients: int, seed: int, knobs: dict, work: str):
     """(training SAMPLES, ground truth) of a synthetic cohort run through prepare."""
-    from ckd_ehr import storage
-    from ckd_ehr.config import SynthConfig, build
-    from ckd_ehr.contracts import RunLayout
+    # not at module level: pandas, loaded only when this runs
     from ckd_ehr.eadf.stats import COUNT_COLUMNS
     from ckd_ehr.data.prepare import run_prepare
 
@@ -103,16 +105,48 @@ def _summarise(per_seed: list[dict]) -> dict:
     return {m: _mean(r.get(m) for r in per_seed) for m in METRICS}
 
 
+def _bias_removed(scenarios: dict) -> None:
+    """The confounded scenario's share of the decoys' crude bias that the adjusted estimate removes."""
+    if "confounded" in scenarios:
+        c = scenarios["confounded"]
+        crude_bias, adj_bias = c["crude"]["decoy_mean_effect"], c["adjusted"]["decoy_mean_effect"]
+        c["bias_removed_share"] = (round(1 - adj_bias / crude_bias, 3)
+                                   if crude_bias and adj_bias is not None and crude_bias > 0 else None)
+
+
+def _headline(by_size: dict, scenarios: dict, null: dict, target: int, seeds, null_seeds, configured: str,
+              estimates: dict) -> dict:
+    """The figures at the target size for the configured estimate, the scenarios at a glance
+    (both estimates), and which targets they meet."""
+    at = by_size[target][configured]
+    summary = {
+        "patients": target, "seeds": list(seeds), "estimate": configured,
+        "precision": at["precision"], "recall_powered": at["recall_powered"], "recall": at["recall"],
+        "listed": at["listed"], "powered_pairs": at["powered_pairs"],
+        "null_listed_per_phenotype": null[configured]["listed_per_phenotype"], "null_seeds": list(null_seeds),
+        "decoys_listed": {name: by_size[target][name]["decoys_listed"] for name in estimates},
+        "decoy_mean_effect": {name: by_size[target][name]["decoy_mean_effect"] for name in estimates},
+    }
+    for name, sc in scenarios.items():  # the scenarios at a glance, both estimates
+        summary[name] = {m: {e: sc[e][m] for e in estimates}
+                         for m in ("precision", "recall_powered", "recall", "listed", "decoys_listed", "decoy_mean_effect")}
+        if "bias_removed_share" in sc:
+            summary[name]["bias_removed_share"] = sc["bias_removed_share"]
+    summary["meets"] = {
+        "precision": summary["precision"] is not None and summary["precision"] >= TARGETS["precision"],
+        "recall_powered": summary["recall_powered"] is not None and summary["recall_powered"] >= TARGETS["recall_powered"],
+        "null_listed_per_phenotype": (summary["null_listed_per_phenotype"] or 0.0) <= TARGETS["null_listed_per_phenotype"],
+    }
+    return summary
+
+
 def bench_eadf_validity(cfg, args, sizes=SIZES, seeds=SEEDS, null_seeds=NULL_SEEDS,
                         target=TARGET_PATIENTS, scenarios_on: bool = True) -> dict:
-    from ckd_ehr import storage
-    from ckd_ehr.contracts import RunLayout
+    # not at module level: pandas, loaded only when this runs
     from ckd_ehr.eadf.stats import efficacy_from_counts, reference_counts
-    from ckd_ehr.eadf.validity import POWER_TARGET, listing_validity, true_effects_by_simulation, true_effects_from_truth
     from ckd_ehr.bench.common import emit
 
     overrides = synth_overrides(getattr(args, "synth_overrides", []) or [])
-    from ckd_ehr.config import SynthConfig
 
     later = {k: v for k, v in PINNED_IF_PRESENT.items() if k in SynthConfig.model_fields}
     knobs = {**PINNED_SYNTH, **later, **overrides}
@@ -154,30 +188,8 @@ def bench_eadf_validity(cfg, args, sizes=SIZES, seeds=SEEDS, null_seeds=NULL_SEE
                                **{e: _summarise([r[e] for r in runs]) for e in estimates}}
             scenarios[name]["per_seed"] = {e: [{m: r[e].get(m) for m in METRICS} for r in runs] for e in estimates}
     null = {name: _summarise([r[name] for r in null_runs]) for name in estimates}
-    if "confounded" in scenarios:
-        c = scenarios["confounded"]
-        crude_bias, adj_bias = c["crude"]["decoy_mean_effect"], c["adjusted"]["decoy_mean_effect"]
-        c["bias_removed_share"] = (round(1 - adj_bias / crude_bias, 3)
-                                   if crude_bias and adj_bias is not None and crude_bias > 0 else None)
-    at = by_size[target][configured]
-    summary = {
-        "patients": target, "seeds": list(seeds), "estimate": configured,
-        "precision": at["precision"], "recall_powered": at["recall_powered"], "recall": at["recall"],
-        "listed": at["listed"], "powered_pairs": at["powered_pairs"],
-        "null_listed_per_phenotype": null[configured]["listed_per_phenotype"], "null_seeds": list(null_seeds),
-        "decoys_listed": {name: by_size[target][name]["decoys_listed"] for name in estimates},
-        "decoy_mean_effect": {name: by_size[target][name]["decoy_mean_effect"] for name in estimates},
-    }
-    for name, sc in scenarios.items():  # the scenarios at a glance, both estimates
-        summary[name] = {m: {e: sc[e][m] for e in estimates}
-                         for m in ("precision", "recall_powered", "recall", "listed", "decoys_listed", "decoy_mean_effect")}
-        if "bias_removed_share" in sc:
-            summary[name]["bias_removed_share"] = sc["bias_removed_share"]
-    summary["meets"] = {
-        "precision": summary["precision"] is not None and summary["precision"] >= TARGETS["precision"],
-        "recall_powered": summary["recall_powered"] is not None and summary["recall_powered"] >= TARGETS["recall_powered"],
-        "null_listed_per_phenotype": (summary["null_listed_per_phenotype"] or 0.0) <= TARGETS["null_listed_per_phenotype"],
-    }
+    _bias_removed(scenarios)
+    summary = _headline(by_size, scenarios, null, target, seeds, null_seeds, configured, estimates)
     results = {
         "benchmark": "eadf_validity", "summary": summary, "targets": TARGETS,
         "synth": knobs, "synth_overrides": overrides,
@@ -207,12 +219,13 @@ def bench_eadf_validity(cfg, args, sizes=SIZES, seeds=SEEDS, null_seeds=NULL_SEE
 
 def _plot(by_size: dict, estimate: str, path: str) -> None:
     """Precision, powered recall and overall recall against cohort size."""
+    # not at module level: matplotlib, loaded only when this runs
     import matplotlib
 
     matplotlib.use("Agg")
+    # not at module level: matplotlib, loaded only when this runs
     import matplotlib.pyplot as plt
 
-    from ckd_ehr import storage
 
     sizes = sorted(by_size)
     fig, ax = plt.subplots(figsize=(6, 4))

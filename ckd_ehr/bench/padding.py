@@ -8,7 +8,7 @@ size, the batches each stage builds with the stage's own batching code:
   teacher_train   ckd_ehr.training.length_grouped_batches (all ranks of teacher.num_workers)
   teacher_val     ckd_ehr.training.eval_batches (sorted by length; also predict_logits' order)
   soft_labels     Ray Data blocks of soft_labels.batch_size consecutive rows, each sorted and cut
-                  into sub-batches (ckd_ehr.soft_labels.run.sub_batches); the batch size swept is
+                  into sub-batches (ckd_ehr.soft_labels.scoring.sub_batches); the batch size swept is
                   the sub-batch size
   student_train   length_grouped_batches on the student's token lengths
   random          the floor: a seeded shuffle cut into batches, no length grouping
@@ -29,6 +29,8 @@ import numpy as np
 from ckd_ehr import storage
 from ckd_ehr.contracts import RunLayout
 from ckd_ehr.bench.common import emit
+from ckd_ehr.modeling.paths import resolve_model_path
+from ckd_ehr.modeling.prompts import encode_texts
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 def efficiency(batches: Sequence[np.ndarray], lengths: np.ndarray) -> float:
     """Real tokens / computed tokens of `batches` (index arrays into `lengths`)."""
+    # not at module level: torch, loaded only when this runs
     from ckd_ehr.training import padding_efficiency
 
     real = sum(int(lengths[b].sum()) for b in batches if len(b))
@@ -47,7 +50,8 @@ def efficiency(batches: Sequence[np.ndarray], lengths: np.ndarray) -> float:
 def stage_efficiencies(lengths: Sequence[int], batch_size: int, world: int = 1, block: int = 64,
                        seed: int = 0) -> dict[str, float]:
     """Padding efficiency of each stage's batching of `lengths` at `batch_size`."""
-    from ckd_ehr.soft_labels.run import sub_batches
+    # not at module level: torch, loaded only when this runs
+    from ckd_ehr.soft_labels.scoring import sub_batches
     from ckd_ehr.training import eval_batches, length_grouped_batches
 
     lengths = np.asarray(lengths)
@@ -65,6 +69,7 @@ def _texts(cfg, tmp: str) -> tuple[list[str], str]:
     layout = RunLayout(cfg.run_dir)
     path = layout.augmented("train")
     if not storage.exists(path):
+        # not at module level: imported only on this branch
         from ckd_ehr.pipeline import run_pipeline
 
         run = os.path.join(tmp, "run")
@@ -76,10 +81,9 @@ def _texts(cfg, tmp: str) -> tuple[list[str], str]:
 
 
 def bench_padding(cfg, args) -> dict:
+    # not at module level: transformers, loaded only when this runs
     from transformers import AutoTokenizer
 
-    from ckd_ehr.modeling.paths import resolve_model_path
-    from ckd_ehr.modeling.prompts import encode_texts
     from ckd_ehr.teacher.train import load_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="bench-padding-") as tmp:

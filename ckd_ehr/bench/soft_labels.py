@@ -24,6 +24,10 @@ import pyarrow as pa
 from ckd_ehr import storage
 from ckd_ehr.contracts import TEACHER_META, RunLayout
 from ckd_ehr.bench.common import emit, measure
+from ckd_ehr.modeling.paths import resolve_model_path
+from ckd_ehr.ray_utils import init_ray
+from ckd_ehr.text import diagnosis_title_column
+from ckd_ehr.bench.common import measure as timed
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,7 @@ NAIVE_SAMPLES = 16
 
 def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
     """Best fp32 FLOP/s of an n x n torch.matmul on this machine (all intra-op threads)."""
+    # not at module level: torch, loaded only when this runs
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -47,6 +52,7 @@ def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
 
 def non_embedding_params(model) -> int:
     """Parameters that take part in per-token matmuls (embedding lookups are not FLOPs)."""
+    # not at module level: torch, loaded only when this runs
     import torch
 
     emb = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
@@ -66,9 +72,9 @@ def _samples(layout: RunLayout, n: int, text_column: str, extra: tuple[str, ...]
 def untrained_artifact(teacher_cfg, dest: str) -> str:
     """A teacher artifact written by the teacher package from the configured backbone with
     fresh LoRA and head (no training): same shapes and cost as a trained one."""
+    # not at module level: transformers, loaded only when this runs
     from transformers import AutoTokenizer
 
-    from ckd_ehr.modeling.paths import resolve_model_path
     from ckd_ehr.teacher import build_teacher, write_artifact
     from ckd_ehr.teacher.artifact import write_weights
 
@@ -84,6 +90,7 @@ def untrained_artifact(teacher_cfg, dest: str) -> str:
 
 def naive_loop(model, ids: list[list[int]], pad_token_id: int, max_length: int) -> tuple[np.ndarray, int]:
     """The released style: batch of one, padded to max_length. Returns (logits, tokens computed)."""
+    # not at module level: torch, loaded only when this runs
     import torch
 
     out = []
@@ -103,13 +110,62 @@ def bench_soft_labels(cfg, args) -> dict:
         return _bench(cfg, args, tmp)
 
 
+def _naive_pass(model, tok, texts: list[str], text_options: tuple, timings: dict):
+    """(rows, their ids, logits, computed tokens) of the authors' loop (batch 1, padded to
+    max_length), timed. Every naive pass costs the same, so its rate from the first
+    NAIVE_SAMPLES samples holds for all of them; rates are per sample timed."""
+    # not at module level: torch, loaded only when this runs
+    from ckd_ehr.soft_labels.scoring import tokenize
+    from ckd_ehr.teacher.data import pad_id
+
+    chat, max_length, instr = text_options
+    n_naive = min(len(texts), NAIVE_SAMPLES)
+    log.info("naive loop: %d samples, batch 1, padded to %d", n_naive, max_length)
+    with measure("naive", timings):
+        naive_ids = tokenize(tok, texts[:n_naive], chat, max_length, instr)
+        naive_logits, naive_tokens = naive_loop(model, naive_ids, pad_id(tok), max_length)
+    return n_naive, naive_ids, naive_logits, naive_tokens
+
+
+def _ray_data_pass(cfg, table, artifact: str, cores: int, timings: dict):
+    """(the SoftLabelsConfig used, the scored rows) of one timed Ray Data pass over `table`."""
+    # not at module level: torch, loaded only when this runs
+    from ckd_ehr.soft_labels.ray_scoring import infer_soft_labels
+
+    init_ray(cfg.ray)
+    sl = cfg.soft_labels
+    # One actor using every core unless the config says otherwise: a like-for-like comparison
+    # with the in-process runs, which also use every core.
+    ray_cfg = sl.model_copy(update={"torch_threads": sl.torch_threads or max(1, cores // sl.num_actors)})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "bench.parquet")
+        storage.write_parquet(table, path)
+        log.info("Ray Data: %d actor(s), %s CPU, %s torch threads", ray_cfg.num_actors, ray_cfg.cpus_per_actor,
+                 ray_cfg.torch_threads)
+        with measure("ray_data", timings):
+            out = infer_soft_labels({"bench": path}, artifact, ray_cfg)["bench"]
+    return ray_cfg, out
+
+
+def _rates(t: dict, samples: int, useful: int, computed: int, params: int, peak: float) -> None:
+    """Add to a timing its rates: samples and real tokens per second, achieved GFLOP/s and the
+    fractions of the matmul peak (of the computed tokens, and of the useful ones)."""
+    wall = t["wall_s"]
+    t["samples"] = samples
+    t["samples_per_s"] = round(samples / wall, 3)
+    t["real_tokens_per_s"] = round(useful / wall, 1)
+    t["tokens_computed"] = computed
+    t["achieved_gflops"] = round(2 * params * computed / wall / 1e9, 2)
+    t["fraction_of_peak"] = round(2 * params * computed / wall / peak, 4)
+    t["useful_fraction_of_peak"] = round(2 * params * useful / wall / peak, 4)
+
+
 def _bench(cfg, args, tmp_dir: str) -> dict:
+    # not at module level: torch, loaded only when this runs
     import torch
 
-    from ckd_ehr.ray_utils import init_ray
-    from ckd_ehr.soft_labels.run import infer_soft_labels, score_ids, teacher_text_column, teacher_text_options, tokenize
+    from ckd_ehr.soft_labels.scoring import score_ids, teacher_text_column, teacher_text_options, tokenize
     from ckd_ehr.teacher import load_teacher
-    from ckd_ehr.teacher.data import pad_id
 
     layout = RunLayout(cfg.run_dir)
     artifact = layout.teacher_artifact
@@ -119,7 +175,6 @@ def _bench(cfg, args, tmp_dir: str) -> dict:
         artifact = untrained_artifact(cfg.teacher, os.path.join(tmp_dir, "artifact"))
     n = args.samples or 64
     text_column = teacher_text_column(artifact)
-    from ckd_ehr.text import diagnosis_title_column
 
     unit_columns = (diagnosis_title_column(cfg.text), "drugs", "procedure_titles")
     table = _samples(layout, n, text_column, unit_columns)
@@ -143,13 +198,7 @@ def _bench(cfg, args, tmp_dir: str) -> dict:
     # Warm-up: the first forward pass pays one-time allocation costs; no timed phase should.
     score_ids(model, tok, ids[:1], 1)
     timings: dict = {}
-    # Every naive forward pass costs the same (padded to max_length), so its rate from the
-    # first NAIVE_SAMPLES samples holds for all of them; rates below are per sample timed.
-    n_naive = min(len(texts), NAIVE_SAMPLES)
-    log.info("naive loop: %d samples, batch 1, padded to %d", n_naive, max_length)
-    with measure("naive", timings):
-        naive_ids = tokenize(tok, texts[:n_naive], chat, max_length, instr)
-        naive_logits, naive_tokens = naive_loop(model, naive_ids, pad_id(tok), max_length)
+    n_naive, naive_ids, naive_logits, naive_tokens = _naive_pass(model, tok, texts, (chat, max_length, instr), timings)
     log.info("in-process length-sorted sub-batches of %d", sl.sub_batch_size)
     with measure("sorted", timings):
         ids = tokenize(tok, texts, chat, max_length, instr)
@@ -160,17 +209,7 @@ def _bench(cfg, args, tmp_dir: str) -> dict:
                                         timings, sorted_logits)
     del model
 
-    init_ray(cfg.ray)
-    # One actor using every core unless the config says otherwise: a like-for-like comparison
-    # with the in-process runs, which also use every core.
-    ray_cfg = sl.model_copy(update={"torch_threads": sl.torch_threads or max(1, cores // sl.num_actors)})
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "bench.parquet")
-        storage.write_parquet(table, path)
-        log.info("Ray Data: %d actor(s), %s CPU, %s torch threads", ray_cfg.num_actors, ray_cfg.cpus_per_actor,
-                 ray_cfg.torch_threads)
-        with measure("ray_data", timings):
-            out = infer_soft_labels({"bench": path}, artifact, ray_cfg)["bench"]
+    ray_cfg, out = _ray_data_pass(cfg, table, artifact, cores, timings)
     if out.num_rows != len(texts):
         raise RuntimeError(f"ray_data path returned {out.num_rows} rows for {len(texts)} samples")
 
@@ -180,14 +219,7 @@ def _bench(cfg, args, tmp_dir: str) -> dict:
     useful = {"naive": sum(len(x) for x in naive_ids), "sorted": real_tokens, "ray_data": real_tokens,
               "units": real_tokens}
     for name, t in timings.items():
-        wall = t["wall_s"]
-        t["samples"] = samples[name]
-        t["samples_per_s"] = round(samples[name] / wall, 3)
-        t["real_tokens_per_s"] = round(useful[name] / wall, 1)
-        t["tokens_computed"] = computed[name]
-        t["achieved_gflops"] = round(2 * params * computed[name] / wall / 1e9, 2)
-        t["fraction_of_peak"] = round(2 * params * computed[name] / wall / peak, 4)
-        t["useful_fraction_of_peak"] = round(2 * params * useful[name] / wall / peak, 4)
+        _rates(t, samples[name], useful[name], computed[name], params, peak)
     res["timings"] = timings
     # Other work on a shared machine moves the peak: measure it again and judge against both.
     peak_after = matmul_peak_flops()
@@ -208,8 +240,8 @@ def _unit_targets(model, tok, table: pa.Table, texts: list[str], unit_columns, t
                   sorted_logits: np.ndarray) -> dict:
     """Time the in-process scoring with the unit targets (the `sorted` path plus unit maps,
     label attention and relations) and measure the targets' parquet bytes per sample."""
-    from ckd_ehr.bench.common import measure as timed
-    from ckd_ehr.soft_labels.run import score_with_units, unit_inputs, unit_target_table
+    # not at module level: torch, loaded only when this runs
+    from ckd_ehr.soft_labels.scoring import score_with_units, unit_inputs, unit_target_table
 
     chat, max_length, instr = text_options
     items = list(zip(*(table.column(c).to_pylist() for c in unit_columns)))

@@ -39,9 +39,9 @@ import pyarrow.fs as pafs
 import ckd_ehr.data.mimic as mimic
 from ckd_ehr.contracts import VISITS, check_schema
 from ckd_ehr.data.icd10 import dotted_icd10, load_crosswalk
-from ckd_ehr.data.mimic import (DEFAULT_BLOCK_SIZE, MimicError, TableNotFound, TableReport, checked_ages, find_table,
-                                gender_values, load_admissions, load_coded_events, load_drugs, parse_ints,
-                                read_header, read_small_table, require)
+from ckd_ehr.data.csv_tables import DEFAULT_BLOCK_SIZE, TableNotFound, find_table, read_header
+from ckd_ehr.data.mimic import (MimicError, TableReport, checked_ages, gender_values, load_admissions,
+                                load_coded_events, load_drugs, parse_ints, read_small_table, require)
 from ckd_ehr.data.rules import Rules, as_array, check_leading_zeros, drop_exact_duplicates, first_null_like, repairs
 from ckd_ehr.data.mimic4_report import MIXED, NONE, VERSION_LABELS, VERSIONS, icd10_mapping, icd_report
 from ckd_ehr.phenotypes import code_to_phenotype_table

@@ -416,6 +416,21 @@ def _arm_arrays(counts: Counts):
     return pi, drug, n1k, y1k, tot_n[pi], tot_y[pi], given, totals
 
 
+def _ranks(pi: np.ndarray, drug: np.ndarray, n_g: np.ndarray, score: np.ndarray, eligible: np.ndarray) -> np.ndarray:
+    """Rank within each phenotype (1 = best, 0 = not ranked): eligible first, then by score
+    desc, n_given desc, drug asc."""
+    order = np.lexsort((drug, -n_g, -np.where(eligible, np.nan_to_num(score), 0.0), ~eligible, pi))
+    rank = np.zeros(len(pi), dtype=np.int64)
+    if len(pi):
+        pi_o, el_o = pi[order], eligible[order]
+        new_group = np.r_[True, pi_o[1:] != pi_o[:-1]]
+        idx = np.arange(len(order))
+        start = np.maximum.accumulate(np.where(new_group, idx, 0))
+        rank[order] = idx - start + 1
+        rank[order[~el_o]] = 0
+    return rank
+
+
 def efficacy_from_counts(counts: Counts, cfg: EADFConfig, ranking: str | None = None) -> pa.Table:
     """The EFFICACY table from summed counts, ranked per phenotype by `ranking`.
 
@@ -476,16 +491,7 @@ def efficacy_from_counts(counts: Counts, cfg: EADFConfig, ranking: str | None = 
     else:
         score, eligible = rr, support & (np.nan_to_num(rr, nan=-np.inf) > 1.0)
 
-    # Rank: eligible first, then by phenotype, score desc, n_given desc, drug asc.
-    order = np.lexsort((drug, -n_g, -np.where(eligible, np.nan_to_num(score), 0.0), ~eligible, pi))
-    rank = np.zeros(len(pi), dtype=np.int64)
-    if len(pi):
-        pi_o, el_o = pi[order], eligible[order]
-        new_group = np.r_[True, pi_o[1:] != pi_o[:-1]]
-        idx = np.arange(len(order))
-        start = np.maximum.accumulate(np.where(new_group, idx, 0))
-        rank[order] = idx - start + 1
-        rank[order[~el_o]] = 0
+    rank = _ranks(pi, drug, n_g, score, eligible)
     as_int = lambda a: pa.array(np.asarray(a).round().astype(np.int64))  # noqa: E731
     out = pa.table({
         "phenotype_index": pa.array(pi.astype(np.int32)),

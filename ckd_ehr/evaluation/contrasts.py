@@ -42,6 +42,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import stats
+from scipy.optimize import brentq
 
 from ckd_ehr.metrics import auroc_draws, macro_label_set, patient_weights
 
@@ -68,7 +69,6 @@ def holm(p_values: Sequence[float]) -> list[float]:
 def detectable_noncentrality(q: float, df: float, power: float = 0.8) -> float:
     """The non-centrality nc at which |T| > q with probability `power`, T a non-central t on
     `df` degrees of freedom (the normal when df is infinite)."""
-    from scipy.optimize import brentq
 
     def found(nc: float) -> float:
         if not np.isfinite(df) or df > 1e4:   # the normal, where scipy's non-central t turns NaN
@@ -261,6 +261,30 @@ def _var(draws: np.ndarray) -> float:
     return float(np.var(draws, ddof=1)) if np.size(draws) > 1 else float("nan")
 
 
+def _check_contrasts(cohorts: Sequence[Cohort], contrasts: Sequence[tuple[str, str]]) -> None:
+    """ValueError for no cohort, or a contrast whose rows no cohort has both of."""
+    if not cohorts:
+        raise ValueError("no cohort to summarise")
+    for new, base in contrasts:   # a contrast is read in the cohorts that have both rows
+        if not any(new in c.probs and base in c.probs for c in cohorts):
+            missing = sorted({r for c in cohorts for r in (new, base) if r not in c.probs})
+            raise ValueError(f"contrast {new} - {base} names rows with no predictions in any cohort: "
+                             f"{', '.join(missing)}")
+
+
+def _seed_variance(scored: Sequence[_CohortScores], quantities: set) -> _SeedVariance:
+    """Each quantity's seed variance pooled over the cohorts that have it (sums of squares and
+    degrees of freedom added), with the mean test-noise term iota^2 where known."""
+    var = _SeedVariance({}, {}, {})
+    for q in sorted(quantities, key=str):
+        got = [sc.spread(q) for sc in scored if sc.has(q)]
+        var.dof[q] = int(sum(d for _, d, _ in got))
+        var.s2[q] = float(sum(ss for ss, _, _ in got) / var.dof[q]) if var.dof[q] > 0 else float("nan")
+        iotas = [i for _, _, i in got if i is not None]
+        var.iota2[q] = float(np.mean(iotas)) if iotas else None
+    return var
+
+
 def study_contrasts(cohorts: Sequence[Cohort], contrasts: Sequence[tuple[str, str]], resamples: int = 1000,
                     seed: int = 0, level: float = 0.95, alpha: float = 0.05) -> dict:
     """Every row's seed-averaged macro AUROC and every contrast `new - base`, per cohort and
@@ -271,13 +295,7 @@ def study_contrasts(cohorts: Sequence[Cohort], contrasts: Sequence[tuple[str, st
     "resamples_used", "test_samples", "test_patients", "seeds_per_row", "label_set"}},
     "seed_variance"}; the top-level rows and contrasts are pooled over the cohorts (the one
     cohort's own when there is one)."""
-    if not cohorts:
-        raise ValueError("no cohort to summarise")
-    for new, base in contrasts:   # a contrast is read in the cohorts that have both rows
-        if not any(new in c.probs and base in c.probs for c in cohorts):
-            missing = sorted({r for c in cohorts for r in (new, base) if r not in c.probs})
-            raise ValueError(f"contrast {new} - {base} names rows with no predictions in any cohort: "
-                             f"{', '.join(missing)}")
+    _check_contrasts(cohorts, contrasts)
     scored = [_CohortScores(c, resamples, seed + i) for i, c in enumerate(cohorts)]
     rows = sorted({r for c in cohorts for r in c.probs})
 
@@ -291,14 +309,7 @@ def study_contrasts(cohorts: Sequence[Cohort], contrasts: Sequence[tuple[str, st
                  if n in sc.point and b in sc.point} for sc in scored]
     quantities = {q for ests in row_ests for e in ests.values() for q in e.seed_terms} | \
                  {q for ests in con_ests for e in ests.values() for q in e.seed_terms}
-    var = _SeedVariance({}, {}, {})
-    for q in sorted(quantities, key=str):
-        got = [sc.spread(q) for sc in scored if sc.has(q)]
-        var.dof[q] = int(sum(d for _, d, _ in got))
-        var.s2[q] = float(sum(ss for ss, _, _ in got) / var.dof[q]) if var.dof[q] > 0 else float("nan")
-        iotas = [i for _, _, i in got if i is not None]
-        var.iota2[q] = float(np.mean(iotas)) if iotas else None
-
+    var = _seed_variance(scored, quantities)
     t_simul = 1 - alpha / (2 * max(len(contrasts), 1))
     p_floor = 1.0 / resamples
 

@@ -23,13 +23,14 @@ than `evaluate.max_interval_width`) is refused unless `evaluate.allow_small` (`-
 from __future__ import annotations
 
 import logging
+import hashlib
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from ckd_ehr import storage
-from ckd_ehr.contracts import (PREDICTIONS, PRIMARY_VARIANTS, STUDENT_VARIANT_TABLE, STUDENT_VARIANTS, TEACHER_ROWS, ContractError, RunLayout, base_variant, check_schema)
+from ckd_ehr.contracts import (PREDICTIONS, STUDENT_VARIANT_TABLE, STUDENT_VARIANTS, TEACHER_ROWS, ContractError, RunLayout, base_variant, check_schema)
 from ckd_ehr.metrics import (ALL_METRICS, bootstrap_scores, delta_summary, evaluate_predictions, interval,
                       macro_label_set, paired_bootstrap_delta, to_matrix)
 from ckd_ehr.phenotypes import NUM_PHENOTYPES, phenotype_names
@@ -37,6 +38,7 @@ from ckd_ehr.evaluation.predictions import (as_predictions, kept_step, learning_
                                             read_predictions, read_thresholds, reference_thresholds,
                                             teacher_predictions_from_soft_labels)
 from ckd_ehr.evaluation.probe_rows import PROBE_ROLES  # roles of the probe rows, beside the baselines
+from ckd_ehr.data.synth.oracle import oracle_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +198,8 @@ def _predictions_table(df: pd.DataFrame, where: str) -> pa.Table:
 def _reference_stamp(cfg, layout: RunLayout) -> dict:
     """What the reference rows depend on: the samples and (synthetic) ground truth by content,
     the fitting seed and the model grids."""
-    import hashlib
 
+    # not at module level: scipy, loaded only when this runs
     from ckd_ehr.evaluation.baselines import C_GRID, GB_MIN_COUNT, GB_SETTINGS
 
     paths = {**{f"samples/{s}": layout.samples(s) for s in ("train", "val", "test")},
@@ -228,6 +230,7 @@ def cached_reference_rows(cfg, layout: RunLayout) -> tuple[dict, list[str]]:
 def reference_rows(cfg, layout: RunLayout) -> tuple[dict, list[str]]:
     """{name: (test PREDICTIONS frame, thresholds, details)} of every reference row that can be
     computed from the run's samples (and, synthetic, RUN/raw), and notes on what could not."""
+    # not at module level: scipy, loaded only when this runs
     from ckd_ehr.evaluation.baselines import FEATURE_COLUMNS, baseline_probabilities
 
     notes = []
@@ -246,8 +249,8 @@ def reference_rows(cfg, layout: RunLayout) -> tuple[dict, list[str]]:
         thresholds, source = reference_thresholds(y_val, probs["val"])
         out[name] = (as_predictions(splits["test"], probs["test"]), thresholds,
                      {**details, "threshold_source": source})
+    # not at module level: scipy, loaded only when this runs
     from ckd_ehr.data.synth.ceiling import MODEL, observable_ceiling_probabilities
-    from ckd_ehr.data.synth.oracle import oracle_probabilities
 
     oracle = {s: oracle_probabilities(layout, splits[s]) for s in ("val", "test")}
     if oracle["test"] is not None and oracle["val"] is not None:
@@ -288,14 +291,15 @@ def judge_size(label_set: np.ndarray, counts: np.ndarray, baselines: dict, cfg) 
     return reasons
 
 
-def run_evaluate(cfg) -> dict:
-    layout = RunLayout(cfg.run_dir)
-    resamples, seed = cfg.evaluate.bootstrap, cfg.evaluate.seed
-    baseline = cfg.evaluate.baseline
-    pred_dir = storage.join(layout.root, "evaluate", "predictions")
+def model_frames(cfg, layout: RunLayout) -> tuple[dict, dict, dict]:
+    """({row: test predictions}, {row: their file}, {row: why skipped}) of the configured student
+    variants and the teacher rows, plus each student as served when serve.precision is not fp32.
+    Only configured rows are read: a file an earlier run left for another variant is not scored."""
     frames, sources, skipped = {}, {}, {}
-    expected = {*PRIMARY_VARIANTS, *cfg.student.variants, "teacher"}
+    configured = {*cfg.student.variants, "teacher"}
     for name in MODELS:
+        if name not in configured and name not in TEACHER_ROWS:
+            continue
         path = layout.predictions(name)
         if storage.exists(path):
             frames[name], sources[name] = read_predictions(path), path
@@ -303,73 +307,100 @@ def run_evaluate(cfg) -> dict:
             # Nobody has to write teacher.parquet: the soft labels of the test split are the
             # teacher's test predictions (a side teacher's only when the study copied them).
             frames[name], sources[name] = soft, layout.soft_labels("test", name)
-        elif name in expected:  # a study control nobody asked for is not "skipped"
+        elif name in configured:  # a side teacher nobody asked for is not "skipped"
             skipped[name] = f"no predictions at {path}" + (
                 f" and no {layout.soft_labels('test')}" if name == "teacher" else "")
-
     if cfg.serve.precision != "fp32":  # each student as served (int8, bf16): its own row
+        # not at module level: imported only on this branch
         from ckd_ehr.student.precision import write_precision_predictions
         for name in write_precision_predictions(cfg, cfg.serve.precision):
             frames[name], sources[name] = read_predictions(layout.predictions(name)), layout.predictions(name)
+    return frames, sources, skipped
 
-    notes = []
-    references = {}
+
+def reference_and_probe_rows(cfg, layout: RunLayout) -> tuple[dict, list[str]]:
+    """({row: (test frame, thresholds, details)} of the floors, ceilings and probes, notes); each
+    row's test predictions are also written beside the models' (what a study collects per seed)."""
+    references, notes = {}, []
     if cfg.evaluate.baselines:
         references, ref_notes = cached_reference_rows(cfg, layout)
         notes += ref_notes
     if cfg.evaluate.probes:
+        # not at module level: imported only on this branch
         from ckd_ehr.evaluation.probe_rows import probe_rows
 
         probes, probe_notes = probe_rows(cfg, layout)
         references.update(probes)
         notes += probe_notes
-    for name, (df, _, _) in references.items():   # beside the models': what a study collects per seed
+    for name, (df, _, _) in references.items():
         storage.write_parquet(_predictions_table(df, name), layout.predictions(name))
-    if not frames and not references:
-        raise FileNotFoundError(f"{pred_dir}: no prediction files for any of {', '.join(MODELS)} "
-                                "(have the student and teacher stages written their test predictions?) "
-                                f"and no samples under {layout.path('data', 'samples')} for the reference rows "
-                                "(run `ckd-ehr prepare` first)")
+    return references, notes
 
-    # One label set for every macro metric, from the full test split.
+
+def macro_labels(cfg, layout: RunLayout, frames: dict, sources: dict) -> tuple[np.ndarray, str, np.ndarray]:
+    """(test labels, where from, the macro label set): one label set for every macro metric,
+    from the full test split (the largest prediction file when the split is not there)."""
     test = _read_split(layout, "test", ["sample_id", "labels"])
     if test is not None and len(test):
-        y_test, set_source = to_matrix(test["labels"], np.int8), layout.samples("test")
+        y_test, source = to_matrix(test["labels"], np.int8), layout.samples("test")
     else:
         largest = max(frames, key=lambda k: len(frames[k]))
-        y_test, set_source = to_matrix(frames[largest]["labels"], np.int8), sources[largest]
-    counts = (y_test > 0).sum(axis=0)
-    label_set = macro_label_set(y_test, cfg.evaluate.min_test_positives)
-    names = phenotype_names()
+        y_test, source = to_matrix(frames[largest]["labels"], np.int8), sources[largest]
+    return y_test, source, macro_label_set(y_test, cfg.evaluate.min_test_positives)
 
-    def score(df, thr):
-        return score_model(df, thr, resamples, seed, label_set)
 
-    baselines, base_dists = {}, {}
+def score_references(references: dict, resamples: int, seed: int, label_set: np.ndarray) -> tuple[dict, dict]:
+    """({row: entry}, {row: bootstrap draws}) of the reference and probe rows."""
+    baselines, dists = {}, {}
     for name, (df, thr, details) in references.items():
-        entry, base_dists[name] = score(df, thr)
+        entry, dists[name] = score_model(df, thr, resamples, seed, label_set)
         baselines[name] = {"role": BASELINE_ROLES.get(name) or PROBE_ROLES[name], "details": details, **entry}
         m = entry["modes"]["fixed"]["metrics"]
         iv = (entry["modes"]["fixed"]["intervals"] or {}).get("macro_auroc")
         log.info("baseline %s: macro AUROC %.3f%s (n=%d)", name, m["macro_auroc"],
                  f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "", entry["n_samples"])
-    informative = ("copy_forward", "logistic_regression")
-    reasons = judge_size(label_set, counts, {k: v for k, v in baselines.items() if k in informative}, cfg)
-    if reasons and not cfg.evaluate.allow_small:
-        raise TooSmallToJudge("test split too small to judge: " + "; ".join(reasons)
-                              + ". Pass --allow-small (evaluate.allow_small: true) to evaluate anyway; "
-                              "the report will carry a banner.")
+    return baselines, dists
 
+
+def score_models(layout: RunLayout, frames: dict, sources: dict, resamples: int, seed: int,
+                 label_set: np.ndarray) -> tuple[dict, dict, dict]:
+    """({row: entry}, {row: bootstrap draws}, {row: thresholds}) of the models, each with its role,
+    kept step and learning curve."""
     models, dists, thresholds = {}, {}, {}
     for name, df in frames.items():
         thresholds[name], source = read_thresholds(layout, name)
-        entry, dists[name] = score(df, thresholds[name])
+        entry, dists[name] = score_model(df, thresholds[name], resamples, seed, label_set)
         role = ROLES.get(name) or f"{ROLES[base_variant(name)]}, served at {name.rsplit('_', 1)[1]} (serve.precision)"
         models[name] = {"role": role, "predictions": sources[name], "kept_step": kept_step(layout, name),
                         "curve": learning_curve(layout, name), "threshold_source": source, **entry}
         m = entry["modes"]["fixed"]["metrics"]
         log.info("%s: accuracy %.4f, macro-F1 %.4f, macro AUROC %.4f (n=%d, %d patients)", name,
                  m["accuracy"], m["macro_f1"], m["macro_auroc"], entry["n_samples"], entry["n_patients"])
+    return models, dists, thresholds
+
+
+def run_evaluate(cfg) -> dict:
+    """`ckd-ehr evaluate`: every model, floor, ceiling and probe row on the test split, with
+    patient-bootstrap intervals and paired deltas -> RUN/evaluate/metrics.json."""
+    layout = RunLayout(cfg.run_dir)
+    resamples, seed, baseline = cfg.evaluate.bootstrap, cfg.evaluate.seed, cfg.evaluate.baseline
+    frames, sources, skipped = model_frames(cfg, layout)
+    references, notes = reference_and_probe_rows(cfg, layout)
+    if not frames and not references:
+        raise FileNotFoundError(f"{layout.predictions_dir}: no prediction files for any of {', '.join(MODELS)} "
+                                "(have the student and teacher stages written their test predictions?) "
+                                f"and no samples under {layout.path('data', 'samples')} for the reference rows "
+                                "(run `ckd-ehr prepare` first)")
+    y_test, set_source, label_set = macro_labels(cfg, layout, frames, sources)
+    counts, names = (y_test > 0).sum(axis=0), phenotype_names()
+    baselines, base_dists = score_references(references, resamples, seed, label_set)
+    informative = ("copy_forward", "logistic_regression")
+    reasons = judge_size(label_set, counts, {k: v for k, v in baselines.items() if k in informative}, cfg)
+    if reasons and not cfg.evaluate.allow_small:
+        raise TooSmallToJudge("test split too small to judge: " + "; ".join(reasons)
+                              + ". Pass --allow-small (evaluate.allow_small: true) to evaluate anyway; "
+                              "the report will carry a banner.")
+    models, dists, thresholds = score_models(layout, frames, sources, resamples, seed, label_set)
 
     at_probe = [n for n, e in models.items() if e["kept_step"] == 0]
     if at_probe:
@@ -378,14 +409,11 @@ def run_evaluate(cfg) -> dict:
     same = identical_groups(frames)
     for group in same:
         notes.append(f"identical test predictions: {' = '.join(group)}; a delta between them measures nothing")
-
     deltas = {}
     if baseline in frames:
-        for name in frames:
-            if name != baseline:
-                deltas[name] = model_delta(frames[baseline], frames[name], models[baseline], models[name],
-                                           dists[baseline], dists[name], thresholds[baseline],
-                                           thresholds[name], resamples, seed, label_set)
+        deltas = {name: model_delta(frames[baseline], frames[name], models[baseline], models[name], dists[baseline],
+                                    dists[name], thresholds[baseline], thresholds[name], resamples, seed, label_set)
+                  for name in frames if name != baseline}
     elif frames:
         notes.append(f"baseline '{baseline}' has no predictions: no deltas computed")
     else:
@@ -394,11 +422,8 @@ def run_evaluate(cfg) -> dict:
         notes.append("evaluate.bootstrap = 0: no intervals")
     summary = summarise_findings(models, baselines, frames, references, dists, base_dists, thresholds, resamples,
                                  seed, label_set)
-
     result = {
-        "split": "test",
-        "phenotypes": names,
-        "metrics": list(ALL_METRICS),
+        "split": "test", "phenotypes": names, "metrics": list(ALL_METRICS),
         "bootstrap": {"resamples": resamples, "seed": seed, "unit": "patient", "level": 0.95},
         "threshold_modes": MODES,
         "macro_label_set": {
@@ -411,15 +436,8 @@ def run_evaluate(cfg) -> dict:
                     "ranking intervals",
         },
         "too_small": {"allowed": bool(reasons), "reasons": reasons} if reasons else None,
-        "summary": summary,
-        "baseline": baseline,
-        "baselines": baselines,
-        "models": models,
-        "deltas": deltas,
-        "identical_predictions": same,
-        "paper_claims": PAPER_CLAIMS,
-        "skipped": skipped,
-        "notes": notes,
+        "summary": summary, "baseline": baseline, "baselines": baselines, "models": models, "deltas": deltas,
+        "identical_predictions": same, "paper_claims": PAPER_CLAIMS, "skipped": skipped, "notes": notes,
     }
     if cfg.eadf.text_fit_report and storage.exists(layout.efficacy_table):
         # what of each text the models saw (ckd_ehr.eadf.text_fit): the trained models' budgets

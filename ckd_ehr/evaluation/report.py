@@ -97,6 +97,7 @@ def _draw_references(ax, metrics: dict, mode: str, key: str) -> list[float]:
 def plot_variants(metrics: dict, mode: str) -> bytes:
     """Headline metrics of every model side by side, with 95% bootstrap error bars; the
     reference rows as lines with bands."""
+    # not at module level: matplotlib, loaded only when this runs
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -137,6 +138,7 @@ def plot_variants(metrics: dict, mode: str) -> bytes:
 
 def plot_per_phenotype_f1(metrics: dict, mode: str) -> bytes:
     """F1 of every phenotype, one bar per model."""
+    # not at module level: matplotlib, loaded only when this runs
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -170,9 +172,11 @@ def plot_learning_curves(metrics: dict) -> bytes | None:
     """Validation macro AUROC against training samples seen, one line per model that recorded a
     learning curve (ckd_ehr.training), its probe (step 0) as a dotted line of the same colour and
     its kept checkpoint circled; None when no model has a curve."""
+    # not at module level: matplotlib, loaded only when this runs
     import matplotlib
 
     matplotlib.use("Agg")
+    # not at module level: matplotlib, loaded only when this runs
     import matplotlib.pyplot as plt
 
     curves = {n: e["curve"] for n, e in metrics["models"].items()
@@ -201,9 +205,11 @@ def plot_contrasts(study: dict) -> bytes:
     """Forest plot of the study's contrasts (ckd_ehr.evaluation.contrasts): the seed-averaged
     difference with its simultaneous (max-T) interval as a thick bar, the unadjusted interval as
     a thin one, each seed's difference as a dot, and 0 as the reference line."""
+    # not at module level: matplotlib, loaded only when this runs
     import matplotlib
 
     matplotlib.use("Agg")
+    # not at module level: matplotlib, loaded only when this runs
     import matplotlib.pyplot as plt
 
     rows = study["contrasts"]
@@ -227,30 +233,10 @@ def fmt_p(p: float) -> str:
     return "< 1e-15" if p < 1e-15 else f"{p:.3g}"
 
 
-def build_blocks(metrics: dict, run_dir: str, images: dict[str, str], quality: dict | None) -> list[tuple]:
-    """The report as blocks: ("h1"|"h2"|"p", text), ("table", header, rows), ("img", file, alt)."""
-    models, deltas, base = metrics["models"], metrics["deltas"], metrics["baseline"]
-    boot = metrics["bootstrap"]
-    label_set = metrics.get("macro_label_set") or {}
-    blocks: list[tuple] = [("h1", "CKD-EHR evaluation report")]
-    too_small = metrics.get("too_small")
-    if too_small:
-        blocks.append(("p", "WARNING - TOO SMALL TO JUDGE (evaluated with --allow-small): "
-                       + "; ".join(too_small["reasons"]) + ". No difference between rows below can be "
-                       "trusted."))
-    if metrics.get("summary"):
-        blocks += [("h2", "What this run found"), ("p", metrics["summary"]["text"])]
-    blocks.append(("p", f"Run directory: {run_dir}. Test split; 95% intervals from {boot['resamples']} bootstrap "
-                        f"resamples over patients (seed {boot['seed']}). Accuracy is element-wise over N x 25 "
-                        "cells (the paper's definition, 1 - Hamming loss); subset accuracy needs all 25 right. "
-                        "AUROC/AUPRC are computed on probabilities."))
-    if label_set:
-        left = label_set.get("left_out") or {}
-        blocks.append(("p", f"Macro metrics (F1, AUROC, AUPRC) average one label set for every row and every "
-                            f"bootstrap draw: {len(label_set['included'])} phenotypes, the {label_set['rule']}. "
-                            + (f"Left out ({len(left)}; test positives): "
-                               + ", ".join(f"{n} ({c})" for n, c in left.items()) + "."
-                               if left else "None left out.")))
+def reference_blocks(metrics: dict, images: dict[str, str]) -> list[tuple]:
+    """The floors' and ceilings' tables (and their figure when no model has predictions)."""
+    blocks: list[tuple] = []
+    models = metrics["models"]
     references = metrics.get("baselines") or {}
     if references:
         blocks.append(("h2", "Reference rows: floors and ceilings (no training needed)"))
@@ -268,19 +254,13 @@ def build_blocks(metrics: dict, run_dir: str, images: dict[str, str], quality: d
         if not models:
             for mode in metrics["threshold_modes"]:
                 blocks.append(("img", images[f"variants_{mode}"], f"reference rows, thresholds {mode}"))
-    if not models:
-        blocks.append(("p", "No model predictions yet: train the teacher and students, then evaluate again."))
-        return blocks + _notes_blocks(metrics, models)
-    for mode, meaning in metrics["threshold_modes"].items():
-        blocks.append(("h2", f"Models side by side, thresholds {mode}: {meaning}"))
-        rows = []
-        for name, entry in models.items():
-            m = entry["modes"][mode]
-            rows.append([name, role_with_step(entry), str(entry["n_samples"]), str(entry["n_patients"])]
-                        + [fmt_ci(m["metrics"][k], m["intervals"].get(k)) for k, _ in TABLE_METRICS])
-        blocks.append(("table", ["Model", "Role", "Samples", "Patients"] + [lab for _, lab in TABLE_METRICS], rows))
-        blocks.append(("img", images[f"variants_{mode}"], f"headline metrics, thresholds {mode}"))
+    return blocks
 
+
+def claim_blocks(metrics: dict) -> list[tuple]:
+    """Every model's paired deltas against the baseline row, beside the paper's claims."""
+    blocks: list[tuple] = []
+    deltas, base = metrics["deltas"], metrics["baseline"]
     blocks.append(("h2", f"Against the paper's claims (deltas versus {base}, paired intervals)"))
     claims = metrics["paper_claims"]
     blocks.append(("p", claims["note"] + " Deltas are in percentage points with paired 95% intervals "
@@ -307,8 +287,50 @@ def build_blocks(metrics: dict, run_dir: str, images: dict[str, str], quality: d
                                 f"({fmt_relative(f1)}): {verdict(f1)}."))
     else:
         blocks.append(("p", "No deltas: the baseline has no predictions."))
+    return blocks
+
+
+def build_blocks(metrics: dict, run_dir: str, images: dict[str, str], quality: dict | None) -> list[tuple]:
+    """The report as blocks: ("h1"|"h2"|"p", text), ("table", header, rows), ("img", file, alt)."""
+    models = metrics["models"]
+    boot = metrics["bootstrap"]
+    label_set = metrics.get("macro_label_set") or {}
+    blocks: list[tuple] = [("h1", "CKD-EHR evaluation report")]
+    too_small = metrics.get("too_small")
+    if too_small:
+        blocks.append(("p", "WARNING - TOO SMALL TO JUDGE (evaluated with --allow-small): "
+                       + "; ".join(too_small["reasons"]) + ". No difference between rows below can be "
+                       "trusted."))
+    if metrics.get("summary"):
+        blocks += [("h2", "What this run found"), ("p", metrics["summary"]["text"])]
+    blocks.append(("p", f"Run directory: {run_dir}. Test split; 95% intervals from {boot['resamples']} bootstrap "
+                        f"resamples over patients (seed {boot['seed']}). Accuracy is element-wise over N x 25 "
+                        "cells (the paper's definition, 1 - Hamming loss); subset accuracy needs all 25 right. "
+                        "AUROC/AUPRC are computed on probabilities."))
+    if label_set:
+        left = label_set.get("left_out") or {}
+        blocks.append(("p", f"Macro metrics (F1, AUROC, AUPRC) average one label set for every row and every "
+                            f"bootstrap draw: {len(label_set['included'])} phenotypes, the {label_set['rule']}. "
+                            + (f"Left out ({len(left)}; test positives): "
+                               + ", ".join(f"{n} ({c})" for n, c in left.items()) + "."
+                               if left else "None left out.")))
+    blocks += reference_blocks(metrics, images)
+    if not models:
+        blocks.append(("p", "No model predictions yet: train the teacher and students, then evaluate again."))
+        return blocks + _notes_blocks(metrics, models)
+    for mode, meaning in metrics["threshold_modes"].items():
+        blocks.append(("h2", f"Models side by side, thresholds {mode}: {meaning}"))
+        rows = []
+        for name, entry in models.items():
+            m = entry["modes"][mode]
+            rows.append([name, role_with_step(entry), str(entry["n_samples"]), str(entry["n_patients"])]
+                        + [fmt_ci(m["metrics"][k], m["intervals"].get(k)) for k, _ in TABLE_METRICS])
+        blocks.append(("table", ["Model", "Role", "Samples", "Patients"] + [lab for _, lab in TABLE_METRICS], rows))
+        blocks.append(("img", images[f"variants_{mode}"], f"headline metrics, thresholds {mode}"))
+
+    blocks += claim_blocks(metrics)
     blocks += what_rows_can_tell(metrics)
-    blocks.append(("p", f"Speed: the paper claims {claims['speedup']}x faster inference than the teacher; "
+    blocks.append(("p", f"Speed: the paper claims {metrics['paper_claims']['speedup']}x faster inference than the teacher; "
                         "measure it with `ckd-ehr bench speedup` (figures are printed, not stored here)."))
 
     blocks.append(("h2", "Per-phenotype F1 (thresholds fixed at 0.5)"))

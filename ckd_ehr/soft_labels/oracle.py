@@ -15,6 +15,7 @@ import numpy as np
 
 from ckd_ehr import storage
 from ckd_ehr.contracts import SPLITS, ContractError, RunLayout
+from ckd_ehr.data.synth.oracle import ORACLE_FILE, oracle_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,8 @@ ORACLE_ID = "latent_oracle"
 def write_oracle_soft_labels(layout: RunLayout, splits=("train", "val")) -> dict[str, int]:
     """Write the oracle's soft labels for `splits`; {split: rows}. ContractError when the run has
     no latent oracle (not synthetic) or an EADF sample has no oracle row."""
-    from ckd_ehr.data.synth.oracle import ORACLE_FILE, oracle_probabilities
-    from ckd_ehr.soft_labels.run import soft_label_table
+    # not at module level: torch, loaded only when this runs
+    from ckd_ehr.soft_labels.scoring import soft_label_table
 
     out = {}
     for split in splits:

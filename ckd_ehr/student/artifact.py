@@ -1,4 +1,4 @@
-"""The student artifact (layout in contracts.py) and the predictor that loads it.
+"""The student artifact (layout in ckd_ehr/contracts) and the predictor that loads it.
 
     model/                  encoder save_pretrained
     head.safetensors        the linear head
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from ckd_ehr.config import TextConfig
 from ckd_ehr.contracts import (ARTIFACT_TOKENIZER, PROBE_HEAD, SERVE_PRECISIONS, STUDENT_EFFICACY, STUDENT_ENCODER,
@@ -28,6 +29,8 @@ from ckd_ehr.phenotypes import phenotype_names
 from ckd_ehr.storage import local_dir, upload_dir, write_json, write_parquet
 from ckd_ehr.student.model import (HEAD_FILE, autocast_bf16, cpu_has_amx, load_student_model, predict_ids,
                                    quantize_int8, save_student)
+from ckd_ehr.storage import read_parquet
+from ckd_ehr.text import render_input, efficacy_for
 
 log = logging.getLogger("ckd_ehr.student")
 
@@ -75,9 +78,9 @@ class StudentPredictor:
 
     def __init__(self, directory: str | os.PathLike, device: str = "cpu", precision: str = "fp32",
                  compile: bool = False):
+        # not at module level: transformers, loaded only when this runs
         from transformers import AutoTokenizer
 
-        from ckd_ehr.storage import read_parquet
         from ckd_ehr.student.data import load_efficacy
 
         if precision not in SERVE_PRECISIONS:
@@ -118,7 +121,6 @@ class StudentPredictor:
         """torch.compile the encoder (dynamic shapes: one graph for every batch size above 1 and
         every length) and compile it now, on batches of 1 and 2 rows of two lengths, so the
         first request does not pay for it (about a minute on 2 cores for MiniLM-L6)."""
-        import torch
 
         self.model.encoder = torch.compile(self.model.encoder, dynamic=True)
         for n in (2, 1):
@@ -132,9 +134,8 @@ class StudentPredictor:
     def render(self, diagnoses: Sequence[str], drugs: Sequence[str], procedures: Sequence[str],
                phenotypes_current: Sequence[int] | None = None) -> str:
         """Text of one visit exactly as training rendered it, fitted to max_length by section."""
-        from ckd_ehr.text import render_input
+        # not at module level: pandas, loaded only when this runs
         from ckd_ehr.student.data import fit_text
-        from ckd_ehr.text import efficacy_for
 
         eff = efficacy_for(phenotypes_current, self.efficacy) if phenotypes_current is not None else None
         text = render_input(diagnoses, drugs, procedures, efficacy=eff or None, cfg=self.text_config).text

@@ -10,7 +10,6 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +19,9 @@ import pyarrow as pa
 
 from ckd_ehr.config import PipelineConfig, config_hash
 from ckd_ehr.contracts import PREDICTIONS, PROBE_HEAD, RunLayout, student_variant
+from ckd_ehr.modeling.frozen import CACHE_DTYPES, LayerCache, layer_cache_key
 from ckd_ehr.modeling.paths import resolve_model_path
-from ckd_ehr.storage import exists, write_parquet
+from ckd_ehr.storage import exists, scratch_dir, write_parquet
 from ckd_ehr.modeling.token_bag import token_bag_for
 from ckd_ehr.text import diagnosis_title_column
 from ckd_ehr.student.data import (Encoded, FitStats, align_units, encode, fit_texts, load_efficacy, read_split,
@@ -29,6 +29,15 @@ from ckd_ehr.student.data import (Encoded, FitStats, align_units, encode, fit_te
 from ckd_ehr.modeling.losses import balanced_pos_weight
 from ckd_ehr.training import TrainTask
 from ckd_ehr.training.batching import split_limit
+from ckd_ehr.modeling.frozen import cached_states, predict_through_cache
+from ckd_ehr.student.model import predict_ids, features_ids, save_student
+from ckd_ehr.student.train import student_from_checkpoint, StudentData, student_task
+from ckd_ehr.modeling.feature_cache import FeatureCache
+from ckd_ehr.modeling.probe import LinearProbe
+from ckd_ehr.metrics import all_scores, tune_thresholds
+from ckd_ehr.student.artifact import write_artifact
+from ckd_ehr.training import fit
+from ckd_ehr.ray_utils import init_ray
 
 log = logging.getLogger("ckd_ehr.student")
 
@@ -85,19 +94,29 @@ def data_fingerprint(prep: Prepared) -> str:
 
 
 def _predict_remote(checkpoint, model_path: str, pooling: str, pad_id: int, data: dict,
-                    batch_size: int, use_gpu: bool, token_bag=None) -> dict[str, np.ndarray]:
+                    batch_size: int, use_gpu: bool, token_bag=None, frozen=None) -> dict[str, np.ndarray]:
     """Probabilities of several splits from a checkpoint; in a Ray task on a GPU when training
-    had them (the driver of a cluster job may have none), else in this process."""
+    had them (the driver of a cluster job may have none), else in this process. `frozen` (a
+    LayerCache, CPU): rows it holds run through the top layers only; the others through the
+    bottom once, added to it (the next variant reading the same text, evaluate's probe row)."""
+    # not at module level: ray, loaded only when this runs
     import ray
 
     def predict(ckpt, splits: dict):
-        from ckd_ehr.student.model import predict_ids
-        from ckd_ehr.student.train import student_from_checkpoint
 
         device = "cuda" if use_gpu else "cpu"
         with ckpt.as_directory() as d:
             model = student_from_checkpoint(d, model_path, pooling, device, token_bag)
-        return {k: predict_ids(model, v.input_ids, pad_id, batch_size, device) for k, v in splits.items()}
+        if frozen is None or use_gpu:
+            return {k: predict_ids(model, v.input_ids, pad_id, batch_size, device) for k, v in splits.items()}
+        out = {}
+        for k, v in splits.items():
+            logits, _, hit = predict_through_cache(model, v.input_ids, pad_id, batch_size, model.head.out_features,
+                                                   cached_states(frozen, v.input_ids), frozen, device)
+            log.info("student: %s probabilities of %d rows, %d through the top layers on cached states", k,
+                     len(v.input_ids), int(hit.sum()))
+            out[k] = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+        return out
 
     if not use_gpu:  # CPU: here, sparing a worker process start
         return predict(checkpoint, data)
@@ -125,10 +144,6 @@ def probe_test_probs(checkpoint, metrics: dict, task: TrainTask, model_path: str
     probe as head, and its probabilities are the probe's on the frozen features. Those come from
     the variants' feature cache (a sibling variant reading the same text and keeping its probe
     scored them already); rows not there are computed once and added, for the next variant."""
-    from ckd_ehr.modeling.feature_cache import FeatureCache
-    from ckd_ehr.modeling.probe import LinearProbe
-    from ckd_ehr.student.model import features_ids
-    from ckd_ehr.student.train import student_from_checkpoint
 
     if metrics.get("step") != 0 or not task.feature_cache or getattr(task.build_model, "token_bag", None) is not None:
         return None   # (a token bag's probe also reads the bag, which the feature cache does not hold)
@@ -153,6 +168,7 @@ def probe_test_probs(checkpoint, metrics: dict, task: TrainTask, model_path: str
 def diagnosis_title_map(cfg: PipelineConfig) -> dict[str, str]:
     """ICD-9 code -> the title the sample text used (cfg.text.titles), from the run's visits:
     the dictionary Serve needs to render a record's codes exactly as training did."""
+    # not at module level: the name is taken at module level
     from ckd_ehr.storage import exists, read_parquet
 
     layout = RunLayout(cfg.run_dir)
@@ -168,6 +184,7 @@ def diagnosis_title_map(cfg: PipelineConfig) -> dict[str, str]:
 def training_vocabulary(cfg: PipelineConfig) -> dict[str, list[str]]:
     """The drugs and procedures (titles and codes) of the training samples' visits i: what Serve
     checks a record against to say when the model is guessing."""
+    # not at module level: the name is taken at module level
     from ckd_ehr.storage import exists, read_parquet
 
     path = RunLayout(cfg.run_dir).augmented("train")
@@ -203,9 +220,9 @@ def build_student_task(cfg: PipelineConfig, variant: str) -> StudentTraining:
     """The one place the student's TrainTask is built, for the student stage and for Tune:
     read, fit and tokenise the variant's splits, put train / val in the object store, and
     class-balance the hard term when cfg.student.distill.class_balanced."""
+    # not at module level: transformers, loaded only when this runs
     from transformers import AutoTokenizer
 
-    from ckd_ehr.student.train import StudentData, student_task
 
     s = cfg.student
     layout = RunLayout(cfg.run_dir)
@@ -229,19 +246,44 @@ def build_student_task(cfg: PipelineConfig, variant: str) -> StudentTraining:
     return StudentTraining(task, prep, tokenizer, model_path, pad_id, eff_table)
 
 
+def kept_probs(s, built: StudentTraining, best, best_metrics: dict) -> dict[str, np.ndarray]:
+    """{val, test: probabilities} of the kept checkpoint. Validation's come with the checkpoint
+    (the loop validated it on these rows, in this order); the test split's from the probe's
+    features when it kept step 0, else one pass of the kept model."""
+    prep = built.prep
+    val_probs = checkpoint_val_probs(best, len(prep.splits["val"]))
+    test_probs = None if s.use_gpu else probe_test_probs(best, best_metrics, built.task, built.model_path, s.pooling,
+                                                          built.pad_id, prep.splits["test"], s.batch_size * 4)
+    wanted = tuple(k for k, got in (("val", val_probs), ("test", test_probs)) if got is None)
+    frozen = None
+    if s.train_top_layers and built.task.frozen_cache:   # the states training cached (and the test rows')
+        frozen = LayerCache(built.task.frozen_cache,
+                            layer_cache_key(built.task.frozen_key or built.task.feature_key, s.train_top_layers,
+                                            s.frozen_cache_dtype), CACHE_DTYPES[s.frozen_cache_dtype])
+    probs = _predict_remote(best, built.model_path, s.pooling, built.pad_id, {k: prep.splits[k] for k in wanted},
+                            s.batch_size * 4, s.use_gpu, built.token_bag, frozen) if wanted else {}
+    probs.update({k: got for k, got in (("val", val_probs), ("test", test_probs)) if got is not None})
+    return probs
+
+
+def write_test_predictions(path: str, test, probs: np.ndarray) -> None:
+    """PREDICTIONS of the test split (an Encoded split and its probabilities) -> `path`."""
+    table = pa.Table.from_arrays([
+        pa.array(test.sample_ids, pa.string()), pa.array(test.subject_ids, pa.int64()),
+        pa.array(test.labels.astype(np.int8).tolist(), PREDICTIONS.field("labels").type),
+        pa.array(probs.tolist(), PREDICTIONS.field("probs").type)], schema=PREDICTIONS)
+    write_parquet(table, path)
+
+
 def train_variant(cfg: PipelineConfig, variant: str) -> dict:
-    from ckd_ehr.metrics import all_scores, tune_thresholds
-    from ckd_ehr.student.artifact import write_artifact
-    from ckd_ehr.student.model import save_student
-    from ckd_ehr.student.train import student_from_checkpoint
-    from ckd_ehr.training import fit
+    """Train one variant on Ray Train, keep its checkpoint by validation, tune its thresholds,
+    write its artifact and its test predictions; returns its summary."""
 
     s = cfg.student
     layout = RunLayout(cfg.run_dir)
     t0 = time.perf_counter()
     built = build_student_task(cfg, variant)
-    prep, tokenizer, model_path, pad_id, eff_table = (built.prep, built.tokenizer, built.model_path, built.pad_id,
-                                                      built.efficacy_table)
+    prep, tokenizer, model_path, eff_table = built.prep, built.tokenizer, built.model_path, built.efficacy_table
     log.info("student %s: %d train / %d val / %d test samples; refit to %d tokens: %s",
              variant, len(prep.splits["train"]), len(prep.splits["val"]), len(prep.splits["test"]),
              s.max_length, prep.fit)
@@ -263,15 +305,7 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
     train_s = time.perf_counter() - t0
 
     val = prep.splits["val"]
-    # Validation probabilities come with the checkpoint (the loop validated it on these rows, in
-    # this order): only the test split needs a pass.
-    val_probs = checkpoint_val_probs(best, len(val))
-    test_probs = None if s.use_gpu else probe_test_probs(best, best_metrics, built.task, model_path, s.pooling,
-                                                          pad_id, prep.splits["test"], s.batch_size * 4)
-    wanted = tuple(k for k, got in (("val", val_probs), ("test", test_probs)) if got is None)
-    probs = _predict_remote(best, model_path, s.pooling, pad_id, {k: prep.splits[k] for k in wanted},
-                            s.batch_size * 4, s.use_gpu, built.token_bag) if wanted else {}
-    probs.update({k: got for k, got in (("val", val_probs), ("test", test_probs)) if got is not None})
+    probs = kept_probs(s, built, best, best_metrics)
     fixed = [0.5] * val.labels.shape[1]
     tuned = tune_thresholds(val.labels, probs["val"], "f1")
     metrics = {
@@ -294,7 +328,7 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
         "data": {"source": cfg.data.source, "split": cfg.split.model_dump(mode="json"),
                  "icd10_crosswalk": cfg.data.icd10_crosswalk},  # Serve maps ICD-10 records the same way
     }
-    with tempfile.TemporaryDirectory(prefix="ckd-student-") as tmp:
+    with scratch_dir("ckd-student-") as tmp:
         with best.as_directory() as ckpt_dir:
             save_student(student_from_checkpoint(ckpt_dir, model_path, s.pooling, token_bag=built.token_bag),
                          f"{tmp}/weights")
@@ -304,12 +338,7 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
                               staging=f"{tmp}/artifact", diagnosis_titles=diagnosis_title_map(cfg),
                               vocabulary=training_vocabulary(cfg))
 
-    test = prep.splits["test"]
-    table = pa.Table.from_arrays([
-        pa.array(test.sample_ids, pa.string()), pa.array(test.subject_ids, pa.int64()),
-        pa.array(test.labels.astype(np.int8).tolist(), PREDICTIONS.field("labels").type),
-        pa.array(probs["test"].tolist(), PREDICTIONS.field("probs").type)], schema=PREDICTIONS)
-    write_parquet(table, layout.predictions(variant))
+    write_test_predictions(layout.predictions(variant), prep.splits["test"], probs["test"])
     log.info("student %s: val macro-F1 %.3f (0.5) / %.3f (tuned), artifact %s", variant,
              metrics["val_fixed"]["macro_f1"], metrics["val_tuned"]["macro_f1"], meta["artifact_id"])
     return {"artifact_id": meta["artifact_id"], "metrics": metrics, "fit": prep.fit}
@@ -317,11 +346,11 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
 
 def run_student(cfg: PipelineConfig) -> dict:
     """Train every variant in cfg.student.variants; returns per-variant summaries."""
-    from ckd_ehr.ray_utils import init_ray
 
     s, layout = cfg.student, RunLayout(cfg.run_dir)
     for source in sorted({student_variant(v).soft_labels for v in s.variants if student_variant(v).distills}):
         if source == "oracle" and not exists(layout.soft_labels("train", "oracle")):
+            # not at module level: imported only on this branch
             from ckd_ehr.soft_labels.oracle import write_oracle_soft_labels
 
             write_oracle_soft_labels(layout)   # no model: the generator's probabilities, seconds

@@ -25,7 +25,8 @@ _WHERE = {"load_teacher": "artifact", "write_artifact": "artifact", "predict_log
 
 
 def run_teacher(cfg):
-    from ckd_ehr.teacher.train import run_teacher as _run
+    # not at module level: safetensors, torch, loaded only when this runs
+    from ckd_ehr.teacher.run import run_teacher as _run
 
     return _run(cfg)
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ckd_ehr import storage
-from ckd_ehr.config import TeacherConfig, config_hash
+from ckd_ehr.config import TeacherConfig
 from ckd_ehr.contracts import AUGMENTED_SAMPLES, ContractError, RunLayout, check_schema
 from ckd_ehr.modeling.frozen import layer_cache_key
 # One definition of class balancing for both models; the teacher's loss beside the student's.
@@ -63,6 +63,7 @@ class TeacherData:
                 np.arange(min(len(texts), tc.max_eval_samples or len(texts)))
             texts, labels = [texts[i] for i in keep], labels[keep]
             if tc.head == "generative":
+                # not at module level: imported only on this branch
                 from ckd_ehr.teacher.generative import make_generative_examples
 
                 out.append(make_generative_examples(texts, labels, tok, tc.max_length, tc.use_chat_template,
@@ -78,6 +79,7 @@ class BuildTeacher:
 
     def __call__(self):
         if self.tc.head == "generative":
+            # not at module level: imported only on this branch
             from ckd_ehr.teacher.generative import build_generative_teacher
 
             return build_generative_teacher(self.tc, load_tokenizer(self.tc), seed=self.tc.seed)
@@ -123,9 +125,23 @@ def teacher_frozen_key(config: dict) -> str:
                            tc.train_top_layers or 0, tc.frozen_cache_dtype)
 
 
+def teacher_frozen_cache(layout: RunLayout, meta: dict) -> tuple[str, str, int, str] | None:
+    """(directory, key, top layers, dtype) of the frozen-layer states a teacher artifact's training
+    cached (teacher.train_top_layers; `meta` its teacher.json), None when it cached none: the
+    soft-label stage and evaluate's probe row run only the top layers on the rows found there."""
+    tcfg = meta.get("config", {})
+    if meta.get("head", "mlaph") != "mlaph" or not tcfg.get("train_top_layers"):
+        return None
+    directory = tcfg.get("frozen_cache_dir") or layout.teacher_frozen_cache
+    if not storage.exists(directory):
+        return None
+    return directory, teacher_frozen_key(tcfg), int(tcfg["train_top_layers"]), tcfg.get("frozen_cache_dtype", "float32")
+
+
 def teacher_task(tc, train_path: str, val_path: str, tokenizer=None, feature_cache: str | None = None) -> TrainTask:
     tokenizer = tokenizer or load_tokenizer(tc)
     if tc.head == "generative":   # the language-model loss on the answer; validation reports val_loss
+        # not at module level: imported only on this branch
         from ckd_ehr.teacher.generative import GenerativeCollate, generative_loss
 
         return TrainTask(build_model=BuildTeacher(tc), load_data=TeacherData(tc, train_path, val_path),
@@ -137,7 +153,7 @@ def teacher_task(tc, train_path: str, val_path: str, tokenizer=None, feature_cac
         _, labels = read_texts_and_labels(train_path, tc.text_column)
         pos_weight = balanced_pos_weight(labels)
     # The frozen backbone's features of the probe's rows are kept: a teacher that keeps its probe
-    # (step 0) gets its soft labels of those rows from them (ckd_ehr.soft_labels.run).
+    # (step 0) gets its soft labels of those rows from them (ckd_ehr.soft_labels.scoring).
     return TrainTask(build_model=BuildTeacher(tc), load_data=TeacherData(tc, train_path, val_path),
                      collate=Collate(pad_id(tokenizer)), loss_fn=BCELoss(pos_weight),
                      param_groups=TeacherParamGroups(tc), save_weights=SaveTeacherWeights(),
@@ -174,6 +190,7 @@ def train_teacher(tc, train_path: str, val_path: str, storage_path: str, name: s
     with result.kept_checkpoint.as_directory() as d:
         calibration = None
         if tc.head == "generative":   # scores -> probabilities, fitted on validation (driver, no Ray)
+            # not at module level: imported only on this branch
             from ckd_ehr.teacher.generative import fit_calibration
 
             texts, labels = read_texts_and_labels(val_path, tc.text_column)
@@ -184,21 +201,3 @@ def train_teacher(tc, train_path: str, val_path: str, storage_path: str, name: s
     log.info("teacher artifact %s written to %s (best %s=%s)", meta["artifact_id"], artifact_dest,
              tc.best_metric, metrics.get(tc.best_metric))
     return result, meta
-
-
-def run_teacher(cfg) -> dict:
-    """The `teacher` stage: PipelineConfig -> RUN/teacher/artifact. Returns teacher.json."""
-    from ckd_ehr.ray_utils import init_ray
-
-    layout = RunLayout(cfg.run_dir)
-    train_path, val_path = layout.augmented("train"), layout.augmented("val")
-    for p in (train_path, val_path):
-        if not storage.exists(p):
-            raise FileNotFoundError(f"{p}: no such file (run `ckd-ehr eadf` first)")
-    init_ray(cfg.ray)
-    # Same config -> same run name: rerunning after a crash resumes from the last checkpoint.
-    name = f"teacher-{config_hash(cfg.teacher)}"
-    _, meta = train_teacher(cfg.teacher, train_path, val_path, layout.teacher_train, name, layout.teacher_artifact,
-                            feature_cache=layout.teacher_probe_features,
-                            frozen_cache=cfg.teacher.frozen_cache_dir or layout.teacher_frozen_cache)
-    return meta

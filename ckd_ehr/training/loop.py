@@ -30,29 +30,31 @@ auto_device_gib under `auto`, probe_* under head_init probe) and at validations 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterator, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ckd_ehr import storage
 from ckd_ehr.contracts import PROBE_HEAD
 from ckd_ehr.modeling.feature_cache import FeatureCache
 from ckd_ehr.modeling.frozen import pad_cached
+from ckd_ehr.training.checkpoints import Reporter, finite
 from ckd_ehr.training.batching import (batch_tokens, eval_batches, length_grouped_batches, padding_efficiency,
                                        subset_indices, to_device)
 from ckd_ehr.training.engines import TRAINABLE, as_float, make_engine
 from ckd_ehr.training.memory import local_param_fraction, peak_rss_bytes
 from ckd_ehr.training.task import TrainTask
+from ckd_ehr.modeling.frozen import CACHE_DTYPES, LayerCache, compute_bottom, layer_cache_key
+from ckd_ehr.modeling.probe import fit_probe, fit_probe_with_bag
 
 log = logging.getLogger("ckd_ehr.training")
 
@@ -77,76 +79,6 @@ class WorkerContext:
     world: int = 1
     local_world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-
-class Reporter(Protocol):
-    """What the loop needs of its host (Ray Train, or a test)."""
-
-    def latest_checkpoint(self) -> ContextManager[str | None]:
-        """The directory of the checkpoint to resume from (None: a fresh start)."""
-
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        """Record metrics and, when given, the checkpoint in `checkpoint_dir` (copied now: the
-        loop deletes the directory after the call)."""
-
-
-def finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def pick_best(scored: Sequence[tuple[Any, dict]], metric: str) -> tuple[Any, dict] | None:
-    """The (checkpoint, metrics) pair best on `metric` (min for val_loss, else max) among those
-    with a finite score; None when no checkpoint has one."""
-    finite_ones = [(c, m) for c, m in scored if finite(m.get(metric))]
-    if not finite_ones:
-        return None
-    pick = min if metric == "val_loss" else max
-    return pick(finite_ones, key=lambda cm: cm[1][metric])
-
-
-def kept_checkpoint(scored: Sequence[tuple[Any, dict]], latest: tuple[Any, dict], metric: str,
-                    keep: str = "best") -> tuple[Any, dict]:
-    """The checkpoint a stage uses: `best` = pick_best over the scored checkpoints (the latest
-    when none has a finite score); `last` = the latest, whatever validation says (a
-    fixed-length recipe, e.g. to measure what the training steps themselves do)."""
-    if keep not in ("best", "last"):
-        raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
-    if keep == "last":
-        return latest
-    return pick_best(scored, metric) or latest
-
-
-class LocalReporter:
-    """A Reporter for running the loop in this process (tests, debugging): each checkpoint is
-    copied to `directory`/checkpoint_NNNNNN with its metrics beside it (checkpoint_NNNNNN.json),
-    every report is kept in `.reports`; a new LocalReporter on the same directory sees the
-    earlier checkpoints and resumes from the latest."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-        self.reports: list[dict] = []
-        os.makedirs(directory, exist_ok=True)
-        self.checkpoints: list[tuple[str, dict]] = []
-        for name in sorted(n for n in os.listdir(directory) if n.startswith("checkpoint_") and n.endswith(".json")):
-            with open(os.path.join(directory, name)) as f:
-                self.checkpoints.append((os.path.join(directory, name[: -len(".json")]), json.load(f)))
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[str | None]:
-        yield self.checkpoints[-1][0] if self.checkpoints else None
-
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        self.reports.append(dict(metrics))
-        if checkpoint_dir is not None:
-            dest = os.path.join(self.directory, f"checkpoint_{len(self.checkpoints):06d}")
-            shutil.copytree(checkpoint_dir, dest)
-            with open(dest + ".json", "w") as f:
-                json.dump(metrics, f)
-            self.checkpoints.append((dest, dict(metrics)))
-
-    def best(self, metric: str) -> tuple[str, dict] | None:
-        """(directory, metrics) of the best checkpoint on `metric` (pick_best)."""
-        return pick_best(self.checkpoints, metric)
 
 
 @dataclass
@@ -244,7 +176,6 @@ class TrainLoop:
     def _cache_frozen(self, model: torch.nn.Module) -> None:
         """train_top_layers: the frozen part's states of every training and validation row, read
         from the task's frozen cache where it has them, computed once otherwise (and added)."""
-        from ckd_ehr.modeling.frozen import CACHE_DTYPES, LayerCache, compute_bottom, layer_cache_key
 
         cfg, start = self.cfg, time.time()
         rows = self.train + self.val
@@ -330,7 +261,6 @@ class TrainLoop:
         """head_init `probe`: fit ckd_ehr.modeling.probe's logistic regression on the frozen model's
         pooled features of every training and validation sample (all ranks' shares gathered,
         the same deterministic fit on each rank) and load it into the model's head."""
-        from ckd_ehr.modeling.probe import fit_probe, fit_probe_with_bag
 
         if self.engine.zero3:
             raise ValueError("head_init: probe needs an unpartitioned model (ddp or DeepSpeed ZeRO-1/2), "
@@ -412,7 +342,6 @@ class TrainLoop:
         ((scores, labels) arrays or None, summed loss of the batch). `forward_empty(inputs)` runs
         on ranks short of a batch (a repeat of one, discarded) when forwards are collective
         (ZeRO-3 gathers parameters). Validation and the probe's features both use it."""
-        import torch.distributed as dist
 
         bs = self.cfg.eval_batch_size or 2 * self.micro_bs
         batches = eval_batches(lengths, bs, self.world, self.rank)
@@ -475,7 +404,6 @@ class TrainLoop:
 
     def run_stats(self) -> dict:
         """Measurements over all ranks (a collective: every rank calls it at the same step)."""
-        import torch.distributed as dist
 
         vals = [float(self.train_tokens[0]), float(self.train_tokens[1])]
         peaks = [float(peak_rss_bytes()), float(self.build_peak_rss), self.build_local_fraction]
@@ -496,6 +424,7 @@ class TrainLoop:
     # checkpoints -------------------------------------------------------------------------
 
     def save_and_report(self, metrics: dict, val_out: tuple[np.ndarray, np.ndarray] | None) -> None:
+        # not at module level: safetensors, loaded only when this runs
         from safetensors.torch import save_file
 
         tmp = tempfile.mkdtemp(prefix=f"ckpt-r{self.rank}-")

@@ -24,8 +24,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from ckd_ehr.training.loop import FAIL_MARKER, TRAIN_STATE, TrainLoop, WorkerContext, kept_checkpoint
+from ckd_ehr.training.checkpoints import kept_checkpoint
+from ckd_ehr.training.loop import FAIL_MARKER, TRAIN_STATE, TrainLoop, WorkerContext
 from ckd_ehr.training.task import TrainTask
+from ckd_ehr import storage
 
 
 @dataclass
@@ -61,6 +63,7 @@ class ObjectStoreValue:
         self._value, self._ref = value, None
 
     def __getstate__(self) -> dict:
+        # not at module level: ray, loaded only when this runs
         import ray
 
         if self._ref is None:
@@ -70,6 +73,7 @@ class ObjectStoreValue:
     def get(self) -> Any:
         if self._ref is None or self._value is not None:
             return self._value
+        # not at module level: ray, loaded only when this runs
         import ray
 
         return ray.get(self._ref)
@@ -80,6 +84,7 @@ class RayReporter:
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
+        # not at module level: ray, loaded only when this runs
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
@@ -90,6 +95,7 @@ class RayReporter:
             yield d
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        # not at module level: ray, loaded only when this runs
         import ray.train
 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
@@ -97,6 +103,7 @@ class RayReporter:
 
 
 def worker_context() -> WorkerContext:
+    # not at module level: ray, loaded only when this runs
     import ray.train
     import ray.train.torch
 
@@ -115,10 +122,10 @@ def fit(cfg, task: TrainTask, storage_path: str, name: str = "train", callbacks:
     `storage_path` a local directory or URI; reusing (storage_path, name) resumes that run.
     `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback when a Tune trial runs this.
     The result's kept_checkpoint is the one cfg.keep_checkpoint names (kept_checkpoint)."""
+    # not at module level: ray, loaded only when this runs
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ckd_ehr import storage
 
     if not storage.is_uri(storage_path):
         storage_path = os.path.abspath(storage_path)

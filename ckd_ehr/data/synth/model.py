@@ -192,6 +192,47 @@ def _choice(rng: np.random.Generator, ids: np.ndarray, weights: np.ndarray, size
     return ids[rng.choice(len(ids), size=size, p=weights)]
 
 
+def _dynamics(r_dyn, r_conf, cfg: SynthConfig, c: GeneratorConstants, kinds: np.ndarray, n_adm: np.ndarray,
+              adm_start: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(propensity, true_state, planted_given, flare, recorded) of every admission: each
+    phenotype's onset, persistence (lengthened by the planted drugs given, cut by flares) and
+    cluster events, visit by visit, then the recorded state with label noise."""
+    n, a_total = len(n_adm), int(n_adm.sum())
+    k = cfg.drugs_per_phenotype
+    propensity = r_dyn.lognormal(-c.cluster_sigma ** 2 / 2, c.cluster_sigma, (n, len(CLUSTERS)))
+    persistence = persistence_per_phenotype(cfg, c)
+    onset_scale = np.where(kinds, c.chronic_onset_scale, c.acute_onset_scale)
+    true_state = np.zeros((a_total, NUM_PHENOTYPES), dtype=bool)
+    planted_given = np.zeros((a_total, NUM_PHENOTYPES, k), dtype=bool)
+    flare = np.zeros((a_total, NUM_PHENOTYPES), dtype=bool)
+    for j in range(int(n_adm.max())):
+        pats = np.flatnonzero(n_adm > j)
+        rows = adm_start[pats] + j
+        prop = propensity[pats][:, CLUSTER_OF]
+        scale = c.initial_scale if j == 0 else onset_scale
+        state = r_dyn.random((len(pats), NUM_PHENOTYPES)) < np.minimum(0.95, scale * PREVALENCE * prop)
+        for ci, name in enumerate(CLUSTERS):
+            rate, members = CLUSTER_EVENTS[name]
+            fired = r_dyn.random(len(pats)) < rate * (1.0 if j == 0 else c.event_scale) * propensity[pats, ci]
+            idx = np.fromiter(members, dtype=np.int64)
+            probs = np.fromiter(members.values(), dtype=float)
+            state[:, idx] |= fired[:, None] & (r_dyn.random((len(pats), len(idx))) < probs)
+        if j > 0:
+            prev = rows - 1
+            keep_p = keep_probability(persistence, planted_given[prev].sum(axis=2), flare[prev], cfg)
+            keep = r_dyn.random((len(pats), NUM_PHENOTYPES)) < keep_p
+            state |= true_state[prev] & keep
+        true_state[rows] = state
+        if cfg.confounding > 0:
+            flare[rows] = state & (r_conf.random(state.shape) < c.flare_rate)
+        u = r_dyn.random((len(pats), NUM_PHENOTYPES, k))
+        planted_given[rows] = (state[:, :, None] & (u < cfg.planted_rate)) | (u > 1.0 - c.off_indication_rate)
+
+    flips = r_dyn.random(true_state.shape) < cfg.label_noise
+    recorded = true_state ^ flips
+    return propensity, true_state, planted_given, flare, recorded
+
+
 def simulate(cfg: SynthConfig, c: GeneratorConstants = CONSTANTS) -> Cohort:
     r_pat, r_adm, r_dyn, r_dx, r_px, r_rx, r_conf = _streams(cfg.seed, 7)
     n = cfg.patients
@@ -228,38 +269,7 @@ def simulate(cfg: SynthConfig, c: GeneratorConstants = CONSTANTS) -> Cohort:
     hadm_id = (r_adm.choice(hadm_space, a_total, replace=False) + 100_000).astype(np.int64)
 
     # --- phenotype dynamics and the drugs that act on them --------------------------
-    k = cfg.drugs_per_phenotype
-    propensity = r_dyn.lognormal(-c.cluster_sigma ** 2 / 2, c.cluster_sigma, (n, len(CLUSTERS)))
-    persistence = persistence_per_phenotype(cfg, c)
-    onset_scale = np.where(kinds, c.chronic_onset_scale, c.acute_onset_scale)
-    true_state = np.zeros((a_total, NUM_PHENOTYPES), dtype=bool)
-    planted_given = np.zeros((a_total, NUM_PHENOTYPES, k), dtype=bool)
-    flare = np.zeros((a_total, NUM_PHENOTYPES), dtype=bool)
-    for j in range(int(n_adm.max())):
-        pats = np.flatnonzero(n_adm > j)
-        rows = adm_start[pats] + j
-        prop = propensity[pats][:, CLUSTER_OF]
-        scale = c.initial_scale if j == 0 else onset_scale
-        state = r_dyn.random((len(pats), NUM_PHENOTYPES)) < np.minimum(0.95, scale * PREVALENCE * prop)
-        for ci, name in enumerate(CLUSTERS):
-            rate, members = CLUSTER_EVENTS[name]
-            fired = r_dyn.random(len(pats)) < rate * (1.0 if j == 0 else c.event_scale) * propensity[pats, ci]
-            idx = np.fromiter(members, dtype=np.int64)
-            probs = np.fromiter(members.values(), dtype=float)
-            state[:, idx] |= fired[:, None] & (r_dyn.random((len(pats), len(idx))) < probs)
-        if j > 0:
-            prev = rows - 1
-            keep_p = keep_probability(persistence, planted_given[prev].sum(axis=2), flare[prev], cfg)
-            keep = r_dyn.random((len(pats), NUM_PHENOTYPES)) < keep_p
-            state |= true_state[prev] & keep
-        true_state[rows] = state
-        if cfg.confounding > 0:
-            flare[rows] = state & (r_conf.random(state.shape) < c.flare_rate)
-        u = r_dyn.random((len(pats), NUM_PHENOTYPES, k))
-        planted_given[rows] = (state[:, :, None] & (u < cfg.planted_rate)) | (u > 1.0 - c.off_indication_rate)
-
-    flips = r_dyn.random(true_state.shape) < cfg.label_noise
-    recorded = true_state ^ flips
+    propensity, true_state, planted_given, flare, recorded = _dynamics(r_dyn, r_conf, cfg, c, kinds, n_adm, adm_start)
 
     # --- deaths: only at a patient's last admission ----------------------------------
     last = adm_start + n_adm - 1
