@@ -6,6 +6,7 @@ import io
 
 def figure_png(fig) -> bytes:
     """A matplotlib figure as PNG bytes (closed after)."""
+    # not at module level: matplotlib, loaded only when this runs
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -18,6 +19,7 @@ def plot_reliability_curves(curves: dict[str, dict], title: str, highlight: str 
     """Reliability diagram (PNG bytes), one line per named set of calibration bins
     (ckd_ehr.metrics.reliability_bins: mean_prob, positive_rate, ece); the diagonal
     is perfect calibration. Used by the evaluation report, the study and the soft-label quality report."""
+    # not at module level: matplotlib, loaded only when this runs
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

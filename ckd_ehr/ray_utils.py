@@ -43,6 +43,7 @@ def plain_logs_when_redirected() -> None:
 
 def init_ray(cfg: RayConfig | None = None, **kwargs) -> None:
     """Start a local Ray on 127.0.0.1, or join `cfg.address` (`auto` inside `ray job submit`)."""
+    # not at module level: ray, loaded only when this runs
     import ray
 
     if ray.is_initialized():

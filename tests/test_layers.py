@@ -85,3 +85,33 @@ def test_no_import_cycle_between_modules():
         if v not in index:
             visit(v)
     assert not cycles, cycles
+
+
+def _function_import_groups(path: Path) -> list[tuple[int, int]]:
+    """(first line, last line) of each run of imports inside a function (a blank line between
+    two imports keeps them in one run)."""
+    tree = ast.parse(path.read_text())
+    lines = sorted({(n.lineno, n.end_lineno) for f in ast.walk(tree)
+                    if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))})
+    groups: list[list[int]] = []
+    for start, end in lines:
+        if groups and start <= groups[-1][1] + 2:
+            groups[-1][1] = max(groups[-1][1], end)
+        else:
+            groups.append([start, end])
+    return [(a, b) for a, b in groups]
+
+
+def test_imports_inside_functions_say_why():
+    """Imports sit at module level unless a comment says why they do not (a heavy or optional
+    dependency kept off the CLI's start-up and off Ray-free machines, an import cycle): on the
+    line above a run of imports inside a function, or on one of its lines."""
+    silent = []
+    for path in _modules().values():
+        text = path.read_text().splitlines()
+        for first, last in _function_import_groups(path):
+            above = text[first - 2].strip() if first >= 2 else ""
+            if not above.startswith("#") and not any("#" in text[i - 1] for i in range(first, last + 1)):
+                silent.append(f"{path.relative_to(ROOT)}:{first}: {text[first - 1].strip()}")
+    assert not silent, f"{len(silent)} import(s) inside functions with no reason given:\n" + "\n".join(silent[:40])

@@ -14,6 +14,7 @@ import psutil
 
 
 def machine() -> dict:
+    # not at module level: torch, loaded only when this runs
     import torch
 
     from ckd_ehr.student.model import cpu_has_amx
@@ -92,5 +93,6 @@ def emit(results: dict, out: str | None = None) -> None:
     text = json.dumps(results, indent=2, default=str)
     print(text)
     if out:
+        # not at module level: imported only on this branch
         from ckd_ehr.storage import write_text
         write_text(out, text + "\n")

@@ -16,6 +16,7 @@ import tempfile
 
 from ckd_ehr.config import PipelineConfig
 from ckd_ehr.bench.common import emit, measure
+from ckd_ehr.data.synth.cohort import write_cohort
 
 
 def _synth_cfg(cfg: PipelineConfig, args):
@@ -40,7 +41,6 @@ def _table_sizes(directory: str) -> dict:
 
 def bench_synth(cfg: PipelineConfig, args) -> dict:
     """Time and memory of writing one synthetic cohort."""
-    from ckd_ehr.data.synth.cohort import write_cohort
 
     synth = _synth_cfg(cfg, args)
     results: dict = {"benchmark": "synth", "patients": synth.patients, "form": synth.form}
@@ -58,6 +58,7 @@ def bench_synth(cfg: PipelineConfig, args) -> dict:
 
 def bench_prepare(cfg: PipelineConfig, args) -> dict:
     """Time and memory of `run_prepare` on a synthetic cohort (or on `data.mimic_dir`)."""
+    # not at module level: pandas, loaded only when this runs
     from ckd_ehr.data.prepare import run_prepare
 
     work = tempfile.mkdtemp(prefix="ckd-ehr-bench-prepare-")
@@ -66,6 +67,7 @@ def bench_prepare(cfg: PipelineConfig, args) -> dict:
         if cfg.data.source == "mimic":
             tables = cfg.data.mimic_dir
         else:
+            # not at module level: imported only on this branch
             from ckd_ehr.data.synth.cohort import write_cohort
 
             synth = _synth_cfg(cfg, args)

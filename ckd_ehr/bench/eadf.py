@@ -21,6 +21,9 @@ import pyarrow as pa
 from ckd_ehr.contracts import SAMPLES
 from ckd_ehr.phenotypes import NUM_PHENOTYPES, phenotype_names
 from ckd_ehr.bench.common import emit, measure
+from ckd_ehr import storage
+from ckd_ehr.contracts import RunLayout
+from ckd_ehr.ray_utils import init_ray
 
 log = logging.getLogger(__name__)
 # Ray starts its worker processes at niceness 15 (Linux). On a shared, loaded machine the
@@ -89,8 +92,6 @@ def random_samples(n: int, seed: int = 0, split: str = "train", n_noise_drugs: i
 def _samples_path(cfg, args, work: str) -> tuple[str, str]:
     """Train samples: RUN's when already prepared (`--run-dir`), else at the requested scale
     via synth + prepare when they exist, else random_samples."""
-    from ckd_ehr import storage
-    from ckd_ehr.contracts import RunLayout
 
     existing = RunLayout(cfg.run_dir).samples("train")
     if not args.patients and storage.exists(existing):
@@ -98,6 +99,7 @@ def _samples_path(cfg, args, work: str) -> tuple[str, str]:
     patients = args.patients or 46520
     have = all(importlib.util.find_spec(m) for m in ("ckd_ehr.data.synth.cohort", "ckd_ehr.data.prepare"))
     if have:
+        # not at module level: imported only on this branch
         from ckd_ehr.data.prepare import run_prepare
 
         synth = cfg.data.synth.model_copy(update={"patients": patients})
@@ -113,14 +115,13 @@ def _samples_path(cfg, args, work: str) -> tuple[str, str]:
 
 def bench_eadf(cfg, args) -> dict:
     if getattr(args, "validity", False):
+        # not at module level: imported only on this branch
         from ckd_ehr.bench.eadf_validity import bench_eadf_validity
 
         return bench_eadf_validity(cfg, args)
-    from ckd_ehr import storage
-    from ckd_ehr.contracts import SAMPLES
+    # not at module level: pandas, ray, loaded only when this runs
     from ckd_ehr.eadf.run import efficacy_table_ray, fuse_batch, fuse_splits
     from ckd_ehr.eadf.stats import COUNT_COLUMNS, efficacy_table_reference, top_drugs
-    from ckd_ehr.ray_utils import init_ray
 
     repeats = max(1, getattr(args, "repeats", None) or 3)
     os.nice(max(0, RAY_WORKER_NICENESS - os.nice(0)))

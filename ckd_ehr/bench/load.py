@@ -25,6 +25,7 @@ import numpy as np
 
 async def run_load(url: str, records: list[dict], concurrency: int, duration: float,
                    token: str | None = None, timeout_s: float = 120.0) -> dict:
+    # not at module level: aiohttp, loaded only when this runs
     import aiohttp
 
     lat: list[float] = []

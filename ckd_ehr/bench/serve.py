@@ -20,6 +20,9 @@ import os
 import tempfile
 import time
 from pathlib import Path
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +32,8 @@ from ckd_ehr.contracts import EFFICACY, SERVE_PRECISIONS, STUDENT_META, RunLayou
 from ckd_ehr.phenotypes import NUM_PHENOTYPES, phenotypes, phenotypes_of_code
 from ckd_ehr.storage import exists
 from ckd_ehr.bench.common import emit, machine
+from ckd_ehr.modeling.paths import resolve_model_path
+from ckd_ehr.student.precision import run_texts
 
 LEVELS = (1, 16, 64, 400)
 _DRUGS = ["Sodium Chloride 0.9%  Flush", "Potassium Chloride", "Heparin", "Insulin", "Furosemide",
@@ -58,9 +63,9 @@ def make_untrained_artifact(model: str, dest: str | os.PathLike, max_length: int
                             vocabulary: dict[str, list[str]] | None = None) -> dict:
     """A student artifact (real layout, written by student.artifact.write_artifact) with an
     untrained head on encoder `model`: for benchmarks and tests of the serving path."""
+    # not at module level: transformers, loaded only when this runs
     from transformers import AutoTokenizer
 
-    from ckd_ehr.modeling.paths import resolve_model_path
     from ckd_ehr.student.artifact import write_artifact
     from ckd_ehr.student.model import build_student, save_student
 
@@ -112,7 +117,6 @@ def bench_records(n: int, seed: int = 0, shape: str = "long") -> tuple[list[dict
 
 
 def _free_port() -> int:
-    import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -122,8 +126,6 @@ def _free_port() -> int:
 def run_levels(url: str, records: list[dict], duration: float, token: str | None, nice: int,
                levels=LEVELS) -> list[dict]:
     """Each load level in its own niced load-generator process (ckd_ehr.bench.load)."""
-    import subprocess
-    import sys
 
     out = []
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
@@ -153,6 +155,7 @@ def ceiling(artifact: str, records: list[dict], precision: str, batch_size: int,
     """In-process records/s of what a replica does per batch (render, tokenise, forward), same
     records, no HTTP: the most the endpoint can serve on these cores. bench_serve runs it in
     a Ray task, at the niceness of Ray's workers (15), like the replica."""
+    # not at module level: fastapi, starlette, loaded only when this runs
     from ckd_ehr.serve.api import Record, render_and_predict
     from ckd_ehr.serve.app import load_predictor
 
@@ -176,13 +179,14 @@ def precision_agreement(cfg: PipelineConfig, artifact: str, records: list[dict],
     """Largest |p - p_fp32| over every phenotype between the student at `precision` (compiled
     or not) and the eager fp32 student: on the run's samples (every split, texts fitted as
     training did) when the run has them, else on rendered bench records."""
+    # not at module level: fastapi, starlette, loaded only when this runs
     from ckd_ehr.serve.api import Record, render_record
     from ckd_ehr.student import load_student
-    from ckd_ehr.student.precision import run_texts
 
     fp32 = load_student(artifact, precision="fp32")
     texts, source = run_texts(cfg, fp32, min_samples)
     if len(texts) < min_samples:
+        # not at module level: imported only on this branch
         from ckd_ehr.serve.app import model_info
 
         info = model_info(fp32, artifact) if "://" not in artifact else None
@@ -202,6 +206,7 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
     """Records/s, p50/p99 of answered requests and the share shed at 1/16/64/400 clients, for
     each serve.precision (fp32, int8, bf16), next to the in-process ceiling; or, with --url, of an
     endpoint already running (e.g. another version of the code, for a before/after table)."""
+    # not at module level: ray, loaded only when this runs
     from ray import serve
 
     from ckd_ehr.serve.app import start
@@ -238,6 +243,7 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
             print(f"endpoint at {url_given} (given)", flush=True)
             results["runs"]["given_url"] = {"url": url_given, "levels": run_levels(url_given, records, duration, token, nice)}
         else:
+            # not at module level: imported only on this branch
             import ray
 
             from ckd_ehr.ray_utils import init_ray

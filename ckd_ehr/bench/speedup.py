@@ -18,8 +18,11 @@ from __future__ import annotations
 import logging
 import math
 import time
+import psutil
 
 from ckd_ehr.bench.common import emit
+from ckd_ehr import storage
+from ckd_ehr.contracts import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ class Classifier:
     (fixed-length random ids), so the last position is the last real token."""
 
     def __init__(self, backbone, pooling: str):
+        # not at module level: torch, loaded only when this runs
         import torch
 
         self.backbone = backbone
@@ -67,6 +71,7 @@ class Classifier:
 def build_on(device: str, dtype, builder, size: dict) -> Classifier:
     """Build straight on the device in the benchmark dtype: a 7B model initialised in float32
     on the CPU first would need 28 GiB of host memory and minutes of random init."""
+    # not at module level: torch, loaded only when this runs
     import torch
 
     previous = torch.get_default_dtype()
@@ -80,6 +85,7 @@ def build_on(device: str, dtype, builder, size: dict) -> Classifier:
 
 
 def build_teacher(size: dict):
+    # not at module level: transformers, loaded only when this runs
     from transformers import Qwen2Config, Qwen2Model
 
     cfg = Qwen2Config(max_position_embeddings=32768, rope_theta=1_000_000.0, **size)
@@ -87,6 +93,7 @@ def build_teacher(size: dict):
 
 
 def build_student(size: dict):
+    # not at module level: transformers, loaded only when this runs
     from transformers import BertConfig, BertModel
 
     return Classifier(BertModel(BertConfig(**size), add_pooling_layer=False), "mean")
@@ -94,6 +101,7 @@ def build_student(size: dict):
 
 def count_params(kind: str, size: dict) -> tuple[int, int]:
     """(total, embedding) parameters, counted on the meta device (no memory allocated)."""
+    # not at module level: torch, loaded only when this runs
     import torch
 
     with torch.device("meta"):
@@ -110,7 +118,6 @@ def forward_flops(params: int, embedding: int, size: dict, seq_len: int) -> floa
 
 
 def available_bytes() -> int:
-    import psutil
 
     return int(psutil.virtual_memory().available)
 
@@ -118,6 +125,7 @@ def available_bytes() -> int:
 def fits(params: int, bytes_per_param: int, device: str, share: float = 0.6) -> tuple[bool, str]:
     """Whether the weights (plus 30% and 1 GiB for activations and the runtime) fit in a share
     of the free memory, so the benchmark never pushes the machine (or its neighbours) into swap."""
+    # not at module level: torch, loaded only when this runs
     import torch
 
     need = params * bytes_per_param * 1.3 + 2 ** 30
@@ -132,6 +140,7 @@ def fits(params: int, bytes_per_param: int, device: str, share: float = 0.6) -> 
 # --- timing ---------------------------------------------------------------------------------
 
 def _sync(device: str) -> None:
+    # not at module level: torch, loaded only when this runs
     import torch
 
     if device == "cuda":
@@ -172,6 +181,7 @@ def best(throughput: dict) -> tuple[int | None, float | None]:
 
 
 def pick_device() -> tuple[str, "object"]:
+    # not at module level: torch, loaded only when this runs
     import torch
 
     if torch.cuda.is_available():
@@ -185,6 +195,7 @@ def bench_arch_only(teachers: dict[str, dict] | None = None, student: dict | Non
                     batch_sizes=(1, 8, 32), min_samples: int = 8, max_measure_s: float = 60.0,
                     seed: int = 0) -> dict:
     """Random Qwen2.5 teachers against a random bert-base student on random ids of `seq_len`."""
+    # not at module level: torch, loaded only when this runs
     import torch
 
     teachers = QWEN_SIZES if teachers is None else teachers
@@ -235,8 +246,7 @@ def bench_arch_only(teachers: dict[str, dict] | None = None, student: dict | Non
 def bench_artifacts(run_dir: str, samples: int = 64, batch_sizes=(1, 8, 32), max_measure_s: float = 120.0,
                     variant: str = "ckd_ehr") -> dict:
     """The trained teacher and student of a run on the same test texts (text_eadf)."""
-    from ckd_ehr import storage
-    from ckd_ehr.contracts import RunLayout
+    # not at module level: torch, loaded only when this runs
     from ckd_ehr.student import load_student
     from ckd_ehr.teacher import load_teacher, predict_logits
 
@@ -253,6 +263,7 @@ def bench_artifacts(run_dir: str, samples: int = 64, batch_sizes=(1, 8, 32), max
     max_length = int(meta.get("max_length") or (meta.get("config") or {}).get("max_length", 1024))
     student = load_student(layout.student_artifact(variant), device=device)
 
+    # not at module level: torch, loaded only when this runs
     import torch
 
     def throughput(predict) -> dict:

@@ -36,12 +36,19 @@ import torch
 from ckd_ehr.bench.common import emit, measure
 
 from ckd_ehr.bench.deepspeed_gpu import QWEN25_7B
+from ckd_ehr import storage
+from ckd_ehr.contracts import RunLayout
+from ckd_ehr.bench.toy_samples import toy_samples, write_toy_samples
+from ckd_ehr.bench.deepspeed_gpu import random_teacher
+from ckd_ehr.teacher.data import Collate, make_examples, pad_id, predict_logits
+from ckd_ehr.teacher.model import build_teacher, param_groups
+from ckd_ehr.training import length_grouped_batches
+from ckd_ehr.ray_utils import init_ray
+from ckd_ehr.modeling.paths import resolve_model_path
 
 
 def _texts(cfg, n: int) -> tuple[list[str], np.ndarray, str]:
-    from ckd_ehr import storage
-    from ckd_ehr.contracts import RunLayout
-    from ckd_ehr.bench.toy_samples import toy_samples
+    # not at module level: safetensors, loaded only when this runs
     from ckd_ehr.teacher.train import read_texts_and_labels
 
     path = RunLayout(cfg.run_dir).augmented("train")
@@ -55,7 +62,6 @@ def _texts(cfg, n: int) -> tuple[list[str], np.ndarray, str]:
 
 def _random_qwen(tc, device: str, dtype: torch.dtype):
     """Qwen2.5-7B-sized backbone with random weights + LoRA + MLAPH, built on `device`."""
-    from ckd_ehr.bench.deepspeed_gpu import random_teacher
 
     return random_teacher(QWEN25_7B, device, dtype, tc.attn_implementation, tc.lora.rank,
                           tc.use_gradient_checkpointing(), tc.pooling)
@@ -73,10 +79,8 @@ def _sync(device: str) -> None:
 
 
 def bench_model(cfg, n: int, arch_only: bool, device: str) -> dict:
-    from ckd_ehr.teacher.data import Collate, make_examples, pad_id, predict_logits
-    from ckd_ehr.teacher.model import build_teacher, param_groups
+    # not at module level: safetensors, loaded only when this runs
     from ckd_ehr.teacher.train import BCELoss, load_tokenizer
-    from ckd_ehr.training import length_grouped_batches
 
     tc = cfg.teacher
     texts, labels, source = _texts(cfg, n)
@@ -148,10 +152,7 @@ def bench_model(cfg, n: int, arch_only: bool, device: str) -> dict:
 
 def bench_ray_run(cfg, n: int) -> dict:
     """A short end-to-end teacher run on Ray Train (1 epoch) in a temporary run directory."""
-    from ckd_ehr import storage
-    from ckd_ehr.contracts import RunLayout
-    from ckd_ehr.ray_utils import init_ray
-    from ckd_ehr.bench.toy_samples import write_toy_samples
+    # not at module level: safetensors, loaded only when this runs
     from ckd_ehr.teacher.train import train_teacher
 
     tc = cfg.teacher.model_copy(update={"epochs": 1, "max_train_samples": n,
@@ -179,6 +180,7 @@ def bench_ray_run(cfg, n: int) -> dict:
 def bench_teacher(cfg, args) -> dict:
     choice = getattr(args, "device", None) or "auto"
     if choice == "cuda":
+        # not at module level: imported only on this branch
         from ckd_ehr.bench.deepspeed_gpu import main as gpu_main
 
         return gpu_main(["--device", "cuda"] + (["--out", args.out] if getattr(args, "out", None) else []))
@@ -202,9 +204,9 @@ QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, nu
 def save_random_qwen(dest: str, arch: dict, tokenizer_src: str, gguf_file: str | None = None, seed: int = 0) -> int:
     """A randomly initialised Qwen2ForCausalLM of `arch` saved (safetensors) with a real
     tokenizer at `dest`; returns its parameter count."""
+    # not at module level: transformers, loaded only when this runs
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from ckd_ehr.modeling.paths import resolve_model_path
 
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(Qwen2Config(**arch))
@@ -231,8 +233,7 @@ def bench_zero3_load(cfg, args) -> dict:
     once loading the full model on every worker first; prints each run's per-worker peak RSS
     (VmHWM, largest over the workers) right after the model is built and over the whole run,
     against the size of one full fp32 copy of the model."""
-    from ckd_ehr.ray_utils import init_ray
-    from ckd_ehr.bench.toy_samples import write_toy_samples
+    # not at module level: safetensors, loaded only when this runs
     from ckd_ehr.teacher.train import train_teacher
 
     init_ray(cfg.ray)

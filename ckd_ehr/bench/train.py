@@ -18,10 +18,17 @@ from __future__ import annotations
 
 import logging
 import time
+import tempfile
 
 import numpy as np
+import pyarrow as pa
 
 from ckd_ehr.bench.common import emit
+from ckd_ehr.config import PipelineConfig, build
+from ckd_ehr.contracts import RunLayout
+from ckd_ehr.storage import exists, read_parquet, write_parquet
+from ckd_ehr.data.samples import render_texts
+from ckd_ehr.modeling.paths import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +45,7 @@ recipe forces autocast off (fp32), the others inherit that unless they set it.""
 
 def matmul_peak(dtype_name: str, size: int = 1536, seconds: float = 2.0) -> float:
     """GFLOP/s of square matrix products at the torch threads this process has."""
+    # not at module level: torch, loaded only when this runs
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -84,16 +92,14 @@ def _apply(cfg, lever: dict, model_section: str):
     data = cfg.model_dump(mode="json")
     data[model_section] = {**data[model_section], "autocast": "off", **lever.get("model", {})}
     data["text"] = {**data["text"], **lever.get("text", {})}
-    from ckd_ehr.config import PipelineConfig, build
 
     return build(PipelineConfig, data, source="bench train")
 
 
 def bench_train(cfg, args) -> dict:
+    # not at module level: torch, loaded only when this runs
     import torch
 
-    from ckd_ehr.contracts import RunLayout
-    from ckd_ehr.storage import exists
 
     which = args.model or "student"
     section = "student" if which == "student" else "teacher"
@@ -124,13 +130,10 @@ def rerendered_run(cfg, tmp: str) -> str:
     """A run directory under `tmp` holding the run's EADF samples with both texts rendered anew
     under cfg.text (the EADF stage's own renderers, the run's efficacy table): what the EADF stage
     would have written with this text config. Returns its path."""
-    import pyarrow as pa
 
-    from ckd_ehr.contracts import RunLayout
-    from ckd_ehr.data.samples import render_texts
+    # not at module level: pandas, ray, loaded only when this runs
     from ckd_ehr.eadf.run import fused_texts
     from ckd_ehr.eadf.stats import top_drugs
-    from ckd_ehr.storage import read_parquet, write_parquet
 
     src, dst = RunLayout(cfg.run_dir), RunLayout(f"{tmp}/run")
     table = read_parquet(src.efficacy_table)
@@ -149,11 +152,11 @@ def rerendered_run(cfg, tmp: str) -> str:
 def _measure(cfg, which: str, steps: int, samples: int) -> dict:
     """Time `steps` optimiser steps of the stage's own task and loop, in this process."""
 
+    # not at module level: torch, loaded only when this runs
     from ckd_ehr.training import LocalReporter, TrainLoop, WorkerContext
     from ckd_ehr.training.batching import length_grouped_batches
 
     section = cfg.student if which == "student" else cfg.teacher
-    import tempfile
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         if cfg.text.render != "paper":   # the run's texts are the paper's: render them as this lever asks
@@ -206,11 +209,12 @@ def _measure(cfg, which: str, steps: int, samples: int) -> dict:
 
 def _task(cfg, which: str, section, tmp: str):
     """(task, training pairs in the run, their tokens, the backbone's HF config, window)."""
+    # not at module level: transformers, loaded only when this runs
     from transformers import AutoConfig
 
-    from ckd_ehr.modeling.paths import resolve_model_path
 
     if which == "student":
+        # not at module level: imported only on this branch
         from ckd_ehr.student.run import build_student_task
 
         full = cfg.model_copy(update={"student": section.model_copy(update={"max_train_samples": None})})
@@ -220,7 +224,7 @@ def _task(cfg, which: str, section, tmp: str):
         built.task.feature_cache, built.task.frozen_cache = None, None
         config = AutoConfig.from_pretrained(built.model_path)
         return built.task, len(lengths), sum(lengths), config, int(config.max_position_embeddings)
-    from ckd_ehr.contracts import RunLayout
+    # not at module level: torch, loaded only when this runs
     from ckd_ehr.teacher.model import cut_config
     from ckd_ehr.teacher.train import TeacherData, teacher_task
 

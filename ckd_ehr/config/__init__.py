@@ -21,6 +21,7 @@ from ckd_ehr.config.student import DistillConfig, StudentConfig
 from ckd_ehr.config.study import StudyConfig
 from ckd_ehr.config.teacher import LoraConfig, TeacherConfig, TrainerConfig
 from ckd_ehr.config.tune import TuneConfig
+from ckd_ehr.contracts import CONTROL_TEXTS, student_variant
 
 
 class PipelineConfig(Section):
@@ -66,7 +67,6 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _control_variants_have_their_inputs(self):
-        from ckd_ehr.contracts import CONTROL_TEXTS, student_variant
 
         for name in self.student.variants:
             v = student_variant(name)

@@ -104,6 +104,7 @@ def dump_yaml(cfg: BaseModel) -> str:
 
 
 def config_hash(cfg: BaseModel | dict) -> str:
+    # not at module level: `ckd-ehr --help` imports this module, and it stays light
     import hashlib
 
     data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg

@@ -202,6 +202,7 @@ def configuration_reference(root: type[BaseModel] | None = None) -> str:
     """The Markdown of the configuration reference: one section per config class reachable
     from `root` (default `ckd_ehr.config.PipelineConfig`)."""
     if root is None:
+        # not at module level: imported only on this branch
         from ckd_ehr.config import PipelineConfig
         root = PipelineConfig
     found = sections(root)

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 from ckd_ehr.config.base import Section
 from ckd_ehr.contracts import PRIMARY_VARIANTS, STUDENT_VARIANTS
 from ckd_ehr.config.teacher import TrainerConfig
+from ckd_ehr.contracts import UNIT_TERM_DEFAULT_WEIGHT, student_variant
 
 
 class DistillConfig(Section):
@@ -49,7 +50,6 @@ class DistillConfig(Section):
         the configured weight or contracts.UNIT_TERM_DEFAULT_WEIGHT, else the configured weights;
         (0, 0) for hard-label variants and for soft labels that are not the teacher's (the unit
         targets are the teacher's)."""
-        from ckd_ehr.contracts import UNIT_TERM_DEFAULT_WEIGHT, student_variant
 
         v = student_variant(variant)
         if not v.distills or v.soft_labels != "teacher":

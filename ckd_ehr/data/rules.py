@@ -189,6 +189,7 @@ def first_null_like(raw, values: pa.Array, mask: np.ndarray | None = None):
 
 def duplicate_mask(columns: Mapping[str, np.ndarray]) -> np.ndarray:
     """True for every row identical (in the given columns) to an earlier one."""
+    # not at module level: pandas, loaded only when this runs
     import pandas as pd
 
     return pd.DataFrame(dict(columns)).duplicated().to_numpy()
@@ -209,6 +210,7 @@ def drop_exact_duplicates(table: pa.Table, report: TableReport, key: str) -> pa.
 def check_leading_zeros(codes, dictionary_codes, events_file: str, dictionary_file: str, column: str) -> None:
     """MimicError if codes absent from the dictionary are there once zero-padded ('389' vs
     '0389'): a spreadsheet dropped the zeros, and which code was meant cannot be known."""
+    # not at module level: pandas, loaded only when this runs
     import pandas as pd
 
     codes = pd.Series(codes, dtype=object)

@@ -5,6 +5,7 @@ a known truth (`validity`), the Ray Data stage that ranks and fuses clauses into
 
 def __getattr__(name):
     if name == "run_eadf":   # lazy: `stats` and `validity` stay importable without Ray
+        # not at module level: imported only on this branch
         from ckd_ehr.eadf.run import run_eadf
 
         return run_eadf

@@ -30,12 +30,14 @@ def z_value(confidence: float) -> float:
 
 def normal_sf(z: np.ndarray) -> np.ndarray:
     """Upper tail of the standard normal, vectorised (NaN stays NaN)."""
+    # not at module level: scipy, loaded only when this runs
     from scipy.special import ndtr
 
     return ndtr(-np.asarray(z, dtype=np.float64))
 
 
 def normal_cdf(z: np.ndarray) -> np.ndarray:
+    # not at module level: scipy, loaded only when this runs
     from scipy.special import ndtr
 
     return ndtr(np.asarray(z, dtype=np.float64))
@@ -169,6 +171,7 @@ def power_one_sided(p1, n1, p0, n0, alpha) -> np.ndarray:
         Phi((p1 - p0 - z_{1-alpha} sigma0) / sigma1),
         sigma0^2 = pbar (1 - pbar) (1/n1 + 1/n0),   sigma1^2 = p1 (1-p1)/n1 + p0 (1-p0)/n0.
     """
+    # not at module level: scipy, loaded only when this runs
     from scipy.special import ndtri
 
     p1, n1, p0, n0 = (np.asarray(a, dtype=np.float64) for a in (p1, n1, p0, n0))

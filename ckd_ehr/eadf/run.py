@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
+from ray.data import DataContext
 
 from ckd_ehr import storage
 from ckd_ehr.config import PipelineConfig, TextConfig
@@ -37,6 +38,7 @@ from ckd_ehr.eadf.stats import (COUNT_COLUMNS, PARTIAL_SCHEMA, Counts, efficacy_
 from ckd_ehr.eadf.validity import listing_validity
 from ckd_ehr.phenotypes import phenotype_names
 from ckd_ehr.text import CONTROL_KINDS, control_efficacy, diagnosis_title_column, efficacy_for, render_input
+from ckd_ehr.ray_utils import init_ray
 
 log = logging.getLogger(__name__)
 PATH_COL = "path"  # the input file of each row, from read_parquet(include_paths=True)
@@ -212,7 +214,6 @@ def _ordered_v1_reads() -> Iterator[None]:
     V1 because Ray 2.60's default V2 read (ListFiles -> ReadFiles) adds a listing task that
     waits seconds for a worker and does not fuse with the next map_batches: about twice the
     time on 2 cores (docs/benchmarks.md, "EADF on Ray Data")."""
-    from ray.data import DataContext
 
     ctx = DataContext.get_current()
     old = ctx.execution_options.preserve_order, ctx.use_datasource_v2
@@ -326,7 +327,6 @@ def validity(counts: Counts, cfg: PipelineConfig, truth: dict) -> dict:
 
 def run_eadf(cfg: PipelineConfig) -> dict:
     """Efficacy table on the training split, fused text for every split, validity if known."""
-    from ckd_ehr.ray_utils import init_ray
 
     layout = RunLayout(cfg.run_dir)
     for split in SPLITS:  # fail before any work if prepare has not written every split

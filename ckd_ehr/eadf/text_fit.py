@@ -21,6 +21,9 @@ import numpy as np
 from ckd_ehr import storage
 from ckd_ehr.contracts import SPLITS, RunLayout
 from ckd_ehr.phenotypes import phenotype_names
+from ckd_ehr.text import diagnosis_title_column, efficacy_for, render_input
+from ckd_ehr.modeling.paths import resolve_model_path
+from ckd_ehr.modeling.prompts import encode_texts, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,6 @@ def _items(value) -> list:
 
 def _within_chars(df, top: dict, text_cfg) -> np.ndarray:
     """True where rendering the sample drops nothing under the character budgets."""
-    from ckd_ehr.text import diagnosis_title_column, efficacy_for, render_input
 
     names = phenotype_names()
     by_name = {names[p]: drugs for p, drugs in top.items()}
@@ -48,11 +50,10 @@ def _within_chars(df, top: dict, text_cfg) -> np.ndarray:
 
 def text_fit_report(cfg, layout: RunLayout) -> dict:
     """text_fit.json's content (see module doc), written to layout.text_fit."""
+    # not at module level: transformers, loaded only when this runs
     from transformers import AutoTokenizer
 
     from ckd_ehr.eadf.stats import top_drugs
-    from ckd_ehr.modeling.paths import resolve_model_path
-    from ckd_ehr.modeling.prompts import encode_texts, load_tokenizer
 
     top = top_drugs(storage.read_parquet(layout.efficacy_table), cfg.eadf.top_k)
 

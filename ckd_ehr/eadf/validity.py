@@ -31,6 +31,9 @@ import pyarrow as pa
 from ckd_ehr.config import EADFConfig
 from ckd_ehr.eadf.inference import power_one_sided
 from ckd_ehr.phenotypes import NUM_PHENOTYPES
+from ckd_ehr.config import SynthConfig
+from ckd_ehr.phenotypes import phenotype_names
+from ckd_ehr.data.synth.model import simulate
 
 POWER_TARGET = 0.8
 SIMULATION_PATIENTS = 60_000
@@ -58,9 +61,6 @@ def true_effects_by_simulation(params: dict, patients: int = SIMULATION_PATIENTS
     at visit i+1, as the samples count it; "given" is the planted drug prescribed at visit i.
     Monte Carlo error at 60,000 patients: about 0.01 on each rate.
     """
-    from ckd_ehr.config import SynthConfig
-    from ckd_ehr.phenotypes import phenotype_names
-    from ckd_ehr.data.synth.model import simulate
 
     fields = {k: v for k, v in params.items() if k in SynthConfig.model_fields}
     cohort = simulate(SynthConfig(**{**fields, "patients": patients, "seed": seed}))

@@ -79,6 +79,7 @@ def fit_one_vs_rest(x_train, y_train: np.ndarray, c_value: float, seed: int = 0)
     probability towards 0.5 (mean predicted rate 0.39 for a phenotype of prevalence 0.17). The
     ranking barely changes, but a head initialised from such a probe starts fine-tuning at a
     loss near ln 2, and the first steps spend the backbone on shifting every logit down."""
+    # not at module level: sklearn, loaded only when this runs
     from sklearn.linear_model import LogisticRegression
 
     y_train = np.asarray(y_train)
@@ -140,6 +141,7 @@ def gradient_boosting(x_train, y_train, x_eval: dict, y_val: np.ndarray, setting
     """HistGradientBoostingClassifier per phenotype for each setting, the setting with the best
     validation macro AUROC kept (a phenotype with one class in training: its rate); returns
     ({name: probs} for x_eval (must include "val"), details)."""
+    # not at module level: sklearn, loaded only when this runs
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     keep = np.flatnonzero(np.asarray((x_train > 0).sum(axis=0)).ravel() >= GB_MIN_COUNT)

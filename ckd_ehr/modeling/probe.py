@@ -56,6 +56,7 @@ class LinearProbe:
         return 1.0 / (1.0 + np.exp(-self.logits(features)))
 
     def tensors(self) -> dict:
+        # not at module level: torch, loaded only when this runs
         import torch
 
         return {"weight": torch.as_tensor(self.weight, dtype=torch.float32),
@@ -66,12 +67,14 @@ class LinearProbe:
                 "cv_macro_auroc": torch.tensor([self.cv_macro_auroc], dtype=torch.float64)}
 
     def save(self, path: str) -> None:
+        # not at module level: safetensors, loaded only when this runs
         from safetensors.torch import save_file
 
         save_file(self.tensors(), path)
 
     @classmethod
     def load(cls, path: str) -> "LinearProbe":
+        # not at module level: safetensors, loaded only when this runs
         from safetensors.torch import load_file
 
         t = load_file(path)
@@ -82,6 +85,7 @@ class LinearProbe:
 
 def load_linear(linear, probe: LinearProbe) -> None:
     """Copy a probe's weight [K, H] and bias [K] into an nn.Linear (keeping its dtype and device)."""
+    # not at module level: torch, loaded only when this runs
     import torch
 
     with torch.no_grad():
@@ -96,6 +100,7 @@ def logistic_fit(z: np.ndarray, t: np.ndarray, c_value: float, init: tuple | Non
     intercept not penalised); `t` holds 0/1 labels or probabilities (a distillation target).
     Full-batch L-BFGS over the [n, d] x [d, K] product: the 25 phenotypes of a
     probe cost one fit, which makes a cross-validated choice of C affordable. Returns (W [K, d], b [K])."""
+    # not at module level: torch, loaded only when this runs
     import torch
 
     # The [n, d] x [d, K] products (nearly all of the time) in float32, 3x faster than float64 on
@@ -181,6 +186,7 @@ def fit_probe_with_bag(x_train: np.ndarray, x_val: np.ndarray, ids_train, ids_va
     """fit_probe on the pooled features and a token bag (ckd_ehr.modeling.token_bag) together: the
     bag's columns that vary over the training rows join the features unstandardised; the probe's
     weight comes back over every column, [K, H + 2V] (zeros on the columns no training row varies)."""
+    # not at module level: torch, loaded only when this runs
     from ckd_ehr.modeling.token_bag import bag_columns
 
     def dense(per_row, columns):

@@ -9,13 +9,14 @@ the assistant turn (what `last` pooling reads). Over-long prompts lose instructi
 from __future__ import annotations
 
 from ckd_ehr.text import instruction
+from ckd_ehr.modeling.paths import resolve_model_path
 
 
 def load_tokenizer(tc):
     """The teacher's tokenizer (TeacherConfig `tc`: model, gguf_file), right padding."""
+    # not at module level: transformers, loaded only when this runs
     from transformers import AutoTokenizer
 
-    from ckd_ehr.modeling.paths import resolve_model_path
 
     kwargs = {"gguf_file": tc.gguf_file} if tc.gguf_file else {}
     tok = AutoTokenizer.from_pretrained(resolve_model_path(tc.model), **kwargs)

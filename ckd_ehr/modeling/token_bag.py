@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from ckd_ehr.text import knowledge_lead
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,6 @@ def token_bag_of(tokenizer, lead_text: str) -> TokenBag:
 
 def token_bag_for(tokenizer, text_cfg) -> TokenBag:
     """The TokenBag of texts rendered with `text_cfg` (its knowledge lead, text.knowledge_lead)."""
-    from ckd_ehr.text import knowledge_lead
 
     return token_bag_of(tokenizer, knowledge_lead(text_cfg))
 

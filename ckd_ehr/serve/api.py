@@ -35,6 +35,7 @@ from ckd_ehr.phenotypes import multi_hot, normalize_icd9, phenotype_names, pheno
 from ckd_ehr.text import efficacy_for, render_input
 from ckd_ehr.serve.guard import RequestGuard, request_id_var
 from ckd_ehr.serve.metrics import ServeMetrics
+from ckd_ehr.data.icd10 import dotted_icd10, load_crosswalk, normalize_icd10
 
 log = logging.getLogger("ckd_ehr.serve")
 
@@ -240,7 +241,6 @@ def render_record(rec: Record, info: ModelInfo) -> tuple[str, list[str]]:
 def _icd10_codes(raw: Sequence[str], info: ModelInfo) -> tuple[list[str], np.ndarray]:
     """ICD-10-CM codes as VISITS writes them (dotted) and their phenotypes through the
     training run's crosswalk, exactly as the MIMIC-IV loader maps them."""
-    from ckd_ehr.data.icd10 import dotted_icd10, load_crosswalk, normalize_icd10
 
     crosswalk = load_crosswalk(info.icd10_crosswalk)
     present = np.zeros(len(info.label_names), dtype=np.int8)

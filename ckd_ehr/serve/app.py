@@ -29,6 +29,8 @@ import numpy as np
 from ray import serve
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import LoggingConfig
+import torch
+from ray.serve.config import BackpressureConfig
 
 from ckd_ehr.config import PipelineConfig, ServeConfig
 from ckd_ehr.contracts import RunLayout
@@ -36,6 +38,10 @@ from ckd_ehr.phenotypes import normalize_icd9
 from ckd_ehr.serve.api import ModelInfo, Record, create_app, item_key, render_and_predict, token_digest
 from ckd_ehr.serve.metrics import RayServeMetrics
 from ckd_ehr.student.artifact import VOCABULARY_FILE
+from ckd_ehr.storage import local_dir
+from ckd_ehr.student import load_student
+from ckd_ehr.config import load_config
+from ckd_ehr.ray_utils import init_ray
 
 log = logging.getLogger("ckd_ehr.serve")
 
@@ -84,10 +90,7 @@ def load_predictor(artifact: str, torch_threads: int | None = None, precision: s
                    compile: bool = False):
     """(StudentPredictor, ModelInfo) for a local path or URI (copied locally while loading);
     `compile`: serve.compile."""
-    import torch
 
-    from ckd_ehr.storage import local_dir
-    from ckd_ehr.student import load_student
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
@@ -141,7 +144,6 @@ class StudentDeployment:
 
 
 def _deployment_options(cfg: ServeConfig) -> dict[str, Any]:
-    from ray.serve.config import BackpressureConfig
 
     return dict(
         # admission (serve.pending_requests) is the replica's own; the headroom lets a flood reach
@@ -176,7 +178,6 @@ def app_builder(args: dict[str, Any]):
     args: `artifact` (path or URI), optional `config` (YAML path) and `overrides` (list of
     key.path=value). Replicas read the token from serve.auth_token_env themselves.
     """
-    from ckd_ehr.config import load_config
 
     cfg = load_config(PipelineConfig, args.get("config"), list(args.get("overrides") or []))
     dep = StudentDeployment.options(**_deployment_options(cfg.serve))
@@ -185,7 +186,6 @@ def app_builder(args: dict[str, Any]):
 
 def start(cfg: PipelineConfig, artifact: str | None = None, token_sha256: str | None = None) -> str:
     """Start Serve on cfg.serve.host:port, deploy the student, return the base URL."""
-    from ckd_ehr.ray_utils import init_ray
 
     init_ray(cfg.ray)
     s = cfg.serve

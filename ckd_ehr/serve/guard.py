@@ -167,6 +167,7 @@ async def _json_response(send: Send, status: int, body: dict, headers: list[tupl
 def _in_serve_replica() -> bool:
     """True inside a Ray Serve replica: its proxy answers the x-request-id header itself."""
     try:
+        # not at module level: imported only on this branch
         from ray.serve.context import _get_internal_replica_context
     except ImportError:
         return False
@@ -176,6 +177,7 @@ def _in_serve_replica() -> bool:
 def _ray_request_id() -> str | None:
     """Ray Serve's id of the current request, None outside a Serve request (in-process use)."""
     try:
+        # not at module level: imported only on this branch
         from ray.serve.context import _serve_request_context
     except ImportError:
         return None

@@ -61,6 +61,7 @@ class RayServeMetrics(ServeMetrics):
 
     def __init__(self, model_version: str, precision: str):
         super().__init__(model_version, precision)
+        # not at module level: ray, loaded only when this runs
         from ray.util import metrics as m
 
         tags = {"model_version": model_version, "precision": precision}

@@ -4,6 +4,7 @@
 
 def __getattr__(name):
     if name == "run_soft_labels":
+        # not at module level: imported only on this branch
         from ckd_ehr.soft_labels.run import run_soft_labels
 
         return run_soft_labels

@@ -17,6 +17,8 @@ from ckd_ehr import storage
 from ckd_ehr.contracts import SPLITS, RunLayout
 from ckd_ehr.phenotypes import phenotype_names
 from ckd_ehr.metrics import to_matrix
+from ckd_ehr.metrics import reliability_bins, binarize, f1_scores, ranking_scores, single_class_labels
+from ckd_ehr.plots import plot_reliability_curves
 
 
 def binary_entropy_bits(p: np.ndarray) -> np.ndarray:
@@ -28,7 +30,6 @@ def binary_entropy_bits(p: np.ndarray) -> np.ndarray:
 def reliability(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> dict:
     """Reliability-diagram data and ECE over all cells (the project's one definition:
     ckd_ehr.metrics.reliability_bins, also used by evaluate)."""
-    from ckd_ehr.metrics import reliability_bins
 
     return reliability_bins(np.asarray(labels), np.asarray(probs), n_bins)
 
@@ -45,7 +46,6 @@ def teacher_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
     Macro AUROC averages the phenotypes with both classes present in `labels` (others have
     no AUROC); how many were used is reported beside it.
     """
-    from ckd_ehr.metrics import binarize, f1_scores, ranking_scores, single_class_labels
 
     y = np.asarray(labels, dtype=np.int64)
     p = np.asarray(probs, dtype=np.float64)
@@ -80,7 +80,6 @@ def load_split(layout: RunLayout, split: str) -> tuple[np.ndarray, np.ndarray, s
 
 def write_quality_report(layout: RunLayout, n_bins: int = 10, splits=SPLITS) -> dict:
     """quality.json + reliability.png under RUN/soft_labels/quality/; returns the JSON dict."""
-    from ckd_ehr.plots import plot_reliability_curves
 
     per_split, all_p, all_y, teacher_id = {}, [], [], None
     for split in splits:

@@ -24,6 +24,9 @@ from ckd_ehr.eadf.stats import top_drugs
 from ckd_ehr.phenotypes import phenotype_names
 from ckd_ehr.storage import read_parquet
 from ckd_ehr.text import CONTROL_KINDS, control_efficacy, diagnosis_title_column, efficacy_for, render_input
+from ckd_ehr.contracts import UNIT_TARGETS
+from ckd_ehr.phenotypes import NUM_PHENOTYPES
+from ckd_ehr.text import text_units
 
 PLAIN, EADF = "text_plain", "text_eadf"
 
@@ -46,6 +49,7 @@ def read_split(samples_path: str, soft_path: str | None, max_rows: int | None = 
     """AUGMENTED_SAMPLES rows (optionally a seeded subset, training.subset_indices) and their
     SOFT_LABELS rows in the same order; a missing soft label is an error naming the file and
     how many are missing."""
+    # not at module level: torch, loaded only when this runs
     from ckd_ehr.training import subset_indices
 
     raw = read_parquet(samples_path)
@@ -188,7 +192,6 @@ class Encoded:
 
 def read_unit_targets(path: str, sample_ids: Sequence[str]) -> pa.Table:
     """UNIT_TARGETS rows in the order of `sample_ids`; a missing row is an error naming the file."""
-    from ckd_ehr.contracts import UNIT_TARGETS
 
     try:
         table = check_schema(read_parquet(path), UNIT_TARGETS, path)
@@ -209,9 +212,8 @@ def align_units(samples: pa.Table, texts: list[str], tokenizer, max_length: int,
     map the student's tokens to them through the offset mapping (the same truncation as
     `encode`), keep the units both models have tokens for, in the teacher's order, and restrict
     the teacher's stored distributions to them (renormalised)."""
-    from ckd_ehr.phenotypes import NUM_PHENOTYPES
+    # not at module level: torch, loaded only when this runs
     from ckd_ehr.modeling.units import restrict, token_units
-    from ckd_ehr.text import text_units
 
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{type(tokenizer).__name__} is a slow tokenizer: without an offset mapping the student's "

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+import warnings
 
 import numpy as np
 import torch
 from torch import nn
+from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
 from ckd_ehr.phenotypes import NUM_PHENOTYPES
 from ckd_ehr.modeling.collate import predict_sorted
 from ckd_ehr.modeling.paths import resolve_model_path
 from ckd_ehr.modeling.pooling import pool
 from ckd_ehr.modeling.token_bag import TokenBag, multi_hot
+from ckd_ehr.modeling.pooling import label_attention_pool, label_attention_weights
+from ckd_ehr.modeling.units import unit_attention, unit_relations, unit_vectors
+from ckd_ehr.modeling.probe import LinearProbe, load_linear
 
 STUDENT_POOLINGS = ("mean", "cls", "label_attention")
 
@@ -166,6 +171,7 @@ class StudentModel(nn.Module):
                 p.requires_grad_(False)
 
     def _run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layers) -> torch.Tensor:
+        # not at module level: transformers, loaded only when this runs
         from transformers.masking_utils import create_bidirectional_mask
 
         mask = create_bidirectional_mask(config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)
@@ -212,7 +218,6 @@ class StudentModel(nn.Module):
             if input_ids is None:
                 raise ValueError("a student with a token bag needs the token ids, also beside cached states")
             return out + self.bag_head(self.bag(input_ids, attention_mask)).to(out.dtype)
-        from ckd_ehr.modeling.pooling import label_attention_pool
 
         pooled = label_attention_pool(hidden, attention_mask, self.pool_queries.to(hidden.dtype))   # [B, K, H]
         return (pooled * self.head.weight.to(pooled.dtype)).sum(-1) + self.head.bias.to(pooled.dtype)
@@ -226,8 +231,6 @@ class StudentModel(nn.Module):
             return self.logits(self._hidden(input_ids, attention_mask, cached, extra), attention_mask, input_ids)
         if cached is not None:
             raise ValueError("the multi-granularity unit terms need the whole encoder: leave train_top_layers unset")
-        from ckd_ehr.modeling.pooling import label_attention_weights
-        from ckd_ehr.modeling.units import unit_attention, unit_relations, unit_vectors
 
         got = encode_in_windows(self.encoder, input_ids, attention_mask, self.window, extra.get("token_type_ids"),
                                 layer=self.relation_layer)
@@ -245,7 +248,6 @@ class StudentModel(nn.Module):
     def load_probe(self, probe) -> None:
         """Set the head to a ckd_ehr.modeling.probe.LinearProbe (linear probe, then fine-tune); with a
         token bag the probe's weight is [25, H + 2V]: the pooled features', then the bag's."""
-        from ckd_ehr.modeling.probe import LinearProbe, load_linear
 
         hidden = self.head.in_features
         width = hidden + (self.bag_head.in_features if self.bag_head is not None else 0)
@@ -264,6 +266,7 @@ def load_encoder(path: str | os.PathLike, **kwargs) -> nn.Module:
     pooler reported 'MISSING pooler.dense'; loading a pretrained encoder (which has one)
     without it would report the pooler's weights as UNEXPECTED: both are expected, so the
     pooler's keys (and only those) are ignored."""
+    # not at module level: transformers, loaded only when this runs
     from transformers import AutoConfig, AutoModel
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
@@ -294,9 +297,7 @@ _POOLED_ENCODERS = {"bert", "roberta", "xlm-roberta", "camembert", "ernie", "mpn
 def quantize_int8(model: StudentModel) -> StudentModel:
     """Dynamic int8 quantisation of the encoder's linear layers (per-channel weights, activations
     quantised per batch) for CPU inference; the 25-way head stays fp32. In place; returns it."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    import warnings
 
     with warnings.catch_warnings():  # torch.ao's deprecation notice (moving to torchao)
         warnings.simplefilter("ignore")
@@ -350,6 +351,7 @@ def build_student(model: str, pooling: str = "mean", seed: int = 0, dtype: torch
     for the unit terms, the auxiliary label attention / relation layer, see StudentModel).
     `attention_dropout` (None: the model's) sets the encoder config's attention-probability
     dropout, whatever the family calls it (StudentConfig.attention_dropout says why)."""
+    # not at module level: transformers, loaded only when this runs
     from transformers import AutoConfig
 
     path = resolve_model_path(model)
@@ -365,6 +367,7 @@ def build_student(model: str, pooling: str = "mean", seed: int = 0, dtype: torch
 
 def save_student(model: StudentModel, out_dir: str | os.PathLike) -> None:
     """`model/` (encoder save_pretrained) + `head.safetensors` under `out_dir` (local)."""
+    # not at module level: safetensors, loaded only when this runs
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -381,6 +384,7 @@ def save_student(model: StudentModel, out_dir: str | os.PathLike) -> None:
 
 def load_student_model(in_dir: str | os.PathLike, pooling: str = "mean", device: str = "cpu") -> StudentModel:
     """Inverse of save_student."""
+    # not at module level: safetensors, loaded only when this runs
     from safetensors.torch import load_file
 
     in_dir = Path(in_dir)

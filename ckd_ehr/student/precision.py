@@ -25,6 +25,7 @@ log = logging.getLogger("ckd_ehr.student")
 
 def _fitted(cfg: PipelineConfig, predictor, split: str):
     """(samples, texts) of one split as the predictor's variant saw them (fit to max_length)."""
+    # not at module level: pandas, loaded only when this runs
     from ckd_ehr.student.data import fit_texts, read_split
 
     layout = RunLayout(cfg.run_dir)
@@ -50,6 +51,7 @@ def run_texts(cfg: PipelineConfig, predictor, at_least: int) -> tuple[list[str],
 
 def write_precision_predictions(cfg: PipelineConfig, precision: str) -> list[str]:
     """Test predictions of every trained variant's artifact at `precision`; returns the row names."""
+    # not at module level: torch, loaded only when this runs
     from ckd_ehr.student.artifact import load_student
 
     layout = RunLayout(cfg.run_dir)

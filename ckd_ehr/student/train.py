@@ -12,6 +12,7 @@ ckd_ehr.student.run.build_student_task.
 from __future__ import annotations
 
 import os
+import json
 
 import torch
 
@@ -19,6 +20,8 @@ from ckd_ehr.modeling.collate import pad_batch, stack_rows
 from ckd_ehr.modeling.losses import DistillLoss
 from ckd_ehr.training import TRAINABLE, TrainTask
 from ckd_ehr.student.data import Encoded
+from ckd_ehr.student.model import build_student
+from ckd_ehr.training import ObjectStoreValue
 
 
 class BuildStudent:
@@ -30,7 +33,6 @@ class BuildStudent:
         self.attention_dropout = attention_dropout
 
     def __call__(self):
-        from ckd_ehr.student.model import build_student
 
         return build_student(self.model_path, self.pooling, seed=self.seed, label_attention=self.label_attention,
                              relation_layer=self.relation_layer, attention_dropout=self.attention_dropout,
@@ -87,7 +89,6 @@ class StudentData:
     no teacher outputs, so its loss is the plain hard BCE for every variant."""
 
     def __init__(self, train: Encoded, val: Encoded):
-        from ckd_ehr.training import ObjectStoreValue
 
         self.train, self.val = ObjectStoreValue(train), ObjectStoreValue(val)
 
@@ -154,11 +155,10 @@ def student_from_checkpoint(ckpt_dir: str, model_path: str, pooling: str, device
     """The trained StudentModel from a checkpoint of ckd_ehr.training: trainable.safetensors holds
     every parameter that trained; under train_top_layers (train_state.json) the frozen ones are
     the pretrained model's, loaded from `model_path`. `token_bag`: the TokenBag it trained with."""
-    import json
 
+    # not at module level: safetensors, loaded only when this runs
     from safetensors.torch import load_file
 
-    from ckd_ehr.student.model import build_student
 
     model = build_student(model_path, pooling, token_bag=token_bag)
     frozen: set[str] = set()

@@ -27,6 +27,12 @@ import numpy as np
 import torch
 
 from ckd_ehr.phenotypes import phenotype_names
+from ckd_ehr.modeling.prompts import encode_texts
+from ckd_ehr.modeling.collate import pad_batch, stack_rows, pad_id
+from ckd_ehr.teacher.model import add_lora, load_backbone, quiet_peft_deprecation
+from ckd_ehr.contracts import TEACHER_ADAPTER
+from ckd_ehr.teacher.data import predict_logits
+from ckd_ehr.training import multilabel_metrics
 
 ANSWER_PREFIX = "Disease that the patient may acquire:"
 SCORE_PROMPTS = 4
@@ -219,6 +225,7 @@ class ScoreCalibration:
 
     @classmethod
     def fit(cls, scores: np.ndarray, labels: np.ndarray, c: float = 1.0) -> "ScoreCalibration":
+        # not at module level: sklearn, loaded only when this runs
         from sklearn.linear_model import LogisticRegression
 
         scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0
@@ -280,7 +287,6 @@ def make_generative_examples(texts: Sequence[str], labels, tokenizer, max_length
                              instruction_kind: str, seed: int = 0) -> list[dict]:
     """Prompt (exactly as the MLAPH teacher's, within the same `max_length`) + answer: the
     answer comes on top of the prompt's budget, so both teachers read the same prompt tokens."""
-    from ckd_ehr.modeling.prompts import encode_texts
 
     vocab = AnswerVocabulary.build(tokenizer)
     prompts = encode_texts(list(texts), tokenizer, max_length, use_chat_template, instruction_kind)
@@ -300,7 +306,6 @@ class GenerativeCollate:
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict]):
-        from ckd_ehr.modeling.collate import pad_batch, stack_rows
 
         inputs = pad_batch([e["input_ids"] for e in examples], self.pad_token_id)
         inputs["labels"] = pad_batch([e["lm_labels"] for e in examples], IGNORE)["input_ids"]
@@ -314,8 +319,6 @@ def generative_loss(outputs: torch.Tensor, targets, progress: float) -> torch.Te
 
 def build_generative_teacher(cfg, tokenizer, seed: int | None = None) -> GenerativeTeacher:
     """A fresh trainable generative teacher from a TeacherConfig: causal LM + LoRA, no head."""
-    from ckd_ehr.modeling.collate import pad_id
-    from ckd_ehr.teacher.model import add_lora, load_backbone
 
     if seed is not None:
         torch.manual_seed(seed)
@@ -333,13 +336,9 @@ def fit_calibration(cfg, checkpoint_dir: str, tokenizer, val_texts: Sequence[str
     """After training: the best checkpoint's name scores on validation -> the per-phenotype
     calibration, and the validation metrics of the calibrated teacher (macro AUROC does not
     depend on the calibration; the thresholded metrics do, and are in-sample here)."""
+    # not at module level: peft, loaded only when this runs
     from peft import PeftModel
 
-    from ckd_ehr.modeling.collate import pad_id
-    from ckd_ehr.contracts import TEACHER_ADAPTER
-    from ckd_ehr.teacher.data import predict_logits
-    from ckd_ehr.teacher.model import load_backbone, quiet_peft_deprecation
-    from ckd_ehr.training import multilabel_metrics
 
     lm = load_backbone(cfg.model, cfg.gguf_file, "float32", cfg.attn_implementation, lm_head=True)
     with quiet_peft_deprecation():

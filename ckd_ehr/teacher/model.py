@@ -17,12 +17,17 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import json
+import os
 
 import torch
 from torch import nn
+import torch.distributed as dist
 
 from ckd_ehr.phenotypes import NUM_PHENOTYPES
 from ckd_ehr.modeling.pooling import label_attention_pool, label_attention_weights, pool
+from ckd_ehr.modeling.units import unit_attention, unit_relations, unit_vectors
+from ckd_ehr.modeling.paths import resolve_model_path
 
 POOLINGS = ("last", "mean", "label_attention")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,6 +80,7 @@ class MLAPH(nn.Module):
         """Start at a ckd_ehr.modeling.probe.LinearProbe fitted on `pool`'s features. For label
         attention: zero queries (uniform attention = the mean pool the probe saw) and the probe's
         weights as the per-label projections, so the head starts at the probe's logits exactly."""
+        # not at module level: importable without pyarrow (the Ray-free GPU benchmark, ckd_ehr.bench.deepspeed_gpu)
         from ckd_ehr.modeling.probe import load_linear
 
         if self.pooling != "label_attention":
@@ -166,7 +172,6 @@ class TeacherModel(nn.Module):
         [B, T] the unit of each token (ckd_ehr.modeling.units): `logits` [B, K]; with label
         attention pooling `unit_attention` [B, K, W]; with `relation_layer` (a hidden_states
         index: -1 the last layer) `unit_relation` [B, W, W] and `unit_present` [B, W]."""
-        from ckd_ehr.modeling.units import unit_attention, unit_relations, unit_vectors
 
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                             output_hidden_states=relation_layer is not None)
@@ -187,9 +192,9 @@ def load_backbone(model: str, gguf_file: str | None = None, dtype: str | torch.d
     HfDeepSpeedConfig with ZeRO-3 (ckd_ehr.training sets one for `zero3_partitioned_init`) the
     decoder is built inside deepspeed.zero.Init: partitioned as it loads. `num_layers` keeps
     only the first that many decoder layers (keep_first_layers)."""
+    # not at module level: transformers, loaded only when this runs
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from ckd_ehr.modeling.paths import resolve_model_path
 
     # `auto` without a device to decide by (e.g. a CPU load of an artifact): float32.
     torch_dtype = _DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype
@@ -229,6 +234,7 @@ def cut_config(conf, num_layers: int) -> None:
 
 
 def _zero3_active() -> bool:
+    # not at module level: transformers, loaded only when this runs
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     return bool(is_deepspeed_zero3_enabled())
@@ -236,9 +242,8 @@ def _zero3_active() -> bool:
 
 def _safetensors_files(path) -> dict[str, str]:
     """{checkpoint key: file} of a local safetensors checkpoint (one file or an index); {} if none."""
-    import json
-    import os
 
+    # not at module level: safetensors, loaded only when this runs
     from safetensors import safe_open
 
     path = str(path)
@@ -265,7 +270,7 @@ def load_partitioned(path, dtype: torch.dtype, attn_implementation: str) -> nn.M
     copies its slice of each flattened weight (DeepSpeed's layout: rank r holds elements
     [r x shard, (r+1) x shard)) from the memory-mapped checkpoint, reading only the rows that
     slice spans. No collective is needed."""
-    import torch.distributed as dist
+    # not at module level: safetensors, loaded only when this runs
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModel
     from transformers.initialization import no_init_weights
@@ -319,6 +324,7 @@ def load_partitioned(path, dtype: torch.dtype, attn_implementation: str) -> nn.M
 
 def add_lora(backbone: nn.Module, rank: int, alpha: float, dropout: float, target_modules: list[str]) -> nn.Module:
     """Wrap the backbone with LoRA adapters; peft freezes every base weight."""
+    # not at module level: peft, loaded only when this runs
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -362,9 +368,9 @@ def teacher_model_size(cfg):
     """ckd_ehr.training.ModelSize of the teacher a TeacherConfig builds, from the backbone's
     config alone (built on the meta device: no weights read or allocated): backbone
     parameters, LoRA parameters (rank x (in + out) per adapted Linear) and the head's."""
+    # not at module level: transformers, loaded only when this runs
     from transformers import AutoConfig, AutoModel
 
-    from ckd_ehr.modeling.paths import resolve_model_path
     from ckd_ehr.training import DTYPE_BYTES, ModelSize
 
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}

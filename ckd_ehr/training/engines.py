@@ -172,6 +172,7 @@ class DDPEngine:
                        os.path.join(directory, OPTIM))
 
     def load(self, directory: str) -> None:
+        # not at module level: safetensors, loaded only when this runs
         from safetensors.torch import load_file
 
         self.module.load_state_dict(load_file(os.path.join(directory, TRAINABLE)), strict=False)
@@ -212,6 +213,7 @@ class DeepSpeedEngine:
 
     def build(self, model: nn.Module, groups: list[dict], lr: float, weight_decay: float, total_steps: int,
               warmup_steps: int) -> None:
+        # not at module level: deepspeed, loaded only when this runs
         import deepspeed
 
         lr_fn = cosine_with_warmup(total_steps, warmup_steps)
@@ -245,6 +247,7 @@ class DeepSpeedEngine:
         """Full trainable weights on every rank (a collective under ZeRO-3: shards gathered)."""
         named = _trainable(self.module)
         if self.zero3:
+            # not at module level: imported only on this branch
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+import resource
+import ctypes
+import ctypes.util
 
 import torch
 from torch import nn
+import torch.distributed as dist
 
 log = logging.getLogger("ckd_ehr.training")
 
@@ -60,6 +64,7 @@ def device_memory_bytes(device, local_world_size: int = 1) -> int:
     the `local_world_size` workers on it."""
     if getattr(device, "type", str(device)) == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
+    # not at module level: psutil, loaded only when this runs
     import psutil
 
     return int(psutil.virtual_memory().total // max(1, local_world_size))
@@ -69,7 +74,6 @@ def resolve_strategy(cfg, model_size, ctx) -> tuple[str, int | None, dict]:
     """(`ddp` | `deepspeed`, ZeRO stage override, what `auto` measured): cfg.strategy, or for
     `auto` the pick of choose_strategy against the smallest device of all ranks (so every rank
     agrees). `model_size`: the task's () -> ModelSize; `ctx`: the loop's WorkerContext."""
-    import torch.distributed as dist
 
     if cfg.strategy != "auto":
         return cfg.strategy, None, {}
@@ -101,7 +105,6 @@ def peak_rss_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -112,8 +115,6 @@ def return_freed_memory(mmap_threshold: int = 1 << 20) -> None:
     freed), and hand the heap's free top back (malloc_trim). ZeRO-3 loading gathers and frees
     one full parameter after another; without this the freed buffers stay resident in the
     heap and a worker's RSS climbs towards a full copy even though it holds only its shard."""
-    import ctypes
-    import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -31,13 +31,13 @@ import torch
 from torch import nn
 
 from ckd_ehr.training.memory import ModelSize
+from ckd_ehr.metrics import all_scores, single_class_labels
 
 
 def multilabel_metrics(logits: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     """Validation metrics of logits: ckd_ehr.metrics.all_scores on the probabilities (the same
     definitions the evaluate stage reports, checked there against scikit-learn), plus
     `n_auroc_labels`, the phenotypes with both classes present (macro AUROC averages those)."""
-    from ckd_ehr.metrics import all_scores, single_class_labels
 
     labels = np.asarray(labels).astype(int)
     probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))

@@ -3,6 +3,7 @@
 
 def __getattr__(name):
     if name == "run_tune":
+        # not at module level: imported only on this branch
         from ckd_ehr.tune.run import run_tune
 
         return run_tune

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 from pathlib import Path
+import io
 
 import numpy as np
 
@@ -30,6 +31,8 @@ from ckd_ehr import storage
 from ckd_ehr.config import PipelineConfig, dump_yaml
 from ckd_ehr.contracts import RunLayout, student_variant
 from ckd_ehr.tune.space import Space, apply_trial, load_space, to_tune
+from ckd_ehr.ray_utils import init_ray
+from ckd_ehr.metrics import macro_auroc, all_scores, bootstrap_scores, delta_summary
 
 log = logging.getLogger(__name__)
 SEARCH_FILE = "search.json"
@@ -63,6 +66,7 @@ def _trial_config(base: dict, params: dict, target: str, metric: str) -> Pipelin
 def _train_trial(params: dict, base: dict, target: str, metric: str, train_root: str,
                  variant: str = "ckd_ehr") -> None:
     """One Tune trial: train the target with the sampled params; Train reports reach Tune."""
+    # not at module level: ray, loaded only when this runs
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -72,12 +76,14 @@ def _train_trial(params: dict, base: dict, target: str, metric: str, train_root:
     layout = RunLayout(cfg.run_dir)
     storage_path = storage.join(train_root, tune.get_context().get_trial_id())
     if target == "teacher":
+        # not at module level: imported only on this branch
         from ckd_ehr.teacher.train import teacher_task
 
         # trials share the frozen backbone's probe features (LoRA rank does not change them)
         section, task = cfg.teacher, teacher_task(cfg.teacher, layout.augmented("train"), layout.augmented("val"),
                                                   feature_cache=layout.teacher_probe_features)
     else:
+        # not at module level: imported only on this branch
         from ckd_ehr.student.run import build_student_task
 
         section, task = cfg.student, build_student_task(cfg, variant).task
@@ -104,6 +110,7 @@ def _check_inputs(space: Space, layout: RunLayout) -> None:
 
 
 def _max_concurrent(cfg: PipelineConfig) -> int:
+    # not at module level: ray, loaded only when this runs
     import ray
 
     if cfg.tune.max_concurrent_trials:
@@ -119,10 +126,10 @@ def _max_concurrent(cfg: PipelineConfig) -> int:
 def run_tune(cfg: PipelineConfig, space_file: str, num_samples: int | None = None,
              experiment_dir: str | None = None, resume: bool = False) -> dict:
     """Run (or, with resume, restore and finish) a search; returns the best trial's summary."""
+    # not at module level: ray, loaded only when this runs
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from ckd_ehr.ray_utils import init_ray
 
     space = load_space(space_file)
     layout = RunLayout(cfg.run_dir)
@@ -184,6 +191,7 @@ def run_tune(cfg: PipelineConfig, space_file: str, num_samples: int | None = Non
 
 def _trial_rows(exp_dir: str) -> tuple[list[dict], dict]:
     """One row per trial: params, best and last metric, iterations, status."""
+    # not at module level: ray, loaded only when this runs
     from ray.tune import ExperimentAnalysis
 
     search = storage.read_json(storage.join(exp_dir, SEARCH_FILE))
@@ -214,7 +222,6 @@ def _trial_validation(exp_dir: str, trial_id: str) -> tuple[float, np.ndarray, n
     """(validation macro AUROC, labels, probabilities) of a trial's validated checkpoint with the
     best validation macro AUROC (checkpoints keep `val_logits.npy` / `val_labels.npy`,
     ckd_ehr.training.loop), or None."""
-    from ckd_ehr.metrics import macro_auroc
 
     best = None
     for d in sorted(glob.glob(os.path.join(exp_dir, "train", trial_id, "**", "val_logits.npy"), recursive=True)):
@@ -238,7 +245,6 @@ def noise_floor(exp_dir: str, trial_ids: list[str], resamples: int = NOISE_FLOOR
     hold no validation scores, the trials validated different rows, or the experiment is not
     on a local disk. Rows are resampled, not patients: checkpoints keep no patient ids (the
     demo's validation split has about 1.1 pairs per patient)."""
-    from ckd_ehr.metrics import all_scores, bootstrap_scores, delta_summary
 
     if storage.is_uri(exp_dir):
         return {}, "noise floor: computed for a local experiment directory only"
@@ -269,9 +275,11 @@ def noise_floor(exp_dir: str, trial_ids: list[str], resamples: int = NOISE_FLOOR
 
 def tune_report(experiment_dir: str, out_dir: str | None = None) -> dict:
     """trials.csv, best_config.yaml (a pipeline config) and PNG plots of an experiment."""
+    # not at module level: matplotlib, loaded only when this runs
     import matplotlib
 
     matplotlib.use("Agg")
+    # not at module level: matplotlib, loaded only when this runs
     import matplotlib.pyplot as plt
     import pandas as pd
 
@@ -330,11 +338,11 @@ def tune_report(experiment_dir: str, out_dir: str | None = None) -> dict:
 
 
 def _save(fig, out_dir: str, name: str) -> str:
-    import io
 
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
+    # not at module level: matplotlib, loaded only when this runs
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -16,8 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+import json
+import copy
 
 from ckd_ehr.config import ConfigError, PipelineConfig, apply_overrides, build, load_yaml
+from ckd_ehr.contracts import STUDENT_VARIANTS
 
 SAMPLERS = ("choice", "uniform", "loguniform", "randint", "quniform", "grid_search")
 DERIVED = {"teacher.lora.alpha_over_rank"}
@@ -82,7 +85,6 @@ def load_space(path: str | Path) -> Space:
             except ConfigError as exc:
                 raise ConfigError(str(exc)) from None
     variant = data.get("variant", "ckd_ehr")
-    from ckd_ehr.contracts import STUDENT_VARIANTS
 
     if target != "student" and "variant" in data or variant not in STUDENT_VARIANTS:
         raise ConfigError(f"{source}: key 'variant' = {variant!r}: a student search's variant, one of "
@@ -96,12 +98,12 @@ only valid with a teacher that pools by label attention (the run's config says s
 
 
 def _yaml(value: Any) -> str:
-    import json
     return "null" if value is None else json.dumps(value)
 
 
 def to_tune(space: Space) -> dict[str, Any]:
     """The param_space for ray.tune.Tuner (flat dotted keys)."""
+    # not at module level: ray, loaded only when this runs
     from ray import tune
 
     out = {}
@@ -133,6 +135,5 @@ def trial_overrides(params: dict[str, Any]) -> list[str]:
 
 
 def apply_trial(base: dict[str, Any], params: dict[str, Any]) -> PipelineConfig:
-    import copy
 
     return build(PipelineConfig, apply_overrides(copy.deepcopy(base), trial_overrides(params)), source="trial")

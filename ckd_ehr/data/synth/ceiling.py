@@ -34,6 +34,7 @@ from ckd_ehr.config import SynthConfig, config_hash
 from ckd_ehr.contracts import RunLayout
 from ckd_ehr.phenotypes import NUM_PHENOTYPES, code_to_phenotype_table
 from ckd_ehr.data.synth.model import CLUSTER_OF, CLUSTERS, constants_dict
+from ckd_ehr.phenotypes import phenotype_names
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,6 @@ def design(summary: np.ndarray, j: int, drugs: bool) -> np.ndarray:
 
 
 def roles_from_truth(truth: dict) -> dict[str, dict[int, list[str]]]:
-    from ckd_ehr.phenotypes import phenotype_names
 
     index = {n: j for j, n in enumerate(phenotype_names())}
     return {role: {index[p]: list(ds) for p, ds in (truth.get(key) or {}).items()}
@@ -164,6 +164,7 @@ def cohort_items(cohort) -> list[tuple[str, str]]:
 
 def fit(summary: np.ndarray, labels: np.ndarray, drugs: bool) -> tuple[np.ndarray, np.ndarray]:
     """(coef (25, F), intercept (25,)) of phenotype-wise logistic regressions."""
+    # not at module level: sklearn, loaded only when this runs
     from sklearn.linear_model import LogisticRegression
 
     coefs, intercepts = [], []

@@ -41,9 +41,9 @@ from ckd_ehr.data.synth.oracle import ORACLE_FILE, next_visit_probabilities, ora
 from ckd_ehr.data.synth.tables import (TABLES, admissions_table, d_icd_diagnoses_table, d_icd_procedures_table,
                            diagnoses_table, file_name, patients_table, prescriptions_table,
                            procedures_table, write_table)
+from ckd_ehr.metrics import auroc_per_label, macro_label_set
 
 log = logging.getLogger("ckd_ehr.data.synth.cohort")
-
 
 
 def write_cohort(out_dir: str, cfg: SynthConfig) -> dict[str, int]:
@@ -97,7 +97,7 @@ def ground_truth(cohort, cfg: SynthConfig, counts: dict[str, int]) -> dict:
 
 def oracle_truth(cohort, cfg: SynthConfig, first: np.ndarray, truth: dict) -> dict:
     """planted_effects and the ceilings' macro AUROC (see the module docstring)."""
-    from ckd_ehr.metrics import auroc_per_label, macro_label_set
+    # not at module level: scipy, loaded only when this runs
     from ckd_ehr.data.synth.ceiling import read_ceiling
 
     probs = next_visit_probabilities(cohort, cfg, first, drugs=True)
