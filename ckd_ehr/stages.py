@@ -9,12 +9,12 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from typing import Callable
+
 from pydantic import BaseModel
 
 from ckd_ehr import storage
 from ckd_ehr.config import PipelineConfig
-from ckd_ehr.contracts import SIDE_TEACHERS, SPLITS, TEACHER_ROWS, RunLayout
-from ckd_ehr.contracts import student_variant
+from ckd_ehr.contracts import SIDE_TEACHERS, SPLITS, TEACHER_ROWS, RunLayout, student_variant
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,6 @@ class _Partial:
 def stage_config(cfg: PipelineConfig, stage: Stage) -> PipelineConfig:
     """`cfg` as `stage` may see it: its declared sections and fields (and ALWAYS_READABLE); every
     other section is a stand-in whose reads raise UndeclaredSectionError naming it and the stage."""
-
     whole = set(stage.sections) | set(ALWAYS_READABLE)
     fields: dict[str, set[str]] = {}
     for entry in stage.sections:
@@ -183,7 +182,6 @@ def _variants(cfg: PipelineConfig) -> list[str]:
 
 def _needs(cfg: PipelineConfig, source: str) -> bool:
     """Whether a trained variant distils from soft labels of `source` (contracts.SOFT_LABEL_SOURCES)."""
-
     return any(student_variant(v).distills and student_variant(v).soft_labels == source for v in cfg.student.variants)
 
 
