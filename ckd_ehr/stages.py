@@ -238,9 +238,13 @@ STAGES: tuple[Stage, ...] = (
           + _synthetic(c, [r.raw_dir]),
           lambda c, r: [r.metrics] + ([r.text_fit] if c.eadf.text_fit_report else []),
           "metrics of every student variant and the teacher on the test split",
-          # the reference rows kept between runs; the predictions directory, where it writes the
-          # reference, probe and served-precision rows beside the student stage's
-          lambda c, r: [c.evaluate.reference_dir or r.path("evaluate", "references"), r.predictions_dir]),
+          # caches: the reference rows kept between runs; the predictions directory, where it
+          # writes the reference, probe and served-precision rows beside the student stage's.
+          # Optional inputs: the frozen models' states the teacher, soft-label and student stages
+          # cached, which the probe rows read.
+          caches=lambda c, r: [c.evaluate.reference_dir or r.path("evaluate", "references"), r.predictions_dir],
+          optional_inputs=lambda c, r: [c.teacher.frozen_cache_dir or r.teacher_frozen_cache,
+                                        c.student.frozen_cache_dir or r.student_frozen_cache]),
     Stage("report", "evaluation.report", "run_report", ("evaluate",),
           lambda c, r: [r.metrics],
           lambda c, r: [r.report_md, r.report_html, r.report_dir],   # the figures beside them

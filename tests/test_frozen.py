@@ -151,8 +151,10 @@ def test_test_rows_go_through_the_top_layers_on_cached_states(tmp_path, tiny_ber
     probe row then reads val and test from it, and agrees with the uncached frozen encoder."""
     import shutil
 
+    from ckd_ehr import storage
     from ckd_ehr.contracts import RunLayout
     from ckd_ehr.evaluation.probe_rows import student_probe_row
+    from ckd_ehr.stages import stage, undeclared_files
     from ckd_ehr.modeling.frozen import CACHE_DTYPES, LayerCache, layer_cache_key
     from ckd_ehr.student.model import predict_ids
     from ckd_ehr.student.run import _predict_remote, build_student_task
@@ -191,8 +193,10 @@ def test_test_rows_go_through_the_top_layers_on_cached_states(tmp_path, tiny_ber
     layout = RunLayout(str(tmp_path))
     art = layout.student_artifact("ckd_ehr")
     shutil.copytree(last, art)   # a stand-in artifact: the probe head is all the probe row reads
-    (frame, _, details), _ = student_probe_row(cfg, layout, "ckd_ehr")
+    with storage.recording() as touched:
+        (frame, _, details), _ = student_probe_row(cfg, layout, "ckd_ehr")
     assert details["rows_from_frozen_cache"] > len(test.input_ids)
+    assert not undeclared_files(stage("evaluate"), cfg, touched)   # evaluate declares what its probe row reads
     shutil.rmtree(built.task.frozen_cache)
     (plain, _, details), _ = student_probe_row(cfg, layout, "ckd_ehr")
     assert details["rows_from_frozen_cache"] == 0

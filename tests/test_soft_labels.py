@@ -246,6 +246,7 @@ def test_a_teacher_trained_on_its_top_layers_scores_its_cached_rows_through_them
     from ckd_ehr.config import PipelineConfig, TeacherConfig
     from ckd_ehr.evaluation.probe_rows import teacher_probe_row
     from ckd_ehr.soft_labels.run import run_soft_labels
+    from ckd_ehr.stages import stage, undeclared_files
     from ckd_ehr.teacher import load_teacher, predict_logits, write_artifact
     from ckd_ehr.teacher.train import teacher_feature_key, teacher_task
     from ckd_ehr.training import LocalReporter, TrainLoop, WorkerContext
@@ -277,7 +278,9 @@ def test_a_teacher_trained_on_its_top_layers_scores_its_cached_rows_through_them
         if not with_cache:
             shutil.rmtree(layout.teacher_frozen_cache)
         summary = run_soft_labels(cfg)
-        (frame, _, details), _ = teacher_probe_row(cfg, layout)
+        with storage.recording() as touched:
+            (frame, _, details), _ = teacher_probe_row(cfg, layout)
+        assert not undeclared_files(stage("evaluate"), cfg, touched)   # evaluate declares what its probe row reads
         assert details["rows_from_frozen_cache"] == (rows["val"] + rows["test"] if with_cache else 0)
         probe_rows.append(np.stack(frame["probs"]))
         from_cache = {split: summary["splits"][split]["rows_from_frozen_cache"] for split in SPLITS}
