@@ -59,41 +59,38 @@ class LayerCache:
     def __init__(self, directory: str, key: str, dtype: torch.dtype):
         self.directory, self.key, self.dtype = directory, key, dtype
 
+    def _cached_rows(self, wanted=None):
+        """(row digest, states [t, H]) of every row stored under this key; with `wanted` (a set
+        of digests), only the files that hold one of them are read into tensors."""
+        if not storage.exists(self.directory):
+            return
+        for path in storage.list_files(self.directory, ".npz"):
+            with np.load(io.BytesIO(storage.read_bytes(path))) as f:
+                if str(f["key"]) != self.key:
+                    continue
+                digests = f["rows"].tolist()
+                if wanted is not None and not any(d in wanted for d in digests):
+                    continue
+                states = _from_numpy(f["states"], self.dtype)
+                starts = np.concatenate([[0], np.cumsum(f["lengths"])])
+                for d, a, b in zip(digests, starts[:-1], starts[1:]):
+                    yield d, states[a:b].clone()
+
     def lookup(self, rows: Sequence[Sequence[int]]) -> list[torch.Tensor | None]:
         """Each row's states [t, H] (None where not cached)."""
         wanted: dict[str, list[int]] = {}
         for i, r in enumerate(rows):   # a text can repeat (two visits rendered alike)
             wanted.setdefault(row_digest(r), []).append(i)
         out: list[torch.Tensor | None] = [None] * len(rows)
-        for path in storage.list_files(self.directory, ".npz"):
-            with np.load(io.BytesIO(storage.read_bytes(path))) as f:
-                if str(f["key"]) != self.key:
-                    continue
-                digests, lengths = f["rows"].tolist(), f["lengths"]
-                if not any(d in wanted for d in digests):
-                    continue
-                states = _from_numpy(f["states"], self.dtype)
-                starts = np.concatenate([[0], np.cumsum(lengths)])
-                for d, a, b in zip(digests, starts[:-1], starts[1:]):
-                    for i in wanted.get(d, ()):
-                        out[i] = states[a:b].clone()
+        for d, states in self._cached_rows(wanted):
+            for i in wanted.get(d, ()):
+                out[i] = states
         return out
 
     def load_all(self) -> dict[str, torch.Tensor]:
         """{row digest: states [t, H]} of every row cached under this key (one read of the
         directory, for a reader that does not know its rows in advance: a Ray Data actor)."""
-        out: dict[str, torch.Tensor] = {}
-        if not storage.exists(self.directory):
-            return out
-        for path in storage.list_files(self.directory, ".npz"):
-            with np.load(io.BytesIO(storage.read_bytes(path))) as f:
-                if str(f["key"]) != self.key:
-                    continue
-                states = _from_numpy(f["states"], self.dtype)
-                starts = np.concatenate([[0], np.cumsum(f["lengths"])])
-                for d, a, b in zip(f["rows"].tolist(), starts[:-1], starts[1:]):
-                    out[d] = states[a:b].clone()
-        return out
+        return dict(self._cached_rows())
 
     def add(self, rows: Sequence[Sequence[int]], states: Sequence[torch.Tensor]) -> None:
         """Store the states of `rows` (one new file)."""
