@@ -138,7 +138,11 @@ def teacher_frozen_cache(layout: RunLayout, meta: dict) -> tuple[str, str, int, 
     return directory, teacher_frozen_key(tcfg), int(tcfg["train_top_layers"]), tcfg.get("frozen_cache_dtype", "float32")
 
 
-def teacher_task(tc, train_path: str, val_path: str, tokenizer=None, feature_cache: str | None = None) -> TrainTask:
+def teacher_task(tc, train_path: str, val_path: str, tokenizer=None, feature_cache: str | None = None,
+                 frozen_cache: str | None = None) -> TrainTask:
+    """The teacher's training task. `feature_cache`: where head_init probe keeps the frozen
+    backbone's features; `frozen_cache`: where train_top_layers keeps the frozen layers' states
+    (None: nowhere). Tune's trials pass the run's caches too, so they share them."""
     tokenizer = tokenizer or load_tokenizer(tc)
     if tc.head == "generative":   # the language-model loss on the answer; validation reports val_loss
         # not at module level: imported only on this branch
@@ -154,11 +158,15 @@ def teacher_task(tc, train_path: str, val_path: str, tokenizer=None, feature_cac
         pos_weight = balanced_pos_weight(labels)
     # The frozen backbone's features of the probe's rows are kept: a teacher that keeps its probe
     # (step 0) gets its soft labels of those rows from them (ckd_ehr.soft_labels.scoring).
-    return TrainTask(build_model=BuildTeacher(tc), load_data=TeacherData(tc, train_path, val_path),
+    task = TrainTask(build_model=BuildTeacher(tc), load_data=TeacherData(tc, train_path, val_path),
                      collate=Collate(pad_id(tokenizer)), loss_fn=BCELoss(pos_weight),
                      param_groups=TeacherParamGroups(tc), save_weights=SaveTeacherWeights(),
                      model_size=TeacherSize(tc), feature_cache=feature_cache,
                      feature_key=teacher_feature_key(tc.model_dump(mode="json"), tc.train_dtype()))
+    task.frozen_cache = frozen_cache
+    # (the loop adds the top layers and the cache dtype: teacher_frozen_key is the whole key)
+    task.frozen_key = teacher_feature_key({**tc.model_dump(mode="json"), "pooling": "any"}, tc.train_dtype())
+    return task
 
 
 def train_teacher(tc, train_path: str, val_path: str, storage_path: str, name: str,
@@ -169,10 +177,7 @@ def train_teacher(tc, train_path: str, val_path: str, storage_path: str, name: s
     backbone's features; `frozen_cache`: where train_top_layers keeps the frozen layers' states
     (None: nowhere)."""
     tokenizer = load_tokenizer(tc)
-    task = teacher_task(tc, train_path, val_path, tokenizer, feature_cache)
-    task.frozen_cache = frozen_cache
-    task.frozen_key = teacher_feature_key({**tc.model_dump(mode="json"), "pooling": "any"}, tc.train_dtype())
-    # (the loop adds the top layers and the cache dtype: teacher_frozen_key is the whole key)
+    task = teacher_task(tc, train_path, val_path, tokenizer, feature_cache, frozen_cache)
     start = time.time()
     result = fit(tc, task, storage_path=storage_path, name=name)
     wall = time.time() - start

@@ -79,9 +79,12 @@ def _train_trial(params: dict, base: dict, target: str, metric: str, train_root:
         # not at module level: imported only on this branch
         from ckd_ehr.teacher.train import teacher_task
 
-        # trials share the frozen backbone's probe features (LoRA rank does not change them)
-        section, task = cfg.teacher, teacher_task(cfg.teacher, layout.augmented("train"), layout.augmented("val"),
-                                                  feature_cache=layout.teacher_probe_features)
+        # trials share the frozen backbone's probe features (LoRA rank does not change them) and
+        # the frozen layers' states (train_top_layers; keyed on what decides them)
+        section, task = cfg.teacher, teacher_task(
+            cfg.teacher, layout.augmented("train"), layout.augmented("val"),
+            feature_cache=layout.teacher_probe_features,
+            frozen_cache=cfg.teacher.frozen_cache_dir or layout.teacher_frozen_cache)
     else:
         # not at module level: imported only on this branch
         from ckd_ehr.student.run import build_student_task
