@@ -70,6 +70,12 @@ def test_override_sets_nested_value():
     assert cfg.split.seed == 7 and cfg.teacher.lora.rank == 16 and cfg.run_dir == "/tmp/x"
 
 
+def test_autocast_on_and_off_read_as_written():
+    # YAML reads a bare on/off as a boolean; the field takes them as the words they are
+    cfg = load_config(PipelineConfig, None, ["teacher.autocast=on", "student.autocast=off"])
+    assert (cfg.teacher.autocast, cfg.student.autocast) == ("on", "off")
+
+
 @pytest.mark.parametrize("override, fragment", [
     (["split.bogus=1"], "unknown key 'split.bogus'"),
     (["split.train=0.9"], "sum to 1"),

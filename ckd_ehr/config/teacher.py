@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ckd_ehr.config.base import Section
 
@@ -78,6 +78,12 @@ class TrainerConfig(Section):
     """bf16 autocast of training and validation on CPU workers: `auto` times a training step
     both ways at start-up and takes bf16 when it is at least 5% faster (the log states the
     choice and both times); `on`/`off` force it. Not used on GPUs or with DeepSpeed."""
+
+    @field_validator("autocast", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        # YAML reads a bare `on`/`off` (in a file or in --set) as a boolean
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     def train_dtype(self) -> str:
         """The dtype the model's weights train in (DeepSpeed's bf16 follows it on GPUs)."""
