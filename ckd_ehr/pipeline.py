@@ -14,7 +14,6 @@ import time
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ckd_ehr import storage
@@ -30,19 +29,6 @@ log = logging.getLogger(__name__)
 
 class PipelineError(RuntimeError):
     """A stage failed; the message names it."""
-
-
-def file_fingerprint(path: str) -> str | None:
-    """Size and mtime of a file, or of every file under a directory; None if absent."""
-    fs, inner = storage.resolve(path)
-    info = fs.get_file_info(inner)
-    if info.type == pafs.FileType.NotFound:
-        return None
-    if info.type == pafs.FileType.File:
-        return f"{info.size}:{info.mtime_ns}"
-    files = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
-    parts = sorted(f"{f.path[len(inner):]}:{f.size}:{f.mtime_ns}" for f in files if f.type == pafs.FileType.File)
-    return config_hash({"files": parts})
 
 
 def _rows(path: str) -> int | None:
@@ -136,7 +122,7 @@ def plan_resume(cfg: PipelineConfig, manifest: dict, stages: list[Stage] | None 
 
 def _required_inputs(stage: Stage, cfg: PipelineConfig, layout: RunLayout) -> dict[str, str]:
     """The stage's input fingerprints; PipelineError naming those that are missing."""
-    inputs = {p: file_fingerprint(p) for p in stage.inputs(cfg, layout) if p}
+    inputs = {p: storage.fingerprint(p) for p in stage.inputs(cfg, layout) if p}
     missing = [p for p, fp in inputs.items() if fp is None]
     if missing:
         raise PipelineError(f"stage {stage.name}: input(s) missing: {', '.join(missing)} "
@@ -170,7 +156,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, from_stage: str | No
         inputs = _required_inputs(stage, cfg, layout)
         chash = stage_hash(stage, cfg)
         if (resume and _same_config(record, stage, cfg) and record.get("inputs") == inputs
-                and all(file_fingerprint(p) is not None for p in record.get("outputs", {}))):
+                and all(storage.fingerprint(p) is not None for p in record.get("outputs", {}))):
             log.info("[%d/%d] %s: unchanged, skipped (--resume)", i, len(stages), stage.name)
             record["skipped"] = True
             continue
@@ -190,7 +176,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, from_stage: str | No
         record.update(
             status="done", seconds=round(time.time() - started, 1), skipped=False,
             finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            outputs={p: {"rows": _rows(p), "fingerprint": file_fingerprint(p)} for p in stage.outputs(cfg, layout)},
+            outputs={p: {"rows": _rows(p), "fingerprint": storage.fingerprint(p)} for p in stage.outputs(cfg, layout)},
             summary=result if isinstance(result, dict) else None,
         )
         storage.write_json(layout.manifest, manifest)

@@ -7,6 +7,7 @@ into place, so a crash never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import posixpath
@@ -195,6 +196,21 @@ def size(path: str | os.PathLike) -> int:
     """Bytes of one file, local or remote."""
     fs, inner = resolve(path)
     return int(fs.get_file_info(inner).size or 0)
+
+
+def fingerprint(path: str | os.PathLike) -> str | None:
+    """Size and mtime of a file, or of every file under a directory; None if absent. What a
+    stage's inputs were, for the resume planner (a changed input reruns the stage) and for
+    training-run names (a changed input starts a fresh run, never resumes a stale one)."""
+    fs, inner = resolve(path)
+    info = fs.get_file_info(inner)
+    if info.type == pafs.FileType.NotFound:
+        return None
+    if info.type == pafs.FileType.File:
+        return f"{info.size}:{info.mtime_ns}"
+    files = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+    parts = sorted(f"{f.path[len(inner):]}:{f.size}:{f.mtime_ns}" for f in files if f.type == pafs.FileType.File)
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def list_files(directory: str | os.PathLike, suffix: str = "") -> list[str]:

@@ -1,13 +1,15 @@
 """The pipeline runner: manifest, --resume, --from/--to, and failures that name the stage."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 
 from ckd_ehr import storage
 from ckd_ehr.cli import main
 from ckd_ehr.config import PipelineConfig, build
-from ckd_ehr.contracts import SPLITS, RunLayout
+from ckd_ehr.contracts import SPLITS, TEACHER_META, RunLayout
 from ckd_ehr.pipeline import PipelineError, run_pipeline
 
 from pipeline_configs import small_pipeline_config
@@ -41,6 +43,23 @@ def test_data_stages_resume_and_rerun_on_change(cfg_dict, ray_local):
     third = run_pipeline(cfg2, resume=True, to_stage="eadf")
     assert third["stages"]["prepare"]["skipped"] and not third["stages"]["eadf"]["skipped"]
     assert third["stages"]["eadf"]["config_hash"] != again["stages"]["eadf"]["config_hash"]
+
+
+def test_changed_eadf_text_retrains_the_teacher(cfg_dict, ray_local):
+    """The teacher's run name carries its input files' fingerprints: after EADF reruns, --resume
+    starts a fresh teacher run instead of resuming the old one's checkpoints (issue 43: it once
+    "resumed" at the old run's last step and never trained on the new text)."""
+    cfg = build(PipelineConfig, cfg_dict)
+    layout = RunLayout(cfg.run_dir)
+    run_pipeline(cfg, to_stage="teacher")
+    first = set(os.listdir(layout.teacher_train))
+    cfg2 = build(PipelineConfig, {**cfg_dict, "eadf": {**cfg_dict["eadf"], "top_k": 3}})
+    manifest = run_pipeline(cfg2, resume=True, to_stage="teacher")
+    assert not manifest["stages"]["eadf"]["skipped"] and not manifest["stages"]["teacher"]["skipped"]
+    runs = set(os.listdir(layout.teacher_train))
+    assert len(first) == 1 and len(runs - first) == 1, (first, runs)
+    meta = storage.read_json(storage.join(layout.teacher_artifact, TEACHER_META))
+    assert meta["metrics"]["resumed_from_step"] == -1
 
 
 def test_failing_stage_is_named_and_earlier_outputs_survive(cfg_dict, ray_local, tmp_path):

@@ -14,7 +14,7 @@ from ckd_ehr.contracts import (CONTROL_TEXTS, SPLITS, TEACHER_META, RunLayout,
 from ckd_ehr.study.cohorts import study_cohorts, with_sections
 from ckd_ehr.study.collect import collect
 from ckd_ehr.study.summary import summarise
-from ckd_ehr.pipeline import file_fingerprint as fp, run_pipeline
+from ckd_ehr.pipeline import run_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +34,12 @@ SIDE_TEACHER_SETTINGS = {
 
 # running ------------------------------------------------------------------------------------
 
-def _fingerprint(layout: RunLayout) -> str | None:
-
-    return fp(layout.efficacy_table)
-
-
 def _copy_base(base: RunLayout, dest: RunLayout) -> None:
     """Give `dest` the base run's cohort, split and EADF outputs, once (again only when the base
     changed), so the pipeline's --resume sees unchanged inputs in a resumed study."""
 
     marker = dest.path("study_inputs.json")
-    stamp = {"base": base.root, "efficacy_table": _fingerprint(base)}
+    stamp = {"base": base.root, "efficacy_table": storage.fingerprint(base.efficacy_table)}
     if storage.exists(marker) and storage.read_json(marker) == stamp:
         return
     src_fs, _ = storage.resolve(base.root)

@@ -17,8 +17,10 @@ def run_teacher(cfg) -> dict:
         if not storage.exists(p):
             raise FileNotFoundError(f"{p}: no such file (run `ckd-ehr eadf` first)")
     init_ray(cfg.ray)
-    # Same config -> same run name: rerunning after a crash resumes from the last checkpoint.
-    name = f"teacher-{config_hash(cfg.teacher)}"
+    # The run name carries the config and the input files: the same ones resume from the last
+    # checkpoint (Ray Train resumes a reused name), changed EADF text starts a fresh run.
+    name = "teacher-" + config_hash({"teacher": cfg.teacher.model_dump(mode="json"),
+                                     "inputs": [storage.fingerprint(p) for p in (train_path, val_path)]})
     _, meta = train_teacher(cfg.teacher, train_path, val_path, layout.teacher_train, name, layout.teacher_artifact,
                             feature_cache=layout.teacher_probe_features,
                             frozen_cache=cfg.teacher.frozen_cache_dir or layout.teacher_frozen_cache)
