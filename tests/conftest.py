@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from helpers.paths import DEMO_DATA
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,7 +16,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # One intra-op thread for torch in this process and its subprocesses (Ray's 1-CPU workers get
 # one anyway). The tests' models are tiny, so a second thread gains little, while on a busy
 # 2-core machine two spinning OpenMP threads made in-process training 5-10x slower (measured:
-# tests/test_teacher.py::test_every_pooling_trains 18-25 s each with 2 threads, 3-4 s with 1).
+# tests/teacher/test_teacher.py::test_every_pooling_trains 18-25 s each with 2 threads, 3-4 s with 1).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Ray >= 2.59 runs `ray start` heads with token authentication; every client of the test
 # heads (this process, CLI subprocesses, job clients) must then be in token mode. Ray reads
@@ -63,11 +65,6 @@ for _k, _v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KE
                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                "AWS_EC2_METADATA_DISABLED": "true"}.items():
     os.environ[_k] = _v
-
-REPO = Path(__file__).resolve().parents[1]
-# The open MIMIC-III and MIMIC-IV demos (ODbL), vendored with their licence and checksums
-# (tests/data/README.md): a clean clone needs nothing beside it.
-DEMO_DATA = Path(__file__).resolve().parent / "data"
 
 
 RAY_FIXTURES = {"ray_cluster", "ray_local"}
@@ -146,7 +143,7 @@ def ray_cluster():
     """One Ray head on 127.0.0.1 for the whole session (2 CPUs, like CI), with the job API;
     this process is connected to it. Yields the head (see ray_head.py)."""
     import ray
-    from ray_head import start_head
+    from helpers.ray_head import start_head
 
     head = start_head(num_cpus=2, object_store_mb=1024)
     # Subprocesses of the tests (CLI calls) and the workers join this cluster.
@@ -239,7 +236,7 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 def tiny_run(tmp_path_factory, ray_cluster, tiny_qwen_dir, tiny_bert_dir):
     """The suite's one end-to-end run (see tiny_run.py): every stage, tiny models, submitted as
     a Ray job to the session's head. Fails here, with the job's log, if the job did not succeed."""
-    from tiny_run import submit_pipeline_job
+    from helpers.tiny_run import submit_pipeline_job
 
     run = submit_pipeline_job(ray_cluster, tmp_path_factory.mktemp("tiny_run"), tiny_qwen_dir, tiny_bert_dir)
     if run.status != "SUCCEEDED":
@@ -247,11 +244,20 @@ def tiny_run(tmp_path_factory, ray_cluster, tiny_qwen_dir, tiny_bert_dir):
     return run
 
 
+@pytest.fixture
+def two_cohort_study(tmp_path):
+    """Finished runs of two cohorts written by hand and a study config naming them (the study's
+    summary tests and the README's study command)."""
+    from helpers.study_runs import write_two_cohort_study
+
+    return write_two_cohort_study(tmp_path)
+
+
 @pytest.fixture()
 def tiny_run_copy(tiny_run, tmp_path) -> dict:
     """A private copy of the shared run up to its soft labels (data, EADF, teacher artifact,
     soft labels), for tests that train or write into a run directory. Returns its config dict."""
-    from tiny_run import copy_run
+    from helpers.tiny_run import copy_run
 
     run_dir = copy_run(tiny_run.run_dir, tmp_path / "tiny_run")
     return {**tiny_run.config, "run_dir": str(run_dir)}

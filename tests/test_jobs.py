@@ -2,7 +2,7 @@
 shipped entrypoint and runtime_env, waited on until SUCCEEDED, outputs checked.
 
 This is also the end-to-end test of the whole pipeline (tiny models, tiny cohort). The job is
-the suite's one shared end-to-end run (the `tiny_run` fixture, tests/tiny_run.py), which the
+the suite's one shared end-to-end run (the `tiny_run` fixture, tests/helpers/tiny_run.py), which the
 tests that need trained artifacts reuse."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 
 from ckd_ehr import storage
 from ckd_ehr.contracts import RunLayout
-from tiny_run import TINY_RUN_VARIANTS, TO_SOFT_LABELS, copy_run
+from helpers.tiny_run import TINY_RUN_VARIANTS, TO_SOFT_LABELS, copy_run
 
 
 def test_pipeline_submitted_as_a_ray_job(tiny_run):

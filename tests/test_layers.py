@@ -115,3 +115,33 @@ def test_imports_inside_functions_say_why():
             if not above.startswith("#") and not any("#" in text[i - 1] for i in range(first, last + 1)):
                 silent.append(f"{path.relative_to(ROOT)}:{first}: {text[first - 1].strip()}")
     assert not silent, f"{len(silent)} import(s) inside functions with no reason given:\n" + "\n".join(silent[:40])
+
+
+TESTS = ROOT / "tests"
+TOP_LEVEL_TESTS = {"test_jobs.py", "test_layers.py", "test_metrics.py", "test_phenotypes.py", "test_pipeline.py",
+                   "test_readme.py", "test_s3_run.py", "test_stage_contracts.py", "test_storage.py"}
+"""Tests of the top-level modules and of what spans the project (layers, jobs, the README)."""
+
+
+def test_tests_are_laid_out_like_the_package():
+    """tests/<package>/ for ckd_ehr/<package>/ (tests/cluster/ for cluster/), shared helpers only
+    in tests/helpers/, and no test module importing another test module."""
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()} | {"cluster"}
+    misplaced, cross = [], []
+    for path in TESTS.rglob("*.py"):
+        rel = path.relative_to(TESTS)
+        if rel.parts[0] == "helpers" or rel.name == "conftest.py" and len(rel.parts) == 1:
+            continue
+        if len(rel.parts) == 1:
+            ok = rel.name in TOP_LEVEL_TESTS
+        else:
+            ok = len(rel.parts) == 2 and rel.parts[0] in packages and rel.name.startswith("test_")
+        if not ok:
+            misplaced.append(str(rel))
+        for node in ast.walk(ast.parse(path.read_text())):
+            module = node.module if isinstance(node, ast.ImportFrom) else None
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [module or ""]
+            if any(n.split(".")[0].startswith(("test_", "conftest")) for n in names):
+                cross.append(f"{rel}: {names}")
+    assert not misplaced, f"test files outside the package's layout (tests/<package>/test_*.py): {misplaced}"
+    assert not cross, f"a test module imports a test module (shared code goes into tests/helpers/): {cross}"

@@ -12,7 +12,7 @@ from ckd_ehr.config import PipelineConfig, build
 from ckd_ehr.contracts import SPLITS, TEACHER_META, RunLayout
 from ckd_ehr.pipeline import PipelineError, run_pipeline
 
-from pipeline_configs import small_pipeline_config
+from helpers.pipeline_configs import small_pipeline_config
 
 
 @pytest.fixture()

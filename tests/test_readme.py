@@ -26,9 +26,8 @@ import numpy as np
 import pytest
 import yaml
 
-from test_study import two_cohort_study  # noqa: F401  (a fixture, used through getfixturevalue)
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers.paths import REPO
 README = REPO / "README.md"
 DEMO3 = "tests/data/mimic3_demo"
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)

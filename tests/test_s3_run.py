@@ -4,7 +4,7 @@ on a multi-node cluster where workers share no disk."""
 from __future__ import annotations
 
 import pyarrow.fs as pafs
-from pipeline_configs import small_pipeline_config
+from helpers.pipeline_configs import small_pipeline_config
 
 from ckd_ehr import storage
 from ckd_ehr.config import PipelineConfig, build

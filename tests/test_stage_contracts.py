@@ -7,7 +7,7 @@
   PAIRED; none is skipped.
 - A stage's config view (ckd_ehr.stages.stage_config) raises on an undeclared section or field,
   naming it and the stage; a stage that touches a file it does not declare (input, output or
-  cache) fails naming it; the tiny pipeline (tests/tiny_run.py) runs every stage through both.
+  cache) fails naming it; the tiny pipeline (tests/helpers/tiny_run.py) runs every stage through both.
 - Three fields go end to end: changed after a whole run, `pipeline --resume` reruns exactly
   the planned stages.
 """

@@ -31,7 +31,7 @@ a non-central t on the interval's degrees of freedom exceeds t_{1-alpha/2C} in e
 80% of the time. (The textbook (t_{1-alpha/2C} + t_0.8) * se ignores that se is itself
 estimated from a few seeds: at 2.5 degrees of freedom its "80%" found 70% in simulation.)
 
-No Ray, no models: arrays in, a dict out. Tests: tests/test_contrasts.py simulates 1,000
+No Ray, no models: arrays in, a dict out. Tests: tests/evaluation/test_contrasts.py simulates 1,000
 studies at the shipped design with no true difference (the intervals must cover 0 in 93-97%
 of them) and with a true difference of the detectable size (found at about 80%).
 """

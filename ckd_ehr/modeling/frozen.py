@@ -7,7 +7,7 @@ training and validation row and every step runs only the top k layers and the he
 forward or backward through the frozen part, no optimiser state for it. On a CPU that is most
 of a step's cost (docs: bench train). The frozen part runs in eval mode (no dropout), as any
 frozen feature extractor does; the uncached model in eval mode gives the same logits and
-gradients (tests/test_frozen.py).
+gradients (tests/modeling/test_frozen.py).
 
 A model that supports it implements `freeze_below(k)`, `bottom(**inputs) -> [B, T, H]` and a
 forward that takes `cached=[B, T, H]` in place of the token ids (ckd_ehr.student.model.StudentModel).

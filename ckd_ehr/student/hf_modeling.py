@@ -6,7 +6,7 @@ weights (save_pretrained copies the module of a class registered for an auto cla
 `trust_remote_code=True`, offline, where ckd_ehr is not installed. That is why the student's
 `mean` / `cls` pooling (ckd_ehr.modeling.pooling) and windowed encoding
 (ckd_ehr.student.model.encode_in_windows) are repeated here rather than imported;
-tests/test_serve_guard.py checks that the export gives the artifact's probabilities.
+tests/serve/test_serve_guard.py checks that the export gives the artifact's probabilities.
 
 Why a subclass and not the stock class: stock BertForSequenceClassification feeds the
 classifier tanh(pooler(h[CLS])). The student was trained on the mask-aware MEAN of the last

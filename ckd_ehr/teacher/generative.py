@@ -93,7 +93,7 @@ def answer_loss(lm: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     every prompt position costs most of a step's time on a small model and ~0.6 GB of fp32
     logits per 1,024-token Qwen2.5 sample. transformers' `logits_to_keep` (a boolean [B, T]
     mask) projects only the positions that predict an answer token; the result equals lm_loss
-    (tests/test_generative_teacher.py)."""
+    (tests/teacher/test_generative_teacher.py)."""
     predicts = labels[:, 1:] != IGNORE                                     # position t predicts label t+1
     keep = torch.nn.functional.pad(predicts, (0, 1), value=False)          # [B, T]
     logits = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep).logits

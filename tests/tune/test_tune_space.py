@@ -1,5 +1,4 @@
 """Search spaces: every shipped space loads; bad entries name their key."""
-from pathlib import Path
 
 import pytest
 import yaml
@@ -7,7 +6,7 @@ import yaml
 from ckd_ehr.config import ConfigError, PipelineConfig, build
 from ckd_ehr.tune.space import apply_trial, load_space, to_tune, trial_overrides
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers.paths import REPO
 SPACES = sorted((REPO / "tune_spaces").glob("*.yaml"))
 
 

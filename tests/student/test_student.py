@@ -8,73 +8,12 @@ import pyarrow as pa
 import pytest
 
 from ckd_ehr.config import PipelineConfig, TextConfig
-from ckd_ehr.contracts import AUGMENTED_SAMPLES, EFFICACY, SOFT_LABELS, ContractError, RunLayout
-from ckd_ehr.phenotypes import NUM_PHENOTYPES, phenotype_names
+from ckd_ehr.contracts import ContractError, RunLayout
+from ckd_ehr.phenotypes import NUM_PHENOTYPES
 from ckd_ehr.storage import read_json, read_parquet, write_parquet
 from ckd_ehr.text import render_input
 
-NAMES = phenotype_names()
-# three phenotypes with a marker diagnosis each: the marker at visit i predicts the label
-MARKERS = {0: "Sepsis marker finding", 1: "Diabetes marker finding", 5: "Hypertension marker finding"}
-TOP = {0: ["Vancomycin", "Cefepime"], 5: ["Lisinopril"]}
-FILLER = ["Chronic pain", "Anemia unspecified", "Obesity", "Tobacco use disorder", "Cough"]
-
-
-def _efficacy_table() -> pa.Table:
-    rows = []
-    for p, drugs in TOP.items():
-        for r, d in enumerate(drugs + ["Ward saline"], start=1):
-            rows.append({"phenotype_index": p, "phenotype": NAMES[p], "drug": d, "n_given": 20,
-                         "resolved_given": 15, "n_not_given": 20, "resolved_not_given": 5,
-                         "rate_given": 0.75, "rate_not_given": 0.25, "effect": 0.5, "lower": 0.2,
-                         "upper": 0.7, "risk_ratio": 3.0, "score": 0.2,
-                         "rank": r if d != "Ward saline" else None, "ranking": "efficacy"})
-    return pa.Table.from_pylist(rows, schema=EFFICACY)
-
-
-def _efficacy_map() -> dict[str, list[str]]:
-    return {NAMES[p]: d for p, d in TOP.items()}
-
-
-def _samples(split: str, n: int, seed: int, n_filler: int = 2) -> pa.Table:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        present = [p for p in MARKERS if rng.random() < 0.5]
-        dx = [MARKERS[p] for p in present] + list(rng.choice(FILLER, n_filler))
-        rx = ["Vancomycin"] if 0 in present else ["Acetaminophen"]
-        px = ["Venous cath NEC"]
-        hot = [1 if j in present else 0 for j in range(NUM_PHENOTYPES)]
-        eff = {NAMES[p]: TOP[p] for p in present if p in TOP}
-        sid = 1000 * seed + i
-        rows.append({
-            "sample_id": f"{sid}-{2 * i}-{2 * i + 1}", "subject_id": sid, "hadm_id": 2 * i,
-            "next_hadm_id": 2 * i + 1, "split": split, "admittime": None, "diagnosis_codes": ["0000"] * len(dx),
-            "diagnosis_titles": dx, "diagnosis_short_titles": dx, "procedure_codes": ["3893"],
-            "procedure_titles": px, "drugs": rx, "phenotypes_current": hot, "labels": hot,
-            "text_plain": render_input(dx, rx, px).text,
-            "text_eadf": render_input(dx, rx, px, efficacy=eff).text,
-        })
-    return pa.Table.from_pylist(rows, schema=AUGMENTED_SAMPLES)
-
-
-def _soft(samples: pa.Table) -> pa.Table:
-    y = np.asarray(samples.column("labels").to_pylist(), dtype=np.float32)
-    p = 0.1 + 0.8 * y
-    return pa.Table.from_pydict({
-        "sample_id": samples.column("sample_id"), "logits": np.log(p / (1 - p)).tolist(),
-        "probs": p.tolist(), "teacher_id": ["teacher-test"] * len(y)}, schema=SOFT_LABELS)
-
-
-def build_run_dir(root, sizes=(40, 16, 12)) -> RunLayout:
-    layout = RunLayout(str(root))
-    write_parquet(_efficacy_table(), layout.efficacy_table)
-    for seed, (split, n) in enumerate(zip(("train", "val", "test"), sizes), start=1):
-        s = _samples(split, n, seed)
-        write_parquet(s, layout.augmented(split))
-        write_parquet(_soft(s), layout.soft_labels(split))
-    return layout
-
+from helpers.student_run import (NAMES, TOP, build_run_dir, efficacy_map, student_samples)
 
 # --- plain pieces ----------------------------------------------------------------------
 
@@ -84,11 +23,11 @@ def test_section_budget_fit_keeps_efficacy_clause(tiny_bert_dir):
     from ckd_ehr.student.data import fit_texts
 
     tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
-    samples = _samples("train", 6, seed=3, n_filler=40)  # long diagnosis lists
+    samples = student_samples("train", 6, seed=3, n_filler=40)  # long diagnosis lists
     eadf = samples.column("text_eadf").to_pylist()
     max_length = 96
     assert all(len(tok(t)["input_ids"]) > max_length for t in eadf)
-    texts, stats = fit_texts(samples, tok, max_length, "text_eadf", _efficacy_map(), TextConfig())
+    texts, stats = fit_texts(samples, tok, max_length, "text_eadf", efficacy_map(), TextConfig())
     assert stats.refit == 6 and stats.truncated == 0 and stats.efficacy_reduced == 0
     present = samples.column("phenotypes_current").to_pylist()
     for t, orig, hot in zip(texts, eadf, present):
@@ -103,7 +42,7 @@ def test_section_budget_fit_keeps_efficacy_clause(tiny_bert_dir):
     assert "therapeutic effect" not in cut
     # plain texts are refitted without efficacy clauses, with the budgets of their EADF text:
     # both arms show the same patient items (the EADF text is the plain text plus clauses)
-    plain, pstats = fit_texts(samples, tok, max_length, "text_plain", _efficacy_map(), TextConfig())
+    plain, pstats = fit_texts(samples, tok, max_length, "text_plain", efficacy_map(), TextConfig())
     assert pstats.refit == 6 and not any("therapeutic" in t for t in plain)
     for p_text, e_text in zip(plain, texts):
         assert e_text.startswith(p_text)
@@ -244,7 +183,7 @@ def test_artifact_reloads_with_identical_predictions(trained):
     cfg, layout, summary = trained
     pred = load_student(layout.student_artifact("ckd_ehr"))
     assert pred.label_names == NAMES and pred.meta["artifact_id"] == summary["ckd_ehr"]["artifact_id"]
-    assert pred.efficacy == _efficacy_map() and pred.text_column == "text_eadf"
+    assert pred.efficacy == efficacy_map() and pred.text_column == "text_eadf"
     test = read_parquet(layout.augmented("test"))
     stored = read_parquet(layout.predictions("ckd_ehr"))
     assert stored.column("sample_id").to_pylist() == test.column("sample_id").to_pylist()
@@ -285,7 +224,7 @@ def test_student_rows_are_the_rows_the_student_reads(tmp_path):
     from ckd_ehr.student.data import read_split
     from ckd_ehr.training.batching import split_limit, trainer_rows
 
-    samples = _samples("train", 30, seed=5)
+    samples = student_samples("train", 30, seed=5)
     path = str(tmp_path / "train.parquet")
     write_parquet(samples, path)
     s = StudentConfig(max_train_samples=12, max_eval_samples=7, seed=3)

@@ -426,7 +426,7 @@ def test_ray_train_is_imported_in_one_file_only():
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "ckd_ehr"
+    root = Path(__file__).resolve().parents[2] / "ckd_ehr"
     naming = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
                     if re.search(r"\bray\.train\b|from ray import train\b", p.read_text()))
     assert naming == ["training/ray_train.py"], naming

@@ -6,7 +6,7 @@ import pytest
 
 from ckd_ehr.config import PipelineConfig
 
-from test_student import build_run_dir
+from helpers.student_run import build_run_dir
 
 
 def test_step_flops_count_the_layers_that_run():

@@ -156,7 +156,7 @@ def test_generative_teacher_task_learns_and_scores_from_its_artifact(tmp_path, t
     from ckd_ehr.teacher.data import predict_logits
     from ckd_ehr.teacher.generative import GenerativeTeacher, fit_calibration
     from ckd_ehr.teacher.train import load_tokenizer, read_texts_and_labels, teacher_task
-    from local_training import fit_in_process
+    from helpers.local_training import fit_in_process
 
     # The shared tiny Qwen2's random embeddings (std 0.02, tied to the LM head) cap its logits
     # below 1: no adapter could make an answer likely. Scaled up, the LM head can express one.

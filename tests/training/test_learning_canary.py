@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from local_training import fit_in_process
+from helpers.local_training import fit_in_process
 
 from ckd_ehr.phenotypes import NUM_PHENOTYPES
 
@@ -81,7 +81,7 @@ def test_student_learns_an_obvious_signal(ray_local, tiny_bert_dir, marker_split
     "(per-feature mean ~0.19, spread ~0.05 on the tiny Qwen2), and AdamW then learns the head slowly: "
     "0.68 val macro AUROC after 60 steps, while a logistic regression on the same frozen features "
     "reaches 0.99. Standardising the pooled features with batch norm brings the loop to 0.95, but its "
-    "running statistics go stale when LoRA moves the features fast (tests/test_teacher.py at lr 1e-2), "
+    "running statistics go stale when LoRA moves the features fast (tests/teacher/test_teacher.py at lr 1e-2), "
     "so the fix belongs with the demo issue's training recipes (e.g. statistics from one pass over "
     "the training data before training). The demo's recipe does that (head_init probe, tested below). "
     "Strict: once the random head learns, this fails and must go."))

@@ -5,7 +5,7 @@ import hashlib
 
 import pytest
 
-from conftest import DEMO_DATA
+from helpers.paths import DEMO_DATA
 
 
 def _listed(folder):

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pipeline_configs import small_pipeline_config
-from ray_head import RAY, RayHead
+from helpers.pipeline_configs import small_pipeline_config
+from helpers.ray_head import RAY, RayHead
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 TINY_RUN_VARIANTS = ("hard_eadf", "ckd_ehr", "hard_names", "oracle_distill")
@@ -47,14 +47,14 @@ def submit_pipeline_job(head: RayHead, root: Path, teacher_dir: Path, student_di
     cfg = small_pipeline_config(str(run_dir), teacher_dir, student_dir)
     cfg["ray"] = {}   # inside the job: join the job's cluster (RAY_ADDRESS), not a new one
     # Four students, chosen so that one run covers the pipeline and the study's controls
-    # (tests/test_study_controls.py): every student is one Ray Train fit (~30 s on 2 cores,
+    # (tests/study/test_study_controls.py): every student is one Ray Train fit (~30 s on 2 cores,
     # mostly process start-up), so the suite trains each kind once. hard_eadf / ckd_ehr are the
     # primary hard and distilled students; hard_names (a control text column, which needs
     # control_texts) and oracle_distill (soft labels from another source) exercise what the
     # remaining variants vary: hard_plain and distill_plain differ from them only in the column.
     cfg["eadf"] = {**cfg["eadf"], "control_texts": True}
     cfg["student"] = {**cfg["student"], "variants": list(TINY_RUN_VARIANTS)}
-    # Multi-granularity distillation (tests/test_multigranularity.py): a label-attention teacher
+    # Multi-granularity distillation (tests/student/test_multigranularity.py): a label-attention teacher
     # (probe start: zero queries) whose soft-label stage also writes the unit targets, and a
     # ckd_ehr student trained on all three terms; oracle_distill (oracle soft labels) has none.
     cfg["teacher"] = {**cfg["teacher"], "pooling": "label_attention"}

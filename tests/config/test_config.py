@@ -1,12 +1,11 @@
 """Config classes: every shipped YAML validates; bad keys, types and values name themselves."""
-from pathlib import Path
 
 import pytest
 import yaml
 
 from ckd_ehr.config import ConfigError, PipelineConfig, build, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers.paths import REPO
 SHIPPED = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-CRDS = Path(__file__).resolve().parents[1] / "cluster" / "kuberay" / "crds"
+CRDS = Path(__file__).resolve().parents[2] / "cluster" / "kuberay" / "crds"
 KIND_TO_CRD = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
                "RayService": "ray.io_rayservices.yaml"}
 

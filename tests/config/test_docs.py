@@ -15,7 +15,7 @@ from pydantic import Field
 from ckd_ehr.config.base import Section
 from ckd_ehr.config.reference import DOC_PATH, REGENERATE, configuration_reference, field_docstring, sections
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers.paths import REPO
 README_MAX_LINES = 200
 
 

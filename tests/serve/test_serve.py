@@ -48,7 +48,7 @@ def loaded(artifact):
 def client(loaded):
     from starlette.testclient import TestClient
 
-    from local_backend import LocalBackend
+    from helpers.local_backend import LocalBackend
 
     app = create_app(LocalBackend(*loaded), ServeConfig(**LIMITS))
     with TestClient(app) as c:
@@ -196,7 +196,7 @@ def test_openapi_and_phenotypes(client):
 def test_docs_page_when_asked_for(loaded):
     from starlette.testclient import TestClient
 
-    from local_backend import LocalBackend
+    from helpers.local_backend import LocalBackend
 
     with TestClient(create_app(LocalBackend(*loaded), ServeConfig(api_docs=True, **LIMITS))) as c:
         assert c.get("/docs").status_code == 200 and c.get("/openapi.json").status_code == 200
@@ -221,7 +221,7 @@ def test_records_the_model_knows_nothing_of_are_warned_and_counted(with_vocabula
     from starlette.testclient import TestClient
 
     from ckd_ehr.serve.api import GUESSING, NO_DIAGNOSES
-    from local_backend import LocalBackend
+    from helpers.local_backend import LocalBackend
 
     predictor, info = with_vocabulary
     assert {"furosemide", "hemodialysis", "unspecified essential hypertension", "4019"} <= info.vocabulary

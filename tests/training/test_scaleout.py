@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from ckd_ehr.config import SoftLabelsConfig, TeacherConfig, TrainerConfig
 from ckd_ehr.training import (ModelSize, batch_tokens, choose_strategy, deepspeed_config, estimate_train_memory,
                               length_grouped_batches, padding_efficiency)
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers.paths import REPO
 GIB = 2**30
 # Qwen2.5-7B (no LM head) + LoRA r16 on q,k,v + head, bf16 weights.
 SIZE_7B = ModelSize(total_params=7_080_000_000, trainable_params=10_000_000, param_bytes=2, hidden_size=3584,

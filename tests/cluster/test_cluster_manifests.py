@@ -12,9 +12,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from crd_schemas import crd_schema, validator
+from helpers.crd_schemas import crd_schema, validator
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers.paths import REPO
 
 
 MANIFESTS = sorted((REPO / "cluster" / "kuberay").glob("*.yaml"))

@@ -1,7 +1,7 @@
 """The study's control variants through the real stages (Ray Data EADF, Ray Train students,
 evaluate), read from the suite's shared tiny run, which trains (b-names) and (d-oracle) beside
-the primary students (tests/tiny_run.py). (b-random) differs from (b-names) only in the column
-it reads, whose rendering tests/test_eadf.py checks."""
+the primary students (tests/helpers/tiny_run.py). (b-random) differs from (b-names) only in the column
+it reads, whose rendering tests/eadf/test_eadf.py checks."""
 from __future__ import annotations
 
 import numpy as np

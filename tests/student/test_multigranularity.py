@@ -1,7 +1,7 @@
 """Multi-granularity distillation (docs/method.md): units found again in rendered text, both
 tokenizers mapped onto them, the teacher's targets and their storage, the student's unit
 outputs and the two KL terms. The Ray Train run with all three terms is the shared tiny run
-(its ckd_ehr student, tests/tiny_run.py), checked at the end."""
+(its ckd_ehr student, tests/helpers/tiny_run.py), checked at the end."""
 from __future__ import annotations
 
 import random

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import copy
 import importlib
-from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
-from crd_schemas import crd_schema, validator
+from helpers.crd_schemas import crd_schema, validator
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers.paths import REPO
 RAYSERVICE = REPO / "cluster" / "kuberay" / "rayservice.yaml"
 SERVE_CONFIG = REPO / "cluster" / "serve" / "serve_config.yaml"
 

@@ -16,7 +16,7 @@ from ckd_ehr.config import PipelineConfig, build, load_config
 from ckd_ehr.student.run import build_student_task
 from ckd_ehr.tune.run import run_tune
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers.paths import REPO
 
 
 def test_student_search_report_best_config_and_restore(tiny_run_copy, tmp_path):

@@ -36,7 +36,7 @@ def artifact(tiny_bert_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def backend(artifact):
     from ckd_ehr.serve.app import load_predictor
-    from local_backend import LocalBackend
+    from helpers.local_backend import LocalBackend
 
     return LocalBackend(*load_predictor(artifact))
 

@@ -13,7 +13,7 @@ from ckd_ehr.config import EADFConfig
 from ckd_ehr.eadf.inference import benjamini_hochberg, cmh_score_p, design_effect, mantel_haenszel_rd
 from ckd_ehr.eadf.stats import efficacy_table_reference, top_drugs
 
-from test_eadf import hot, samples_table
+from helpers.eadf_samples import hot, samples_table
 
 
 def rows_of(table, phenotype: int = 0) -> dict:

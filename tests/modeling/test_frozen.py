@@ -9,7 +9,7 @@ import torch
 from ckd_ehr.config import PipelineConfig
 from ckd_ehr.modeling.frozen import LayerCache, compute_bottom, pad_cached
 
-from test_student import build_run_dir
+from helpers.student_run import build_run_dir
 
 
 def _batch():
