@@ -89,3 +89,13 @@ def test_cli_names_the_cpu_accelerator_for_deepspeed_only_without_cuda(monkeypat
     monkeypatch.setenv("DS_ACCELERATOR", "cuda")
     quiet_cpu_deepspeed()
     assert os.environ["DS_ACCELERATOR"] == "cuda"
+
+
+def test_tiny_run_predictions_equal_the_golden_file(tiny_run):
+    """Behaviour stays through refactors: the tiny pipeline's test predictions (every student,
+    the teacher's soft labels) equal tests/golden/tiny_run_predictions.npz, bitwise on the
+    machine that wrote it (tests/helpers/golden.py)."""
+    from helpers.golden import compare_with_golden, tiny_run_predictions
+
+    how = compare_with_golden(tiny_run_predictions(tiny_run.run_dir, TINY_RUN_VARIANTS))
+    print(f"golden file: {how}")
