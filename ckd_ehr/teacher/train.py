@@ -1,8 +1,9 @@
 """`ckd-ehr teacher`: train the teacher on Ray Train and write RUN/teacher/artifact.
 
 Reads RUN/eadf/samples/{train,val}.parquet (contracts.AUGMENTED_SAMPLES) through storage.py
-on each worker, so the run dir may be a URI. Distribution, checkpoints and fault tolerance
-live in ckd_ehr.training; this file only says what the teacher is.
+on the driver, so the run dir may be a URI, and tokenises them there once; the workers fetch
+the token ids from Ray's object store (as the student's do). Distribution, checkpoints and
+fault tolerance live in ckd_ehr.training; this file only says what the teacher is.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ckd_ehr.contracts import AUGMENTED_SAMPLES, ContractError, RunLayout, check
 from ckd_ehr.modeling.frozen import layer_cache_key
 # One definition of class balancing for both models; the teacher's loss beside the student's.
 from ckd_ehr.modeling.losses import BCELoss, balanced_pos_weight  # noqa: F401  (re-exported for callers)
-from ckd_ehr.training import TrainResult, TrainTask, fit, subset_indices
+from ckd_ehr.training import ObjectStoreValue, TrainResult, TrainTask, fit, subset_indices
 from ckd_ehr.teacher.artifact import SaveTeacherWeights, write_artifact
 from ckd_ehr.modeling.prompts import load_tokenizer
 from ckd_ehr.teacher.data import Collate, make_examples, pad_id
@@ -47,12 +48,15 @@ def read_texts_and_labels(path: str, text_column: str) -> tuple[list[str], np.nd
 
 
 class TeacherData:
-    """Runs on each worker: read both splits through storage.py and tokenise them."""
+    """Both splits tokenised once on the driver, fetched by each worker from the object store
+    (training.ObjectStoreValue). Tokenises at the first call or pickling, so building a task
+    that never trains costs nothing."""
 
     def __init__(self, tc, train_path: str, val_path: str):
         self.tc, self.train_path, self.val_path = tc, train_path, val_path
+        self._examples: ObjectStoreValue | None = None
 
-    def __call__(self):
+    def _tokenise(self):
         tc = self.tc
         tok = load_tokenizer(tc)
         out = []
@@ -71,6 +75,18 @@ class TeacherData:
             else:
                 out.append(make_examples(texts, labels, tok, tc.max_length, tc.use_chat_template, tc.instruction))
         return out[0], out[1]
+
+    def _stored(self) -> ObjectStoreValue:
+        if self._examples is None:
+            self._examples = ObjectStoreValue(self._tokenise())
+        return self._examples
+
+    def __getstate__(self) -> dict:
+        self._stored()   # on the driver, before the task ships: workers only fetch
+        return dict(self.__dict__)
+
+    def __call__(self):
+        return self._stored().get()
 
 
 class BuildTeacher:

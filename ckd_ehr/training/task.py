@@ -3,7 +3,7 @@ teachers, students or phenotypes; the task owns the model, the data, the collate
 
     task = TrainTask(
         build_model=lambda: MyModel(...),          # on each worker; CPU module, requires_grad set
-        load_data=lambda: (train_examples, val_examples),   # on each worker (read via storage.py)
+        load_data=lambda: (train_examples, val_examples),   # on each worker (fetched from the object store)
         collate=my_collate,                        # list[example] -> (model kwargs dict, targets)
         loss_fn=my_loss,                           # (model outputs, targets, progress 0..1) -> scalar
         param_groups=None,                         # model -> AdamW groups (e.g. separate head lr)
