@@ -84,6 +84,10 @@ def cmd_pipeline(args):
                  from_stage=args.from_stage, to_stage=args.to_stage, dry_run=args.dry_run)
 
 
+def cmd_status(args):
+    return _call("pipeline", "run_status", load_cfg(args))
+
+
 def cmd_study(args):
     if args.study_dir and not args.summarise_only:
         raise SystemExit("--study-dir goes with --summarise-only")
@@ -246,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory with the MIMIC-III tables (.csv or .csv.gz) or MIMIC-IV's hosp/: "
                         "same as --set data.source=mimic --set data.mimic_dir=DIR")
     p.set_defaults(handler=cmd_pipeline)
+
+    p = sub.add_parser("status", help="each stage's state in a run directory (a stage whose job was stopped: failed)")
+    _common(p)
+    p.set_defaults(handler=cmd_status)
 
     p = sub.add_parser("study", help="the study: every row over seeds on one split, contrasts with intervals")
     _common(p)

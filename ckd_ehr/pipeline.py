@@ -9,6 +9,7 @@ the finished ones stay intact, and the error names the stage.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 from datetime import datetime, timezone
@@ -21,7 +22,7 @@ from ckd_ehr.config import PipelineConfig, config_hash, dump_yaml
 from ckd_ehr.contracts import RunLayout
 from ckd_ehr.stages import STAGES, Stage
 from ckd_ehr.stages import stage as stage_named
-from ckd_ehr.provenance import code_state
+from ckd_ehr.provenance import code_state, owner_state, run_owner
 from ckd_ehr.ray_utils import init_ray
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,47 @@ def plan_resume(cfg: PipelineConfig, manifest: dict, stages: list[Stage] | None 
     return plan
 
 
+def ray_job_status(submission_id: str) -> str | None:
+    """The status of a Ray job on the connected cluster (RUNNING, STOPPED, ...), None if unknown."""
+    # not at module level: ray, loaded only when this runs
+    from ray.util.state import list_jobs
+
+    jobs = list_jobs(filters=[("submission_id", "=", submission_id)], raise_on_missing_output=False)
+    if not jobs:
+        return None
+    status = jobs[0].status
+    return str(getattr(status, "value", status)).rsplit(".", 1)[-1].upper()
+
+
+def abandoned_stages(manifest: dict, job_status=None) -> dict[str, tuple[str, str]]:
+    """Stages the manifest says are running: name -> (owner state, why). A job that was stopped
+    or killed cannot write on its way out, so its stage stays "running" until a reader asks
+    whether its owner (ckd_ehr.provenance.run_owner) still lives."""
+    out = {}
+    for name, record in manifest.get("stages", {}).items():
+        if record.get("status") == "running":
+            out[name] = owner_state(record.get("owner") or {}, record.get("started_s", 0.0), job_status)
+    return out
+
+
+def settle_abandoned(manifest: dict, layout: RunLayout, job_status=None) -> None:
+    """Before a run: a stage left running by an owner that is gone is marked failed (and so
+    reruns); one whose owner still runs stops this run (two runs would write the same files)."""
+    changed = False
+    for name, (state, why) in abandoned_stages(manifest, job_status).items():
+        if state == "alive":
+            raise PipelineError(f"stage {name} is still running in {layout.root} ({why}): wait for it or stop it")
+        if state == "gone":
+            manifest["stages"][name].update(status="failed", error=f"abandoned: {why} before the stage finished "
+                                                                    "(stopped or killed)")
+            log.warning("stage %s: marked failed, %s before it finished", name, why)
+            changed = True
+        else:
+            log.warning("stage %s is marked running and %s: it reruns", name, why)
+    if changed:
+        storage.write_json(layout.manifest, manifest)
+
+
 def _required_inputs(stage: Stage, cfg: PipelineConfig, layout: RunLayout) -> dict[str, str]:
     """The stage's input fingerprints; PipelineError naming those that are missing."""
     inputs = {p: storage.fingerprint(p) for p in stage.inputs(cfg, layout) if p}
@@ -150,6 +192,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, from_stage: str | No
     if stages:
         _required_inputs(stages[0], cfg, layout)   # a missing input is reported before Ray starts
     init_ray(cfg.ray)
+    settle_abandoned(manifest, layout, ray_job_status)
 
     for i, stage in enumerate(stages, 1):
         record = manifest["stages"].get(stage.name, {})
@@ -163,7 +206,8 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, from_stage: str | No
         log.info("[%d/%d] %s: running", i, len(stages), stage.name)
         started = time.time()
         record = {"status": "running", "config_hash": chash, "inputs": inputs,
-                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "code": code_state()}
+                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "started_s": started,
+                  "owner": run_owner(), "code": code_state()}
         manifest["stages"][stage.name] = record
         storage.write_json(layout.manifest, manifest)
         try:
@@ -189,6 +233,36 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, from_stage: str | No
     report = layout.report_html
     if storage.exists(report):
         print(f"report: {report}")
+    return manifest
+
+
+def run_status(cfg: PipelineConfig) -> dict:
+    """`ckd-ehr status`: each stage's state in the run directory, a stage left running by a job
+    that was stopped or killed shown as failed (read only: the next --resume records it). Asks
+    Ray about the owner's job where a cluster is reachable (RAY_ADDRESS), else its host and pid."""
+    layout = RunLayout(cfg.run_dir)
+    if not storage.exists(layout.manifest):
+        raise PipelineError(f"{layout.manifest}: no such file (nothing has run in {layout.root})")
+    manifest = read_manifest(layout)
+    job_status = None
+    if os.environ.get("RAY_ADDRESS"):
+        # not at module level: ray, loaded only when this runs
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        job_status = ray_job_status
+    for name, (state, why) in abandoned_stages(manifest, job_status).items():
+        record = manifest["stages"][name]
+        if state == "gone":
+            record.update(status="failed", error=f"abandoned: {why}")
+        record["owner_state"] = why
+    lines = [f"{'stage':<12} {'status':<8} {'seconds':>8}  note"]
+    for stage in STAGES:
+        rec = manifest["stages"].get(stage.name, {})
+        note = rec.get("error") or rec.get("owner_state") or ""
+        lines.append(f"{stage.name:<12} {rec.get('status', '-'):<8} {rec.get('seconds', '-'):>8}  {note}")
+    print("\n".join(lines))
     return manifest
 
 

@@ -56,3 +56,56 @@ def short(state: dict | None) -> str:
     commit = state.get("commit")
     head = "no git" if not commit else commit[:7] + (" (dirty)" if state.get("dirty") else "")
     return f"{head}, ckd_ehr {str(state.get('ckd_ehr_sha256'))[:12]}"
+
+
+# who runs a stage -----------------------------------------------------------------------------
+
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray's job supervisor in a submitted job's entrypoint: its metadata holds the submission id."""
+TERMINAL_JOB_STATES = {"STOPPED", "SUCCEEDED", "FAILED"}
+
+
+def run_owner() -> dict:
+    """This process as a stage's owner: host, pid, and the Ray job submission id when the pipeline
+    runs as a `ray job submit` entrypoint. A job stopped or killed cannot write on its way out;
+    the next reader recognises its stage as abandoned by asking whether the owner still lives."""
+    # not at module level: only the stage loop and `status` need them
+    import json
+    import os
+    import socket
+
+    job = None
+    if os.environ.get(JOB_CONFIG_ENV):
+        try:
+            job = json.loads(os.environ[JOB_CONFIG_ENV]).get("metadata", {}).get("job_submission_id")
+        except ValueError:
+            job = None
+    return {"host": socket.gethostname(), "pid": os.getpid(), "job_submission_id": job}
+
+
+def owner_state(owner: dict, started: float, job_status=None) -> tuple[str, str]:
+    """("alive" | "gone" | "unknown", why) for a stage's recorded owner. `started`: when the stage
+    started (epoch seconds), to tell a live owner from a reused pid; `job_status`: a function
+    submission id -> Ray job status, or None where no cluster is reachable."""
+    # not at module level: only the stage loop and `status` need them
+    import socket
+
+    import psutil
+
+    job = owner.get("job_submission_id")
+    if job and job_status is not None:
+        status = job_status(job)
+        if status is None:
+            return "gone", f"Ray job {job} is not known to this cluster"
+        if status in TERMINAL_JOB_STATES:
+            return "gone", f"Ray job {job} is {status}"
+        return "alive", f"Ray job {job} is {status}"
+    if owner.get("host") == socket.gethostname() and owner.get("pid"):
+        try:
+            created = psutil.Process(owner["pid"]).create_time()
+        except psutil.NoSuchProcess:
+            return "gone", f"process {owner['pid']} on {owner['host']} has ended"
+        if created > started + 1:   # the pid was reused by a later process
+            return "gone", f"process {owner['pid']} on {owner['host']} has ended (its pid is reused)"
+        return "alive", f"process {owner['pid']} on {owner['host']} is running"
+    return "unknown", f"owner {owner} cannot be checked from {socket.gethostname()}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import yaml
@@ -113,3 +114,81 @@ def test_cli_pipeline_and_jobs_share_one_stage_registry():
         stages.stage("teach")
     repo = Path(__file__).resolve().parents[1]
     assert sorted(p.name for p in (repo / "jobs").glob("*.py")) == ["run.py"]
+
+
+def _running_record(owner: dict, started: float) -> dict:
+    return {"status": "running", "started_s": started, "owner": owner, "config_hash": "x", "inputs": {}}
+
+
+def test_a_stage_whose_process_ended_is_reported_failed_and_a_live_one_stops_the_run(cfg_dict, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """No Ray: the owner's host and pid. A stage marked running by a process that has ended
+    (killed: it could not write) is failed in `status` and settled as failed before a run; one
+    whose process still runs stops the next run instead of letting two write the same files."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from ckd_ehr.pipeline import read_manifest, settle_abandoned
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = build(PipelineConfig, cfg_dict)
+    layout = RunLayout(cfg.run_dir)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = {"host": socket.gethostname(), "pid": int(ended.stdout), "job_submission_id": None}
+    storage.write_json(layout.manifest, {"stages": {
+        "prepare": {"status": "done", "seconds": 1.0},
+        "eadf": _running_record(dead, time.time() - 60)}})
+    assert main(["status", "--run-dir", cfg.run_dir]) == 0
+    out = capsys.readouterr().out
+    eadf_line = [ln for ln in out.splitlines() if ln.startswith("eadf")][0]
+    assert "failed" in eadf_line and f"process {dead['pid']}" in eadf_line and "has ended" in eadf_line
+    assert read_manifest(layout)["stages"]["eadf"]["status"] == "running"   # status only reads
+    manifest = read_manifest(layout)
+    settle_abandoned(manifest, layout)
+    assert read_manifest(layout)["stages"]["eadf"]["status"] == "failed"
+    assert "abandoned" in read_manifest(layout)["stages"]["eadf"]["error"]
+
+    alive = {"host": socket.gethostname(), "pid": os.getpid(), "job_submission_id": None}
+    manifest["stages"]["eadf"] = _running_record(alive, time.time())
+    with pytest.raises(PipelineError, match="stage eadf is still running"):
+        settle_abandoned(manifest, layout)
+
+
+def test_a_stage_of_a_stopped_ray_job_is_reported_failed(cfg_dict, ray_cluster, tmp_path, capsys):
+    """The pipeline submitted as a Ray job and stopped (`ray job stop`) while its teacher trains:
+    the job cannot write on its way out, so the manifest still says running; `status` asks Ray
+    about the owner's job and reports the stage failed, and the next run marks it so."""
+    import time
+
+    import yaml as _yaml
+
+    from ckd_ehr.pipeline import read_manifest, settle_abandoned, ray_job_status
+    from helpers.ray_head import job_cli, submit_job
+
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(_yaml.safe_dump({**cfg_dict, "ray": {}}))   # the job joins the cluster
+    layout = RunLayout(cfg_dict["run_dir"])
+    job = submit_job(ray_cluster, [sys.executable, "jobs/run.py", "pipeline", "--config", str(cfg_file),
+                                   "--to", "teacher"])
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        stages = read_manifest(layout)["stages"] if storage.exists(layout.manifest) else {}
+        if stages.get("teacher", {}).get("status") == "running":
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"the teacher never started: {job_cli(ray_cluster, 'logs', job)[-3000:]}")
+    assert stages["teacher"]["owner"]["job_submission_id"] == job
+    job_cli(ray_cluster, "stop", job)
+    while ray_job_status(job) not in {"STOPPED", "FAILED", "SUCCEEDED"} and time.time() < deadline:
+        time.sleep(1)
+    assert read_manifest(layout)["stages"]["teacher"]["status"] == "running"   # nobody wrote it
+    capsys.readouterr()
+    assert main(["status", "--run-dir", cfg_dict["run_dir"]]) == 0
+    teacher_line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("teacher")][0]
+    assert "failed" in teacher_line and f"Ray job {job} is STOPPED" in teacher_line
+    manifest = read_manifest(layout)
+    settle_abandoned(manifest, layout, ray_job_status)
+    assert read_manifest(layout)["stages"]["teacher"]["status"] == "failed"

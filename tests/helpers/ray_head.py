@@ -11,12 +11,15 @@ kill every Ray on the machine).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from helpers.paths import REPO
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -102,3 +105,26 @@ def start_head(num_cpus: int = 2, object_store_mb: int = 1024) -> RayHead:
         except OSError:
             time.sleep(1)
     return head
+
+
+def job_cli(head: RayHead, *args: str) -> str:
+    """`ray job ...` against this head's job API, from the repository; ANSI colours stripped."""
+    res = subprocess.run([RAY, "job", *args, "--address", head.dashboard], cwd=REPO, env=head.env,
+                         capture_output=True, text=True, timeout=120)
+    return re.sub(r"\x1b\[[0-9;]*m", "", res.stdout + res.stderr)
+
+
+def submit_job(head: RayHead, entrypoint: list[str]) -> str:
+    """`ray job submit --no-wait` of `entrypoint` with the shipped runtime_env, as a user would;
+    returns the submission id."""
+    cmd = [RAY, "job", "submit", "--address", head.dashboard, "--working-dir", ".",
+           "--runtime-env", "jobs/runtime_env.yaml", "--no-wait", "--", *entrypoint]
+    # The head's job agent registers a little after the dashboard answers: retry while it says so.
+    for _ in range(30):
+        out = subprocess.run(cmd, cwd=REPO, env=head.env, capture_output=True, text=True, timeout=300)
+        if out.returncode == 0 or "No available agent" not in out.stderr:
+            break
+        time.sleep(3)
+    if out.returncode != 0:
+        raise RuntimeError(f"ray job submit failed: {out.stderr[-3000:]}")
+    return re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout + out.stderr).group(0)  # output has ANSI colours

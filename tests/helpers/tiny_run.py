@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import yaml
 from helpers.pipeline_configs import small_pipeline_config
-from helpers.ray_head import RAY, RayHead
+from helpers.ray_head import RayHead, job_cli, submit_job
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,13 +31,6 @@ class TinyRun:
     status: str
     """SUCCEEDED, FAILED or STOPPED (or "" if it never ended within the deadline)."""
     logs: str
-
-
-def _job_cli(head: RayHead, *args: str) -> str:
-    """`ray job ...` against this head's job API; ANSI colours stripped."""
-    res = subprocess.run([RAY, "job", *args, "--address", head.dashboard], cwd=REPO, env=head.env,
-                         capture_output=True, text=True, timeout=120)
-    return re.sub(r"\x1b\[[0-9;]*m", "", res.stdout + res.stderr)
 
 
 def submit_pipeline_job(head: RayHead, root: Path, teacher_dir: Path, student_dir: Path,
@@ -65,18 +57,7 @@ def submit_pipeline_job(head: RayHead, root: Path, teacher_dir: Path, student_di
     cfg["evaluate"] = {**cfg["evaluate"], "baseline": "hard_eadf"}   # paired deltas against a model the run has
     cfg_file = root / "job.yaml"   # same machine: the job reads it by absolute path
     cfg_file.write_text(yaml.safe_dump(cfg))
-    cmd = [RAY, "job", "submit", "--address", head.dashboard, "--working-dir", ".",
-           "--runtime-env", "jobs/runtime_env.yaml", "--no-wait", "--",
-           sys.executable, "jobs/run.py", "pipeline", "--config", str(cfg_file)]
-    # The head's job agent registers a little after the dashboard answers: retry while it says so.
-    for _ in range(30):
-        out = subprocess.run(cmd, cwd=REPO, env=head.env, capture_output=True, text=True, timeout=300)
-        if out.returncode == 0 or "No available agent" not in out.stderr:
-            break
-        time.sleep(3)
-    if out.returncode != 0:
-        raise RuntimeError(f"ray job submit failed: {out.stderr[-3000:]}")
-    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout + out.stderr).group(0)  # output has ANSI colours
+    job_id = submit_job(head, [sys.executable, "jobs/run.py", "pipeline", "--config", str(cfg_file)])
 
     # Polled through the CLI against this head's dashboard, as a user would.
     end = time.time() + deadline_s
@@ -84,7 +65,7 @@ def submit_pipeline_job(head: RayHead, root: Path, teacher_dir: Path, student_di
     while time.time() < end:
         # `ray job status` ends with "Job '<id>' succeeded" / "... failed" / "... was stopped"
         # once the job is over, and names the status in capitals while it runs.
-        text = _job_cli(head, "status", job_id)
+        text = job_cli(head, "status", job_id)
         done = re.search(r"Job '[^']+' (succeeded|failed|was stopped)", text)
         found = re.findall(r"\b(PENDING|RUNNING|SUCCEEDED|FAILED|STOPPED)\b", text)
         if done:
@@ -94,7 +75,7 @@ def submit_pipeline_job(head: RayHead, root: Path, teacher_dir: Path, student_di
         if status in {"SUCCEEDED", "FAILED", "STOPPED"}:
             break
         time.sleep(5)   # each `ray job status` is a Python process importing Ray: ~1.5 s of CPU
-    return TinyRun(run_dir=run_dir, config=cfg, job_id=job_id, status=status, logs=_job_cli(head, "logs", job_id))
+    return TinyRun(run_dir=run_dir, config=cfg, job_id=job_id, status=status, logs=job_cli(head, "logs", job_id))
 
 
 # What a test may copy out of the shared run: the inputs of the stages after soft labels.
