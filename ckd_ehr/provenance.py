@@ -10,6 +10,8 @@ import hashlib
 import subprocess
 from pathlib import Path
 
+from ckd_ehr.config.base import JOB_CONFIG_ENV
+
 PACKAGE = Path(__file__).resolve().parent
 """The ckd_ehr package directory whose files the content hash covers."""
 
@@ -60,8 +62,6 @@ def short(state: dict | None) -> str:
 
 # who runs a stage -----------------------------------------------------------------------------
 
-JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
-"""Set by Ray's job supervisor in a submitted job's entrypoint: its metadata holds the submission id."""
 TERMINAL_JOB_STATES = {"STOPPED", "SUCCEEDED", "FAILED"}
 
 

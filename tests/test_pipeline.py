@@ -192,3 +192,15 @@ def test_a_stage_of_a_stopped_ray_job_is_reported_failed(cfg_dict, ray_cluster, 
     manifest = read_manifest(layout)
     settle_abandoned(manifest, layout, ray_job_status)
     assert read_manifest(layout)["stages"]["teacher"]["status"] == "failed"
+
+
+def test_a_relative_run_dir_under_a_ray_job_is_refused(monkeypatch, capsys):
+    """Ray's job supervisor marks a job's entrypoint with its JobConfig (metadata: the submission
+    id); there a relative run_dir would land in the job's temporary working directory."""
+    import json
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"metadata": {"job_submission_id": "raysubmit_x"}}))
+    assert main(["pipeline", "--config", "jobs/configs/demo.yaml", "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert "'run_dir' = \"runs/demo\"" in err and "relative under `ray job submit`" in err and "s3://" in err and "demo.yaml" in err
+    assert main(["pipeline", "--config", "jobs/configs/demo.yaml", "--run-dir", "/tmp/x", "--dry-run"]) == 0

@@ -7,6 +7,7 @@ help, YAML and docs), and validation lives in the class.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,6 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 T = TypeVar("T", bound=BaseModel)
+
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray's job supervisor in a submitted job's entrypoint (a JobConfig whose metadata holds
+the submission id): how a process knows it runs under `ray job submit`."""
 
 
 class ConfigError(ValueError):
@@ -96,7 +101,16 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     """Load `cls` from an optional YAML file plus `key.path=value` overrides."""
     data = load_yaml(path) if path else {}
     data = apply_overrides(data, overrides or [])
-    return build(cls, data, source=str(path) if path else "config")
+    source = str(path) if path else "config"
+    run_dir = data.get("run_dir", cls.model_fields["run_dir"].default if "run_dir" in cls.model_fields else None)
+    if isinstance(run_dir, str) and "://" not in run_dir and not os.path.isabs(run_dir) \
+            and os.environ.get(JOB_CONFIG_ENV):
+        # validation makes run_dir absolute against the working directory, which under `ray job
+        # submit` is the job's own temporary copy, on one node: refused while it is still as written
+        raise ConfigError(f"{source}: key 'run_dir' = {json.dumps(run_dir)}: relative under `ray job submit`, it "
+                          "would land in the job's temporary working directory on one node: use an absolute "
+                          "path on storage every node shares, or s3://... (--run-dir or --set run_dir=...)")
+    return build(cls, data, source=source)
 
 
 def dump_yaml(cfg: BaseModel) -> str:
