@@ -66,6 +66,10 @@ class EADFConfig(Section):
     batch_size: int = Field(4096, gt=0)
     """Rows per Ray Data batch when counting and fusing (partial counts are at most drugs x 25
     rows per batch, so larger batches also mean less to sum)."""
+    read_blocks: int | None = Field(None, ge=1)
+    """Blocks each Ray Data read is cut into (the counting and fusing tasks' parallelism). None:
+    one per CPU of the cluster when the stage starts; on a cluster that scales from zero that is
+    the head's few, so set it to the CPUs the autoscaler may add (e.g. the CPU group's maximum)."""
     control_texts: bool = False
     """Also render the study's control texts `text_names` (clauses naming the present phenotypes,
     no drugs) and `text_random` (as many drugs drawn from those listed for other phenotypes), see

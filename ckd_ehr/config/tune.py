@@ -22,7 +22,8 @@ class TuneConfig(Section):
     grace_period: int = Field(1, ge=1)
     """Epochs a trial runs before ASHA may stop it."""
     max_concurrent_trials: int | None = Field(None, ge=1)
-    """Concurrent trials; None sizes it to the cluster."""
+    """Concurrent trials; None sizes it to the cluster's CPUs (and GPUs) when the search starts,
+    which on a cluster that scales from zero is the head's: set it there."""
     cpus_per_trial: float = Field(1.0, gt=0)
     """CPUs per trial, all told (a trial is one Train worker plus a waiting trial process)."""
     gpus_per_trial: float = Field(0.0, ge=0, le=1)

@@ -63,22 +63,23 @@ def _check_columns(path: str, columns: list[str] | None = None) -> None:
     check_schema(schema.empty_table(), wanted, path)
 
 
-def _read_blocks() -> int:
-    """Blocks a read is cut into: one per CPU of the cluster. Ray Data's default cuts a
-    one-row-group file into dozens of blocks, which made counting slower on 2 cores
-    (docs/benchmarks.md, "EADF on Ray Data")."""
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+def _read_blocks(configured: int | None = None) -> int:
+    """Blocks a read is cut into: `eadf.read_blocks`, else one per CPU of the cluster now. Ray
+    Data's default cuts a one-row-group file into dozens of blocks, which made counting slower
+    on 2 cores (docs/benchmarks.md, "EADF on Ray Data")."""
+    return configured or max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _read_ds(path: str, columns: list[str] | None = None):
+def _read_ds(path: str, columns: list[str] | None = None, blocks: int | None = None):
     fs, inner = storage.resolve(path)
-    ds = ray.data.read_parquet(inner, filesystem=fs, override_num_blocks=_read_blocks())
+    ds = ray.data.read_parquet(inner, filesystem=fs, override_num_blocks=_read_blocks(blocks))
     return ds.select_columns(columns) if columns else ds
 
 
 # --- counting on Ray Data -----------------------------------------------------------------
 
-def counts_ray(path: str, batch_size: int = 4096, severity_bins=(3, 5, 7), code_strata: bool = True) -> Counts:
+def counts_ray(path: str, batch_size: int = 4096, severity_bins=(3, 5, 7), code_strata: bool = True,
+               blocks: int | None = None) -> Counts:
     """Summed counts of a SAMPLES file (eadf_stats.Counts).
 
     Batches are cut in file order (preserve_order), so each batch is a contiguous run of
@@ -94,7 +95,7 @@ def counts_ray(path: str, batch_size: int = 4096, severity_bins=(3, 5, 7), code_
     if n == 0:
         return split_counts(sum_partials(PARTIAL_SCHEMA.empty_table().to_pandas(), path))
     with _ordered_v1_reads():
-        refs = (_read_ds(path, COUNT_COLUMNS)
+        refs = (_read_ds(path, COUNT_COLUMNS, blocks)
                 .map_batches(partial_counts, batch_format="pyarrow", batch_size=batch_size,
                              fn_kwargs={"where": path, "severity_bins": list(severity_bins),
                                         "code_strata": code_strata})
@@ -105,7 +106,8 @@ def counts_ray(path: str, batch_size: int = 4096, severity_bins=(3, 5, 7), code_
 
 def efficacy_table_ray(path: str, cfg: PipelineConfig, ranking: str | None = None) -> pa.Table:
     """The EFFICACY table of a SAMPLES file, counted on Ray Data."""
-    counts = counts_ray(path, cfg.eadf.batch_size, cfg.eadf.severity_bins, cfg.eadf.code_strata)
+    counts = counts_ray(path, cfg.eadf.batch_size, cfg.eadf.severity_bins, cfg.eadf.code_strata,
+                        cfg.eadf.read_blocks)
     return efficacy_from_counts(counts, cfg.eadf, ranking)
 
 
@@ -244,7 +246,7 @@ def _parquet_writer(path: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
 
 
 def fuse_splits(files: Mapping[str, str], top: Mapping[int, Sequence[str]], text: TextConfig,
-                batch_size: int = 4096, controls: bool = False) -> dict[str, int]:
+                batch_size: int = 4096, controls: bool = False, blocks: int | None = None) -> dict[str, int]:
     """Fuse SAMPLES files {src: dst} in one Ray Data pass, streaming each result to its dst.
 
     One pass, not one per split: every Ray Data execution pays for starting its tasks.
@@ -274,7 +276,7 @@ def fuse_splits(files: Mapping[str, str], top: Mapping[int, Sequence[str]], text
                 stack.callback(r.close)
             with _ordered_v1_reads():
                 ds = (ray.data.read_parquet(list(by_inner), filesystem=fs, include_paths=True,
-                                           override_num_blocks=_read_blocks())
+                                           override_num_blocks=_read_blocks(blocks))
                       .select_columns([*FUSE_COLUMNS, *(["sample_id"] if controls else []), PATH_COL])
                       .map_batches(_texts_with_paths, batch_format="pyarrow", batch_size=batch_size,
                                    fn_kwargs={"top": dict(top), "text": text, "where": ", ".join(todo),
@@ -336,7 +338,8 @@ def run_eadf(cfg: PipelineConfig) -> dict:
     t0 = time.perf_counter()
     train = layout.samples("train")
     log.info("eadf: counting visit pairs in %s", train)
-    counts = counts_ray(train, cfg.eadf.batch_size, cfg.eadf.severity_bins, cfg.eadf.code_strata)
+    counts = counts_ray(train, cfg.eadf.batch_size, cfg.eadf.severity_bins, cfg.eadf.code_strata,
+                        cfg.eadf.read_blocks)
     table = efficacy_from_counts(counts, cfg.eadf)
     storage.write_parquet(table, layout.efficacy_table)
     top = top_drugs(table, cfg.eadf.top_k)
@@ -345,7 +348,7 @@ def run_eadf(cfg: PipelineConfig) -> dict:
              table.num_rows, len(top), cfg.eadf.ranking, layout.efficacy_table)
 
     fused = fuse_splits({layout.samples(s): layout.augmented(s) for s in SPLITS}, top, cfg.text,
-                        cfg.eadf.batch_size, controls=cfg.eadf.control_texts)
+                        cfg.eadf.batch_size, controls=cfg.eadf.control_texts, blocks=cfg.eadf.read_blocks)
     rows = {s: fused[layout.samples(s)] for s in SPLITS}
     log.info("eadf: fused %s -> %s", ", ".join(f"{s} ({n} rows)" for s, n in rows.items()),
              storage.join(layout.root, "eadf", "samples"))

@@ -123,6 +123,8 @@ def _max_concurrent(cfg: PipelineConfig) -> int:
     if cfg.tune.gpus_per_trial > 0:
         by_gpu = int(ray.cluster_resources().get("GPU", 0) // cfg.tune.gpus_per_trial)
         by_cpu = min(by_cpu, by_gpu)
+    log.info("tune: %d concurrent trial(s), sized to the %g CPUs the cluster has now; on a cluster that "
+             "scales from zero set tune.max_concurrent_trials", max(1, by_cpu), cpus)
     return max(1, by_cpu)
 
 
