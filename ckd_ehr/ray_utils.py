@@ -41,15 +41,27 @@ def plain_logs_when_redirected() -> None:
             logger.addFilter(_NoColour())
 
 
+CAPACITY_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+"""Ray Train's wait for a worker group's resources, read in the driver and propagated by Ray
+Train to its controller; training.fit gives up after one such wait when it is set."""
+
+
+def set_capacity_timeout(seconds: float | None) -> None:
+    """`ray.capacity_timeout_s` for the training runs this process starts (see CAPACITY_TIMEOUT_ENV)."""
+    if seconds is not None:
+        os.environ[CAPACITY_TIMEOUT_ENV] = str(seconds)
+
+
 def init_ray(cfg: RayConfig | None = None, **kwargs) -> None:
     """Start a local Ray on 127.0.0.1, or join `cfg.address` (`auto` inside `ray job submit`)."""
     # not at module level: ray, loaded only when this runs
     import ray
 
+    cfg = cfg or RayConfig()
+    set_capacity_timeout(cfg.capacity_timeout_s)
     if ray.is_initialized():
         return
     plain_logs_when_redirected()
-    cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True, **kwargs)

@@ -13,3 +13,8 @@ class RayConfig(Section):
     """CPUs of a local Ray (default: all cores)."""
     object_store_memory_mb: int | None = Field(None, gt=0)
     """Object store size of a local Ray, in MiB."""
+    capacity_timeout_s: float | None = Field(1800.0, gt=0)
+    """How long a training run waits for the cluster to give it its workers (at start, and after
+    losing a node) before the stage fails, saying what it waited for. The default leaves an
+    autoscaler room to start GPU nodes. None: Ray Train's own behaviour (60 s a try, retried
+    forever, the job RUNNING meanwhile)."""

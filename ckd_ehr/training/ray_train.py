@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from ckd_ehr.ray_utils import CAPACITY_TIMEOUT_ENV
 from ckd_ehr.training.checkpoints import kept_checkpoint
 from ckd_ehr.training.loop import FAIL_MARKER, TRAIN_STATE, TrainLoop, WorkerContext
 from ckd_ehr.training.task import TrainTask
@@ -117,6 +118,21 @@ def _train_loop_per_worker(config: dict) -> dict:
     return TrainLoop(config["cfg"], config["task"], worker_context(), RayReporter(), config.get("marker")).run()
 
 
+class CapacityTimeoutError(RuntimeError):
+    """The cluster did not give a training run its workers within ray.capacity_timeout_s."""
+
+
+def _raise_waited_for_capacity(error: BaseException, cfg, resources: dict, timeout: str | None) -> None:
+    # not at module level: ray, loaded only when this runs
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    cause = getattr(error, "controller_failure", None)
+    if timeout and isinstance(cause, WorkerGroupStartupTimeoutError):
+        raise CapacityTimeoutError(
+            f"gave up after {float(timeout):g} s waiting for {cfg.num_workers} training worker(s) with "
+            f"{resources} each (ray.capacity_timeout_s): the cluster did not provide them") from None
+
+
 def fit(cfg, task: TrainTask, storage_path: str, name: str = "train", callbacks: list | None = None) -> TrainResult:
     """Train with Ray Train (see the module docstring). `cfg` is a TrainerConfig (or subclass);
     `storage_path` a local directory or URI; reusing (storage_path, name) resumes that run.
@@ -133,6 +149,7 @@ def fit(cfg, task: TrainTask, storage_path: str, name: str = "train", callbacks:
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
     mode = "min" if cfg.best_metric == "val_loss" else "max"
+    capacity_timeout = os.environ.get(CAPACITY_TIMEOUT_ENV)
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={"cfg": cfg, "task": task, "marker": storage.join(storage_path, name, FAIL_MARKER)},
@@ -141,13 +158,21 @@ def fit(cfg, task: TrainTask, storage_path: str, name: str = "train", callbacks:
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # with ray.capacity_timeout_s set (ray_utils.set_capacity_timeout) one wait for the
+            # workers' resources is all a run gets; Ray's default retries it forever
+            failure_config=FailureConfig(max_failures=cfg.max_failures,
+                                         controller_failure_limit=0 if capacity_timeout else -1),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep,
                                                checkpoint_score_attribute=cfg.best_metric,
                                                checkpoint_score_order=mode)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        _raise_waited_for_capacity(exc, cfg, resources, capacity_timeout)
+        raise
     if result.error:
+        _raise_waited_for_capacity(result.error, cfg, resources, capacity_timeout)
         raise result.error
     kept = result.best_checkpoints or []
     best, best_metrics = kept_checkpoint(kept, (result.checkpoint, dict(result.metrics or {})), cfg.best_metric,

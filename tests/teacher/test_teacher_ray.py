@@ -3,6 +3,9 @@ DeepSpeed ZeRO-2 and ZeRO-3. Each run: 32 short toy samples, max_length 64, a ha
 the artifact must reload without Ray/DeepSpeed and reproduce the checkpoint's validation logits."""
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 
@@ -79,3 +82,22 @@ def test_deepspeed_zero(ray_local, tmp_path, tiny_qwen_dir, stage):
     print(f"ZeRO-{stage}: worker peak RSS after build {m['worker_build_peak_rss_mib']} MiB, over the run "
           f"{m['worker_peak_rss_mib']} MiB, local parameter fraction {m['local_param_fraction']}")
     _check_artifact(cfg, meta)
+
+
+def test_a_run_the_cluster_cannot_seat_gives_up_after_the_capacity_timeout(ray_local, tmp_path, tiny_qwen_dir,
+                                                                           monkeypatch):
+    """ray.capacity_timeout_s: workers the cluster cannot give (64 CPUs each on a 2-CPU cluster)
+    end the stage after one wait, in one line saying what it waited for, instead of Ray Train
+    retrying every minute forever."""
+    from ckd_ehr.ray_utils import CAPACITY_TIMEOUT_ENV
+    from ckd_ehr.training.ray_train import CapacityTimeoutError
+
+    monkeypatch.setenv(CAPACITY_TIMEOUT_ENV, os.environ.get(CAPACITY_TIMEOUT_ENV, "60"))   # restored after
+    write_toy_samples(str(tmp_path), n_train=16, n_val=8)
+    cfg = _pipeline(tmp_path, tiny_qwen_dir, cpus_per_worker=64, max_failures=0)
+    cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"capacity_timeout_s": 5.0})})
+    start = time.time()
+    with pytest.raises(CapacityTimeoutError, match=r"gave up after 5 s waiting for 2 training worker\(s\) with "
+                                                    r"\{'CPU': 64"):
+        run_teacher(cfg)
+    assert time.time() - start < 120
