@@ -90,8 +90,10 @@ def kept_step(layout: RunLayout, name: str) -> int | None:
     if not storage.exists(path):
         return None
     metrics = storage.read_json(path).get("metrics") or {}
-    best = metrics.get("best_checkpoint")  # student: a dict of the kept checkpoint's metrics
-    step = (best if isinstance(best, dict) else metrics).get("step")  # teacher: flat (best_checkpoint is its path)
+    # student: a dict of the kept checkpoint's metrics; teacher: flat (kept_checkpoint_path names
+    # it). "best_checkpoint": the student's key in artifacts written before it was renamed.
+    kept = metrics.get("kept_checkpoint", metrics.get("best_checkpoint"))
+    step = (kept if isinstance(kept, dict) else metrics).get("step")
     return int(step) if isinstance(step, (int, float)) and np.isfinite(step) else None
 
 

@@ -246,13 +246,13 @@ def build_student_task(cfg: PipelineConfig, variant: str) -> StudentTraining:
     return StudentTraining(task, prep, tokenizer, model_path, pad_id, eff_table)
 
 
-def kept_probs(s, built: StudentTraining, best, best_metrics: dict) -> dict[str, np.ndarray]:
+def kept_probs(s, built: StudentTraining, kept, kept_metrics: dict) -> dict[str, np.ndarray]:
     """{val, test: probabilities} of the kept checkpoint. Validation's come with the checkpoint
     (the loop validated it on these rows, in this order); the test split's from the probe's
     features when it kept step 0, else one pass of the kept model."""
     prep = built.prep
-    val_probs = checkpoint_val_probs(best, len(prep.splits["val"]))
-    test_probs = None if s.use_gpu else probe_test_probs(best, best_metrics, built.task, built.model_path, s.pooling,
+    val_probs = checkpoint_val_probs(kept, len(prep.splits["val"]))
+    test_probs = None if s.use_gpu else probe_test_probs(kept, kept_metrics, built.task, built.model_path, s.pooling,
                                                           built.pad_id, prep.splits["test"], s.batch_size * 4)
     wanted = tuple(k for k, got in (("val", val_probs), ("test", test_probs)) if got is None)
     frozen = None
@@ -260,7 +260,7 @@ def kept_probs(s, built: StudentTraining, best, best_metrics: dict) -> dict[str,
         frozen = LayerCache(built.task.frozen_cache,
                             layer_cache_key(built.task.frozen_key or built.task.feature_key, s.train_top_layers,
                                             s.frozen_cache_dtype), CACHE_DTYPES[s.frozen_cache_dtype])
-    probs = _predict_remote(best, built.model_path, s.pooling, built.pad_id, {k: prep.splits[k] for k in wanted},
+    probs = _predict_remote(kept, built.model_path, s.pooling, built.pad_id, {k: prep.splits[k] for k in wanted},
                             s.batch_size * 4, s.use_gpu, built.token_bag, frozen) if wanted else {}
     probs.update({k: got for k, got in (("val", val_probs), ("test", test_probs)) if got is not None})
     return probs
@@ -299,19 +299,19 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
         s = s.model_copy(update={"max_steps": 0, "train_top_layers": None})
         log.info("student %s: probe only (student.probe_only_variants)", variant)
     result = fit(s, built.task, storage_path=storage, name=name)
-    best, best_metrics = result.kept_checkpoint, result.kept_metrics
-    if best is None:
+    kept, kept_metrics = result.kept_checkpoint, result.kept_metrics
+    if kept is None:
         raise RuntimeError(f"student {variant}: training reported no checkpoint ({storage}/{name})")
     train_s = time.perf_counter() - t0
 
     val = prep.splits["val"]
-    probs = kept_probs(s, built, best, best_metrics)
+    probs = kept_probs(s, built, kept, kept_metrics)
     fixed = [0.5] * val.labels.shape[1]
     tuned = tune_thresholds(val.labels, probs["val"], "f1")
     metrics = {
         "val_fixed": all_scores(val.labels, probs["val"], fixed),
         "val_tuned": all_scores(val.labels, probs["val"], tuned),  # optimistic: tuned on these
-        "best_checkpoint": {k: v for k, v in best_metrics.items() if isinstance(v, (int, float))},
+        "kept_checkpoint": {k: v for k, v in kept_metrics.items() if isinstance(v, (int, float))},
         "train_samples": len(train), "wall_s": round(train_s, 1),
         "train_samples_per_s": result.metrics.get("samples_per_s"),
         "curve": result.curve, "stopped_early": bool(result.metrics.get("stopped_early", False)),
@@ -329,7 +329,7 @@ def train_variant(cfg: PipelineConfig, variant: str) -> dict:
                  "icd10_crosswalk": cfg.data.icd10_crosswalk},  # Serve maps ICD-10 records the same way
     }
     with scratch_dir("ckd-student-") as tmp:
-        with best.as_directory() as ckpt_dir:
+        with kept.as_directory() as ckpt_dir:
             save_student(student_from_checkpoint(ckpt_dir, model_path, s.pooling, token_bag=built.token_bag),
                          f"{tmp}/weights")
             if os.path.exists(os.path.join(ckpt_dir, PROBE_HEAD)):  # head_init: probe (evaluate's probe row)

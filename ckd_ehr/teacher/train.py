@@ -201,7 +201,7 @@ def train_teacher(tc, train_path: str, val_path: str, storage_path: str, name: s
     metrics.update({"train_wall_s": round(wall, 2), "final_step": result.metrics.get("step"), "curve": result.curve,
                     "stopped_early": bool(result.metrics.get("stopped_early", False)),
                     "train_samples_per_s": result.metrics.get("samples_per_s"),
-                    "best_checkpoint": str(result.kept_checkpoint.path),
+                    "kept_checkpoint_path": str(result.kept_checkpoint.path),
                     "strategy": result.metrics.get("strategy", tc.strategy), "num_workers": tc.num_workers})
     # Measurements of the whole run (the last report), whichever checkpoint was best.
     for key in ("train_padding_efficiency", "worker_peak_rss_mib", "worker_build_peak_rss_mib",

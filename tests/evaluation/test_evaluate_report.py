@@ -197,9 +197,9 @@ def test_identical_models_and_step0_probes_are_named_not_called_equal(tmp_path):
     write_predictions(layout, "ckd_ehr", y, rng.random((n, 25)), subjects)
     write_predictions(layout, "teacher", y, rng.random((n, 25)), subjects)
     for variant, step in (("hard_plain", 0), ("distill_plain", 0), ("ckd_ehr", 20)):
-        storage.write_json(layout.student_meta(variant), {"metrics": {"best_checkpoint": {"step": step}}})
-    # the teacher's artifact keeps its kept step flat, and best_checkpoint is the checkpoint's path
-    storage.write_json(layout.teacher_meta, {"metrics": {"step": 0, "best_checkpoint": "/ckpt/checkpoint_0"}})
+        storage.write_json(layout.student_meta(variant), {"metrics": {"kept_checkpoint": {"step": step}}})
+    # the teacher's artifact keeps its kept step flat, and kept_checkpoint_path names the checkpoint
+    storage.write_json(layout.teacher_meta, {"metrics": {"step": 0, "kept_checkpoint_path": "/ckpt/checkpoint_0"}})
     cfg = load_config(PipelineConfig, None, [f"run_dir={tmp_path}", "evaluate.bootstrap=20",
                                              "evaluate.allow_small=true", "evaluate.baselines=false",
                                              "evaluate.probes=false"])

@@ -33,7 +33,7 @@ def _check_artifact(cfg: PipelineConfig, meta: dict) -> None:
     assert loaded["artifact_id"] == meta["artifact_id"]
     texts, labels = read_texts_and_labels(layout.augmented("val"), "text_eadf")
     got = predict_logits(model, tok, texts, max_length=cfg.teacher.max_length)
-    ckpt = meta["metrics"]["best_checkpoint"]
+    ckpt = meta["metrics"]["kept_checkpoint_path"]
     ref_logits = np.load(storage.join(ckpt, "val_logits.npy"))
     ref_labels = np.load(storage.join(ckpt, "val_labels.npy"))
     np.testing.assert_array_equal(ref_labels, labels)
