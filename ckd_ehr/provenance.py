@@ -88,18 +88,25 @@ def owner_state(owner: dict, started: float, job_status=None) -> tuple[str, str]
     started (epoch seconds), to tell a live owner from a reused pid; `job_status`: a function
     submission id -> Ray job status, or None where no cluster is reachable."""
     # not at module level: only the stage loop and `status` need them
+    import os
     import socket
 
     import psutil
 
     job = owner.get("job_submission_id")
     if job and job_status is not None:
-        status = job_status(job)
+        try:
+            status = job_status(job)
+        except Exception:   # no state API on this cluster (no dashboard): fall back to the pid
+            status = ""
         if status is None:
             return "gone", f"Ray job {job} is not known to this cluster"
         if status in TERMINAL_JOB_STATES:
             return "gone", f"Ray job {job} is {status}"
-        return "alive", f"Ray job {job} is {status}"
+        if status:
+            return "alive", f"Ray job {job} is {status}"
+    if owner.get("host") == socket.gethostname() and owner.get("pid") == os.getpid():
+        return "gone", "an earlier run in this process ended without finishing it"
     if owner.get("host") == socket.gethostname() and owner.get("pid"):
         try:
             created = psutil.Process(owner["pid"]).create_time()

@@ -150,10 +150,18 @@ def test_a_stage_whose_process_ended_is_reported_failed_and_a_live_one_stops_the
     assert read_manifest(layout)["stages"]["eadf"]["status"] == "failed"
     assert "abandoned" in read_manifest(layout)["stages"]["eadf"]["error"]
 
-    alive = {"host": socket.gethostname(), "pid": os.getpid(), "job_submission_id": None}
-    manifest["stages"]["eadf"] = _running_record(alive, time.time())
-    with pytest.raises(PipelineError, match="stage eadf is still running"):
-        settle_abandoned(manifest, layout)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        alive = {"host": socket.gethostname(), "pid": sleeper.pid, "job_submission_id": None}
+        manifest["stages"]["eadf"] = _running_record(alive, time.time())
+        with pytest.raises(PipelineError, match="stage eadf is still running"):
+            settle_abandoned(manifest, layout)
+    finally:
+        sleeper.kill()
+    # this very process: an earlier run in it was interrupted (Ctrl-C), it is not running now
+    manifest["stages"]["eadf"] = _running_record({**alive, "pid": os.getpid()}, time.time())
+    settle_abandoned(manifest, layout)
+    assert read_manifest(layout)["stages"]["eadf"]["status"] == "failed"
 
 
 def test_a_stage_of_a_stopped_ray_job_is_reported_failed(cfg_dict, ray_cluster, tmp_path, capsys):
