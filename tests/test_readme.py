@@ -26,8 +26,10 @@ import numpy as np
 import pytest
 import yaml
 
+from ckd_ehr.config import PipelineConfig, load_config
 
 from helpers.paths import REPO
+
 README = REPO / "README.md"
 DEMO3 = "tests/data/mimic3_demo"
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
@@ -178,8 +180,20 @@ def _pipeline(command, request):
 def _kubectl_apply(command, request):
     path = REPO / command.split()[-1]
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
-    assert docs and all(d["apiVersion"] == "ray.io/v1" and d["kind"] in {"RayCluster", "RayJob", "RayService"}
-                        for d in docs), path
+    kinds = {"ray.io/v1": {"RayCluster", "RayJob", "RayService"}, "v1": {"PersistentVolumeClaim", "ServiceAccount"}}
+    assert docs and all(d["kind"] in kinds.get(d["apiVersion"], ()) for d in docs), path
+
+
+@check(r"^kubectl create configmap \S+ --from-file=\S+$")
+def _kubectl_configmap(command, request):
+    """The ConfigMap the manifests mount (ckd-ehr-config, key pipeline.yaml), from a shipped config."""
+    name, source = argv_of(command)[3], argv_of(command)[4].removeprefix("--from-file=")
+    key, path = source.split("=", 1)
+    cluster = yaml.safe_load((REPO / "cluster/kuberay/raycluster.yaml").read_text())
+    mounted = {v["configMap"]["name"] for v in cluster["spec"]["headGroupSpec"]["template"]["spec"]["volumes"]
+               if "configMap" in v}
+    assert name in mounted and key == "pipeline.yaml" and (REPO / path).exists()
+    load_config(PipelineConfig, REPO / path)
 
 
 @check(r"^kubectl port-forward svc/\S+ \d+:\d+ &$")
@@ -280,7 +294,6 @@ def _study(command, request):
 def _study_summarise(command, request):
     """Real: the tables rebuilt from a copy of a study directory alone. The directory the README
     names is where the study recipe above writes it."""
-    from ckd_ehr.config import PipelineConfig, load_config
     from ckd_ehr.contracts import RunLayout, StudyFiles
 
     argv = argv_of(command)
