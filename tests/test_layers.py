@@ -145,3 +145,16 @@ def test_tests_are_laid_out_like_the_package():
                 cross.append(f"{rel}: {names}")
     assert not misplaced, f"test files outside the package's layout (tests/<package>/test_*.py): {misplaced}"
     assert not cross, f"a test module imports a test module (shared code goes into tests/helpers/): {cross}"
+
+
+def test_modules_and_functions_stay_small():
+    """One job per module: no module over 600 lines, no function over 80 (issue 42)."""
+    long_modules, long_functions = [], []
+    for name, path in _modules().items():
+        text = path.read_text()
+        if text.count("\n") > 600:
+            long_modules.append(f"{name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                long_functions.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not long_modules and not long_functions, (long_modules, long_functions)
