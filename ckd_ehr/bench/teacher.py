@@ -153,7 +153,7 @@ def bench_model(cfg, n: int, arch_only: bool, device: str) -> dict:
 def bench_ray_run(cfg, n: int) -> dict:
     """A short end-to-end teacher run on Ray Train (1 epoch) in a temporary run directory."""
     # not at module level: safetensors, loaded only when this runs
-    from ckd_ehr.teacher.train import train_teacher
+    from ckd_ehr.teacher.run import train_teacher
 
     tc = cfg.teacher.model_copy(update={"epochs": 1, "max_train_samples": n,
                                         "max_eval_samples": cfg.teacher.max_eval_samples or max(50, n // 4)})
@@ -234,7 +234,7 @@ def bench_zero3_load(cfg, args) -> dict:
     (VmHWM, largest over the workers) right after the model is built and over the whole run,
     against the size of one full fp32 copy of the model."""
     # not at module level: safetensors, loaded only when this runs
-    from ckd_ehr.teacher.train import train_teacher
+    from ckd_ehr.teacher.run import train_teacher
 
     init_ray(cfg.ray)
     res: dict = {"workers": 2, "backend": "gloo", "zero_stage": 3}

@@ -215,7 +215,7 @@ def _task(cfg, which: str, section, tmp: str):
 
     if which == "student":
         # not at module level: imported only on this branch
-        from ckd_ehr.student.run import build_student_task
+        from ckd_ehr.student.train import build_student_task
 
         full = cfg.model_copy(update={"student": section.model_copy(update={"max_train_samples": None})})
         built = build_student_task(full, "hard_eadf")

@@ -1,18 +1,13 @@
-"""`ckd-ehr student`: for each variant, prepare inputs, train on Ray Train, pick the best
-checkpoint by validation, tune thresholds, write the artifact and the test predictions.
-
-The driver does the cheap, deterministic work (reading, fitting texts to max_length,
-tokenising) once and hands the token ids to the workers through the object store.
+"""`ckd-ehr student`: for each variant, build its task (ckd_ehr.student.train), train on Ray
+Train, keep the checkpoint validation picks, tune thresholds, write the artifact and the test
+predictions.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,18 +15,13 @@ import pyarrow as pa
 from ckd_ehr.config import PipelineConfig, config_hash
 from ckd_ehr.contracts import PREDICTIONS, PROBE_HEAD, RunLayout, student_variant
 from ckd_ehr.modeling.frozen import CACHE_DTYPES, LayerCache, layer_cache_key
-from ckd_ehr.modeling.paths import resolve_model_path
 from ckd_ehr.storage import exists, scratch_dir, write_parquet
-from ckd_ehr.modeling.token_bag import token_bag_for
 from ckd_ehr.text import diagnosis_title_column
-from ckd_ehr.student.data import (Encoded, FitStats, align_units, encode, fit_texts, load_efficacy, read_split,
-                                  read_unit_targets, variant_spec)
-from ckd_ehr.modeling.losses import balanced_pos_weight
+from ckd_ehr.student.data import Encoded, read_split
 from ckd_ehr.training import TrainTask
-from ckd_ehr.training.batching import split_limit
 from ckd_ehr.modeling.frozen import cached_states, predict_through_cache
 from ckd_ehr.student.model import predict_ids, features_ids, save_student
-from ckd_ehr.student.train import student_from_checkpoint, StudentData, student_task
+from ckd_ehr.student.train import StudentTraining, build_student_task, data_fingerprint, student_from_checkpoint
 from ckd_ehr.modeling.feature_cache import FeatureCache
 from ckd_ehr.modeling.probe import LinearProbe
 from ckd_ehr.metrics import all_scores, tune_thresholds
@@ -40,57 +30,6 @@ from ckd_ehr.training import fit
 from ckd_ehr.ray_utils import init_ray
 
 log = logging.getLogger("ckd_ehr.student")
-
-
-@dataclass
-class Prepared:
-    column: str
-    distill: bool
-    splits: dict[str, Encoded]
-    texts: dict[str, list[str]]
-    fit: dict[str, dict]
-
-
-def prepare_variant(cfg: PipelineConfig, variant: str, tokenizer, efficacy: dict) -> Prepared:
-    """Read, join, fit and tokenise train / val / test for one variant."""
-    s = cfg.student
-    layout = RunLayout(cfg.run_dir)
-    column, distill = variant_spec(variant)
-    label, relation = s.distill.unit_weights(variant)
-    splits, texts, fit = {}, {}, {}
-    for split in ("train", "val", "test"):
-        # soft labels are read only where they are used: the training loss
-        soft_path = layout.soft_labels(split, student_variant(variant).soft_labels) if distill and split == "train" else None
-        samples, soft = read_split(layout.augmented(split), soft_path, split_limit(s, split), seed=s.seed)
-        t, stats = fit_texts(samples, tokenizer, s.max_length, column, efficacy, cfg.text, s.fit_shrink)
-        splits[split] = encode(samples, soft, t, tokenizer, s.max_length)
-        texts[split], fit[split] = t, stats.as_dict()
-        if soft_path is not None and (label > 0 or relation > 0):   # the unit terms' targets, aligned
-            targets = read_unit_targets(layout.unit_targets(split), samples.column("sample_id").to_pylist())
-            splits[split].units = align_units(samples, t, tokenizer, s.max_length, cfg.text, targets,
-                                              attention=label > 0, relation=relation > 0)
-            fit[split]["units"] = splits[split].units.stats
-            log.info("student %s: unit terms (label %.3g, relation %.3g) on %s units per sample in common "
-                     "of the teacher's %.1f", variant, label, relation,
-                     f"{splits[split].units.stats['mean_units_common']:.1f}", splits[split].units.stats["mean_units_teacher"])
-    return Prepared(column, distill, splits, texts, fit)
-
-
-def data_fingerprint(prep: Prepared) -> str:
-    """Hash of what training sees: token ids, labels and teacher outputs of train and val."""
-    h = hashlib.sha256()
-    for split in ("train", "val"):
-        e = prep.splits[split]
-        h.update(np.concatenate([np.asarray(x, dtype=np.int32) for x in e.input_ids] or [np.zeros(0, np.int32)]).tobytes())
-        h.update(np.asarray([len(x) for x in e.input_ids], dtype=np.int32).tobytes())
-        for arr in (e.labels, e.teacher_probs):
-            if arr is not None:
-                h.update(np.ascontiguousarray(arr).tobytes())
-        if e.units is not None:   # the unit terms' targets and alignment
-            for rows in (e.units.token_units, e.units.unit_attention or [], e.units.unit_relation or []):
-                for arr in rows:
-                    h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()[:16]
 
 
 def _predict_remote(checkpoint, model_path: str, pooling: str, pad_id: int, data: dict,
@@ -196,54 +135,6 @@ def training_vocabulary(cfg: PipelineConfig) -> dict[str, list[str]]:
         return sorted({str(v) for c in cols for v in t.column(c).combine_chunks().flatten().to_pylist() if v})
 
     return {"drugs": items("drugs"), "procedures": items("procedure_titles", "procedure_codes")}
-
-
-@dataclass
-class StudentTraining:
-    """A variant's training task and what its stage needs besides: the prepared splits, the
-    tokenizer, the efficacy table."""
-
-    task: TrainTask
-    prep: Prepared
-    tokenizer: Any
-    model_path: str
-    pad_id: int
-    efficacy_table: Any
-
-    @property
-    def token_bag(self):
-        """ckd_ehr.modeling.token_bag.TokenBag with student.token_bag (the model builder's), else None."""
-        return self.task.build_model.token_bag
-
-
-def build_student_task(cfg: PipelineConfig, variant: str) -> StudentTraining:
-    """The one place the student's TrainTask is built, for the student stage and for Tune:
-    read, fit and tokenise the variant's splits, put train / val in the object store, and
-    class-balance the hard term when cfg.student.distill.class_balanced."""
-    # not at module level: transformers, loaded only when this runs
-    from transformers import AutoTokenizer
-
-
-    s = cfg.student
-    layout = RunLayout(cfg.run_dir)
-    model_path = resolve_model_path(s.model)
-    # model_max_length: texts past 512 tokens are encoded in windows, not an error to warn about
-    tokenizer = AutoTokenizer.from_pretrained(model_path, model_max_length=s.max_length)
-    eff_table, efficacy = load_efficacy(layout.efficacy_table, cfg.eadf.top_k)
-    prep = prepare_variant(cfg, variant, tokenizer, efficacy)
-    train = prep.splits["train"]
-    pos_weight = balanced_pos_weight(train.labels).tolist() if s.distill.class_balanced else None
-    pad_id = tokenizer.pad_token_id or 0
-    bag = token_bag_for(tokenizer, cfg.text) if s.token_bag else None
-    task = student_task(s, model_path, StudentData(train, prep.splits["val"]), pad_id, prep.distill, pos_weight,
-                        unit_weights=s.distill.unit_weights(variant), token_bag=bag)
-    # Variants reading the same text (hard_plain / distill_plain, hard_eadf / ckd_ehr) share the
-    # frozen encoder's features: the probe's feature pass runs once per text, not per variant.
-    # label attention's probe reads the mean pool (what its zero queries compute)
-    task.feature_cache = layout.probe_features
-    task.feature_key = f"{s.model}|{'mean' if s.pooling == 'label_attention' else s.pooling}"
-    task.frozen_cache, task.frozen_key = s.frozen_cache_dir or layout.student_frozen_cache, s.model
-    return StudentTraining(task, prep, tokenizer, model_path, pad_id, eff_table)
 
 
 def kept_probs(s, built: StudentTraining, kept, kept_metrics: dict) -> dict[str, np.ndarray]:
@@ -360,4 +251,4 @@ def run_student(cfg: PipelineConfig) -> dict:
     return {v: train_variant(cfg, v) for v in s.variants}
 
 
-__all__ = ["run_student", "train_variant", "prepare_variant", "FitStats"]
+__all__ = ["run_student", "train_variant"]

@@ -1,4 +1,5 @@
-"""`ckd-ehr teacher`: train the teacher on Ray Train and write RUN/teacher/artifact.
+"""What the teacher is, for the generic Ray Train loop in ckd_ehr.training, and its task built
+from the run directory (`teacher_task`, for the teacher stage, ckd_ehr.teacher.run, and for Tune).
 
 Reads RUN/eadf/samples/{train,val}.parquet (contracts.AUGMENTED_SAMPLES) through storage.py
 on the driver, so the run dir may be a URI, and tokenises them there once; the workers fetch
@@ -6,9 +7,6 @@ the token ids from Ray's object store (as the student's do). Distribution, check
 fault tolerance live in ckd_ehr.training; this file only says what the teacher is.
 """
 from __future__ import annotations
-
-import logging
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -20,13 +18,12 @@ from ckd_ehr.contracts import AUGMENTED_SAMPLES, ContractError, RunLayout, check
 from ckd_ehr.modeling.frozen import layer_cache_key
 # One definition of class balancing for both models; the teacher's loss beside the student's.
 from ckd_ehr.modeling.losses import BCELoss, balanced_pos_weight  # noqa: F401  (re-exported for callers)
-from ckd_ehr.training import ObjectStoreValue, TrainResult, TrainTask, fit, subset_indices
-from ckd_ehr.teacher.artifact import SaveTeacherWeights, write_artifact
+from ckd_ehr.training import ObjectStoreValue, TrainTask, subset_indices
+from ckd_ehr.teacher.artifact import SaveTeacherWeights
 from ckd_ehr.modeling.prompts import load_tokenizer
 from ckd_ehr.teacher.data import Collate, make_examples, pad_id
 from ckd_ehr.teacher.model import build_teacher, param_groups, teacher_model_size
 
-log = logging.getLogger("ckd_ehr.teacher")
 
 
 def read_texts_and_labels(path: str, text_column: str) -> tuple[list[str], np.ndarray]:
@@ -183,42 +180,3 @@ def teacher_task(tc, train_path: str, val_path: str, tokenizer=None, feature_cac
     # (the loop adds the top layers and the cache dtype: teacher_frozen_key is the whole key)
     task.frozen_key = teacher_feature_key({**tc.model_dump(mode="json"), "pooling": "any"}, tc.train_dtype())
     return task
-
-
-def train_teacher(tc, train_path: str, val_path: str, storage_path: str, name: str,
-                  artifact_dest: str, feature_cache: str | None = None,
-                  frozen_cache: str | None = None) -> tuple[TrainResult, dict]:
-    """Train on Ray Train and write the artifact from the best checkpoint. Returns
-    (TrainResult, teacher.json). `feature_cache`: where head_init probe keeps the frozen
-    backbone's features; `frozen_cache`: where train_top_layers keeps the frozen layers' states
-    (None: nowhere)."""
-    tokenizer = load_tokenizer(tc)
-    task = teacher_task(tc, train_path, val_path, tokenizer, feature_cache, frozen_cache)
-    start = time.time()
-    result = fit(tc, task, storage_path=storage_path, name=name)
-    wall = time.time() - start
-    metrics = {k: v for k, v in result.kept_metrics.items() if isinstance(v, (int, float, str))}
-    metrics.update({"train_wall_s": round(wall, 2), "final_step": result.metrics.get("step"), "curve": result.curve,
-                    "stopped_early": bool(result.metrics.get("stopped_early", False)),
-                    "train_samples_per_s": result.metrics.get("samples_per_s"),
-                    "kept_checkpoint_path": str(result.kept_checkpoint.path),
-                    "strategy": result.metrics.get("strategy", tc.strategy), "num_workers": tc.num_workers})
-    # Measurements of the whole run (the last report), whichever checkpoint was best.
-    for key in ("train_padding_efficiency", "worker_peak_rss_mib", "worker_build_peak_rss_mib",
-                "worker_start_rss_mib", "local_param_fraction", "zero_stage", "auto_estimate_gib", "auto_device_gib"):
-        if key in result.metrics:
-            metrics[key] = result.metrics[key]
-    with result.kept_checkpoint.as_directory() as d:
-        calibration = None
-        if tc.head == "generative":   # scores -> probabilities, fitted on validation (driver, no Ray)
-            # not at module level: imported only on this branch
-            from ckd_ehr.teacher.generative import fit_calibration
-
-            texts, labels = read_texts_and_labels(val_path, tc.text_column)
-            n = min(len(texts), tc.max_eval_samples or len(texts))
-            calibration, val_metrics = fit_calibration(tc, str(d), tokenizer, texts[:n], labels[:n])
-            metrics.update(val_metrics)
-        meta = write_artifact(d, tokenizer, tc, metrics, artifact_dest, calibration=calibration)
-    log.info("teacher artifact %s written to %s (best %s=%s)", meta["artifact_id"], artifact_dest,
-             tc.best_metric, metrics.get(tc.best_metric))
-    return result, meta

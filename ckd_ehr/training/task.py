@@ -19,7 +19,7 @@ eval_fn None (its validation reports val_loss only) or passes the rows eval_fn s
 `scores_of`. Everything in a TrainTask runs on the workers, so it must pickle (cloudpickle:
 closures are fine). Examples are dicts; `example["length"]` (tokens) drives length grouping
 when present. Each model builds its task in one function (ckd_ehr.teacher.train.teacher_task,
-ckd_ehr.student.run.build_student_task), which its stage and Tune both call.
+ckd_ehr.student.train.build_student_task), which its stage and Tune both call.
 """
 from __future__ import annotations
 

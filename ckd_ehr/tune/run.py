@@ -2,7 +2,7 @@
 
 Each trial trains through the same code as the pipeline: it builds the stage's TrainTask with
 the function the stage itself calls (ckd_ehr.teacher.train.teacher_task /
-ckd_ehr.student.run.build_student_task) and runs
+ckd_ehr.student.train.build_student_task) and runs
 ckd_ehr.training.fit, a Ray Train TorchTrainer, inside a Tune function trainable; metrics
 reach Tune through Ray Train's TuneReportCallback (the Train V2 + Tune interop). The trial
 itself reserves no CPU: the Train workers inside it hold the trial's resources
@@ -87,7 +87,7 @@ def _train_trial(params: dict, base: dict, target: str, metric: str, train_root:
             frozen_cache=cfg.teacher.frozen_cache_dir or layout.teacher_frozen_cache)
     else:
         # not at module level: imported only on this branch
-        from ckd_ehr.student.run import build_student_task
+        from ckd_ehr.student.train import build_student_task
 
         section, task = cfg.student, build_student_task(cfg, variant).task
     fit(section, task, storage_path=storage_path, name="train", callbacks=[TuneReportCallback()])

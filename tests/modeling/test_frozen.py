@@ -69,7 +69,7 @@ def test_loop_trains_only_the_top_layers_and_the_checkpoint_loads_back(tmp_path,
     validation the loop reports is the checkpoint's (loaded with student_from_checkpoint); a
     second run reads every row from the frozen cache."""
     from ckd_ehr.student.model import predict_ids
-    from ckd_ehr.student.run import build_student_task
+    from ckd_ehr.student.train import build_student_task
     from ckd_ehr.student.train import student_from_checkpoint
     from ckd_ehr.training import LocalReporter, TrainLoop, WorkerContext
 
@@ -157,7 +157,8 @@ def test_test_rows_go_through_the_top_layers_on_cached_states(tmp_path, tiny_ber
     from ckd_ehr.stages import stage, undeclared_files
     from ckd_ehr.modeling.frozen import CACHE_DTYPES, LayerCache, layer_cache_key
     from ckd_ehr.student.model import predict_ids
-    from ckd_ehr.student.run import _predict_remote, build_student_task
+    from ckd_ehr.student.run import _predict_remote
+    from ckd_ehr.student.train import build_student_task
     from ckd_ehr.student.train import student_from_checkpoint
     from ckd_ehr.training import LocalReporter, TrainLoop, WorkerContext
 

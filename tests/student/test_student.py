@@ -267,7 +267,8 @@ def test_a_student_that_kept_its_probe_scores_test_from_frozen_features(tmp_path
 
     from ckd_ehr.modeling.feature_cache import FeatureCache
     from ckd_ehr.student.model import predict_ids
-    from ckd_ehr.student.run import build_student_task, probe_test_probs
+    from ckd_ehr.student.run import probe_test_probs
+    from ckd_ehr.student.train import build_student_task
     from ckd_ehr.student.train import student_from_checkpoint
     from ckd_ehr.training import LocalReporter, TrainLoop, WorkerContext
 

@@ -13,7 +13,7 @@ import yaml
 
 from ckd_ehr import storage
 from ckd_ehr.config import PipelineConfig, build, load_config
-from ckd_ehr.student.run import build_student_task
+from ckd_ehr.student.train import build_student_task
 from ckd_ehr.tune.run import run_tune
 
 from helpers.paths import REPO
