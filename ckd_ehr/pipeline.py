@@ -144,6 +144,10 @@ def abandoned_stages(manifest: dict, job_status=None) -> dict[str, tuple[str, st
     return out
 
 
+def _abandoned(why: str) -> str:
+    return f"abandoned: {why} before the stage finished (stopped or killed)"
+
+
 def settle_abandoned(manifest: dict, layout: RunLayout, job_status=None) -> None:
     """Before a run: a stage left running by an owner that is gone is marked failed (and so
     reruns); one whose owner still runs stops this run (two runs would write the same files)."""
@@ -152,8 +156,7 @@ def settle_abandoned(manifest: dict, layout: RunLayout, job_status=None) -> None
         if state == "alive":
             raise PipelineError(f"stage {name} is still running in {layout.root} ({why}): wait for it or stop it")
         if state == "gone":
-            manifest["stages"][name].update(status="failed", error=f"abandoned: {why} before the stage finished "
-                                                                    "(stopped or killed)")
+            manifest["stages"][name].update(status="failed", error=_abandoned(why))
             log.warning("stage %s: marked failed, %s before it finished", name, why)
             changed = True
         else:
@@ -255,7 +258,7 @@ def run_status(cfg: PipelineConfig) -> dict:
     for name, (state, why) in abandoned_stages(manifest, job_status).items():
         record = manifest["stages"][name]
         if state == "gone":
-            record.update(status="failed", error=f"abandoned: {why}")
+            record.update(status="failed", error=_abandoned(why))
         record["owner_state"] = why
     lines = [f"{'stage':<12} {'status':<8} {'seconds':>8}  note"]
     for stage in STAGES:

@@ -7,6 +7,9 @@ at different code unless told.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -69,11 +72,6 @@ def run_owner() -> dict:
     """This process as a stage's owner: host, pid, and the Ray job submission id when the pipeline
     runs as a `ray job submit` entrypoint. A job stopped or killed cannot write on its way out;
     the next reader recognises its stage as abandoned by asking whether the owner still lives."""
-    # not at module level: only the stage loop and `status` need them
-    import json
-    import os
-    import socket
-
     job = None
     if os.environ.get(JOB_CONFIG_ENV):
         try:
@@ -87,10 +85,7 @@ def owner_state(owner: dict, started: float, job_status=None) -> tuple[str, str]
     """("alive" | "gone" | "unknown", why) for a stage's recorded owner. `started`: when the stage
     started (epoch seconds), to tell a live owner from a reused pid; `job_status`: a function
     submission id -> Ray job status, or None where no cluster is reachable."""
-    # not at module level: only the stage loop and `status` need them
-    import os
-    import socket
-
+    # not at module level: only the stage loop and `status` need it
     import psutil
 
     job = owner.get("job_submission_id")
@@ -105,14 +100,14 @@ def owner_state(owner: dict, started: float, job_status=None) -> tuple[str, str]
             return "gone", f"Ray job {job} is {status}"
         if status:
             return "alive", f"Ray job {job} is {status}"
-    if owner.get("host") == socket.gethostname() and owner.get("pid") == os.getpid():
+    if owner.get("host") != socket.gethostname() or not owner.get("pid"):
+        return "unknown", f"owner {owner} cannot be checked from {socket.gethostname()}"
+    if owner["pid"] == os.getpid():
         return "gone", "an earlier run in this process ended without finishing it"
-    if owner.get("host") == socket.gethostname() and owner.get("pid"):
-        try:
-            created = psutil.Process(owner["pid"]).create_time()
-        except psutil.NoSuchProcess:
-            return "gone", f"process {owner['pid']} on {owner['host']} has ended"
-        if created > started + 1:   # the pid was reused by a later process
-            return "gone", f"process {owner['pid']} on {owner['host']} has ended (its pid is reused)"
-        return "alive", f"process {owner['pid']} on {owner['host']} is running"
-    return "unknown", f"owner {owner} cannot be checked from {socket.gethostname()}"
+    try:
+        created = psutil.Process(owner["pid"]).create_time()
+    except psutil.NoSuchProcess:
+        return "gone", f"process {owner['pid']} on {owner['host']} has ended"
+    if created > started + 1:   # the pid was reused by a later process
+        return "gone", f"process {owner['pid']} on {owner['host']} has ended (its pid is reused)"
+    return "alive", f"process {owner['pid']} on {owner['host']} is running"

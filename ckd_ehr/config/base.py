@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ckd_ehr.storage import is_uri
+
 T = TypeVar("T", bound=BaseModel)
 
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -103,7 +105,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     data = apply_overrides(data, overrides or [])
     source = str(path) if path else "config"
     run_dir = data.get("run_dir", cls.model_fields["run_dir"].default if "run_dir" in cls.model_fields else None)
-    if isinstance(run_dir, str) and "://" not in run_dir and not os.path.isabs(run_dir) \
+    if isinstance(run_dir, str) and not is_uri(run_dir) and not os.path.isabs(run_dir) \
             and os.environ.get(JOB_CONFIG_ENV):
         # validation makes run_dir absolute against the working directory, which under `ray job
         # submit` is the job's own temporary copy, on one node: refused while it is still as written

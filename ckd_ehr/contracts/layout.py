@@ -36,13 +36,18 @@ GROUND_TRUTH = "ground_truth.json"
 
 
 @dataclass(frozen=True)
-class RunLayout:
-    """Paths inside one run directory (local path or URI)."""
+class _Rooted:
+    """Paths under one directory (local path or URI)."""
 
     root: str
 
     def path(self, *parts: str) -> str:
         return join(self.root, *parts)
+
+
+@dataclass(frozen=True)
+class RunLayout(_Rooted):
+    """Paths inside one run directory (local path or URI)."""
 
     @property
     def manifest(self) -> str: return self.path("manifest.json")
@@ -131,14 +136,9 @@ class RunLayout:
 
 
 @dataclass(frozen=True)
-class StudyFiles:
+class StudyFiles(_Rooted):
     """The files of a study's summary directory (RUN/study, or a copy under docs/): what
     `ckd-ehr study` collects from its runs and what the summary is rebuilt from."""
-
-    root: str
-
-    def path(self, *parts: str) -> str:
-        return join(self.root, *parts)
 
     @property
     def config(self) -> str: return self.path("config.json")
