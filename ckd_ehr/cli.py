@@ -193,6 +193,11 @@ def _add_bench_command(sub) -> None:
     p.add_argument("--replicas", type=int,
                    help="serve: replicas of the endpoint, each with cores/replicas torch threads (default: one per core)")
     p.add_argument("--precisions", default="fp32,int8,bf16", help="serve: serve.precision values to measure")
+    p.add_argument("--load-generator", choices=["wrk", "python"], default="wrk",
+                   help="serve: wrk (compiled; `apt-get install wrk`) or the Python aiohttp generator")
+    p.add_argument("--retry", default="honour",
+                   help="serve: comma-separated client behaviours on a 503: honour (wait Retry-After), at-once (wrk only)")
+    p.add_argument("--levels", help="serve: comma-separated client counts (default 1,16,64,400)")
     p.add_argument("--client-nice", type=int, default=19,
                    help="serve: niceness added to the load generator (CPU share; Ray workers run at nice 15)")
     p.add_argument("--agreement-samples", type=int, default=1000,

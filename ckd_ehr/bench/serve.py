@@ -2,12 +2,15 @@
 
 Per serve.precision (fp32, int8, bf16): (1) the ceiling, in-process render + tokenise + batched
 forward of the same records; (2) the endpoint (`--replicas`, by default one per core with one
-torch thread each; `@serve.batch`) at 1, 16, 64 and 400 closed-loop clients, one record per
-request (the online case), `--records long|short`, in a separate niced
-load-generator process (ckd_ehr.bench.load), with a /healthz probe throughout: records/s
-answered, p50/p99 of answered requests, share shed (503), other errors. (3) The largest
-probability difference between each other precision and fp32 on at least 1,000 samples. `--url` measures
-an endpoint already running instead (a before/after table against other code).
+torch thread each; `@serve.batch`) at 1, 16, 64 and 400 closed-loop clients (`--levels`), one
+record per request (the online case), `--records long|short`, driven by wrk (compiled, niced;
+`--load-generator python` for the aiohttp one) whose clients honour a 503's Retry-After or retry
+at once (`--retry honour,at-once`), with, per level, the server's own latency histogram (Ray
+Serve's proxy, by status code: ckd_ehr.bench.server_latency) beside what the clients saw:
+records/s answered, p50/p99, share shed (503), other errors; at 64 and 400 clients retrying at
+once, the overload targets (`overload_targets`). (3) The largest probability difference between
+each other precision and fp32 on at least 1,000 samples. `--url` measures an endpoint already
+running instead (a before/after table against other code; no server histogram).
 
 Without a trained student in RUN/student/ckd_ehr/artifact, an artifact with an untrained
 head on cfg.student.model (MiniLM-L6 by default) is built: throughput does not depend on the
@@ -31,11 +34,13 @@ from ckd_ehr.config import PipelineConfig, TextConfig
 from ckd_ehr.contracts import EFFICACY, SERVE_PRECISIONS, STUDENT_META, RunLayout
 from ckd_ehr.phenotypes import NUM_PHENOTYPES, phenotypes, phenotypes_of_code
 from ckd_ehr.storage import exists
+from ckd_ehr.bench import server_latency, wrk
 from ckd_ehr.bench.common import emit, machine
 from ckd_ehr.modeling.paths import resolve_model_path
 from ckd_ehr.student.precision import run_texts
 
 LEVELS = (1, 16, 64, 400)
+LOAD_GENERATORS = ("wrk", "python")
 _DRUGS = ["Sodium Chloride 0.9%  Flush", "Potassium Chloride", "Heparin", "Insulin", "Furosemide",
           "Metoprolol Tartrate", "Acetaminophen", "Pantoprazole", "Docusate Sodium", "Senna",
           "Magnesium Sulfate", "Vancomycin", "Piperacillin-Tazobactam", "Lisinopril", "Aspirin",
@@ -123,31 +128,66 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_levels(url: str, records: list[dict], duration: float, token: str | None, nice: int,
-               levels=LEVELS) -> list[dict]:
-    """Each load level in its own niced load-generator process (ckd_ehr.bench.load)."""
+def _python_level(url: str, records_file: str, clients: int, duration: float, token: str | None, nice: int) -> dict:
+    """One level from the Python generator (ckd_ehr.bench.load, aiohttp): honours Retry-After."""
+    env = {**os.environ, **({"CKD_EHR_TOKEN": token} if token else {})}
+    r = subprocess.run([sys.executable, "-m", "ckd_ehr.bench.load", url, records_file, str(clients), str(duration),
+                        "--nice", str(nice)], capture_output=True, text=True, env=env, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"load generator failed ({r.returncode}): {r.stderr[-2000:]}")
+    return {**json.loads(r.stdout), "retry": "honour"}
 
-    out = []
+
+def run_levels(url: str, records: list[dict], duration: float, token: str | None, nice: int,
+               levels=LEVELS, generator: str = "wrk", retries=("honour",), application: str | None = None) -> list[dict]:
+    """Each load level (and Retry-After behaviour) in its own niced load-generator process;
+    with `application`, beside the server's own latency histogram of that level."""
+    if generator not in LOAD_GENERATORS:
+        raise ValueError(f"load generator '{generator}': one of {', '.join(LOAD_GENERATORS)}")
+    if generator == "python" and tuple(retries) != ("honour",):
+        raise ValueError("the python load generator only honours Retry-After: --retry honour, or --load-generator wrk")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(records, f)
-    env = {**os.environ, **({"CKD_EHR_TOKEN": token} if token else {})}
+    bodies = wrk.bodies_tempfile(records) if generator == "wrk" else None
+    urls = server_latency.metrics_urls() if application else []
+    out = []
     try:
-        for i, c in enumerate((4, *levels)):  # the first: warm-up, not reported
-            warm = i == 0
+        for i, (clients, retry) in enumerate([(4, retries[0]), *((c, r) for c in levels for r in retries)]):
+            warm = i == 0   # the first: warm-up, not reported
             d = min(3.0, duration) if warm else duration
-            r = subprocess.run([sys.executable, "-m", "ckd_ehr.bench.load", url, f.name, str(c), str(d),
-                                "--nice", str(nice)], capture_output=True, text=True, env=env, check=False)
-            if r.returncode != 0:
-                raise RuntimeError(f"load generator failed ({r.returncode}): {r.stderr[-2000:]}")
-            level = json.loads(r.stdout)
+            before = server_latency.settled(application, urls) if urls and not warm else None
+            level = (wrk.run_wrk(url, bodies, clients, d, retry, token, nice) if generator == "wrk"
+                     else _python_level(url, f.name, clients, d, token, nice))
             if warm:
                 continue
+            if before is not None:
+                seen = server_latency.total(before) + level["answered"] + level["shed"]   # answers the clients read
+                level["server"] = server_latency.summary(
+                    server_latency.difference(server_latency.settled(application, urls, seen), before))
             out.append(level)
-            print(f"  {c} clients: {json.dumps({k: level[k] for k in ('records_per_s', 'p50_ms', 'p99_ms', 'share_shed', 'errors', 'healthz', 'client_cpu_s', 'load_avg_1m')})}",
+            shown = {k: level.get(k) for k in ("retry", "records_per_s", "share_shed", "errors")}
+            print(f"  {clients} clients: client {json.dumps(shown)}; server {json.dumps(level.get('server'))}",
                   flush=True)
     finally:
         os.unlink(f.name)
+        if bodies:
+            os.unlink(bodies)
     return out
+
+
+def overload_targets(levels: list[dict]) -> dict | None:
+    """Issue 43's judgement on the server's histogram: at 400 clients that retry at once, p99 of
+    answered requests under 5 s, 503s answered within 50 ms at p99, and goodput at least 90% of
+    the 64-client rate (same clients). None without those two levels."""
+    by = {(lv["concurrency"], lv.get("retry")): lv for lv in levels}
+    flood, calm = by.get((400, "at-once")), by.get((64, "at-once"))
+    if not flood or not calm or "server" not in flood:
+        return None
+    answered, shed = flood["server"].get("200", {}), flood["server"].get("503", {})
+    goodput = flood["records_per_s"] / max(calm["records_per_s"], 1e-9)
+    return {"p99_answered_ms": answered.get("p99_ms"), "p99_answered_under_5s": (answered.get("within_5s") or 0) >= 0.99,
+            "p99_shed_ms": shed.get("p99_ms"), "p99_shed_within_50ms": (shed.get("within_50ms") or 0) >= 0.99 if shed else None,
+            "goodput_vs_64": round(goodput, 3), "goodput_at_least_90pct": goodput >= 0.9}
 
 
 def ceiling(artifact: str, records: list[dict], precision: str, batch_size: int, threads: int,
@@ -202,14 +242,57 @@ def precision_agreement(cfg: PipelineConfig, artifact: str, records: list[dict],
             "cells": int(diff.size)}
 
 
-def bench_serve(cfg: PipelineConfig, args) -> dict:
-    """Records/s, p50/p99 of answered requests and the share shed at 1/16/64/400 clients, for
-    each serve.precision (fp32, int8, bf16), next to the in-process ceiling; or, with --url, of an
-    endpoint already running (e.g. another version of the code, for a before/after table)."""
+def _load_options(args) -> dict:
+    """run_levels' keyword arguments from the command line."""
+    generator = getattr(args, "load_generator", None) or "wrk"
+    retries = tuple(r for r in (getattr(args, "retry", None) or "honour").split(",") if r)
+    if unknown := [r for r in retries if r not in wrk.RETRY_MODES]:
+        raise ValueError(f"--retry: unknown {', '.join(unknown)} (one of {', '.join(wrk.RETRY_MODES)})")
+    levels = tuple(int(c) for c in (getattr(args, "levels", None) or ",".join(map(str, LEVELS))).split(",") if c)
+    if generator == "wrk":
+        wrk.wrk_binary()   # before anything starts: a clear error when it is missing
+    return {"generator": generator, "retries": retries, "levels": levels}
+
+
+def _measure_precision(cfg: PipelineConfig, artifact: str, records: list[dict], precision: str, replicas: int,
+                       port: int, duration: float, token: str | None, nice: int, load: dict) -> dict:
+    """One precision: the in-process ceiling (a Ray task), then the endpoint under each level."""
     # not at module level: ray, loaded only when this runs
+    import ray
     from ray import serve
 
     from ckd_ehr.serve.app import start
+
+    cores = os.cpu_count() or 1
+    c = ray.get(ray.remote(num_cpus=1)(ceiling).remote(artifact, records, precision, cfg.serve.max_batch_size,
+                                                      cores, cfg.serve.compile))
+    run = {"ceiling": c}
+    print(f"in-process ceiling {precision}: {c}", flush=True)
+    s = cfg.serve.model_copy(update={"precision": precision, "min_replicas": replicas, "max_replicas": replicas,
+                                     "torch_threads": cfg.serve.torch_threads or max(1, cores // replicas),
+                                     "access_log": False, "port": port})
+    url = start(cfg.model_copy(update={"serve": s}), artifact)
+    print(f"{precision} endpoint at {url} ({replicas} replica(s) x {s.torch_threads} torch thread(s), "
+          f"{s.num_cpus} CPU each, batch {s.max_batch_size}, {s.pending_requests} pending at most per replica)",
+          flush=True)
+    run.update(max_batch_size=s.max_batch_size, max_ongoing_requests=s.ongoing_requests,
+               max_pending_requests=s.pending_requests, torch_threads=s.torch_threads, num_cpus=s.num_cpus,
+               levels=run_levels(url, records, duration, token, nice, application=s.app_name, **load))
+    best = max(lv["records_per_s"] for lv in run["levels"])
+    run["best_vs_ceiling"] = round(best / max(c["records_per_s"], 1e-9), 3)
+    if targets := overload_targets(run["levels"]):
+        run["overload_targets"] = targets
+        print(f"overload targets (server histogram, 400 clients retrying at once): {json.dumps(targets)}", flush=True)
+    serve.delete(s.app_name)
+    return run
+
+
+def bench_serve(cfg: PipelineConfig, args) -> dict:
+    """Records/s, client and server latency and the share shed per load level, for each
+    serve.precision (fp32, int8, bf16), next to the in-process ceiling; or, with --url, of an
+    endpoint already running (e.g. another version of the code, for a before/after table)."""
+    # not at module level: ray, loaded only when this runs
+    from ray import serve
 
     cores = os.cpu_count() or 1
     n = int(getattr(args, "samples", None) or 512)
@@ -219,6 +302,7 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
     precisions = [p for p in (getattr(args, "precisions", None) or ",".join(SERVE_PRECISIONS)).split(",") if p]
     if unknown := [p for p in precisions if p not in SERVE_PRECISIONS]:
         raise ValueError(f"--precisions: unknown {', '.join(unknown)} (one of {', '.join(SERVE_PRECISIONS)})")
+    load = _load_options(args)
     shape = getattr(args, "records", None) or "long"
     records, titles = bench_records(n, shape=shape)
     # one replica per core, one torch thread each, by default: measured on 2 cores (short
@@ -231,50 +315,30 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
         artifact = str(Path(tmp.name) / "artifact")
         make_untrained_artifact(cfg.student.model, artifact, cfg.student.max_length, titles)
     token = os.environ.get(cfg.serve.auth_token_env)
+    generator = ("wrk (compiled), one per level" if load["generator"] == "wrk"
+                 else "python -m ckd_ehr.bench.load (aiohttp), one per level")
     results: dict = {"artifact": artifact, "trained_student": trained, "records": n, "record_shape": shape,
-                     "replicas": None if url_given else replicas, "levels": list(LEVELS),
+                     "replicas": None if url_given else replicas, "levels": list(load["levels"]),
                      "duration_s_per_level": duration, "auth": bool(token), "machine": machine(),
-                     "load_generator": {"process": "python -m ckd_ehr.bench.load (aiohttp), one per level",
-                                        "nice": nice, "retry_after": "honoured"},
+                     "load_generator": {"process": generator, "nice": nice, "retry_after": list(load["retries"])},
+                     "server_histogram": None if url_given else "Ray Serve proxy, serve_http_request_latency_ms",
                      "uptime_load_avg": [round(x, 1) for x in os.getloadavg()], "runs": {}}
-    bs = cfg.serve.max_batch_size
     try:
         if url_given:
             print(f"endpoint at {url_given} (given)", flush=True)
-            results["runs"]["given_url"] = {"url": url_given, "levels": run_levels(url_given, records, duration, token, nice)}
+            results["runs"]["given_url"] = {"url": url_given,
+                                            "levels": run_levels(url_given, records, duration, token, nice, **load)}
         else:
             # not at module level: imported only on this branch
-            import ray
-
             from ckd_ehr.ray_utils import init_ray
 
+            server_latency.fine_buckets()   # before Ray starts: its proxy reads them once
             init_ray(cfg.ray)
-            in_ray = ray.remote(num_cpus=1)(ceiling)
             port = _free_port()  # one port: Serve's proxy keeps the port it started with
             for precision in precisions:
-                c = ray.get(in_ray.remote(artifact, records, precision, bs, cores, cfg.serve.compile))
-                results["runs"][precision] = run = {"ceiling": c}
-                print(f"in-process ceiling {precision}: {run['ceiling']}", flush=True)
-                s = cfg.serve.model_copy(update={"precision": precision, "min_replicas": replicas,
-                                                 "max_replicas": replicas, "num_cpus": 1.0,
-                                                 "torch_threads": cfg.serve.torch_threads or max(1, cores // replicas),
-                                                 "access_log": False, "port": port})
-                url = start(cfg.model_copy(update={"serve": s}), artifact)
-                print(f"{precision} endpoint at {url} ({replicas} replica(s) x {s.torch_threads} torch thread(s), "
-                      f"batch {s.max_batch_size}, {s.pending_requests} pending at most per replica)", flush=True)
-                run.update(max_batch_size=s.max_batch_size, max_ongoing_requests=s.ongoing_requests,
-                           max_pending_requests=s.pending_requests,
-                           levels=run_levels(url, records, duration, token, nice))
-                best = max(lv["records_per_s"] for lv in run["levels"])
-                run["best_vs_ceiling"] = round(best / max(run["ceiling"]["records_per_s"], 1e-9), 3)
-                serve.delete(s.app_name)
-            agree = int(getattr(args, "agreement_samples", None) if getattr(args, "agreement_samples", None) is not None else 1000)
-            others = [p for p in results["runs"] if p != "fp32"] if agree > 0 else []
-            if others:
-                results["precision_agreement"] = {p: precision_agreement(cfg, artifact, records, agree, p) for p in others}
-                print(f"vs fp32: {results['precision_agreement']}", flush=True)
-            if cfg.serve.compile and "fp32" in results["runs"] and agree > 0:   # compiled vs eager, same weights
-                results["compile_agreement"] = precision_agreement(cfg, artifact, records, agree, "fp32", True)
+                results["runs"][precision] = _measure_precision(cfg, artifact, records, precision, replicas, port,
+                                                                duration, token, nice, load)
+            _agreement(cfg, args, artifact, records, results)
     finally:
         if not url_given:
             serve.shutdown()
@@ -282,3 +346,14 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
     results["errors_total"] = sum(lv["errors"] for r in results["runs"].values() for lv in r["levels"])
     emit(results, getattr(args, "out", None))
     return results
+
+
+def _agreement(cfg: PipelineConfig, args, artifact: str, records: list[dict], results: dict) -> None:
+    """Each other precision's (and the compiled model's) largest probability difference from fp32."""
+    agree = int(getattr(args, "agreement_samples", None) if getattr(args, "agreement_samples", None) is not None else 1000)
+    others = [p for p in results["runs"] if p != "fp32"] if agree > 0 else []
+    if others:
+        results["precision_agreement"] = {p: precision_agreement(cfg, artifact, records, agree, p) for p in others}
+        print(f"vs fp32: {results['precision_agreement']}", flush=True)
+    if cfg.serve.compile and "fp32" in results["runs"] and agree > 0:   # compiled vs eager, same weights
+        results["compile_agreement"] = precision_agreement(cfg, artifact, records, agree, "fp32", True)

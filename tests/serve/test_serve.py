@@ -349,6 +349,26 @@ def test_serve_batched_predictions_match_in_process(served, loaded):
     assert stats["records"] >= 12 and stats["batches"] < stats["records"]  # records shared forward passes
 
 
+def test_the_server_latency_histogram_counts_what_the_proxy_answered(served):
+    """`bench serve`'s server view: Ray Serve's proxy histogram, by status code, read from every
+    node's Prometheus endpoint; exactly the requests sent between two reads."""
+    from ckd_ehr.bench import server_latency
+
+    url, cfg = served
+    app, urls = cfg.serve.app_name, server_latency.metrics_urls()
+    assert urls
+    before = server_latency.settled(app, urls)
+    h = {"Authorization": f"Bearer {TOKEN}"}
+    codes = [httpx.post(url + "/v1/predict", json={"records": _records()[:1]}, headers=h, timeout=60).status_code
+             for _ in range(3)]
+    codes.append(httpx.post(url + "/v1/predict", json={"records": _records()[:1]}, timeout=60).status_code)
+    assert codes == [200, 200, 200, 401]
+    after = server_latency.settled(app, urls, at_least=server_latency.total(before) + 4)
+    level = server_latency.summary(server_latency.difference(after, before))
+    assert {code: s["requests"] for code, s in level.items()} == {"200": 3, "401": 1}
+    assert 0 < level["200"]["p50_ms"] <= level["200"]["p99_ms"] < 60_000
+
+
 def test_serve_bad_input(served):
     url, _ = served
     h = {"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
