@@ -28,10 +28,10 @@ import io
 import numpy as np
 
 from ckd_ehr import storage
-from ckd_ehr.config import PipelineConfig, dump_yaml
+from ckd_ehr.config import PipelineConfig, config_hash, dump_yaml
 from ckd_ehr.contracts import RunLayout, student_variant
 from ckd_ehr.tune.space import Space, apply_trial, load_space, to_tune
-from ckd_ehr.ray_utils import init_ray
+from ckd_ehr.ray_utils import check_shared_run_dir, init_ray
 from ckd_ehr.metrics import macro_auroc, all_scores, bootstrap_scores, delta_summary
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def _trial_config(base: dict, params: dict, target: str, metric: str) -> Pipelin
     return cfg.model_copy(update={target: section})
 
 
-def _train_trial(params: dict, base: dict, target: str, metric: str, train_root: str,
+def _train_trial(params: dict, base: dict, target: str, metric: str, train_root: str, inputs_key: str,
                  variant: str = "ckd_ehr") -> None:
     """One Tune trial: train the target with the sampled params; Train reports reach Tune."""
     # not at module level: ray, loaded only when this runs
@@ -90,10 +90,14 @@ def _train_trial(params: dict, base: dict, target: str, metric: str, train_root:
         from ckd_ehr.student.train import build_student_task
 
         section, task = cfg.student, build_student_task(cfg, variant).task
-    fit(section, task, storage_path=storage_path, name="train", callbacks=[TuneReportCallback()])
+    # the run name carries the inputs' fingerprints: a trial restored after they changed trains
+    # afresh instead of resuming a checkpoint of other data (run_tune refuses that resume anyway)
+    fit(section, task, storage_path=storage_path, name=f"train-{inputs_key}", callbacks=[TuneReportCallback()])
 
 
-def _check_inputs(space: Space, layout: RunLayout) -> None:
+def _check_inputs(space: Space, layout: RunLayout) -> dict[str, str]:
+    """{input file: fingerprint} of what the search's trials read; FileNotFoundError naming
+    what is missing."""
     needed = [layout.augmented("train"), layout.augmented("val")]
     if space.target == "student":
         needed += [layout.efficacy_table]
@@ -110,6 +114,19 @@ def _check_inputs(space: Space, layout: RunLayout) -> None:
         raise FileNotFoundError(
             f"{space.source}: a {space.target} search needs {', '.join(missing)}; run "
             f"`ckd-ehr pipeline --to {'soft_labels' if space.target == 'student' else 'eadf'}` first")
+    return {p: storage.fingerprint(p) for p in needed}
+
+
+def _check_same_inputs(exp_dir: str, searched: dict | None, now: dict[str, str]) -> None:
+    """A resumed search compares its trials on the data it started with: refused when an input
+    changed since (or the search predates the record)."""
+    if searched is None:
+        raise ValueError(f"{exp_dir}: the search recorded no input fingerprints (it predates them), so a resume "
+                         "cannot tell whether its trials read the same data; start a new search (--experiment-dir)")
+    changed = sorted(p for p in set(searched) | set(now) if searched.get(p) != now.get(p))
+    if changed:
+        raise ValueError(f"{exp_dir}: {', '.join(changed)} changed since this search started, so resumed trials "
+                         "would be compared with trials of other data; start a new search (--experiment-dir)")
 
 
 def _max_concurrent(cfg: PipelineConfig) -> int:
@@ -138,19 +155,23 @@ def run_tune(cfg: PipelineConfig, space_file: str, num_samples: int | None = Non
 
     space = load_space(space_file)
     layout = RunLayout(cfg.run_dir)
-    _check_inputs(space, layout)
+    inputs = _check_inputs(space, layout)
     exp_dir = experiment_dir or layout.path("tune", Path(space_file).stem)
     if not storage.is_uri(exp_dir):
         exp_dir = os.path.abspath(exp_dir)
     metric = cfg.tune.metric or space.metric or "val_macro_auroc"
     if resume and storage.exists(storage.join(exp_dir, SEARCH_FILE)):
-        metric = storage.read_json(storage.join(exp_dir, SEARCH_FILE))["metric"]  # as searched
+        searched = storage.read_json(storage.join(exp_dir, SEARCH_FILE))
+        metric = searched["metric"]  # as searched
+        _check_same_inputs(exp_dir, searched.get("inputs"), inputs)
     parent, name = exp_dir.rstrip("/").rsplit("/", 1)
     init_ray(cfg.ray)
+    for shared in dict.fromkeys((cfg.run_dir, parent)):   # what trials read, where they write
+        check_shared_run_dir(shared)
 
     base = cfg.model_dump(mode="json")
     trainable = tune.with_parameters(_train_trial, base=base, target=space.target, metric=metric, variant=space.variant,
-                                     train_root=storage.join(exp_dir, "train"))
+                                     train_root=storage.join(exp_dir, "train"), inputs_key=config_hash(inputs))
     # The trial process only waits on its TorchTrainer; the Train worker holds the rest of the
     # trial's CPUs (Tune needs a non-empty request, hence a token share; see TRIAL_PROCESS_CPU).
     trainable = tune.with_resources(trainable, {"cpu": TRIAL_PROCESS_CPU})
@@ -184,7 +205,7 @@ def run_tune(cfg: PipelineConfig, space_file: str, num_samples: int | None = Non
         )
         storage.write_json(storage.join(exp_dir, SEARCH_FILE), {
             "base_config": base, "space_file": str(space_file), "target": space.target,
-            "metric": metric, "params": space.params, "max_t": max_t})
+            "metric": metric, "params": space.params, "max_t": max_t, "inputs": inputs})
     results = tuner.fit()
     best = results.get_best_result(metric=metric, mode="max", filter_nan_and_inf=True)
     summary = {"experiment_dir": exp_dir, "trials": len(results), "errors": len(results.errors),

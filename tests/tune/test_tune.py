@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from ckd_ehr import storage
-from ckd_ehr.config import PipelineConfig, build, load_config
+from ckd_ehr.config import PipelineConfig, build, config_hash, load_config
+from ckd_ehr.contracts import RunLayout
 from ckd_ehr.student.train import build_student_task
 from ckd_ehr.tune.run import run_tune
 
@@ -81,6 +83,16 @@ def test_student_search_report_best_config_and_restore(tiny_run_copy, tmp_path):
     again = run_tune(cfg, str(space), experiment_dir=exp, resume=True)
     assert again["trials"] == 2
     assert storage.exists(str(Path(exp) / "search.json"))
+
+    # Trials are keyed on what they read: their Train runs are named by the inputs' fingerprints,
+    # and a resume after an input changed is refused (its trials would be compared with trials
+    # of other data), naming the file.
+    soft = RunLayout(cfg.run_dir).soft_labels("train")
+    assert search["inputs"][soft] == storage.fingerprint(soft)
+    assert {p.name for p in Path(exp, "train").glob("*/train-*")} == {f"train-{config_hash(search['inputs'])}"}
+    storage.write_parquet(storage.read_parquet(soft), soft)   # same rows, written again
+    with pytest.raises(ValueError, match=f"{soft} changed since this search started"):
+        run_tune(cfg, str(space), experiment_dir=exp, resume=True)
 
 
 def test_search_without_soft_labels_says_what_to_run(tmp_path):
