@@ -23,7 +23,7 @@ from ckd_ehr.contracts import RunLayout
 from ckd_ehr.stages import STAGES, Stage
 from ckd_ehr.stages import stage as stage_named
 from ckd_ehr.provenance import code_state, owner_state, run_owner
-from ckd_ehr.ray_utils import init_ray
+from ckd_ehr.ray_utils import check_shared_run_dir, init_ray
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,7 @@ def run_pipeline(cfg: PipelineConfig, resume: bool = False, from_stage: str | No
     if stages:
         _required_inputs(stages[0], cfg, layout)   # a missing input is reported before Ray starts
     init_ray(cfg.ray)
+    check_shared_run_dir(cfg.run_dir)   # before any stage writes where another node would read
     settle_abandoned(manifest, layout, ray_job_status)
 
     for i, stage in enumerate(stages, 1):

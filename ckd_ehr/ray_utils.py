@@ -4,14 +4,19 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import sys
+import uuid
 
+from ckd_ehr import storage
 from ckd_ehr.config import RayConfig
 
 # Local Ray binds a non-loopback address unless this is set; local runs stay on 127.0.0.1.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+
+log = logging.getLogger(__name__)
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -93,3 +98,52 @@ def init_ray(cfg: RayConfig | None = None, **kwargs) -> None:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = os.isatty(2)
+
+
+class StorageNotShared(RuntimeError):
+    """A local run_dir that some node of the cluster does not see."""
+
+
+def _read_marker(path: str) -> tuple[str, str | None]:
+    try:
+        with open(path) as f:
+            return socket.gethostname(), f.read()
+    except OSError:
+        return socket.gethostname(), None
+
+
+def check_shared_run_dir(run_dir: str, timeout_s: float = 120.0) -> None:
+    """On a cluster of more than one node, a local run_dir must hold the same files on every
+    node (a shared volume mounted at the same path): the driver writes a marker into it and a
+    task pinned to each node reads it back. StorageNotShared names the nodes that do not see it.
+    A URI (s3://...) passes: every node reads it alike."""
+    # not at module level: ray, loaded only when this runs
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if storage.is_uri(run_dir) or len(nodes) < 2:
+        return
+    token = uuid.uuid4().hex
+    marker = storage.join(run_dir, f".shared-check-{token}")
+    storage.makedirs(run_dir)
+    storage.write_text(marker, token)
+    read = ray.remote(num_cpus=0)(_read_marker)
+    try:
+        refs = {n["NodeID"]: read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+                                          max_retries=0).remote(marker) for n in nodes}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        blind = []
+        for n in nodes:
+            ref = refs[n["NodeID"]]
+            host, seen = ray.get(ref) if ref in ready else ("(no answer in %.0f s)" % timeout_s, None)
+            if seen != token:
+                blind.append(f"{n['NodeManagerAddress']} ({host}, node {n['NodeID'][:8]})")
+    finally:
+        storage.remove(marker)
+    if blind:
+        raise StorageNotShared(
+            f"run_dir {run_dir} is not shared: {len(blind)} of {len(nodes)} nodes do not see the files the driver "
+            f"writes there: {', '.join(blind)}; mount one shared volume at that path on every node, or use "
+            "s3://... (--run-dir or --set run_dir=...)")
+    log.info("run_dir %s: the same files on all %d nodes", run_dir, len(nodes))

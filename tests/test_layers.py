@@ -118,7 +118,7 @@ def test_imports_inside_functions_say_why():
 
 
 TESTS = ROOT / "tests"
-TOP_LEVEL_TESTS = {"test_jobs.py", "test_layers.py", "test_metrics.py", "test_multinode.py", "test_phenotypes.py", "test_pipeline.py",
+TOP_LEVEL_TESTS = {"test_jobs.py", "test_layers.py", "test_metrics.py", "test_multinode.py", "test_phenotypes.py", "test_pipeline.py", "test_ray_utils.py",
                    "test_readme.py", "test_s3_run.py", "test_stage_contracts.py", "test_storage.py"}
 """Tests of the top-level modules and of what spans the project (layers, jobs, the README)."""
 
