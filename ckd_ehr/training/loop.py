@@ -463,6 +463,14 @@ class TrainLoop:
         self.curve, self.best_score = list(st.get("curve", [])), st.get("best_score")
         self.since_best, self.stopped_early = st.get("since_best", 0), st.get("stopped_early", False)
         self.resumed_from = self.step
+        if st.get("world", self.world) != self.world:   # elastic scaling resized the worker group
+            # each rank's position in the epoch, carried over in samples (rounded down: a few
+            # may be seen twice); optimiser steps go on counting at the new size
+            self.batches_done = st["batches_done"] * st["world"] // self.world
+            if self.rank == 0:
+                log.warning("resumed at %d workers from a checkpoint of %d: the epoch goes on from sample %d of "
+                            "its order at the new size", self.world, st["world"],
+                            self.batches_done * self.micro_bs * self.world)
         if self.batches_done >= self.steps_per_epoch * self.accum:  # saved at an epoch end
             self.epoch, self.batches_done = self.epoch + 1, 0
         if self.rank == 0:
@@ -558,7 +566,7 @@ class TrainLoop:
                 done = self.step >= self.total_steps
                 metrics = {"step": self.step, "epoch": self.epoch + self.batches_done / len(batches),
                            "train_loss": last_loss, "train_loss_first": self.first_loss,
-                           "resumed_from_step": self.resumed_from, "lr": self.engine.lr(),
+                           "resumed_from_step": self.resumed_from, "lr": self.engine.lr(), "workers": self.world,
                            "samples_per_s": seen / max(1e-9, time.time() - start), **self.probe_metrics,
                            **self.setup_metrics}
                 if self.rank == 0 and (self.step % 10 == 0 or epoch_end or done or self.step == 1):
