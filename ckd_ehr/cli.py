@@ -190,8 +190,9 @@ def _add_bench_command(sub) -> None:
     p.add_argument("--url", help="serve: measure this running endpoint instead of deploying one")
     p.add_argument("--records", choices=["long", "short"], default="long",
                    help="serve: record shape: long (full stay: ~20 drugs, 6-15 codes) or short (4 diagnoses, 2 drugs, 1 procedure)")
-    p.add_argument("--replicas", type=int,
-                   help="serve: replicas of the endpoint, each with cores/replicas torch threads (default: one per core)")
+    p.add_argument("--replicas",
+                   help="serve: replicas of the endpoint, each with cores/replicas torch threads (default: one per "
+                        "core), or `config`: the serve section as `ckd-ehr serve` starts it")
     p.add_argument("--precisions", default="fp32,int8,bf16", help="serve: serve.precision values to measure")
     p.add_argument("--load-generator", choices=["wrk", "python"], default="wrk",
                    help="serve: wrk (compiled; `apt-get install wrk`) or the Python aiohttp generator")

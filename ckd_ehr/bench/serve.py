@@ -2,7 +2,8 @@
 
 Per serve.precision (fp32, int8, bf16): (1) the ceiling, in-process render + tokenise + batched
 forward of the same records; (2) the endpoint (`--replicas`, by default one per core with one
-torch thread each; `@serve.batch`) at 1, 16, 64 and 400 closed-loop clients (`--levels`), one
+torch thread each; `--replicas config`: the serve section as `ckd-ehr serve` starts it;
+`@serve.batch`) at 1, 16, 64 and 400 closed-loop clients (`--levels`), one
 record per request (the online case), `--records long|short`, driven by wrk (compiled, niced;
 `--load-generator python` for the aiohttp one) whose clients honour a 503's Retry-After or retry
 at once (`--retry honour,at-once`), with, per level, the server's own latency histogram (Ray
@@ -254,9 +255,10 @@ def _load_options(args) -> dict:
     return {"generator": generator, "retries": retries, "levels": levels}
 
 
-def _measure_precision(cfg: PipelineConfig, artifact: str, records: list[dict], precision: str, replicas: int,
+def _measure_precision(cfg: PipelineConfig, artifact: str, records: list[dict], precision: str, replicas: int | None,
                        port: int, duration: float, token: str | None, nice: int, load: dict) -> dict:
-    """One precision: the in-process ceiling (a Ray task), then the endpoint under each level."""
+    """One precision: the in-process ceiling (a Ray task), then the endpoint under each level;
+    `replicas` None: the serve section as configured (what `ckd-ehr serve` starts)."""
     # not at module level: ray, loaded only when this runs
     import ray
     from ray import serve
@@ -268,14 +270,16 @@ def _measure_precision(cfg: PipelineConfig, artifact: str, records: list[dict], 
                                                       cores, cfg.serve.compile))
     run = {"ceiling": c}
     print(f"in-process ceiling {precision}: {c}", flush=True)
-    s = cfg.serve.model_copy(update={"precision": precision, "min_replicas": replicas, "max_replicas": replicas,
-                                     "torch_threads": cfg.serve.torch_threads or max(1, cores // replicas),
-                                     "access_log": False, "port": port})
+    fixed = {} if replicas is None else {"min_replicas": replicas, "max_replicas": replicas,
+                                         "torch_threads": cfg.serve.torch_threads or max(1, cores // replicas)}
+    s = cfg.serve.model_copy(update={"precision": precision, "access_log": False, "port": port, **fixed})
     url = start(cfg.model_copy(update={"serve": s}), artifact)
-    print(f"{precision} endpoint at {url} ({replicas} replica(s) x {s.torch_threads} torch thread(s), "
+    shown = f"{replicas} replica(s)" if replicas else f"{s.min_replicas}-{s.max_replicas} replica(s) (serve section)"
+    print(f"{precision} endpoint at {url} ({shown} x {s.torch_threads or round(s.num_cpus)} torch thread(s), "
           f"{s.num_cpus} CPU each, batch {s.max_batch_size}, {s.pending_requests} pending at most per replica)",
           flush=True)
-    run.update(max_batch_size=s.max_batch_size, max_ongoing_requests=s.ongoing_requests,
+    run.update(replicas=replicas or [s.min_replicas, s.max_replicas], max_batch_size=s.max_batch_size,
+               max_ongoing_requests=s.ongoing_requests,
                max_pending_requests=s.pending_requests, torch_threads=s.torch_threads, num_cpus=s.num_cpus,
                levels=run_levels(url, records, duration, token, nice, application=s.app_name, **load))
     best = max(lv["records_per_s"] for lv in run["levels"])
@@ -307,7 +311,8 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
     records, titles = bench_records(n, shape=shape)
     # one replica per core, one torch thread each, by default: measured on 2 cores (short
     # records, 64 clients) 30 records/s int8 against 20 for one replica with two threads
-    replicas = int(getattr(args, "replicas", None) or cores)
+    given = getattr(args, "replicas", None)
+    replicas = None if given == "config" else int(given or cores)
     tmp = tempfile.TemporaryDirectory(prefix="ckd-ehr-bench-serve-")
     artifact = getattr(args, "artifact", None) or RunLayout(cfg.run_dir).student_artifact("ckd_ehr")
     trained = exists(str(Path(artifact) / STUDENT_META)) if "://" not in artifact else exists(artifact)
