@@ -112,38 +112,45 @@ def _read_marker(path: str) -> tuple[str, str | None]:
         return socket.gethostname(), None
 
 
-def check_shared_run_dir(run_dir: str, timeout_s: float = 120.0) -> None:
+def check_shared_run_dir(run_dir: str, timeout_s: float = 120.0, what: str = "run_dir") -> None:
     """On a cluster of more than one node, a local run_dir must hold the same files on every
     node (a shared volume mounted at the same path): the driver writes a marker into it and a
-    task pinned to each node reads it back. StorageNotShared names the nodes that do not see it.
-    A URI (s3://...) passes: every node reads it alike."""
+    task pinned to each node alive now reads it back. StorageNotShared names the nodes that do
+    not see it (or did not answer). A URI (s3://...) passes: every node reads it alike; a node
+    that joins later (an autoscaler's) is not checked."""
     # not at module level: ray, loaded only when this runs
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if storage.is_uri(run_dir) or len(nodes) < 2:
+    if (storage.is_uri(run_dir) and not run_dir.startswith("file://")) or len(nodes) < 2:
         return
     token = uuid.uuid4().hex
-    marker = storage.join(run_dir, f".shared-check-{token}")
+    marker = storage.join(run_dir if storage.is_uri(run_dir) else os.path.abspath(run_dir), f".shared-check-{token}")
     storage.makedirs(run_dir)
     storage.write_text(marker, token)
+    local = marker.removeprefix("file://")
     read = ray.remote(num_cpus=0)(_read_marker)
     try:
         refs = {n["NodeID"]: read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
-                                          max_retries=0).remote(marker) for n in nodes}
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+                                          max_retries=0).remote(local) for n in nodes}
+        ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        for ref in pending:
+            ray.cancel(ref, force=True)
         blind = []
         for n in nodes:
             ref = refs[n["NodeID"]]
-            host, seen = ray.get(ref) if ref in ready else ("(no answer in %.0f s)" % timeout_s, None)
+            try:
+                host, seen = ray.get(ref) if ref in ready else (f"no answer in {timeout_s:.0f} s", None)
+            except Exception as exc:   # the node died, or its task could not run there
+                host, seen = f"failed: {type(exc).__name__}", None
             if seen != token:
                 blind.append(f"{n['NodeManagerAddress']} ({host}, node {n['NodeID'][:8]})")
     finally:
         storage.remove(marker)
     if blind:
         raise StorageNotShared(
-            f"run_dir {run_dir} is not shared: {len(blind)} of {len(nodes)} nodes do not see the files the driver "
+            f"{what} {run_dir} is not shared: {len(blind)} of {len(nodes)} nodes do not see the files the driver "
             f"writes there: {', '.join(blind)}; mount one shared volume at that path on every node, or use "
             "s3://... (--run-dir or --set run_dir=...)")
-    log.info("run_dir %s: the same files on all %d nodes", run_dir, len(nodes))
+    log.info("%s %s: the same files on all %d nodes", what, run_dir, len(nodes))

@@ -270,7 +270,7 @@ def _measure_precision(cfg: PipelineConfig, artifact: str, records: list[dict], 
                                                       cores, cfg.serve.compile))
     run = {"ceiling": c}
     print(f"in-process ceiling {precision}: {c}", flush=True)
-    fixed = {} if replicas is None else {"min_replicas": replicas, "max_replicas": replicas,
+    fixed = {} if replicas is None else {"min_replicas": replicas, "max_replicas": replicas, "num_cpus": 1.0,
                                          "torch_threads": cfg.serve.torch_threads or max(1, cores // replicas)}
     s = cfg.serve.model_copy(update={"precision": precision, "access_log": False, "port": port, **fixed})
     url = start(cfg.model_copy(update={"serve": s}), artifact)
@@ -323,7 +323,7 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
     generator = ("wrk (compiled), one per level" if load["generator"] == "wrk"
                  else "python -m ckd_ehr.bench.load (aiohttp), one per level")
     results: dict = {"artifact": artifact, "trained_student": trained, "records": n, "record_shape": shape,
-                     "replicas": None if url_given else replicas, "levels": list(load["levels"]),
+                     "replicas": None if url_given else (replicas or "config"), "levels": list(load["levels"]),
                      "duration_s_per_level": duration, "auth": bool(token), "machine": machine(),
                      "load_generator": {"process": generator, "nice": nice, "retry_after": list(load["retries"])},
                      "server_histogram": None if url_given else "Ray Serve proxy, serve_http_request_latency_ms",
@@ -337,7 +337,8 @@ def bench_serve(cfg: PipelineConfig, args) -> dict:
             # not at module level: imported only on this branch
             from ckd_ehr.ray_utils import init_ray
 
-            server_latency.fine_buckets()   # before Ray starts: its proxy reads them once
+            if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+                server_latency.fine_buckets()   # before Ray starts: its proxy reads them once
             init_ray(cfg.ray)
             port = _free_port()  # one port: Serve's proxy keeps the port it started with
             for precision in precisions:

@@ -27,23 +27,30 @@ Histogram = dict[str, dict[float, float]]
 """{status code: {bucket upper bound in ms (inf last): cumulative count}}."""
 
 
+_started_here: dict[str, str] = {}
+"""The settings fine_buckets gave the Ray this process starts (empty: a cluster started elsewhere,
+whose export interval is taken to be Ray's default)."""
+
+
 def fine_buckets() -> None:
     """Finer latency buckets, and metrics exported every second instead of every 10 s, for the
-    Ray this process will start (no effect on a cluster already running)."""
+    Ray this process is about to start (call it only then: a running cluster keeps its own)."""
     os.environ.setdefault(BUCKETS_ENV, ",".join(str(b) for b in LATENCY_BUCKETS_MS))
     os.environ.setdefault(REPORT_INTERVAL_ENV, "1000")
+    _started_here[REPORT_INTERVAL_ENV] = os.environ[REPORT_INTERVAL_ENV]
 
 
 def parse(text: str, application: str) -> Histogram:
-    """The proxy histogram of `application` in a Prometheus text page, summed over workers."""
+    """The proxy histogram of `application`'s POST requests (its predictions) in a Prometheus
+    text page, summed over workers."""
     out: Histogram = {}
     for line in text.splitlines():
         m = _LINE.match(line)
         if not m:
             continue
         labels = dict(_LABEL.findall(m.group("labels")))
-        if labels.get("application") != application:
-            continue
+        if labels.get("application") != application or labels.get("method", "POST") != "POST":
+            continue   # predictions only: not GET /healthz, /v1/phenotypes
         le = float("inf") if labels["le"] == "+Inf" else float(labels["le"])
         code = out.setdefault(labels.get("status_code", "?"), {})
         code[le] = code.get(le, 0.0) + float(m.group("value"))
@@ -77,9 +84,9 @@ def total(histogram: Histogram) -> float:
 
 
 def report_interval_s() -> float:
-    """How often Ray's processes export their metrics (Ray floors it at 1 s): this process's
-    setting, which is the cluster's when this process started it."""
-    return max(int(os.environ.get(REPORT_INTERVAL_ENV, "10000")), 1000) / 1000
+    """How often Ray's processes export their metrics (Ray floors it at 1 s): fine_buckets' for
+    a Ray this process started, else Ray's default of 10 s."""
+    return max(int(_started_here.get(REPORT_INTERVAL_ENV, "10000")), 1000) / 1000
 
 
 def settled(application: str, urls: list[str], at_least: float = 0, timeout_s: float = 120.0,

@@ -9,12 +9,14 @@ wrk`); nothing is downloaded at run time.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tempfile
 from importlib import resources
 
 RETRY_MODES = ("honour", "at-once")
+TOKEN_ENV = "CKD_EHR_TOKEN"   # the bearer token, read by the Lua script
 _MARK = "CKD_EHR_WRK "
 
 
@@ -51,10 +53,13 @@ def run_wrk(url: str, bodies_file: str, connections: int, duration_s: float, ret
     histogram does not tell them apart; the server's does), counts by status."""
     if retry not in RETRY_MODES:
         raise ValueError(f"retry '{retry}': one of {', '.join(RETRY_MODES)}")
+    # wrk gives each thread connections // threads: one thread unless they divide evenly
+    threads = threads if connections % threads == 0 else 1
     cmd = ["nice", "-n", str(nice), wrk_binary(), "-t", str(min(threads, connections)), "-c", str(connections),
            "-d", f"{max(1, round(duration_s))}s", "--timeout", f"{round(timeout_s)}s", "-s", script_path(),
-           url, "--", bodies_file, retry, token or ""]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+           url, "--", bodies_file, retry]
+    env = {**os.environ, TOKEN_ENV: token or ""}   # not on the command line, where `ps` shows it
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr[-2000:]}")
     raw = parse_output(done.stdout)

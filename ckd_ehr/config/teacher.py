@@ -28,8 +28,8 @@ class TrainerConfig(Section):
     """Ray Train's elastic scaling: start, or go on after a lost node, with as few as this many
     workers instead of waiting for num_workers (Train adds workers back, from the last
     checkpoint, as the cluster grows). None waits for all of them. ddp only: DeepSpeed writes
-    its checkpoint per rank, for one world size. A resize carries the epoch's position over in
-    samples; the data order differs from a run at one size (docs/operations.md)."""
+    its checkpoint per rank, for one world size. A resize goes on from the epoch's global batch
+    and recounts steps at the new size (docs/operations.md)."""
     use_gpu: bool = False
     """GPU workers (NCCL); CPU workers use gloo."""
     gpus_per_worker: float = Field(1.0, gt=0, le=1)

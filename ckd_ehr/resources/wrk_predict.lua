@@ -1,5 +1,5 @@
 -- wrk script of `ckd-ehr bench serve --load-generator wrk` (ckd_ehr/bench/wrk.py):
---   wrk -t T -c C -d Ds -s wrk_predict.lua URL -- BODIES_FILE RETRY [TOKEN]
+--   CKD_EHR_TOKEN=... wrk -t T -c C -d Ds -s wrk_predict.lua URL -- BODIES_FILE RETRY
 -- Each request POSTs the next line of BODIES_FILE (one JSON body per line) to /v1/predict.
 -- RETRY: "honour" waits the Retry-After of a 503 before that thread's next request (wrk's
 -- delay()); "at-once" sends the next request as soon as any answer arrives.
@@ -12,6 +12,7 @@ local threads = {}
 
 function setup(thread)
   table.insert(threads, thread)
+  thread:set("thread_number", #threads)
 end
 
 function init(args)
@@ -21,8 +22,10 @@ function init(args)
   end
   honour = args[2] == "honour"
   headers = { ["Content-Type"] = "application/json" }
-  if args[3] and #args[3] > 0 then headers["Authorization"] = "Bearer " .. args[3] end
+  local token = os.getenv("CKD_EHR_TOKEN")
+  if token and #token > 0 then headers["Authorization"] = "Bearer " .. token end
   path = wrk.path:gsub("/$", "") .. "/v1/predict"
+  math.randomseed(thread_number)   -- threads start at different bodies
   index = math.random(#bodies)
   waits = {}           -- queued Retry-After waits (ms) of this thread
   status_200, status_503, status_other, waited_ms = 0, 0, 0, 0

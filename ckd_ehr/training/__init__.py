@@ -20,7 +20,8 @@ from ckd_ehr.training.batching import (batch_tokens, eval_batches, length_groupe
 from ckd_ehr.training.engines import (DS_DIR, DS_TAG, OPTIM, TRAINABLE, DDPEngine, DeepSpeedEngine,
                                       cosine_with_warmup, deepspeed_config, make_engine)
 from ckd_ehr.training.checkpoints import LocalReporter, Reporter, kept_checkpoint, pick_best
-from ckd_ehr.training.loop import FAIL_MARKER, TRAIN_STATE, TrainLoop, WorkerContext, format_duration
+from ckd_ehr.training.loop import FAIL_MARKER, TRAIN_STATE, TrainLoop, WorkerContext
+from ckd_ehr.training.progress import format_duration
 from ckd_ehr.training.memory import (DTYPE_BYTES, ModelSize, choose_strategy, device_memory_bytes, estimate_train_memory,
                                      local_param_fraction, peak_rss_bytes, return_freed_memory)
 from ckd_ehr.training.ray_train import ObjectStoreValue, TrainResult, fit

@@ -52,6 +52,7 @@ from ckd_ehr.training.batching import (batch_tokens, eval_batches, length_groupe
                                        subset_indices, to_device)
 from ckd_ehr.training.engines import TRAINABLE, as_float, make_engine
 from ckd_ehr.training.memory import local_param_fraction, peak_rss_bytes
+from ckd_ehr.training.progress import format_duration
 from ckd_ehr.training.task import TrainTask
 from ckd_ehr.modeling.frozen import CACHE_DTYPES, LayerCache, compute_bottom, layer_cache_key
 from ckd_ehr.modeling.probe import fit_probe, fit_probe_with_bag
@@ -60,15 +61,6 @@ log = logging.getLogger("ckd_ehr.training")
 
 TRAIN_STATE = "train_state.json"
 FAIL_MARKER = "fail_injected.marker"
-
-
-def format_duration(seconds: float) -> str:
-    """A short human duration for progress lines: '45 s', '3.2 min', '1.5 h'."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 @dataclass(frozen=True)
@@ -120,7 +112,8 @@ class TrainLoop:
         self.val_len = [int(e.get("length", 1)) for e in val]
 
         self.micro_bs, self.accum = self.engine.micro_batch, self.engine.accum
-        n_batches = len(length_grouped_batches(self.train_len, self.micro_bs, cfg.seed, 0, self.world, self.rank))
+        n_batches = len(length_grouped_batches(self.train_len, self.micro_bs, cfg.seed, 0, self.world, self.rank,
+                                               order_width=cfg.num_workers))
         self.steps_per_epoch = n_batches // self.accum
         if self.steps_per_epoch < 1:
             raise ValueError(f"{len(train)} training samples make no full optimiser step with batch {self.micro_bs}"
@@ -435,6 +428,7 @@ class TrainLoop:
                 save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, TRAINABLE))
                 with open(os.path.join(tmp, TRAIN_STATE), "w") as f:
                     json.dump({"epoch": self.epoch, "step": self.step, "batches_done": self.batches_done,
+                               "epoch_end": self.batches_done >= self.steps_per_epoch * self.accum,
                                "total_steps": self.total_steps, "world": self.world,
                                "first_loss": self.first_loss, "train_top_layers": self.cfg.train_top_layers,
                                "curve": self.curve, "best_score": self.best_score, "since_best": self.since_best,
@@ -463,19 +457,25 @@ class TrainLoop:
         self.curve, self.best_score = list(st.get("curve", [])), st.get("best_score")
         self.since_best, self.stopped_early = st.get("since_best", 0), st.get("stopped_early", False)
         self.resumed_from = self.step
-        if st.get("world", self.world) != self.world:   # elastic scaling resized the worker group
-            # each rank's position in the epoch, carried over in samples (rounded down: a few
-            # may be seen twice); optimiser steps go on counting at the new size
-            self.batches_done = st["batches_done"] * st["world"] // self.world
-            if self.rank == 0:
-                log.warning("resumed at %d workers from a checkpoint of %d: the epoch goes on from sample %d of "
-                            "its order at the new size", self.world, st["world"],
-                            self.batches_done * self.micro_bs * self.world)
+        if st.get("world", self.world) != self.world:
+            self._resized(st)
         if self.batches_done >= self.steps_per_epoch * self.accum:  # saved at an epoch end
             self.epoch, self.batches_done = self.epoch + 1, 0
         if self.rank == 0:
             log.info("resumed from checkpoint at epoch %d step %d", self.epoch, self.step)
         return True
+
+    def _resized(self, st: dict) -> None:
+        """Elastic scaling restarted the workers at another size: the epoch's order does not
+        depend on it (order_width), so go on from the global batch reached (rounded down to a
+        whole step); steps and the schedule are counted at the new size from here."""
+        old = st["world"]
+        end = self.steps_per_epoch * self.accum
+        self.batches_done = end if st.get("epoch_end") else st["batches_done"] * old // self.world // self.accum * self.accum
+        self.step = self.resumed_from = st["step"] * old // self.world
+        self.engine.set_step(self.step)
+        if self.rank == 0:
+            log.warning("resumed at %d workers from a checkpoint of %d (step %d there)", self.world, old, st["step"])
 
     # steps -------------------------------------------------------------------------------
 
@@ -551,7 +551,7 @@ class TrainLoop:
         self.engine.train(True)
         while self.epoch < cfg.epochs and self.step < self.total_steps and not self.stopped_early:
             batches = length_grouped_batches(self.train_len, self.micro_bs, cfg.seed, self.epoch, self.world,
-                                             self.rank)[: self.steps_per_epoch * self.accum]
+                                             self.rank, order_width=cfg.num_workers)[: self.steps_per_epoch * self.accum]
             while self.batches_done < len(batches) and self.step < self.total_steps and not self.stopped_early:
                 group = batches[self.batches_done: self.batches_done + self.accum]
                 last_loss = self.train_step(group)

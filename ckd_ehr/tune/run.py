@@ -103,8 +103,10 @@ def _check_inputs(space: Space, layout: RunLayout) -> dict[str, str]:
         needed += [layout.efficacy_table]
         if student_variant(space.variant).distills:
             needed.append(layout.soft_labels("train", student_variant(space.variant).soft_labels))
-    if set(space.params) & {"student.distill.label_attention", "student.distill.relation"} \
-            and not storage.exists(layout.unit_targets("train")):
+    units = set(space.params) & {"student.distill.label_attention", "student.distill.relation"}
+    if units:
+        needed.append(layout.unit_targets("train"))
+    if units and not storage.exists(layout.unit_targets("train")):
         raise FileNotFoundError(
             f"{space.source}: the unit terms need the teacher's unit targets ({layout.unit_targets('train')}): "
             "run `ckd-ehr pipeline --to soft_labels` with soft_labels.unit_targets: true (and, for the label "
@@ -166,8 +168,9 @@ def run_tune(cfg: PipelineConfig, space_file: str, num_samples: int | None = Non
         _check_same_inputs(exp_dir, searched.get("inputs"), inputs)
     parent, name = exp_dir.rstrip("/").rsplit("/", 1)
     init_ray(cfg.ray)
-    for shared in dict.fromkeys((cfg.run_dir, parent)):   # what trials read, where they write
-        check_shared_run_dir(shared)
+    check_shared_run_dir(cfg.run_dir)   # what the trials read
+    if parent != cfg.run_dir:
+        check_shared_run_dir(parent, what="the experiment directory's parent")   # where they write
 
     base = cfg.model_dump(mode="json")
     trainable = tune.with_parameters(_train_trial, base=base, target=space.target, metric=metric, variant=space.variant,

@@ -12,8 +12,9 @@ CPU, so the teacher's two workers must sit one on each node.
 2. The same with a fresh run directory, and the worker node killed from a Ray Train callback
    (KillNodeAfterCheckpoint, run by Train's controller once it has registered the checkpoint of
    step KILL_AFTER_STEP), then a node added back. The teacher must resume from that step.
-3. Elastic (teacher.min_workers 1): the worker node killed the same way and none added back;
-   the teacher must go on with one worker from that step to its last.
+3. Elastic (teacher.min_workers 1, 2 epochs): the worker node killed the same way and none
+   added back; the teacher must go on with one worker from that point (step 4 of 2 workers =
+   step 8 of one) to the end of its 2 epochs (24 steps of one worker).
 Prints one JSON line: the nodes, the placements, the resumed step and both runs' test soft labels.
 """
 from __future__ import annotations
@@ -97,7 +98,9 @@ def _lose_a_node_for_good(cluster, worker, root: str, teacher_dir: str, student_
     from ckd_ehr.pipeline import run_pipeline
 
     cfg = _config(root, "elastic", cluster.address, teacher_dir, student_dir)
-    cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"min_workers": 1})})
+    # no max_steps: the step count must follow the resize (2 epochs: 6 steps each at 2 workers, 12 at 1)
+    cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"min_workers": 1, "epochs": 2,
+                                                                           "max_steps": None})})
     marker = os.path.join(root, "elastic.marker")
     os.environ[MARKER_ENV] = marker
     errors: list[BaseException] = []

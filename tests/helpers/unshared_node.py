@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -28,17 +29,20 @@ def main(root: str) -> dict:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
     ray.init(address=cluster.address)
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-    script = (f"mount -t tmpfs ckd-ehr-unshared {root} && exec {ray_cli} start --address {cluster.address} "
-              "--node-ip-address 127.0.0.1 --num-cpus 1 --block")
+    script = (f"mount -t tmpfs ckd-ehr-unshared {shlex.quote(root)} && exec {shlex.quote(ray_cli)} start "
+              f"--address {shlex.quote(cluster.address)} --node-ip-address 127.0.0.1 --num-cpus 1 --block")
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
-    node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log_path = os.path.join(os.path.dirname(root.rstrip("/")), "unshared_node.log")   # outside the tmpfs
+    with open(log_path, "w") as log:
+        node = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
     out: dict = {}
     try:
         deadline = time.time() + 120
         while len([n for n in ray.nodes() if n["Alive"]]) < 2:
             if node.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the unshared node did not join: {node.stderr.read()[-3000:]}")
+                with open(log_path) as f:
+                    raise RuntimeError(f"the unshared node did not join: {f.read()[-3000:]}")
             time.sleep(0.5)
         out["nodes"] = len([n for n in ray.nodes() if n["Alive"]])
         try:
@@ -48,13 +52,19 @@ def main(root: str) -> dict:
             out["refused"] = str(exc)
         out["markers_left"] = [n for n in os.listdir(os.path.join(root, "run")) if n.startswith(".shared-check")]
     finally:
-        for p in psutil.Process(node.pid).children(recursive=True) + [psutil.Process(node.pid)]:
+        try:
             try:
-                p.kill()
-            except psutil.Error:
-                pass
-        ray.shutdown()
-        cluster.shutdown()
+                procs = psutil.Process(node.pid).children(recursive=True) + [psutil.Process(node.pid)]
+            except psutil.NoSuchProcess:   # it already ended (did not join)
+                procs = []
+            for p in procs:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
     return out
 
 
