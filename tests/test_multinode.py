@@ -3,8 +3,7 @@
 each node and EADF's Ray Data tasks run on both; then, in a second run, the worker node is killed
 from a Ray Train callback once the checkpoint of step 4 is registered, and a node is added back:
 the teacher resumes from step 4 (training its step 5 next) and its test soft labels equal the
-uninterrupted run's to 1e-4. Last, with teacher.min_workers 1, the worker node is killed and none
-added back: the teacher goes on with one worker (Ray Train's elastic scaling)."""
+uninterrupted run's to 1e-4."""
 from __future__ import annotations
 
 import json
@@ -39,12 +38,4 @@ def test_two_nodes_spread_the_work_and_a_lost_node_resumes_from_the_last_checkpo
     plain = np.array([out["plain"][i] for i in ids])
     killed = np.array([out["killed"][i] for i in ids])
     assert np.abs(plain - killed).max() <= 1e-4
-    # Elastic scaling: with min_workers 1 the lost node is not waited for; one worker trains on
-    # from the last checkpoint to the last step (the data order differs: no comparison of predictions)
-    elastic = out["elastic"]
-    assert elastic["killed_after_step"] == KILL_AFTER_STEP and elastic["nodes_left"] == 1, elastic
-    # step 4 of two workers is step 8 of one (steps count at the size that runs); 2 epochs of
-    # 96 samples in batches of 8 are 24 steps of one worker
-    assert elastic["resumed_from_step"] == 2 * KILL_AFTER_STEP and elastic["final_step"] == 24, elastic
-    assert elastic["workers_at_end"] == 1, elastic
     print(f"multi-node run: {out['seconds']} s")

@@ -24,12 +24,6 @@ class TrainerConfig(Section):
 
     num_workers: int = Field(2, ge=1)
     """Ray Train workers (data-parallel ranks)."""
-    min_workers: int | None = Field(None, ge=1)
-    """Ray Train's elastic scaling: start, or go on after a lost node, with as few as this many
-    workers instead of waiting for num_workers (Train adds workers back, from the last
-    checkpoint, as the cluster grows). None waits for all of them. ddp only: DeepSpeed writes
-    its checkpoint per rank, for one world size. A resize goes on from the epoch's global batch
-    and recounts steps at the new size (docs/operations.md)."""
     use_gpu: bool = False
     """GPU workers (NCCL); CPU workers use gloo."""
     gpus_per_worker: float = Field(1.0, gt=0, le=1)
@@ -154,16 +148,6 @@ class TrainerConfig(Section):
     def _probe_only(self):
         if self.max_steps == 0 and self.head_init != "probe":
             raise ValueError("max_steps: 0 trains nothing: it needs head_init: probe (the probe is then the model)")
-        return self
-
-    @model_validator(mode="after")
-    def _elastic(self):
-        if self.min_workers is not None:
-            if self.min_workers > self.num_workers:
-                raise ValueError(f"min_workers ({self.min_workers}) is more than num_workers ({self.num_workers})")
-            if self.strategy == "deepspeed":
-                raise ValueError("min_workers (elastic scaling) needs strategy ddp: DeepSpeed's checkpoint is "
-                                 "written per rank and does not load at another world size")
         return self
 
     @model_validator(mode="after")

@@ -21,16 +21,14 @@ from ckd_ehr.modeling.collate import length_sorted_batches, padding_efficiency  
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, world: int = 1,
-                           rank: int = 0, mega: int = 50, order_width: int | None = None) -> list[np.ndarray]:
+                           rank: int = 0, mega: int = 50) -> list[np.ndarray]:
     """This rank's batches (index arrays) for one epoch: a seeded shuffle, sorted by length
-    inside mega-batches of `mega` x `order_width` (default `world`) batches so each batch pads
-    little, then the batch order shuffled; rank r takes batches r, r + world, ... Every rank
-    gets the same number of batches. The global order depends on `order_width`, not on `world`:
-    a run that elastic scaling resizes keeps its order (the loop passes num_workers)."""
+    inside mega-batches of `mega` global batches so each batch pads little, then the batch
+    order shuffled. Every rank gets the same number of batches."""
     lengths = np.asarray(lengths)
     rng = np.random.default_rng([seed, epoch])
     idx = rng.permutation(len(lengths))
-    span = batch_size * (order_width or world) * mega
+    span = batch_size * world * mega
     batches = []
     for s in range(0, len(idx), span):
         chunk = idx[s: s + span]

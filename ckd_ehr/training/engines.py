@@ -160,14 +160,6 @@ class DDPEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def set_step(self, step: int) -> None:
-        """Move the schedule to `step` (an elastic resize recounts the steps at the new size)."""
-        s = self.scheduler
-        s.last_epoch = step
-        s._last_lr = [base * f(step) for f, base in zip(s.lr_lambdas, s.base_lrs)]
-        for group, lr in zip(self.optimizer.param_groups, s._last_lr):
-            group["lr"] = lr
-
     def train(self, mode: bool) -> None:
         self.module.train(mode)
 
@@ -246,9 +238,6 @@ class DeepSpeedEngine:
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
-
-    def set_step(self, step: int) -> None:
-        raise ValueError("an elastic resize needs strategy ddp: DeepSpeed's checkpoint is per rank, for one world size")
 
     def train(self, mode: bool) -> None:
         self.module.train(mode)

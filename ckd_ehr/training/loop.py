@@ -112,8 +112,7 @@ class TrainLoop:
         self.val_len = [int(e.get("length", 1)) for e in val]
 
         self.micro_bs, self.accum = self.engine.micro_batch, self.engine.accum
-        n_batches = len(length_grouped_batches(self.train_len, self.micro_bs, cfg.seed, 0, self.world, self.rank,
-                                               order_width=cfg.num_workers))
+        n_batches = len(length_grouped_batches(self.train_len, self.micro_bs, cfg.seed, 0, self.world, self.rank))
         self.steps_per_epoch = n_batches // self.accum
         if self.steps_per_epoch < 1:
             raise ValueError(f"{len(train)} training samples make no full optimiser step with batch {self.micro_bs}"
@@ -428,7 +427,6 @@ class TrainLoop:
                 save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, TRAINABLE))
                 with open(os.path.join(tmp, TRAIN_STATE), "w") as f:
                     json.dump({"epoch": self.epoch, "step": self.step, "batches_done": self.batches_done,
-                               "epoch_end": self.batches_done >= self.steps_per_epoch * self.accum,
                                "total_steps": self.total_steps, "world": self.world,
                                "first_loss": self.first_loss, "train_top_layers": self.cfg.train_top_layers,
                                "curve": self.curve, "best_score": self.best_score, "since_best": self.since_best,
@@ -457,25 +455,11 @@ class TrainLoop:
         self.curve, self.best_score = list(st.get("curve", [])), st.get("best_score")
         self.since_best, self.stopped_early = st.get("since_best", 0), st.get("stopped_early", False)
         self.resumed_from = self.step
-        if st.get("world", self.world) != self.world:
-            self._resized(st)
         if self.batches_done >= self.steps_per_epoch * self.accum:  # saved at an epoch end
             self.epoch, self.batches_done = self.epoch + 1, 0
         if self.rank == 0:
             log.info("resumed from checkpoint at epoch %d step %d", self.epoch, self.step)
         return True
-
-    def _resized(self, st: dict) -> None:
-        """Elastic scaling restarted the workers at another size: the epoch's order does not
-        depend on it (order_width), so go on from the global batch reached (rounded down to a
-        whole step); steps and the schedule are counted at the new size from here."""
-        old = st["world"]
-        end = self.steps_per_epoch * self.accum
-        self.batches_done = end if st.get("epoch_end") else st["batches_done"] * old // self.world // self.accum * self.accum
-        self.step = self.resumed_from = st["step"] * old // self.world
-        self.engine.set_step(self.step)
-        if self.rank == 0:
-            log.warning("resumed at %d workers from a checkpoint of %d (step %d there)", self.world, old, st["step"])
 
     # steps -------------------------------------------------------------------------------
 
@@ -551,7 +535,7 @@ class TrainLoop:
         self.engine.train(True)
         while self.epoch < cfg.epochs and self.step < self.total_steps and not self.stopped_early:
             batches = length_grouped_batches(self.train_len, self.micro_bs, cfg.seed, self.epoch, self.world,
-                                             self.rank, order_width=cfg.num_workers)[: self.steps_per_epoch * self.accum]
+                                             self.rank)[: self.steps_per_epoch * self.accum]
             while self.batches_done < len(batches) and self.step < self.total_steps and not self.stopped_early:
                 group = batches[self.batches_done: self.batches_done + self.accum]
                 last_loss = self.train_step(group)

@@ -88,9 +88,6 @@ def resolve_strategy(cfg, model_size, ctx) -> tuple[str, int | None, dict]:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         have = int(t.item())
     choice = choose_strategy(need, have, cfg.fit_fraction)
-    if choice != "ddp" and cfg.min_workers is not None:
-        raise ValueError(f"strategy auto chose DeepSpeed ZeRO-3 ({need / 2**30:.2f} GiB estimated for ddp): "
-                         "min_workers (elastic scaling) needs ddp; unset min_workers or give the workers more memory")
     measured = {"auto_estimate_gib": round(need / 2**30, 2), "auto_device_gib": round(have / 2**30, 2)}
     if ctx.rank == 0:
         log.info("strategy auto: %.2f GiB estimated for ddp vs %.0f%% of %.2f GiB per device -> %s "

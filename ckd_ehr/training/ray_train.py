@@ -129,15 +129,8 @@ def _raise_waited_for_capacity(error: BaseException, cfg, resources: dict, timeo
     cause = getattr(error, "controller_failure", None)
     if timeout and isinstance(cause, WorkerGroupStartupTimeoutError):
         raise CapacityTimeoutError(
-            f"gave up after {float(timeout):g} s waiting for {cfg.min_workers or cfg.num_workers} training worker(s) with "
+            f"gave up after {float(timeout):g} s waiting for {cfg.num_workers} training worker(s) with "
             f"{resources} each (ray.capacity_timeout_s): the cluster did not provide them") from None
-
-
-def _worker_range(cfg) -> int | tuple[int, int]:
-    """num_workers, or (min_workers, num_workers): Ray Train's elastic scaling."""
-    if cfg.min_workers is None or cfg.min_workers == cfg.num_workers:
-        return cfg.num_workers
-    return cfg.min_workers, cfg.num_workers
 
 
 def fit(cfg, task: TrainTask, storage_path: str, name: str = "train", callbacks: list | None = None) -> TrainResult:
@@ -160,7 +153,7 @@ def fit(cfg, task: TrainTask, storage_path: str, name: str = "train", callbacks:
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={"cfg": cfg, "task": task, "marker": storage.join(storage_path, name, FAIL_MARKER)},
-        scaling_config=ScalingConfig(num_workers=_worker_range(cfg), use_gpu=cfg.use_gpu,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(

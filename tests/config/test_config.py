@@ -125,12 +125,3 @@ def test_probe_only_variants_must_be_trained_variants():
         build(PipelineConfig, {"student": {"probe_only_variants": ["hard_plain"]}})
     assert build(PipelineConfig, {"student": {"head_init": "probe", "probe_only_variants": ["hard_plain"]}})
 
-
-def test_elastic_min_workers_is_checked_against_the_worker_count_and_strategy():
-    """teacher/student.min_workers (Ray Train's elastic scaling): at most num_workers, ddp only."""
-    ok = build(PipelineConfig, {"teacher": {"num_workers": 4, "min_workers": 2, "strategy": "ddp"}})
-    assert ok.teacher.min_workers == 2
-    with pytest.raises(ConfigError, match=r"teacher.*min_workers \(5\) is more than num_workers \(4\)"):
-        build(PipelineConfig, {"teacher": {"num_workers": 4, "min_workers": 5}})
-    with pytest.raises(ConfigError, match="min_workers .elastic scaling. needs strategy ddp"):
-        build(PipelineConfig, {"student": {"num_workers": 2, "min_workers": 1, "strategy": "deepspeed"}})

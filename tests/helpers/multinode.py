@@ -12,9 +12,6 @@ CPU, so the teacher's two workers must sit one on each node.
 2. The same with a fresh run directory, and the worker node killed from a Ray Train callback
    (KillNodeAfterCheckpoint, run by Train's controller once it has registered the checkpoint of
    step KILL_AFTER_STEP), then a node added back. The teacher must resume from that step.
-3. Elastic (teacher.min_workers 1, 2 epochs): the worker node killed the same way and none
-   added back; the teacher must go on with one worker from that point (step 4 of 2 workers =
-   step 8 of one) to the end of its 2 epochs (24 steps of one worker).
 Prints one JSON line: the nodes, the placements, the resumed step and both runs' test soft labels.
 """
 from __future__ import annotations
@@ -86,54 +83,6 @@ def _placements() -> dict:
             "data_task_nodes": sorted({t.node_id for t in data if t.node_id})}
 
 
-def _teacher_metrics(cfg) -> dict:
-    with open(os.path.join(cfg.run_dir, "teacher", "artifact", "teacher.json")) as f:
-        return json.load(f)["metrics"]
-
-
-def _lose_a_node_for_good(cluster, worker, root: str, teacher_dir: str, student_dir: str) -> dict:
-    """3. Elastic: teacher.min_workers 1 of 2; the worker node killed after the checkpoint of
-    step KILL_AFTER_STEP and none added back. The teacher must go on with one worker from that
-    step to its last, not wait for a second."""
-    from ckd_ehr.pipeline import run_pipeline
-
-    cfg = _config(root, "elastic", cluster.address, teacher_dir, student_dir)
-    # no max_steps: the step count must follow the resize (2 epochs: 6 steps each at 2 workers, 12 at 1)
-    cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"min_workers": 1, "epochs": 2,
-                                                                           "max_steps": None})})
-    marker = os.path.join(root, "elastic.marker")
-    os.environ[MARKER_ENV] = marker
-    errors: list[BaseException] = []
-
-    def pipeline():
-        try:
-            run_pipeline(cfg, to_stage="teacher")
-        except BaseException as exc:   # reported by the main thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=pipeline, daemon=True)
-    thread.start()
-    while not os.path.exists(marker) and thread.is_alive():
-        time.sleep(0.1)
-    lost = os.path.exists(marker)
-    if lost:
-        cluster.remove_node(worker, allow_graceful=False)
-        open(marker + ".done", "w").close()
-    thread.join()
-    if errors:
-        raise errors[0]
-    metrics = _teacher_metrics(cfg)
-    return {"killed_after_step": KILL_AFTER_STEP if lost else None, "nodes_left": sum(n["Alive"] for n in ray_nodes()),
-            "resumed_from_step": metrics.get("resumed_from_step"), "final_step": metrics.get("final_step"),
-            "workers_at_end": metrics.get("workers")}
-
-
-def ray_nodes() -> list[dict]:
-    import ray
-
-    return ray.nodes()
-
-
 def main(root: str, teacher_dir: str, student_dir: str) -> dict:
     import ray
     from ray.cluster_utils import Cluster
@@ -181,11 +130,10 @@ def main(root: str, teacher_dir: str, student_dir: str) -> dict:
         thread.join()
         if errors:
             raise errors[0]
-        metrics = _teacher_metrics(killed)
+        with open(os.path.join(killed.run_dir, "teacher", "artifact", "teacher.json")) as f:
+            metrics = json.load(f)["metrics"]
         out.update(resumed_from_step=metrics.get("resumed_from_step"), final_step=metrics.get("final_step"),
-                   killed=_test_soft_labels(killed))
-        out["elastic"] = _lose_a_node_for_good(cluster, worker, root, teacher_dir, student_dir)
-        out["seconds"] = round(time.time() - start, 1)
+                   killed=_test_soft_labels(killed), seconds=round(time.time() - start, 1))
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -436,17 +436,3 @@ def test_ray_train_is_imported_in_one_file_only():
                          cwd=root.parent).stdout.strip()
     assert out == "[]", out
 
-
-def test_the_global_batch_order_does_not_depend_on_the_worker_count_under_a_fixed_order_width():
-    """Elastic scaling resizes a run mid-epoch: with order_width fixed (the loop passes
-    num_workers), rank r of w takes global batches r, r + w, ... of one order, so a resized run
-    goes on from the global batch it reached. Null control: without it the order changes."""
-    lengths = np.random.default_rng(0).integers(5, 500, size=1000)
-
-    def global_order(world, width):
-        ranks = [length_grouped_batches(lengths, 4, 3, 0, world, r, mega=5, order_width=width) for r in range(world)]
-        return [b.tolist() for step in zip(*ranks) for b in step]
-
-    one, two = global_order(1, 2), global_order(2, 2)
-    assert two == one[: len(two)] and len(two) >= len(one) - 1
-    assert global_order(2, None) != global_order(1, None)[: len(global_order(2, None))]
