@@ -550,7 +550,7 @@ class TrainLoop:
                 done = self.step >= self.total_steps
                 metrics = {"step": self.step, "epoch": self.epoch + self.batches_done / len(batches),
                            "train_loss": last_loss, "train_loss_first": self.first_loss,
-                           "resumed_from_step": self.resumed_from, "lr": self.engine.lr(), "workers": self.world,
+                           "resumed_from_step": self.resumed_from, "lr": self.engine.lr(),
                            "samples_per_s": seen / max(1e-9, time.time() - start), **self.probe_metrics,
                            **self.setup_metrics}
                 if self.rank == 0 and (self.step % 10 == 0 or epoch_end or done or self.step == 1):

@@ -124,4 +124,3 @@ def test_probe_only_variants_must_be_trained_variants():
     with pytest.raises(ConfigError, match="head_init: probe"):
         build(PipelineConfig, {"student": {"probe_only_variants": ["hard_plain"]}})
     assert build(PipelineConfig, {"student": {"head_init": "probe", "probe_only_variants": ["hard_plain"]}})
-

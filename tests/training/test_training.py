@@ -435,4 +435,3 @@ def test_ray_train_is_imported_in_one_file_only():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=root.parent).stdout.strip()
     assert out == "[]", out
-
