@@ -129,13 +129,19 @@ def teacher_feature_key(config: dict, dtype: str) -> str:
                                                              "attn_implementation")) + f"|{dtype}"
 
 
+def teacher_frozen_model_key(config: dict, dtype: str) -> str:
+    """The model part of the frozen-layer cache key: the feature key without the pooling (the
+    backbone's states below its top layers do not depend on it)."""
+    return teacher_feature_key({**config, "pooling": "any"}, dtype)
+
+
 def teacher_frozen_key(config: dict) -> str:
     """The frozen-layer cache key (ckd_ehr.modeling.frozen) of a teacher trained with
-    `train_top_layers`: the backbone's states below its top layers do not depend on the pooling.
-    `config` is a TeacherConfig as a dict (as teacher.json holds it)."""
+    `train_top_layers`: its model part, the top layers and the cache dtype, as the training loop
+    builds it. `config` is a TeacherConfig as a dict (as teacher.json holds it)."""
     tc = TeacherConfig.model_validate(config)
-    return layer_cache_key(teacher_feature_key({**config, "pooling": "any"}, tc.train_dtype()),
-                           tc.train_top_layers or 0, tc.frozen_cache_dtype)
+    return layer_cache_key(teacher_frozen_model_key(config, tc.train_dtype()), tc.train_top_layers or 0,
+                           tc.frozen_cache_dtype)
 
 
 def teacher_frozen_cache(layout: RunLayout, meta: dict) -> tuple[str, str, int, str] | None:
@@ -178,5 +184,5 @@ def teacher_task(tc, train_path: str, val_path: str, tokenizer=None, feature_cac
                      feature_key=teacher_feature_key(tc.model_dump(mode="json"), tc.train_dtype()))
     task.frozen_cache = frozen_cache
     # (the loop adds the top layers and the cache dtype: teacher_frozen_key is the whole key)
-    task.frozen_key = teacher_feature_key({**tc.model_dump(mode="json"), "pooling": "any"}, tc.train_dtype())
+    task.frozen_key = teacher_frozen_model_key(tc.model_dump(mode="json"), tc.train_dtype())
     return task
